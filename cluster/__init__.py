@@ -1,0 +1,1 @@
+"""Operating the system: local Ray clusters, job submission, the end-to-end demo."""

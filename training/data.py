@@ -100,9 +100,12 @@ class BuildReport:
 
     def skip(self, source: str, reason: str, detail: str) -> None:
         self.skipped[f"{source}: {reason}"] += 1
+        detail = " ".join(detail.split())[:160]
         if len(self.examples) < 20:
-            self.examples.append(f"{source}: {reason}: {detail[:160]}")
-        log.warning("skipping bad %s record (%s): %s", source, reason, detail[:160])
+            self.examples.append(f"{source}: {reason}: {detail}")
+        # Duplicates are expected from small procedural generators; the summary counts them.
+        level = logging.DEBUG if reason == "duplicate query" else logging.WARNING
+        log.log(level, "skipping %s record (%s): %s", source, reason, detail)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kept": dict(self.kept), "skipped": dict(self.skipped), "examples": self.examples}
@@ -219,7 +222,7 @@ def rg_records(cfg: RGTaskConfig, seed: int, report: BuildReport) -> Iterator[di
         dataset = reasoning_gym.create_dataset(cfg.task, size=cfg.n, seed=task_seed, **cfg.config)
     except Exception as exc:  # noqa: BLE001 - reasoning-gym raises many types for a bad config
         raise ValueError(f"reasoning-gym task {cfg.task!r} with config {cfg.config}: {exc}") from exc
-    variant = cfg.task + (f"[{stable_hash(cfg.config, n=6)}]" if cfg.config else "")
+    variant = cfg.task + (f"#{stable_hash(cfg.config, n=6)}" if cfg.config else "")
     for entry in dataset:
         question = (entry.get("question") or "").strip()
         answer = str(entry.get("answer") or "").strip()
@@ -279,11 +282,13 @@ def table_hash(table: pa.Table) -> str:
 
 
 def split_counts(table: pa.Table) -> dict[str, dict[str, int]]:
-    """``{source: {split: count}}``."""
+    """``{family: {split: count}}``; a family is the source, or ``source/task`` for procedural tasks."""
     out: dict[str, dict[str, int]] = {}
-    for src, split in zip(table.column("source").to_pylist(), table.column("split").to_pylist()):
-        out.setdefault(src, {}).setdefault(split, 0)
-        out[src][split] += 1
+    cols = [table.column(c).to_pylist() for c in ("source", "task", "split")]
+    for src, task, split in zip(*cols):
+        family = src if src == "mmlu" else f"{src}/{task}"
+        out.setdefault(family, {}).setdefault(split, 0)
+        out[family][split] += 1
     return out
 
 
@@ -301,8 +306,8 @@ def run_build(cfg: DataConfig) -> tuple[pa.Table, BuildReport]:
                "splits": split_counts(table), "config": cfg.model_dump(mode="json"), **report.to_dict()}
     storage.write_json(cfg.output.removesuffix(".parquet") + ".report.json", summary)
     view = Table(title=f"query table {cfg.output} ({table.num_rows} rows, hash {summary['table_hash']})")
-    for col in ("source", "train", "val", "test"):
-        view.add_column(col, justify="right" if col != "source" else "left")
+    for col in ("family", "train", "val", "test"):
+        view.add_column(col, justify="right" if col != "family" else "left")
     for src, counts in summary["splits"].items():
         view.add_row(src, *(str(counts.get(s, 0)) for s in ("train", "val", "test")))
     console.print(view)

@@ -1,0 +1,1 @@
+"""Ray Serve application: OpenAI-compatible ingress -> encoder -> router head -> targets."""

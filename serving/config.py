@@ -1,0 +1,98 @@
+"""The serving config (one strict model), and the Serve config file generated from it.
+
+``serve_config(cfg)`` produces the same document ``serve build`` would write for
+``serving.app:build_app``: the application's ``args`` are this config, and each
+deployment's replicas, autoscaling and resources come from it. KubeRay's RayService
+embeds that document as ``serveConfigV2``, so there is no hand-kept copy anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from shared.config import StrictConfig
+
+IMPORT_PATH = "serving.app:build_app"
+
+
+class DeploymentOptions(StrictConfig):
+    """Replicas, autoscaling and resources of one deployment."""
+
+    min_replicas: int = Field(1, ge=0, description="Autoscaling floor.")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling ceiling.")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Autoscaling target of in-flight requests per replica.")
+    max_ongoing_requests: int = Field(16, gt=0, description="Requests a replica accepts at once.")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs per replica (Serve's default of 1 is too much for small models).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions share a GPU).")
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``Deployment.options``."""
+        return {
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "initial_replicas": max(self.min_replicas, 1),
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            },
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+
+
+class BatchOptions(StrictConfig):
+    max_batch_size: int = Field(8, gt=0, description="Largest encoder batch (@serve.batch).")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
+
+
+class ServeConfig(StrictConfig):
+    """Config of the Serve application (``prefill-router serve``)."""
+
+    app_name: str = Field("prefill-router", description="Serve application name.")
+    route_prefix: str = Field("/", description="HTTP route prefix of the application.")
+    http_host: str = Field("127.0.0.1", description="Serve proxy host (0.0.0.0 in a cluster).")
+    http_port: int = Field(8000, gt=0, lt=65536, description="Serve proxy port.")
+    artifact: str = Field(description="Router artifact directory: local path or s3:// URI.")
+    registry: str | None = Field(None, description="Model registry YAML (default configs/models.yaml).")
+    targets: list[str] | None = Field(None, description="Targets to serve (default: every target of the artifact).")
+    default_tolerance: float | None = Field(None, ge=0, le=1, description="Tolerance when a request names none.")
+    max_prompt_tokens: int = Field(4096, gt=0, description="Longer prompts are refused with 413.")
+    default_max_tokens: int = Field(128, gt=0, description="Answer length when a request names none.")
+    target_timeout_s: float = Field(120.0, gt=0, description="A target slower than this counts as failed.")
+    auth_token_env: str | None = Field(None, description="Env var with a bearer token the ingress requires.")
+    encoder_batch: BatchOptions = Field(default_factory=BatchOptions, description="Encoder request batching.")
+    ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(num_cpus=0.2), description="Ingress.")
+    encoder: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Encoder replicas.")
+    head: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(num_cpus=0.2), description="Router head.")
+    target_defaults: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Every target.")
+    target_overrides: dict[str, DeploymentOptions] = Field(default_factory=dict, description="Per-target options.")
+
+    def target_options(self, name: str) -> DeploymentOptions:
+        return self.target_overrides.get(name, self.target_defaults)
+
+
+def deployment_name(role: str, target: str | None = None) -> str:
+    """Serve deployment names: Ingress, Encoder, RouterHead, Target-<name>."""
+    return f"Target-{target}" if target else role
+
+
+def serve_config(cfg: ServeConfig, targets: list[str]) -> dict[str, Any]:
+    """The ``serve build``-style config document for this app (validated by Ray's schema in tests)."""
+    deployments = [
+        {"name": deployment_name("Ingress"), **cfg.ingress.serve_options()},
+        {"name": deployment_name("Encoder"), **cfg.encoder.serve_options()},
+        {"name": deployment_name("RouterHead"), **cfg.head.serve_options()},
+        *({"name": deployment_name("Target", t), **cfg.target_options(t).serve_options()} for t in targets),
+    ]
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.http_host, "port": cfg.http_port},
+        "applications": [{
+            "name": cfg.app_name,
+            "route_prefix": cfg.route_prefix,
+            "import_path": IMPORT_PATH,
+            "args": cfg.model_dump(mode="json"),
+            "deployments": deployments,
+        }],
+    }

@@ -1,0 +1,140 @@
+"""OpenAI-compatible request and response bodies, plus the router's own ``/v1/route``.
+
+Requests are validated here so a malformed one becomes a 4xx with a reason before any
+model runs. Fields OpenAI clients commonly send but the router does not use (``top_p``,
+``n``, ``user``, ...) are accepted and ignored; a field of the wrong type is an error.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ROUTER_MODEL = "router"
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] = Field(description="Text, or OpenAI content parts of type text.")
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, value: str | list[dict[str, Any]]) -> str:
+        if isinstance(value, list):
+            parts = []
+            for part in value:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError("only text content parts are supported")
+                parts.append(part["text"])
+            value = "".join(parts)
+        return value
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(ROUTER_MODEL, description="'router', 'router:<tolerance>' or a target name.")
+    messages: list[ChatMessage] = Field(description="The conversation; at least one non-empty message.")
+    max_tokens: int | None = Field(None, gt=0, le=8192, description="Answer length cap (tokens).")
+    max_completion_tokens: int | None = Field(None, gt=0, le=8192, description="Alias of max_tokens.")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy decoding.")
+    stream: bool = Field(False, description="Server-sent events when true.")
+    tolerance: float | None = Field(None, ge=0, le=1, description="Routing tolerance (overrides the model suffix).")
+
+    @field_validator("messages")
+    @classmethod
+    def _non_empty(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        if not value:
+            raise ValueError("messages must not be empty")
+        if not any(isinstance(m.content, str) and m.content.strip() for m in value):
+            raise ValueError("messages contain no text")
+        return value
+
+    def plain_messages(self) -> list[dict[str, str]]:
+        return [{"role": m.role if m.role != "developer" else "system", "content": m.content} for m in self.messages]
+
+    @property
+    def answer_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class RouteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] = Field(description="The conversation to route.")
+    tolerance: float | None = Field(None, ge=0, le=1, description="Routing tolerance; default from the artifact.")
+
+    _non_empty = field_validator("messages")(ChatCompletionRequest._non_empty.__func__)
+
+    def plain_messages(self) -> list[dict[str, str]]:
+        return [{"role": m.role if m.role != "developer" else "system", "content": m.content} for m in self.messages]
+
+
+class RouteDecision(BaseModel):
+    """What the router decided for one prompt."""
+
+    target: str = Field(description="The chosen target.")
+    probabilities: dict[str, float] = Field(description="Predicted P(correct) per target.")
+    expected_cost: dict[str, float] = Field(description="Expected USD cost per target for this prompt.")
+    eligible: list[str] = Field(description="Targets within the tolerance of the best, cheapest first.")
+    tolerance: float = Field(description="Tolerance used.")
+    prompt_tokens: int = Field(description="Prompt length in encoder tokens.")
+    overhead_ms: float = Field(0.0, description="Encoder + head time (ms).")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: dict[str, str]
+    finish_reason: str | None = "stop"
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+    object: str = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage = Field(default_factory=Usage)
+    route: RouteDecision | None = Field(None, description="The routing decision (router requests only).")
+
+
+def chunk(completion_id: str, model: str, delta: dict[str, str], finish_reason: str | None = None,
+          extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One ``chat.completion.chunk`` object of a streamed answer."""
+    body = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    if extra:
+        body.update(extra)
+    return body
+
+
+def parse_model_field(model: str, targets: list[str], default_tolerance: float) -> tuple[str | None, float]:
+    """``'router'`` -> (None, default), ``'router:0.1'`` -> (None, 0.1), ``'<target>'`` -> (target, default).
+
+    Raises ValueError with a reason for an unknown model or a bad tolerance suffix.
+    """
+    if model == ROUTER_MODEL:
+        return None, default_tolerance
+    if model.startswith(ROUTER_MODEL + ":"):
+        raw = model[len(ROUTER_MODEL) + 1:]
+        try:
+            tol = float(raw)
+        except ValueError:
+            raise ValueError(f"bad tolerance in model {model!r}: {raw!r} is not a number") from None
+        if not 0.0 <= tol <= 1.0:
+            raise ValueError(f"tolerance in model {model!r} must be within [0, 1]")
+        return None, tol
+    if model in targets:
+        return model, default_tolerance
+    raise ValueError(f"unknown model {model!r}; use 'router', 'router:<tolerance>' or one of {targets}")

@@ -1,0 +1,255 @@
+"""The self-contained, versioned router artifact.
+
+Layout of an artifact directory (local path or ``s3://bucket/prefix``)::
+
+    meta.json               ArtifactMeta (written last: a partial upload has none)
+    transform.safetensors   FeatureTransform arrays, "b{i}.{mean,scale,pca_mean,components}"
+    weights.safetensors     ensemble member weights, "m{i}.{state_dict key}"
+
+``meta.files`` holds the sha256 of both safetensors files, checked on load.
+:func:`load_artifact` returns a :class:`Router` that needs only numpy, torch and
+safetensors (no scikit-learn, no Ray, nothing from ``training``), and refuses an
+artifact with an unknown ``schema_version`` or built for another encoder
+(:class:`ArtifactError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Any, Literal, Mapping
+
+import numpy as np
+import safetensors.numpy
+import safetensors.torch
+from pydantic import Field, ValidationError, model_validator
+
+from shared import storage
+from shared.config import StrictConfig
+from shared.trunk import Ensemble, FeatureTransform, SharedTrunkNet, route_with_tolerance
+
+SCHEMA_VERSION = 1
+META_FILE, TRANSFORM_FILE, WEIGHTS_FILE = "meta.json", "transform.safetensors", "weights.safetensors"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact cannot be used: missing, corrupt, unknown schema or wrong encoder."""
+
+
+class EncoderInfo(StrictConfig):
+    name: str = Field(description="Registry name of the encoder whose activations are the features.")
+    sha256: str | None = Field(None, description="sha256 of the encoder weights (GGUF) when pinned.")
+    revision: str | None = Field(None, description="Model revision (hub commit or release tag).")
+    chat_template: str | None = Field(None, description="Chat template applied before the forward pass.")
+
+
+class TargetInfo(StrictConfig):
+    name: str = Field(description="Registry name of the target.")
+    price_in: float = Field(ge=0, description="USD per 1M input tokens.")
+    price_out: float = Field(ge=0, description="USD per 1M output tokens.")
+    median_output_tokens: float = Field(ge=0, description="Median answer length on the training data.")
+
+
+class BlockSpec(StrictConfig):
+    name: str = Field(description="Feature block name, e.g. 'L12.last'.")
+    d_in: int = Field(gt=0, description="Width of the raw activations of this block.")
+    d_out: int = Field(gt=0, description="PCA components kept.")
+
+
+class TransformSpec(StrictConfig):
+    kind: Literal["scaler_pca"] = "scaler_pca"
+    blocks: list[BlockSpec] = Field(min_length=1, description="Blocks in concatenation order.")
+
+
+class TrunkSpec(StrictConfig):
+    d_in: int = Field(gt=0)
+    n_targets: int = Field(gt=0)
+    hidden: list[int]
+    dropout: list[float]
+    n_members: int = Field(gt=0)
+
+
+class OperatingPoint(StrictConfig):
+    tolerance: float = Field(ge=0, description="Calibrated tolerance.")
+    target_cost: float | None = Field(None, description="Budget it was calibrated for (mean USD per query).")
+    target_accuracy: float | None = Field(None, description="Accuracy it was calibrated for.")
+    val_accuracy: float | None = Field(None, description="Accuracy at that tolerance on calibration data.")
+    val_cost: float | None = Field(None, description="Mean cost at that tolerance on calibration data.")
+
+
+class PolicyDefaults(StrictConfig):
+    tolerance: float = Field(0.20, ge=0, description="Default tolerance when no operating point is set.")
+    operating_point: OperatingPoint | None = Field(None, description="Calibrated point; overrides tolerance.")
+
+    def default_tolerance(self) -> float:
+        return self.operating_point.tolerance if self.operating_point else self.tolerance
+
+
+class ArtifactMeta(StrictConfig):
+    """Everything needed to serve the router besides the arrays."""
+
+    schema_version: int = SCHEMA_VERSION
+    encoder: EncoderInfo
+    layers: list[int] = Field(description="Encoder layers used, as transformers hidden_states indices.")
+    layer_indexing: Literal["hidden_states"] = Field(
+        "hidden_states", description="Index i is hidden_states[i]; 0 is the embedding output."
+    )
+    pooling: str | dict[str, str] = Field(description="'last' or 'mean', or one per block name.")
+    targets: list[TargetInfo] = Field(min_length=1, description="Targets, in logit order.")
+    transform: TransformSpec | None = Field(None, description="Filled by save_artifact.")
+    trunk: TrunkSpec | None = Field(None, description="Filled by save_artifact.")
+    training_metrics: dict[str, Any] = Field(default_factory=dict)
+    policy: PolicyDefaults = Field(default_factory=PolicyDefaults)
+    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    files: dict[str, str] = Field(default_factory=dict, description="sha256 per file; filled by save_artifact.")
+
+    @model_validator(mode="after")
+    def _unique_targets(self) -> "ArtifactMeta":
+        names = [t.name for t in self.targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate target names: {names}")
+        return self
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_artifact(uri: str, meta: ArtifactMeta, transform: FeatureTransform, ensemble: Ensemble) -> ArtifactMeta:
+    """Write the artifact directory at ``uri`` (local or ``s3://``); returns the meta as
+    written (transform/trunk specs and file checksums filled in from the objects)."""
+    members = list(ensemble.members)
+    first = members[0]
+    if first.n_targets != len(meta.targets):
+        raise ArtifactError(f"ensemble has {first.n_targets} outputs but meta lists {len(meta.targets)} targets")
+    if first.d_in != transform.d_out:
+        raise ArtifactError(f"ensemble expects {first.d_in} features but the transform gives {transform.d_out}")
+    if any(m.spec() != first.spec() for m in members):
+        raise ArtifactError("ensemble members differ in architecture")
+    weights = {f"m{i}.{k}": v.detach().cpu().contiguous() for i, m in enumerate(members)
+               for k, v in m.state_dict().items()}
+    blobs = {
+        TRANSFORM_FILE: safetensors.numpy.save(transform.to_arrays()),
+        WEIGHTS_FILE: safetensors.torch.save(weights),
+    }
+    final = meta.model_copy(update={
+        "schema_version": SCHEMA_VERSION,
+        "transform": TransformSpec(blocks=[BlockSpec(**b) for b in transform.spec()]),
+        "trunk": TrunkSpec(**first.spec(), n_members=len(members)),
+        "files": {name: _sha256(data) for name, data in blobs.items()},
+    })
+    final = ArtifactMeta.model_validate(final.model_dump())  # re-validate the copy
+    for name, data in blobs.items():
+        storage.write_bytes(storage.join(uri, name), data)
+    storage.write_bytes(storage.join(uri, META_FILE), (final.model_dump_json(indent=2) + "\n").encode())
+    return final
+
+
+def _read(uri: str, name: str) -> bytes:
+    try:
+        return storage.read_bytes(storage.join(uri, name))
+    except (FileNotFoundError, OSError) as exc:
+        raise ArtifactError(f"router artifact at {uri}: cannot read {name} ({exc})") from exc
+
+
+def _check_encoder(uri: str, have: EncoderInfo, expected: str | EncoderInfo | Mapping | None) -> None:
+    """Names must match; sha256/revision/chat_template too wherever both sides set them."""
+    if expected is None:
+        return
+    if isinstance(expected, str):
+        expected = EncoderInfo(name=expected)
+    elif not isinstance(expected, EncoderInfo):
+        expected = EncoderInfo.model_validate(expected)
+    for key in ("name", "sha256", "revision", "chat_template"):
+        want, got = getattr(expected, key), getattr(have, key)
+        comparable = key == "name" or (want is not None and got is not None)
+        if comparable and want != got:
+            raise ArtifactError(
+                f"router artifact at {uri} was trained on encoder {key}={got!r}, but this server runs "
+                f"{key}={want!r}; its features would be meaningless. Serve with the artifact's encoder "
+                f"or retrain the router for this one."
+            )
+
+
+def read_meta(uri: str) -> ArtifactMeta:
+    """Read and validate ``meta.json``; the schema version is checked before the fields."""
+    try:
+        raw = json.loads(_read(uri, META_FILE))
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"router artifact at {uri}: {META_FILE} is not JSON ({exc})") from exc
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"router artifact at {uri} has schema_version={version!r}; this build reads only "
+            f"schema_version={SCHEMA_VERSION}. Re-export the artifact with a matching version of the code."
+        )
+    try:
+        return ArtifactMeta.model_validate(raw)
+    except ValidationError as exc:
+        raise ArtifactError(f"router artifact at {uri}: invalid {META_FILE}:\n{exc}") from exc
+
+
+def load_artifact(uri: str, expected_encoder: str | EncoderInfo | Mapping | None = None) -> "Router":
+    """Load the artifact at ``uri``; ``expected_encoder`` (a name or an :class:`EncoderInfo`)
+    is compared with the artifact's encoder. Raises :class:`ArtifactError` on any problem."""
+    meta = read_meta(uri)
+    _check_encoder(uri, meta.encoder, expected_encoder)
+    if meta.transform is None or meta.trunk is None:
+        raise ArtifactError(f"router artifact at {uri}: meta lacks the transform or trunk spec")
+    arrays = {}
+    for name in (TRANSFORM_FILE, WEIGHTS_FILE):
+        data = _read(uri, name)
+        if meta.files.get(name) != _sha256(data):
+            raise ArtifactError(f"router artifact at {uri}: {name} does not match its sha256 in {META_FILE}")
+        arrays[name] = data
+    transform = FeatureTransform.from_arrays(
+        [b.name for b in meta.transform.blocks], safetensors.numpy.load(arrays[TRANSFORM_FILE])
+    )
+    weights = safetensors.torch.load(arrays[WEIGHTS_FILE])
+    t = meta.trunk
+    members = []
+    for i in range(t.n_members):
+        net = SharedTrunkNet(t.d_in, t.n_targets, t.hidden, t.dropout)
+        prefix = f"m{i}."
+        net.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+        members.append(net.eval())
+    return Router(meta, transform, Ensemble(members).eval())
+
+
+class Router:
+    """A loaded artifact: features -> P(correct) per target -> chosen target."""
+
+    def __init__(self, meta: ArtifactMeta, transform: FeatureTransform, ensemble: Ensemble):
+        self.meta, self.transform, self.ensemble = meta, transform, ensemble
+
+    @property
+    def target_names(self) -> list[str]:
+        return [t.name for t in self.meta.targets]
+
+    @property
+    def block_names(self) -> list[str]:
+        return list(self.transform.names)
+
+    def predict_proba(self, features_by_block: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``{block: (n, d_b)}`` raw activations -> ``(n, n_targets)`` mean ensemble sigmoid."""
+        try:
+            z = self.transform.transform(features_by_block)
+        except ValueError as exc:
+            raise ArtifactError(f"features do not match the artifact: {exc}") from exc
+        return self.ensemble.predict_proba(z)
+
+    def costs(self, input_tokens) -> np.ndarray:
+        """``(n, T)`` USD per query: ``(in_tokens * price_in + median_out * price_out) / 1e6``."""
+        tok = np.atleast_1d(np.asarray(input_tokens, dtype=np.float64))[:, None]
+        pin = np.array([t.price_in for t in self.meta.targets])
+        pout = np.array([t.price_out * t.median_output_tokens for t in self.meta.targets])
+        return (tok * pin + pout) / 1e6
+
+    def route(self, P: np.ndarray, input_tokens, tolerance: float | None = None) -> np.ndarray:
+        """Chosen target index per query (:func:`shared.trunk.route_with_tolerance`) with the
+        per-query costs; ``tolerance=None`` uses the artifact's policy default."""
+        tol = self.meta.policy.default_tolerance() if tolerance is None else tolerance
+        P = np.asarray(P, dtype=np.float64)
+        tok = np.broadcast_to(np.asarray(input_tokens, dtype=np.float64), (P.shape[0],))
+        return route_with_tolerance(P, self.costs(tok), tol)

@@ -1,0 +1,382 @@
+"""Pure metrics for layer probes, per-target prediction quality and routing.
+
+Conventions: ``n`` queries, ``T`` targets, ``d`` features. ``Y`` is the ``(n, T)``
+correctness matrix (0/1 or a score in [0, 1]); NaN marks a missing label and is never
+read as 0. Where a binary label is needed, ``y >= 0.5`` is "correct". ``C`` is a cost
+matrix, ``(n, T)`` per query or ``(T,)`` per target. ``P`` is ``(n, T)`` predicted
+P(correct). The serving policy itself lives in :mod:`shared.trunk` and is re-exported.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from shared.trunk import cheapest_where, cost_matrix, probability_gaps, route_with_tolerance
+
+__all__ = [
+    "fisher_separability", "effective_dimensionality", "probe_auc", "masked_auc", "brier",
+    "route_with_tolerance", "route_with_lambda", "routing_outcome", "oracle_choice",
+    "oracle_accuracy", "oracle_outcome", "single_model_points", "best_single", "gap_closed",
+    "cost_savings", "Sweep", "tolerance_sweep", "pauccc", "single_model_hull", "hull_pauccc",
+    "calibrate_operating_point", "disagreement_mask", "disagreement_share",
+]
+
+
+def _labelled(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with a present label; labels binarised (``y >= 0.5``)."""
+    X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    keep = ~np.isnan(y)
+    return X[keep], (y[keep] >= 0.5).astype(int)
+
+
+# ----------------------------------------------------------------------------- probes
+def fisher_separability(X: np.ndarray, y: np.ndarray) -> float:
+    """Fisher separability ``J = ||mu_+ - mu_-||^2 / (tr S_+ + tr S_-)``.
+
+    ``X`` ``(n, d)``, ``y`` ``(n,)`` (NaN rows dropped, ``y >= 0.5`` is +). ``S_+-`` are
+    the unbiased (ddof=1) class covariances, so ``tr S = sum_k var_k``. Returns nan when
+    a class has fewer than 2 samples (its covariance is undefined) or when both the
+    numerator and denominator are 0; ``inf`` when the classes are distinct points.
+    """
+    X, y = _labelled(X, y)
+    pos, neg = X[y == 1], X[y == 0]
+    if len(pos) < 2 or len(neg) < 2:
+        return float("nan")
+    num = float(np.sum((pos.mean(0) - neg.mean(0)) ** 2))
+    den = float(pos.var(0, ddof=1).sum() + neg.var(0, ddof=1).sum())
+    if den == 0.0:
+        return float("nan") if num == 0.0 else float("inf")
+    return num / den
+
+
+def effective_dimensionality(X: np.ndarray) -> float:
+    """Participation ratio ``d_eff = (sum_i l_i)^2 / sum_i l_i^2`` of the eigenvalues
+    ``l_i`` of the covariance of ``X`` ``(n, d)``.
+
+    The nonzero eigenvalues of ``Xc^T Xc`` (d x d) equal those of the Gram matrix
+    ``Xc Xc^T`` (n x n), so the smaller one is decomposed. The ratio is scale-free, so
+    the ``1/(n-1)`` factor is dropped. nan for ``n < 2`` or zero variance.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    if X.shape[0] < 2:
+        return float("nan")
+    Xc = X - X.mean(axis=0)
+    gram = Xc @ Xc.T if X.shape[0] < X.shape[1] else Xc.T @ Xc
+    lam = np.clip(np.linalg.eigvalsh(gram), 0.0, None)
+    total = lam.sum()
+    return float("nan") if total <= 0 else float(total**2 / np.sum(lam**2))
+
+
+def probe_auc(X: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0, C: float = 1.0) -> float:
+    """Mean ROC AUC over stratified K folds of ``StandardScaler -> LogisticRegression(C)``.
+
+    ``X`` ``(n, d)``, ``y`` ``(n,)``; rows with NaN labels are excluded (not read as 0).
+    ``folds`` is lowered to the minority class size; nan when that is below 2.
+    """
+    X, y = _labelled(X, y)
+    k = min(folds, int(np.bincount(y, minlength=2).min()))
+    if k < 2:
+        return float("nan")
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return float(np.mean(cross_val_score(model, X, y, cv=cv, scoring="roc_auc")))
+
+
+# ----------------------------------------------------------------- prediction quality
+def _auc_1d(y: np.ndarray, p: np.ndarray) -> float:
+    keep = ~np.isnan(y)
+    yb = y[keep] >= 0.5
+    if yb.all() or not yb.any():
+        return float("nan")
+    return float(roc_auc_score(yb, p[keep]))
+
+
+def masked_auc(y_true: np.ndarray, p: np.ndarray):
+    """ROC AUC over present labels (``y >= 0.5`` positive). ``(n,)`` inputs give a float,
+    ``(n, T)`` a ``(T,)`` array; nan for a target with only one class present."""
+    y, p = np.asarray(y_true, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    if y.ndim == 1:
+        return _auc_1d(y, p)
+    return np.array([_auc_1d(y[:, j], p[:, j]) for j in range(y.shape[1])])
+
+
+def brier(y_true: np.ndarray, p: np.ndarray):
+    """Brier score ``mean((p - y)^2)`` over present labels (scores kept as is). ``(n,)``
+    gives a float, ``(n, T)`` a ``(T,)`` array; nan where no label is present."""
+    y, p = np.asarray(y_true, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    sq = np.where(np.isnan(y), np.nan, (p - y) ** 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN column -> nan
+        out = np.nanmean(sq, axis=0)
+    return float(out) if y.ndim == 1 else out
+
+
+# ---------------------------------------------------------------------------- routing
+def route_with_lambda(P: np.ndarray, costs: np.ndarray, lam: float) -> np.ndarray:
+    """Per query, ``argmax_j lam * P[i, j] - (1 - lam) * c_norm[i, j]``; ties (within
+    1e-12) by cost, then index. ``c_norm = (c - min c) / (max c - min c)`` over the whole
+    cost matrix (all zeros when costs are equal). ``lam`` in [0, 1]: 1 = accuracy only,
+    0 = cheapest. Returns int ``(n,)``."""
+    P = np.asarray(P, dtype=np.float64)
+    costs = cost_matrix(costs, P.shape[0])
+    span = costs.max() - costs.min()
+    c_norm = (costs - costs.min()) / span if span > 0 else np.zeros_like(costs)
+    score = lam * P - (1.0 - lam) * c_norm
+    best = score >= score.max(axis=1, keepdims=True) - 1e-12
+    return cheapest_where(best, costs)
+
+
+def routing_outcome(Y: np.ndarray, C: np.ndarray, choice: np.ndarray) -> tuple[float, float]:
+    """``(accuracy, mean cost)`` of choosing target ``choice[i]`` for query ``i``.
+
+    accuracy = mean of ``Y[i, choice[i]]`` over queries whose chosen label is present
+    (a missing label is excluded, not counted as wrong; nan if none); cost = mean of
+    ``C[i, choice[i]]`` over all queries.
+    """
+    Y = np.asarray(Y, dtype=np.float64)
+    C = cost_matrix(C, Y.shape[0])
+    rows = np.arange(Y.shape[0])
+    picked = Y[rows, np.asarray(choice)]
+    acc = float(np.mean(picked[~np.isnan(picked)])) if (~np.isnan(picked)).any() else float("nan")
+    return acc, float(np.mean(C[rows, choice]))
+
+
+def _row_best(Y: np.ndarray) -> np.ndarray:
+    """Row max over present labels; nan for rows with no label."""
+    filled = np.where(np.isnan(Y), -np.inf, Y)
+    best = filled.max(axis=1)
+    return np.where(np.isneginf(best), np.nan, best)
+
+
+def oracle_choice(Y: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """Oracle routing: the cheapest target achieving the row's best present score (the
+    cheapest correct one for 0/1 labels); when the best is 0 (nobody correct) or the row
+    has no label, the cheapest target overall. Ties by index. Returns int ``(n,)``."""
+    Y = np.asarray(Y, dtype=np.float64)
+    C = cost_matrix(C, Y.shape[0])
+    best = _row_best(Y)[:, None]
+    hit = (Y == best) & (best > 0)
+    hit[~hit.any(axis=1)] = True
+    return cheapest_where(hit, C)
+
+
+def oracle_accuracy(Y: np.ndarray) -> float:
+    """Share of queries some target answers correctly: mean over labelled rows of the
+    row's best present score (for 0/1 labels, ``1`` if any target is right)."""
+    best = _row_best(np.asarray(Y, dtype=np.float64))
+    return float(np.nanmean(best)) if (~np.isnan(best)).any() else float("nan")
+
+
+def oracle_outcome(Y: np.ndarray, C: np.ndarray) -> tuple[float, float]:
+    """``(oracle_accuracy(Y), mean cost of oracle_choice(Y, C))``."""
+    Y = np.asarray(Y, dtype=np.float64)
+    _, cost = routing_outcome(Y, C, oracle_choice(Y, C))
+    return oracle_accuracy(Y), cost
+
+
+def single_model_points(Y: np.ndarray, C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per target ``(accuracy (T,), mean cost (T,))`` of always sending every query to it;
+    accuracy over that target's present labels."""
+    Y = np.asarray(Y, dtype=np.float64)
+    C = cost_matrix(C, Y.shape[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a target with no label -> nan
+        accs = np.nanmean(Y, axis=0)
+    return accs, C.mean(axis=0)
+
+
+def best_single(Y: np.ndarray, C: np.ndarray) -> tuple[int, float, float]:
+    """``(index, accuracy, mean cost)`` of the most accurate single target; ties by lower
+    cost, then lower index."""
+    accs, costs = single_model_points(Y, C)
+    order = np.lexsort((np.arange(len(accs)), costs, -np.nan_to_num(accs, nan=-np.inf)))
+    j = int(order[0])
+    return j, float(accs[j]), float(costs[j])
+
+
+def gap_closed(router_acc: float, best_single_acc: float, oracle_acc: float) -> float:
+    """``(router - best) / (oracle - best)``: share of the best-single-to-oracle headroom
+    captured; nan when ``oracle == best``. Negative when the router is worse than best."""
+    den = oracle_acc - best_single_acc
+    return float("nan") if den == 0 else float((router_acc - best_single_acc) / den)
+
+
+def cost_savings(router_cost: float, most_expensive_cost: float) -> float:
+    """``1 - router_cost / most_expensive_cost`` (nan when the latter is 0)."""
+    return float("nan") if most_expensive_cost == 0 else float(1.0 - router_cost / most_expensive_cost)
+
+
+class Sweep(NamedTuple):
+    """A tolerance sweep: three aligned ``(k,)`` arrays, sorted by cost ascending."""
+
+    tolerance: np.ndarray
+    accuracy: np.ndarray
+    cost: np.ndarray
+
+
+def tolerance_sweep(P: np.ndarray, Y: np.ndarray, C: np.ndarray) -> Sweep:
+    """Route with every distinct observed gap ``max_k P[i,k] - P[i,j]`` (rounded as in
+    :func:`route_with_tolerance`, 0 included) as the tolerance and record
+    :func:`routing_outcome`. Exact and ``O(nT log nT)``: gaps are visited in increasing
+    order and each row's choice is updated when a cheaper target becomes eligible.
+    Sorted by cost ascending, then tolerance descending.
+    """
+    gaps = probability_gaps(P)
+    Y = np.asarray(Y, dtype=np.float64)
+    n, T = gaps.shape
+    C = cost_matrix(C, n)
+    order = np.argsort(gaps, axis=None, kind="stable")
+    g_sorted = gaps.ravel()[order]
+    cur = np.full(n, -1)
+    cost_sum, acc_sum, acc_cnt = 0.0, 0.0, 0
+    tols, accs, costs = [], [], []
+    for pos, flat in enumerate(order):
+        i, j = divmod(int(flat), T)
+        c = cur[i]
+        if c < 0 or (C[i, j], j) < (C[i, c], c):
+            if c >= 0:
+                cost_sum -= C[i, c]
+                if not np.isnan(Y[i, c]):
+                    acc_sum, acc_cnt = acc_sum - Y[i, c], acc_cnt - 1
+            cur[i] = j
+            cost_sum += C[i, j]
+            if not np.isnan(Y[i, j]):
+                acc_sum, acc_cnt = acc_sum + Y[i, j], acc_cnt + 1
+        if pos + 1 == len(order) or g_sorted[pos + 1] != g_sorted[pos]:
+            tols.append(g_sorted[pos])
+            accs.append(acc_sum / acc_cnt if acc_cnt else np.nan)
+            costs.append(cost_sum / n)
+    tols, accs, costs = np.array(tols), np.array(accs), np.array(costs)
+    idx = np.lexsort((-tols, costs))
+    return Sweep(tols[idx], accs[idx], costs[idx])
+
+
+def _pareto(costs: np.ndarray, accs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points where accuracy strictly rises with cost (the monotone envelope's corners)."""
+    idx = np.lexsort((-accs, costs))
+    pc, pa = [], []
+    for c, a in zip(costs[idx], accs[idx]):
+        if not pa or a > pa[-1]:
+            if pc and pc[-1] == c:
+                pa[-1] = a
+            else:
+                pc.append(c), pa.append(a)
+    return np.array(pc), np.array(pa)
+
+
+def pauccc(costs, accs, c_min: float, c_max: float, acc_floor: float, interpolation: str = "step") -> float:
+    """Partial area under the cost-accuracy curve above ``acc_floor``, normalised:
+    ``(1 / (c_max - c_min)) * integral_{c_min}^{c_max} max(f(c) - acc_floor, 0) dc``.
+
+    ``f`` is built from the Pareto corners ``(c_k, a_k)`` of the points (accuracy strictly
+    increasing with cost): ``f(c) = acc_floor`` for ``c < c_0``; ``"step"``:
+    ``f(c) = max{a_k : c_k <= c}`` (best accuracy reachable within budget ``c``);
+    ``"linear"``: straight lines between corners (reachable by mixing two operating
+    points at random) and ``a_last`` after the last. Exact, no grid. The result is the mean
+    accuracy gain over the floor across the budget range; nan when ``c_max <= c_min``.
+    """
+    if interpolation not in ("step", "linear"):
+        raise ValueError("interpolation must be 'step' or 'linear'")
+    if c_max <= c_min:
+        return float("nan")
+    pc, pa = _pareto(np.asarray(costs, float), np.asarray(accs, float))
+    knots = np.unique(np.concatenate([[c_min, c_max], pc[(pc > c_min) & (pc < c_max)]]))
+    area = 0.0
+    for u, v in zip(knots[:-1], knots[1:]):
+        mid = 0.5 * (u + v)
+        if len(pc) == 0 or mid < pc[0]:
+            continue
+        if interpolation == "step" or mid > pc[-1]:
+            k = int(np.searchsorted(pc, mid, side="right")) - 1  # last corner with c_k <= mid
+            area += max(pa[k] - acc_floor, 0.0) * (v - u)
+            continue
+        gu, gv = np.interp(u, pc, pa) - acc_floor, np.interp(v, pc, pa) - acc_floor
+        if gu >= 0 and gv >= 0:
+            area += 0.5 * (gu + gv) * (v - u)
+        elif gu > 0 or gv > 0:  # the line crosses the floor: keep the positive triangle
+            g = max(gu, gv)
+            area += 0.5 * (v - u) * g * g / (abs(gu) + abs(gv))
+    return float(area / (c_max - c_min))
+
+
+def single_model_hull(single_costs, single_accs) -> tuple[np.ndarray, np.ndarray]:
+    """Upper convex hull of the single-model ``(cost, accuracy)`` points from the cheapest
+    model (most accurate among equally cheap) to the most accurate (cheapest among equally
+    accurate): the "zero router" reachable by randomly mixing models. Returns hull
+    ``(costs, accs)`` sorted by cost (Andrew's monotone chain, collinear points dropped)."""
+    c, a = np.asarray(single_costs, float), np.asarray(single_accs, float)
+    idx = np.lexsort((-a, c))
+    hull: list[tuple[float, float]] = []
+    for p in zip(c[idx], a[idx]):
+        if hull and p[0] == hull[-1][0]:
+            continue  # same cost, lower accuracy
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) >= 0:  # not a right turn
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    hc, ha = np.array(hull).T
+    top = int(np.argmax(ha))  # first (cheapest) most accurate vertex
+    return hc[: top + 1], ha[: top + 1]
+
+
+def hull_pauccc(single_costs, single_accs, c_min: float | None = None, c_max: float | None = None) -> float:
+    """P-AUCCC of :func:`single_model_hull` with ``"linear"`` interpolation; the floor is
+    the cheapest model's accuracy; the range defaults to [cheapest, most expensive] cost."""
+    c, a = np.asarray(single_costs, float), np.asarray(single_accs, float)
+    hc, ha = single_model_hull(c, a)
+    c_min = float(c.min()) if c_min is None else c_min
+    c_max = float(c.max()) if c_max is None else c_max
+    return pauccc(hc, ha, c_min, c_max, acc_floor=float(ha[0]), interpolation="linear")
+
+
+def calibrate_operating_point(sweep: Sweep, target_cost: float | None = None,
+                              target_accuracy: float | None = None) -> float:
+    """Tolerance of a sweep point (calibrate on validation data, never on test):
+    ``target_cost``: the highest accuracy with ``cost <= target_cost`` (ties: cheaper);
+    ``target_accuracy``: the cheapest point with ``accuracy >= target_accuracy`` (ties:
+    more accurate). Exactly one target must be given; ``ValueError`` if none is reachable.
+    """
+    if (target_cost is None) == (target_accuracy is None):
+        raise ValueError("give exactly one of target_cost and target_accuracy")
+    tol, acc, cost = (np.asarray(x, float) for x in sweep)
+    acc = np.nan_to_num(acc, nan=-np.inf)
+    if target_cost is not None:
+        ok = np.flatnonzero(cost <= target_cost)
+        if len(ok) == 0:
+            raise ValueError(f"no operating point costs <= {target_cost}; cheapest is {cost.min():.6g}")
+        best = ok[np.lexsort((cost[ok], -acc[ok]))[0]]
+    else:
+        ok = np.flatnonzero(acc >= target_accuracy)
+        if len(ok) == 0:
+            raise ValueError(f"no operating point reaches accuracy {target_accuracy}; best is {acc.max():.6g}")
+        best = ok[np.lexsort((-acc[ok], cost[ok]))[0]]
+    return float(tol[best])
+
+
+def disagreement_mask(Y: np.ndarray) -> np.ndarray:
+    """``(n,)`` bool: the present labels (binarised ``y >= 0.5``) include both a right and
+    a wrong answer. Rows with fewer than two labels cannot disagree."""
+    Y = np.asarray(Y, dtype=np.float64)
+    present = ~np.isnan(Y)
+    right = present & (Y >= 0.5)
+    wrong = present & (Y < 0.5)
+    return right.any(axis=1) & wrong.any(axis=1)
+
+
+def disagreement_share(Y: np.ndarray) -> float:
+    """Share of labelled queries (at least one present label) where targets are neither
+    all right nor all wrong; nan when no query is labelled."""
+    Y = np.asarray(Y, dtype=np.float64)
+    labelled = (~np.isnan(Y)).any(axis=1)
+    return float(disagreement_mask(Y)[labelled].mean()) if labelled.any() else float("nan")

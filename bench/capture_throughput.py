@@ -1,0 +1,184 @@
+"""Capture throughput: the Ray Data capture pipeline against a naive single-process loop.
+
+    .venv/bin/python bench/capture_throughput.py --n 500
+
+Over the same ``n`` queries (a seeded sample of the benchmark table built from
+``configs/data.yaml``), in one run:
+
+(a) the capture pipeline (``training.capture.run_capture`` with ``--config``, default
+    ``configs/capture.yaml``) on a local Ray cluster: truncated prefill, length buckets,
+    an actor pool. Its time is end to end *including* actor start-up and model loads;
+    only ``ray.init`` is outside the clock (a cluster is normally already running);
+(b) a naive loop: one process, batch 1, the full model (all blocks and ``lm_head``) with
+    ``output_hidden_states=True``, pooling the same layers; the model load is outside
+    the clock.
+
+Reports prompt tokens/s of each, their ratio, and achieved GFLOP/s (``2 * matmul params
+* tokens / time``; attention scores ignored) against a plain torch fp32 matmul measured in
+the same run. Writes JSON (``--json``) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def matmul_gflops(size: int = 2048, reps: int = 5) -> float:
+    """Best-of-``reps`` fp32 GFLOP/s of one ``size x size`` matmul with torch's default threads."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
+
+
+def sample_queries(n: int, seed: int, path: Path) -> int:
+    """A seeded sample of ``n`` rows of the benchmark table (all sources mixed), written to ``path``."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from shared.config import load_config
+    from training.data import DataConfig, build_queries
+
+    table, _ = build_queries(load_config(DataConfig, ROOT / "configs" / "data.yaml"))
+    rows = np.sort(np.random.default_rng(seed).choice(table.num_rows, size=min(n, table.num_rows), replace=False))
+    pq.write_table(table.take(rows), path)
+    return len(rows)
+
+
+def block_params(model, depth: int) -> int:
+    return sum(p.numel() for layer in list(model.model.layers)[:depth] for p in layer.parameters())
+
+
+def run_pipeline(cfg) -> dict:
+    import ray
+
+    from training.capture import run_capture
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        summary = run_capture(cfg)
+        seconds = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    return {"seconds": seconds, "tokens": summary["prompt_tokens"], "rows": summary["captured_rows"],
+            "padding_waste": summary["padding_waste"], "truncated": summary["truncated_prompts"]}
+
+
+def run_naive(cfg, queries: Path) -> dict:
+    """Batch 1, full depth, ``output_hidden_states=True``; pools the same layers as the pipeline."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from shared.models import load_causal_lm
+    from shared.registry import load_registry
+    from training.encoder import pool, resolve_layers
+
+    lm = load_causal_lm(load_registry(cfg.registry).get(cfg.encoder), device="cpu")
+    layers = resolve_layers(cfg.layers, lm.num_layers)
+    messages = pq.read_table(queries).column("messages").to_pylist()
+    tokens = 0
+    t0 = time.perf_counter()
+    for conv in messages:
+        text = lm.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][-cfg.max_tokens:]
+        tokens += len(ids)
+        input_ids = torch.tensor([ids])
+        with torch.inference_mode():
+            out = lm.model(input_ids=input_ids, output_hidden_states=True)
+            mask = torch.ones_like(input_ids)
+            [pool(out.hidden_states[i], mask, p).numpy() for i in layers for p in cfg.poolings]
+    seconds = time.perf_counter() - t0
+    lm_head = lm.model.get_output_embeddings().weight.numel()
+    return {"seconds": seconds, "tokens": tokens, "rows": len(messages), "torch_threads": torch.get_num_threads(),
+            "matmul_params": block_params(lm.model, lm.num_layers) + lm_head,
+            "pipeline_matmul_params": block_params(lm.model, max(layers)), "num_layers": lm.num_layers,
+            "layers": layers}
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                "unknown")
+
+
+def report(res: dict) -> str:
+    p, n = res["pipeline"], res["naive"]
+    rows = [
+        ("(a) Ray Data capture pipeline", p),
+        ("(b) naive loop (batch 1, full depth, all hidden states)", n),
+    ]
+    lines = [f"n = {res['n']} queries, {n['tokens']} prompt tokens; encoder {res['encoder']}, "
+             f"layers {n['layers']} (deepest {max(n['layers'])} of {n['num_layers']}); "
+             f"matmul peak {res['matmul_gflops']:.1f} GFLOP/s; 1-min load average "
+             f"{res['load_average_1m']['before']:.1f} before, {res['load_average_1m']['after']:.1f} after",
+             "", "| path | seconds | prompt tokens/s | GFLOP/s | % of matmul |", "|---|---:|---:|---:|---:|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | {r['gflops']:.1f} | "
+                     f"{100 * r['gflops'] / res['matmul_gflops']:.0f}% |")
+    lines.append(f"| **speed-up (a)/(b)** | | **{res['speedup']:.2f}x** | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from shared.config import load_config
+    from training.capture import CaptureConfig
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=500, help="queries (default 500)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "capture.yaml"))
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "capture_throughput.json"))
+    ap.add_argument("overrides", nargs="*", help="CaptureConfig key=value overrides, e.g. layers=[8,16]")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    work = Path(tempfile.mkdtemp(prefix="capture-bench-"))
+    queries = work / "queries.parquet"
+    n = sample_queries(args.n, args.seed, queries)
+    cfg = load_config(CaptureConfig, args.config,
+                      [*args.overrides, f"queries={queries}", f"out={work / 'act'}", "progress=false"])
+    load_before = os.getloadavg()
+    peak = matmul_gflops()
+    pipeline = run_pipeline(cfg)
+    naive = run_naive(cfg, queries)
+    assert pipeline["tokens"] == naive["tokens"], "both paths must see the same prompt tokens"
+    for r, params in ((pipeline, naive["pipeline_matmul_params"]), (naive, naive["matmul_params"])):
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        r["gflops"] = 2 * params * r["tokens"] / r["seconds"] / 1e9
+    res = {"date": dt.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(), "cores": os.cpu_count(),
+           "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]},
+           "n": n, "encoder": cfg.encoder, "config": cfg.model_dump(mode="json"), "matmul_gflops": peak,
+           "pipeline": pipeline, "naive": naive, "speedup": pipeline["tokens_per_s"] / naive["tokens_per_s"]}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(res, indent=2, default=str) + "\n")
+    print(report(res))
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,387 @@
+"""``prefill-router capture``: the encoder's pooled prefill activations for every query (Ray Data).
+
+The query table streams through a pool of encoder actors (:class:`CaptureUDF`, a thin
+shell over :class:`training.encoder.Encoder`); the driver collects the rows and writes
+each shard of ``shard_size`` consecutive queries once it is complete
+(:mod:`training.shards`): re-running skips finished shards, redoes partial ones and ends
+with exactly one row per query.
+
+Output under ``out`` (local path or ``s3://bucket/prefix``): ``shard-NNNNN.parquet`` with
+columns ``query_id``, ``split``, ``n_tokens``, ``truncated`` and one fixed-shape tensor
+column per (layer, pooling) named ``h{layer}_{pooling}`` (Arrow's native
+``arrow.fixed_shape_tensor``, shape ``[hidden_size]``, readable by plain pyarrow), rows in
+query-table order; and ``manifest.json`` (encoder, chat template, layer convention,
+pooling, dtype, hidden size, query table hash, run summary).
+
+Layer indices: 0 is the embedding output, ``i`` the output of block ``i``; the last
+block ``L`` has the final norm applied (HF ``hidden_states`` convention).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from shared.cli_utils import ConfigOption, Overrides
+from shared.config import StrictConfig
+from training.shards import ShardWriter
+
+log = logging.getLogger(__name__)
+
+LAYER_CONVENTION = ("index 0 = embedding output; index i = output of decoder block i (HF hidden_states[i]); "
+                    "index L (last block) has the final norm applied")
+
+
+class CaptureConfig(StrictConfig):
+    """Config of ``prefill-router capture``."""
+
+    queries: str = Field("runs/queries.parquet", description="Query table (Parquet, local or s3://).")
+    out: str = Field("runs/activations", description="Output directory of shards + manifest (local or s3://).")
+    encoder: str = Field("smollm2-135m", description="Registry name of the encoder model.")
+    registry: str | None = Field(None, description="Model registry YAML (default configs/models.yaml).")
+    layers: list[int] | Literal["all"] = Field(
+        default_factory=lambda: [8, 16, 24],
+        description="Layer indices to save (0 = embedding output, i = block i, L = last block with final norm) "
+                    "or 'all'. Only blocks up to the deepest index are computed.")
+    poolings: list[Literal["last", "mean"]] = Field(
+        default_factory=lambda: ["last", "mean"], description="Poolings: last real token and/or mean over the prompt.")
+    dtype: Literal["float16", "float32"] = Field("float16", description="Storage dtype of the saved vectors.")
+    shard_size: int = Field(256, gt=0, description="Queries per output shard (the unit of resume).")
+    batch_size: int = Field(8, gt=0, description="Most prompts per forward pass (one length bucket).")
+    max_batch_tokens: int | None = Field(
+        4096, gt=0, description="Most padded tokens (rows x longest) per forward pass; None: no cap.")
+    bucket_window: int = Field(
+        64, gt=0, description="Queries per Ray Data batch given to an actor; sorted by length within it.")
+    padding_side: Literal["left", "right"] = Field("right", description="Pad side in a forward batch.")
+    min_actors: int = Field(1, ge=1, description="Smallest encoder actor pool.")
+    max_actors: int = Field(2, ge=1, description="Largest encoder actor pool.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per encoder actor (also its torch threads on CPU).")
+    num_gpus: float | Literal["auto"] = Field(
+        "auto", description="GPUs per encoder actor; 'auto': 1 when the cluster has GPUs, else 0 (CPU).")
+    max_tokens: int = Field(2048, gt=0, description="Longer prompts keep their last max_tokens tokens (reported).")
+    ray_address: str | None = Field(None, description="Ray cluster address; None: RAY_ADDRESS or a local cluster.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+    @model_validator(mode="after")
+    def _pool_order(self) -> "CaptureConfig":
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
+        return self
+
+
+# --------------------------------------------------------------------------- actor
+class CaptureUDF:
+    """Ray Data actor: loads the encoder once, encodes a batch of queries (a thin shell)."""
+
+    def __init__(self, encoder: str, registry: str | None, layers: list[int], poolings: list[str], dtype: str,
+                 max_tokens: int, batch_size: int, max_batch_tokens: int | None, padding_side: str,
+                 num_cpus: float, use_gpu: bool):
+        import torch
+
+        from training.encoder import Encoder
+
+        device = "cuda" if use_gpu else "cpu"
+        if not use_gpu:
+            torch.set_num_threads(max(1, int(num_cpus)))
+        self.encoder = Encoder.from_registry(encoder, layers, registry_path=registry, device=device,
+                                             poolings=poolings, max_tokens=max_tokens, batch_size=batch_size,
+                                             max_batch_tokens=max_batch_tokens, padding_side=padding_side)
+        self.dtype = np.dtype(dtype)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        conversations = [json.loads(m) for m in batch["messages_json"]]
+        result = self.encoder.encode(conversations)
+        out = {k: batch[k] for k in ("query_id", "split", "_shard", "_row")}
+        out.update(n_tokens=result.n_tokens, truncated=result.truncated, _padded=result.padded)
+        out.update({col: arr.astype(self.dtype) for col, arr in result.features.items()})
+        return out
+
+
+# --------------------------------------------------------------------------- output
+class TensorShardWriter(ShardWriter):
+    """ShardWriter for numpy batches with vector columns, written as fixed-shape tensor columns.
+
+    Rows of a shard are written in query-table order (``_row``); ``_``-prefixed columns
+    are dropped. Duplicates of a query (a retried task) replace the earlier row.
+    """
+
+    def __init__(self, out: str, expected: dict[int, int], tensor_columns: list[str]):
+        super().__init__(out, expected, key="query_id")
+        self.tensor_columns = tensor_columns
+
+    def add(self, batch: dict[str, np.ndarray]) -> list[int]:  # type: ignore[override]
+        done = []
+        names = list(batch)
+        for i in range(len(batch["query_id"])):
+            row = {name: batch[name][i] for name in names}
+            shard = int(row["_shard"])
+            self.buffers[shard][str(row["query_id"])] = row
+            if len(self.buffers[shard]) == self.expected.get(shard, -1):
+                self._write(shard)
+                done.append(shard)
+        return done
+
+    def _write(self, shard: int) -> None:
+        from shared import storage
+        from training.shards import shard_path
+
+        rows = sorted(self.buffers.pop(shard).values(), key=lambda r: int(r["_row"]))
+        storage.write_parquet(rows_to_table(rows, self.tensor_columns), shard_path(self.out, shard))
+        self.written.append(shard)
+
+
+def rows_to_table(rows: list[dict[str, Any]], tensor_columns: list[str]) -> pa.Table:
+    """Output table: scalar columns, then one ``pa.FixedShapeTensorArray`` per vector column."""
+    cols: dict[str, pa.Array] = {
+        "query_id": pa.array([str(r["query_id"]) for r in rows], pa.string()),
+        "split": pa.array([str(r["split"]) for r in rows], pa.string()),
+        "n_tokens": pa.array([int(r["n_tokens"]) for r in rows], pa.int32()),
+        "truncated": pa.array([bool(r["truncated"]) for r in rows], pa.bool_()),
+    }
+    for col in tensor_columns:
+        stacked = np.ascontiguousarray(np.stack([np.asarray(r[col]) for r in rows]))
+        cols[col] = pa.FixedShapeTensorArray.from_numpy_ndarray(stacked)
+    return pa.table(cols)
+
+
+def read_features(out: str, column: str) -> tuple[list[str], np.ndarray]:
+    """``(query ids, (n, hidden) array)`` of one feature column over all finished shards."""
+    from training.shards import read_shards
+
+    table = read_shards(out)
+    return table.column("query_id").to_pylist(), table.column(column).combine_chunks().to_numpy_ndarray()
+
+
+# --------------------------------------------------------------------------- plan
+def encoder_plan(cfg: CaptureConfig) -> dict[str, Any]:
+    """Resolve the encoder on the driver (converting GGUF once), check the layers, fix the identity bits."""
+    from transformers import AutoConfig
+
+    from shared.models import ensure_local, load_tokenizer, model_fingerprint
+    from shared.registry import load_registry
+    from training.encoder import column_name, resolve_layers
+
+    spec = load_registry(cfg.registry).get(cfg.encoder)
+    if spec.role not in ("encoder", "both"):
+        raise ValueError(f"model {cfg.encoder!r} is a {spec.role}, not an encoder")
+    local = ensure_local(spec)
+    model_cfg = AutoConfig.from_pretrained(local)
+    model_cfg = getattr(model_cfg, "text_config", None) or model_cfg
+    num_layers, hidden = int(model_cfg.num_hidden_layers), int(model_cfg.hidden_size)
+    layers = resolve_layers(cfg.layers, num_layers, spec.name)
+    template = load_tokenizer(spec).chat_template or ""
+    return {
+        "spec": spec, "num_layers": num_layers, "hidden_size": hidden, "layers": layers,
+        "columns": [column_name(layer, p) for layer in layers for p in cfg.poolings],
+        "fingerprint": model_fingerprint(spec), "chat_template": template,
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+    }
+
+
+def capture_identity(cfg: CaptureConfig, plan: dict[str, Any], table_hash: str, n_rows: int) -> dict[str, Any]:
+    """What the shards are made from; a re-run with a different identity is refused."""
+    return {
+        "encoder": plan["fingerprint"], "chat_template_sha256": plan["chat_template_sha256"],
+        "layers": plan["layers"], "layer_convention": LAYER_CONVENTION, "embedding_layer_index": 0,
+        "last_layer_final_norm": True, "num_layers": plan["num_layers"], "poolings": list(cfg.poolings),
+        "dtype": cfg.dtype, "hidden_size": plan["hidden_size"], "query_table_hash": table_hash,
+        "n_rows": n_rows, "shard_size": cfg.shard_size, "max_tokens": cfg.max_tokens,
+        "truncation": "keep the last max_tokens tokens",
+    }
+
+
+def pending_table(table: pa.Table, shard_size: int, done: set[int]) -> pa.Table:
+    """The rows still to capture, with their shard and row index, messages as JSON text."""
+    from training.shards import pending_rows, shard_ids
+
+    rows = pending_rows(table.num_rows, shard_size, done)
+    sub = table.take(pa.array(rows, pa.int64()))
+    messages = [json.dumps(m, ensure_ascii=False) for m in sub.column("messages").to_pylist()]
+    return pa.table({
+        "query_id": sub.column("query_id"), "split": sub.column("split"),
+        "messages_json": pa.array(messages, pa.string()),
+        "_shard": pa.array(shard_ids(table.num_rows, shard_size)[rows], pa.int64()),
+        "_row": pa.array(rows, pa.int64()),
+    })
+
+
+# --------------------------------------------------------------------------- Ray wiring
+def build_pipeline(pending: pa.Table, cfg: CaptureConfig, plan: dict[str, Any], use_gpu: bool) -> Any:
+    """The Ray Data pipeline: pending queries (one block per bucket window) -> encoder actor pool."""
+    import ray.data
+    from ray.data.context import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.arrow_fixed_shape_tensor_format = native_tensor_format()
+    ctx.enable_progress_bars = False  # the driver shows one bar over queries instead
+    blocks = [pending.slice(i, cfg.bucket_window) for i in range(0, pending.num_rows, cfg.bucket_window)]
+    resources = {"num_gpus": 1.0 if cfg.num_gpus == "auto" else cfg.num_gpus} if use_gpu else {"num_cpus": cfg.num_cpus}
+    return ray.data.from_arrow(blocks).map_batches(
+        CaptureUDF,
+        fn_constructor_kwargs=dict(
+            encoder=cfg.encoder, registry=cfg.registry, layers=plan["layers"], poolings=list(cfg.poolings),
+            dtype=cfg.dtype, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
+            max_batch_tokens=cfg.max_batch_tokens, padding_side=cfg.padding_side, num_cpus=cfg.num_cpus,
+            use_gpu=use_gpu),
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+        batch_size=cfg.bucket_window,
+        batch_format="numpy",
+        **resources,
+    )
+
+
+def native_tensor_format() -> Any:
+    """Ray Data's setting for Arrow's native ``arrow.fixed_shape_tensor`` type."""
+    from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat
+
+    return FixedShapeTensorFormat.ARROW_NATIVE
+
+
+def _ensure_ray(address: str | None) -> bool:
+    """Connect to (or start) Ray; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def _use_gpu(cfg: CaptureConfig) -> bool:
+    import ray
+
+    if cfg.num_gpus == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return cfg.num_gpus > 0
+
+
+# --------------------------------------------------------------------------- run
+def _prepare_output(cfg: CaptureConfig, identity: dict[str, Any]) -> set[int]:
+    """Create ``out``, check its manifest and return the finished shards; bad paths fail clearly."""
+    from shared import storage
+    from training.shards import check_manifest, finished_shards
+
+    try:
+        storage.makedirs(cfg.out)
+        check_manifest(cfg.out, identity)
+        return finished_shards(cfg.out)
+    except OSError as exc:
+        raise ValueError(f"cannot write capture output to {cfg.out!r}: {exc}") from exc
+
+
+def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool) -> dict[str, int]:
+    """Drive the pipeline: feed result batches to the writer, with a progress bar over queries."""
+    from tqdm.auto import tqdm
+
+    counts = {"rows": 0, "tokens": 0, "padded": 0, "truncated": 0}
+    with tqdm(total=total, desc="capture", unit="q", disable=not show) as bar:
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            n = len(batch["query_id"])
+            counts["rows"] += n
+            counts["tokens"] += int(batch["n_tokens"].sum())
+            counts["padded"] += int(batch["_padded"].sum())
+            counts["truncated"] += int(batch["truncated"].sum())
+            writer.add(batch)
+            bar.update(n)
+    return counts
+
+
+def run_capture(cfg: CaptureConfig) -> dict[str, Any]:
+    """Capture every pending shard; returns (and stores in the manifest) the run summary."""
+    from shared import storage
+    from training.data import table_hash
+    from training.shards import finished_shards, shard_ids, update_manifest
+
+    start = time.perf_counter()
+    table = storage.read_parquet(cfg.queries)
+    plan = encoder_plan(cfg)
+    identity = capture_identity(cfg, plan, table_hash(table), table.num_rows)
+    done_before = _prepare_output(cfg, identity)
+    pending = pending_table(table, cfg.shard_size, done_before)
+    expected = {int(s): int(c) for s, c in zip(*np.unique(shard_ids(table.num_rows, cfg.shard_size),
+                                                          return_counts=True)) if int(s) not in done_before}
+    counts = {"rows": 0, "tokens": 0, "padded": 0, "truncated": 0}
+    writer = TensorShardWriter(cfg.out, expected, plan["columns"])
+    use_gpu = False
+    if pending.num_rows:
+        started = _ensure_ray(cfg.ray_address)
+        try:
+            use_gpu = _use_gpu(cfg)
+            counts = _stream(build_pipeline(pending, cfg, plan, use_gpu), writer, pending.num_rows, cfg.progress)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+    if writer.incomplete or len(finished_shards(cfg.out)) != len(expected) + len(done_before):
+        raise RuntimeError(f"capture ended with incomplete shards {writer.incomplete}; re-run to finish them")
+    seconds = time.perf_counter() - start
+    summary = {
+        "rows": table.num_rows, "captured_rows": counts["rows"], "shards_skipped": len(done_before),
+        "shards_written": len(writer.written), "prompt_tokens": counts["tokens"],
+        "truncated_prompts": counts["truncated"], "max_tokens": cfg.max_tokens,
+        "padding_waste": 1 - counts["tokens"] / counts["padded"] if counts["padded"] else 0.0,
+        "seconds": round(seconds, 3), "tokens_per_s": round(counts["tokens"] / seconds, 1) if seconds else 0.0,
+        "device": "gpu" if use_gpu else "cpu", "columns": plan["columns"],
+    }
+    update_manifest(cfg.out, chat_template=plan["chat_template"], columns=plan["columns"],
+                    column_format="arrow.fixed_shape_tensor, shape [hidden_size], one row per query",
+                    summary=summary, config=cfg.model_dump(mode="json"))
+    return summary
+
+
+def print_summary(summary: dict[str, Any], out: str) -> None:
+    from rich.table import Table
+
+    from shared.cli_utils import console
+
+    view = Table(title=f"capture -> {out}")
+    view.add_column("item")
+    view.add_column("value", justify="right")
+    for key in ("rows", "captured_rows", "shards_skipped", "shards_written", "prompt_tokens",
+                "truncated_prompts", "padding_waste", "seconds", "tokens_per_s", "device"):
+        value = summary[key]
+        view.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    console.print(view)
+    if summary["truncated_prompts"]:
+        console.print(f"[yellow]{summary['truncated_prompts']} prompts were longer than max_tokens="
+                      f"{summary['max_tokens']} and kept only their last tokens[/]")
+
+
+# --------------------------------------------------------------------------- CLI
+def _capture_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Capture the encoder's prefill activations for a query table (Ray Data)."""
+    from shared.cli_utils import friendly_errors
+    from shared.config import load_config
+
+    def run() -> None:
+        cfg = load_config(CaptureConfig, config, overrides or [])
+        print_summary(run_capture(cfg), cfg.out)
+
+    friendly_errors(run)
+
+
+def make_app():
+    import typer
+
+    app = typer.Typer(help="Capture the encoder's prefill activations (Ray Data).", add_completion=False)
+    app.command()(_capture_command)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shared.cli_utils import run_app, setup_logging
+
+    setup_logging()
+    return run_app(make_app(), argv, "prefill-router capture")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,265 @@
+"""Prefill-only encoder: pooled hidden states of a registry LLM at chosen layers.
+
+Layer index convention (the one Hugging Face's ``hidden_states`` uses):
+
+- index ``0`` is the **embedding output** (``model.model.embed_tokens``, scaled where
+  the architecture scales it, e.g. Gemma), before any decoder block;
+- index ``i`` (``1 <= i <= L``) is the output of decoder block ``i``;
+- index ``L`` (the last block) has the model's **final norm applied**, exactly like HF's
+  ``hidden_states[L]``; every other index is the raw residual stream.
+
+The encoder runs the prompt's prefill only and **stops at the deepest requested layer**:
+it calls the base model (no ``lm_head``) with its decoder stack truncated to the first
+``k = max(layers)`` blocks, and with the final norm replaced by identity unless
+``k == L``; the requested layers are read by temporary forward hooks. The loaded model is not modified (the truncated base model is a shallow view
+that shares its parameters), so one loaded model can back several encoders.
+
+Prompts are rendered with the tokenizer's chat template
+(``apply_chat_template(messages, add_generation_prompt=True)``), truncated to the
+*last* ``max_tokens`` tokens (the generation prompt and the end of the question are what
+``last`` pooling reads), sorted by length and cut into buckets of similar length so a
+forward pass pads little. Pooling: ``last`` is the hidden state of the last real token,
+``mean`` the mean over the real tokens; padding (left or right) is masked out.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+POOLINGS = ("last", "mean")
+
+
+def column_name(layer: int, pooling: str) -> str:
+    """Feature column of one (layer, pooling), e.g. ``h12_last``."""
+    return f"h{layer}_{pooling}"
+
+
+def resolve_layers(layers: Sequence[int] | str, num_layers: int, model_name: str = "encoder") -> list[int]:
+    """Sorted unique layer indices; ``"all"`` is ``0..L``. Raises ValueError on an index out of range."""
+    if layers == "all":
+        return list(range(num_layers + 1))
+    if isinstance(layers, str):
+        raise ValueError(f"layers must be a list of ints or 'all', got {layers!r}")
+    bad = [i for i in layers if not 0 <= int(i) <= num_layers]
+    if bad:
+        raise ValueError(
+            f"unknown layer(s) {bad}: {model_name} has {num_layers} decoder blocks; valid indices are "
+            f"0 (embedding output) to {num_layers} (last block, final norm applied)"
+        )
+    if not layers:
+        raise ValueError("layers is empty: name at least one layer index")
+    return sorted({int(i) for i in layers})
+
+
+def length_buckets(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Group row indices into forward batches of similar length.
+
+    Rows are sorted by length (stable) and cut greedily: a bucket closes when it holds
+    ``batch_size`` rows or when adding the next row would make its padded size
+    ``rows * longest`` exceed ``max_batch_tokens`` (a single over-long row still gets a
+    bucket of its own). Every index appears in exactly one bucket.
+    """
+    if batch_size <= 0:
+        raise ValueError("batch_size must be positive")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        padded = (len(current) + 1) * max(lengths[i], 1)  # sorted: row i is the longest so far
+        full = len(current) >= batch_size or (max_batch_tokens is not None and current and padded > max_batch_tokens)
+        if full:
+            buckets.append(current)
+            current = []
+        current.append(i)
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def padding_waste(lengths: Sequence[int], buckets: Iterable[Sequence[int]]) -> float:
+    """Fraction of padded positions that are padding, over the given buckets."""
+    real = padded = 0
+    for bucket in buckets:
+        lens = [lengths[i] for i in bucket]
+        real += sum(lens)
+        padded += len(lens) * max(lens)
+    return 1.0 - real / padded if padded else 0.0
+
+
+def pool(hidden: Any, mask: Any, pooling: str) -> Any:
+    """Pool ``hidden`` ``(B, T, D)`` over real tokens (``mask`` ``(B, T)``, 1 = token) to ``(B, D)``.
+
+    ``last`` takes the last position whose mask is 1 (works for left and right padding);
+    ``mean`` averages the real positions. Padded positions are never read, even if NaN.
+    """
+    import torch
+
+    mask = mask.bool()
+    if pooling == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=1).values
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if pooling == "mean":
+        summed = hidden.masked_fill(~mask.unsqueeze(-1), 0.0).sum(dim=1)
+        return summed / mask.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
+    raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
+
+
+@dataclass
+class Encoded:
+    """Result of :meth:`Encoder.encode`: ``features[column] -> (n, hidden)`` float32 arrays."""
+
+    features: dict[str, np.ndarray]
+    n_tokens: np.ndarray  # tokens fed to the model per prompt (after truncation)
+    truncated: np.ndarray  # bool: prompt was longer than max_tokens
+    padded: np.ndarray  # padded length of the forward batch each prompt ran in
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Encoder:
+    """Prefill-only feature extractor over a loaded causal LM (:class:`shared.models.LoadedModel`)."""
+
+    def __init__(self, loaded: Any, layers: Sequence[int] | str, poolings: Sequence[str] = ("last",),
+                 max_tokens: int = 2048, batch_size: int = 8, max_batch_tokens: int | None = None,
+                 padding_side: str = "right"):
+        bad = [p for p in poolings if p not in POOLINGS]
+        if bad or not poolings:
+            raise ValueError(f"unknown pooling(s) {bad or poolings}; choose from {POOLINGS}")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
+        self.loaded, self.tokenizer, self.device = loaded, loaded.tokenizer, loaded.device
+        self.num_layers, self.hidden_size = loaded.num_layers, loaded.hidden_size
+        self.layers = resolve_layers(layers, self.num_layers, loaded.spec.name)
+        self.poolings = list(dict.fromkeys(poolings))
+        self.max_tokens, self.batch_size = max_tokens, batch_size
+        self.max_batch_tokens, self.padding_side = max_batch_tokens, padding_side
+        self.depth = max(self.layers)
+        self.base = truncated_base(loaded.model, self.depth)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    @classmethod
+    def from_registry(cls, name: str, layers: Sequence[int] | str, registry_path: str | None = None,
+                      device: str | None = None, **kwargs: Any) -> "Encoder":
+        from shared.models import load_causal_lm
+        from shared.registry import load_registry
+
+        spec = load_registry(registry_path).get(name)
+        if spec.role not in ("encoder", "both"):
+            raise ValueError(f"model {name!r} is a {spec.role}, not an encoder")
+        return cls(load_causal_lm(spec, device=device), layers, **kwargs)
+
+    @property
+    def columns(self) -> list[str]:
+        return [column_name(layer, p) for layer in self.layers for p in self.poolings]
+
+    @property
+    def params_used(self) -> int:
+        """Parameters a prefill touches: embeddings + the first ``depth`` blocks (+ final norm)."""
+        return sum(p.numel() for p in self.base.parameters())
+
+    # ------------------------------------------------------------------ tokenizing
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The chat-templated prompt text, ending with the generation prompt."""
+        return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+    def tokenize(self, conversations: Sequence[list[dict[str, str]]]) -> tuple[list[list[int]], np.ndarray]:
+        """Token ids per conversation (last ``max_tokens`` kept) and whether each was truncated."""
+        texts = [self.render(m) for m in conversations]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        truncated = np.array([len(x) > self.max_tokens for x in ids], dtype=bool)
+        return [list(x[-self.max_tokens:]) for x in ids], truncated
+
+    # ------------------------------------------------------------------ forward
+    def forward_padded(self, batch: Sequence[Sequence[int]]) -> dict[str, Any]:
+        """One padded forward pass over token-id lists; returns ``{column: (B, D) tensor}``."""
+        import torch
+
+        longest = max(len(x) for x in batch)
+        input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            sl = slice(longest - len(ids), longest) if self.padding_side == "left" else slice(0, len(ids))
+            input_ids[row, sl] = torch.as_tensor(ids, dtype=torch.long)
+            mask[row, sl] = 1
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding must not shift positions
+        input_ids, mask, position_ids = (t.to(self.device) for t in (input_ids, mask, position_ids))
+        with torch.inference_mode():
+            states = self._run(input_ids, mask, position_ids)
+            return {column_name(layer, p): pool(states[layer], mask, p) for layer in self.layers for p in self.poolings}
+
+    def _run(self, input_ids: Any, mask: Any, position_ids: Any) -> dict[int, Any]:
+        """Forward the truncated base model; ``{layer index: (B, T, D)}`` captured by temporary hooks.
+
+        Hooks (not ``output_hidden_states``) so that only the requested layers are kept and
+        the shared model's own output-capturing machinery is never touched.
+        """
+        states: dict[int, Any] = {}
+
+        def tap(index: int):
+            def hook(module: Any, args: Any, output: Any) -> None:
+                states[index] = output[0] if isinstance(output, tuple) else output
+            return hook
+
+        targets = {0: self.base.embed_tokens}
+        targets.update({i: self.base.layers[i - 1] for i in self.layers if i >= 1})
+        if self.depth == self.num_layers:
+            targets[self.depth] = self.base.norm  # index L: HF's normed last hidden state
+        handles = [targets[i].register_forward_hook(tap(i)) for i in self.layers]
+        try:
+            self.base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return states
+
+    def encode_ids(self, ids: Sequence[Sequence[int]]) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, float]]:
+        """Features for token-id lists in input order, computed in length buckets.
+
+        Returns ``(features, padded length per row, stats)``.
+        """
+        if any(len(x) == 0 for x in ids):
+            raise ValueError("cannot encode an empty prompt (0 tokens)")
+        lengths = [len(x) for x in ids]
+        buckets = length_buckets(lengths, self.batch_size, self.max_batch_tokens)
+        out = {c: np.empty((len(ids), self.hidden_size), dtype=np.float32) for c in self.columns}
+        padded = np.zeros(len(ids), dtype=np.int32)
+        for bucket in buckets:
+            feats = self.forward_padded([ids[i] for i in bucket])
+            padded[bucket] = max(lengths[i] for i in bucket)
+            for col, tensor in feats.items():
+                out[col][bucket] = tensor.float().cpu().numpy()
+        stats = {"forward_passes": len(buckets), "padding_waste": padding_waste(lengths, buckets),
+                 "tokens": float(sum(lengths))}
+        return out, padded, stats
+
+    def encode(self, conversations: Sequence[list[dict[str, str]]]) -> Encoded:
+        """Chat-template, tokenize, bucket and encode a list of conversations."""
+        ids, truncated = self.tokenize(conversations)
+        features, padded, stats = self.encode_ids(ids)
+        return Encoded(features, np.array([len(x) for x in ids], dtype=np.int32), truncated, padded, stats)
+
+
+def truncated_base(model: Any, depth: int) -> Any:
+    """A view of ``model.model`` running only the first ``depth`` decoder blocks, without lm_head.
+
+    The final norm is kept only when ``depth`` is the full depth (so index ``L`` matches
+    HF's normed last hidden state); otherwise it is identity, so index ``depth`` is the
+    raw output of block ``depth``. Parameters are shared with ``model``; ``model`` is
+    left unchanged.
+    """
+    import torch
+
+    full = model.model
+    layers = full.layers
+    if depth > len(layers):
+        raise ValueError(f"depth {depth} exceeds the model's {len(layers)} blocks")
+    base = copy.copy(full)
+    base._modules = dict(full._modules)  # own module table: the original keeps all its blocks
+    base.layers = torch.nn.ModuleList(list(layers)[:depth])
+    if depth < len(layers):
+        base.norm = torch.nn.Identity()
+    return base

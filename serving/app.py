@@ -66,10 +66,11 @@ def build_app(args: dict[str, Any]) -> Any:
     user_config = {"artifact": cfg.artifact}
     encoder = serve.deployment(batched_encoder(cfg.encoder_batch.max_batch_size, cfg.encoder_batch.batch_wait_timeout_s),
                                name=deployment_name("Encoder"))
+    # The artifact travels in user_config only, so a new one is an in-place reconfigure, not a restart.
     encoder = encoder.options(**cfg.encoder.serve_options(), user_config=user_config).bind(
-        cfg.artifact, cfg.registry, cfg.max_prompt_tokens)
+        cfg.registry, cfg.max_prompt_tokens)
     head = serve.deployment(RouterHeadReplica, name=deployment_name("RouterHead"))
-    head = head.options(**cfg.head.serve_options(), user_config=user_config).bind(cfg.artifact, targets)
+    head = head.options(**cfg.head.serve_options(), user_config=user_config).bind(targets)
     handles = {}
     for name in targets:
         spec = registry.get(cfg.endpoints.get(name, name))
@@ -78,7 +79,45 @@ def build_app(args: dict[str, Any]) -> Any:
             spec.model_dump(mode="json"), cfg.target_timeout_s)
     ingress_cls = serve.ingress(replica_asgi_app)(RouterIngress)
     ingress = serve.deployment(ingress_cls, name=deployment_name("Ingress")).options(**cfg.ingress.serve_options())
-    return ingress.bind(cfg.model_dump(mode="json"), encoder, head, handles)
+    return ingress.bind(cfg.ingress_config().model_dump(mode="json"), encoder, head, handles)
+
+
+def deploy(cfg: ServeConfig, artifact: str | None = None, timeout_s: float = 600) -> dict[str, Any]:
+    """Deploy (or update) the app from its generated Serve config, as ``serve deploy`` and KubeRay do.
+
+    With ``artifact``, only the Encoder's and RouterHead's ``user_config`` change: Serve
+    applies that in place (``reconfigure``), without restarting any replica, and the
+    replicas keep the old artifact if the new one fails to load. Any other change
+    (``args``) rebuilds the application. Needs a connected Ray with Serve started.
+    """
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = serve_config(cfg, served_targets(cfg))
+    if artifact:
+        for dep in doc["applications"][0]["deployments"]:
+            if "user_config" in dep:
+                dep["user_config"] = {"artifact": artifact}
+    serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(doc))
+    wait_running(cfg.app_name, timeout_s)
+    return doc
+
+
+def wait_running(app_name: str, timeout_s: float) -> None:
+    """Block until the app is RUNNING; raise with Serve's message on DEPLOY_FAILED or timeout."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    time.sleep(0.5)  # let the controller pick up the new target state
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(app_name)
+        status = str(getattr(app, "status", "")).rsplit(".", 1)[-1]
+        if status == "RUNNING":
+            return
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"Serve app {app_name} is {status}: {app.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"Serve app {app_name} not RUNNING after {timeout_s:.0f}s")
 
 
 def run_serve(cfg: ServeConfig, blocking: bool = True, address: str | None = None) -> None:
@@ -89,7 +128,7 @@ def run_serve(cfg: ServeConfig, blocking: bool = True, address: str | None = Non
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False)
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
-    serve.run(build_app(cfg.model_dump(mode="json")), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    deploy(cfg)
     console.print(f"[green]serving[/] http://{cfg.http_host}:{cfg.http_port}{cfg.route_prefix.rstrip('/')}/v1 "
                   f"(targets {served_targets(cfg)})")
     while blocking:

@@ -46,6 +46,14 @@ class BatchOptions(StrictConfig):
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
 
 
+class IngressConfig(StrictConfig):
+    """What the ingress replica needs (no artifact: a new artifact must not restart it)."""
+
+    default_max_tokens: int = Field(128, gt=0, description="Answer length when a request names none.")
+    target_timeout_s: float = Field(120.0, gt=0, description="A target slower than this counts as failed.")
+    auth_token_env: str | None = Field(None, description="Env var with a bearer token the ingress requires.")
+
+
 class ServeConfig(StrictConfig):
     """Config of the Serve application (``prefill-router serve``)."""
 
@@ -73,6 +81,10 @@ class ServeConfig(StrictConfig):
     target_defaults: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Every target.")
     target_overrides: dict[str, DeploymentOptions] = Field(default_factory=dict, description="Per-target options.")
 
+    def ingress_config(self) -> IngressConfig:
+        return IngressConfig(default_max_tokens=self.default_max_tokens, target_timeout_s=self.target_timeout_s,
+                             auth_token_env=self.auth_token_env)
+
     def target_options(self, name: str) -> DeploymentOptions:
         return self.target_overrides.get(name, self.target_defaults)
 
@@ -84,10 +96,11 @@ def deployment_name(role: str, target: str | None = None) -> str:
 
 def serve_config(cfg: ServeConfig, targets: list[str]) -> dict[str, Any]:
     """The ``serve build``-style config document for this app (validated by Ray's schema in tests)."""
+    user_config = {"artifact": cfg.artifact}  # changing it reloads the artifact in place
     deployments = [
         {"name": deployment_name("Ingress"), **cfg.ingress.serve_options()},
-        {"name": deployment_name("Encoder"), **cfg.encoder.serve_options()},
-        {"name": deployment_name("RouterHead"), **cfg.head.serve_options()},
+        {"name": deployment_name("Encoder"), **cfg.encoder.serve_options(), "user_config": user_config},
+        {"name": deployment_name("RouterHead"), **cfg.head.serve_options(), "user_config": user_config},
         *({"name": deployment_name("Target", t), **cfg.target_options(t).serve_options()} for t in targets),
     ]
     return {

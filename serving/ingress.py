@@ -26,7 +26,7 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from serving.config import ServeConfig
+from serving.config import IngressConfig
 from serving.metrics import RouterMetrics
 from serving.schemas import (
     ChatChoice, ChatCompletionRequest, ChatCompletionResponse, RouteDecision, RouteRequest, Usage, chunk,
@@ -74,7 +74,7 @@ class RouterIngress:
     """Request handling shared by every endpoint (no Ray or HTTP server needed to test it)."""
 
     def __init__(self, config: dict[str, Any], encoder: Any, head: Any, targets: dict[str, Any]):
-        self.cfg = ServeConfig.model_validate(config)
+        self.cfg = IngressConfig.model_validate(config)
         self.encoder, self.head, self.targets = encoder, head, dict(targets)
         self.metrics = RouterMetrics.create()
         self.token = os.environ.get(self.cfg.auth_token_env) if self.cfg.auth_token_env else None

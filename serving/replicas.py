@@ -25,6 +25,28 @@ class PromptTooLong(ValueError):
     """The prompt exceeds ``max_prompt_tokens`` (the ingress answers 413)."""
 
 
+def reload(replica: Any, user_config: dict[str, Any] | None, what: str) -> None:
+    """Load ``user_config["artifact"]`` into ``replica`` (which has ``artifact`` and ``_load``).
+
+    The first load must succeed (a replica without an artifact cannot serve); a later
+    one that fails is logged and the replica keeps serving the artifact it has.
+    """
+    uri = (user_config or {}).get("artifact")
+    if not uri:
+        raise ArtifactError(f"the {what} needs user_config.artifact")
+    if uri == replica.artifact:
+        return
+    if replica.artifact is None:
+        replica._load(uri)
+        return
+    try:
+        replica._load(uri)
+    except Exception as exc:  # noqa: BLE001 - any load failure keeps the serving artifact
+        log.error("artifact %s failed to load in the %s, keeping %s: %s", uri, what, replica.artifact, exc)
+        return
+    log.info("%s now serves artifact %s", what, uri)
+
+
 def poolings_of(meta: Any) -> list[str]:
     return sorted(set(meta.pooling.values())) if isinstance(meta.pooling, dict) else [meta.pooling]
 
@@ -32,11 +54,12 @@ def poolings_of(meta: Any) -> list[str]:
 class EncoderReplica:
     """Prefill-only encoder for the artifact's layers; one request or a batch of them."""
 
-    def __init__(self, artifact: str, registry: str | None = None, max_prompt_tokens: int = 4096,
-                 device: str | None = None):
+    def __init__(self, registry: str | None = None, max_prompt_tokens: int = 4096, device: str | None = None,
+                 artifact: str | None = None):
         self.registry, self.max_prompt_tokens, self.device = registry, max_prompt_tokens, device
         self.artifact, self.encoder, self.name = None, None, None
-        self._load(artifact)
+        if artifact:
+            self.reconfigure({"artifact": artifact})
 
     def _load(self, artifact: str) -> None:
         from shared.models import load_causal_lm
@@ -57,14 +80,8 @@ class EncoderReplica:
                  self.encoder.num_layers)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve user-config update: ``{"artifact": uri}`` loads a new artifact, keeping the old on failure."""
-        uri = (user_config or {}).get("artifact")
-        if not uri or uri == self.artifact:
-            return
-        try:
-            self._load(uri)
-        except Exception as exc:  # noqa: BLE001 - any load failure keeps the serving artifact
-            log.error("artifact %s failed to load in the encoder, keeping %s: %s", uri, self.artifact, exc)
+        """Serve user-config update ``{"artifact": uri}``: see :func:`reload`."""
+        reload(self, user_config, "encoder")
 
     async def encode_many(self, batch: list[list[dict[str, str]]]) -> list[dict[str, Any]]:
         """Encode several conversations in one bucketed forward pass; per-item errors, not batch errors."""
@@ -95,10 +112,11 @@ class EncoderReplica:
 class RouterHeadReplica:
     """Artifact transforms + ensemble + policy over the served targets."""
 
-    def __init__(self, artifact: str, targets: list[str] | None = None):
+    def __init__(self, targets: list[str] | None = None, artifact: str | None = None):
         self.served = targets
         self.artifact, self.router = None, None
-        self._load(artifact)
+        if artifact:
+            self.reconfigure({"artifact": artifact})
 
     def _load(self, artifact: str) -> None:
         router = load_artifact(artifact)
@@ -111,13 +129,8 @@ class RouterHeadReplica:
         self.names = served
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        uri = (user_config or {}).get("artifact")
-        if not uri or uri == self.artifact:
-            return
-        try:
-            self._load(uri)
-        except Exception as exc:  # noqa: BLE001 - keep serving the old artifact
-            log.error("artifact %s failed to load in the router head, keeping %s: %s", uri, self.artifact, exc)
+        """Serve user-config update ``{"artifact": uri}``: see :func:`reload`."""
+        reload(self, user_config, "router head")
 
     def decide(self, encoded: dict[str, Any], tolerance: float | None) -> dict[str, Any]:
         """The routing decision for one encoded prompt (a :class:`serving.schemas.RouteDecision` dict)."""
@@ -133,7 +146,7 @@ class RouterHeadReplica:
         eligible = [self.names[i] for i in np.argsort(costs, kind="stable") if P.max() - P[i] <= tol + 1e-12]
         return {"target": self.names[choice], "probabilities": dict(zip(self.names, map(float, P))),
                 "expected_cost": dict(zip(self.names, map(float, costs))), "eligible": eligible,
-                "tolerance": tol, "prompt_tokens": int(encoded["n_tokens"])}
+                "tolerance": tol, "prompt_tokens": int(encoded["n_tokens"]), "artifact": self.artifact}
 
     def info(self) -> dict[str, Any]:
         return {"artifact": self.artifact, "targets": self.names, "encoder": self.router.meta.encoder.name,

@@ -85,6 +85,7 @@ class RouteDecision(BaseModel):
     tolerance: float = Field(description="Tolerance used.")
     prompt_tokens: int = Field(description="Prompt length in encoder tokens.")
     overhead_ms: float = Field(0.0, description="Encoder + head time (ms).")
+    artifact: str | None = Field(None, description="The router artifact that made the decision.")
 
 
 class Usage(BaseModel):

@@ -62,7 +62,7 @@ async def decide(features, tolerance):
 
 def client(fail=(), token_env=None, monkeypatch=None):
     targets = {n: target(n, n in fail) for n in ("cheap", "mid", "big")}
-    cfg = {"artifact": "unused", "auth_token_env": token_env}
+    cfg = {"auth_token_env": token_env}
     ingress = RouterIngress(cfg, Handle(encode=encode), Handle(decide=decide), targets)
     return TestClient(make_fastapi_app(lambda: ingress)), ingress
 

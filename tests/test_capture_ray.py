@@ -1,11 +1,6 @@
 """Activation capture on a real local Ray cluster: local and S3 (moto) output, resume after a kill."""
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +14,10 @@ from training.capture import CaptureConfig, read_features, run_capture
 from training.data import DataConfig, run_build
 from training.shards import ManifestMismatch, finished_shards, shard_path
 
+from tests.procs import free_port, kill_after_first_shard
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -141,17 +132,7 @@ def test_resume_after_kill(ray_cluster, queries, tmp_path):
     out = tmp_path / "act"
     args = [f"queries={queries}", f"out={out}", "layers=[0, 6, 30]", "shard_size=2", "bucket_window=2",
             "batch_size=2", "max_actors=1", "progress=false", f"ray_address={ray_cluster}"]
-    proc = subprocess.Popen([sys.executable, "-m", "training.capture", *args], cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    try:
-        while not list(out.glob("shard-*.parquet")) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group of the driver this test started
-        proc.wait(timeout=30)
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
+    before = kill_after_first_shard(["training.capture", *args], out)
     assert 1 <= len(before) < 8, f"kill should land mid-run, found {sorted(before)}"
 
     summary = run_capture(capture_cfg(queries, out, "shard_size=2"))

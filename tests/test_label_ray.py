@@ -1,10 +1,5 @@
 """Labelling on a real local Ray cluster with the real SmolLM2: output, a down endpoint, resume after a kill."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,6 +11,8 @@ from shared.config import load_config
 from training.data import DataConfig, run_build
 from training.label import LabelConfig, load_labels, read_target, run_label
 from training.shards import finished_shards
+
+from tests.procs import kill_after_first_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -43,7 +40,7 @@ def queries(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory) -> Path:
+def label_registry(tmp_path_factory) -> Path:
     """The shipped SmolLM2 entry plus an openai target whose endpoint is down (nothing listens on port 9)."""
     models = yaml.safe_load((ROOT / "configs" / "models.yaml").read_text())["models"]
     smol = next(m for m in models if m["name"] == "smollm2-135m")
@@ -55,15 +52,15 @@ def registry(tmp_path_factory) -> Path:
     return path
 
 
-def cfg_for(queries, out, registry, *extra) -> LabelConfig:
-    base = [f"queries={queries}", f"out={out}", f"registry={registry}", "targets=[smollm2-135m]",
+def cfg_for(queries, out, label_registry, *extra) -> LabelConfig:
+    base = [f"queries={queries}", f"out={out}", f"registry={label_registry}", "targets=[smollm2-135m]",
             "shard_size=4", "batch_size=4", "progress=false", "scoring.max_new_tokens=8"]
     return load_config(LabelConfig, None, base + list(extra))
 
 
-def test_label_smollm_then_rerun_skips(ray_cluster, queries, registry, tmp_path):
+def test_label_smollm_then_rerun_skips(ray_cluster, queries, label_registry, tmp_path):
     out = tmp_path / "labels"
-    summary = run_label(cfg_for(queries, out, registry))
+    summary = run_label(cfg_for(queries, out, label_registry))
     stats = summary["targets"]["smollm2-135m"]
     assert stats["ok"] == 12 and stats["failed"] == 0 and stats["missing"] == 0
     table = load_labels(str(out))["smollm2-135m"]
@@ -79,14 +76,14 @@ def test_label_smollm_then_rerun_skips(ray_cluster, queries, registry, tmp_path)
 
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "smollm2-135m").glob("shard-*.parquet")}
     assert len(mtimes) == 3
-    again = run_label(cfg_for(queries, out, registry))
+    again = run_label(cfg_for(queries, out, label_registry))
     assert again["targets"]["smollm2-135m"]["ok"] == 12
     assert mtimes == {p: p.stat().st_mtime_ns for p in (out / "smollm2-135m").glob("shard-*.parquet")}
 
 
-def test_down_endpoint_rows_are_failed_not_wrong(ray_cluster, queries, registry, tmp_path):
+def test_down_endpoint_rows_are_failed_not_wrong(ray_cluster, queries, label_registry, tmp_path):
     out = tmp_path / "labels"
-    cfg = cfg_for(queries, out, registry, "targets=[down-endpoint]", "openai.max_retries=1",
+    cfg = cfg_for(queries, out, label_registry, "targets=[down-endpoint]", "openai.max_retries=1",
                   "openai.backoff_s=0.01", "openai.timeout_s=2")
     summary = run_label(cfg)
     stats = summary["targets"]["down-endpoint"]
@@ -98,25 +95,15 @@ def test_down_endpoint_rows_are_failed_not_wrong(ray_cluster, queries, registry,
     assert load_labels(str(out), ["down-endpoint"])["down-endpoint"].num_rows == 0
 
 
-def test_resume_after_kill(ray_cluster, queries, registry, tmp_path):
+def test_resume_after_kill(ray_cluster, queries, label_registry, tmp_path):
     out = tmp_path / "labels"
     tdir = out / "smollm2-135m"
-    args = [f"queries={queries}", f"out={out}", f"registry={registry}", "targets=[smollm2-135m]", "shard_size=2",
+    args = [f"queries={queries}", f"out={out}", f"registry={label_registry}", "targets=[smollm2-135m]", "shard_size=2",
             "batch_size=2", "progress=false", "scoring.max_new_tokens=8", f"ray_address={ray_cluster}"]
-    proc = subprocess.Popen([sys.executable, "-m", "training.label", "run", *args], cwd=ROOT,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    try:
-        while not list(tdir.glob("shard-*.parquet")) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group of the driver this test started
-        proc.wait(timeout=30)
-    before = {p.name: p.stat().st_mtime_ns for p in tdir.glob("shard-*.parquet")}
+    before = kill_after_first_shard(["training.label", "run", *args], tdir)
     assert 1 <= len(before) < 6, f"kill should land mid-run, found {sorted(before)}"
 
-    summary = run_label(cfg_for(queries, out, registry, "shard_size=2", "batch_size=2"))
+    summary = run_label(cfg_for(queries, out, label_registry, "shard_size=2", "batch_size=2"))
     assert summary["targets"]["smollm2-135m"]["ok"] == 12
     assert all(tdir.joinpath(name).stat().st_mtime_ns == ns for name, ns in before.items())
     ids = read_target(str(tdir)).column("query_id").to_pylist()

@@ -7,22 +7,16 @@ serving SmolLM2 on loopback.
 
 import json
 import shutil
-import socket
 
 import httpx
 import pytest
 import yaml
 
+from tests.procs import free_port
 from tests.serving_fixtures import router_artifact
 
 pytestmark = pytest.mark.slow
 MSG = [{"role": "user", "content": "What is the capital of France? Answer with one word."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -205,7 +205,8 @@ def mmlu_records(cfg: MMLUConfig, seed: int, report: BuildReport, path: Path | N
         yield query
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """Whether ``text`` parses as a number (thousands commas allowed)."""
     try:
         float(text.replace(",", ""))
     except ValueError:
@@ -227,7 +228,7 @@ def rg_records(cfg: RGTaskConfig, seed: int, report: BuildReport) -> Iterator[di
         question = (entry.get("question") or "").strip()
         answer = str(entry.get("answer") or "").strip()
         prompt = f"{question}\n\nGive only the final answer, with no explanation."
-        kind = "numeric" if _is_number(answer) else "exact"
+        kind = "numeric" if is_number(answer) else "exact"
         try:
             yield make_query("reasoning_gym", variant, [{"role": "user", "content": prompt}], answer, kind,
                              group_text=question, meta={"rg_task": cfg.task, "entry": entry})

@@ -20,6 +20,8 @@ import re
 from functools import lru_cache
 from typing import Any, Sequence
 
+from training.data import is_number
+
 # Bump when a scorer's behaviour changes: it is part of the labels' manifest identity.
 SCORER_VERSION = 1
 
@@ -53,14 +55,6 @@ def clean_answer(text: str) -> str:
         if line:
             return line[:-1].rstrip() if line.endswith(".") and len(line) > 1 else line
     return ""
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text.replace(",", ""))
-    except ValueError:
-        return False
-    return True
 
 
 def extract_choice(text: str, labels: Sequence[str]) -> str | None:
@@ -126,7 +120,7 @@ def score_exact(answer: str, reference: str, meta: dict[str, Any], answer_type: 
 
 
 def _plain_match(answer: str, reference: str, answer_type: str) -> float:
-    if answer_type == "numeric" and _is_number(answer) and _is_number(reference):
+    if answer_type == "numeric" and is_number(answer) and is_number(reference):
         return 1.0 if math.isclose(float(answer.replace(",", "")), float(reference.replace(",", ""))) else 0.0
     return 1.0 if answer.strip().lower() == reference.strip().lower() else 0.0
 

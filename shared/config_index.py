@@ -15,6 +15,18 @@ CONFIG_SCHEMAS: dict[str, str] = {
     "models.yaml": "shared.registry:ModelRegistry",
     "data.yaml": "training.data:DataConfig",
     "data-quick.yaml": "training.data:DataConfig",
+    "label.yaml": "training.label:LabelConfig",
+    "label-quick.yaml": "training.label:LabelConfig",
+    "cluster-local.yaml": "cluster.local:LocalClusterConfig",
+    "evaluate.yaml": "training.evaluate:EvalConfig",
+    "capture.yaml": "training.capture:CaptureConfig",
+    "capture-quick.yaml": "training.capture:CaptureConfig",
+    "capture-ref.yaml": "training.capture:CaptureConfig",
+    "probe.yaml": "training.probe:ProbeConfig",
+    "fit.yaml": "training.fit:FitConfig",
+    "serve-k8s.yaml": "serving.config:ServeConfig",
+    "pipeline-small.yaml": "training.pipeline:PipelineConfig",
+    "pipeline.yaml": "training.pipeline:PipelineConfig",
 }
 
 

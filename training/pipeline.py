@@ -1,0 +1,364 @@
+"""``prefill-router pipeline run``: retraining end to end, resumable, one stage after another.
+
+Stages: **data** (build the query table, or use an existing one) -> **label** ->
+**capture** -> **probe** -> **fit** -> **evaluate** -> **publish** (``training/publish.py``).
+Each stage is the module's own ``run_*`` function; :class:`PipelineConfig` holds their
+configs and wires every path between them under ``work_dir`` (a local directory):
+
+    work_dir/queries.parquet   data (when ``data`` is given; else ``queries`` is read)
+    work_dir/labels/           label       work_dir/activations/  capture
+    work_dir/probe/            probe       work_dir/router/       fit (the artifact)
+    work_dir/eval/             evaluate    work_dir/stages/       what each stage did
+
+A wired key (e.g. ``label.out``) may not be set to anything else. Re-running the same
+command resumes: label and capture skip their finished shards; data, probe, fit and
+evaluate are skipped when ``stages/<stage>.json`` records the same inputs (a hash of
+the stage's config and of what the stages before it wrote). Fit's Ray Train run is named
+after that hash, so its checkpoint is reused only for identical inputs.
+
+``prefill-router submit run <this config>`` runs the same command as a Ray job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from shared import storage
+from shared.cli_utils import ConfigOption, Overrides, console
+from shared.config import StrictConfig
+from training.capture import CaptureConfig
+from training.data import DataConfig
+from training.evaluate import EvalConfig
+from training.fit import FitConfig
+from training.label import LabelConfig
+from training.probe import ProbeConfig
+from training.publish import PublishConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORK = "runs/pipeline"
+STAGES = ("data", "label", "capture", "probe", "fit", "evaluate", "publish")
+
+
+def wiring(raw: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """``(wired, defaults)`` per stage section: paths between stages (fixed) and overridable defaults."""
+    work = str(raw.get("work_dir") or DEFAULT_WORK)
+    queries = storage.join(work, "queries.parquet") if raw.get("data") is not None else raw.get("queries")
+    acts, labels, router = (storage.join(work, p) for p in ("activations", "labels", "router"))
+    common = {"registry": raw.get("registry"), "ray_address": raw.get("ray_address")}
+    targets = raw.get("targets")
+    wired = {
+        "label": {"queries": queries, "out": labels, "targets": targets, **common},
+        "capture": {"queries": queries, "out": acts, **common},
+        "probe": {"activations": acts, "labels": labels, "targets": targets, "out": storage.join(work, "probe")},
+        "fit": {"activations": acts, "labels": labels, "targets": targets, "out": router, **common},
+        "evaluate": {"artifact": router, "activations": acts, "labels": labels, "queries": queries,
+                     "out": storage.join(work, "eval")},
+    }
+    if raw.get("data") is not None:
+        wired["data"] = {"output": queries}
+    defaults = {"label": {"progress": False}, "capture": {"progress": False},
+                "fit": {"probe_report": storage.join(work, "probe", "probe.json"),
+                        "train": {"storage_path": storage.join(work, "ray-train")}}}
+    return wired, defaults
+
+
+class PipelineConfig(StrictConfig):
+    """Config of ``prefill-router pipeline run`` (and of ``prefill-router submit run``)."""
+
+    work_dir: str = Field(DEFAULT_WORK, description="Local directory of every intermediate output (resume state).")
+    targets: list[str] = Field(min_length=1, description="Targets labelled, probed, fitted and evaluated.")
+    registry: str | None = Field(None, description="Model registry YAML (None: configs/models.yaml).")
+    ray_address: str | None = Field(None, description="Ray address; None: RAY_ADDRESS (in a Ray job) or a local Ray.")
+    queries: str | None = Field(None, description="An existing query table (local or s3://), instead of `data`.")
+    data: DataConfig | None = Field(None, description="Build the query table (its `output` is wired).")
+    label: LabelConfig = Field(default_factory=dict, description="Labelling (paths and targets are wired).")
+    capture: CaptureConfig = Field(default_factory=dict, description="Activation capture (paths are wired).")
+    probe: ProbeConfig = Field(default_factory=dict, description="Layer probes (paths and targets are wired).")
+    fit: FitConfig = Field(default_factory=dict, description="Router fit (paths and targets are wired).")
+    evaluate: EvalConfig = Field(default_factory=dict, description="Evaluation (paths are wired).")
+    publish: PublishConfig = Field(default_factory=PublishConfig, description="Where and when to publish.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wire(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        if raw.get("data") is not None and raw.get("queries"):
+            raise ValueError("give either `data` (build the query table) or `queries` (an existing one), not both")
+        if raw.get("data") is None and not raw.get("queries"):
+            raise ValueError("give `data` (a query table to build) or `queries` (the path of an existing one)")
+        if storage.is_s3(str(raw.get("work_dir") or "")):
+            raise ValueError("work_dir must be a local directory (publish.uri may be s3://)")
+        wired, defaults = wiring(raw)
+        for stage in ("data", "label", "capture", "probe", "fit", "evaluate"):
+            if stage == "data" and raw.get("data") is None:
+                continue
+            section = dict(raw.get(stage) or {})
+            clash = sorted(k for k, v in wired.get(stage, {}).items() if k in section and section[k] != v)
+            if clash:
+                raise ValueError(f"{', '.join(f'{stage}.{k}' for k in clash)}: set by the pipeline "
+                                 "(from work_dir, targets, registry, ray_address); remove it")
+            for key, value in defaults.get(stage, {}).items():
+                section[key] = {**value, **(section.get(key) or {})} if isinstance(value, dict) else \
+                    section.get(key, value)
+            raw[stage] = {**section, **wired.get(stage, {})}
+        return raw
+
+
+# --------------------------------------------------------------------------- checks
+def _local(path: str, base: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def check_pipeline(cfg: PipelineConfig, base: str | Path | None = None) -> None:
+    """What can be checked before any work starts (paths relative to ``base``); raises with the reason."""
+    from shared.registry import load_registry
+
+    base = Path(base or ".")
+    if cfg.registry and not _local(cfg.registry, base).is_file():
+        raise FileNotFoundError(f"registry {cfg.registry} not found")
+    registry = load_registry(_local(cfg.registry, base) if cfg.registry else None)
+    if len(set(cfg.targets)) != len(cfg.targets):
+        raise ValueError(f"targets listed twice: {cfg.targets}")
+    for name in cfg.targets:
+        try:
+            spec = registry.get(name)
+        except KeyError as exc:
+            raise KeyError(f"targets: {exc.args[0]}") from exc
+        if spec.role == "encoder":
+            raise ValueError(f"targets: {name!r} is an encoder only (role: encoder), not a target")
+    try:
+        encoder = registry.get(cfg.capture.encoder)
+    except KeyError as exc:
+        raise KeyError(f"capture.encoder: {exc.args[0]}") from exc
+    if encoder.role not in ("encoder", "both"):
+        raise ValueError(f"capture.encoder: {encoder.name!r} is a {encoder.role}, not an encoder")
+    if cfg.queries and not storage.is_s3(cfg.queries) and not _local(cfg.queries, base).is_file():
+        raise FileNotFoundError(f"queries: no query table at {cfg.queries} (looked at {_local(cfg.queries, base)}); "
+                                "build one with `prefill-router data build` or give `data:` to build it here")
+    reload = cfg.publish.reload_serve_app
+    if reload:
+        from serving.config import ServeConfig
+        from shared.config import load_config
+
+        load_config(ServeConfig, _local(reload.serve_config, base), reload.overrides)
+
+
+# --------------------------------------------------------------------------- resume bookkeeping
+def stage_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def outputs_fingerprint(*dirs: str) -> str:
+    """Name, size and mtime of every finished shard under ``dirs`` (what label and capture wrote)."""
+    files = []
+    for d in dirs:
+        root = Path(d)
+        for p in sorted(root.rglob("shard-*.parquet")) if root.is_dir() else []:
+            if "failed" not in p.relative_to(root).parts:
+                st = p.stat()
+                files.append((str(p.relative_to(root.parent)), st.st_size, st.st_mtime_ns))
+    return stage_key(files)
+
+
+def _stamp(work: str, stage: str) -> Path:
+    return Path(work) / "stages" / f"{stage}.json"
+
+
+def done_before(work: str, stage: str, key: str, output: str) -> dict[str, Any] | None:
+    """The recorded result of ``stage`` when it ran with ``key`` and its output is still there."""
+    path = _stamp(work, stage)
+    if not path.is_file() or not storage.exists(output):
+        return None
+    record = json.loads(path.read_text())
+    return record["result"] if record.get("key") == key else None
+
+
+def record(work: str, stage: str, key: str, result: dict[str, Any]) -> dict[str, Any]:
+    storage.write_json(str(_stamp(work, stage)), {"key": key, "result": result})
+    return result
+
+
+# --------------------------------------------------------------------------- stages
+def stage_data(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+    from training.data import run_build
+
+    if cfg.data is None:
+        keys["data"] = stage_key(cfg.queries)
+        return {"queries": cfg.queries, "built": False}
+    keys["data"] = key = stage_key(cfg.data.model_dump(mode="json"))
+    if (old := done_before(cfg.work_dir, "data", key, cfg.data.output)) is not None:
+        return {**old, "skipped": True}
+    table, report = run_build(cfg.data)
+    return record(cfg.work_dir, "data", key, {"queries": cfg.data.output, "rows": table.num_rows, "built": True,
+                                              "skipped_records": sum(report.skipped.values())})
+
+
+def stage_label(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+    from training.label import run_label
+
+    summary = run_label(cfg.label)
+    stats = {t: {k: s[k] for k in ("rows", "failed", "missing", "accuracy")} for t, s in summary["targets"].items()}
+    unfinished = {t: s["failed"] + s["missing"] for t, s in stats.items() if s["failed"] + s["missing"]}
+    if unfinished:
+        raise RuntimeError(f"labelling left rows unfinished {unfinished}; re-run the pipeline to retry them")
+    return {"targets": stats, "queries": summary["fully_labelled_queries"]}
+
+
+def stage_capture(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+    from training.capture import run_capture
+
+    summary = run_capture(cfg.capture)
+    return {k: summary[k] for k in ("rows", "shards_skipped", "shards_written", "device")}
+
+
+def stage_probe(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+    from training.probe import run_probe
+
+    inputs = outputs_fingerprint(cfg.label.out, cfg.capture.out)
+    keys["probe"] = key = stage_key(cfg.probe.model_dump(mode="json"), keys["data"], inputs)
+    if (old := done_before(cfg.work_dir, "probe", key, storage.join(cfg.probe.out, "probe.json"))) is not None:
+        return {**old, "skipped": True}
+    report = run_probe(cfg.probe)
+    return record(cfg.work_dir, "probe", key, {"blocks": report["selected"]["blocks"], "rows": report["n_rows"]})
+
+
+def stage_fit(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+    from shared.artifact import META_FILE
+    from training.fit import run_fit
+
+    keys["fit"] = key = stage_key(cfg.fit.model_dump(mode="json"), keys["probe"])
+    if (old := done_before(cfg.work_dir, "fit", key, storage.join(cfg.fit.out, META_FILE))) is not None:
+        return {**old, "skipped": True}
+    train = cfg.fit.train.model_copy(update={"name": f"{cfg.fit.train.name}-{key[:10]}"})
+    meta = run_fit(cfg.fit.model_copy(update={"train": train}))
+    metrics = meta["training_metrics"]
+    return record(cfg.work_dir, "fit", key, {"artifact": cfg.fit.out, "blocks": list(meta["pooling"]),
+                                             "val_mean_auc": metrics["val_mean_auc"], "n_train": metrics["n_train"]})
+
+
+def stage_evaluate(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+    from training.evaluate import run_evaluation
+    from training.publish import artifact_test_metrics
+
+    keys["evaluate"] = key = stage_key(cfg.evaluate.model_dump(mode="json"), keys["fit"])
+    if (old := done_before(cfg.work_dir, "evaluate", key, storage.join(cfg.evaluate.out, "report.json"))) is not None:
+        return {**old, "skipped": True}
+    report = run_evaluation(cfg.evaluate)
+    return record(cfg.work_dir, "evaluate", key, {"metrics": artifact_test_metrics(report), "n": report["n"]})
+
+
+def stage_publish(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+    from training.publish import publish
+
+    result = publish(cfg.publish, cfg.fit.out, results["evaluate"]["metrics"], cfg.evaluate, cfg.work_dir)
+    if result["published"]:
+        console.print(f"[green]published[/] {result['artifact']} ({result['reason']})")
+    else:
+        console.print(f"[yellow]not published:[/] {result['reason']}")
+    return result
+
+
+STAGE_FUNCS = {"data": stage_data, "label": stage_label, "capture": stage_capture, "probe": stage_probe,
+               "fit": stage_fit, "evaluate": stage_evaluate, "publish": stage_publish}
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run (or resume) every stage in order; returns and writes ``work_dir/pipeline-summary.json``."""
+    import ray
+
+    check_pipeline(cfg)
+    Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+    keys: dict[str, str] = {}
+    results: dict[str, Any] = {}
+    started = False
+    t_all = time.perf_counter()
+    try:
+        for i, name in enumerate(STAGES, 1):
+            console.rule(f"[bold cyan]pipeline {i}/{len(STAGES)}: {name}")
+            if name == "label" and not ray.is_initialized():
+                ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
+                started = True
+            t0 = time.perf_counter()
+            results[name] = STAGE_FUNCS[name](cfg, keys, results)
+            seconds = time.perf_counter() - t0
+            state = "skipped (up to date)" if results[name].get("skipped") else "done"
+            console.print(f"[green]{name} {state}[/] in {seconds:.1f}s", highlight=False)
+            log.info("pipeline stage %s %s in %.1fs", name, state, seconds)
+    finally:
+        if started:
+            ray.shutdown()
+    summary = {"work_dir": str(Path(cfg.work_dir).resolve()), "seconds": round(time.perf_counter() - t_all, 1),
+               "stages": results, "config": cfg.model_dump(mode="json")}
+    storage.write_json(str(Path(cfg.work_dir) / "pipeline-summary.json"), summary)
+    return summary
+
+
+# --------------------------------------------------------------------------- CLI
+def _load(config: str | None, overrides: list[str] | None) -> PipelineConfig:
+    from shared.config import load_config
+
+    return load_config(PipelineConfig, config, overrides or [])
+
+
+def _run_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Run the retraining pipeline; re-run the same command to resume where it stopped."""
+    import typer
+
+    from shared.cli_utils import err_console, friendly_errors
+
+    try:
+        summary = friendly_errors(lambda: run_pipeline(_load(config, overrides)))
+    except RuntimeError as exc:
+        err_console.print(f"[bold red]pipeline failed:[/] {exc}")
+        raise typer.Exit(code=1) from exc
+    pub = summary["stages"]["publish"]
+    console.print(f"pipeline finished in {summary['seconds']:.0f}s; "
+                  + (f"artifact published to {pub['artifact']}" if pub["published"] else "nothing published"))
+
+
+def _check_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Validate a pipeline config (keys, paths, targets) without running anything."""
+    from shared.cli_utils import friendly_errors
+
+    def go() -> None:
+        cfg = _load(config, overrides)
+        check_pipeline(cfg)
+        console.print(f"[green]ok[/]: targets {cfg.targets}, work_dir {cfg.work_dir}, publish {cfg.publish.uri}")
+
+    friendly_errors(go)
+
+
+def _group() -> None:
+    """The retraining pipeline."""
+
+
+def make_app():
+    import typer
+
+    app = typer.Typer(help="The retraining pipeline.", no_args_is_help=True, add_completion=False)
+    app.callback()(_group)
+    app.command("run")(_run_command)
+    app.command("check")(_check_command)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shared.cli_utils import run_app, setup_logging
+
+    setup_logging()
+    return run_app(make_app(), argv, "prefill-router pipeline")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

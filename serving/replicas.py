@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.artifact import ArtifactError, Router, load_artifact, read_meta
+from shared.artifact import ArtifactError, load_artifact, read_meta
 from shared.registry import load_registry
 from shared.trunk import route_with_tolerance
 

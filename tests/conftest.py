@@ -28,3 +28,29 @@ def smollm(registry):
     from shared.models import load_causal_lm
 
     return load_causal_lm(registry.get("smollm2-135m"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def moto_s3():
+    """A loopback moto S3 server; its env is set before any Ray starts, so every Ray process has it.
+
+    Yields the env (``AWS_ENDPOINT_URL`` and credentials); restores the old values after.
+    """
+    from moto.server import ThreadedMotoServer
+
+    from tests.procs import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    server.stop()
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -14,7 +14,7 @@ import numpy as np
 REFERENCE = Path(__file__).resolve().parent.parent / "data" / "router"
 
 
-def small_artifact(out: Path, n_queries: int = 48) -> str:
+def small_artifact(out: Path, n_queries: int = 24) -> str:
     from shared.artifact import ArtifactMeta, save_artifact
     from shared.config import load_config
     from shared.models import load_causal_lm
@@ -24,8 +24,9 @@ def small_artifact(out: Path, n_queries: int = 48) -> str:
     from training.data import DataConfig, build_queries
     from training.encoder import Encoder
 
-    table, _ = build_queries(load_config(DataConfig, None, [f"mmlu.n={n_queries}", "reasoning_gym=[]"]))
-    rows = table.to_pylist()
+    table, _ = build_queries(load_config(DataConfig, None, [f"mmlu.n={4 * n_queries}", "reasoning_gym=[]"]))
+    # The shortest prompts: the serving tests need a real artifact, not a good one (2 CPUs).
+    rows = sorted(table.to_pylist(), key=lambda r: sum(len(m["content"]) for m in r["messages"]))[:n_queries]
     registry = load_registry()
     targets = ["smollm2-135m", "gemma3-270m"]
     Y = np.stack([[r["correct"] for r in TransformersScorer(registry.get(t), device="cpu").label(rows)]

@@ -1,6 +1,5 @@
 """Activation capture on a real local Ray cluster: local and S3 (moto) output, resume after a kill."""
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,31 +13,10 @@ from training.capture import CaptureConfig, read_features, run_capture
 from training.data import DataConfig, run_build
 from training.shards import ManifestMismatch, finished_shards, shard_path
 
-from tests.procs import free_port, kill_after_first_shard
+from tests.procs import kill_after_first_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def moto_s3():
-    """A loopback moto S3 server; AWS env vars set before Ray starts so workers inherit them."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env["AWS_ENDPOINT_URL"]
-    server.stop()
-    for key, value in old.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +95,7 @@ def test_local_capture_matches_encoder_and_rerun_skips(ray_cluster, queries, tmp
 def test_s3_capture_with_moto(ray_cluster, queries, moto_s3):
     import boto3
 
-    boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1").create_bucket(Bucket="acts")
+    boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="acts")
     storage.write_bytes("s3://acts/in/queries.parquet", queries.read_bytes())
     out = "s3://acts/runs/smollm"
     summary = run_capture(capture_cfg("s3://acts/in/queries.parquet", out, "dtype=float32"))

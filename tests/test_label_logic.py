@@ -146,3 +146,30 @@ def test_select_queries_and_configs():
     with pytest.raises(Exception, match="typo"):
         load_config(LabelConfig, None, ["typo=1"])
     assert all(f.description for f in LabelConfig.model_fields.values())
+
+
+@pytest.mark.slow
+def test_option_text_scores_match_a_plain_forward_and_are_not_letter_biased(smollm):
+    """The shared-prefix (KV cache) option scores equal scoring each option with a full forward."""
+    import collections
+
+    import torch
+
+    from shared.config import load_config
+    from training.backends import TransformersScorer
+    from training.data import DataConfig, build_queries
+    from training.scoring import parse_meta
+
+    table, _ = build_queries(load_config(DataConfig, None, ["mmlu.n=16", "reasoning_gym=[]"]))
+    rows = table.to_pylist()
+    scorer = TransformersScorer(smollm.spec, loaded=smollm)
+    got = scorer.option_text_logprobs(rows[0])
+    prompt = scorer._encode([rows[0]], 32)["input_ids"][0].tolist()
+    for letter, text in zip(rows[0]["choices"], parse_meta(rows[0]["meta"])["options"]):
+        opt = scorer.tok.encode(" " + text, add_special_tokens=False)[:32]
+        with torch.no_grad():
+            logits = smollm.model(input_ids=torch.tensor([prompt + opt])).logits[0].float()
+        logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1).gather(-1, torch.tensor(opt)[:, None])
+        assert got[letter] == pytest.approx(float(logp.mean()), abs=2e-3)
+    picks = collections.Counter(r["answer"] for r in scorer.label(rows))
+    assert sum(picks.values()) == 16 and max(picks.values()) <= 12  # letter scoring picks "A" ~99% of the time

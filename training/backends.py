@@ -22,13 +22,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from pydantic import Field
 
 from shared.config import StrictConfig
 from shared.registry import Backend, ModelSpec
-from training.scoring import logsumexp, pick_option, score_choice, score_text
+from training.scoring import logsumexp, parse_meta, pick_option, score_choice, score_text
 
 log = logging.getLogger(__name__)
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -40,6 +40,9 @@ class ScoringOptions(StrictConfig):
     max_new_tokens: int = Field(24, gt=0, description="Greedy tokens generated for exact/numeric answers.")
     max_new_tokens_code: int = Field(384, gt=0, description="Greedy tokens generated for code answers.")
     code_timeout_s: float = Field(5.0, gt=0, description="Time limit of one HumanEval test run.")
+    mc_scoring: Literal["option_text", "letter"] = Field(
+        "option_text", description="Multiple choice: mean token log-likelihood of each option's text after the "
+        "prompt (robust to tiny models' letter bias), or the next-token log-prob of the option letter.")
 
 
 class OpenAIOptions(StrictConfig):
@@ -133,9 +136,43 @@ class TransformersScorer:
             out.append({c: logsumexp([float(lp[t]) for t in self.option_ids(c)]) for c in row["choices"]})
         return out
 
+    def option_text_logprobs(self, row: dict[str, Any]) -> dict[str, float]:
+        """Mean log-probability per token of each option's text continuing the prompt.
+
+        The prompt runs once; its KV cache is repeated for the options, which run as one
+        right-padded batch: ``score(o) = mean_t log p(o_t | prompt, o_<t)``.
+        """
+        import torch
+
+        options = parse_meta(row.get("meta")).get("options")
+        if not options or len(options) != len(row["choices"]):
+            return self.option_logprobs([row])[0]  # no option texts: letter scoring
+        prompt = self._encode([row], 32)
+        opt = [self.tok.encode(" " + o, add_special_tokens=False)[:32] or [self.tok.eos_token_id] for o in options]
+        k, longest = len(opt), max(map(len, opt))
+        ids = torch.full((k, longest), self.tok.pad_token_id or 0, dtype=torch.long)
+        for i, o in enumerate(opt):
+            ids[i, :len(o)] = torch.tensor(o)
+        n = prompt["input_ids"].shape[1]
+        with torch.no_grad():
+            first = self.loaded.model(**prompt, use_cache=True, logits_to_keep=1)
+            cache = first.past_key_values
+            cache.batch_repeat_interleave(k)
+            mask = torch.cat([torch.ones(k, n, dtype=torch.long),
+                              (torch.arange(longest)[None, :] < torch.tensor([len(o) for o in opt])[:, None]).long()], 1)
+            rest = self.loaded.model(input_ids=ids.to(self.loaded.device), past_key_values=cache,
+                                     attention_mask=mask.to(self.loaded.device),
+                                     position_ids=(n + torch.arange(longest))[None, :].expand(k, -1).to(self.loaded.device))
+        logits = torch.cat([first.logits[:, -1:, :].expand(k, -1, -1), rest.logits[:, :-1, :]], 1).float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids.to(logits.device)[..., None])[..., 0].cpu()
+        return {c: float(logp[i, :len(o)].mean()) for i, (c, o) in enumerate(zip(row["choices"], opt))}
+
     def _label_mc(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         start = time.perf_counter()
-        scores = self.option_logprobs(rows)
+        if self.options.mc_scoring == "option_text":
+            scores = [self.option_text_logprobs(row) for row in rows]
+        else:
+            scores = self.option_logprobs(rows)
         n_in = self._encode(rows, 1)["attention_mask"].sum(-1).tolist()
         per_row = (time.perf_counter() - start) / len(rows)
         choices = [pick_option(lp) for lp in scores]

@@ -174,7 +174,7 @@ def mmlu_query(rec: dict[str, Any]) -> dict[str, Any]:
     prompt = (f"The following is a multiple choice question about {topic}.\n\n{question}\n{body}\n\n"
               "Answer with the letter of the correct option (A, B, C or D).")
     return make_query("mmlu", topic, [{"role": "user", "content": prompt}], answer, "multiple_choice",
-                      group_text=question, choices=list(MC_LABELS))
+                      group_text=question, choices=list(MC_LABELS), meta={"options": options})
 
 
 def mmlu_path() -> Path:

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from training.data import is_number
 
 # Bump when a scorer's behaviour changes: it is part of the labels' manifest identity.
-SCORER_VERSION = 1
+SCORER_VERSION = 2  # 2: multiple choice by option-text likelihood (ScoringOptions.mc_scoring)
 
 _CHOICE_RE = r"(?<![A-Za-z])\(?({labels})\)?(?![A-Za-z])"
 _PREFIX_RE = re.compile(r"^\s*(?:final answer|the answer is|answer)\s*(?::|-(?=\s))?\s*", re.IGNORECASE)

@@ -54,3 +54,13 @@ def moto_s3():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(moto_s3):
+    """A local 2-CPU Ray for one test module (after moto's env is set, so workers reach S3)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -20,15 +20,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(moto_s3):
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def queries(tmp_path_factory) -> Path:
     """16 real queries: 12 MMLU + 4 syllogisms (the quick config, smaller)."""
     out = tmp_path_factory.mktemp("q") / "queries.parquet"

@@ -19,15 +19,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def queries(tmp_path_factory) -> Path:
     """12 real queries: 8 MMLU (option log-likelihood) + 4 one-digit sums (generation + task scorer)."""
     out = tmp_path_factory.mktemp("q") / "queries.parquet"

@@ -1,73 +1,205 @@
 """``prefill-router demo``: the whole system end to end on this machine.
 
-Stages run in order and each reuses what an earlier run left in ``--workdir``. The
-stages that exist so far: build the query table, load (and on first use convert) every
-default target and encoder, and print what was made.
+1. start a private local Ray head (``cluster/local.py``; 127.0.0.1, usage stats off);
+2. run the retraining pipeline (``training/pipeline.py``) with ``configs/demo.yaml`` (or
+   ``demo-quick.yaml``): build a query table, label every target, capture the encoder's
+   prefill activations, probe the layers, fit SharedTrunkNet on Ray Train, evaluate it
+   against the baselines (report, PNG plots); with ``--reference-labels`` a sample of the
+   committed reference dataset (``data/``) is used and nothing is relabelled;
+3. deploy the Serve app with the new artifact and send real chat requests through it,
+   showing the target each went to and why;
+4. print a summary (from the report files it wrote), then stop Serve and the cluster.
+
+Everything lands under ``--workdir``; a second run resumes the pipeline and reuses what the
+first made. A GPU, when Ray sees one, is used by labelling, capture, training and serving.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
 from shared.cli_utils import console, friendly_errors, run_app, setup_logging
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "configs"
+REFERENCE = {"queries": ROOT / "data" / "queries.parquet", "labels": ROOT / "data" / "labels"}
+REFERENCE_SAMPLE = {True: 240, False: 900}  # quick / full: queries sampled from the reference table
 
 
-def stage(title: str):
-    console.rule(f"[bold cyan]{title}")
+def stage(title: str) -> float:
+    console.rule(f"[bold cyan]demo: {title}")
     return time.perf_counter()
 
 
-def run_demo(workdir: Path, quick: bool) -> dict:
-    """Run the demo stages; returns the summary it printed."""
+def reference_sample(queries: str | Path, n: int) -> Any:
+    """``n`` rows of a query table, every split in proportion, chosen by a hash of query_id (stable)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(queries)
+    ids = table.column("query_id").to_pylist()
+    split = np.asarray(table.column("split").to_pylist())
+    rank = np.asarray([hashlib.sha256(q.encode()).hexdigest() for q in ids])
+    keep = np.zeros(len(ids), bool)
+    for s in np.unique(split):
+        rows = np.flatnonzero(split == s)
+        take = max(1, round(n * len(rows) / len(ids)))
+        keep[rows[np.argsort(rank[rows])[:take]]] = True
+    return table.filter(keep)
+
+
+def pipeline_config(workdir: Path, quick: bool, reference_labels: Path | None) -> Any:
+    """The demo's PipelineConfig: demo(-quick).yaml, work_dir set, optionally on the reference data."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from training.pipeline import PipelineConfig
+
+    raw = yaml.safe_load((CONFIG_DIR / ("demo-quick.yaml" if quick else "demo.yaml")).read_text())
+    raw["work_dir"] = str(workdir)
+    if reference_labels is not None:
+        if not reference_labels.is_dir() or not REFERENCE["queries"].is_file():
+            raise FileNotFoundError(f"reference labels {reference_labels} or query table {REFERENCE['queries']} "
+                                    "not found (they are committed under data/)")
+        sample = workdir / "queries.parquet"
+        if not sample.is_file():
+            workdir.mkdir(parents=True, exist_ok=True)
+            pq.write_table(reference_sample(REFERENCE["queries"], REFERENCE_SAMPLE[quick]), sample)
+        raw.pop("data", None)
+        raw.update(queries=str(sample), labels=str(reference_labels))
+    return PipelineConfig.model_validate(raw)
+
+
+def start_cluster(workdir: Path) -> tuple[Any, dict[str, Any]]:
+    """A private Ray head for the demo, and this process connected to it."""
+    import ray
+
+    from cluster.local import LocalClusterConfig, connect_env, start_head
+
+    cfg = LocalClusterConfig(state_file=str(workdir / "cluster.json"), port=0, dashboard_port=0)
+    state = start_head(cfg)
+    os.environ.update(connect_env(state))
+    ray.init(address=state["gcs_address"], log_to_driver=False)
+    resources = ray.cluster_resources()
+    console.print(f"Ray {state['ray_version']} at {state['gcs_address']}, dashboard {state['dashboard_url']}, "
+                  f"{resources.get('CPU', 0):.0f} CPU, {resources.get('GPU', 0):.0f} GPU")
+    return cfg, state
+
+
+def stop_cluster(cfg: Any) -> None:
+    import ray
+
+    from cluster.local import stop_head
+
+    ray.shutdown()
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        os.environ.pop(key, None)
+    stop_head(cfg)
+    console.print("stopped the demo's Ray cluster")
+
+
+def print_chats(chats: list[dict[str, Any]]) -> None:
+    """Each chat request: the prompt, where it went and why, the answer and the timings."""
+    from cluster.demo_chat import why
+
+    console.print("[bold]chat requests through the router[/] (POST /v1/chat/completions, model=router)")
+    for i, c in enumerate(chats, 1):
+        prompt = " ".join(c["messages"][-1]["content"].split())
+        answer = " ".join(c["answer"].split())
+        console.print(f"[bold]{i}.[/] [{c['task']}] {prompt[:100]}{'…' if len(prompt) > 100 else ''}", highlight=False)
+        console.print(f"   [green]-> {c['target']}[/]  {why(c)}", highlight=False)
+        console.print(f"   answer: {answer[:100]!r}  (router overhead {c['overhead_ms']:.0f} ms, "
+                      f"end to end {c['seconds']:.1f} s)", highlight=False)
+
+
+def summary_table(summary: dict[str, Any], report: dict[str, Any]) -> Table:
+    """Stage times and the headline numbers, read back from the report the pipeline wrote."""
+    from training.publish import artifact_test_metrics
+
+    view = Table(title="demo summary")
+    view.add_column("item")
+    view.add_column("value", overflow="fold")
+    for name, seconds in summary["seconds"].items():
+        view.add_row(f"time: {name}", f"{seconds:.0f} s")
+    m = artifact_test_metrics(report)
+    refs = report["subsets"]["test"]["references"]
+    view.add_row("test queries", str(report["n"]["test"]))
+    view.add_row("targets", ", ".join(report["targets"]))
+    view.add_row("router accuracy / best single / oracle",
+                 f"{m['accuracy']:.1%} / {refs['best_single']['accuracy']:.1%} ({refs['best_single']['target']}) / "
+                 f"{refs['oracle']['accuracy']:.1%}")
+    view.add_row("gap closed", f"{m['gap_closed']:.1%}" if "gap_closed" in m else "n/a (oracle = best single)")
+    view.add_row("cost savings vs most expensive", f"{m['cost_savings']:.1%}")
+    view.add_row("mean AUC", f"{m.get('mean_auc', float('nan')):.3f}")
+    for key, path in summary["files"].items():
+        view.add_row(key, path)
+    return view
+
+
+def run_demo(workdir: Path, quick: bool, reference_labels: Path | None = None, n_chats: int = 4) -> dict[str, Any]:
+    """Run every demo step; returns (and writes ``workdir/demo-summary.json``) the summary."""
+    from cluster.demo_chat import pick_prompts, serve_and_chat
     from shared import storage
-    from shared.config import load_config
-    from shared.model_cmd import load_table, registry_table, timed_load
-    from shared.registry import load_registry
-    from training.data import DataConfig, run_build
+    from training.eval_report import summary_table as eval_table
+    from training.pipeline import check_pipeline, run_pipeline
 
-    summary: dict = {"workdir": str(workdir), "quick": quick, "stages": {}}
-    t0 = stage("1/2 query table")
-    data_cfg = load_config(DataConfig, CONFIG_DIR / ("data-quick.yaml" if quick else "data.yaml"),
-                           [f"output={workdir / 'queries.parquet'}"])
-    if storage.exists(data_cfg.output):
-        console.print(f"reusing {data_cfg.output}")
-        table = storage.read_parquet(data_cfg.output)
-    else:
-        table, _ = run_build(data_cfg)
-    summary["stages"]["queries"] = {"rows": table.num_rows, "seconds": time.perf_counter() - t0}
-
-    t0 = stage("2/2 models")
-    registry = load_registry()
-    console.print(registry_table(registry))
-    loads = [timed_load(spec) for spec in registry.models if not spec.opt_in]
-    console.print(load_table(loads))
-    summary["stages"]["models"] = {r["name"]: {k: v for k, v in r.items() if k != "model"} for r in loads}
-    summary["stages"]["models"]["seconds"] = time.perf_counter() - t0
-
-    done = Table(title="demo summary")
-    done.add_column("stage")
-    done.add_column("result")
-    done.add_row("queries", f"{table.num_rows} rows in {data_cfg.output}")
-    for r in loads:
-        done.add_row(f"model {r['name']}", f"{r['layers']} layers, loaded in {r['seconds']:.1f}s")
-    console.print(done)
+    t_all = time.perf_counter()
+    cfg = pipeline_config(workdir, quick, reference_labels)
+    check_pipeline(cfg)
+    seconds: dict[str, float] = {}
+    t0 = stage("1/4 local Ray cluster")
+    cluster_cfg, state = start_cluster(workdir)
+    try:
+        seconds["cluster start"] = time.perf_counter() - t0
+        t0 = stage("2/4 pipeline: data, label, capture, probe, fit (Ray Train), evaluate")
+        pipe = run_pipeline(cfg)
+        seconds["pipeline"] = time.perf_counter() - t0
+        report = json.loads(Path(cfg.evaluate.out, "report.json").read_text())
+        console.print(eval_table(report))
+        t0 = stage("3/4 Serve app and chat requests")
+        prompts = pick_prompts(storage.read_parquet(cfg.label.queries), n_chats)
+        served = serve_and_chat(cfg.fit.out, prompts)
+        seconds["serve + chats"] = time.perf_counter() - t0
+        print_chats(served["chats"])
+    finally:
+        t0 = stage("4/4 shut down")
+        stop_cluster(cluster_cfg)
+    seconds["total"] = time.perf_counter() - t_all
+    files = {"evaluation report": str(Path(cfg.evaluate.out, "report.md")),
+             "cost-accuracy plot": str(Path(cfg.evaluate.out, "cost_accuracy.png")),
+             "layer probe plots": str(Path(cfg.probe.out)),
+             "router artifact": str(Path(cfg.fit.out)),
+             "summary": str(workdir / "demo-summary.json")}
+    summary = {"workdir": str(workdir), "quick": quick, "reference_labels": str(reference_labels or ""),
+               "seconds": {k: round(v, 1) for k, v in seconds.items()}, "files": files,
+               "stages": {k: v for k, v in pipe["stages"].items()}, "serve": served,
+               "test_metrics": pipe["stages"]["evaluate"]["metrics"]}
     storage.write_json(str(workdir / "demo-summary.json"), summary)
+    console.print(summary_table(summary, report))
     return summary
 
 
 def _demo(
-    quick: Annotated[bool, typer.Option("--quick", help="Small query table and sample sizes (about 5 minutes).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="64 queries and a small router (about 5 minutes).")] = False,
+    reference_labels: Annotated[bool, typer.Option(
+        "--reference-labels", help="Use a sample of the committed reference dataset (data/) instead of labelling.")
+    ] = False,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="Reuse these labels (implies "
+                                                                      "--reference-labels).")] = None,
     workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo keeps what it makes.")] = Path("runs/demo"),
 ) -> None:
-    """Run the whole system end to end on this machine."""
-    friendly_errors(lambda: run_demo(workdir / ("quick" if quick else "full"), quick))
+    """Run the whole system end to end on this machine: Ray, pipeline, Serve, chat."""
+    ref = labels or (REFERENCE["labels"] if reference_labels else None)
+    sub = ("quick" if quick else "full") + ("-reference" if ref else "")
+    friendly_errors(lambda: run_demo((workdir / sub).resolve(), quick, ref))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,10 +11,12 @@ Jobs API (``JobSubmissionClient``), follows the job's logs and exits with its ou
 Runtime env: ``working_dir`` is this repository (without ``.venv``, ``runs``, ``.git``,
 caches and big data files, see :data:`EXCLUDES`; Ray also honours ``.gitignore``),
 ``env_vars`` pass through this shell's ``AWS_*``, ``RAY_*``, ``PREFILL_ROUTER_*`` and
-``HF_*`` settings (minus the ones that name this client's own Ray session) plus any
-``--env KEY=VALUE``, and ``--pip`` adds packages. Env vars of a job are visible to
-whoever can read the cluster's dashboard: on a shared cluster give credentials to the
-nodes instead (the KubeRay manifests take them from a Secret) and use ``--no-pass-env``.
+``HF_*`` settings (minus the ones that name this client's own Ray session, and minus
+secrets: names with SECRET, TOKEN, PASSWORD or CREDENTIAL) plus any ``--env KEY=VALUE``,
+and ``--pip`` adds packages. Env vars of a job are shown in the cluster's dashboard, so
+secrets stay out unless ``--pass-secrets`` says otherwise: give credentials to the nodes
+instead (the KubeRay manifests take them from a Secret; a local head started from a shell
+that has them passes them to every Ray process).
 
 Address: ``--address``, else the dashboard of the cluster recorded by ``prefill-router
 cluster start`` (``--state-file``), else ``http://127.0.0.1:8265``. The job runs in a copy
@@ -47,6 +49,7 @@ PASS_PREFIXES = ("AWS_", "RAY_", "PREFILL_ROUTER_", "HF_")
 NOT_PASSED = {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_TMPDIR", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
               "RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_RAYLET_PID"}
 NOT_PASSED_PREFIXES = ("RAY_JOB_", "RAY_RUNTIME_ENV", "RAY_NODE_", "RAY_CLIENT_")
+SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -125,10 +128,15 @@ def resolve_address(address: str | None, state_file: str | None) -> tuple[str, d
     return (address if "://" in address else f"http://{address}"), headers
 
 
-def runtime_env(pip: list[str], env: list[str], pass_env: bool = True) -> dict[str, Any]:
+def is_secret(name: str) -> bool:
+    return any(marker in name.upper() for marker in SECRET_MARKERS)
+
+
+def runtime_env(pip: list[str], env: list[str], pass_env: bool = True, pass_secrets: bool = False) -> dict[str, Any]:
+    """The job's runtime env: this repository, passed-through env vars (no secrets unless asked), pip extras."""
     env_vars = {k: v for k, v in os.environ.items()
                 if pass_env and k.startswith(PASS_PREFIXES) and k not in NOT_PASSED
-                and not k.startswith(NOT_PASSED_PREFIXES)}
+                and not k.startswith(NOT_PASSED_PREFIXES) and (pass_secrets or not is_secret(k))}
     for item in env:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -191,6 +199,8 @@ def _run(
     pip: Annotated[Optional[list[str]], typer.Option("--pip", help="Extra pip package for the job (repeat).")] = None,
     env: Annotated[Optional[list[str]], typer.Option("--env", help="Extra KEY=VALUE env var (repeat).")] = None,
     pass_env: Annotated[bool, typer.Option("--pass-env/--no-pass-env", help="Pass AWS_*, RAY_*, ... through.")] = True,
+    pass_secrets: Annotated[bool, typer.Option("--pass-secrets", help="Also pass secrets (e.g. AWS_SECRET_ACCESS_KEY);"
+                                               " the dashboard shows them.")] = False,
     python: Annotated[Optional[str], typer.Option("--python", help="Interpreter of the entrypoint (default: this "
                                                   "one for a loopback cluster, else `python`).")] = None,
     submission_id: Annotated[Optional[str], typer.Option("--submission-id", help="Job id to use.")] = None,
@@ -209,7 +219,7 @@ def _run(
         try:
             job_id = client.submit_job(
                 entrypoint=entrypoint(python or default_python(client.get_address()), rel_config, overrides),
-                runtime_env=runtime_env(pip or [], env or [], pass_env), submission_id=submission_id,
+                runtime_env=runtime_env(pip or [], env or [], pass_env, pass_secrets), submission_id=submission_id,
                 metadata={"tool": "prefill-router submit", "config": rel_config})
         except RuntimeError as exc:  # the jobs API refused it (a used submission id, a bad runtime env)
             raise SubmitError(f"the cluster refused the job: {str(exc).splitlines()[0]}") from exc

@@ -54,7 +54,7 @@ def app(tmp_path_factory):
     def redeploy(artifact=None, **changes):
         deploy(ServeConfig.model_validate({**cfg, **changes}), artifact=artifact)
 
-    yield {"client": client, "artifact": artifact, "tmp": tmp, "redeploy": redeploy}
+    yield {"client": client, "artifact": artifact, "tmp": tmp, "redeploy": redeploy, "cfg": cfg}
     client.close()
     serve.shutdown()
     ray.shutdown()
@@ -153,3 +153,19 @@ def test_artifact_reload_in_place_and_bad_artifact_keeps_old(app):
     app["redeploy"](artifact=str(broken))
     r = c.post("/v1/route", json={"messages": MSG})
     assert r.status_code == 200 and r.json()["artifact"] == str(fresh)
+
+
+def test_publish_reloads_the_running_app(app):
+    """The retraining pipeline's publish step copies the artifact and points the running app at it."""
+    from training.publish import PublishConfig, ReloadServeConfig, publish
+
+    c = app["client"]
+    serve_yaml = app["tmp"] / "serve.yaml"
+    serve_yaml.write_text(yaml.safe_dump(app["cfg"]))
+    pub = PublishConfig(uri=str(app["tmp"] / "published" / "{run_id}"), pointer=str(app["tmp"] / "current.json"),
+                        reload_serve_app=ReloadServeConfig(serve_config=str(serve_yaml), timeout_s=300))
+    record = publish(pub, app["artifact"], {"gap_closed": 0.5}, None, str(app["tmp"]))
+    assert record["published"] and record["reloaded"]["artifact"] == record["artifact"]
+    assert "{run_id}" not in record["artifact"] and record["artifact"].startswith(str(app["tmp"] / "published"))
+    assert c.post("/v1/route", json={"messages": MSG}).json()["artifact"] == record["artifact"]
+    assert json.loads((app["tmp"] / "current.json").read_text())["artifact"] == record["artifact"]

@@ -75,8 +75,12 @@ def test_runtime_env_and_entrypoint(monkeypatch):
     from cluster import jobs
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("HF_TOKEN", "hf-secret")
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     env = jobs.runtime_env(["tqdm"], ["EXTRA=1"])
+    assert "AWS_SECRET_ACCESS_KEY" not in env["env_vars"] and "HF_TOKEN" not in env["env_vars"]
+    assert jobs.runtime_env([], [], pass_secrets=True)["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "secret"
     assert env["working_dir"] == str(ROOT) and ".venv" in env["excludes"] and env["pip"] == ["tqdm"]
     assert env["env_vars"]["AWS_ACCESS_KEY_ID"] == "key" and env["env_vars"]["EXTRA"] == "1"
     assert "RAY_ADDRESS" not in env["env_vars"]
@@ -199,3 +203,20 @@ def test_publish_compares_with_the_published_artifact(work, tmp_path):
     assert same["published"] and same["current"] == pytest.approx(new["accuracy"])  # same artifact, same data
     worse = publish(pub, cfg.fit.out, {**new, "accuracy": new["accuracy"] - 0.5}, cfg.evaluate, str(tmp_path))
     assert not worse["published"] and "worse than published" in worse["reason"]
+
+
+@pytest.mark.parametrize("published,code_setting,expected", [(True, 3, 0), (False, 3, 3), (False, 0, 0)])
+def test_pipeline_run_exit_status_says_whether_it_published(monkeypatch, tmp_path, published, code_setting,
+                                                            expected, capsys):
+    """A refused publish fails the run (and so the Ray job) unless publish.refused_exit_code=0."""
+    import training.pipeline as pipeline
+
+    def fake_run(cfg):  # the stages themselves are covered end to end above
+        pub = {"published": published, "reason": "worse than published", "artifact": "x"}
+        return {"seconds": 1.0, "stages": {"publish": pub}, "config": cfg.model_dump(mode="json")}
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
+    code = main(["pipeline", "run", "--config", SMALL, f"work_dir={tmp_path}", f"publish.uri={tmp_path}/pub",
+                 f"publish.refused_exit_code={code_setting}"])
+    assert code == expected
+    assert ("publish refused" in capsys.readouterr().err) is (expected != 0)

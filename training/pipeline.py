@@ -7,6 +7,7 @@ configs and wires every path between them under ``work_dir`` (a local directory)
 
     work_dir/queries.parquet   data (when ``data`` is given; else ``queries`` is read)
     work_dir/labels/           label       work_dir/activations/  capture
+                               (``labels:`` names existing labels to reuse instead)
     work_dir/probe/            probe       work_dir/router/       fit (the artifact)
     work_dir/eval/             evaluate    work_dir/stages/       what each stage did
 
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import Field, model_validator
 
 from shared import storage
@@ -51,7 +53,8 @@ def wiring(raw: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, di
     """``(wired, defaults)`` per stage section: paths between stages (fixed) and overridable defaults."""
     work = str(raw.get("work_dir") or DEFAULT_WORK)
     queries = storage.join(work, "queries.parquet") if raw.get("data") is not None else raw.get("queries")
-    acts, labels, router = (storage.join(work, p) for p in ("activations", "labels", "router"))
+    acts, router = (storage.join(work, p) for p in ("activations", "router"))
+    labels = raw.get("labels") or storage.join(work, "labels")
     common = {"registry": raw.get("registry"), "ray_address": raw.get("ray_address")}
     targets = raw.get("targets")
     wired = {
@@ -79,6 +82,8 @@ class PipelineConfig(StrictConfig):
     ray_address: str | None = Field(None, description="Ray address; None: RAY_ADDRESS (in a Ray job) or a local Ray.")
     queries: str | None = Field(None, description="An existing query table (local or s3://), instead of `data`.")
     data: DataConfig | None = Field(None, description="Build the query table (its `output` is wired).")
+    labels: str | None = Field(None, description="Existing labels (e.g. the committed data/labels) to reuse "
+                                                 "instead of labelling; they must cover every target.")
     label: LabelConfig = Field(default_factory=dict, description="Labelling (paths and targets are wired).")
     capture: CaptureConfig = Field(default_factory=dict, description="Activation capture (paths are wired).")
     probe: ProbeConfig = Field(default_factory=dict, description="Layer probes (paths and targets are wired).")
@@ -146,6 +151,8 @@ def check_pipeline(cfg: PipelineConfig, base: str | Path | None = None) -> None:
     if cfg.queries and not storage.is_s3(cfg.queries) and not _local(cfg.queries, base).is_file():
         raise FileNotFoundError(f"queries: no query table at {cfg.queries} (looked at {_local(cfg.queries, base)}); "
                                 "build one with `prefill-router data build` or give `data:` to build it here")
+    if cfg.labels and not storage.is_s3(cfg.labels) and not _local(cfg.labels, base).is_dir():
+        raise FileNotFoundError(f"labels: no labels directory at {cfg.labels} (looked at {_local(cfg.labels, base)})")
     reload = cfg.publish.reload_serve_app
     if reload:
         from serving.config import ServeConfig
@@ -207,12 +214,30 @@ def stage_data(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict
 def stage_label(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
     from training.label import run_label
 
+    if cfg.labels:
+        return reuse_labels(cfg)
     summary = run_label(cfg.label)
     stats = {t: {k: s[k] for k in ("rows", "failed", "missing", "accuracy")} for t, s in summary["targets"].items()}
     unfinished = {t: s["failed"] + s["missing"] for t, s in stats.items() if s["failed"] + s["missing"]}
     if unfinished:
         raise RuntimeError(f"labelling left rows unfinished {unfinished}; re-run the pipeline to retry them")
     return {"targets": stats, "queries": summary["fully_labelled_queries"]}
+
+
+def reuse_labels(cfg: PipelineConfig) -> dict[str, Any]:
+    """Check that ``cfg.labels`` covers every target and the query table; nothing is relabelled."""
+    from training.dataset import load_labels
+
+    missing = [t for t in cfg.targets if not storage.exists(storage.join(cfg.labels, t, "manifest.json"))]
+    if missing:
+        raise RuntimeError(f"labels {cfg.labels} have no {missing}; label them or drop them from targets")
+    ids = np.asarray(storage.read_parquet(cfg.label.queries).column("query_id").to_pylist())
+    y = load_labels(cfg.labels, cfg.targets, ids)["Y"]
+    covered = ~np.isnan(y).any(axis=1)
+    if not covered.any():
+        raise RuntimeError(f"labels {cfg.labels} label none of the {len(ids)} queries in {cfg.label.queries}")
+    acc = {t: round(float(np.nanmean(y[:, i])), 4) for i, t in enumerate(cfg.targets)}
+    return {"reused": cfg.labels, "queries": int(covered.sum()), "accuracy": acc, "skipped": True}
 
 
 def stage_capture(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
@@ -325,6 +350,10 @@ def _run_command(config: ConfigOption = None, overrides: Overrides = None) -> No
     pub = summary["stages"]["publish"]
     console.print(f"pipeline finished in {summary['seconds']:.0f}s; "
                   + (f"artifact published to {pub['artifact']}" if pub["published"] else "nothing published"))
+    code = summary["config"]["publish"]["refused_exit_code"]
+    if summary["config"]["publish"]["uri"] and not pub["published"] and code:
+        err_console.print(f"[bold yellow]publish refused[/] ({pub['reason']}): exit {code}")
+        raise typer.Exit(code=code)
 
 
 def _check_command(config: ConfigOption = None, overrides: Overrides = None) -> None:

@@ -59,6 +59,8 @@ class PublishConfig(StrictConfig):
     force: bool = Field(False, description="Publish even when worse, or when the baseline cannot be evaluated.")
     reload_serve_app: ReloadServeConfig | None = Field(None, description="Reload a running Serve app after "
                                                                          "publishing.")
+    refused_exit_code: int = Field(3, ge=0, le=125, description="Exit status of `pipeline run` (so the Ray job "
+                                   "fails) when `uri` is set but publishing was refused; 0: succeed anyway.")
 
 
 def publish_decision(new: float | None, current: float | None, max_regression: float) -> tuple[bool, str]:

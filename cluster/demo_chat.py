@@ -1,0 +1,90 @@
+"""The demo's serving step: deploy the Serve app with the demo's artifact and chat through it.
+
+Plain functions over a connected Ray: :func:`pick_prompts` chooses a few test-split
+queries (one per source, then the rest by id), :func:`serve_and_chat` deploys
+``configs/serve-local.yaml`` with the new artifact on a free port and sends each prompt
+to ``POST /v1/chat/completions`` with ``model: router`` over real HTTP, recording which
+target answered, the router's P(correct) per target and its overhead.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def pick_prompts(table: pa.Table, n: int) -> list[dict[str, Any]]:
+    """Up to ``n`` test-split rows of a query table: one per task first, then by query id.
+
+    Returns ``[{'query_id', 'task', 'messages'}]`` in a stable order (no randomness)."""
+    rows = [r for r in table.select(["query_id", "task", "messages", "split"]).to_pylist() if r["split"] == "test"]
+    rows.sort(key=lambda r: r["query_id"])
+    firsts = list({r["task"]: r for r in reversed(rows)}.values())[::-1]
+    chosen = sorted(firsts, key=lambda r: r["query_id"]) + [r for r in rows if r not in firsts]
+    return [{k: r[k] for k in ("query_id", "task", "messages")} for r in chosen[:n]]
+
+
+def serve_overrides(artifact: str, port: int, gpus: float) -> list[str]:
+    """``key=value`` overrides of serve-local.yaml for the demo (GPU fractions when the cluster has GPUs)."""
+    over = [f"artifact={artifact}", f"http_port={port}"]
+    if gpus > 0:
+        over += ["encoder.num_gpus=0.2", "target_defaults.num_gpus=0.3"]
+    return over
+
+
+def chat(base_url: str, messages: list[dict[str, str]], max_tokens: int, timeout_s: float = 300) -> dict[str, Any]:
+    """One routed chat request; the decision, the answer and the timings."""
+    import httpx
+
+    body = {"model": "router", "messages": messages, "max_tokens": max_tokens}
+    t0 = time.perf_counter()
+    resp = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=timeout_s)
+    seconds = time.perf_counter() - t0
+    if resp.status_code != 200:
+        raise RuntimeError(f"chat request failed: HTTP {resp.status_code}: {resp.text[:300]}")
+    data = resp.json()
+    route = data["route"]
+    return {"target": resp.headers["x-prefill-router-target"], "answer": data["choices"][0]["message"]["content"],
+            "probabilities": route["probabilities"], "eligible": route["eligible"], "tolerance": route["tolerance"],
+            "overhead_ms": route["overhead_ms"], "seconds": seconds,
+            "fallback_from": resp.headers.get("x-prefill-router-fallback-from")}
+
+
+def why(result: dict[str, Any]) -> str:
+    """One line: the probabilities and what the policy did with them."""
+    probs = ", ".join(f"{t} {p:.2f}" for t, p in result["probabilities"].items())
+    best = max(result["probabilities"].values())
+    return (f"P(correct): {probs}; within {result['tolerance']:.2f} of the best ({best:.2f}): "
+            f"{', '.join(result['eligible'])} -> cheapest {result['target']}")
+
+
+def serve_and_chat(artifact: str, prompts: list[dict[str, Any]], max_tokens: int = 24) -> dict[str, Any]:
+    """Deploy the app on the connected Ray, send ``prompts``, shut Serve down; the results."""
+    import ray
+    from ray import serve
+
+    from cluster.local import free_port
+    from serving.app import deploy, served_targets
+    from serving.config import ServeConfig
+    from shared.config import load_config
+
+    port = free_port()
+    cfg = load_config(ServeConfig, CONFIG_DIR / "serve-local.yaml",
+                      serve_overrides(str(Path(artifact).resolve()), port, ray.cluster_resources().get("GPU", 0)))
+    t0 = time.perf_counter()
+    serve.start(http_options={"host": cfg.http_host, "port": port})
+    try:
+        deploy(cfg)
+        startup = time.perf_counter() - t0
+        base = f"http://{cfg.http_host}:{port}"
+        results = [{**p, **chat(base, p["messages"], max_tokens)} for p in prompts]
+    finally:
+        serve.shutdown()
+    return {"url": base, "targets": served_targets(cfg), "startup_s": round(startup, 1), "chats": results,
+            "median_overhead_ms": float(np.median([r["overhead_ms"] for r in results])) if results else None}

@@ -1,0 +1,89 @@
+"""``prefill-router demo``: its pure pieces in the default suite; the whole demo opt-in.
+
+The full quick demo (local Ray head, pipeline, Serve, chat requests) takes 3 to 6 minutes
+on 2 CPUs, so it runs only with ``PREFILL_ROUTER_DEMO_TEST=1``; its pieces (the
+pipeline, the Serve app, the local head) are each tested end to end elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from cluster.demo import REFERENCE, pipeline_config, reference_sample
+from cluster.demo_chat import pick_prompts
+
+
+def query_table(n: int) -> pa.Table:
+    rng = np.random.default_rng(0)
+    split = rng.choice(["train", "val", "test"], size=n, p=[0.6, 0.2, 0.2])
+    return pa.table({"query_id": [f"q{i:04d}" for i in range(n)], "split": split.tolist(),
+                     "task": [["mmlu", "arith", "gcd"][i % 3] for i in range(n)],
+                     "messages": [[{"role": "user", "content": f"question {i}"}] for i in range(n)]})
+
+
+def test_reference_sample_is_stable_and_keeps_split_shares(tmp_path):
+    import pyarrow.parquet as pq
+
+    table = query_table(1000)
+    pq.write_table(table, tmp_path / "q.parquet")
+    a, b = reference_sample(tmp_path / "q.parquet", 200), reference_sample(tmp_path / "q.parquet", 200)
+    assert a.column("query_id").to_pylist() == b.column("query_id").to_pylist()
+    assert abs(a.num_rows - 200) <= 3
+    for s in ("train", "val", "test"):
+        share = table.column("split").to_pylist().count(s) / 1000
+        assert abs(a.column("split").to_pylist().count(s) / a.num_rows - share) < 0.02
+    smaller = set(reference_sample(tmp_path / "q.parquet", 100).column("query_id").to_pylist())
+    assert smaller <= set(a.column("query_id").to_pylist())  # nested: a bigger sample keeps the smaller one
+
+
+def test_pick_prompts_takes_test_rows_one_task_first():
+    picked = pick_prompts(query_table(60), 4)
+    assert len(picked) == 4
+    assert {p["task"] for p in picked[:3]} == {"mmlu", "arith", "gcd"}
+    test_ids = {r["query_id"] for r in query_table(60).to_pylist() if r["split"] == "test"}
+    assert {p["query_id"] for p in picked} <= test_ids and len({p["query_id"] for p in picked}) == 4
+
+
+@pytest.mark.skipif(not (REFERENCE["labels"] / "summary.json").is_file(), reason="reference labels not committed")
+def test_reference_labels_config_and_reuse(tmp_path):
+    from training.pipeline import check_pipeline, reuse_labels
+
+    cfg = pipeline_config(tmp_path, quick=True, reference_labels=REFERENCE["labels"])
+    check_pipeline(cfg)
+    assert cfg.data is None and cfg.queries == str(tmp_path / "queries.parquet")
+    assert cfg.label.out == cfg.probe.labels == cfg.fit.labels == cfg.evaluate.labels == str(REFERENCE["labels"])
+    result = reuse_labels(cfg)
+    assert result["skipped"] and result["queries"] > 200 and set(result["accuracy"]) == set(cfg.targets)
+    with pytest.raises(RuntimeError, match="have no"):
+        reuse_labels(cfg.model_copy(update={"targets": [*cfg.targets, "qwen2.5-coder-1.5b-q4"]}))
+
+
+def test_demo_rejects_missing_reference_labels(tmp_path):
+    with pytest.raises(FileNotFoundError, match="reference labels"):
+        pipeline_config(tmp_path, quick=True, reference_labels=tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PREFILL_ROUTER_DEMO_TEST") != "1", reason="opt-in: PREFILL_ROUTER_DEMO_TEST=1")
+@pytest.mark.timeout(1800)
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    from shared.cli import main
+
+    assert main(["demo", "--quick", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    work = tmp_path / "quick"
+    summary = json.loads((work / "demo-summary.json").read_text())
+    report = json.loads((work / "eval" / "report.json").read_text())
+    assert summary["test_metrics"]["accuracy"] == pytest.approx(
+        report["subsets"]["test"]["routers"]["prefill-router"]["accuracy"])
+    assert (work / "eval" / "cost_accuracy.png").stat().st_size > 0 and list((work / "probe").glob("*.png"))
+    chats = summary["serve"]["chats"]
+    assert chats and all(c["target"] in report["targets"] for c in chats)
+    assert "demo summary" in out and "stopped the demo's Ray cluster" in out
+    assert not Path(work / "cluster.json").exists()  # the demo's head was stopped (stop_head removes it)

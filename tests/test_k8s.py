@@ -166,3 +166,28 @@ def test_renderer_matches_kubectl_kustomize(overlay):
                          text=True, timeout=120, check=True).stdout
     key = lambda r: (r["kind"], r["metadata"]["name"])  # noqa: E731
     assert sorted(yaml.safe_load_all(out), key=key) == sorted(k8s.render_overlay(overlay), key=key)
+
+
+def _images(node) -> list[str]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "image" and isinstance(v, str)] + \
+            [i for v in node.values() for i in _images(v)]
+    return [i for v in node for i in _images(v)] if isinstance(node, list) else []
+
+
+def test_manifests_run_the_projects_image_with_the_projects_pins():
+    """Every pod runs an image built by k8s/image/Dockerfile, which installs what .ci/install does."""
+    import re
+    import tomllib
+
+    dockerfile = (ROOT / "k8s" / "image" / "Dockerfile").read_text()
+    tags = set(re.findall(r"-t (\S+) \.", dockerfile))
+    assert {t.rsplit("-", 1)[1] for t in tags} == {"cpu", "gpu"}
+    for name in k8s.overlays():
+        images = set(_images(k8s.render_overlay(name)))
+        assert images and images <= tags, (name, images - tags)
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_pin = next(d for d in deps if d.startswith("torch=="))
+    assert torch_pin in dockerfile
+    no_deps = re.search(r"--no-deps (.+)", (ROOT / ".ci" / "install").read_text()).group(1).split()
+    assert all(pkg in dockerfile for pkg in no_deps)

@@ -68,3 +68,17 @@ def test_fit_on_ray_train_writes_a_loadable_artifact(synth, tmp_path):
     # Bayes-optimal AUC of this problem is about 0.78; a single-layer probe gets 0.75-0.80.
     assert np.nanmean(masked_auc(data.Y, P)) > 0.68
     assert meta["training_metrics"]["val_mean_auc"] > 0.68
+
+
+def test_select_blocks_depth_tolerance_prefers_shallower_near_ties():
+    from training.probe import select_blocks
+
+    aucs = {"h6_last": (0.70, 0.72), "h12_mean": (0.79, 0.80), "h24_last": (0.80, 0.81), "h30_mean": (0.60, 0.62)}
+    report = {b: {"per_target": {"a": {"auc": x}, "b": {"auc": y}}} for b, (x, y) in aucs.items()}
+    plain = select_blocks(report, ["a", "b"], 2)
+    assert plain["blocks"] == ["h24_last", "h12_mean"] and plain["per_target"] == {"a": "h24_last", "b": "h24_last"}
+    # h12_mean (0.795) is within 0.02 of the best (0.805): it goes first, then h24_last
+    assert select_blocks(report, ["a", "b"], 1, depth_tolerance=0.02)["blocks"] == ["h12_mean"]
+    assert select_blocks(report, ["a", "b"], 2, depth_tolerance=0.02)["blocks"] == ["h12_mean", "h24_last"]
+    # a wide tolerance admits h6 too; the rest still fills by mean AUC
+    assert select_blocks(report, ["a", "b"], 3, depth_tolerance=0.2)["blocks"] == ["h6_last", "h12_mean", "h24_last"]

@@ -8,7 +8,8 @@ only (never test), with missing labels masked:
 - cross-validated logistic-probe AUC (``metrics.probe_auc``).
 
 Selection: per target the block with the best probe AUC, and, for the shared trunk, the
-``n_blocks`` blocks with the best mean AUC over targets. Writes ``probe.json`` and
+``n_blocks`` blocks with the best mean AUC over targets (``depth_tolerance`` > 0 prefers
+shallower blocks that are nearly as good: a shallower deepest layer is a cheaper decision). Writes ``probe.json`` and
 ``probe_layers.png`` (J, d_eff and AUC against depth, one line per target and pooling).
 """
 
@@ -41,6 +42,9 @@ class ProbeConfig(StrictConfig):
     C: float = Field(1.0, gt=0, description="Inverse L2 strength of the logistic probe.")
     pca_dims: int | None = Field(64, gt=0, description="PCA before the probe (speed); None: raw features.")
     n_blocks: int = Field(2, gt=0, description="Blocks selected for the shared trunk.")
+    depth_tolerance: float = Field(
+        0.0, ge=0, description="Prefer shallower blocks: any block whose mean AUC is within this of the best "
+        "is ranked by depth first (the serving encoder stops at the deepest selected layer).")
     seed: int = Field(0, description="Seed of the folds.")
 
 
@@ -74,8 +78,13 @@ def probe_block(X: np.ndarray, Y: np.ndarray, targets: list[str], cfg: ProbeConf
     return {"d_eff": float(effective_dimensionality(X)), "per_target": per_target}
 
 
-def select_blocks(report: dict[str, dict], targets: list[str], n_blocks: int) -> dict[str, Any]:
-    """Best block per target by AUC, and the ``n_blocks`` best by mean AUC (NaN-aware)."""
+def select_blocks(report: dict[str, dict], targets: list[str], n_blocks: int,
+                  depth_tolerance: float = 0.0) -> dict[str, Any]:
+    """Best block per target by AUC, and ``n_blocks`` blocks for the trunk (NaN-aware).
+
+    Trunk blocks: rank by mean AUC over targets ``m_b``; blocks with
+    ``m_b >= max_b m_b - depth_tolerance`` come first, shallowest layer first (ties: higher
+    ``m_b``), then the rest by ``m_b``. ``depth_tolerance=0`` is plain best-mean-AUC order."""
     names = list(report)
     auc = np.array([[report[b]["per_target"][t]["auc"] for t in targets] for b in names])
     per_target = {}
@@ -84,7 +93,10 @@ def select_blocks(report: dict[str, dict], targets: list[str], n_blocks: int) ->
         per_target[t] = names[int(np.nanargmax(col))] if np.isfinite(col).any() else None
     mean = np.where(np.isfinite(auc).any(axis=1), np.nanmean(np.where(np.isfinite(auc), auc, np.nan), axis=1), -1)
     order = np.argsort(-mean, kind="stable")
-    return {"per_target": per_target, "blocks": [names[i] for i in order[:n_blocks]],
+    near = [i for i in order if mean[i] >= mean[order[0]] - depth_tolerance] if depth_tolerance > 0 else []
+    near.sort(key=lambda i: (parse_block(names[i])[0], -mean[i]))
+    chosen = (near + [i for i in order if i not in near])[:n_blocks]
+    return {"per_target": per_target, "blocks": [names[i] for i in chosen],
             "mean_auc": {names[i]: float(mean[i]) for i in order}}
 
 
@@ -128,7 +140,7 @@ def run_probe(cfg: ProbeConfig, data: RoutingData | None = None) -> dict[str, An
         raise ValueError(f"no rows in splits {cfg.splits}")
     report = {b: probe_block(data.blocks[b], data.Y, data.targets, cfg)
               for b in track(list(data.blocks), description="probing layers")}
-    selected = select_blocks(report, data.targets, cfg.n_blocks)
+    selected = select_blocks(report, data.targets, cfg.n_blocks, cfg.depth_tolerance)
     for b, scores in report.items():
         layer, pooling = parse_block(b)
         scores.update(layer=layer, pooling=pooling)

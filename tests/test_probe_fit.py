@@ -82,3 +82,20 @@ def test_select_blocks_depth_tolerance_prefers_shallower_near_ties():
     assert select_blocks(report, ["a", "b"], 2, depth_tolerance=0.02)["blocks"] == ["h12_mean", "h24_last"]
     # a wide tolerance admits h6 too; the rest still fills by mean AUC
     assert select_blocks(report, ["a", "b"], 3, depth_tolerance=0.2)["blocks"] == ["h6_last", "h12_mean", "h24_last"]
+
+
+def test_fit_run_name_changes_with_inputs_so_resume_never_mixes_configs():
+    """Ray Train resumes a run by name: a different feature size or trunk must not resume an old run."""
+    from training.fit import run_name
+
+    cfg = FitConfig(activations="a", labels="l", targets=["t"])
+    X, Y = np.ones((10, 4), np.float32), np.zeros((10, 1))
+    name = run_name(cfg, X, Y)
+    assert name.startswith(cfg.train.name + "-") and name == run_name(cfg, X.copy(), Y.copy())
+    assert run_name(cfg, np.ones((10, 8), np.float32), Y) != name
+    Y2 = Y.copy()
+    Y2[0, 0] = np.nan
+    assert run_name(cfg, X, Y2) != name
+    wider = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seeds": 3})})
+    assert run_name(wider, X, Y) != name
+    assert run_name(cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": 1})}), X, Y) == name

@@ -82,6 +82,17 @@ def val_metrics(P: np.ndarray, Y: np.ndarray, targets: list[str]) -> dict[str, A
             "val_mean_auc": float(np.nanmean(auc))}
 
 
+def run_name(cfg: FitConfig, Xtr: np.ndarray, Ytr: np.ndarray) -> str:
+    """``<train.name>-<hash of the features, labels and training settings>``: Ray Train resumes
+    a run of the same name, so only a run on identical inputs may share its checkpoint."""
+    import hashlib
+
+    h = hashlib.sha256(np.ascontiguousarray(Xtr, np.float32).tobytes())
+    h.update(np.nan_to_num(np.asarray(Ytr, np.float32), nan=-1).tobytes())
+    h.update(cfg.train.model_dump_json(exclude={"name", "storage_path", "num_workers", "max_failures"}).encode())
+    return f"{cfg.train.name}-{h.hexdigest()[:10]}"
+
+
 def run_fit(cfg: FitConfig, data: RoutingData | None = None) -> dict[str, Any]:
     """Fit and write the artifact; returns its metadata as a dict."""
     import ray
@@ -98,7 +109,7 @@ def run_fit(cfg: FitConfig, data: RoutingData | None = None) -> dict[str, Any]:
     Xtr, Xva = transform.transform(tr.blocks), transform.transform(va.blocks)
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
-    members, _ = train_ensemble(Xtr, tr.Y, Xva, va.Y, cfg.train)
+    members, _ = train_ensemble(Xtr, tr.Y, Xva, va.Y, cfg.train.model_copy(update={"name": run_name(cfg, Xtr, tr.Y)}))
     kept = select_ensemble(members, min(cfg.train.keep, len(members)))
     ensemble = build_ensemble(kept)
     metrics = {**val_metrics(ensemble.predict_proba(Xva), va.Y, data.targets),

@@ -20,12 +20,18 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def pick_prompts(table: pa.Table, n: int) -> list[dict[str, Any]]:
-    """Up to ``n`` test-split rows of a query table: one per task first, then by query id.
+    """Up to ``n`` test-split rows of a query table: one per family first (a source, or a
+    reasoning-gym task; MMLU subjects count as one), then by query id.
 
     Returns ``[{'query_id', 'task', 'messages'}]`` in a stable order (no randomness)."""
-    rows = [r for r in table.select(["query_id", "task", "messages", "split"]).to_pylist() if r["split"] == "test"]
+    cols = ["query_id", "source", "task", "messages", "split"]
+    rows = [r for r in table.select(cols).to_pylist() if r["split"] == "test"]
     rows.sort(key=lambda r: r["query_id"])
-    firsts = list({r["task"]: r for r in reversed(rows)}.values())[::-1]
+
+    def family(r: dict[str, Any]) -> str:
+        return r["source"] if r["source"] == "mmlu" else f"{r['source']}/{r['task']}"
+
+    firsts = list({family(r): r for r in reversed(rows)}.values())[::-1]
     chosen = sorted(firsts, key=lambda r: r["query_id"]) + [r for r in rows if r not in firsts]
     return [{k: r[k] for k in ("query_id", "task", "messages")} for r in chosen[:n]]
 

@@ -23,7 +23,8 @@ def query_table(n: int) -> pa.Table:
     rng = np.random.default_rng(0)
     split = rng.choice(["train", "val", "test"], size=n, p=[0.6, 0.2, 0.2])
     return pa.table({"query_id": [f"q{i:04d}" for i in range(n)], "split": split.tolist(),
-                     "task": [["mmlu", "arith", "gcd"][i % 3] for i in range(n)],
+                     "source": [["mmlu", "mmlu", "reasoning_gym", "reasoning_gym"][i % 4] for i in range(n)],
+                     "task": [["law", "physics", "arith", "gcd"][i % 4] for i in range(n)],
                      "messages": [[{"role": "user", "content": f"question {i}"}] for i in range(n)]})
 
 
@@ -45,7 +46,8 @@ def test_reference_sample_is_stable_and_keeps_split_shares(tmp_path):
 def test_pick_prompts_takes_test_rows_one_task_first():
     picked = pick_prompts(query_table(60), 4)
     assert len(picked) == 4
-    assert {p["task"] for p in picked[:3]} == {"mmlu", "arith", "gcd"}
+    assert len({p["task"] for p in picked[:3]} & {"law", "physics"}) == 1  # MMLU subjects: one family
+    assert {"arith", "gcd"} <= {p["task"] for p in picked[:3]}
     test_ids = {r["query_id"] for r in query_table(60).to_pylist() if r["split"] == "test"}
     assert {p["query_id"] for p in picked} <= test_ids and len({p["query_id"] for p in picked}) == 4
 

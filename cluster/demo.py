@@ -180,7 +180,7 @@ def run_demo(workdir: Path, quick: bool, reference_labels: Path | None = None, n
              "summary": str(workdir / "demo-summary.json")}
     summary = {"workdir": str(workdir), "quick": quick, "reference_labels": str(reference_labels or ""),
                "seconds": {k: round(v, 1) for k, v in seconds.items()}, "files": files,
-               "stages": {k: v for k, v in pipe["stages"].items()}, "serve": served,
+               "stages": pipe["stages"], "serve": served,
                "test_metrics": pipe["stages"]["evaluate"]["metrics"]}
     storage.write_json(str(workdir / "demo-summary.json"), summary)
     console.print(summary_table(summary, report))

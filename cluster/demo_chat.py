@@ -1,7 +1,7 @@
 """The demo's serving step: deploy the Serve app with the demo's artifact and chat through it.
 
 Plain functions over a connected Ray: :func:`pick_prompts` chooses a few test-split
-queries (one per source, then the rest by id), :func:`serve_and_chat` deploys
+queries (one per task family, then the rest by id), :func:`serve_and_chat` deploys
 ``configs/serve-local.yaml`` with the new artifact on a free port and sends each prompt
 to ``POST /v1/chat/completions`` with ``model: router`` over real HTTP, recording which
 target answered, the router's P(correct) per target and its overhead.
@@ -66,8 +66,11 @@ def why(result: dict[str, Any]) -> str:
     """One line: the probabilities and what the policy did with them."""
     probs = ", ".join(f"{t} {p:.2f}" for t, p in result["probabilities"].items())
     best = max(result["probabilities"].values())
-    return (f"P(correct): {probs}; within {result['tolerance']:.2f} of the best ({best:.2f}): "
-            f"{', '.join(result['eligible'])} -> cheapest {result['target']}")
+    line = (f"P(correct): {probs}; within {result['tolerance']:.2f} of the best ({best:.2f}): "
+            f"{', '.join(result['eligible'])} -> cheapest {result['eligible'][0]}")
+    if result.get("fallback_from"):
+        line += f"; it failed ({result['fallback_from']}), answered by {result['target']}"
+    return line
 
 
 def serve_and_chat(artifact: str, prompts: list[dict[str, Any]], max_tokens: int = 24) -> dict[str, Any]:

@@ -89,3 +89,12 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert chats and all(c["target"] in report["targets"] for c in chats)
     assert "demo summary" in out and "stopped the demo's Ray cluster" in out
     assert not Path(work / "cluster.json").exists()  # the demo's head was stopped (stop_head removes it)
+
+
+def test_why_explains_the_policy_and_a_fallback():
+    from cluster.demo_chat import why
+
+    r = {"probabilities": {"small": 0.41, "big": 0.55}, "tolerance": 0.2, "eligible": ["small", "big"],
+         "target": "small", "fallback_from": None}
+    assert why(r).endswith("within 0.20 of the best (0.55): small, big -> cheapest small")
+    assert "failed (small), answered by big" in why({**r, "target": "big", "fallback_from": "small"})

@@ -27,15 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def load_features(cfg_path: str):
     """Train/val features and labels exactly as ``prefill-router fit`` builds them."""
     from shared.config import load_config
-    from shared.trunk import FeatureTransform
-    from training.dataset import load_routing_data
-    from training.fit import FitConfig, chosen_blocks
+    from training.fit import FitConfig, fit_features
 
     cfg = load_config(FitConfig, cfg_path, [])
-    data = load_routing_data(cfg.activations, cfg.labels, cfg.targets, chosen_blocks(cfg))
-    tr, va = data.where("train"), data.where("val")
-    transform = FeatureTransform.fit(tr.blocks, n_components=cfg.n_components)
-    return cfg, transform.transform(tr.blocks), tr.Y, transform.transform(va.blocks), va.Y
+    data, _, Xtr, Xva = fit_features(cfg)
+    return cfg, Xtr, data.where("train").Y, Xva, data.where("val").Y
 
 
 def time_fit(cfg, arrays, workers: int, seeds: int, storage: str) -> dict:

@@ -93,20 +93,29 @@ def run_name(cfg: FitConfig, Xtr: np.ndarray, Ytr: np.ndarray) -> str:
     return f"{cfg.train.name}-{h.hexdigest()[:10]}"
 
 
-def run_fit(cfg: FitConfig, data: RoutingData | None = None) -> dict[str, Any]:
-    """Fit and write the artifact; returns its metadata as a dict."""
-    import ray
-
-    from shared.artifact import ArtifactMeta, PolicyDefaults, save_artifact
-    from shared.trunk import FeatureTransform, build_ensemble, select_ensemble
-    from training.train_ray import train_ensemble
+def fit_features(cfg: FitConfig, data: RoutingData | None = None) -> tuple[RoutingData, Any, np.ndarray, np.ndarray]:
+    """``(data, transform, Xtr, Xva)``: the routing data, the per-block standardise + PCA fitted
+    on train only, and the ``(n, d)`` train and val features the trunk is trained on."""
+    from shared.trunk import FeatureTransform
 
     data = data or load_routing_data(cfg.activations, cfg.labels, cfg.targets, chosen_blocks(cfg))
     tr, va = data.where("train"), data.where("val")
     if len(tr.query_ids) == 0 or len(va.query_ids) == 0:
         raise ValueError("fit needs rows in both the train and the val split")
     transform = FeatureTransform.fit(tr.blocks, n_components=cfg.n_components)
-    Xtr, Xva = transform.transform(tr.blocks), transform.transform(va.blocks)
+    return data, transform, transform.transform(tr.blocks), transform.transform(va.blocks)
+
+
+def run_fit(cfg: FitConfig, data: RoutingData | None = None) -> dict[str, Any]:
+    """Fit and write the artifact; returns its metadata as a dict."""
+    import ray
+
+    from shared.artifact import ArtifactMeta, PolicyDefaults, save_artifact
+    from shared.trunk import build_ensemble, select_ensemble
+    from training.train_ray import train_ensemble
+
+    data, transform, Xtr, Xva = fit_features(cfg, data)
+    tr, va = data.where("train"), data.where("val")
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
     members, _ = train_ensemble(Xtr, tr.Y, Xva, va.Y, cfg.train.model_copy(update={"name": run_name(cfg, Xtr, tr.Y)}))

@@ -14,8 +14,8 @@ configs and wires every path between them under ``work_dir`` (a local directory)
 A wired key (e.g. ``label.out``) may not be set to anything else. Re-running the same
 command resumes: label and capture skip their finished shards; data, probe, fit and
 evaluate are skipped when ``stages/<stage>.json`` records the same inputs (a hash of
-the stage's config and of what the stages before it wrote). Fit's Ray Train run is named
-after that hash, so its checkpoint is reused only for identical inputs.
+the stage's config and of what the stages before it wrote). Fit names its Ray Train run
+after a hash of its features and settings, so a checkpoint is reused only for identical inputs.
 
 ``prefill-router submit run <this config>`` runs the same command as a Ray job.
 """
@@ -265,8 +265,7 @@ def stage_fit(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[
     keys["fit"] = key = stage_key(cfg.fit.model_dump(mode="json"), keys["probe"])
     if (old := done_before(cfg.work_dir, "fit", key, storage.join(cfg.fit.out, META_FILE))) is not None:
         return {**old, "skipped": True}
-    train = cfg.fit.train.model_copy(update={"name": f"{cfg.fit.train.name}-{key[:10]}"})
-    meta = run_fit(cfg.fit.model_copy(update={"train": train}))
+    meta = run_fit(cfg.fit)  # its Ray Train run is named after a hash of its inputs (fit.run_name)
     metrics = meta["training_metrics"]
     return record(cfg.work_dir, "fit", key, {"artifact": cfg.fit.out, "blocks": list(meta["pooling"]),
                                              "val_mean_auc": metrics["val_mean_auc"], "n_train": metrics["n_train"]})

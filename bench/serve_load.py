@@ -118,7 +118,7 @@ def run_app(args: argparse.Namespace, prompts: list) -> list[dict]:
 
     port = free_port()
     cfg = ServeConfig.model_validate({
-        "artifact": args.artifact, "http_port": port, "max_prompt_tokens": 4096, "default_max_tokens": args.max_tokens,
+        "artifact": args.artifact, "targets": args.targets, "http_port": port, "max_prompt_tokens": 4096, "default_max_tokens": args.max_tokens,
         "target_timeout_s": 600, "encoder_batch": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005},
         "encoder": {"max_ongoing_requests": 64}, "target_defaults": {"max_ongoing_requests": 64, "num_cpus": 0.5},
         "ingress": {"max_ongoing_requests": 256, "num_cpus": 0.2}})
@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact", default=str(ROOT / "data" / "router"))
     parser.add_argument("--queries", default=str(ROOT / "data" / "queries.parquet"))
+    parser.add_argument("--targets", nargs="+", default=["smollm2-135m", "gemma3-270m"],
+                        help="Targets to serve (the router chooses among them); the bundled two by default.")
     parser.add_argument("--n", type=int, default=48, help="Requests per concurrency level.")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=16, help="Answer length of each request.")

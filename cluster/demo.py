@@ -4,10 +4,13 @@
 2. run the retraining pipeline (``training/pipeline.py``) with ``configs/demo.yaml`` (or
    ``demo-quick.yaml``): build a query table, label every target, capture the encoder's
    prefill activations, probe the layers, fit SharedTrunkNet on Ray Train, evaluate it
-   against the baselines (report, PNG plots); with ``--reference-labels`` a sample of the
-   committed reference dataset (``data/``) is used and nothing is relabelled;
-3. deploy the Serve app with the new artifact and send real chat requests through it,
-   showing the target each went to and why;
+   against the baselines (report, PNG plots). By default it takes a stable sample of the
+   committed reference dataset (``data/``) and reuses its labels of every target (three,
+   one of them an opt-in model that takes CPU-hours to label); ``--label`` builds and
+   labels a fresh table with the two bundled models instead;
+3. deploy the Serve app with the new artifact (the targets whose weights this machine has;
+   the router chooses among those) and send real chat requests through it, showing the
+   target each went to and why;
 4. print a summary (from the report files it wrote), then stop Serve and the cluster.
 
 Everything lands under ``--workdir``; a second run resumes the pipeline and reuses what the
@@ -56,8 +59,23 @@ def reference_sample(queries: str | Path, n: int) -> Any:
     return table.filter(keep)
 
 
-def pipeline_config(workdir: Path, quick: bool, reference_labels: Path | None) -> Any:
-    """The demo's PipelineConfig: demo(-quick).yaml, work_dir set, optionally on the reference data."""
+def labelled_targets(labels: Path) -> list[str]:
+    """Targets with a finished label manifest under ``labels``, in the registry's order."""
+    from shared.registry import load_registry
+
+    found = {p.parent.name for p in labels.glob("*/manifest.json")}
+    order = [m.name for m in load_registry().models]
+    return sorted(found, key=lambda t: (order.index(t) if t in order else len(order), t))
+
+
+def pipeline_config(workdir: Path, quick: bool, reference_labels: Path | None,
+                    targets: list[str] | None = None) -> Any:
+    """The demo's PipelineConfig: demo(-quick).yaml with work_dir set.
+
+    With ``reference_labels`` (the default: the committed ``data/labels``) it runs on a
+    stable sample of the committed query table and reuses those labels for every target
+    they hold (or ``targets``); without, it builds and labels a fresh table with the
+    config's targets (or ``targets``)."""
     import pyarrow.parquet as pq
     import yaml
 
@@ -65,6 +83,8 @@ def pipeline_config(workdir: Path, quick: bool, reference_labels: Path | None) -
 
     raw = yaml.safe_load((CONFIG_DIR / ("demo-quick.yaml" if quick else "demo.yaml")).read_text())
     raw["work_dir"] = str(workdir)
+    if targets:
+        raw["targets"] = list(targets)
     if reference_labels is not None:
         if not reference_labels.is_dir() or not REFERENCE["queries"].is_file():
             raise FileNotFoundError(f"reference labels {reference_labels} or query table {REFERENCE['queries']} "
@@ -75,6 +95,7 @@ def pipeline_config(workdir: Path, quick: bool, reference_labels: Path | None) -
             pq.write_table(reference_sample(REFERENCE["queries"], REFERENCE_SAMPLE[quick]), sample)
         raw.pop("data", None)
         raw.update(queries=str(sample), labels=str(reference_labels))
+        raw["targets"] = list(targets or labelled_targets(reference_labels))
     return PipelineConfig.model_validate(raw)
 
 
@@ -144,7 +165,8 @@ def summary_table(summary: dict[str, Any], report: dict[str, Any]) -> Table:
     return view
 
 
-def run_demo(workdir: Path, quick: bool, reference_labels: Path | None = None, n_chats: int = 4) -> dict[str, Any]:
+def run_demo(workdir: Path, quick: bool, reference_labels: Path | None = None, n_chats: int = 4,
+             targets: list[str] | None = None) -> dict[str, Any]:
     """Run every demo step; returns (and writes ``workdir/demo-summary.json``) the summary."""
     from cluster.demo_chat import pick_prompts, serve_and_chat
     from shared import storage
@@ -152,8 +174,10 @@ def run_demo(workdir: Path, quick: bool, reference_labels: Path | None = None, n
     from training.pipeline import check_pipeline, run_pipeline
 
     t_all = time.perf_counter()
-    cfg = pipeline_config(workdir, quick, reference_labels)
+    cfg = pipeline_config(workdir, quick, reference_labels, targets)
     check_pipeline(cfg)
+    console.print(f"targets: {', '.join(cfg.targets)}; labels: "
+                  f"{'reused from ' + str(reference_labels) if reference_labels else 'labelled now'}")
     seconds: dict[str, float] = {}
     t0 = stage("1/4 local Ray cluster")
     cluster_cfg, state = start_cluster(workdir)
@@ -168,6 +192,8 @@ def run_demo(workdir: Path, quick: bool, reference_labels: Path | None = None, n
         prompts = pick_prompts(storage.read_parquet(cfg.label.queries), n_chats)
         served = serve_and_chat(cfg.fit.out, prompts)
         seconds["serve + chats"] = time.perf_counter() - t0
+        for target, reason in served["not_served"].items():
+            console.print(f"[yellow]not served here, so the router chooses among the others:[/] {reason}")
         print_chats(served["chats"])
     finally:
         t0 = stage("4/4 shut down")
@@ -188,18 +214,24 @@ def run_demo(workdir: Path, quick: bool, reference_labels: Path | None = None, n
 
 
 def _demo(
-    quick: Annotated[bool, typer.Option("--quick", help="64 queries and a small router (about 5 minutes).")] = False,
-    reference_labels: Annotated[bool, typer.Option(
-        "--reference-labels", help="Use a sample of the committed reference dataset (data/) instead of labelling.")
-    ] = False,
-    labels: Annotated[Optional[Path], typer.Option("--labels", help="Reuse these labels (implies "
-                                                                      "--reference-labels).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller sample (240 reference queries, 64 with --label) and a small router: about 5 minutes.")] = False,
+    label: Annotated[bool, typer.Option(
+        "--label", help="Build and label a fresh query table (configs/demo.yaml's targets: the two bundled "
+        "models) instead of reusing the committed reference labels.")] = False,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="Reuse these labels instead of data/labels.")
+    ] = None,
+    targets: Annotated[Optional[str], typer.Option(
+        "--targets", help="Comma-separated targets (default: every target the reused labels hold, or the "
+        "config's with --label).")] = None,
     workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo keeps what it makes.")] = Path("runs/demo"),
 ) -> None:
     """Run the whole system end to end on this machine: Ray, pipeline, Serve, chat."""
-    ref = labels or (REFERENCE["labels"] if reference_labels else None)
-    sub = ("quick" if quick else "full") + ("-reference" if ref else "")
-    friendly_errors(lambda: run_demo((workdir / sub).resolve(), quick, ref))
+    if label and labels is not None:
+        raise typer.BadParameter("--label labels a fresh table; --labels reuses existing labels: pick one")
+    ref = None if label else (labels or REFERENCE["labels"])
+    names = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+    sub = ("quick" if quick else "full") + ("-label" if label else "")
+    friendly_errors(lambda: run_demo((workdir / sub).resolve(), quick, ref, targets=names))
 
 
 def main(argv: list[str] | None = None) -> int:

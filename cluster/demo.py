@@ -19,9 +19,12 @@ first made. A GPU, when Ray sees one, is used by labelling, capture, training an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -35,6 +38,17 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "configs"
 REFERENCE = {"queries": ROOT / "data" / "queries.parquet", "labels": ROOT / "data" / "labels"}
 REFERENCE_SAMPLE = {True: 240, False: 900}  # quick / full: queries sampled from the reference table
+
+
+@contextlib.contextmanager
+def exit_on_sigterm():
+    """Turn SIGTERM into ``SystemExit(143)`` while the demo runs, so a killed demo still runs
+    its ``finally`` blocks (Serve shut down, the private Ray head stopped)."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stage(title: str) -> float:
@@ -231,7 +245,8 @@ def _demo(
     ref = None if label else (labels or REFERENCE["labels"])
     names = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
     sub = ("quick" if quick else "full") + ("-label" if label else "")
-    friendly_errors(lambda: run_demo((workdir / sub).resolve(), quick, ref, targets=names))
+    with exit_on_sigterm():
+        friendly_errors(lambda: run_demo((workdir / sub).resolve(), quick, ref, targets=names))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,3 +133,15 @@ def test_why_explains_the_policy_and_a_fallback():
          "target": "small", "fallback_from": None}
     assert why(r).endswith("within 0.20 of the best (0.55): small, big -> cheapest small")
     assert "failed (small), answered by big" in why({**r, "target": "big", "fallback_from": "small"})
+
+
+def test_sigterm_becomes_system_exit_while_the_demo_runs():
+    import signal
+
+    from cluster.demo import exit_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped, exit_on_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert stopped.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) == before  # restored afterwards

@@ -118,7 +118,8 @@ def run_app(args: argparse.Namespace, prompts: list) -> list[dict]:
 
     port = free_port()
     cfg = ServeConfig.model_validate({
-        "artifact": args.artifact, "targets": args.targets, "http_port": port, "max_prompt_tokens": 4096, "default_max_tokens": args.max_tokens,
+        "artifact": args.artifact, "targets": args.targets, "http_port": port, "max_prompt_tokens": 4096,
+        "default_max_tokens": args.max_tokens,
         "target_timeout_s": 600, "encoder_batch": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005},
         "encoder": {"max_ongoing_requests": 64}, "target_defaults": {"max_ongoing_requests": 64, "num_cpus": 0.5},
         "ingress": {"max_ongoing_requests": 256, "num_cpus": 0.2}})

@@ -109,7 +109,8 @@ def pipeline_config(workdir: Path, quick: bool, reference_labels: Path | None,
             pq.write_table(reference_sample(REFERENCE["queries"], REFERENCE_SAMPLE[quick]), sample)
         raw.pop("data", None)
         raw.update(queries=str(sample), labels=str(reference_labels))
-        raw["targets"] = list(targets or labelled_targets(reference_labels))
+        if not targets:
+            raw["targets"] = labelled_targets(reference_labels)
     return PipelineConfig.model_validate(raw)
 
 
@@ -206,7 +207,7 @@ def run_demo(workdir: Path, quick: bool, reference_labels: Path | None = None, n
         prompts = pick_prompts(storage.read_parquet(cfg.label.queries), n_chats)
         served = serve_and_chat(cfg.fit.out, prompts)
         seconds["serve + chats"] = time.perf_counter() - t0
-        for target, reason in served["not_served"].items():
+        for reason in served["not_served"].values():
             console.print(f"[yellow]not served here, so the router chooses among the others:[/] {reason}")
         print_chats(served["chats"])
     finally:
@@ -228,7 +229,8 @@ def run_demo(workdir: Path, quick: bool, reference_labels: Path | None = None, n
 
 
 def _demo(
-    quick: Annotated[bool, typer.Option("--quick", help="A smaller sample (240 reference queries, 64 with --label) and a small router: about 5 minutes.")] = False,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="A smaller sample (240 reference queries, 64 with --label) and a small router.")] = False,
     label: Annotated[bool, typer.Option(
         "--label", help="Build and label a fresh query table (configs/demo.yaml's targets: the two bundled "
         "models) instead of reusing the committed reference labels.")] = False,

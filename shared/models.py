@@ -170,7 +170,9 @@ def missing_weights(spec: ModelSpec, cache: Path | None = None) -> str | None:
     if spec.source in ("hf", "openai"):
         return None
     cache = cache or cache_root()
-    if (converted_dir(spec, cache) / "SOURCE_SHA256").is_file() or (cache / "gguf" / str(spec.gguf_file)).is_file():
+    if (converted_dir(spec, cache) / "SOURCE_SHA256").is_file():
+        return None
+    if spec.gguf_file and (cache / "gguf" / spec.gguf_file).is_file():
         return None
     try:
         if spec.source in ("pypi-gguf", "pypi-gguf-parts"):

@@ -4,6 +4,7 @@ with a real (small) router artifact fitted directly with shared.trunk / shared.a
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from shared.artifact import (ArtifactMeta, EncoderInfo, PolicyDefaults, TargetIn
                              save_artifact)
 from shared.trunk import FeatureTransform, TrunkConfig, build_ensemble, train_one
 from training import metrics as M
-from training.baselines import AlwaysBest, AlwaysCheapest, KNNRouter, MFRouter, RandomRouter, knn_proba
+from training.baselines import (AlwaysBest, AlwaysCheapest, KNNRouter, MFRouter, RandomRouter, TaskBestRouter,
+                                knn_proba, task_groups)
 from training.dataset import RoutingData
 from training.evaluate import EvalConfig, run_evaluation
 
@@ -171,6 +173,22 @@ def test_fixed_routers_and_expected_outcome():
     assert acc == pytest.approx(6 / 11) and cost == pytest.approx(8 / 3)  # missing label excluded
 
 
+def test_task_best_pools_small_tasks_and_picks_per_group():
+    groups = task_groups(["a", "a", "b", "c", "c"], ["s", "s", "s", "r", "r"], np.array([1, 1, 1, 1, 0], bool), 2)
+    assert groups.tolist() == ["a", "a", "s", "r", "r"]  # b has 1 row, c 1 fitting row: pooled into the source
+    # rows t0-t3: task "math" (m2 right); t4-t7: subjects of "mmlu" with 1 row each (m0 right, m2 wrong)
+    Y = [[0, 0, 1]] * 4 + [[1, 0, 0]] * 4
+    tasks = {f"t{i}": ("rg", "math") for i in range(4)} | {f"t{i}": ("mmlu", f"subj{i}") for i in range(4, 8)}
+    ids = lambda d, idx: replace(d, query_ids=np.array([f"t{i}" for i in idx]))  # noqa: E731
+    router = TaskBestRouter(tasks, min_rows=2).fit(ids(tiny(Y[:2] + Y[4:6]), [0, 1, 4, 5]), [],
+                                                   ids(tiny(Y[2:4] + Y[6:8]), [2, 3, 6, 7]), [])
+    assert router.choice == {"math": 2, "mmlu": 0}
+    W = router.choice_weights(tiny(Y), [])
+    assert W.argmax(axis=1).tolist() == [2] * 4 + [0] * 4 and np.all(W.sum(axis=1) == 1)
+    with pytest.raises(ValueError, match="no task"):
+        TaskBestRouter({}, min_rows=2).fit(tiny(Y), [])
+
+
 def test_knn_proba_and_k_tuning():
     E = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], float)
     Y = np.array([[1, 0], [1, np.nan], [0, 1], [0, 1]], float)
@@ -233,7 +251,8 @@ def write_datasets(data: RoutingData, root: Path) -> dict[str, str]:
                 "output_tokens": data.output_tokens[:, t].tolist()}
         storage.write_parquet(pa.table(rows), str(root / "labels" / name / "shard-00000.parquet"))
     messages = [[{"role": "user", "content": f"question {q}"}] for q in data.query_ids]
-    queries = pa.table({"query_id": data.query_ids.tolist(), "messages": messages})
+    queries = pa.table({"query_id": data.query_ids.tolist(), "messages": messages, "source": ["synthetic"] * len(messages),
+                        "task": [f"task{i % 2}" for i in range(len(messages))]})
     storage.write_parquet(queries, str(root / "q.parquet"))
     return {"activations": str(root / "acts"), "labels": str(root / "labels"), "queries": str(root / "q.parquet")}
 
@@ -246,13 +265,14 @@ def test_cli_reads_datasets_and_keeps_default_tolerance(evaluated, tmp_path):
     assert query_texts(paths["queries"], ["q3", "q1"]) == ["question q3", "question q1"]
     before = (Path(cfg.artifact) / "meta.json").read_bytes()
     args = [f"{k}={v}" for k, v in paths.items()] + [f"artifact={cfg.artifact}", f"out={tmp_path / 'out'}",
-                                                    "routers=[random, always-cheapest]"]
+                                                    "routers=[random, always-cheapest, task-best]"]
     assert main(args) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["operating_point"]["status"] == "default" and not report["operating_point_written"]
     assert report["operating_point"]["tolerance"] == pytest.approx(read_meta(cfg.artifact).policy.default_tolerance())
     assert (Path(cfg.artifact) / "meta.json").read_bytes() == before
-    assert set(report["subsets"]["test"]["routers"]) == {"prefill-router", "random", "always-cheapest"}
+    assert set(report["subsets"]["test"]["routers"]) == {"prefill-router", "random", "always-cheapest", "task-best"}
+    assert "`task-best` is a reference" in (tmp_path / "out" / "report.md").read_text()
     assert main(args[:-1] + ["routers=[knn-minilm]", "queries=null"]) == 2  # semantic baselines need the text
 
 

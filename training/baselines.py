@@ -11,8 +11,9 @@ A router is fitted on the **train** split (tuned on **val**) and then either
 
 Implemented: :class:`RandomRouter`, :class:`AlwaysCheapest`, :class:`AlwaysBest`,
 :class:`KNNRouter` and :class:`MLPRouter` (semantic, over sentence embeddings),
-:class:`MFRouter` (RouteLLM-style matrix factorisation) and :class:`ArtifactRouter`
-(the prefill router, from its artifact). A new router is a subclass with ``fit`` and
+:class:`MFRouter` (RouteLLM-style matrix factorisation), :class:`TaskBestRouter` (a
+reference told each query's task) and :class:`ArtifactRouter` (the prefill router, from
+its artifact). A new router is a subclass with ``fit`` and
 one of the two prediction methods.
 """
 
@@ -92,6 +93,55 @@ class AlwaysBest(_OneTarget):
         costs = np.nan_to_num(_mean_costs(train), nan=np.inf)
         self.index = best_single(train.Y, costs)[0]
         return self
+
+
+def task_groups(tasks: Sequence[str], sources: Sequence[str], fit_mask: np.ndarray, min_rows: int) -> np.ndarray:
+    """``(n,)`` routing group per query: its ``task`` when that task has at least ``min_rows``
+    rows under ``fit_mask`` (train + val), else its ``source`` (MMLU's ~20-row subjects pool
+    into ``mmlu``, so a group's best target is not picked from a handful of rows)."""
+    tasks, sources = np.asarray(tasks, dtype=object), np.asarray(sources, dtype=object)
+    names, counts = np.unique(tasks[fit_mask], return_counts=True)
+    big = set(names[counts >= min_rows].tolist())
+    return np.array([t if t in big else s for t, s in zip(tasks, sources)], dtype=object)
+
+
+class TaskBestRouter(RouterModel):
+    """Reference, not a deployable router: it is told each query's task (``task`` /
+    ``source`` of the query table) and sends the query to the target that was most accurate
+    on that task's train + val rows (ties: cheaper). It bounds what coarse, task-level
+    routing can gain; a router that sees only the prompt has to beat it per query."""
+
+    name, probabilistic = "task-best", False
+
+    def __init__(self, tasks: dict[str, tuple[str, str]], min_rows: int = 50):
+        self.tasks, self.min_rows, self.choice = tasks, min_rows, {}
+
+    def _meta(self, data: RoutingData) -> tuple[list[str], list[str]]:
+        missing = [q for q in data.query_ids if q not in self.tasks]
+        if missing:
+            raise ValueError(f"task-best: {len(missing)} query ids have no task (e.g. {missing[:3]})")
+        return [self.tasks[q][1] for q in data.query_ids], [self.tasks[q][0] for q in data.query_ids]
+
+    def fit(self, train, train_text, val=None, val_text=None):
+        from training.metrics import best_single
+
+        parts = [train] if val is None else [train, val]
+        Y, cost = np.concatenate([p.Y for p in parts]), np.concatenate([p.cost for p in parts])
+        meta = [self._meta(p) for p in parts]
+        tasks, sources = sum((m[0] for m in meta), []), sum((m[1] for m in meta), [])
+        groups = task_groups(tasks, sources, np.ones(len(tasks), bool), self.min_rows)
+        self.big = set(groups.tolist()) - set(sources)
+        costs = np.where(np.isnan(cost), np.nanmean(cost, axis=0), cost)
+        self.default = best_single(Y, costs)[0]
+        self.choice = {g: best_single(Y[groups == g], costs[groups == g])[0] for g in np.unique(groups)}
+        return self
+
+    def choice_weights(self, data, text):
+        tasks, sources = self._meta(data)
+        W = np.zeros((len(data.query_ids), len(data.targets)))
+        for i, (t, s) in enumerate(zip(tasks, sources)):
+            W[i, self.choice.get(t if t in self.big else s, self.default)] = 1.0
+        return W
 
 
 class ArtifactRouter(RouterModel):

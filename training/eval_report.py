@@ -78,6 +78,9 @@ def markdown(report: dict[str, Any]) -> str:
         "single); cost savings vs always using the most expensive target "
         f"({test['references']['most_expensive']['target']}); P-AUCCC over [cheapest, most expensive] cost "
         "above the cheapest model's accuracy.", "",
+        *(["`task-best` is a reference, not a router: it is told each query's task and sends it to the target "
+           "most accurate on that task in train + val, so it bounds what routing by task alone can gain.", ""]
+          if "task-best" in test["routers"] else []),
         "## Test split", "", _md_table(table_rows(test)), "",
         "## Disagreement queries (test)", "", _md_table(table_rows(dis)) if dis else "No disagreement queries.", "",
         "## Against the paper (arXiv 2603.20895)", "",

@@ -33,6 +33,7 @@ from training.dataset import RoutingData
 log = logging.getLogger(__name__)
 
 BASELINES = ("random", "always-cheapest", "always-best", "knn-minilm", "mlp-minilm", "mf-minilm")
+REFERENCES = ("task-best",)  # told the query's task: opt-in references, not routers
 SEMANTIC = ("knn-minilm", "mlp-minilm", "mf-minilm")
 
 
@@ -58,7 +59,8 @@ class EvalConfig(StrictConfig):
     labels: str = Field(description="Labels dataset written by `prefill-router label`.")
     queries: str | None = Field(None, description="Query table (Parquet) with the prompts; semantic baselines need it.")
     out: str = Field("runs/eval", description="Output directory: local path or s3:// URI.")
-    routers: list[Literal[BASELINES]] = Field(list(BASELINES), description="Baselines evaluated beside the artifact.")
+    routers: list[Literal[BASELINES + REFERENCES]] = Field(
+        list(BASELINES), description="Baselines evaluated beside the artifact (task-best: opt-in reference).")
     operating_point: OperatingPointConfig = Field(default_factory=OperatingPointConfig,
                                                   description="Tolerance calibration on val.")
     write_operating_point: bool = Field(True, description="Write a calibrated operating point into the artifact.")
@@ -67,6 +69,8 @@ class EvalConfig(StrictConfig):
     mlp_seeds: int = Field(3, gt=0, description="Seeds of the semantic MLP ensemble (all kept).")
     n_components: int = Field(128, gt=0, description="PCA components of the semantic MLP's embedding transform.")
     mf_dim: int = Field(64, gt=0, description="Latent size of the matrix-factorisation router.")
+    task_min_rows: int = Field(50, gt=0, description="task-best: a task with fewer train+val rows is pooled "
+                               "into its source (e.g. MMLU subjects into mmlu).")
     trunk: TrunkConfig = Field(default_factory=TrunkConfig, description="Semantic MLP network and optimiser.")
     embedder: str | None = Field(None, description="Sentence-transformers model dir; default the packaged MiniLM.")
 
@@ -85,6 +89,15 @@ def query_texts(queries_uri: str, query_ids: Sequence[str]) -> list[str]:
     return [text[q] for q in query_ids]
 
 
+def query_tasks(queries_uri: str) -> dict[str, tuple[str, str]]:
+    """``{query_id: (source, task)}`` from the query table (the task-best reference)."""
+    from shared import storage
+
+    table = storage.read_parquet(queries_uri, columns=["query_id", "source", "task"])
+    cols = [table.column(c).to_pylist() for c in ("query_id", "source", "task")]
+    return {q: (s, t) for q, s, t in zip(*cols)}
+
+
 def decision_costs(router, data: RoutingData) -> np.ndarray:
     """``(n, T)`` price-model costs the policy routes with: encoder prompt tokens (or, when
     absent, the mean of the targets' prompt tokens) through ``Router.costs``."""
@@ -101,6 +114,12 @@ def outcome_costs(data: RoutingData, decided: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(data.cost), decided, data.cost)
 
 
+def _queries(cfg: EvalConfig, who: str) -> str:
+    if not cfg.queries:
+        raise ValueError(f"{who} needs the query table: set queries=<path to queries.parquet>")
+    return cfg.queries
+
+
 def build_routers(cfg: EvalConfig, embedder=None) -> list[RouterModel]:
     """The configured baselines (semantic ones share one embedder, so texts embed once)."""
     from training import baselines as B
@@ -115,6 +134,7 @@ def build_routers(cfg: EvalConfig, embedder=None) -> list[RouterModel]:
         "mlp-minilm": lambda: B.MLPRouter(embedder, seeds=cfg.mlp_seeds, keep=cfg.mlp_seeds,
                                           n_components=cfg.n_components, trunk=cfg.trunk),
         "mf-minilm": lambda: B.MFRouter(embedder, dim=cfg.mf_dim),
+        "task-best": lambda: B.TaskBestRouter(query_tasks(_queries(cfg, "task-best")), cfg.task_min_rows),
     }
     return [make[name]() for name in cfg.routers]
 
@@ -268,9 +288,8 @@ def run_evaluation(cfg: EvalConfig, data: RoutingData | None = None, texts: Sequ
         raise ValueError(f"data targets {data.targets} differ from the artifact's {targets}")
     if texts is None:
         needs_text = any(r in SEMANTIC for r in cfg.routers)
-        if needs_text and not cfg.queries:
-            raise ValueError("semantic baselines need the query table: set queries=<path to queries.parquet>")
-        texts = query_texts(cfg.queries, data.query_ids) if needs_text else [""] * len(data.query_ids)
+        texts = query_texts(_queries(cfg, "semantic baselines"), data.query_ids) if needs_text \
+            else [""] * len(data.query_ids)
     report = evaluate_routers(artifact, build_routers(cfg, embedder), data, texts, cfg)
     op = report["operating_point"]
     report["operating_point_written"] = bool(cfg.write_operating_point and op["status"] == "calibrated")

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "label": ("training.label", "Label every target's correctness per query (Ray Data)."),
     "capture": ("training.capture", "Capture the encoder's prefill activations (Ray Data)."),
     "probe": ("training.probe", "Layer probes: Fisher J, d_eff and linear-probe AUC per layer."),
+    "tune": ("training.tune", "Choose the trunk's blocks and PCA size by cross-validation on train + val."),
     "fit": ("training.fit", "Fit SharedTrunkNet on Ray Train and write a router artifact."),
     "evaluate": ("training.evaluate", "Evaluate a router artifact against oracle and baselines."),
     "serve": ("serving.app", "Run the Ray Serve routing application."),

@@ -24,6 +24,7 @@ CONFIG_SCHEMAS: dict[str, str] = {
     "capture-ref.yaml": "training.capture:CaptureConfig",
     "probe.yaml": "training.probe:ProbeConfig",
     "fit.yaml": "training.fit:FitConfig",
+    "tune.yaml": "training.tune:TuneConfig",
     "serve-k8s.yaml": "serving.config:ServeConfig",
     "pipeline-small.yaml": "training.pipeline:PipelineConfig",
     "pipeline.yaml": "training.pipeline:PipelineConfig",

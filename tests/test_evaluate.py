@@ -109,6 +109,12 @@ def test_report_files_and_keys(evaluated):
                 assert len(r["auc"]) == 3 and len(r["sweep"]["cost"]) == len(r["sweep"]["accuracy"]) > 1
     md = (Path(cfg.out) / "report.md").read_text()
     assert "45.58%" in md and "74.31%" in md and "| prefill-router" in md and "oracle" in md
+    margins = out["auc_margin"]
+    assert set(margins) == {"knn-minilm", "mlp-minilm", "mf-minilm"} and "95% interval" in md
+    for name, m in margins.items():
+        test = out["subsets"]["test"]["routers"]
+        assert m["margin"] == pytest.approx(test["prefill-router"]["mean_auc"] - test[name]["mean_auc"])
+        assert m["low"] <= m["margin"] <= m["high"] and 0 <= m["p_le_zero"] <= 1
     png = Path(cfg.out) / "cost_accuracy.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

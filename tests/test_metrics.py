@@ -207,3 +207,24 @@ def test_disagreement_share():
     Y = np.array([[1, 1], [0, 0], [1, 0], [1, NAN], [NAN, NAN]])
     assert m.disagreement_mask(Y).tolist() == [False, False, True, False, False]
     assert m.disagreement_share(Y) == pytest.approx(0.25)
+
+
+def test_paired_bootstrap_auc_margin():
+    from training.uncertainty import paired_bootstrap_auc_margin, rank_auc
+
+    rng = np.random.default_rng(0)
+    Y = (rng.random((400, 2)) < 0.5).astype(float)
+    Y[::7, 1] = np.nan
+    ties = np.round(rng.random(Y.shape), 1)  # many tied scores
+    np.testing.assert_allclose(rank_auc(Y, ties), m.masked_auc(Y, ties))
+    good = np.where(np.isnan(Y), 0.5, 0.7 * np.nan_to_num(Y) + 0.3 * rng.random(Y.shape))  # AUC well above 0.5
+    noise = rng.random(Y.shape)                                                           # AUC about 0.5
+    out = paired_bootstrap_auc_margin(Y, good, noise, n_boot=200)
+    assert 0.3 < out["low"] < out["margin"] < out["high"] and out["p_le_zero"] == 0.0
+    same = paired_bootstrap_auc_margin(Y, good, good, n_boot=50)
+    assert same["margin"] == 0.0 and same["low"] == 0.0 == same["high"] and same["p_le_zero"] == 1.0
+    # hand case: P ranks perfectly (AUC 1), Q inverts (AUC 0): margin 1 on every replicate that has both classes
+    y = np.array([[0.0], [1.0], [0.0], [1.0]])
+    assert paired_bootstrap_auc_margin(y, y, 1 - y, n_boot=100)["low"] == 1.0
+    with pytest.raises(ValueError, match="same"):
+        paired_bootstrap_auc_margin(Y, good[:, :1], noise)

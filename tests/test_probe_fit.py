@@ -99,3 +99,39 @@ def test_fit_run_name_changes_with_inputs_so_resume_never_mixes_configs():
     wider = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seeds": 3})})
     assert run_name(wider, X, Y) != name
     assert run_name(cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": 1})}), X, Y) == name
+
+
+def test_tune_ranks_the_informative_block_first_without_test_rows(synth, tmp_path):
+    from shared.trunk import TrunkConfig
+    from training.tune import TuneConfig, run_tune
+
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"selected": {"blocks": ["h2_last"]}}))
+    cfg = TuneConfig(activations=synth["activations"], labels=synth["labels"], targets=synth["targets"],
+                     probe_report=str(probe), out=str(tmp_path / "tune"), folds=3, seeds=1,
+                     trunk=TrunkConfig(hidden=[16], dropout=[0.1], lr=1e-2, batch_size=64, max_epochs=40, patience=5),
+                     candidates=[{"blocks": ["h0_last"], "n_components": 24}, {"blocks": "probe", "n_components": 24}])
+    report = run_tune(cfg)
+    noise, signal = report["candidates"]
+    assert signal["blocks"] == ["h2_last"] and report["best"]["label"] == signal["label"]
+    for t in synth["targets"]:
+        assert signal["auc"][t] > 0.75 and noise["auc"][t] < 0.65
+    n_test = int(np.sum(load_routing_data(synth["activations"], synth["labels"], synth["targets"]).split == "test"))
+    assert report["n_rows"] == 1000 - n_test
+    assert (tmp_path / "tune" / "tune.png").stat().st_size > 5_000
+    with pytest.raises(ValueError, match="unknown blocks"):
+        run_tune(TuneConfig(**{**cfg.model_dump(), "candidates": [{"blocks": ["h9_last"], "n_components": 4}]}))
+    with pytest.raises(ValueError, match="test split"):
+        run_tune(TuneConfig(**{**cfg.model_dump(), "splits": ["train", "test"]}))
+
+
+def test_choose_candidate_prefers_shallow_near_ties_and_never_minilm():
+    from training.tune import choose_candidate
+
+    rows = [{"blocks": ["h21_last"], "mean_auc": 0.73}, {"blocks": ["h6_mean", "h9_last"], "mean_auc": 0.72},
+            {"blocks": ["h3_mean"], "mean_auc": 0.70}, {"blocks": ["minilm"], "mean_auc": 0.80}]
+    assert choose_candidate(rows)["blocks"] == ["h21_last"]
+    assert choose_candidate(rows, depth_tolerance=0.02)["blocks"] == ["h6_mean", "h9_last"]
+    assert choose_candidate(rows, depth_tolerance=0.05)["blocks"] == ["h3_mean"]
+    with pytest.raises(ValueError, match="no prefill"):
+        choose_candidate(rows[3:])

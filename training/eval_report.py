@@ -93,8 +93,22 @@ def markdown(report: dict[str, Any]) -> str:
         f"| mean per-target AUC, prefill router | ~{PAPER['mean_auc_prefill']} | {_num(ours['mean_auc'], '.3f')} |",
         f"| mean AUC, best prompt-only baseline | ~{PAPER['mean_auc_prompt_only']} | "
         f"{_num(max(semantic), '.3f') if semantic else '—'} |", "",
+        *margin_lines(report.get("auc_margin") or {}),
     ]
     return "\n".join(parts)
+
+
+def margin_lines(margins: dict[str, dict]) -> list[str]:
+    """Markdown: our mean-AUC margin over each probabilistic baseline, with its bootstrap CI."""
+    if not margins:
+        return []
+    lines = ["Mean per-target AUC margin of the prefill router over each probabilistic baseline on test "
+             "(paired bootstrap over test queries, 95% interval; p = share of replicates with margin <= 0):", "",
+             "| baseline | margin | 95% interval | p |", "|---|---:|---|---:|"]
+    for name, m in margins.items():
+        lines.append(f"| {name} | {_num(m['margin'], '+.3f')} | [{_num(m['low'], '+.3f')}, {_num(m['high'], '+.3f')}] "
+                     f"| {_num(m['p_le_zero'], '.3f')} |")
+    return lines + [""]
 
 
 def plot(report: dict[str, Any]) -> bytes:

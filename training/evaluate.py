@@ -69,6 +69,8 @@ class EvalConfig(StrictConfig):
     mlp_seeds: int = Field(3, gt=0, description="Seeds of the semantic MLP ensemble (all kept).")
     n_components: int = Field(128, gt=0, description="PCA components of the semantic MLP's embedding transform.")
     mf_dim: int = Field(64, gt=0, description="Latent size of the matrix-factorisation router.")
+    bootstrap: int = Field(1000, ge=0, description="Paired bootstrap replicates of the AUC margin over each "
+                           "probabilistic baseline on test (0: skip).")
     task_min_rows: int = Field(50, gt=0, description="task-best: a task with fewer train+val rows is pooled "
                                "into its source (e.g. MMLU subjects into mmlu).")
     trunk: TrunkConfig = Field(default_factory=TrunkConfig, description="Semantic MLP network and optimiser.")
@@ -248,12 +250,14 @@ def evaluate_routers(artifact, models: Sequence[RouterModel], data: RoutingData,
     refs = {k: references(Yte[m], C[masks["test"]][m], data.targets) for k, m in subsets.items()}
     out = {k: {"references": refs[k], "routers": {}} for k in subsets}
     default_tol = artifact.router.meta.policy.default_tolerance()
-    operating = {}
+    operating, test_proba = {}, {}
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("routers", total=len(models) + 1)
         for model in [artifact, *models]:
             progress.update(task, description=f"fitting {model.name}")
             pred = _fit_predict(model, parts)
+            if model.probabilistic:
+                test_proba[model.name] = pred["test"]
             for key, m in subsets.items():
                 Cte, Crte = C[masks["test"]][m], C_route[masks["test"]][m]
                 if model.probabilistic:
@@ -269,7 +273,19 @@ def evaluate_routers(artifact, models: Sequence[RouterModel], data: RoutingData,
             progress.advance(task)
     n = {s: int(m.sum()) for s, m in masks.items()} | {"test_disagreement": int(dis.sum())}
     return {"targets": list(data.targets), "n": n, "disagreement_share": M.disagreement_share(Yte),
-            "operating_point": operating[artifact.name], "subsets": out}
+            "operating_point": operating[artifact.name], "subsets": out,
+            "auc_margin": auc_margins(Yte, test_proba, artifact.name, cfg.bootstrap)}
+
+
+def auc_margins(Y: np.ndarray, proba: dict[str, np.ndarray], ours: str, n_boot: int) -> dict[str, dict]:
+    """Per probabilistic baseline: our mean-AUC margin over it on test, with a paired
+    bootstrap 95% interval (:func:`training.uncertainty.paired_bootstrap_auc_margin`)."""
+    from training.uncertainty import paired_bootstrap_auc_margin
+
+    if n_boot == 0:
+        return {}
+    return {name: paired_bootstrap_auc_margin(Y, proba[ours], P, n_boot=n_boot)
+            for name, P in proba.items() if name != ours}
 
 
 def run_evaluation(cfg: EvalConfig, data: RoutingData | None = None, texts: Sequence[str] | None = None,

@@ -15,7 +15,8 @@ from shared.artifact import (ArtifactMeta, EncoderInfo, PolicyDefaults, TargetIn
 from shared.trunk import FeatureTransform, TrunkConfig, build_ensemble, train_one
 from training import metrics as M
 from training.baselines import (AlwaysBest, AlwaysCheapest, KNNRouter, MFRouter, RandomRouter, TaskBestRouter,
-                                knn_proba, task_groups)
+                                knn_proba)
+from training.headroom import headroom_by_group, task_groups
 from training.dataset import RoutingData
 from training.evaluate import EvalConfig, run_evaluation
 
@@ -191,8 +192,20 @@ def test_task_best_pools_small_tasks_and_picks_per_group():
     assert router.choice == {"math": 2, "mmlu": 0}
     W = router.choice_weights(tiny(Y), [])
     assert W.argmax(axis=1).tolist() == [2] * 4 + [0] * 4 and np.all(W.sum(axis=1) == 1)
+    assert router.groups(ids(tiny(Y[:2]), [0, 7])).tolist() == ["math", "mmlu"]
     with pytest.raises(ValueError, match="no task"):
         TaskBestRouter({}, min_rows=2).fit(tiny(Y), [])
+
+
+def test_headroom_by_group_hand_case():
+    # best = m1; headroom rows: 0 (m0 right, m1 wrong: 1), 2 (0.5 partial credit), row 3 has m1 missing
+    Y = np.array([[1, 0], [1, 1], [0.5, 0], [1, np.nan], [0, 0]], float)
+    rows = headroom_by_group(Y, ["a", "a", "b", "b", "c"], best=1, targets=["m0", "m1"])
+    assert [r["group"] for r in rows] == ["a", "b", "c"]
+    a, b, c = rows
+    assert a["headroom_share"] == pytest.approx(1 / 1.5) and b["headroom_share"] == pytest.approx(0.5 / 1.5)
+    assert c["headroom_share"] == 0 and a["n"] == 2 and a["oracle"] == 1.0
+    assert b["accuracy"] == {"m0": 0.75, "m1": 0.0} and b["oracle"] == pytest.approx(0.75)
 
 
 def test_knn_proba_and_k_tuning():
@@ -278,7 +291,10 @@ def test_cli_reads_datasets_and_keeps_default_tolerance(evaluated, tmp_path):
     assert report["operating_point"]["tolerance"] == pytest.approx(read_meta(cfg.artifact).policy.default_tolerance())
     assert (Path(cfg.artifact) / "meta.json").read_bytes() == before
     assert set(report["subsets"]["test"]["routers"]) == {"prefill-router", "random", "always-cheapest", "task-best"}
-    assert "`task-best` is a reference" in (tmp_path / "out" / "report.md").read_text()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "`task-best` is a reference" in md and "## Where the headroom is" in md
+    shares = [r["headroom_share"] for r in report["headroom_by_task"]]
+    assert {r["group"] for r in report["headroom_by_task"]} == {"task0", "task1"} and sum(shares) == pytest.approx(1)
     assert main(args[:-1] + ["routers=[knn-minilm]", "queries=null"]) == 2  # semantic baselines need the text
 
 

@@ -95,16 +95,6 @@ class AlwaysBest(_OneTarget):
         return self
 
 
-def task_groups(tasks: Sequence[str], sources: Sequence[str], fit_mask: np.ndarray, min_rows: int) -> np.ndarray:
-    """``(n,)`` routing group per query: its ``task`` when that task has at least ``min_rows``
-    rows under ``fit_mask`` (train + val), else its ``source`` (MMLU's ~20-row subjects pool
-    into ``mmlu``, so a group's best target is not picked from a handful of rows)."""
-    tasks, sources = np.asarray(tasks, dtype=object), np.asarray(sources, dtype=object)
-    names, counts = np.unique(tasks[fit_mask], return_counts=True)
-    big = set(names[counts >= min_rows].tolist())
-    return np.array([t if t in big else s for t, s in zip(tasks, sources)], dtype=object)
-
-
 class TaskBestRouter(RouterModel):
     """Reference, not a deployable router: it is told each query's task (``task`` /
     ``source`` of the query table) and sends the query to the target that was most accurate
@@ -123,6 +113,7 @@ class TaskBestRouter(RouterModel):
         return [self.tasks[q][1] for q in data.query_ids], [self.tasks[q][0] for q in data.query_ids]
 
     def fit(self, train, train_text, val=None, val_text=None):
+        from training.headroom import task_groups
         from training.metrics import best_single
 
         parts = [train] if val is None else [train, val]
@@ -136,11 +127,15 @@ class TaskBestRouter(RouterModel):
         self.choice = {g: best_single(Y[groups == g], costs[groups == g])[0] for g in np.unique(groups)}
         return self
 
-    def choice_weights(self, data, text):
+    def groups(self, data: RoutingData) -> np.ndarray:
+        """``(n,)`` the fitted routing group of each row (a small or unseen task: its source)."""
         tasks, sources = self._meta(data)
+        return np.array([t if t in self.big else s for t, s in zip(tasks, sources)], dtype=object)
+
+    def choice_weights(self, data, text):
         W = np.zeros((len(data.query_ids), len(data.targets)))
-        for i, (t, s) in enumerate(zip(tasks, sources)):
-            W[i, self.choice.get(t if t in self.big else s, self.default)] = 1.0
+        for i, g in enumerate(self.groups(data)):
+            W[i, self.choice.get(g, self.default)] = 1.0
         return W
 
 

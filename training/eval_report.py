@@ -94,6 +94,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"| mean AUC, best prompt-only baseline | ~{PAPER['mean_auc_prompt_only']} | "
         f"{_num(max(semantic), '.3f') if semantic else '—'} |", "",
         *margin_lines(report.get("auc_margin") or {}),
+        *headroom_lines(report.get("headroom_by_task") or [], report["targets"]),
     ]
     return "\n".join(parts)
 
@@ -108,6 +109,21 @@ def margin_lines(margins: dict[str, dict]) -> list[str]:
     for name, m in margins.items():
         lines.append(f"| {name} | {_num(m['margin'], '+.3f')} | [{_num(m['low'], '+.3f')}, {_num(m['high'], '+.3f')}] "
                      f"| {_num(m['p_le_zero'], '.3f')} |")
+    return lines + [""]
+
+
+def headroom_lines(rows: list[dict], targets: list[str]) -> list[str]:
+    """Markdown: each task group's share of the test headroom over the best single target."""
+    if not rows:
+        return []
+    lines = ["## Where the headroom is (test, by task group of `task-best`)", "",
+             "Share of the oracle's gain over the best single target that each group holds, with each "
+             "target's accuracy there.", "",
+             "| group | n | " + " | ".join(targets) + " | oracle | headroom share |",
+             "|---|---:|" + "---:|" * len(targets) + "---:|---:|"]
+    for r in rows:
+        accs = " | ".join(_num(r["accuracy"][t], ".3f") for t in targets)
+        lines.append(f"| {r['group']} | {r['n']} | {accs} | {_num(r['oracle'], '.3f')} | {_pct(r['headroom_share'])} |")
     return lines + [""]
 
 

@@ -16,7 +16,7 @@ from shared.trunk import FeatureTransform, TrunkConfig, build_ensemble, train_on
 from training import metrics as M
 from training.baselines import (AlwaysBest, AlwaysCheapest, KNNRouter, MFRouter, RandomRouter, TaskBestRouter,
                                 knn_proba)
-from training.headroom import headroom_by_group, task_groups
+from training.headroom import big_tasks, headroom_by_group, task_groups
 from training.dataset import RoutingData
 from training.evaluate import EvalConfig, run_evaluation
 
@@ -181,8 +181,10 @@ def test_fixed_routers_and_expected_outcome():
 
 
 def test_task_best_pools_small_tasks_and_picks_per_group():
-    groups = task_groups(["a", "a", "b", "c", "c"], ["s", "s", "s", "r", "r"], np.array([1, 1, 1, 1, 0], bool), 2)
-    assert groups.tolist() == ["a", "a", "s", "r", "r"]  # b has 1 row, c 1 fitting row: pooled into the source
+    big = big_tasks(["a", "a", "b", "c"], 2)  # the fitting rows: b and c have 1 row each
+    assert big == {"a"}
+    groups = task_groups(["a", "a", "b", "c", "c"], ["s", "s", "s", "r", "r"], big)
+    assert groups.tolist() == ["a", "a", "s", "r", "r"]  # small tasks pooled into their source
     # rows t0-t3: task "math" (m2 right); t4-t7: subjects of "mmlu" with 1 row each (m0 right, m2 wrong)
     Y = [[0, 0, 1]] * 4 + [[1, 0, 0]] * 4
     tasks = {f"t{i}": ("rg", "math") for i in range(4)} | {f"t{i}": ("mmlu", f"subj{i}") for i in range(4, 8)}

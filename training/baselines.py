@@ -113,15 +113,15 @@ class TaskBestRouter(RouterModel):
         return [self.tasks[q][1] for q in data.query_ids], [self.tasks[q][0] for q in data.query_ids]
 
     def fit(self, train, train_text, val=None, val_text=None):
-        from training.headroom import task_groups
+        from training.headroom import big_tasks, task_groups
         from training.metrics import best_single
 
         parts = [train] if val is None else [train, val]
         Y, cost = np.concatenate([p.Y for p in parts]), np.concatenate([p.cost for p in parts])
         meta = [self._meta(p) for p in parts]
         tasks, sources = sum((m[0] for m in meta), []), sum((m[1] for m in meta), [])
-        groups = task_groups(tasks, sources, np.ones(len(tasks), bool), self.min_rows)
-        self.big = set(groups.tolist()) - set(sources)
+        self.big = big_tasks(tasks, self.min_rows)
+        groups = task_groups(tasks, sources, self.big)
         costs = np.where(np.isnan(cost), np.nanmean(cost, axis=0), cost)
         self.default = best_single(Y, costs)[0]
         self.choice = {g: best_single(Y[groups == g], costs[groups == g])[0] for g in np.unique(groups)}
@@ -129,8 +129,9 @@ class TaskBestRouter(RouterModel):
 
     def groups(self, data: RoutingData) -> np.ndarray:
         """``(n,)`` the fitted routing group of each row (a small or unseen task: its source)."""
-        tasks, sources = self._meta(data)
-        return np.array([t if t in self.big else s for t, s in zip(tasks, sources)], dtype=object)
+        from training.headroom import task_groups
+
+        return task_groups(*self._meta(data), self.big)
 
     def choice_weights(self, data, text):
         W = np.zeros((len(data.query_ids), len(data.targets)))

@@ -275,20 +275,19 @@ def evaluate_routers(artifact, models: Sequence[RouterModel], data: RoutingData,
     return {"targets": list(data.targets), "n": n, "disagreement_share": M.disagreement_share(Yte),
             "operating_point": operating[artifact.name], "subsets": out,
             "auc_margin": auc_margins(Yte, test_proba, artifact.name, cfg.bootstrap),
-            "headroom_by_task": task_headroom(models, parts["test"][0], data.targets)}
+            "headroom_by_task": task_headroom(models, parts["test"][0], refs["test"]["best_single"]["target"])}
 
 
-def task_headroom(models: Sequence[RouterModel], test: RoutingData, targets: list[str]) -> list[dict]:
+def task_headroom(models: Sequence[RouterModel], test: RoutingData, best: str) -> list[dict]:
     """Per task group of the fitted task-best reference (when evaluated): where the test
-    headroom over the best single target lies (:func:`training.headroom.headroom_by_group`)."""
+    headroom over the best single target ``best`` lies (:func:`training.headroom.headroom_by_group`)."""
     from training.baselines import TaskBestRouter
     from training.headroom import headroom_by_group
 
     ref = next((m for m in models if isinstance(m, TaskBestRouter)), None)
     if ref is None:
         return []
-    costs = np.nan_to_num(M.single_model_points(test.Y, test.cost)[1], nan=np.inf)
-    return headroom_by_group(test.Y, ref.groups(test), M.best_single(test.Y, costs)[0], targets)
+    return headroom_by_group(test.Y, ref.groups(test), test.targets.index(best), test.targets)
 
 
 def auc_margins(Y: np.ndarray, proba: dict[str, np.ndarray], ours: str, n_boot: int) -> dict[str, dict]:

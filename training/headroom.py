@@ -14,13 +14,16 @@ from typing import Any, Sequence
 import numpy as np
 
 
-def task_groups(tasks: Sequence[str], sources: Sequence[str], fit_mask: np.ndarray, min_rows: int) -> np.ndarray:
-    """``(n,)`` routing group per query: its ``task`` when that task has at least ``min_rows``
-    rows under ``fit_mask`` (train + val), else its ``source`` (MMLU's ~20-row subjects pool
-    into ``mmlu``, so a group's best target is not picked from a handful of rows)."""
-    tasks, sources = np.asarray(tasks, dtype=object), np.asarray(sources, dtype=object)
-    names, counts = np.unique(tasks[fit_mask], return_counts=True)
-    big = set(names[counts >= min_rows].tolist())
+def big_tasks(tasks: Sequence[str], min_rows: int) -> set[str]:
+    """Tasks with at least ``min_rows`` rows: big enough to be a routing group of their own."""
+    names, counts = np.unique(np.asarray(tasks, dtype=object), return_counts=True)
+    return set(names[counts >= min_rows].tolist())
+
+
+def task_groups(tasks: Sequence[str], sources: Sequence[str], big: set[str]) -> np.ndarray:
+    """``(n,)`` routing group per query: its ``task`` when the task is in ``big``
+    (:func:`big_tasks` of the fitting rows), else its ``source`` (MMLU's ~20-row subjects
+    pool into ``mmlu``, so a group's best target is not picked from a handful of rows)."""
     return np.array([t if t in big else s for t, s in zip(tasks, sources)], dtype=object)
 
 

@@ -164,8 +164,8 @@ def run_tune(cfg: TuneConfig, data: RoutingData | None = None) -> dict[str, Any]
     if len(data.query_ids) < cfg.folds:
         raise ValueError(f"{len(data.query_ids)} rows in splits {cfg.splits}: fewer than folds={cfg.folds}")
     groups = fold_groups(data, cfg.queries)
-    jobs = [(f"{'+'.join(candidate_blocks(c, cfg))} / {c.n_components}", candidate_blocks(c, cfg), c.n_components)
-            for c in cfg.candidates]
+    jobs = [(f"{'+'.join(names)} / {c.n_components}", names, c.n_components)
+            for c, names in ((c, candidate_blocks(c, cfg)) for c in cfg.candidates)]
     blocks = dict(data.blocks)
     if cfg.minilm:
         blocks[MINILM] = minilm_block(data, cfg.queries)

@@ -34,9 +34,10 @@ def headroom_by_group(Y: np.ndarray, groups: Sequence[str], best: int, targets: 
     ``Y``: ``(n, T)`` in [0, 1], NaN = missing (a row whose ``Y[i, best]`` is missing adds no
     headroom); ``groups``: ``(n,)``; ``best``: index of the best single target.
     """
+    from training.metrics import _row_best
+
     Y, groups = np.asarray(Y, dtype=np.float64), np.asarray(groups, dtype=object)
-    with np.errstate(invalid="ignore"):
-        oracle = np.where(np.isnan(Y).all(axis=1), np.nan, np.nanmax(np.nan_to_num(Y, nan=-np.inf), axis=1))
+    oracle = _row_best(Y)
     h = np.nan_to_num(oracle - Y[:, best], nan=0.0)
     total = h.sum()
     rows = []

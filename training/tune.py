@@ -142,7 +142,7 @@ def plot_tune(rows: list[dict[str, Any]], targets: list[str], path: Path) -> Non
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
     labels = [r["label"] for r in rows]
     ax.barh(labels, [r["mean_auc"] for r in rows], color="#9ab")
-    for t, name in enumerate(targets):
+    for name in targets:
         ax.plot([r["auc"][name] for r in rows], labels, "o", ms=4, label=name)
     low = min(min(r["auc"].values()) for r in rows)
     ax.set_xlim(max(0.0, low - 0.05), 1.0)

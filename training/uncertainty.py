@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 
-
 def rank_auc(Y: np.ndarray, P: np.ndarray) -> np.ndarray:
     """``(T,)`` ROC AUC per column by the Mann-Whitney statistic (ties get average ranks):
     ``AUC = (sum of the positives' ranks - n1 (n1 + 1) / 2) / (n1 n0)`` over present labels

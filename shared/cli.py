@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serving.app", "Run the Ray Serve routing application."),
     "cluster": ("cluster.local", "Start, stop and check a private local Ray head (start|stop|status)."),
     "submit": ("cluster.jobs", "Submit the retraining pipeline as a Ray job; status, logs, stop."),
-    "pipeline": ("training.pipeline", "Retrain end to end: data, label, capture, probe, fit, evaluate, publish."),
+    "pipeline": ("training.pipeline", "Retrain end to end: data, label, capture, probe, tune, fit, evaluate, publish."),
     "k8s": ("cluster.k8s", "Render and validate the KubeRay manifests; generate the RayService."),
     "demo": ("cluster.demo", "Run the whole system end to end on a local Ray cluster."),
 }

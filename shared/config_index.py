@@ -28,6 +28,7 @@ CONFIG_SCHEMAS: dict[str, str] = {
     "serve-k8s.yaml": "serving.config:ServeConfig",
     "pipeline-small.yaml": "training.pipeline:PipelineConfig",
     "pipeline.yaml": "training.pipeline:PipelineConfig",
+    "pipeline-ref.yaml": "training.pipeline:PipelineConfig",
     "demo.yaml": "training.pipeline:PipelineConfig",
     "demo-quick.yaml": "training.pipeline:PipelineConfig",
     "serve-local.yaml": "serving.config:ServeConfig",

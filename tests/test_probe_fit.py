@@ -135,3 +135,20 @@ def test_choose_candidate_prefers_shallow_near_ties_and_never_minilm():
     assert choose_candidate(rows, depth_tolerance=0.05)["blocks"] == ["h3_mean"]
     with pytest.raises(ValueError, match="no prefill"):
         choose_candidate(rows[3:])
+    unscored = {"blocks": ["h0_last"], "mean_auc": float("nan")}  # no fold had both classes
+    assert choose_candidate([unscored, *rows], depth_tolerance=0.05)["blocks"] == ["h3_mean"]
+    with pytest.raises(ValueError, match="no prefill"):
+        choose_candidate([unscored])
+
+
+def test_fit_takes_blocks_then_the_tune_choice_then_the_probe_selection(tmp_path):
+    from training.fit import chosen_features
+
+    (tmp_path / "tune.json").write_text(json.dumps({"best": {"blocks": ["h6_mean", "h9_last"], "n_components": 32}}))
+    (tmp_path / "probe.json").write_text(json.dumps({"selected": {"blocks": ["h21_last"]}}))
+    base = {"activations": "a", "labels": "l", "targets": ["t"], "n_components": 128}
+    both = FitConfig(**base, tune_report=str(tmp_path / "tune.json"), probe_report=str(tmp_path / "probe.json"))
+    assert chosen_features(both) == (["h6_mean", "h9_last"], 32, "tune")
+    assert chosen_features(both.model_copy(update={"blocks": ["h3_last"]})) == (["h3_last"], 128, "config")
+    assert chosen_features(both.model_copy(update={"tune_report": None})) == (["h21_last"], 128, "probe")
+    assert chosen_features(FitConfig(**base)) == (None, 128, "all")

@@ -117,7 +117,19 @@ def test_pipeline_config_wires_paths_under_work_dir():
     assert cfg.fit.out == cfg.evaluate.artifact == "/w/router"
     assert cfg.label.targets == cfg.probe.targets == cfg.fit.targets == ["smollm2-135m", "gemma3-270m"]
     assert cfg.fit.train.storage_path == "/w/ray-train" and cfg.fit.train.seeds == 3
+    assert cfg.tune.probe_report == "/w/probe/probe.json" and cfg.tune.out == "/w/tune"
+    assert cfg.fit.tune_report == "/w/tune/tune.json" and cfg.tune.queries == "/w/queries.parquet"
     assert PipelineConfig.model_validate(cfg.model_dump()) == cfg  # wired values round-trip
+    no_tune = load_config(PipelineConfig, SMALL, ["work_dir=/w", "tune=null"])
+    assert no_tune.tune is None and no_tune.fit.tune_report is None
+
+
+def test_pipeline_refuses_fixed_blocks_beside_a_tune_stage():
+    from shared.config import load_config
+    from training.pipeline import PipelineConfig
+
+    with pytest.raises(ValueError, match="fit.blocks is set"):
+        load_config(PipelineConfig, SMALL, ["fit.blocks=[h8_last]"])
 
 
 # --------------------------------------------------------------------------- end to end on a local head
@@ -150,10 +162,13 @@ def test_submit_runs_the_pipeline_and_publishes_locally(head, work, capsys):
                  "--state-file", head.state_file])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
-    assert "pipeline 7/7: publish" in out and "SUCCEEDED" in out
+    assert "pipeline 8/8: publish" in out and "SUCCEEDED" in out
     assert (published / "meta.json").is_file()
     router = load_artifact(str(published))
     assert router.target_names == ["smollm2-135m", "gemma3-270m"]
+    tuned = json.loads((work / "tune" / "tune.json").read_text())["best"]  # fit took tune's choice
+    assert sorted(router.meta.pooling) == sorted(tuned["blocks"])
+    assert router.meta.training_metrics["features"] == {"n_components": tuned["n_components"], "chosen_by": "tune"}
     record = json.loads((published / "publish.json").read_text())
     assert record["baseline"] is None and record["artifact"] == str(published)
     summary = json.loads((work / "pipeline-summary.json").read_text())
@@ -174,11 +189,11 @@ def test_resubmit_resumes_and_publishes_to_s3(head, work, moto_s3, capsys):
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     assert main(["submit", "status", "pr-test-s3", *job]) == 0 and "SUCCEEDED" in capsys.readouterr().out
-    assert main(["submit", "logs", "pr-test-s3", *job]) == 0 and "pipeline 7/7: publish" in capsys.readouterr().out
+    assert main(["submit", "logs", "pr-test-s3", *job]) == 0 and "pipeline 8/8: publish" in capsys.readouterr().out
     assert main(["submit", "stop", "pr-test-s3", *job]) == 0 and "not running" in capsys.readouterr().out
     assert main(["submit", "status", "no-such-job", *job]) == 2 and "does not exist" in flat(capsys.readouterr().err)
     stages = json.loads((work / "pipeline-summary.json").read_text())["stages"]
-    assert all(stages[s].get("skipped") for s in ("data", "probe", "fit", "evaluate")), stages
+    assert all(stages[s].get("skipped") for s in ("data", "probe", "tune", "fit", "evaluate")), stages
     assert stages["label"]["queries"] == 40 and stages["capture"]["shards_written"] == 0
     pointer = json.loads(s3.get_object(Bucket="routers", Key="current.json")["Body"].read())
     key = pointer["artifact"].removeprefix("s3://routers/")

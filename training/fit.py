@@ -33,19 +33,28 @@ class FitConfig(StrictConfig):
     out: str = Field("runs/router", description="Artifact directory: local path or s3:// URI.")
     registry: str | None = Field(None, description="Model registry YAML (prices); default configs/models.yaml.")
     blocks: list[str] | None = Field(None, description="Activation columns to use, e.g. [h12_last, h20_mean].")
-    probe_report: str | None = Field(None, description="probe.json whose selected blocks are used when blocks is unset.")
-    n_components: int = Field(128, gt=0, description="PCA components per block (fitted on train only).")
+    tune_report: str | None = Field(None, description="tune.json whose chosen blocks and n_components are used "
+                                                      "when blocks is unset (`prefill-router tune`).")
+    probe_report: str | None = Field(None, description="probe.json whose selected blocks are used when neither "
+                                                       "blocks nor tune_report is set.")
+    n_components: int = Field(128, gt=0, description="PCA components per block (fitted on train only); "
+                                                     "tune_report's choice replaces it.")
     tolerance: float = Field(0.2, ge=0, le=1, description="Default routing tolerance stored in the artifact.")
     ray_address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one.")
     train: TrainRunConfig = Field(default_factory=TrainRunConfig, description="Ray Train settings.")
 
 
-def chosen_blocks(cfg: FitConfig) -> list[str] | None:
+def chosen_features(cfg: FitConfig) -> tuple[list[str] | None, int, str]:
+    """``(blocks, n_components, source)``: ``blocks`` as set, else the tune report's choice
+    (with its PCA size), else the probe's selection, else None (every captured block)."""
     if cfg.blocks:
-        return list(cfg.blocks)
+        return list(cfg.blocks), cfg.n_components, "config"
+    if cfg.tune_report:
+        best = storage.read_json(cfg.tune_report)["best"]
+        return list(best["blocks"]), int(best["n_components"]), "tune"
     if cfg.probe_report:
-        return list(storage.read_json(cfg.probe_report)["selected"]["blocks"])
-    return None
+        return list(storage.read_json(cfg.probe_report)["selected"]["blocks"]), cfg.n_components, "probe"
+    return None, cfg.n_components, "all"
 
 
 def encoder_info(activations_uri: str) -> dict[str, Any]:
@@ -98,11 +107,12 @@ def fit_features(cfg: FitConfig, data: RoutingData | None = None) -> tuple[Routi
     on train only, and the ``(n, d)`` train and val features the trunk is trained on."""
     from shared.trunk import FeatureTransform
 
-    data = data or load_routing_data(cfg.activations, cfg.labels, cfg.targets, chosen_blocks(cfg))
+    blocks, n_components, _ = chosen_features(cfg)
+    data = data or load_routing_data(cfg.activations, cfg.labels, cfg.targets, blocks)
     tr, va = data.where("train"), data.where("val")
     if len(tr.query_ids) == 0 or len(va.query_ids) == 0:
         raise ValueError("fit needs rows in both the train and the val split")
-    transform = FeatureTransform.fit(tr.blocks, n_components=cfg.n_components)
+    transform = FeatureTransform.fit(tr.blocks, n_components=n_components)
     return data, transform, transform.transform(tr.blocks), transform.transform(va.blocks)
 
 
@@ -123,7 +133,8 @@ def run_fit(cfg: FitConfig, data: RoutingData | None = None) -> dict[str, Any]:
     ensemble = build_ensemble(kept)
     metrics = {**val_metrics(ensemble.predict_proba(Xva), va.Y, data.targets),
                "members_val_loss": {str(m.seed): m.val_loss for m in members},
-               "kept_seeds": [m.seed for m in kept], "n_train": int(len(tr.query_ids)), "n_val": int(len(va.query_ids))}
+               "kept_seeds": [m.seed for m in kept], "n_train": int(len(tr.query_ids)), "n_val": int(len(va.query_ids)),
+               "features": dict(zip(("n_components", "chosen_by"), chosen_features(cfg)[1:]))}
     blocks = transform.names
     meta = ArtifactMeta(
         encoder=encoder_info(cfg.activations) if cfg.activations else {"name": "unknown"},

@@ -1,18 +1,21 @@
 """``prefill-router pipeline run``: retraining end to end, resumable, one stage after another.
 
 Stages: **data** (build the query table, or use an existing one) -> **label** ->
-**capture** -> **probe** -> **fit** -> **evaluate** -> **publish** (``training/publish.py``).
+**capture** -> **probe** -> **tune** (only when the config has a ``tune`` section: the
+blocks and PCA size are then chosen by cross-validation, and fit uses that choice) ->
+**fit** -> **evaluate** -> **publish** (``training/publish.py``).
 Each stage is the module's own ``run_*`` function; :class:`PipelineConfig` holds their
 configs and wires every path between them under ``work_dir`` (a local directory):
 
     work_dir/queries.parquet   data (when ``data`` is given; else ``queries`` is read)
     work_dir/labels/           label       work_dir/activations/  capture
                                (``labels:`` names existing labels to reuse instead)
-    work_dir/probe/            probe       work_dir/router/       fit (the artifact)
+    work_dir/probe/            probe       work_dir/tune/         tune
+    work_dir/router/           fit (the artifact)
     work_dir/eval/             evaluate    work_dir/stages/       what each stage did
 
 A wired key (e.g. ``label.out``) may not be set to anything else. Re-running the same
-command resumes: label and capture skip their finished shards; data, probe, fit and
+command resumes: label and capture skip their finished shards; data, probe, tune, fit and
 evaluate are skipped when ``stages/<stage>.json`` records the same inputs (a hash of
 the stage's config and of what the stages before it wrote). Fit names its Ray Train run
 after a hash of its features and settings, so a checkpoint is reused only for identical inputs.
@@ -22,8 +25,6 @@ after a hash of its features and settings, so a checkpoint is reused only for id
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -40,13 +41,15 @@ from training.data import DataConfig
 from training.evaluate import EvalConfig
 from training.fit import FitConfig
 from training.label import LabelConfig
+from training.pipeline_state import check_pipeline, done_before, outputs_fingerprint, record, stage_key
 from training.probe import ProbeConfig
 from training.publish import PublishConfig
+from training.tune import TuneConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WORK = "runs/pipeline"
-STAGES = ("data", "label", "capture", "probe", "fit", "evaluate", "publish")
+STAGES = ("data", "label", "capture", "probe", "tune", "fit", "evaluate", "publish")
 
 
 def wiring(raw: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
@@ -61,12 +64,16 @@ def wiring(raw: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, di
         "label": {"queries": queries, "out": labels, "targets": targets, **common},
         "capture": {"queries": queries, "out": acts, **common},
         "probe": {"activations": acts, "labels": labels, "targets": targets, "out": storage.join(work, "probe")},
+        "tune": {"activations": acts, "labels": labels, "targets": targets, "queries": queries,
+                 "probe_report": storage.join(work, "probe", "probe.json"), "out": storage.join(work, "tune")},
         "fit": {"activations": acts, "labels": labels, "targets": targets, "out": router, **common},
         "evaluate": {"artifact": router, "activations": acts, "labels": labels, "queries": queries,
                      "out": storage.join(work, "eval")},
     }
     if raw.get("data") is not None:
         wired["data"] = {"output": queries}
+    if raw.get("tune") is not None:
+        wired["fit"]["tune_report"] = storage.join(work, "tune", "tune.json")
     defaults = {"label": {"progress": False}, "capture": {"progress": False},
                 "fit": {"probe_report": storage.join(work, "probe", "probe.json"),
                         "train": {"storage_path": storage.join(work, "ray-train")}}}
@@ -87,6 +94,8 @@ class PipelineConfig(StrictConfig):
     label: LabelConfig = Field(default_factory=dict, description="Labelling (paths and targets are wired).")
     capture: CaptureConfig = Field(default_factory=dict, description="Activation capture (paths are wired).")
     probe: ProbeConfig = Field(default_factory=dict, description="Layer probes (paths and targets are wired).")
+    tune: TuneConfig | None = Field(None, description="Choose the blocks and PCA size by cross-validation "
+                                    "(paths and targets are wired); fit then uses its choice. None: no tune stage.")
     fit: FitConfig = Field(default_factory=dict, description="Router fit (paths and targets are wired).")
     evaluate: EvalConfig = Field(default_factory=dict, description="Evaluation (paths are wired).")
     publish: PublishConfig = Field(default_factory=PublishConfig, description="Where and when to publish.")
@@ -103,9 +112,11 @@ class PipelineConfig(StrictConfig):
             raise ValueError("give `data` (a query table to build) or `queries` (the path of an existing one)")
         if storage.is_s3(str(raw.get("work_dir") or "")):
             raise ValueError("work_dir must be a local directory (publish.uri may be s3://)")
+        if raw.get("tune") is not None and (raw.get("fit") or {}).get("blocks"):
+            raise ValueError("fit.blocks is set, so the tune stage's choice would be ignored: remove one of them")
         wired, defaults = wiring(raw)
-        for stage in ("data", "label", "capture", "probe", "fit", "evaluate"):
-            if stage == "data" and raw.get("data") is None:
+        for stage in ("data", "label", "capture", "probe", "tune", "fit", "evaluate"):
+            if stage in ("data", "tune") and raw.get(stage) is None:
                 continue
             section = dict(raw.get(stage) or {})
             clash = sorted(k for k, v in wired.get(stage, {}).items() if k in section and section[k] != v)
@@ -117,83 +128,6 @@ class PipelineConfig(StrictConfig):
                     section.get(key, value)
             raw[stage] = {**section, **wired.get(stage, {})}
         return raw
-
-
-# --------------------------------------------------------------------------- checks
-def _local(path: str, base: Path) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else base / p
-
-
-def check_pipeline(cfg: PipelineConfig, base: str | Path | None = None) -> None:
-    """What can be checked before any work starts (paths relative to ``base``); raises with the reason."""
-    from shared.registry import load_registry
-
-    base = Path(base or ".")
-    if cfg.registry and not _local(cfg.registry, base).is_file():
-        raise FileNotFoundError(f"registry {cfg.registry} not found")
-    registry = load_registry(_local(cfg.registry, base) if cfg.registry else None)
-    if len(set(cfg.targets)) != len(cfg.targets):
-        raise ValueError(f"targets listed twice: {cfg.targets}")
-    for name in cfg.targets:
-        try:
-            spec = registry.get(name)
-        except KeyError as exc:
-            raise KeyError(f"targets: {exc.args[0]}") from exc
-        if spec.role == "encoder":
-            raise ValueError(f"targets: {name!r} is an encoder only (role: encoder), not a target")
-    try:
-        encoder = registry.get(cfg.capture.encoder)
-    except KeyError as exc:
-        raise KeyError(f"capture.encoder: {exc.args[0]}") from exc
-    if encoder.role not in ("encoder", "both"):
-        raise ValueError(f"capture.encoder: {encoder.name!r} is a {encoder.role}, not an encoder")
-    if cfg.queries and not storage.is_s3(cfg.queries) and not _local(cfg.queries, base).is_file():
-        raise FileNotFoundError(f"queries: no query table at {cfg.queries} (looked at {_local(cfg.queries, base)}); "
-                                "build one with `prefill-router data build` or give `data:` to build it here")
-    if cfg.labels and not storage.is_s3(cfg.labels) and not _local(cfg.labels, base).is_dir():
-        raise FileNotFoundError(f"labels: no labels directory at {cfg.labels} (looked at {_local(cfg.labels, base)})")
-    reload = cfg.publish.reload_serve_app
-    if reload:
-        from serving.config import ServeConfig
-        from shared.config import load_config
-
-        load_config(ServeConfig, _local(reload.serve_config, base), reload.overrides)
-
-
-# --------------------------------------------------------------------------- resume bookkeeping
-def stage_key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def outputs_fingerprint(*dirs: str) -> str:
-    """Name, size and mtime of every finished shard under ``dirs`` (what label and capture wrote)."""
-    files = []
-    for d in dirs:
-        root = Path(d)
-        for p in sorted(root.rglob("shard-*.parquet")) if root.is_dir() else []:
-            if "failed" not in p.relative_to(root).parts:
-                st = p.stat()
-                files.append((str(p.relative_to(root.parent)), st.st_size, st.st_mtime_ns))
-    return stage_key(files)
-
-
-def _stamp(work: str, stage: str) -> Path:
-    return Path(work) / "stages" / f"{stage}.json"
-
-
-def done_before(work: str, stage: str, key: str, output: str) -> dict[str, Any] | None:
-    """The recorded result of ``stage`` when it ran with ``key`` and its output is still there."""
-    path = _stamp(work, stage)
-    if not path.is_file() or not storage.exists(output):
-        return None
-    record = json.loads(path.read_text())
-    return record["result"] if record.get("key") == key else None
-
-
-def record(work: str, stage: str, key: str, result: dict[str, Any]) -> dict[str, Any]:
-    storage.write_json(str(_stamp(work, stage)), {"key": key, "result": result})
-    return result
 
 
 # --------------------------------------------------------------------------- stages
@@ -258,11 +192,21 @@ def stage_probe(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dic
     return record(cfg.work_dir, "probe", key, {"blocks": report["selected"]["blocks"], "rows": report["n_rows"]})
 
 
+def stage_tune(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+    from training.tune import run_tune
+
+    keys["tune"] = key = stage_key(cfg.tune.model_dump(mode="json"), keys["probe"])
+    if (old := done_before(cfg.work_dir, "tune", key, storage.join(cfg.tune.out, "tune.json"))) is not None:
+        return {**old, "skipped": True}
+    best = run_tune(cfg.tune)["best"]
+    return record(cfg.work_dir, "tune", key, {k: best[k] for k in ("blocks", "n_components", "mean_auc")})
+
+
 def stage_fit(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
     from shared.artifact import META_FILE
     from training.fit import run_fit
 
-    keys["fit"] = key = stage_key(cfg.fit.model_dump(mode="json"), keys["probe"])
+    keys["fit"] = key = stage_key(cfg.fit.model_dump(mode="json"), keys.get("tune", keys["probe"]))
     if (old := done_before(cfg.work_dir, "fit", key, storage.join(cfg.fit.out, META_FILE))) is not None:
         return {**old, "skipped": True}
     meta = run_fit(cfg.fit)  # its Ray Train run is named after a hash of its inputs (fit.run_name)
@@ -294,7 +238,7 @@ def stage_publish(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> d
 
 
 STAGE_FUNCS = {"data": stage_data, "label": stage_label, "capture": stage_capture, "probe": stage_probe,
-               "fit": stage_fit, "evaluate": stage_evaluate, "publish": stage_publish}
+               "tune": stage_tune, "fit": stage_fit, "evaluate": stage_evaluate, "publish": stage_publish}
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
@@ -307,9 +251,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     started = False
     t_all = time.perf_counter()
+    stages = [s for s in STAGES if s != "tune" or cfg.tune is not None]
     try:
-        for i, name in enumerate(STAGES, 1):
-            console.rule(f"[bold cyan]pipeline {i}/{len(STAGES)}: {name}")
+        for i, name in enumerate(stages, 1):
+            console.rule(f"[bold cyan]pipeline {i}/{len(stages)}: {name}")
             if name == "label" and not ray.is_initialized():
                 ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
                 started = True

@@ -94,12 +94,13 @@ def cv_auc(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.ndarray, n_c
 def choose_candidate(rows: Sequence[dict[str, Any]], depth_tolerance: float = 0.0) -> dict[str, Any]:
     """The chosen row: among rows with ``mean_auc >= max(mean_auc) - depth_tolerance``, the
     smallest deepest layer (``max`` of the blocks' layer indices), then the highest ``mean_auc``.
-    MiniLM rows are never chosen."""
+    MiniLM rows and rows whose ``mean_auc`` is NaN (no fold had both classes) are never chosen."""
     from training.dataset import parse_block
 
-    rows = [r for r in rows if r["blocks"] != [MINILM]]
+    rows = [r for r in rows if r["blocks"] != [MINILM] and np.isfinite(r["mean_auc"])]
     if not rows:
-        raise ValueError("no prefill candidates to choose from")
+        raise ValueError("no prefill candidate has a cross-validated AUC (too few rows, or a target "
+                         "with one class only in every fold?)")
     top = max(r["mean_auc"] for r in rows)
     near = [r for r in rows if r["mean_auc"] >= top - depth_tolerance]
     return min(near, key=lambda r: (max(parse_block(b)[0] for b in r["blocks"]), -r["mean_auc"]))

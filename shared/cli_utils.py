@@ -8,6 +8,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -39,7 +40,7 @@ def friendly_errors(fn: Callable[[], object]) -> object:
         return fn()
     except expected as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        err_console.print(f"[bold red]error:[/] {message}")
+        err_console.print(f"[bold red]error:[/] {escape(str(message))}")  # "[h6_mean]" is text, not markup
         raise typer.Exit(code=2) from exc
 
 

@@ -283,13 +283,14 @@ def _load(config: str | None, overrides: list[str] | None) -> PipelineConfig:
 def _run_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Run the retraining pipeline; re-run the same command to resume where it stopped."""
     import typer
+    from rich.markup import escape
 
     from shared.cli_utils import err_console, friendly_errors
 
     try:
         summary = friendly_errors(lambda: run_pipeline(_load(config, overrides)))
     except RuntimeError as exc:
-        err_console.print(f"[bold red]pipeline failed:[/] {exc}")
+        err_console.print(f"[bold red]pipeline failed:[/] {escape(str(exc))}")
         raise typer.Exit(code=1) from exc
     pub = summary["stages"]["publish"]
     console.print(f"pipeline finished in {summary['seconds']:.0f}s; "

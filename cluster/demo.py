@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from shared.cli_utils import console, friendly_errors, run_app, setup_logging
@@ -208,7 +209,7 @@ def run_demo(workdir: Path, quick: bool, reference_labels: Path | None = None, n
         served = serve_and_chat(cfg.fit.out, prompts)
         seconds["serve + chats"] = time.perf_counter() - t0
         for reason in served["not_served"].values():
-            console.print(f"[yellow]not served here, so the router chooses among the others:[/] {reason}")
+            console.print(f"[yellow]not served here, so the router chooses among the others:[/] {escape(reason)}")
         print_chats(served["chats"])
     finally:
         t0 = stage("4/4 shut down")

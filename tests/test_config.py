@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,22 @@ def test_every_shipped_yaml_is_indexed_and_valid():
     assert not unindexed, f"add these to shared/config_index.py: {unindexed}"
     for name in shipped:
         load_config(schema_for(name), CONFIG_DIR / name)
+
+
+def test_pipeline_ref_keeps_the_settings_of_the_stage_by_stage_configs():
+    """configs/pipeline-ref.yaml repeats capture-ref, probe, tune, fit and evaluate.yaml
+    (minus the paths the pipeline wires): an edit to one of them must reach the other."""
+    ref = load_config(schema_for("pipeline-ref.yaml"), CONFIG_DIR / "pipeline-ref.yaml", [])
+    paths = {"queries", "out", "activations", "labels", "targets", "artifact", "probe_report", "registry",
+             "ray_address", "progress"}
+    pairs = {"capture-ref.yaml": ref.capture, "probe.yaml": ref.probe, "tune.yaml": ref.tune,
+             "evaluate.yaml": ref.evaluate}
+    for name, section in pairs.items():
+        alone = load_config(schema_for(name), CONFIG_DIR / name, [])
+        assert alone.model_dump(exclude=paths) == section.model_dump(exclude=paths), name
+    fit = load_config(schema_for("fit.yaml"), CONFIG_DIR / "fit.yaml", [])
+    best = json.loads((CONFIG_DIR.parent / "data" / "tune" / "tune.json").read_text())["best"]
+    assert (fit.blocks, fit.n_components) == (best["blocks"], best["n_components"])  # pipeline-ref: from tune
+    skip = {"storage_path"}
+    assert fit.train.model_dump(exclude=skip) == ref.fit.train.model_dump(exclude=skip)
+    assert fit.tolerance == ref.fit.tolerance

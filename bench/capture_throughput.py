@@ -69,9 +69,10 @@ def block_params(model, depth: int) -> int:
 def run_pipeline(cfg) -> dict:
     import ray
 
+    from shared.ray_boot import ensure_ray
     from training.capture import run_capture
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ensure_ray(log_to_driver=False)
     try:
         t0 = time.perf_counter()
         summary = run_capture(cfg)

@@ -62,12 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "fit_workers.json"))
     args = parser.parse_args(argv)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    from shared.ray_boot import ensure_ray
+
     cfg, *arrays = load_features(args.config)
-    ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False)
+    ensure_ray("local", num_cpus=max(args.workers), log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-fit-") as storage:
             rows = [time_fit(cfg, arrays, w, args.seeds, storage) for w in args.workers]

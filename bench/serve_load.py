@@ -115,6 +115,7 @@ def run_app(args: argparse.Namespace, prompts: list) -> list[dict]:
 
     from serving.app import deploy
     from serving.config import ServeConfig
+    from shared.ray_boot import ensure_ray
 
     port = free_port()
     cfg = ServeConfig.model_validate({
@@ -123,7 +124,7 @@ def run_app(args: argparse.Namespace, prompts: list) -> list[dict]:
         "target_timeout_s": 600, "encoder_batch": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005},
         "encoder": {"max_ongoing_requests": 64}, "target_defaults": {"max_ongoing_requests": 64, "num_cpus": 0.5},
         "ingress": {"max_ongoing_requests": 256, "num_cpus": 0.2}})
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ensure_ray("local", num_cpus=args.num_cpus, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         deploy(cfg)

@@ -21,10 +21,12 @@ Ray workers call ``setpgrp`` themselves, so the descendants of the group's membe
 are stopped too.
 
 Addresses. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` puts Ray in single-machine mode:
-the node address is 127.0.0.1 and the GCS, raylet and dashboard listen on loopback
-only. A driver must run with the same variable set (``ray_env`` gives it), otherwise
-Ray rewrites ``127.0.0.1`` to the machine's address and times out connecting. Use
-``auth_mode: token`` on a shared machine (any local user can reach loopback ports).
+the node address is 127.0.0.1 and the GCS, raylet, dashboard and its agents listen on
+loopback only. A driver must be in the same mode, otherwise Ray rewrites ``127.0.0.1`` to
+the machine's address and retries connecting forever; ``shared.ray_boot.ensure_ray``
+(every entry point's Ray bootstrap) does that for any loopback address, even after
+``import ray``. Use ``auth_mode: token`` on a shared machine (any local user can reach
+loopback ports).
 """
 
 from __future__ import annotations

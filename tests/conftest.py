@@ -7,9 +7,9 @@ import tempfile
 
 import pytest
 
-# Ray: loopback only, no usage stats, no auth for the local test cluster, a private tmp dir.
+# Ray: no usage stats, no auth for the local test cluster, a private tmp dir. Loopback-only
+# (single-machine) mode is not set here: shared.ray_boot.ensure_ray sets it, as in production.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="pr-ray-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -61,6 +61,8 @@ def ray_cluster(moto_s3):
     """A local 2-CPU Ray for one test module (after moto's env is set, so workers reach S3)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from shared.ray_boot import ensure_ray
+
+    ensure_ray("local", num_cpus=2, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

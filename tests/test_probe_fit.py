@@ -47,7 +47,9 @@ def test_probe_finds_the_informative_layer_without_test_rows(synth, tmp_path):
 def test_fit_on_ray_train_writes_a_loadable_artifact(synth, tmp_path):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from shared.ray_boot import ensure_ray
+
+    ensure_ray("local", num_cpus=2, log_to_driver=False)
     try:
         cfg = FitConfig(activations=synth["activations"], labels=synth["labels"], targets=synth["targets"],
                         out=str(tmp_path / "router"), blocks=["h2_last", "h1_mean"], n_components=8,

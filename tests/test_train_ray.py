@@ -11,7 +11,9 @@ from training.train_ray import TrainRunConfig, train_ensemble
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from shared.ray_boot import ensure_ray
+
+    ensure_ray("local", num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
 

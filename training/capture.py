@@ -31,6 +31,7 @@ from pydantic import Field, model_validator
 
 from shared.cli_utils import ConfigOption, Overrides
 from shared.config import StrictConfig
+from shared.ray_boot import ensure_ray
 from training.shards import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -244,16 +245,6 @@ def native_tensor_format() -> Any:
     return FixedShapeTensorFormat.ARROW_NATIVE
 
 
-def _ensure_ray(address: str | None) -> bool:
-    """Connect to (or start) Ray; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    return True
-
-
 def _use_gpu(cfg: CaptureConfig) -> bool:
     import ray
 
@@ -311,7 +302,7 @@ def run_capture(cfg: CaptureConfig) -> dict[str, Any]:
     writer = TensorShardWriter(cfg.out, expected, plan["columns"])
     use_gpu = False
     if pending.num_rows:
-        started = _ensure_ray(cfg.ray_address)
+        started = ensure_ray(cfg.ray_address, log_to_driver=False)
         try:
             use_gpu = _use_gpu(cfg)
             counts = _stream(build_pipeline(pending, cfg, plan, use_gpu), writer, pending.num_rows, cfg.progress)

@@ -18,6 +18,7 @@ from pydantic import Field
 from shared import storage
 from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
 from shared.config import StrictConfig
+from shared.ray_boot import ensure_ray
 from training.dataset import RoutingData, load_routing_data, parse_block
 from training.train_ray import TrainRunConfig
 
@@ -118,16 +119,13 @@ def fit_features(cfg: FitConfig, data: RoutingData | None = None) -> tuple[Routi
 
 def run_fit(cfg: FitConfig, data: RoutingData | None = None) -> dict[str, Any]:
     """Fit and write the artifact; returns its metadata as a dict."""
-    import ray
-
     from shared.artifact import ArtifactMeta, PolicyDefaults, save_artifact
     from shared.trunk import build_ensemble, select_ensemble
     from training.train_ray import train_ensemble
 
     data, transform, Xtr, Xva = fit_features(cfg, data)
     tr, va = data.where("train"), data.where("val")
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
+    ensure_ray(cfg.ray_address, log_to_driver=False)
     members, _ = train_ensemble(Xtr, tr.Y, Xva, va.Y, cfg.train.model_copy(update={"name": run_name(cfg, Xtr, tr.Y)}))
     kept = select_ensemble(members, min(cfg.train.keep, len(members)))
     ensemble = build_ensemble(kept)

@@ -35,6 +35,7 @@ from pydantic import Field
 from shared import storage
 from shared.cli_utils import ConfigOption, Overrides
 from shared.config import StrictConfig
+from shared.ray_boot import ensure_ray
 from shared.registry import Backend, ModelSpec
 from training import shards as sh
 from training.backends import OpenAIOptions, ScoringOptions
@@ -262,16 +263,6 @@ def by_length_within_shard(pending: pa.Table) -> pa.Table:
     return pending.take(pa.array(order, pa.int64()))
 
 
-def ensure_ray(address: str | None) -> bool:
-    """Connect to (or start) Ray unless already connected; returns whether this call did it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
-    return True
-
-
 def stream_labels(jobs: dict[str, tuple[ModelSpec, pa.Table]], writers: dict[str, LabelShardWriter],
                   cfg: LabelConfig) -> None:
     """Run the pipeline and hand every result batch to its target's shard writer."""
@@ -346,7 +337,7 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     writers = {name: writer for name, (_, _, writer) in plans.items()}
     log.info("to label: %s", {name: pending.num_rows for name, (_, pending) in jobs.items()} or "nothing")
     if jobs:
-        started = ensure_ray(cfg.ray_address)
+        started = ensure_ray(cfg.ray_address, log_to_driver=False)
         try:
             stream_labels(jobs, writers, cfg)
         finally:

@@ -36,6 +36,7 @@ from pydantic import Field, model_validator
 from shared import storage
 from shared.cli_utils import ConfigOption, Overrides, console
 from shared.config import StrictConfig
+from shared.ray_boot import ensure_ray
 from training.capture import CaptureConfig
 from training.data import DataConfig
 from training.evaluate import EvalConfig
@@ -255,9 +256,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     try:
         for i, name in enumerate(stages, 1):
             console.rule(f"[bold cyan]pipeline {i}/{len(stages)}: {name}")
-            if name == "label" and not ray.is_initialized():
-                ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
-                started = True
+            if name == "label":
+                started = ensure_ray(cfg.ray_address, log_to_driver=False) or started
             t0 = time.perf_counter()
             results[name] = STAGE_FUNCS[name](cfg, keys, results)
             seconds = time.perf_counter() - t0

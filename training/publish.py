@@ -26,6 +26,7 @@ from pydantic import Field
 
 from shared import storage
 from shared.config import StrictConfig
+from shared.ray_boot import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,7 @@ def reload_serve(reload: ReloadServeConfig, artifact: str) -> dict[str, Any]:
     cfg = load_config(ServeConfig, reload.serve_config, overrides)
     if reload.ray_address and ray.is_initialized():
         ray.shutdown()
-    if not ray.is_initialized():
-        ray.init(address=reload.ray_address, log_to_driver=False)
+    ensure_ray(reload.ray_address, log_to_driver=False)
     deploy(cfg, artifact=artifact, timeout_s=reload.timeout_s)
     return {"app": cfg.app_name, "artifact": artifact}
 

@@ -7,11 +7,46 @@ import sys
 from typing import Annotated, Callable, Optional
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
+from rich.text import Text
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+PIPE_WIDTH = 10_000  # wider than any table: a table does not expand, so it keeps its natural width
+RULE_WIDTH = 80  # a rule fills the width: in a log or pipe it keeps a terminal's usual width
+
+
+class CliConsole(Console):
+    """A rich Console that writes to a log or pipe at full width, not rich's 80 columns.
+
+    Rich sizes a console that is not a terminal at 80 columns, so a table piped to a file
+    is squeezed and its cells cut ("prefill-…"). Here a non-terminal is ``PIPE_WIDTH`` wide
+    (tables never expand, so each keeps its natural width) and rules stay ``RULE_WIDTH``.
+    A terminal, an explicit ``width`` and the ``COLUMNS`` variable keep rich's behaviour.
+    """
+
+    def _pipe(self) -> bool:
+        return self._width is None and "COLUMNS" not in self._environ and not self.is_terminal
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        return ConsoleDimensions(PIPE_WIDTH, size.height) if self._pipe() else size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+    def rule(self, title: object = "", **kwargs: object) -> None:
+        from rich.rule import Rule
+
+        width = None
+        if self._pipe():
+            width = max(RULE_WIDTH, len(Text.from_markup(title) if isinstance(title, str) else title) + 8)
+        self.print(Rule(title=title, **kwargs), width=width)
+
+
+console = CliConsole(stderr=False)
+err_console = CliConsole(stderr=True)
 
 ConfigOption = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file.")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. seed=3 mmlu.n=50")]

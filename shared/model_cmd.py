@@ -24,26 +24,34 @@ def registry_table(registry: ModelRegistry) -> Table:
     return table
 
 
+def print_conversion(name: str, seconds: float | None) -> None:
+    """Progress of ``shared.models.prepare_models``: a line as a conversion starts, one when it ends."""
+    if seconds is None:
+        console.print(f"converting {name} GGUF → bf16 cache (first run only)…", highlight=False)
+    else:
+        console.print(f"  {name} converted in {seconds:.1f} s", highlight=False)
+
+
 def timed_load(spec: ModelSpec) -> dict:
     """Load a model (converting on first use) and report timings and shape."""
-    from shared.models import converted_dir, load_causal_lm
+    from shared.models import load_causal_lm
 
-    cached = spec.source == "hf" or (converted_dir(spec) / "SOURCE_SHA256").is_file()
     start = time.perf_counter()
     loaded = load_causal_lm(spec)
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in loaded.model.parameters())
-    return {"name": spec.name, "seconds": seconds, "from_cache": cached, "layers": loaded.num_layers,
+    return {"name": spec.name, "seconds": seconds, "layers": loaded.num_layers,
             "hidden": loaded.hidden_size, "params_m": params / 1e6, "device": loaded.device, "model": loaded}
 
 
 def load_table(rows: list[dict]) -> Table:
     table = Table(title="model loads")
-    for col in ("name", "layers", "hidden", "params (M)", "device", "load (s)", "from cache"):
+    for col in ("name", "layers", "hidden", "params (M)", "device", "convert (s)", "load (s)"):
         table.add_column(col)
     for r in rows:
+        convert = r.get("convert_s")
         table.add_row(r["name"], str(r["layers"]), str(r["hidden"]), f"{r['params_m']:.0f}", r["device"],
-                      f"{r['seconds']:.2f}", "yes" if r["from_cache"] else "no (converted)")
+                      "cached" if convert is None else f"{convert:.1f}", f"{r['seconds']:.2f}")
     return table
 
 
@@ -54,13 +62,15 @@ def _list(registry: RegistryOption = None) -> None:
 
 def _prepare(names: Annotated[Optional[list[str]], typer.Argument(help="Models (default: all non-opt-in).")] = None,
              registry: RegistryOption = None) -> None:
-    """Convert GGUF models to the cached bf16 copy and time a load of each."""
+    """Convert GGUF models to the cached bf16 copy, then time a load of each (from the cache)."""
+    from shared.models import prepare_models
 
     def run() -> None:
         reg = load_registry(registry)
         specs = [reg.get(n) for n in names] if names else [m for m in reg.models if not m.opt_in]
-        rows = [timed_load(s) for s in specs if s.source != "openai"]
-        console.print(load_table(rows))
+        local = [s for s in specs if s.source != "openai"]
+        converted = prepare_models(local, print_conversion)
+        console.print(load_table([{**timed_load(s), "convert_s": converted.get(s.name)} for s in local]))
 
     friendly_errors(run)
 

@@ -13,12 +13,14 @@ import hashlib
 import importlib
 import importlib.util
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from shared.registry import CHAT_TEMPLATE_DIR, ModelSpec
 
@@ -122,12 +124,17 @@ def converted_dir(spec: ModelSpec, cache: Path | None = None) -> Path:
     return (cache or cache_root()) / "models" / f"{spec.sha256[:16]}-{spec.name}"
 
 
+def is_converted(spec: ModelSpec, cache: Path | None = None) -> bool:
+    """Whether the bf16 copy of a GGUF model is in the cache (a finished conversion)."""
+    return (converted_dir(spec, cache) / "SOURCE_SHA256").is_file()
+
+
 def _convert_gguf(spec: ModelSpec, dest: Path, cache: Path) -> None:
     """Dequantize the GGUF into a bf16 safetensors directory, atomically."""
+    gguf = resolve_gguf(spec, cache)  # a missing file fails before the heavy imports
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    gguf = resolve_gguf(spec, cache)
     log.info("converting %s (%s) to bf16 safetensors at %s", spec.name, gguf.name, dest)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
@@ -156,9 +163,45 @@ def ensure_local(spec: ModelSpec, cache: Path | None = None) -> str:
         return spec.hf_id
     cache = cache or cache_root()
     dest = converted_dir(spec, cache)
-    if not (dest / "SOURCE_SHA256").is_file():
+    if not is_converted(spec, cache):
         _convert_gguf(spec, dest, cache)
     return str(dest)
+
+
+def unconverted(specs: Iterable[ModelSpec], cache: Path | None = None) -> list[ModelSpec]:
+    """The GGUF models among ``specs`` whose bf16 copy is not cached yet, each once, in order."""
+    todo: dict[str, ModelSpec] = {}
+    for spec in specs:
+        if spec.source not in ("hf", "openai") and spec.name not in todo and not is_converted(spec, cache):
+            todo[spec.name] = spec
+    return list(todo.values())
+
+
+Progress = Callable[[str, float | None], None]  # (model name, None at the start / seconds when done)
+
+
+def prepare_models(specs: Iterable[ModelSpec], progress: Progress | None = None,
+                   cache: Path | None = None) -> dict[str, float]:
+    """Convert each GGUF model among ``specs`` whose cached bf16 copy is missing; the seconds of each.
+
+    Nothing to do (every copy cached, or hub / endpoint models) costs a few ``stat`` calls.
+    Each conversion runs in a spawned child process, so this process never holds a model's
+    memory. ``progress(name, None)`` is called as a conversion starts, ``progress(name, s)``
+    when it is done. A model whose weights are missing raises its ``ModelLoadError``."""
+    todo = unconverted(specs, cache)
+    seconds: dict[str, float] = {}
+    if not todo:
+        return seconds
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # leaving it kills the child
+        for spec in todo:
+            if progress:
+                progress(spec.name, None)
+            start = time.perf_counter()
+            pool.apply(ensure_local, (spec, cache))
+            seconds[spec.name] = time.perf_counter() - start
+            if progress:
+                progress(spec.name, seconds[spec.name])
+    return seconds
 
 
 def missing_weights(spec: ModelSpec, cache: Path | None = None) -> str | None:
@@ -170,7 +213,7 @@ def missing_weights(spec: ModelSpec, cache: Path | None = None) -> str | None:
     if spec.source in ("hf", "openai"):
         return None
     cache = cache or cache_root()
-    if (converted_dir(spec, cache) / "SOURCE_SHA256").is_file():
+    if is_converted(spec, cache):
         return None
     if spec.gguf_file and (cache / "gguf" / spec.gguf_file).is_file():
         return None

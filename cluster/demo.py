@@ -115,16 +115,40 @@ def pipeline_config(workdir: Path, quick: bool, reference_labels: Path | None,
     return PipelineConfig.model_validate(raw)
 
 
+def demo_models(cfg: Any) -> list[Any]:
+    """The models the demo loads: the encoder and every target whose weights this machine has
+    (those Serve serves, as ``cluster.demo_chat.servable_targets`` decides; the others it names)."""
+    from shared.models import missing_weights
+    from shared.registry import load_registry
+
+    registry = load_registry(cfg.registry)
+    specs = [registry.get(cfg.capture.encoder)] + [registry.get(t) for t in cfg.targets]
+    return [s for s in specs if missing_weights(s) is None]
+
+
+def prepare_demo_models(cfg: Any) -> float:
+    """Convert, before anything starts, each demo model whose bf16 cache is missing, in a child
+    process, with a line as each starts and ends (else a Serve replica would convert it, silently).
+    Nothing to convert costs a few ``stat`` calls and prints nothing. The seconds it took."""
+    from shared.model_cmd import print_conversion
+    from shared.models import prepare_models
+
+    start = time.perf_counter()
+    prepare_models(demo_models(cfg), print_conversion)
+    return time.perf_counter() - start
+
+
 def start_cluster(workdir: Path) -> tuple[Any, dict[str, Any]]:
     """A private Ray head for the demo, and this process connected to it."""
     import ray
 
     from cluster.local import LocalClusterConfig, connect_env, start_head
+    from shared.ray_boot import ensure_ray
 
     cfg = LocalClusterConfig(state_file=str(workdir / "cluster.json"), port=0, dashboard_port=0)
     state = start_head(cfg)
     os.environ.update(connect_env(state))
-    ray.init(address=state["gcs_address"], log_to_driver=False)
+    ensure_ray(state["gcs_address"], log_to_driver=False)
     resources = ray.cluster_resources()
     console.print(f"Ray {state['ray_version']} at {state['gcs_address']}, dashboard {state['dashboard_url']}, "
                   f"{resources.get('CPU', 0):.0f} CPU, {resources.get('GPU', 0):.0f} GPU")
@@ -195,7 +219,9 @@ def run_demo(workdir: Path, quick: bool, reference_labels: Path | None = None, n
     console.print(f"targets: {', '.join(cfg.targets)}; labels: "
                   f"{'reused from ' + str(reference_labels) if reference_labels else 'labelled now'}")
     seconds: dict[str, float] = {}
-    t0 = stage("1/4 local Ray cluster")
+    stage("1/4 models (bf16 caches) and local Ray cluster")
+    seconds["models"] = prepare_demo_models(cfg)
+    t0 = time.perf_counter()
     cluster_cfg, state = start_cluster(workdir)
     try:
         seconds["cluster start"] = time.perf_counter() - t0

@@ -80,15 +80,36 @@ def chat(base_url: str, messages: list[dict[str, str]], max_tokens: int, timeout
     if resp.status_code != 200:
         raise RuntimeError(f"chat request failed: HTTP {resp.status_code}: {resp.text[:300]}")
     data = resp.json()
-    route = data["route"]
+    route = data["route"] or {}  # none when the router was down and fallback_target answered
     return {"target": resp.headers["x-prefill-router-target"], "answer": data["choices"][0]["message"]["content"],
-            "probabilities": route["probabilities"], "eligible": route["eligible"], "tolerance": route["tolerance"],
-            "overhead_ms": route["overhead_ms"], "seconds": seconds,
-            "fallback_from": resp.headers.get("x-prefill-router-fallback-from")}
+            "probabilities": route.get("probabilities", {}), "eligible": route.get("eligible", []),
+            "tolerance": route.get("tolerance"), "overhead_ms": route.get("overhead_ms", 0.0), "seconds": seconds,
+            "fallback_from": resp.headers.get("x-prefill-router-fallback-from"),
+            "degraded": resp.headers.get("x-prefill-router-degraded")}
+
+
+def wait_ready(base_url: str, timeout_s: float = 300) -> float:
+    """Poll ``GET /readyz`` until the app can answer (encoder, head and a target); the seconds waited."""
+    import httpx
+
+    t0 = time.perf_counter()
+    last = "no answer"
+    while time.perf_counter() - t0 < timeout_s:
+        try:
+            resp = httpx.get(f"{base_url}/readyz", timeout=10)
+            if resp.status_code == 200:
+                return time.perf_counter() - t0
+            last = resp.text[:300]
+        except httpx.HTTPError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(1)
+    raise TimeoutError(f"the Serve app at {base_url} was not ready after {timeout_s:.0f}s: {last}")
 
 
 def why(result: dict[str, Any]) -> str:
     """One line: the probabilities and what the policy did with them."""
+    if result.get("degraded"):
+        return f"{result['degraded']}: answered by the fallback target {result['target']}"
     probs = ", ".join(f"{t} {p:.2f}" for t, p in result["probabilities"].items())
     best = max(result["probabilities"].values())
     line = (f"P(correct): {probs}; within {result['tolerance']:.2f} of the best ({best:.2f}): "
@@ -117,8 +138,9 @@ def serve_and_chat(artifact: str, prompts: list[dict[str, Any]], max_tokens: int
     serve.start(http_options={"host": cfg.http_host, "port": port})
     try:
         deploy(cfg)
-        startup = time.perf_counter() - t0
         base = f"http://{cfg.http_host}:{port}"
+        wait_ready(base)
+        startup = time.perf_counter() - t0
         results = [{**p, **chat(base, p["messages"], max_tokens)} for p in prompts]
     finally:
         serve.shutdown()

@@ -255,7 +255,20 @@ def render_rayservice(cfg: Any, name: str = RAYSERVICE_NAME, code_uri: str | Non
     return {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": {"name": name},
             "spec": {"upgradeStrategy": {"type": "NewCluster"},
                      "serveConfigV2": yaml.safe_dump(doc, sort_keys=False),
-                     "rayClusterConfig": copy.deepcopy(clusters[0]["spec"])}}
+                     "rayClusterConfig": with_readiness_probes(clusters[0]["spec"], cfg)}}
+
+
+def with_readiness_probes(cluster_spec: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """A copy of a RayCluster spec whose Ray containers are ready only when the app can answer:
+    ``GET /readyz`` on the Serve port (every node runs a proxy) is 200 only when the encoder, the
+    router head and at least one target answer. KubeRay keeps a probe the manifest sets."""
+    spec = copy.deepcopy(cluster_spec)
+    probe = {"httpGet": {"path": "/readyz", "port": cfg.http_port}, "initialDelaySeconds": 10,
+             "periodSeconds": 5, "timeoutSeconds": int(cfg.ready_timeout_s) + 3, "failureThreshold": 3}
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    for group in groups:
+        group["template"]["spec"]["containers"][0]["readinessProbe"] = copy.deepcopy(probe)
+    return spec
 
 
 def rayservice_yaml(resource: dict[str, Any], serve_config_path: str) -> str:

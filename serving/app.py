@@ -17,6 +17,7 @@ import typer
 
 from serving.config import ServeConfig, deployment_name, serve_config
 from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
+from shared.ray_boot import ensure_ray, resolve_target
 
 
 def served_targets(cfg: ServeConfig) -> list[str]:
@@ -24,9 +25,11 @@ def served_targets(cfg: ServeConfig) -> list[str]:
     from shared.artifact import read_meta
 
     routed = [t.name for t in read_meta(cfg.artifact).targets]
-    if cfg.targets is None:
-        return routed
-    return list(dict.fromkeys([*(t for t in routed if t in cfg.targets), *cfg.targets]))
+    served = routed if cfg.targets is None else list(
+        dict.fromkeys([*(t for t in routed if t in cfg.targets), *cfg.targets]))
+    if cfg.fallback_target and cfg.fallback_target not in served:
+        raise ValueError(f"fallback_target {cfg.fallback_target!r} is not among the served targets {served}")
+    return served
 
 
 def batched_encoder(max_batch_size: int, batch_wait_timeout_s: float) -> type:
@@ -115,18 +118,39 @@ def wait_running(app_name: str, timeout_s: float) -> None:
         if status == "RUNNING":
             return
         if status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise RuntimeError(f"Serve app {app_name} is {status}: {app.message}")
+            raise RuntimeError(f"Serve app {app_name} is {status}: {app.message}{failed_deployments(app)}")
         time.sleep(0.5)
     raise TimeoutError(f"Serve app {app_name} not RUNNING after {timeout_s:.0f}s")
 
 
+def failed_deployments(app: Any) -> str:
+    """Why each unhealthy deployment of an app status failed (Serve keeps the replica's error there)."""
+    lines = [f"\n  {name}: {dep.message}" for name, dep in (getattr(app, "deployments", None) or {}).items()
+             if str(dep.status).rsplit(".", 1)[-1] != "HEALTHY" and dep.message]
+    return "".join(lines)
+
+
+def prepare_serving_models(cfg: ServeConfig) -> None:
+    """Convert the GGUF models the app loads (the artifact's encoder, the served local targets)
+    whose bf16 cache is missing, with progress, before any replica starts and converts silently."""
+    from shared.artifact import read_meta
+    from shared.model_cmd import print_conversion
+    from shared.models import missing_weights, prepare_models
+    from shared.registry import load_registry
+
+    registry = load_registry(cfg.registry)
+    specs = [registry.get(read_meta(cfg.artifact).encoder.name)]
+    specs += [registry.get(cfg.endpoints.get(t, t)) for t in served_targets(cfg)]
+    prepare_models([s for s in specs if missing_weights(s) is None], print_conversion)
+
+
 def run_serve(cfg: ServeConfig, blocking: bool = True, address: str | None = None) -> None:
     """Start (or update) the app on a Ray cluster and, with ``blocking``, serve until Ctrl-C."""
-    import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False)
+    ensure_ray(address)
+    if resolve_target(address).local:  # the replicas load on this machine: convert first, in view
+        prepare_serving_models(cfg)
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
     deploy(cfg)
     console.print(f"[green]serving[/] http://{cfg.http_host}:{cfg.http_port}{cfg.route_prefix.rstrip('/')}/v1 "

@@ -50,12 +50,24 @@ class IngressConfig(StrictConfig):
     """What the ingress replica needs (no artifact: a new artifact must not restart it)."""
 
     default_max_tokens: int = Field(128, gt=0, description="Answer length when a request names none.")
-    target_timeout_s: float = Field(120.0, gt=0, description="A target slower than this counts as failed.")
-    auth_token_env: str | None = Field(None, description="Env var with a bearer token the ingress requires.")
+    default_tolerance: float | None = Field(None, ge=0, le=1, description="Tolerance when a request names none; "
+                                            "None: the artifact's policy default.")
+    target_timeout_s: float = Field(120.0, gt=0, description="A target slower than this counts as failed (and is "
+                                    "cancelled: it stops generating).")
+    auth_token_env: str | None = Field(None, description="Env var with a bearer token the ingress requires; the app "
+                                       "refuses to start if it names an unset variable.")
+    max_prompt_tokens: int = Field(4096, gt=0, description="Longer prompts are refused with 413 on every path.")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="Larger request bodies are refused with 413 unread.")
+    fallback_target: str | None = Field(None, description="Answers routed requests (marked in a header) when the "
+                                        "encoder or router head fails; None: such requests get a JSON 503.")
+    ready_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for each deployment to answer.")
+    route_timeout_s: float = Field(10.0, gt=0, description="The encoder and router head must decide (or count a "
+                                   "pinned prompt's tokens) within this; else the request is degraded.")
 
 
-class ServeConfig(StrictConfig):
-    """Config of the Serve application (``prefill-router serve``)."""
+class ServeConfig(IngressConfig):
+    """Config of the Serve application (``prefill-router serve``): the ingress's settings (inherited,
+    so a YAML keeps them at the top level) plus the artifact, targets and deployments."""
 
     app_name: str = Field("prefill-router", description="Serve application name.")
     route_prefix: str = Field("/", description="HTTP route prefix of the application.")
@@ -69,11 +81,6 @@ class ServeConfig(StrictConfig):
     endpoints: dict[str, str] = Field(
         default_factory=dict, description="Serve a target through another registry entry, e.g. the same model "
         "behind a different OpenAI-compatible endpoint: {target: registry name}.")
-    default_tolerance: float | None = Field(None, ge=0, le=1, description="Tolerance when a request names none.")
-    max_prompt_tokens: int = Field(4096, gt=0, description="Longer prompts are refused with 413.")
-    default_max_tokens: int = Field(128, gt=0, description="Answer length when a request names none.")
-    target_timeout_s: float = Field(120.0, gt=0, description="A target slower than this counts as failed.")
-    auth_token_env: str | None = Field(None, description="Env var with a bearer token the ingress requires.")
     encoder_batch: BatchOptions = Field(default_factory=BatchOptions, description="Encoder request batching.")
     ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(num_cpus=0.2), description="Ingress.")
     encoder: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Encoder replicas.")
@@ -82,8 +89,8 @@ class ServeConfig(StrictConfig):
     target_overrides: dict[str, DeploymentOptions] = Field(default_factory=dict, description="Per-target options.")
 
     def ingress_config(self) -> IngressConfig:
-        return IngressConfig(default_max_tokens=self.default_max_tokens, target_timeout_s=self.target_timeout_s,
-                             auth_token_env=self.auth_token_env)
+        """The part of this config the ingress replica is built with."""
+        return IngressConfig.model_validate(self.model_dump(include=set(IngressConfig.model_fields)))
 
     def target_options(self, name: str) -> DeploymentOptions:
         return self.target_overrides.get(name, self.target_defaults)

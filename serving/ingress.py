@@ -6,38 +6,43 @@ object whose ``method.remote(...)`` returns an awaitable works), validates reque
 routes, falls back on failure and records metrics. ``build_app`` turns it into the
 ingress deployment with :func:`make_fastapi_app`.
 
-Errors: malformed JSON or fields -> 400/422, unknown model -> 404, oversize prompt ->
-413, missing/bad bearer token -> 401; a failing target falls back to the next eligible
-one; 502 only when every target failed.
+Errors (JSON bodies with ``detail`` and an OpenAI-style ``error``): not JSON -> 415/400,
+bad fields -> 422, unknown model -> 404, body over ``max_body_bytes`` or prompt over
+``max_prompt_tokens`` (checked on every path, pinned requests included, before any
+target sees it) -> 413, missing/bad bearer token -> 401. A target that fails or times out
+is cancelled and the next eligible one answers; a fault of the request itself is never
+retried elsewhere; 502 only when every target failed. When the encoder or router head
+fails, routed requests go to ``fallback_target`` (marked ``x-prefill-router-degraded``)
+or get a JSON 503. ``/healthz`` is liveness; ``/readyz`` is 200 only when the encoder,
+the head and at least one target answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import json
 import logging
 import os
 import time
-import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 from fastapi import FastAPI, HTTPException, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from serving.config import IngressConfig
+from serving.messages import PromptTooLong, TargetAnswer, request_fault
 from serving.metrics import RouterMetrics
 from serving.schemas import (
-    ChatChoice, ChatCompletionRequest, ChatCompletionResponse, RouteDecision, RouteRequest, Usage, chunk,
+    ChatChoice, ChatCompletionRequest, ChatCompletionResponse, RouteDecision, RouteRequest, UnknownModel, Usage,
     parse_model_field,
 )
+from serving.streaming import stream_response
 
 log = logging.getLogger(__name__)
-
-
-class PromptTooLong(ValueError):
-    """The prompt has more tokens than the router accepts."""
+TEMPLATE_TOKENS = 128  # chat-template tokens a prompt can gain beyond its text (roles, markers, default system)
 
 
 class AllTargetsFailed(RuntimeError):
@@ -45,7 +50,8 @@ class AllTargetsFailed(RuntimeError):
 
 
 def counted(endpoint: str):
-    """Count each call of an endpoint method by HTTP status in ``self.metrics.requests``."""
+    """Count each call of an endpoint method by HTTP status in ``self.metrics.requests``
+    (a request the client gave up on counts as 499)."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -57,6 +63,9 @@ def counted(endpoint: str):
                 return response
             except HTTPException as exc:
                 status = exc.status_code
+                raise
+            except asyncio.CancelledError:
+                status = 499
                 raise
             finally:
                 self.metrics.requests.labels(endpoint, str(status)).inc()
@@ -70,26 +79,76 @@ def _reason(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
 
 
+async def bounded(response: Any, timeout_s: float) -> Any:
+    """Await a handle call within ``timeout_s``; on timeout or cancellation cancel the call
+    itself, so the replica stops working on it."""
+    try:
+        return await asyncio.wait_for(asyncio.ensure_future(response), timeout=timeout_s)
+    except (asyncio.TimeoutError, asyncio.CancelledError):
+        if hasattr(response, "cancel"):
+            response.cancel()
+        raise
+
+
+def surely_within(messages: list[dict[str, str]], limit: int) -> bool:
+    """True when the prompt cannot exceed ``limit`` tokens, without a tokenizer: a token of a
+    byte-level BPE or byte-fallback tokenizer spans at least one UTF-8 byte, so tokens <= bytes +
+    the template's own tokens."""
+    size = sum(len(m["content"].encode()) + 8 for m in messages) + TEMPLATE_TOKENS
+    return size <= limit
+
+
 class RouterIngress:
     """Request handling shared by every endpoint (no Ray or HTTP server needed to test it)."""
 
     def __init__(self, config: dict[str, Any], encoder: Any, head: Any, targets: dict[str, Any]):
         self.cfg = IngressConfig.model_validate(config)
         self.encoder, self.head, self.targets = encoder, head, dict(targets)
+        if self.cfg.fallback_target and self.cfg.fallback_target not in self.targets:
+            raise ValueError(f"fallback_target {self.cfg.fallback_target!r} is not served ({list(self.targets)})")
         self.metrics = RouterMetrics.create()
-        self.token = os.environ.get(self.cfg.auth_token_env) if self.cfg.auth_token_env else None
+        self.token = self._auth_token()
 
-    # ------------------------------------------------------------------ helpers
+    def _auth_token(self) -> str | None:
+        name = self.cfg.auth_token_env
+        if not name:
+            return None
+        token = os.environ.get(name, "").strip()
+        if not token:
+            raise ValueError(f"auth_token_env is {name!r}, but {name} is unset or empty in the ingress replica's "
+                             f"environment: set it there (the Ray cluster's or pod's env) or set auth_token_env: "
+                             "null to serve without auth; refusing to start without the auth that was asked for")
+        return token
+
+    # ------------------------------------------------------------------ request checks
     def check_auth(self, request: Request) -> None:
         if self.token is None:
             return
-        if request.headers.get("authorization", "") != f"Bearer {self.token}":
-            raise HTTPException(401, "missing or invalid bearer token")
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
+            raise HTTPException(401, "missing or invalid bearer token",
+                                headers={"WWW-Authenticate": 'Bearer realm="prefill-router"'})
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 past ``max_body_bytes`` (never read whole into memory)."""
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"request body of {declared} bytes is over the limit of {limit}")
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise HTTPException(413, f"request body is over the limit of {limit} bytes")
+        return bytes(body)
 
     async def parse(self, request: Request, model: type) -> Any:
         self.check_auth(request)
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise HTTPException(415, f"content-type must be application/json, not {ctype or 'missing'!r}")
         try:
-            body = json.loads(await request.body() or b"null")
+            body = json.loads(await self.read_body(request) or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise HTTPException(400, f"request body is not valid JSON: {exc}") from exc
         if not isinstance(body, dict):
@@ -99,131 +158,149 @@ class RouterIngress:
         except ValidationError as exc:
             raise HTTPException(422, _reason(exc)) from exc
 
-    async def decide(self, messages: list[dict[str, str]], tolerance: float | None) -> RouteDecision:
-        """Encoder + head: the routing decision for one prompt."""
-        start = time.perf_counter()
+    def plan(self, model: str, tolerance: float | None) -> tuple[str | None, float | None]:
+        """(pinned target or None, tolerance or None for the default) of a request's ``model``."""
         try:
-            features = await self.encoder.encode.remote(messages)
-        except Exception as exc:  # noqa: BLE001 - a Ray error wraps the replica's exception
-            if "PromptTooLong" in type(exc).__name__ or "PromptTooLong" in str(exc):
-                raise HTTPException(413, str(exc).splitlines()[-1]) from exc
-            raise
-        decision = await self.head.decide.remote(features, tolerance)
+            pinned, tol = parse_model_field(model, list(self.targets), -1.0)
+        except UnknownModel as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except ValueError as exc:
+            raise HTTPException(422, f"model: {exc}") from exc
+        if tolerance is None:
+            tolerance = self.cfg.default_tolerance if tol < 0 else tol
+        return pinned, tolerance
+
+    async def check_length(self, messages: list[dict[str, str]]) -> None:
+        """``max_prompt_tokens`` on a path that skips the encoder's forward pass (pinned, degraded)."""
+        limit = self.cfg.max_prompt_tokens
+        if surely_within(messages, limit):
+            return
+        try:
+            count = await bounded(self.encoder.count_tokens.remote(messages), self.cfg.route_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the encoder is down or slow: the limit cannot be checked
+            raise HTTPException(503, f"cannot check the prompt against the limit of {limit} tokens: the encoder "
+                                     f"is unavailable ({type(exc).__name__}); retry shortly",
+                                headers={"Retry-After": "5"}) from exc
+        if refusal := count.refusal():
+            raise HTTPException(413, refusal.reason)
+
+    # ------------------------------------------------------------------ routing
+    async def decide(self, messages: list[dict[str, str]], tolerance: float | None) -> RouteDecision:
+        """Encoder + head: the routing decision for one prompt (413 for a prompt over the limit)."""
+        start = time.perf_counter()
+        encoded = await bounded(self.encoder.encode.remote(messages), self.cfg.route_timeout_s)
+        if isinstance(encoded, PromptTooLong):
+            raise HTTPException(413, encoded.reason)
+        decision = await bounded(self.head.decide.remote(encoded, tolerance), self.cfg.route_timeout_s)
         decision = RouteDecision.model_validate(decision)
         decision.overhead_ms = (time.perf_counter() - start) * 1000
         self.metrics.overhead.observe(decision.overhead_ms / 1000)
         self.metrics.decisions.labels(decision.target).inc()
         return decision
 
+    async def decide_or_degrade(self, messages: list[dict[str, str]],
+                                tolerance: float | None) -> tuple[RouteDecision | None, str | None]:
+        """(decision, None), or (None, why) when the router failed and ``fallback_target`` answers."""
+        try:
+            return await self.decide(messages, tolerance), None
+        except HTTPException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a dead or failing encoder/head: degrade, never a bare 500
+            why = f"router unavailable ({type(exc).__name__})"
+            log.warning("%s: %s", why, str(exc).splitlines()[-1] if str(exc) else "")
+            self.metrics.errors.labels("router").inc()
+            if not self.cfg.fallback_target:
+                raise HTTPException(503, f"the router's encoder or head is unavailable ({type(exc).__name__}) and "
+                                         "no fallback_target is configured; retry shortly",
+                                    headers={"Retry-After": "5"}) from exc
+        await self.check_length(messages)
+        return None, why
+
     def fallback_order(self, decision: RouteDecision | None, pinned: str | None) -> list[str]:
-        """The chosen (or pinned) target first, then the other eligible ones, then the rest by P(correct)."""
-        if decision is None:
-            return [pinned] + [t for t in self.targets if t != pinned]
-        rest = sorted(self.targets, key=lambda t: -decision.probabilities.get(t, 0.0))
-        order = [decision.target, *decision.eligible, *rest]
+        """The chosen (or pinned, or fallback) target first, then the other eligible ones, then the rest."""
+        first = pinned or (decision.target if decision else self.cfg.fallback_target)
+        rest = sorted(self.targets, key=lambda t: -decision.probabilities.get(t, 0.0)) if decision else list(self.targets)
+        order = [first, *(decision.eligible if decision else []), *rest]
         return list(dict.fromkeys(t for t in order if t in self.targets))
 
-    async def answer(self, order: list[str], req: ChatCompletionRequest) -> tuple[str, dict[str, Any], list[str]]:
-        """Ask targets in order until one answers; returns (target, result, failed targets)."""
+    async def answer(self, order: list[str], req: ChatCompletionRequest) -> tuple[str, TargetAnswer, list[str]]:
+        """Ask targets in order until one answers; returns (target, answer, failed targets)."""
         failed: list[str] = []
         max_tokens = req.answer_tokens or self.cfg.default_max_tokens
         for name in order:
             start = time.perf_counter()
+            call = self.targets[name].generate.remote(req.plain_messages(), max_tokens, req.temperature or 0.0)
             try:
-                result = await asyncio.wait_for(
-                    self.targets[name].generate.remote(req.plain_messages(), max_tokens, req.temperature or 0.0),
-                    timeout=self.cfg.target_timeout_s,
-                )
-            except Exception as exc:  # noqa: BLE001 - any target failure means: try the next one
+                result = await bounded(call, self.cfg.target_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - a target failure means: try the next one
+                if fault := request_fault(exc):
+                    self.metrics.errors.labels("request").inc()
+                    raise HTTPException(fault.status, fault.reason) from exc
                 log.warning("target %s failed: %s", name, str(exc).splitlines()[-1] if str(exc) else type(exc))
-                self.metrics.errors.labels("target").inc()
+                self.metrics.errors.labels("timeout" if isinstance(exc, asyncio.TimeoutError) else "target").inc()
                 failed.append(name)
                 continue
             self.metrics.target_latency.labels(name).observe(time.perf_counter() - start)
             for bad in failed:
                 self.metrics.fallbacks.labels(bad, name).inc()
             return name, result, failed
-        raise AllTargetsFailed(f"every target failed: {failed}")
+        raise AllTargetsFailed(f"every target failed or timed out: {failed}")
 
-    def _plan(self, req: ChatCompletionRequest) -> tuple[str | None, float | None]:
-        try:
-            pinned, tol = parse_model_field(req.model, list(self.targets), -1.0)
-        except ValueError as exc:
-            raise HTTPException(404, str(exc)) from exc
-        tolerance = req.tolerance if req.tolerance is not None else (None if tol < 0 else tol)
-        return pinned, tolerance
+    def headers(self, target: str, decision: RouteDecision | None, failed: list[str],
+                degraded: str | None = None) -> dict[str, str]:
+        headers = {"x-prefill-router-target": target}
+        if decision is not None:
+            headers["x-prefill-router-overhead-ms"] = f"{decision.overhead_ms:.2f}"
+        if failed:
+            headers["x-prefill-router-fallback-from"] = ",".join(failed)
+        if degraded:
+            headers["x-prefill-router-degraded"] = degraded
+        return headers
 
     # ---------------------------------------------------------------- endpoints
     @counted("chat_completions")
     async def chat_completions(self, request: Request) -> Response:
         req = await self.parse(request, ChatCompletionRequest)
-        pinned, tolerance = self._plan(req)
-        decision = None if pinned else await self.decide(req.plain_messages(), tolerance)
+        pinned, tolerance = self.plan(req.model, req.tolerance)
+        messages = req.plain_messages()
+        if pinned:
+            await self.check_length(messages)
+            decision, degraded = None, None
+        else:
+            decision, degraded = await self.decide_or_degrade(messages, tolerance)
         order = self.fallback_order(decision, pinned)
         if req.stream:
-            return await self._stream(order, req, decision)
+            return await stream_response(self, order, req, decision, degraded)
         try:
             target, result, failed = await self.answer(order, req)
         except AllTargetsFailed as exc:
             raise HTTPException(502, str(exc)) from exc
         body = ChatCompletionResponse(
             model=target,
-            choices=[ChatChoice(message={"role": "assistant", "content": result["text"]},
-                                finish_reason=result.get("finish_reason", "stop"))],
-            usage=Usage(prompt_tokens=result.get("prompt_tokens", 0), completion_tokens=result.get("completion_tokens", 0),
-                        total_tokens=result.get("prompt_tokens", 0) + result.get("completion_tokens", 0)),
+            choices=[ChatChoice(message={"role": "assistant", "content": result.text},
+                                finish_reason=result.finish_reason)],
+            usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                        total_tokens=result.prompt_tokens + result.completion_tokens),
             route=decision,
         )
-        return JSONResponse(body.model_dump(mode="json"), headers=self._headers(target, decision, failed))
-
-    def _headers(self, target: str, decision: RouteDecision | None, failed: list[str]) -> dict[str, str]:
-        headers = {"x-prefill-router-target": target}
-        if decision is not None:
-            headers["x-prefill-router-overhead-ms"] = f"{decision.overhead_ms:.2f}"
-        if failed:
-            headers["x-prefill-router-fallback-from"] = ",".join(failed)
-        return headers
-
-    async def _stream(self, order: list[str], req: ChatCompletionRequest, decision: RouteDecision | None) -> Response:
-        """Stream from the first target that yields; a target failing before its first token falls back."""
-        max_tokens = req.answer_tokens or self.cfg.default_max_tokens
-        failed: list[str] = []
-        for name in order:
-            gen = self.targets[name].options(stream=True).stream.remote(
-                req.plain_messages(), max_tokens, req.temperature or 0.0)
-            try:
-                first = await asyncio.wait_for(gen.__anext__(), timeout=self.cfg.target_timeout_s)
-            except StopAsyncIteration:
-                first = ""
-            except Exception as exc:  # noqa: BLE001 - fall back to the next target
-                log.warning("target %s failed before streaming: %s", name, exc)
-                self.metrics.errors.labels("target").inc()
-                failed.append(name)
-                continue
-            for bad in failed:
-                self.metrics.fallbacks.labels(bad, name).inc()
-            return StreamingResponse(self._sse(name, first, gen, decision), media_type="text/event-stream",
-                                     headers=self._headers(name, decision, failed))
-        raise HTTPException(502, f"every target failed: {failed}")
-
-    async def _sse(self, target: str, first: str, gen: Any, decision: RouteDecision | None) -> AsyncIterator[str]:
-        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        extra = {"route": decision.model_dump(mode="json")} if decision else None
-        yield f"data: {json.dumps(chunk(cid, target, {'role': 'assistant', 'content': first}, extra=extra))}\n\n"
-        try:
-            async for piece in gen:
-                yield f"data: {json.dumps(chunk(cid, target, {'content': piece}))}\n\n"
-        except Exception as exc:  # noqa: BLE001 - the stream already started: report in-band
-            self.metrics.errors.labels("stream").inc()
-            yield f"data: {json.dumps({'error': {'message': f'target {target} failed mid-stream: {exc}'}})}\n\n"
-        yield f"data: {json.dumps(chunk(cid, target, {}, finish_reason='stop'))}\n\n"
-        yield "data: [DONE]\n\n"
+        return JSONResponse(body.model_dump(mode="json"), headers=self.headers(target, decision, failed, degraded))
 
     @counted("route")
     async def route(self, request: Request) -> Response:
         req = await self.parse(request, RouteRequest)
-        decision = await self.decide(req.plain_messages(), req.tolerance)
-        return JSONResponse(decision.model_dump(mode="json"), headers={"x-prefill-router-target": decision.target})
+        pinned, tolerance = self.plan(req.model, req.tolerance)
+        if pinned:
+            raise HTTPException(422, f"model: /v1/route decides among the targets; use 'router' or "
+                                     f"'router:<tolerance>', not the target {pinned!r}")
+        try:
+            decision = await self.decide(req.plain_messages(), tolerance)
+        except HTTPException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a decision service without its router: 503, not a bare 500
+            self.metrics.errors.labels("router").inc()
+            raise HTTPException(503, f"the router's encoder or head is unavailable ({type(exc).__name__}); retry "
+                                     "shortly", headers={"Retry-After": "5"}) from exc
+        return JSONResponse(decision.model_dump(mode="json"), headers=self.headers(decision.target, decision, []))
 
     @counted("models")
     async def models(self, request: Request) -> Response:
@@ -233,7 +310,25 @@ class RouterIngress:
                                                          for n in names]})
 
     async def healthz(self, request: Request) -> Response:
+        """Liveness: the ingress itself answers (use /readyz to know the app can answer)."""
         return JSONResponse({"status": "ok", "targets": list(self.targets)})
+
+    async def readyz(self, request: Request) -> Response:
+        """Readiness: 200 only when the encoder, the router head and at least one target answer."""
+
+        async def ping(handle: Any) -> str:
+            try:
+                await bounded(handle.ready.remote(), self.cfg.ready_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - any failure is the answer
+                return f"not ready ({type(exc).__name__})"
+            return "ok"
+
+        names = list(self.targets)
+        found = await asyncio.gather(ping(self.encoder), ping(self.head), *(ping(self.targets[n]) for n in names))
+        checks = {"encoder": found[0], "router_head": found[1], "targets": dict(zip(names, found[2:]))}
+        ready = found[0] == found[1] == "ok" and "ok" in found[2:]
+        return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
+                            status_code=200 if ready else 503)
 
     async def prometheus(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
@@ -244,6 +339,7 @@ ROUTES = [
     ("POST", "/v1/route", "route"),
     ("GET", "/v1/models", "models"),
     ("GET", "/healthz", "healthz"),
+    ("GET", "/readyz", "readyz"),
     ("GET", "/metrics", "prometheus"),
 ]
 
@@ -256,6 +352,13 @@ def _endpoint(name: str, get_ingress: Callable[[], RouterIngress]) -> Callable:
     return endpoint
 
 
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """FastAPI's ``detail`` plus the OpenAI ``error`` object its clients read."""
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    body = {"detail": exc.detail, "error": {"message": str(exc.detail), "type": kind, "code": exc.status_code}}
+    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
 def make_fastapi_app(get_ingress: Callable[[], RouterIngress]) -> FastAPI:
     """A FastAPI app whose routes call the :class:`RouterIngress` that ``get_ingress()`` returns.
 
@@ -263,6 +366,7 @@ def make_fastapi_app(get_ingress: Callable[[], RouterIngress]) -> FastAPI:
     without Serve, any instance: ``make_fastapi_app(lambda: ingress)``.
     """
     app = FastAPI(title="prefill-router", version="1")
+    app.add_exception_handler(HTTPException, _http_error)
     for method, path, name in ROUTES:
         app.add_api_route(path, _endpoint(name, get_ingress), methods=[method])
     return app

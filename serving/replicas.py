@@ -10,19 +10,17 @@ and keep the old one when the new one fails to load.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
 
+from serving.messages import EncodedPrompt, PromptTooLong, TokenCount
 from shared.artifact import ArtifactError, load_artifact, read_meta
 from shared.registry import load_registry
 from shared.trunk import route_with_tolerance
 
 log = logging.getLogger(__name__)
-
-
-class PromptTooLong(ValueError):
-    """The prompt exceeds ``max_prompt_tokens`` (the ingress answers 413)."""
 
 
 def reload(replica: Any, user_config: dict[str, Any] | None, what: str) -> None:
@@ -83,30 +81,38 @@ class EncoderReplica:
         """Serve user-config update ``{"artifact": uri}``: see :func:`reload`."""
         reload(self, user_config, "encoder")
 
-    async def encode_many(self, batch: list[list[dict[str, str]]]) -> list[dict[str, Any]]:
-        """Encode several conversations in one bucketed forward pass; per-item errors, not batch errors."""
-        ids, truncated = self.encoder.tokenize(batch)
-        ok = [i for i, t in enumerate(truncated) if not t]
-        results: list[dict[str, Any]] = [
-            {"error": f"PromptTooLong: the prompt has more than {self.max_prompt_tokens} tokens"} if t else {}
-            for t in truncated
-        ]
+    def _ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the chat-templated prompt, untruncated (the limit is checked on these)."""
+        return self.encoder.tokenizer(self.encoder.render(messages), add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> TokenCount:
+        """The prompt's encoder tokens, without a forward pass (the ingress's check on pinned requests)."""
+        return TokenCount(len(self._ids(messages)), self.max_prompt_tokens)
+
+    async def encode_many(self, batch: list[list[dict[str, str]]]) -> list[EncodedPrompt | PromptTooLong]:
+        """Encode several conversations in one bucketed forward pass; a too-long prompt is refused
+        on its own (a :class:`PromptTooLong` in its place), never run and never failing the batch."""
+        ids = [self._ids(m) for m in batch]
+        results: list[EncodedPrompt | PromptTooLong] = [
+            PromptTooLong(len(x), self.max_prompt_tokens) for x in ids]
+        ok = [i for i, x in enumerate(ids) if len(x) <= self.max_prompt_tokens]
         if ok:
             feats, _, _ = self.encoder.encode_ids([ids[i] for i in ok])
             for row, i in enumerate(ok):
-                results[i] = {"features": {c: v[row] for c, v in feats.items()}, "n_tokens": len(ids[i]),
-                              "encoder": self.name, "artifact": self.artifact}
+                results[i] = EncodedPrompt({c: v[row] for c, v in feats.items()}, len(ids[i]), self.name,
+                                           self.artifact)
         return results
 
-    async def encode_one(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+    async def encode_one(self, messages: list[dict[str, str]]) -> EncodedPrompt | PromptTooLong:
         """One conversation (``build_app`` replaces this with a ``@serve.batch`` of :meth:`encode_many`)."""
         return (await self.encode_many([messages]))[0]
 
-    async def encode(self, messages: list[dict[str, str]]) -> dict[str, Any]:
-        result = await self.encode_one(messages)
-        if "error" in result:
-            raise PromptTooLong(result["error"])
-        return result
+    async def encode(self, messages: list[dict[str, str]]) -> EncodedPrompt | PromptTooLong:
+        return await self.encode_one(messages)
+
+    def ready(self) -> dict[str, Any]:
+        """Answers once the artifact's encoder is loaded (the ingress's readiness check)."""
+        return {"encoder": self.name, "artifact": self.artifact, "pid": os.getpid()}
 
 
 class RouterHeadReplica:
@@ -132,22 +138,25 @@ class RouterHeadReplica:
         """Serve user-config update ``{"artifact": uri}``: see :func:`reload`."""
         reload(self, user_config, "router head")
 
-    def decide(self, encoded: dict[str, Any], tolerance: float | None) -> dict[str, Any]:
+    def decide(self, encoded: EncodedPrompt, tolerance: float | None) -> dict[str, Any]:
         """The routing decision for one encoded prompt (a :class:`serving.schemas.RouteDecision` dict)."""
         meta = self.router.meta
-        if encoded.get("encoder") != meta.encoder.name:
-            raise ArtifactError(f"features come from encoder {encoded.get('encoder')!r}, the artifact expects "
+        if encoded.encoder != meta.encoder.name:
+            raise ArtifactError(f"features come from encoder {encoded.encoder!r}, the artifact expects "
                                 f"{meta.encoder.name!r} (an artifact reload is in progress?)")
-        feats = {k: np.asarray(v, dtype=np.float32)[None, :] for k, v in encoded["features"].items()}
+        feats = {k: np.asarray(v, dtype=np.float32)[None, :] for k, v in encoded.features.items()}
         P = self.router.predict_proba(feats)[0][self.index]
-        costs = self.router.costs([encoded["n_tokens"]])[0][self.index]
+        costs = self.router.costs([encoded.n_tokens])[0][self.index]
         tol = meta.policy.default_tolerance() if tolerance is None else float(tolerance)
         choice = int(route_with_tolerance(P[None, :], costs[None, :], tol)[0])
         eligible = [self.names[i] for i in np.argsort(costs, kind="stable") if P.max() - P[i] <= tol + 1e-12]
         return {"target": self.names[choice], "probabilities": dict(zip(self.names, map(float, P))),
                 "expected_cost": dict(zip(self.names, map(float, costs))), "eligible": eligible,
-                "tolerance": tol, "prompt_tokens": int(encoded["n_tokens"]), "artifact": self.artifact}
+                "tolerance": tol, "prompt_tokens": int(encoded.n_tokens), "artifact": self.artifact}
 
     def info(self) -> dict[str, Any]:
+        """The loaded artifact (also the ingress's readiness check: it answers once one is loaded)."""
         return {"artifact": self.artifact, "targets": self.names, "encoder": self.router.meta.encoder.name,
                 "created_at": self.router.meta.created_at}
+
+    ready = info

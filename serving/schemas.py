@@ -11,9 +11,13 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 ROUTER_MODEL = "router"
+
+
+class UnknownModel(ValueError):
+    """The request names a model this app does not serve (404, as OpenAI answers)."""
 
 
 class ChatMessage(BaseModel):
@@ -35,15 +39,22 @@ class ChatMessage(BaseModel):
         return value
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: StrictBool = Field(False, description="Send a last chunk with the token usage (OpenAI).")
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(ROUTER_MODEL, description="'router', 'router:<tolerance>' or a target name.")
+    model: StrictStr = Field(ROUTER_MODEL, description="'router', 'router:<tolerance>' or a target name.")
     messages: list[ChatMessage] = Field(description="The conversation; at least one non-empty message.")
     max_tokens: int | None = Field(None, gt=0, le=8192, description="Answer length cap (tokens).")
     max_completion_tokens: int | None = Field(None, gt=0, le=8192, description="Alias of max_tokens.")
     temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy decoding.")
-    stream: bool = Field(False, description="Server-sent events when true.")
+    stream: StrictBool = Field(False, description="Server-sent events when true (a JSON boolean).")
+    stream_options: StreamOptions | None = Field(None, description="Streaming options (include_usage).")
     tolerance: float | None = Field(None, ge=0, le=1, description="Routing tolerance (overrides the model suffix).")
 
     @field_validator("messages")
@@ -66,6 +77,7 @@ class ChatCompletionRequest(BaseModel):
 class RouteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    model: StrictStr = Field(ROUTER_MODEL, description="'router' or 'router:<tolerance>', as in chat completions.")
     messages: list[ChatMessage] = Field(description="The conversation to route.")
     tolerance: float | None = Field(None, ge=0, le=1, description="Routing tolerance; default from the artifact.")
 
@@ -120,10 +132,18 @@ def chunk(completion_id: str, model: str, delta: dict[str, str], finish_reason: 
     return body
 
 
+def usage_chunk(completion_id: str, model: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
+    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                  total_tokens=prompt_tokens + completion_tokens)
+    return {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [], "usage": usage.model_dump()}
+
+
 def parse_model_field(model: str, targets: list[str], default_tolerance: float) -> tuple[str | None, float]:
     """``'router'`` -> (None, default), ``'router:0.1'`` -> (None, 0.1), ``'<target>'`` -> (target, default).
 
-    Raises ValueError with a reason for an unknown model or a bad tolerance suffix.
+    Raises :class:`UnknownModel` for a model not served, ValueError for a bad tolerance suffix.
     """
     if model == ROUTER_MODEL:
         return None, default_tolerance
@@ -138,4 +158,4 @@ def parse_model_field(model: str, targets: list[str], default_tolerance: float) 
         return None, tol
     if model in targets:
         return model, default_tolerance
-    raise ValueError(f"unknown model {model!r}; use 'router', 'router:<tolerance>' or one of {targets}")
+    raise UnknownModel(f"unknown model {model!r}; use 'router', 'router:<tolerance>' or one of {targets}")

@@ -1,8 +1,10 @@
 """Target model backends behind one async interface.
 
-Every backend answers ``generate(messages, max_tokens, temperature) -> dict`` (``text``,
-``prompt_tokens``, ``completion_tokens``, ``finish_reason``) and streams with
-``stream(...)``, an async iterator of text pieces:
+Every backend answers ``generate(messages, max_tokens, temperature) -> TargetAnswer`` and
+streams with ``stream(...)``, an async iterator of text pieces that ends with a
+``StreamEnd`` (``serving/messages.py``). A cancelled call stops the backend's work (the
+generation loop, the engine request, the HTTP connection); a fault of the request (over
+the context limit, refused upstream as invalid) is a ``TargetRequestError``:
 
 - :class:`TransformersTarget`: a registry model on CPU or GPU via transformers.
 - :class:`OpenAITarget`: any OpenAI-compatible endpoint (closed models, or another
@@ -22,11 +24,31 @@ import threading
 import uuid
 from typing import Any, AsyncIterator
 
+from serving.messages import StreamEnd, TargetAnswer, TargetRequestError
 from shared.registry import Backend, ModelSpec
+
+REQUEST_FAULTS = (400, 413, 422)  # an upstream endpoint's answers that the same request would get anywhere
+
+
+class _Stop:
+    """A transformers ``StoppingCriteria`` that ends ``generate`` once its event is set (cancellation)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+        return self.event.is_set()
 
 
 class TransformersTarget:
-    """Greedy or sampled generation with a transformers model, one request at a time."""
+    """Greedy or sampled generation with a transformers model, one request at a time.
+
+    A request whose caller gives up (timeout, client gone: Serve cancels the call) sets a
+    stop event that the generation loop checks after every token, so the replica stops
+    computing within one decoding step; the next request waits until it has. A prompt
+    over the model's context limit is refused before any compute, and ``max_tokens`` is
+    capped at what the context has left, so memory is bounded for any input.
+    """
 
     def __init__(self, spec: ModelSpec, device: str | None = None):
         from shared.models import load_causal_lm
@@ -34,58 +56,93 @@ class TransformersTarget:
         self.spec = spec
         self.loaded = load_causal_lm(spec, device=device)
         self.lock = asyncio.Lock()
+        self.stats = {"active": 0, "finished": 0, "cancelled": 0, "tokens": 0}
 
-    def _inputs(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+    def _inputs(self, messages: list[dict[str, str]], max_tokens: int) -> tuple[dict[str, Any], int]:
+        """Model inputs and the answer budget; a prompt over the context limit is a request fault."""
         tok = self.loaded.tokenizer
         batch = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        return {k: v.to(self.loaded.device) for k, v in batch.items()}
+        n_in, limit = int(batch["input_ids"].shape[1]), self.spec.context_limit
+        if n_in >= limit:
+            raise TargetRequestError(413, f"the prompt has {n_in} tokens for {self.spec.name}, whose context "
+                                          f"limit is {limit}: shorten it")
+        return {k: v.to(self.loaded.device) for k, v in batch.items()}, min(max_tokens, limit - n_in)
 
-    def _gen_kwargs(self, max_tokens: int, temperature: float) -> dict[str, Any]:
+    def _gen_kwargs(self, max_tokens: int, temperature: float, stop: threading.Event) -> dict[str, Any]:
+        from transformers import StoppingCriteriaList
+
         tok = self.loaded.tokenizer
-        kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "pad_token_id": tok.pad_token_id}
+        kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "pad_token_id": tok.pad_token_id,
+                                  "stopping_criteria": StoppingCriteriaList([_Stop(stop)])}
         kwargs.update({"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False})
         return kwargs
 
-    def _generate_sync(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> dict[str, Any]:
+    def _generate_sync(self, inputs: dict[str, Any], kwargs: dict[str, Any],
+                       stop: threading.Event) -> tuple[StreamEnd, Any]:
+        """Run ``generate`` (in a worker thread); why it ended with the token counts, and the new tokens."""
         import torch
 
-        inputs = self._inputs(messages)
-        n_in = int(inputs["input_ids"].shape[1])
-        with torch.no_grad():
-            out = self.loaded.model.generate(**inputs, **self._gen_kwargs(max_tokens, temperature))
-        new = out[0, n_in:]
-        text = self.loaded.tokenizer.decode(new, skip_special_tokens=True)
-        finish = "length" if len(new) >= max_tokens else "stop"
-        return {"text": text.strip(), "prompt_tokens": n_in, "completion_tokens": int(len(new)), "finish_reason": finish}
+        self.stats["active"] += 1
+        try:
+            n_in = int(inputs["input_ids"].shape[1])
+            with torch.no_grad():
+                out = self.loaded.model.generate(**inputs, **kwargs)
+            n_new = int(out.shape[1]) - n_in
+            self.stats["tokens"] += n_new
+            return StreamEnd("length" if n_new >= kwargs["max_new_tokens"] else "stop", n_in, n_new), out[0, n_in:]
+        finally:
+            self.stats["active"] -= 1
+            self.stats["cancelled" if stop.is_set() else "finished"] += 1
 
-    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> dict[str, Any]:
+    async def _until_done(self, thread_call: Any, stop: threading.Event) -> Any:
+        """Await a generation thread; on cancellation stop it and wait for it to end, then re-raise."""
+        task = asyncio.ensure_future(thread_call)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            stop.set()
+            await asyncio.wait([task])  # the model is free again before the next request takes the lock
+            raise
+
+    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> TargetAnswer:
         async with self.lock:
-            return await asyncio.to_thread(self._generate_sync, messages, max_tokens, temperature)
+            stop = threading.Event()
+            inputs, budget = self._inputs(messages, max_tokens)
+            kwargs = self._gen_kwargs(budget, temperature, stop)
+            end, new = await self._until_done(asyncio.to_thread(self._generate_sync, inputs, kwargs, stop), stop)
+            text = self.loaded.tokenizer.decode(new, skip_special_tokens=True)
+            return TargetAnswer(text.strip(), end.prompt_tokens, end.completion_tokens, end.finish_reason)
 
-    async def stream(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> AsyncIterator[str]:
-        import torch
+    async def stream(self, messages: list[dict[str, str]], max_tokens: int,
+                     temperature: float) -> AsyncIterator[str | StreamEnd]:
         from transformers import TextIteratorStreamer
 
         async with self.lock:
+            stop = threading.Event()
+            inputs, budget = self._inputs(messages, max_tokens)
             streamer = TextIteratorStreamer(self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                             timeout=120)
-            kwargs = {**self._inputs(messages), **self._gen_kwargs(max_tokens, temperature), "streamer": streamer}
-
-            def run() -> None:
-                with torch.no_grad():
-                    self.loaded.model.generate(**kwargs)
-
-            thread = threading.Thread(target=run, daemon=True)
-            thread.start()
+            kwargs = {**self._gen_kwargs(budget, temperature, stop), "streamer": streamer}
+            task = asyncio.ensure_future(asyncio.to_thread(self._generate_sync, inputs, kwargs, stop))
             sentinel = object()
-            while (piece := await asyncio.to_thread(next, streamer, sentinel)) is not sentinel:
-                if piece:
-                    yield piece
-            thread.join()
+            try:
+                while (piece := await asyncio.to_thread(next, streamer, sentinel)) is not sentinel:
+                    if piece:
+                        yield piece
+                yield (await asyncio.shield(task))[0]
+            finally:  # the consumer went away (or failed): stop generating before releasing the model
+                stop.set()
+                await asyncio.wait([task])
 
 
 class OpenAITarget:
-    """A model behind an OpenAI-compatible ``/chat/completions`` endpoint."""
+    """A model behind an OpenAI-compatible ``/chat/completions`` endpoint.
+
+    Every call is bounded by ``timeout_s`` (connect and read); a cancelled call closes its
+    connection, so the endpoint sees the client go. An answer of 400/413/422 is a fault of
+    the request (:class:`TargetRequestError`, not retried elsewhere); any other failure is
+    the target's (the ingress falls back).
+    """
 
     def __init__(self, spec: ModelSpec, timeout_s: float = 120.0):
         import httpx
@@ -99,32 +156,57 @@ class OpenAITarget:
         self.client = httpx.AsyncClient(base_url=spec.base_url.rstrip("/"), headers=headers, timeout=timeout_s)
 
     def _body(self, messages: list[dict[str, str]], max_tokens: int, temperature: float, stream: bool) -> dict:
-        return {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
                 "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
 
-    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> dict[str, Any]:
-        resp = await self.client.post("/chat/completions", json=self._body(messages, max_tokens, temperature, False))
+    async def _check(self, resp: Any) -> None:
+        if resp.status_code in REQUEST_FAULTS:
+            await resp.aread()
+            raise TargetRequestError(resp.status_code, f"{self.spec.name} refused the request: {_detail(resp)}")
         resp.raise_for_status()
+
+    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> TargetAnswer:
+        resp = await self.client.post("/chat/completions", json=self._body(messages, max_tokens, temperature, False))
+        await self._check(resp)
         body = resp.json()
         usage = body.get("usage") or {}
         choice = body["choices"][0]
-        return {"text": choice["message"]["content"], "prompt_tokens": int(usage.get("prompt_tokens", 0)),
-                "completion_tokens": int(usage.get("completion_tokens", 0)),
-                "finish_reason": choice.get("finish_reason") or "stop"}
+        return TargetAnswer(choice["message"]["content"], int(usage.get("prompt_tokens", 0)),
+                            int(usage.get("completion_tokens", 0)), choice.get("finish_reason") or "stop")
 
-    async def stream(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> AsyncIterator[str]:
+    async def stream(self, messages: list[dict[str, str]], max_tokens: int,
+                     temperature: float) -> AsyncIterator[str | StreamEnd]:
         body = self._body(messages, max_tokens, temperature, True)
+        finish, usage = "stop", {}
         async with self.client.stream("POST", "/chat/completions", json=body) as resp:
-            resp.raise_for_status()
+            await self._check(resp)
             async for line in resp.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 payload = json.loads(line[6:])
                 if "error" in payload:
-                    raise RuntimeError(f"{self.spec.name}: {payload['error']}")
-                piece = payload["choices"][0]["delta"].get("content")
-                if piece:
-                    yield piece
+                    raise RuntimeError(f"{self.spec.name} failed mid-stream: {payload['error']}")
+                usage = payload.get("usage") or usage
+                for choice in payload.get("choices") or []:
+                    finish = choice.get("finish_reason") or finish
+                    if piece := (choice.get("delta") or {}).get("content"):
+                        yield piece
+        yield StreamEnd(finish, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+
+
+def _detail(resp: Any) -> str:
+    """The reason an OpenAI-style error body gives (``error.message`` or FastAPI's ``detail``)."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:300]
+    if isinstance(body, dict):
+        error = body.get("error")
+        return str(error.get("message") if isinstance(error, dict) else error or body.get("detail") or body)[:300]
+    return str(body)[:300]
 
 
 class VLLMTarget:
@@ -141,28 +223,42 @@ class VLLMTarget:
         self.engine = AsyncLLMEngine.from_engine_args(args)
 
     async def _run(self, messages, max_tokens: int, temperature: float) -> AsyncIterator[Any]:
+        """vLLM's outputs as they grow; a closed or cancelled consumer aborts the request in the engine."""
         from vllm import SamplingParams
 
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-        async for out in self.engine.generate(prompt, params, request_id=uuid.uuid4().hex):
-            yield out
+        n_in = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if n_in >= self.spec.context_limit:
+            raise TargetRequestError(413, f"the prompt has {n_in} tokens for {self.spec.name}, whose context "
+                                          f"limit is {self.spec.context_limit}: shorten it")
+        params = SamplingParams(max_tokens=min(max_tokens, self.spec.context_limit - n_in), temperature=temperature)
+        request_id, done = uuid.uuid4().hex, False
+        try:
+            async for out in self.engine.generate(prompt, params, request_id=request_id):
+                done = out.finished
+                yield out
+        finally:
+            if not done:
+                await self.engine.abort(request_id)
 
-    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> dict[str, Any]:
+    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> TargetAnswer:
         final = None
         async for final in self._run(messages, max_tokens, temperature):
             pass
         comp = final.outputs[0]
-        return {"text": comp.text.strip(), "prompt_tokens": len(final.prompt_token_ids),
-                "completion_tokens": len(comp.token_ids), "finish_reason": comp.finish_reason or "stop"}
+        return TargetAnswer(comp.text.strip(), len(final.prompt_token_ids), len(comp.token_ids),
+                            comp.finish_reason or "stop")
 
-    async def stream(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> AsyncIterator[str]:
-        seen = 0
-        async for out in self._run(messages, max_tokens, temperature):
-            text = out.outputs[0].text
+    async def stream(self, messages: list[dict[str, str]], max_tokens: int,
+                     temperature: float) -> AsyncIterator[str | StreamEnd]:
+        seen, final = 0, None
+        async for final in self._run(messages, max_tokens, temperature):
+            text = final.outputs[0].text
             if len(text) > seen:
                 yield text[seen:]
                 seen = len(text)
+        comp = final.outputs[0]
+        yield StreamEnd(comp.finish_reason or "stop", len(final.prompt_token_ids), len(comp.token_ids))
 
 
 def make_target(spec: ModelSpec, timeout_s: float = 120.0) -> Any:
@@ -185,9 +281,18 @@ class TargetReplica:
         self.spec = ModelSpec.model_validate(spec)
         self.backend = make_target(self.spec, timeout_s)
 
-    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> dict[str, Any]:
+    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> TargetAnswer:
         return await self.backend.generate(messages, max_tokens, temperature)
 
-    async def stream(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> AsyncIterator[str]:
+    async def stream(self, messages: list[dict[str, str]], max_tokens: int,
+                     temperature: float) -> AsyncIterator[str | StreamEnd]:
         async for piece in self.backend.stream(messages, max_tokens, temperature):
             yield piece
+
+    def ready(self) -> dict[str, Any]:
+        """Answers once the backend is loaded (the ingress's readiness check)."""
+        return {"target": self.spec.name, "backend": self.spec.backend.value}
+
+    def stats(self) -> dict[str, int]:
+        """Generations running now, finished, cancelled, and tokens generated (local backends)."""
+        return dict(getattr(self.backend, "stats", {}))

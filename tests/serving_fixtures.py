@@ -7,9 +7,14 @@ labels (answer-option log-likelihood of SmolLM2 and Gemma), a small SharedTrunkN
 
 from __future__ import annotations
 
+import json
+import socket
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 
 REFERENCE = Path(__file__).resolve().parent.parent / "data" / "router"
 
@@ -52,3 +57,103 @@ def router_artifact(tmp: Path) -> str:
     if (REFERENCE / "meta.json").is_file():
         return str(REFERENCE)
     return small_artifact(tmp / "router")
+
+
+class FlakyEndpoint:
+    """A loopback OpenAI-compatible endpoint whose streams die after two chunks (a real HTTP peer
+    that drops the connection mid-answer); non-streamed calls get a 500."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802 - the http.server hook name
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])) or b"{}")
+                if not body.get("stream"):
+                    self.send_error(500, "flaky endpoint")
+                    return
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                for word in ("Paris", " is"):
+                    delta = {"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+                    data = f"data: {json.dumps(delta)}\n\n".encode()
+                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                    self.wfile.flush()
+                time.sleep(0.3)
+                self.connection.shutdown(socket.SHUT_RDWR)  # no terminating chunk: a broken stream
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def serving_registry(tmp: Path, port: int, flaky_url: str) -> str:
+    """The default registry plus OpenAI-compatible targets on loopback: this app itself
+    (``smol-remote``), a closed port (``broken-endpoint``) and a stream that breaks (``flaky-endpoint``)."""
+    from shared.config import read_yaml
+    from shared.registry import DEFAULT_REGISTRY
+
+    registry = read_yaml(DEFAULT_REGISTRY)
+    registry["models"] += [
+        {"name": "smol-remote", "role": "target", "backend": "openai", "source": "openai",
+         "base_url": f"http://127.0.0.1:{port}/v1", "remote_model": "smollm2-135m",
+         "price_input_per_m": 0.03, "price_output_per_m": 0.06},
+        {"name": "broken-endpoint", "role": "target", "backend": "openai", "source": "openai",
+         "base_url": "http://127.0.0.1:9/v1"},
+        {"name": "flaky-endpoint", "role": "target", "backend": "openai", "source": "openai", "base_url": flaky_url},
+    ]
+    path = tmp / "models.yaml"
+    path.write_text(yaml.safe_dump(registry))
+    return str(path)
+
+
+def replica(app_name: str, deployment: str) -> Any:
+    """A Serve handle to one deployment of the running app (its replicas' own methods)."""
+    from ray import serve
+
+    return serve.get_deployment_handle(deployment, app_name=app_name)
+
+
+def wait_ready(client: Any, timeout_s: float = 240) -> None:
+    """Poll ``/readyz`` until 200 (the app can answer again)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"/readyz not 200 after {timeout_s:.0f}s: {client.get('/readyz').text}")
+
+
+def kill_encoder_during(client: Any, app_name: str, body: dict, headers: dict | None = None,
+                        n: int = 8) -> tuple[list[Any], int]:
+    """SIGKILL the Encoder replica while routed chat requests are in flight; every response, and
+    the status of ``/readyz`` right after the kill."""
+    import os
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    pid = replica(app_name, "Encoder").ready.remote().result(timeout_s=60)["pid"]
+
+    def send(i: int) -> Any:
+        time.sleep(0.25 * i)
+        return client.post("/v1/chat/completions", json=body, headers=headers or {})
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(send, i) for i in range(n)]
+        time.sleep(0.4)
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        ready = client.get("/readyz").status_code
+        return [f.result() for f in futures], ready

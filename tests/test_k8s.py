@@ -80,7 +80,7 @@ def test_committed_rayservice_is_what_the_generator_makes_now():
     assert runtime_env["working_dir"] == k8s.CODE_URI
     assert doc == serve_config(cfg, cfg.targets)  # serveConfigV2 is serve_config(), nothing hand-kept
     cluster = by_kind(k8s.render_overlay("base"))["RayCluster"]
-    assert committed["spec"]["rayClusterConfig"] == {k: v for k, v in cluster["spec"].items()}
+    assert committed["spec"]["rayClusterConfig"] == k8s.with_readiness_probes(cluster["spec"], cfg)
     assert "rayservice.yaml" in yaml.safe_load((ROOT / "k8s/base/kustomization.yaml").read_text())["resources"]
 
 
@@ -191,3 +191,17 @@ def test_manifests_run_the_projects_image_with_the_projects_pins():
     assert torch_pin in dockerfile
     no_deps = re.search(r"--no-deps (.+)", (ROOT / ".ci" / "install").read_text()).group(1).split()
     assert all(pkg in dockerfile for pkg in no_deps)
+
+
+def test_rayservice_pods_are_ready_only_when_the_app_answers():
+    """Every Ray container of the RayService is probed on /readyz (encoder, head and a target answer),
+    not /healthz (the ingress alone), on the Serve port."""
+    rayservice = yaml.safe_load((ROOT / k8s.RAYSERVICE_OUT).read_text())
+    spec = rayservice["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    port = serve_doc(rayservice)["http_options"]["port"]
+    for group in groups:
+        probe = group["template"]["spec"]["containers"][0]["readinessProbe"]
+        assert probe["httpGet"] == {"path": "/readyz", "port": port}
+    plain = by_kind(k8s.render_overlay("base"))["RayCluster"]["spec"]["headGroupSpec"]["template"]["spec"]
+    assert "readinessProbe" not in plain["containers"][0]  # the retraining cluster serves no app

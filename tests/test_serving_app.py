@@ -7,46 +7,45 @@ serving SmolLM2 on loopback.
 
 import json
 import shutil
+import time
 
 import httpx
 import pytest
+import ray
 import yaml
 
 from tests.procs import free_port
-from tests.serving_fixtures import router_artifact
+from tests.serving_fixtures import FlakyEndpoint, kill_encoder_during, replica, router_artifact, serving_registry, wait_ready
 
 pytestmark = pytest.mark.slow
 MSG = [{"role": "user", "content": "What is the capital of France? Answer with one word."}]
 
 
+APP = "prefill-router"
+TOKEN_ENV, TOKEN = "PR_TEST_SERVE_TOKEN", "s3cret-token"
+COUNTING = [{"role": "user", "content": "Write the numbers from 1 to 500 in words, one per line, without stopping."}]
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    import ray
+    import os
+
     from ray import serve
 
     from serving.app import deploy
     from serving.config import ServeConfig
-    from shared.config import read_yaml
-    from shared.registry import DEFAULT_REGISTRY
+    from shared.ray_boot import ensure_ray
 
     tmp = tmp_path_factory.mktemp("serve")
     artifact = router_artifact(tmp)
     port = free_port()
-    registry = read_yaml(DEFAULT_REGISTRY)
-    registry["models"] += [
-        {"name": "smol-remote", "role": "target", "backend": "openai", "source": "openai",
-         "base_url": f"http://127.0.0.1:{port}/v1", "remote_model": "smollm2-135m",
-         "price_input_per_m": 0.03, "price_output_per_m": 0.06},
-        {"name": "broken-endpoint", "role": "target", "backend": "openai", "source": "openai",
-         "base_url": "http://127.0.0.1:9/v1"},
-    ]
-    reg_path = tmp / "models.yaml"
-    reg_path.write_text(yaml.safe_dump(registry))
-    cfg = {"artifact": artifact, "registry": str(reg_path), "http_port": port, "max_prompt_tokens": 200,
-           "default_max_tokens": 12, "target_timeout_s": 90,
-           "targets": ["smollm2-135m", "gemma3-270m", "smol-remote"],
-           "target_overrides": {"smol-remote": {"num_cpus": 0.1}}}
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    flaky = FlakyEndpoint()
+    cfg = {"artifact": artifact, "registry": serving_registry(tmp, port, flaky.url), "http_port": port,
+           "max_prompt_tokens": 200, "default_max_tokens": 12, "target_timeout_s": 90,
+           "targets": ["smollm2-135m", "gemma3-270m", "smol-remote", "flaky-endpoint"],
+           "target_overrides": {"smol-remote": {"num_cpus": 0.1}, "flaky-endpoint": {"num_cpus": 0.05}}}
+    os.environ[TOKEN_ENV] = TOKEN  # before Ray starts: the replicas inherit it (the auth tests use it)
+    ensure_ray("local", num_cpus=4, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy(ServeConfig.model_validate(cfg))
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=180)
@@ -54,8 +53,9 @@ def app(tmp_path_factory):
     def redeploy(artifact=None, **changes):
         deploy(ServeConfig.model_validate({**cfg, **changes}), artifact=artifact)
 
-    yield {"client": client, "artifact": artifact, "tmp": tmp, "redeploy": redeploy, "cfg": cfg}
+    yield {"client": client, "artifact": artifact, "tmp": tmp, "redeploy": redeploy, "cfg": cfg, "port": port}
     client.close()
+    flaky.close()
     serve.shutdown()
     ray.shutdown()
 
@@ -63,8 +63,10 @@ def app(tmp_path_factory):
 def test_health_models_and_route(app):
     c = app["client"]
     assert c.get("/healthz").json()["status"] == "ok"
+    ready = c.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["encoder"] == "ok", ready.text
     ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
-    assert ids == ["router", "smollm2-135m", "gemma3-270m", "smol-remote"]
+    assert ids == ["router", "smollm2-135m", "gemma3-270m", "smol-remote", "flaky-endpoint"]
     r = c.post("/v1/route", json={"messages": MSG})
     assert r.status_code == 200, r.text
     d = r.json()
@@ -108,26 +110,112 @@ def test_streaming_sse(app):
     chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
     assert chunks[0]["route"]["target"] == chunks[0]["model"]
     assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks).strip()
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-@pytest.mark.parametrize("body, status", [
-    (b"{oops", 400),
-    (json.dumps({"model": "router", "messages": []}).encode(), 422),
-    (json.dumps({"model": "nope", "messages": MSG}).encode(), 404),
-    (json.dumps({"model": "router", "messages": [{"role": "user", "content": "word " * 400}]}).encode(), 413),
+LONG = [{"role": "user", "content": "word " * 400}]
+
+
+@pytest.mark.parametrize("body, status, ctype", [
+    (b"{oops", 400, "application/json"),
+    (json.dumps({"model": "router", "messages": []}).encode(), 422, "application/json"),
+    (json.dumps({"model": "nope", "messages": MSG}).encode(), 404, "application/json"),
+    (json.dumps({"model": "router", "messages": LONG}).encode(), 413, "application/json"),
+    # the limit holds on pinned requests too, before any target sees the prompt
+    (json.dumps({"model": "smollm2-135m", "messages": LONG}).encode(), 413, "application/json"),
+    (json.dumps({"model": "router", "messages": MSG, "stream": "yes"}).encode(), 422, "application/json"),
+    (json.dumps({"model": "router:abc", "messages": MSG}).encode(), 422, "application/json"),
+    (json.dumps({"model": "router", "messages": MSG}).encode(), 415, "text/plain"),
+    (json.dumps({"model": "router", "messages": MSG}).encode(), 415, None),
 ])
-def test_bad_input_is_4xx_with_reason(app, body, status):
-    r = app["client"].post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+def test_bad_input_is_4xx_with_reason(app, body, status, ctype):
+    headers = {"content-type": ctype} if ctype else {}
+    r = app["client"].post("/v1/chat/completions", content=body, headers=headers)
     assert r.status_code == status, r.text
-    assert r.json()["detail"]
+    assert r.json()["detail"] and r.json()["error"]["message"]
 
 
 def test_metrics_count_requests_and_decisions(app):
     text = app["client"].get("/metrics").text
     assert 'prefill_router_requests_total{endpoint="chat_completions",status="200"}' in text
     assert "prefill_router_decisions_total" in text and "prefill_router_overhead_seconds_count" in text
-    assert 'prefill_router_requests_total{endpoint="chat_completions",status="413"} 1.0' in text
+    assert 'prefill_router_requests_total{endpoint="chat_completions",status="413"} 2.0' in text
+
+
+def test_official_openai_client_sees_length_and_usage(app):
+    """D6: the final chunk says why the answer ended, and include_usage adds the usage chunk."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{app['port']}/v1", api_key="unused", max_retries=0)
+    answer = client.chat.completions.create(model="smollm2-135m", messages=COUNTING, max_tokens=4)
+    assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 4
+    chunks = list(client.chat.completions.create(model="smollm2-135m", messages=COUNTING, max_tokens=4, stream=True,
+                                                 stream_options={"include_usage": True}))
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 4
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+
+
+def test_route_has_overhead_header_and_takes_model(app):
+    """D8: /v1/route takes chat's `model` field and sends the overhead header."""
+    c = app["client"]
+    r = c.post("/v1/route", json={"model": "router:1.0", "messages": MSG})
+    assert r.status_code == 200 and r.json()["target"] == "smollm2-135m" and r.json()["tolerance"] == 1.0
+    assert float(r.headers["x-prefill-router-overhead-ms"]) > 0
+    assert c.post("/v1/route", json={"model": "gemma3-270m", "messages": MSG}).status_code == 422
+
+
+def test_mid_stream_failure_is_an_openai_error_event(app):
+    """D5: a target whose stream breaks after two chunks: an error event without internals, no stop."""
+    import openai
+
+    body = {"model": "flaky-endpoint", "messages": MSG, "stream": True}
+    with app["client"].stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    events = [json.loads(ln[6:]) for ln in lines if ln != "data: [DONE]"]
+    content = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e.get("choices"))
+    assert content == "Paris is"
+    assert events[-1]["error"]["code"] == "target_failed" and "flaky-endpoint" in events[-1]["error"]["message"]
+    assert not any(e.get("choices") and e["choices"][0]["finish_reason"] for e in events)
+    for leak in ("Actor", "pid", "127.0.0.1", "namespace", "ip="):
+        assert leak not in lines[-2]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{app['port']}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.APIError, match="failed mid-stream"):
+        list(client.chat.completions.create(model="flaky-endpoint", messages=MSG, stream=True))
+
+
+def test_client_disconnect_stops_the_target_and_counts_499(app):
+    """D1/D7: a client that gives up cancels the generation in the target replica."""
+    target = replica(APP, "Target-smollm2-135m")
+    before = target.stats.remote().result(timeout_s=30)
+    body = {"model": "smollm2-135m", "messages": COUNTING, "max_tokens": 1500}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"http://127.0.0.1:{app['port']}/v1/chat/completions", json=body, timeout=6)
+    deadline = time.monotonic() + 30
+    while (now := target.stats.remote().result(timeout_s=30))["active"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert now["active"] == 0 and now["cancelled"] == before["cancelled"] + 1, (before, now)
+    time.sleep(2)
+    assert target.stats.remote().result(timeout_s=30) == now  # nothing computes any more
+    text = app["client"].get("/metrics").text
+    assert 'prefill_router_requests_total{endpoint="chat_completions",status="499"} 1.0' in text
+    assert 'status="500"' not in text
+
+
+def test_huge_prompts_are_refused_before_any_target(app):
+    """D1: a 200 KB prompt pinned to a target is a fast 413, and so is a body over max_body_bytes."""
+    c = app["client"]
+    huge = [{"role": "user", "content": "lorem ipsum " * 17_000}]
+    t0 = time.monotonic()
+    r = c.post("/v1/chat/completions", json={"model": "gemma3-270m", "messages": huge})
+    assert r.status_code == 413 and "limit of 200" in r.json()["detail"]
+    assert time.monotonic() - t0 < 30
+    r = c.post("/v1/chat/completions", content=b" " * (1 << 20) + b"{}", headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "body" in r.json()["detail"]
+    assert c.get("/readyz").status_code == 200
 
 
 def test_failing_target_falls_back(app):
@@ -169,3 +257,51 @@ def test_publish_reloads_the_running_app(app):
     assert "{run_id}" not in record["artifact"] and record["artifact"].startswith(str(app["tmp"] / "published"))
     assert c.post("/v1/route", json={"messages": MSG}).json()["artifact"] == record["artifact"]
     assert json.loads((app["tmp"] / "current.json").read_text())["artifact"] == record["artifact"]
+
+
+def test_encoder_killed_mid_request_gives_json_503_then_recovers(app):
+    """D3/D4: no fallback_target: requests around an encoder SIGKILL get a 200 or a JSON 503, never a bare
+    500; /readyz says not ready until Serve has replaced the replica."""
+    c = app["client"]
+    responses, ready = kill_encoder_during(c, APP, {"model": "router", "messages": MSG})
+    assert {r.status_code for r in responses} <= {200, 503}, [(r.status_code, r.text) for r in responses]
+    unavailable = [r for r in responses if r.status_code == 503]
+    assert unavailable and all("no fallback_target" in r.json()["detail"] for r in unavailable)
+    assert ready == 503
+    wait_ready(c)
+    assert c.post("/v1/chat/completions", json={"model": "router", "messages": MSG}).status_code == 200
+
+
+def test_auth_token_env_naming_an_unset_variable_refuses_to_start(app):
+    """D2: no silent start without auth."""
+    with pytest.raises(RuntimeError, match="PR_UNSET_TOKEN_VARIABLE is unset"):
+        app["redeploy"](auth_token_env="PR_UNSET_TOKEN_VARIABLE")
+
+
+def test_with_auth_short_timeout_and_fallback_target(app):
+    """D2: the Bearer scheme is case-insensitive, a 401 says how to authenticate. D1: a target that
+    times out is cancelled and stops computing. D3: an encoder killed mid-request falls back to the
+    configured target, marked in a header."""
+    app["redeploy"](auth_token_env=TOKEN_ENV, target_timeout_s=5, fallback_target="smollm2-135m")
+    c = app["client"]
+    wait_ready(c)
+    r = c.post("/v1/chat/completions", json={"model": "router", "messages": MSG})
+    assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+    auth = {"authorization": f"bearer {TOKEN}"}
+    assert c.post("/v1/chat/completions", json={"model": "router", "messages": MSG}, headers=auth).status_code == 200
+
+    targets = {t: replica(APP, f"Target-{t}") for t in ("smollm2-135m", "gemma3-270m")}
+    body = {"model": "smollm2-135m", "messages": COUNTING, "max_tokens": 1500}
+    r = c.post("/v1/chat/completions", json=body, headers=auth)
+    assert r.status_code == 502 and "timed out" in r.json()["detail"], r.text
+    deadline = time.monotonic() + 30
+    while any(h.stats.remote().result(timeout_s=30)["active"] for h in targets.values()):
+        assert time.monotonic() < deadline, "a target kept computing after its timeout"
+        time.sleep(0.5)
+    assert all(h.stats.remote().result(timeout_s=30)["cancelled"] >= 1 for h in targets.values())
+
+    responses, _ = kill_encoder_during(c, APP, {"model": "router", "messages": MSG}, headers=auth)
+    assert {r.status_code for r in responses} == {200}, [(r.status_code, r.text) for r in responses]
+    degraded = [r for r in responses if "x-prefill-router-degraded" in r.headers]
+    assert degraded and all(r.headers["x-prefill-router-target"] == "smollm2-135m" for r in degraded)
+    wait_ready(c)

@@ -1,0 +1,87 @@
+"""Typed messages between the deployments (Ray pickles them; nothing is matched by substring).
+
+- Encoder -> Ingress/RouterHead: :class:`EncodedPrompt`, or :class:`PromptTooLong` when the
+  prompt is over ``max_prompt_tokens`` (a refusal is a value, not an exception string);
+  ``count_tokens`` answers :class:`TokenCount`.
+- Target -> Ingress: :class:`TargetAnswer`; a stream yields text pieces and ends with a
+  :class:`StreamEnd`. A fault of the request itself (longer than the target's context,
+  refused by an upstream endpoint as invalid) is a :class:`TargetRequestError`: the
+  ingress answers it with its status and never retries it on another target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PromptTooLong:
+    """The prompt has more encoder tokens than the router accepts (the ingress answers 413)."""
+
+    n_tokens: int
+    limit: int
+
+    @property
+    def reason(self) -> str:
+        return (f"the prompt has {self.n_tokens} tokens, more than this router's limit of {self.limit} "
+                "(max_prompt_tokens): shorten it")
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    """Encoder tokens of a prompt (chat template applied) and the router's limit."""
+
+    n_tokens: int
+    limit: int
+
+    def refusal(self) -> PromptTooLong | None:
+        return PromptTooLong(self.n_tokens, self.limit) if self.n_tokens > self.limit else None
+
+
+@dataclass
+class EncodedPrompt:
+    """Pooled prefill features of one prompt: ``features[column] -> (hidden,)`` float32."""
+
+    features: dict[str, Any]
+    n_tokens: int
+    encoder: str
+    artifact: str
+
+
+@dataclass(frozen=True)
+class TargetAnswer:
+    """A whole answer of one target."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """The last item of a target's stream: why it ended and the token counts."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TargetRequestError(ValueError):
+    """A fault of the request, not of the target (the same request fails on any target)."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+    def __reduce__(self):  # Ray re-raises it in the caller: keep both fields through pickling
+        return (TargetRequestError, (self.status, self.reason))
+
+
+def request_fault(exc: BaseException) -> TargetRequestError | None:
+    """The :class:`TargetRequestError` behind ``exc`` (Ray wraps a replica's exception), if any."""
+    for candidate in (exc, getattr(exc, "cause", None)):
+        if isinstance(candidate, TargetRequestError) and hasattr(candidate, "status"):
+            return candidate
+    return None

@@ -1,0 +1,101 @@
+"""Server-sent events for ``stream: true`` chat completions, with OpenAI's semantics.
+
+A target that fails before its first token falls back to the next one; after the first
+token the stream has started, so a failure is reported in-band as an OpenAI-style
+``error`` event (no internals: actor ids, pids and addresses stay in the log) and the
+stream ends without a ``finish_reason`` chunk. The last chunk's ``finish_reason`` is the
+target's (``length`` when ``max_tokens`` cut the answer). With
+``stream_options.include_usage`` every chunk carries ``usage: null`` and a last chunk
+with no choices carries the token usage. A client that goes away cancels the target's
+generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from fastapi import HTTPException
+from fastapi.responses import StreamingResponse
+
+from serving.messages import StreamEnd, request_fault
+from serving.schemas import ChatCompletionRequest, RouteDecision, chunk, usage_chunk
+
+if TYPE_CHECKING:
+    from serving.ingress import RouterIngress
+
+log = logging.getLogger(__name__)
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def stream_response(ingress: "RouterIngress", order: list[str], req: ChatCompletionRequest,
+                          decision: RouteDecision | None, degraded: str | None) -> StreamingResponse:
+    """Stream from the first target that yields; a target failing before its first token falls back."""
+    max_tokens = req.answer_tokens or ingress.cfg.default_max_tokens
+    failed: list[str] = []
+    for name in order:
+        gen = ingress.targets[name].options(stream=True).stream.remote(
+            req.plain_messages(), max_tokens, req.temperature or 0.0)
+        try:
+            first = await asyncio.wait_for(gen.__anext__(), timeout=ingress.cfg.target_timeout_s)
+        except BaseException as exc:
+            _cancel(gen)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if fault := request_fault(exc):
+                raise HTTPException(fault.status, fault.reason) from exc
+            log.warning("target %s failed before streaming: %s", name, exc)
+            ingress.metrics.errors.labels("target").inc()
+            failed.append(name)
+            continue
+        for bad in failed:
+            ingress.metrics.fallbacks.labels(bad, name).inc()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        events = sse_events(ingress, name, first, gen, decision, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers=ingress.headers(name, decision, failed, degraded))
+    raise HTTPException(502, f"every target failed or timed out: {failed}")
+
+
+def _cancel(gen: Any) -> None:
+    if hasattr(gen, "cancel"):
+        gen.cancel()
+
+
+async def sse_events(ingress: "RouterIngress", target: str, first: Any, gen: Any, decision: RouteDecision | None,
+                     include_usage: bool) -> AsyncIterator[str]:
+    """The ``data:`` events of one streamed answer (see the module docstring for the rules)."""
+    cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    extra: dict[str, Any] = {"usage": None} if include_usage else {}
+    head = {**extra, "route": decision.model_dump(mode="json")} if decision else extra
+    yield sse(chunk(cid, target, {"role": "assistant", "content": ""}, extra=head))
+    end, item = None, first
+    try:
+        while not isinstance(item, StreamEnd):
+            if item:
+                yield sse(chunk(cid, target, {"content": item}, extra=extra))
+            item = await asyncio.wait_for(gen.__anext__(), timeout=ingress.cfg.target_timeout_s)
+        end = item
+    except StopAsyncIteration:
+        end = StreamEnd("stop", 0, 0)
+    except Exception as exc:  # noqa: BLE001 - the stream already started: report in-band, without internals
+        log.warning("target %s failed mid-stream: %s", target, exc)
+        ingress.metrics.errors.labels("stream").inc()
+        error = {"message": f"target {target} failed mid-stream; the answer is incomplete",
+                 "type": "server_error", "code": "target_failed"}
+        yield sse({"error": error})
+        yield sse("[DONE]")
+        return
+    finally:
+        if end is None:  # failed, timed out or the client went away: stop the target's generation
+            _cancel(gen)
+    yield sse(chunk(cid, target, {}, finish_reason=end.finish_reason, extra=extra))
+    if include_usage:
+        yield sse(usage_chunk(cid, target, end.prompt_tokens, end.completion_tokens))
+    yield sse("[DONE]")

@@ -152,7 +152,7 @@ def kill_encoder_during(client: Any, app_name: str, body: dict, headers: dict | 
 
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(send, i) for i in range(n)]
-        time.sleep(0.4)
+        time.sleep(0.2)  # request 0 waits in the encoder's batch window (batch_wait_timeout_s) right now
         os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
         ready = client.get("/readyz").status_code

@@ -235,3 +235,26 @@ def test_stream_finish_reason_and_usage_follow_openai():
     assert all(ev["usage"] is None for ev in events[:-1])
     r = c.post("/v1/chat/completions", json={"model": "mid", "messages": MSG, "max_tokens": 2})
     assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_request_fault_is_answered_not_retried_elsewhere():
+    from serving.messages import TargetRequestError
+
+    calls = []
+
+    def refusing(name):
+        async def generate(messages, max_tokens, temperature):
+            calls.append(name)
+            raise TargetRequestError(413, f"the prompt is over {name}'s context limit")
+
+        return Handle(generate=generate)
+
+    ingress = RouterIngress({"max_prompt_tokens": 1000}, Handle(encode=encode, count_tokens=count_tokens),
+                            Handle(decide=decide), {"cheap": refusing("cheap"), "mid": refusing("mid")})
+    r = TestClient(make_fastapi_app(lambda: ingress)).post("/v1/chat/completions", json={"model": "mid", "messages": MSG})
+    assert r.status_code == 413 and "mid's context limit" in r.json()["detail"]
+    assert calls == ["mid"]
+    import pickle
+
+    again = pickle.loads(pickle.dumps(TargetRequestError(413, "too long")))  # how Ray carries it to the ingress
+    assert (again.status, again.reason) == (413, "too long")

@@ -41,7 +41,9 @@ def app(tmp_path_factory):
     port = free_port()
     flaky = FlakyEndpoint()
     cfg = {"artifact": artifact, "registry": serving_registry(tmp, port, flaky.url), "http_port": port,
-           "max_prompt_tokens": 200, "default_max_tokens": 12, "target_timeout_s": 90,
+           "max_prompt_tokens": 200, "default_max_tokens": 12, "target_timeout_s": 90, "route_timeout_s": 5,
+           # a routed request waits up to 0.5 s inside the encoder for its batch: the kill tests hit it there
+           "encoder_batch": {"max_batch_size": 8, "batch_wait_timeout_s": 0.5},
            "targets": ["smollm2-135m", "gemma3-270m", "smol-remote", "flaky-endpoint"],
            "target_overrides": {"smol-remote": {"num_cpus": 0.1}, "flaky-endpoint": {"num_cpus": 0.05}}}
     os.environ[TOKEN_ENV] = TOKEN  # before Ray starts: the replicas inherit it (the auth tests use it)

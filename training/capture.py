@@ -11,7 +11,14 @@ columns ``query_id``, ``split``, ``n_tokens``, ``truncated`` and one fixed-shape
 column per (layer, pooling) named ``h{layer}_{pooling}`` (Arrow's native
 ``arrow.fixed_shape_tensor``, shape ``[hidden_size]``, readable by plain pyarrow), rows in
 query-table order; and ``manifest.json`` (encoder, chat template, layer convention,
-pooling, dtype, hidden size, query table hash, run summary).
+pooling, dtype, hidden size, query table hash, run summary with ``prompt_tokens`` and
+``computed_tokens``).
+
+Prefix sharing (``min_shared_prefix``): within each Ray Data batch, prompts sharing that
+many leading tokens or more run the prefix once, then only their suffixes
+(:mod:`training.prefix`; the features equal the full forward's within fp32 noise, so the
+setting is not part of the shards' identity). Pending rows are sorted by prompt within
+each shard so that such prompts share a batch.
 
 Layer indices: 0 is the embedding output, ``i`` the output of block ``i``; the last
 block ``L`` has the final norm applied (HF ``hidden_states`` convention).
@@ -32,10 +39,13 @@ from pydantic import Field, model_validator
 from shared.cli_utils import ConfigOption, Overrides
 from shared.config import StrictConfig
 from shared.ray_boot import ensure_ray
-from training.shards import ShardWriter
+from training.capture_output import TensorShardWriter, read_features, rows_to_table
 
 log = logging.getLogger(__name__)
 
+__all__ = ["CaptureConfig", "CaptureUDF", "TensorShardWriter", "read_features", "rows_to_table", "run_capture"]
+
+COUNTS = ("rows", "tokens", "computed", "padded", "truncated")  # run totals summed over result batches
 LAYER_CONVENTION = ("index 0 = embedding output; index i = output of decoder block i (HF hidden_states[i]); "
                     "index L (last block) has the final norm applied")
 
@@ -67,6 +77,10 @@ class CaptureConfig(StrictConfig):
     num_gpus: float | Literal["auto"] = Field(
         "auto", description="GPUs per encoder actor; 'auto': 1 when the cluster has GPUs, else 0 (CPU).")
     max_tokens: int = Field(2048, gt=0, description="Longer prompts keep their last max_tokens tokens (reported).")
+    min_shared_prefix: int | None = Field(
+        64, ge=0, description="Prompts of one Ray Data batch sharing at least this many leading tokens (after the "
+                              "chat template) run that prefix once, then only their suffixes; pending rows are "
+                              "sorted by prompt within each shard so such prompts meet. 0 or None: off.")
     ray_address: str | None = Field(None, description="Ray cluster address; None: RAY_ADDRESS or a local cluster.")
     progress: bool = Field(True, description="Show a progress bar.")
 
@@ -83,7 +97,7 @@ class CaptureUDF:
 
     def __init__(self, encoder: str, registry: str | None, layers: list[int], poolings: list[str], dtype: str,
                  max_tokens: int, batch_size: int, max_batch_tokens: int | None, padding_side: str,
-                 num_cpus: float, use_gpu: bool):
+                 num_cpus: float, use_gpu: bool, min_shared_prefix: int | None = None):
         import torch
 
         from training.encoder import Encoder
@@ -93,71 +107,18 @@ class CaptureUDF:
             torch.set_num_threads(max(1, int(num_cpus)))
         self.encoder = Encoder.from_registry(encoder, layers, registry_path=registry, device=device,
                                              poolings=poolings, max_tokens=max_tokens, batch_size=batch_size,
-                                             max_batch_tokens=max_batch_tokens, padding_side=padding_side)
+                                             max_batch_tokens=max_batch_tokens, padding_side=padding_side,
+                                             min_shared_prefix=min_shared_prefix)
         self.dtype = np.dtype(dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         conversations = [json.loads(m) for m in batch["messages_json"]]
         result = self.encoder.encode(conversations)
         out = {k: batch[k] for k in ("query_id", "split", "_shard", "_row")}
-        out.update(n_tokens=result.n_tokens, truncated=result.truncated, _padded=result.padded)
+        out.update(n_tokens=result.n_tokens, truncated=result.truncated, _padded=result.padded,
+                   _computed=result.computed)
         out.update({col: arr.astype(self.dtype) for col, arr in result.features.items()})
         return out
-
-
-# --------------------------------------------------------------------------- output
-class TensorShardWriter(ShardWriter):
-    """ShardWriter for numpy batches with vector columns, written as fixed-shape tensor columns.
-
-    Rows of a shard are written in query-table order (``_row``); ``_``-prefixed columns
-    are dropped. Duplicates of a query (a retried task) replace the earlier row.
-    """
-
-    def __init__(self, out: str, expected: dict[int, int], tensor_columns: list[str]):
-        super().__init__(out, expected, key="query_id")
-        self.tensor_columns = tensor_columns
-
-    def add(self, batch: dict[str, np.ndarray]) -> list[int]:  # type: ignore[override]
-        done = []
-        names = list(batch)
-        for i in range(len(batch["query_id"])):
-            row = {name: batch[name][i] for name in names}
-            shard = int(row["_shard"])
-            self.buffers[shard][str(row["query_id"])] = row
-            if len(self.buffers[shard]) == self.expected.get(shard, -1):
-                self._write(shard)
-                done.append(shard)
-        return done
-
-    def _write(self, shard: int) -> None:
-        from shared import storage
-        from training.shards import shard_path
-
-        rows = sorted(self.buffers.pop(shard).values(), key=lambda r: int(r["_row"]))
-        storage.write_parquet(rows_to_table(rows, self.tensor_columns), shard_path(self.out, shard))
-        self.written.append(shard)
-
-
-def rows_to_table(rows: list[dict[str, Any]], tensor_columns: list[str]) -> pa.Table:
-    """Output table: scalar columns, then one ``pa.FixedShapeTensorArray`` per vector column."""
-    cols: dict[str, pa.Array] = {
-        "query_id": pa.array([str(r["query_id"]) for r in rows], pa.string()),
-        "split": pa.array([str(r["split"]) for r in rows], pa.string()),
-        "n_tokens": pa.array([int(r["n_tokens"]) for r in rows], pa.int32()),
-        "truncated": pa.array([bool(r["truncated"]) for r in rows], pa.bool_()),
-    }
-    for col in tensor_columns:
-        stacked = np.ascontiguousarray(np.stack([np.asarray(r[col]) for r in rows]))
-        cols[col] = pa.FixedShapeTensorArray.from_numpy_ndarray(stacked)
-    return pa.table(cols)
-
-
-def read_features(out: str, column: str) -> tuple[list[str], np.ndarray]:
-    """``(query ids, (n, hidden) array)`` of one feature column over all finished shards."""
-    from training.shards import read_shards
-
-    table = read_shards(out)
-    return table.column("query_id").to_pylist(), table.column(column).combine_chunks().to_numpy_ndarray()
 
 
 # --------------------------------------------------------------------------- plan
@@ -198,18 +159,27 @@ def capture_identity(cfg: CaptureConfig, plan: dict[str, Any], table_hash: str, 
     }
 
 
-def pending_table(table: pa.Table, shard_size: int, done: set[int]) -> pa.Table:
-    """The rows still to capture, with their shard and row index, messages as JSON text."""
+def pending_table(table: pa.Table, shard_size: int, done: set[int], by_prompt: bool = False) -> pa.Table:
+    """The rows still to capture, with their shard and row index, messages as JSON text.
+
+    Rows come in query-table order; ``by_prompt``: sorted by messages text *within* each
+    shard (shards stay in order, so each still completes early and resume is unchanged),
+    which puts prompts with a common prefix into the same Ray Data batch. The writer
+    restores query-table order inside each shard from ``_row``.
+    """
     from training.shards import pending_rows, shard_ids
 
     rows = pending_rows(table.num_rows, shard_size, done)
+    shards = shard_ids(table.num_rows, shard_size)[rows]
+    messages = [json.dumps(m, ensure_ascii=False) for m in table.column("messages").take(pa.array(rows)).to_pylist()]
+    if by_prompt:
+        order = np.array(sorted(range(len(rows)), key=lambda i: (shards[i], messages[i])), dtype=np.int64)
+        rows, shards, messages = rows[order], shards[order], [messages[i] for i in order]
     sub = table.take(pa.array(rows, pa.int64()))
-    messages = [json.dumps(m, ensure_ascii=False) for m in sub.column("messages").to_pylist()]
     return pa.table({
         "query_id": sub.column("query_id"), "split": sub.column("split"),
         "messages_json": pa.array(messages, pa.string()),
-        "_shard": pa.array(shard_ids(table.num_rows, shard_size)[rows], pa.int64()),
-        "_row": pa.array(rows, pa.int64()),
+        "_shard": pa.array(shards, pa.int64()), "_row": pa.array(rows, pa.int64()),
     })
 
 
@@ -230,7 +200,7 @@ def build_pipeline(pending: pa.Table, cfg: CaptureConfig, plan: dict[str, Any], 
             encoder=cfg.encoder, registry=cfg.registry, layers=plan["layers"], poolings=list(cfg.poolings),
             dtype=cfg.dtype, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
             max_batch_tokens=cfg.max_batch_tokens, padding_side=cfg.padding_side, num_cpus=cfg.num_cpus,
-            use_gpu=use_gpu),
+            use_gpu=use_gpu, min_shared_prefix=cfg.min_shared_prefix),
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
         batch_size=cfg.bucket_window,
         batch_format="numpy",
@@ -271,12 +241,13 @@ def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool) -> dict[
     """Drive the pipeline: feed result batches to the writer, with a progress bar over queries."""
     from tqdm.auto import tqdm
 
-    counts = {"rows": 0, "tokens": 0, "padded": 0, "truncated": 0}
+    counts = dict.fromkeys(COUNTS, 0)
     with tqdm(total=total, desc="capture", unit="q", disable=not show) as bar:
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             n = len(batch["query_id"])
             counts["rows"] += n
             counts["tokens"] += int(batch["n_tokens"].sum())
+            counts["computed"] += int(batch["_computed"].sum())
             counts["padded"] += int(batch["_padded"].sum())
             counts["truncated"] += int(batch["truncated"].sum())
             writer.add(batch)
@@ -295,10 +266,10 @@ def run_capture(cfg: CaptureConfig) -> dict[str, Any]:
     plan = encoder_plan(cfg)
     identity = capture_identity(cfg, plan, table_hash(table), table.num_rows)
     done_before = _prepare_output(cfg, identity)
-    pending = pending_table(table, cfg.shard_size, done_before)
+    pending = pending_table(table, cfg.shard_size, done_before, by_prompt=bool(cfg.min_shared_prefix))
     expected = {int(s): int(c) for s, c in zip(*np.unique(shard_ids(table.num_rows, cfg.shard_size),
                                                           return_counts=True)) if int(s) not in done_before}
-    counts = {"rows": 0, "tokens": 0, "padded": 0, "truncated": 0}
+    counts = dict.fromkeys(COUNTS, 0)
     writer = TensorShardWriter(cfg.out, expected, plan["columns"])
     use_gpu = False
     if pending.num_rows:
@@ -317,6 +288,8 @@ def run_capture(cfg: CaptureConfig) -> dict[str, Any]:
     summary = {
         "rows": table.num_rows, "captured_rows": counts["rows"], "shards_skipped": len(done_before),
         "shards_written": len(writer.written), "prompt_tokens": counts["tokens"],
+        "computed_tokens": counts["computed"], "min_shared_prefix": cfg.min_shared_prefix or 0,
+        "computed_share": round(counts["computed"] / counts["tokens"], 4) if counts["tokens"] else 0.0,
         "truncated_prompts": counts["truncated"], "max_tokens": cfg.max_tokens,
         "padding_waste": 1 - counts["tokens"] / counts["padded"] if counts["padded"] else 0.0,
         "seconds": round(seconds, 3), "tokens_per_s": round(counts["tokens"] / seconds, 1) if seconds else 0.0,
@@ -336,8 +309,8 @@ def print_summary(summary: dict[str, Any], out: str) -> None:
     view = Table(title=f"capture -> {out}")
     view.add_column("item")
     view.add_column("value", justify="right")
-    for key in ("rows", "captured_rows", "shards_skipped", "shards_written", "prompt_tokens",
-                "truncated_prompts", "padding_waste", "seconds", "tokens_per_s", "device"):
+    for key in ("rows", "captured_rows", "shards_skipped", "shards_written", "prompt_tokens", "computed_tokens",
+                "computed_share", "truncated_prompts", "padding_waste", "seconds", "tokens_per_s", "device"):
         value = summary[key]
         view.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     console.print(view)

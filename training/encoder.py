@@ -20,6 +20,11 @@ Prompts are rendered with the tokenizer's chat template
 ``last`` pooling reads), sorted by length and cut into buckets of similar length so a
 forward pass pads little. Pooling: ``last`` is the hidden state of the last real token,
 ``mean`` the mean over the real tokens; padding (left or right) is masked out.
+
+Prefix sharing (``min_shared_prefix`` > 0, off by default): prompts of one ``encode``
+call that share their first ``min_shared_prefix`` or more tokens run that prefix once and
+then only their suffixes (:mod:`training.prefix`); the features equal the full forward's
+up to float reassociation. Unshared prompts go the length-bucket way above.
 """
 
 from __future__ import annotations
@@ -90,6 +95,20 @@ def padding_waste(lengths: Sequence[int], buckets: Iterable[Sequence[int]]) -> f
     return 1.0 - real / padded if padded else 0.0
 
 
+def pad_batch(batch: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[Any, Any]:
+    """Token-id lists to ``(input_ids, mask)`` long tensors ``(B, longest)``, padded on ``side``."""
+    import torch
+
+    longest = max(len(x) for x in batch)
+    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        sl = slice(longest - len(ids), longest) if side == "left" else slice(0, len(ids))
+        input_ids[row, sl] = torch.as_tensor(list(ids), dtype=torch.long)
+        mask[row, sl] = 1
+    return input_ids, mask
+
+
 def pool(hidden: Any, mask: Any, pooling: str) -> Any:
     """Pool ``hidden`` ``(B, T, D)`` over real tokens (``mask`` ``(B, T)``, 1 = token) to ``(B, D)``.
 
@@ -118,6 +137,7 @@ class Encoded:
     truncated: np.ndarray  # bool: prompt was longer than max_tokens
     padded: np.ndarray  # padded length of the forward batch each prompt ran in
     stats: dict[str, float] = field(default_factory=dict)
+    computed: np.ndarray | None = None  # tokens computed per prompt (a shared prefix counts on one prompt)
 
 
 class Encoder:
@@ -125,7 +145,7 @@ class Encoder:
 
     def __init__(self, loaded: Any, layers: Sequence[int] | str, poolings: Sequence[str] = ("last",),
                  max_tokens: int = 2048, batch_size: int = 8, max_batch_tokens: int | None = None,
-                 padding_side: str = "right"):
+                 padding_side: str = "right", min_shared_prefix: int | None = None):
         bad = [p for p in poolings if p not in POOLINGS]
         if bad or not poolings:
             raise ValueError(f"unknown pooling(s) {bad or poolings}; choose from {POOLINGS}")
@@ -137,6 +157,7 @@ class Encoder:
         self.poolings = list(dict.fromkeys(poolings))
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.max_batch_tokens, self.padding_side = max_batch_tokens, padding_side
+        self.min_shared_prefix = min_shared_prefix or 0
         self.depth = max(self.layers)
         self.base = truncated_base(loaded.model, self.depth)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -178,24 +199,19 @@ class Encoder:
         """One padded forward pass over token-id lists; returns ``{column: (B, D) tensor}``."""
         import torch
 
-        longest = max(len(x) for x in batch)
-        input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            sl = slice(longest - len(ids), longest) if self.padding_side == "left" else slice(0, len(ids))
-            input_ids[row, sl] = torch.as_tensor(ids, dtype=torch.long)
-            mask[row, sl] = 1
+        input_ids, mask = pad_batch(batch, self.pad_id, self.padding_side)
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding must not shift positions
         input_ids, mask, position_ids = (t.to(self.device) for t in (input_ids, mask, position_ids))
         with torch.inference_mode():
             states = self._run(input_ids, mask, position_ids)
             return {column_name(layer, p): pool(states[layer], mask, p) for layer in self.layers for p in self.poolings}
 
-    def _run(self, input_ids: Any, mask: Any, position_ids: Any) -> dict[int, Any]:
+    def _run(self, input_ids: Any, mask: Any, position_ids: Any, cache: Any = None) -> dict[int, Any]:
         """Forward the truncated base model; ``{layer index: (B, T, D)}`` captured by temporary hooks.
 
         Hooks (not ``output_hidden_states``) so that only the requested layers are kept and
-        the shared model's own output-capturing machinery is never touched.
+        the shared model's own output-capturing machinery is never touched. ``cache``: a KV
+        cache to extend (``mask`` then covers cached + new tokens); None: no cache.
         """
         states: dict[int, Any] = {}
 
@@ -210,7 +226,8 @@ class Encoder:
             targets[self.depth] = self.base.norm  # index L: HF's normed last hidden state
         handles = [targets[i].register_forward_hook(tap(i)) for i in self.layers]
         try:
-            self.base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+            extend = {"cache": cache, "use_cache": True} if cache is not None else {"use_cache": False}
+            self.base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **extend)
         finally:
             for handle in handles:
                 handle.remove()
@@ -221,26 +238,50 @@ class Encoder:
 
         Returns ``(features, padded length per row, stats)``.
         """
+        features, padded, _, stats = self.encode_rows(ids)
+        return features, padded, stats
+
+    def encode_rows(self, ids: Sequence[Sequence[int]]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray,
+                                                                 dict[str, float]]:
+        """:meth:`encode_ids` plus the tokens computed per row: ``(features, padded, computed, stats)``.
+
+        With ``min_shared_prefix`` set, rows sharing a long enough prefix run it once
+        (:func:`training.prefix.prefix_groups`); the others, and all rows when it is off, run
+        whole in length buckets. ``padded`` of a prefix-shared row is its bucket's
+        attention context (prefix + longest suffix).
+        """
+        from training.prefix import encode_group, prefix_groups, tokens_computed
+
         if any(len(x) == 0 for x in ids):
             raise ValueError("cannot encode an empty prompt (0 tokens)")
         lengths = [len(x) for x in ids]
-        buckets = length_buckets(lengths, self.batch_size, self.max_batch_tokens)
+        groups, singles = prefix_groups(ids, self.min_shared_prefix)
         out = {c: np.empty((len(ids), self.hidden_size), dtype=np.float32) for c in self.columns}
         padded = np.zeros(len(ids), dtype=np.int32)
-        for bucket in buckets:
-            feats = self.forward_padded([ids[i] for i in bucket])
-            padded[bucket] = max(lengths[i] for i in bucket)
+
+        def store(rows: list[int], feats: dict[str, Any], width: int) -> None:
+            padded[rows] = width
             for col, tensor in feats.items():
-                out[col][bucket] = tensor.float().cpu().numpy()
-        stats = {"forward_passes": len(buckets), "padding_waste": padding_waste(lengths, buckets),
-                 "tokens": float(sum(lengths))}
-        return out, padded, stats
+                out[col][rows] = tensor.float().cpu().numpy()
+
+        buckets = [[singles[b] for b in bucket]
+                   for bucket in length_buckets([lengths[i] for i in singles], self.batch_size, self.max_batch_tokens)]
+        for bucket in buckets:
+            store(bucket, self.forward_padded([ids[i] for i in bucket]), max(lengths[i] for i in bucket))
+        passes = len(buckets) + sum(encode_group(self, ids, group, store) for group in groups)
+        computed = tokens_computed(lengths, groups)
+        width = int(padded.sum())
+        stats = {"forward_passes": passes, "padding_waste": 1.0 - sum(lengths) / width if width else 0.0,
+                 "tokens": float(sum(lengths)), "computed_tokens": float(computed.sum()),
+                 "prefix_groups": len(groups)}
+        return out, padded, computed, stats
 
     def encode(self, conversations: Sequence[list[dict[str, str]]]) -> Encoded:
         """Chat-template, tokenize, bucket and encode a list of conversations."""
         ids, truncated = self.tokenize(conversations)
-        features, padded, stats = self.encode_ids(ids)
-        return Encoded(features, np.array([len(x) for x in ids], dtype=np.int32), truncated, padded, stats)
+        features, padded, computed, stats = self.encode_rows(ids)
+        return Encoded(features, np.array([len(x) for x in ids], dtype=np.int32), truncated, padded, stats,
+                       computed.astype(np.int32))
 
 
 def truncated_base(model: Any, depth: int) -> Any:

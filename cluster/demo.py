@@ -118,12 +118,11 @@ def pipeline_config(workdir: Path, quick: bool, reference_labels: Path | None,
 def demo_models(cfg: Any) -> list[Any]:
     """The models the demo loads: the encoder and every target whose weights this machine has
     (those Serve serves, as ``cluster.demo_chat.servable_targets`` decides; the others it names)."""
-    from shared.models import missing_weights
+    from shared.models import present_models
     from shared.registry import load_registry
 
     registry = load_registry(cfg.registry)
-    specs = [registry.get(cfg.capture.encoder)] + [registry.get(t) for t in cfg.targets]
-    return [s for s in specs if missing_weights(s) is None]
+    return present_models([registry.get(cfg.capture.encoder)] + [registry.get(t) for t in cfg.targets])
 
 
 def prepare_demo_models(cfg: Any) -> float:

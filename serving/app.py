@@ -135,13 +135,13 @@ def prepare_serving_models(cfg: ServeConfig) -> None:
     whose bf16 cache is missing, with progress, before any replica starts and converts silently."""
     from shared.artifact import read_meta
     from shared.model_cmd import print_conversion
-    from shared.models import missing_weights, prepare_models
+    from shared.models import prepare_models, present_models
     from shared.registry import load_registry
 
     registry = load_registry(cfg.registry)
     specs = [registry.get(read_meta(cfg.artifact).encoder.name)]
     specs += [registry.get(cfg.endpoints.get(t, t)) for t in served_targets(cfg)]
-    prepare_models([s for s in specs if missing_weights(s) is None], print_conversion)
+    prepare_models(present_models(specs), print_conversion)
 
 
 def run_serve(cfg: ServeConfig, blocking: bool = True, address: str | None = None) -> None:

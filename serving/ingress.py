@@ -49,6 +49,18 @@ class AllTargetsFailed(RuntimeError):
     pass
 
 
+class RouterUnavailable(RuntimeError):
+    """The encoder or the router head failed or timed out (``kind``: the failure's type name)."""
+
+    def __init__(self, cause: BaseException):
+        self.kind = type(cause).__name__
+        super().__init__(f"the router's encoder or head is unavailable ({self.kind})")
+
+    def http(self, hint: str = "") -> HTTPException:
+        """The JSON 503 a request gets when nothing can answer it without the router."""
+        return HTTPException(503, f"{self}{hint}; retry shortly", headers={"Retry-After": "5"})
+
+
 def counted(endpoint: str):
     """Count each call of an endpoint method by HTTP status in ``self.metrics.requests``
     (a request the client gave up on counts as 499)."""
@@ -186,12 +198,21 @@ class RouterIngress:
 
     # ------------------------------------------------------------------ routing
     async def decide(self, messages: list[dict[str, str]], tolerance: float | None) -> RouteDecision:
-        """Encoder + head: the routing decision for one prompt (413 for a prompt over the limit)."""
+        """Encoder + head: the routing decision for one prompt (413 for a prompt over the limit;
+        :class:`RouterUnavailable` when either deployment fails or times out)."""
         start = time.perf_counter()
-        encoded = await bounded(self.encoder.encode.remote(messages), self.cfg.route_timeout_s)
-        if isinstance(encoded, PromptTooLong):
-            raise HTTPException(413, encoded.reason)
-        decision = await bounded(self.head.decide.remote(encoded, tolerance), self.cfg.route_timeout_s)
+        try:
+            encoded = await bounded(self.encoder.encode.remote(messages), self.cfg.route_timeout_s)
+            if isinstance(encoded, PromptTooLong):
+                raise HTTPException(413, encoded.reason)
+            decision = await bounded(self.head.decide.remote(encoded, tolerance), self.cfg.route_timeout_s)
+        except HTTPException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a dead, failing or slow encoder/head: never a bare 500
+            log.warning("router unavailable (%s): %s", type(exc).__name__,
+                        str(exc).splitlines()[-1] if str(exc) else "")
+            self.metrics.errors.labels("router").inc()
+            raise RouterUnavailable(exc) from exc
         decision = RouteDecision.model_validate(decision)
         decision.overhead_ms = (time.perf_counter() - start) * 1000
         self.metrics.overhead.observe(decision.overhead_ms / 1000)
@@ -203,16 +224,10 @@ class RouterIngress:
         """(decision, None), or (None, why) when the router failed and ``fallback_target`` answers."""
         try:
             return await self.decide(messages, tolerance), None
-        except HTTPException:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a dead or failing encoder/head: degrade, never a bare 500
-            why = f"router unavailable ({type(exc).__name__})"
-            log.warning("%s: %s", why, str(exc).splitlines()[-1] if str(exc) else "")
-            self.metrics.errors.labels("router").inc()
+        except RouterUnavailable as exc:
             if not self.cfg.fallback_target:
-                raise HTTPException(503, f"the router's encoder or head is unavailable ({type(exc).__name__}) and "
-                                         "no fallback_target is configured; retry shortly",
-                                    headers={"Retry-After": "5"}) from exc
+                raise exc.http(" and no fallback_target is configured") from exc
+            why = f"router unavailable ({exc.kind})"
         await self.check_length(messages)
         return None, why
 
@@ -294,12 +309,8 @@ class RouterIngress:
                                      f"'router:<tolerance>', not the target {pinned!r}")
         try:
             decision = await self.decide(req.plain_messages(), tolerance)
-        except HTTPException:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a decision service without its router: 503, not a bare 500
-            self.metrics.errors.labels("router").inc()
-            raise HTTPException(503, f"the router's encoder or head is unavailable ({type(exc).__name__}); retry "
-                                     "shortly", headers={"Retry-After": "5"}) from exc
+        except RouterUnavailable as exc:  # a decision service without its router: 503, not a bare 500
+            raise exc.http() from exc
         return JSONResponse(decision.model_dump(mode="json"), headers=self.headers(decision.target, decision, []))
 
     @counted("models")

@@ -81,18 +81,14 @@ class EncoderReplica:
         """Serve user-config update ``{"artifact": uri}``: see :func:`reload`."""
         reload(self, user_config, "encoder")
 
-    def _ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of the chat-templated prompt, untruncated (the limit is checked on these)."""
-        return self.encoder.tokenizer(self.encoder.render(messages), add_special_tokens=False)["input_ids"]
-
     def count_tokens(self, messages: list[dict[str, str]]) -> TokenCount:
         """The prompt's encoder tokens, without a forward pass (the ingress's check on pinned requests)."""
-        return TokenCount(len(self._ids(messages)), self.max_prompt_tokens)
+        return TokenCount(len(self.encoder.token_ids([messages])[0]), self.max_prompt_tokens)
 
     async def encode_many(self, batch: list[list[dict[str, str]]]) -> list[EncodedPrompt | PromptTooLong]:
         """Encode several conversations in one bucketed forward pass; a too-long prompt is refused
         on its own (a :class:`PromptTooLong` in its place), never run and never failing the batch."""
-        ids = [self._ids(m) for m in batch]
+        ids = self.encoder.token_ids(batch)  # untruncated: the limit is checked on these
         results: list[EncodedPrompt | PromptTooLong] = [
             PromptTooLong(len(x), self.max_prompt_tokens) for x in ids]
         ok = [i for i, x in enumerate(ids) if len(x) <= self.max_prompt_tokens]

@@ -30,6 +30,15 @@ from shared.registry import Backend, ModelSpec
 REQUEST_FAULTS = (400, 413, 422)  # an upstream endpoint's answers that the same request would get anywhere
 
 
+def answer_budget(spec: ModelSpec, n_in: int, max_tokens: int) -> int:
+    """``max_tokens`` capped at what the context has left after an ``n_in``-token prompt; a
+    prompt that fills the context is a fault of the request (413), refused before any compute."""
+    if n_in >= spec.context_limit:
+        raise TargetRequestError(413, f"the prompt has {n_in} tokens for {spec.name}, whose context "
+                                      f"limit is {spec.context_limit}: shorten it")
+    return min(max_tokens, spec.context_limit - n_in)
+
+
 class _Stop:
     """A transformers ``StoppingCriteria`` that ends ``generate`` once its event is set (cancellation)."""
 
@@ -62,11 +71,8 @@ class TransformersTarget:
         """Model inputs and the answer budget; a prompt over the context limit is a request fault."""
         tok = self.loaded.tokenizer
         batch = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        n_in, limit = int(batch["input_ids"].shape[1]), self.spec.context_limit
-        if n_in >= limit:
-            raise TargetRequestError(413, f"the prompt has {n_in} tokens for {self.spec.name}, whose context "
-                                          f"limit is {limit}: shorten it")
-        return {k: v.to(self.loaded.device) for k, v in batch.items()}, min(max_tokens, limit - n_in)
+        budget = answer_budget(self.spec, int(batch["input_ids"].shape[1]), max_tokens)
+        return {k: v.to(self.loaded.device) for k, v in batch.items()}, budget
 
     def _gen_kwargs(self, max_tokens: int, temperature: float, stop: threading.Event) -> dict[str, Any]:
         from transformers import StoppingCriteriaList
@@ -228,10 +234,7 @@ class VLLMTarget:
 
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         n_in = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if n_in >= self.spec.context_limit:
-            raise TargetRequestError(413, f"the prompt has {n_in} tokens for {self.spec.name}, whose context "
-                                          f"limit is {self.spec.context_limit}: shorten it")
-        params = SamplingParams(max_tokens=min(max_tokens, self.spec.context_limit - n_in), temperature=temperature)
+        params = SamplingParams(max_tokens=answer_budget(self.spec, n_in, max_tokens), temperature=temperature)
         request_id, done = uuid.uuid4().hex, False
         try:
             async for out in self.engine.generate(prompt, params, request_id=request_id):

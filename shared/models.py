@@ -204,6 +204,11 @@ def prepare_models(specs: Iterable[ModelSpec], progress: Progress | None = None,
     return seconds
 
 
+def present_models(specs: Iterable[ModelSpec]) -> list[ModelSpec]:
+    """Those of ``specs`` this machine can load without installing anything (see :func:`missing_weights`)."""
+    return [s for s in specs if missing_weights(s) is None]
+
+
 def missing_weights(spec: ModelSpec, cache: Path | None = None) -> str | None:
     """Why this machine cannot load ``spec`` without installing something; ``None`` when it can.
 

@@ -126,16 +126,6 @@ def replica(app_name: str, deployment: str) -> Any:
     return serve.get_deployment_handle(deployment, app_name=app_name)
 
 
-def wait_ready(client: Any, timeout_s: float = 240) -> None:
-    """Poll ``/readyz`` until 200 (the app can answer again)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if client.get("/readyz").status_code == 200:
-            return
-        time.sleep(1)
-    raise TimeoutError(f"/readyz not 200 after {timeout_s:.0f}s: {client.get('/readyz').text}")
-
-
 def kill_encoder_during(client: Any, app_name: str, body: dict, headers: dict | None = None,
                         n: int = 8) -> tuple[list[Any], int]:
     """SIGKILL the Encoder replica while routed chat requests are in flight; every response, and

@@ -14,8 +14,9 @@ import pytest
 import ray
 import yaml
 
+from cluster.demo_chat import wait_ready
 from tests.procs import free_port
-from tests.serving_fixtures import FlakyEndpoint, kill_encoder_during, replica, router_artifact, serving_registry, wait_ready
+from tests.serving_fixtures import FlakyEndpoint, kill_encoder_during, replica, router_artifact, serving_registry
 
 pytestmark = pytest.mark.slow
 MSG = [{"role": "user", "content": "What is the capital of France? Answer with one word."}]
@@ -270,7 +271,7 @@ def test_encoder_killed_mid_request_gives_json_503_then_recovers(app):
     unavailable = [r for r in responses if r.status_code == 503]
     assert unavailable and all("no fallback_target" in r.json()["detail"] for r in unavailable)
     assert ready == 503
-    wait_ready(c)
+    wait_ready(f"http://127.0.0.1:{app['port']}", 240)
     assert c.post("/v1/chat/completions", json={"model": "router", "messages": MSG}).status_code == 200
 
 
@@ -286,7 +287,7 @@ def test_with_auth_short_timeout_and_fallback_target(app):
     configured target, marked in a header."""
     app["redeploy"](auth_token_env=TOKEN_ENV, target_timeout_s=5, fallback_target="smollm2-135m")
     c = app["client"]
-    wait_ready(c)
+    wait_ready(f"http://127.0.0.1:{app['port']}", 240)
     r = c.post("/v1/chat/completions", json={"model": "router", "messages": MSG})
     assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
     auth = {"authorization": f"bearer {TOKEN}"}
@@ -306,4 +307,4 @@ def test_with_auth_short_timeout_and_fallback_target(app):
     assert {r.status_code for r in responses} == {200}, [(r.status_code, r.text) for r in responses]
     degraded = [r for r in responses if "x-prefill-router-degraded" in r.headers]
     assert degraded and all(r.headers["x-prefill-router-target"] == "smollm2-135m" for r in degraded)
-    wait_ready(c)
+    wait_ready(f"http://127.0.0.1:{app['port']}", 240)

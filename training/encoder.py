@@ -187,10 +187,13 @@ class Encoder:
         """The chat-templated prompt text, ending with the generation prompt."""
         return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
 
+    def token_ids(self, conversations: Sequence[list[dict[str, str]]]) -> list[list[int]]:
+        """Token ids of each chat-templated conversation, untruncated."""
+        return self.tokenizer([self.render(m) for m in conversations], add_special_tokens=False)["input_ids"]
+
     def tokenize(self, conversations: Sequence[list[dict[str, str]]]) -> tuple[list[list[int]], np.ndarray]:
         """Token ids per conversation (last ``max_tokens`` kept) and whether each was truncated."""
-        texts = [self.render(m) for m in conversations]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = self.token_ids(conversations)
         truncated = np.array([len(x) > self.max_tokens for x in ids], dtype=bool)
         return [list(x[-self.max_tokens:]) for x in ids], truncated
 

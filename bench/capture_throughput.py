@@ -126,7 +126,7 @@ def run_naive(cfg, queries: Path) -> dict:
 
     from shared.models import load_causal_lm
     from shared.registry import load_registry
-    from training.encoder import pool, resolve_layers
+    from shared.encoder import pool, resolve_layers
 
     lm = load_causal_lm(load_registry(cfg.registry).get(cfg.encoder), device="cpu")
     layers = resolve_layers(cfg.layers, lm.num_layers)

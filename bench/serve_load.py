@@ -9,7 +9,7 @@ In one run, on a local Ray cluster with the real small models:
     sent by an async ``httpx`` client. Reported per concurrency: requests/s, p50 and p99
     end-to-end latency, and the router's overhead (encoder + head, the
     ``x-prefill-router-overhead-ms`` header) as a share of each request's latency (median);
-(b) per routing decision, the truncated encoder (``training.encoder.Encoder`` with the
+(b) per routing decision, the truncated encoder (``shared.encoder.Encoder`` with the
     artifact's layers: blocks up to the deepest selected one, no ``lm_head``) against a
     full-depth forward with ``output_hidden_states=True`` and logits, batch 1, on the same
     prompts in this process; reported as a ratio.
@@ -85,7 +85,7 @@ def encoder_vs_full(artifact: str, prompts: list, reps: int = 1) -> dict:
     from shared.artifact import read_meta
     from shared.models import load_causal_lm
     from shared.registry import load_registry
-    from training.encoder import Encoder
+    from shared.encoder import Encoder
 
     meta = read_meta(artifact)
     loaded = load_causal_lm(load_registry().get(meta.encoder.name), device="cpu")

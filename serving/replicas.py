@@ -1,7 +1,7 @@
 """Bodies of the encoder and router-head deployments (plain classes; ``build_app`` wraps them).
 
 :class:`EncoderReplica` loads the artifact's encoder and runs the prompt's prefill only,
-up to the deepest layer the artifact reads (``training.encoder.Encoder``).
+up to the deepest layer the artifact reads (``shared.encoder.Encoder``).
 :class:`RouterHeadReplica` applies the artifact's transforms, SharedTrunkNet ensemble and
 tolerance policy. Both reload a new artifact on a user-config change (``reconfigure``)
 and keep the old one when the new one fails to load.
@@ -61,7 +61,7 @@ class EncoderReplica:
 
     def _load(self, artifact: str) -> None:
         from shared.models import load_causal_lm
-        from training.encoder import Encoder
+        from shared.encoder import Encoder
 
         meta = read_meta(artifact)
         spec = load_registry(self.registry).get(meta.encoder.name)

@@ -27,7 +27,7 @@ def small_artifact(out: Path, n_queries: int = 24) -> str:
     from shared.trunk import FeatureTransform, TrunkConfig, build_ensemble, train_one
     from training.backends import TransformersScorer
     from training.data import DataConfig, build_queries
-    from training.encoder import Encoder
+    from shared.encoder import Encoder
 
     table, _ = build_queries(load_config(DataConfig, None, [f"mmlu.n={4 * n_queries}", "reasoning_gym=[]"]))
     # The shortest prompts: the serving tests need a real artifact, not a good one (2 CPUs).

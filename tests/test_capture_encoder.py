@@ -6,7 +6,7 @@ import torch
 
 from shared.config import ConfigError, load_config
 from training.capture import CaptureConfig, main
-from training.encoder import Encoder, length_buckets, padding_waste, pool, resolve_layers
+from shared.encoder import Encoder, length_buckets, padding_waste, pool, resolve_layers
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+2?"}],

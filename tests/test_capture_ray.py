@@ -56,7 +56,7 @@ def check_output(out: str, queries: Path, dtype=np.float16) -> pa.Table:
 
 
 def test_local_capture_matches_encoder_and_rerun_skips(ray_cluster, queries, tmp_path, smollm):
-    from training.encoder import Encoder
+    from shared.encoder import Encoder
 
     out = str(tmp_path / "act")
     summary = run_capture(capture_cfg(queries, out))

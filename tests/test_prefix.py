@@ -5,8 +5,8 @@ import pyarrow as pa
 import pytest
 
 from training.capture import pending_table
-from training.encoder import Encoder
-from training.prefix import PrefixGroup, common_prefix, prefix_groups, tokens_computed
+from shared.encoder import Encoder
+from shared.prefix import PrefixGroup, common_prefix, prefix_groups, tokens_computed
 
 # fp32 tolerance of prefix-shared features against the full-prompt forward, relative to the
 # column's largest magnitude: |shared - full| <= REL_TOL * max|full| (README of bench/ has

@@ -1,7 +1,7 @@
 """``prefill-router capture``: the encoder's pooled prefill activations for every query (Ray Data).
 
 The query table streams through a pool of encoder actors (:class:`CaptureUDF`, a thin
-shell over :class:`training.encoder.Encoder`); the driver collects the rows and writes
+shell over :class:`shared.encoder.Encoder`); the driver collects the rows and writes
 each shard of ``shard_size`` consecutive queries once it is complete
 (:mod:`training.shards`): re-running skips finished shards, redoes partial ones and ends
 with exactly one row per query.
@@ -16,7 +16,7 @@ pooling, dtype, hidden size, query table hash, run summary with ``prompt_tokens`
 
 Prefix sharing (``min_shared_prefix``): within each Ray Data batch, prompts sharing that
 many leading tokens or more run the prefix once, then only their suffixes
-(:mod:`training.prefix`; the features equal the full forward's within fp32 noise, so the
+(:mod:`shared.prefix`; the features equal the full forward's within fp32 noise, so the
 setting is not part of the shards' identity). Pending rows are sorted by prompt within
 each shard so that such prompts share a batch.
 
@@ -100,7 +100,7 @@ class CaptureUDF:
                  num_cpus: float, use_gpu: bool, min_shared_prefix: int | None = None):
         import torch
 
-        from training.encoder import Encoder
+        from shared.encoder import Encoder
 
         device = "cuda" if use_gpu else "cpu"
         if not use_gpu:
@@ -128,7 +128,7 @@ def encoder_plan(cfg: CaptureConfig) -> dict[str, Any]:
 
     from shared.models import ensure_local, load_tokenizer, model_fingerprint
     from shared.registry import load_registry
-    from training.encoder import column_name, resolve_layers
+    from shared.encoder import column_name, resolve_layers
 
     spec = load_registry(cfg.registry).get(cfg.encoder)
     if spec.role not in ("encoder", "both"):

@@ -14,7 +14,7 @@ and positions ``P, P + 1, ...`` (:func:`forward_suffixes`). Pooled features of a
 
 Attention is causal, so the hidden states of positions ``< P`` depend on the prefix only
 and both are the full-prompt forward's features up to float reassociation. The layer
-convention is :mod:`training.encoder`'s: layer ``L`` (the last block) is read after the
+convention is :mod:`shared.encoder`'s: layer ``L`` (the last block) is read after the
 final norm, which is applied per token, so its prefix sum is a sum of normed states like
 the full forward's; every other layer is the raw residual stream. Suffix batches are
 always right-padded (the pad sits after each suffix, never between prefix and suffix).
@@ -143,7 +143,7 @@ def forward_suffixes(encoder: Any, state: PrefixState, suffixes: Sequence[Sequen
     """Features ``{column: (B, D) float32}`` of ``prefix + suffix`` for each suffix, computing only the suffixes."""
     import torch
 
-    from training.encoder import column_name, pad_batch, pool
+    from shared.encoder import column_name, pad_batch, pool
 
     batch, p = len(suffixes), state.length
     input_ids, smask = pad_batch(suffixes, encoder.pad_id, "right")
@@ -174,7 +174,7 @@ def encode_group(encoder: Any, ids: Sequence[Sequence[int]], group: PrefixGroup,
     over suffix tokens, the tokens computed). ``store(rows, feats, padded)`` receives each
     bucket's features; ``padded`` is the bucket's attention context (prefix + longest suffix).
     """
-    from training.encoder import length_buckets
+    from shared.encoder import length_buckets
 
     p = group.length
     state = run_prefix(encoder, ids[group.members[0]][:p])

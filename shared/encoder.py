@@ -23,7 +23,7 @@ forward pass pads little. Pooling: ``last`` is the hidden state of the last real
 
 Prefix sharing (``min_shared_prefix`` > 0, off by default): prompts of one ``encode``
 call that share their first ``min_shared_prefix`` or more tokens run that prefix once and
-then only their suffixes (:mod:`training.prefix`); the features equal the full forward's
+then only their suffixes (:mod:`shared.prefix`); the features equal the full forward's
 up to float reassociation. Unshared prompts go the length-bucket way above.
 """
 
@@ -249,11 +249,11 @@ class Encoder:
         """:meth:`encode_ids` plus the tokens computed per row: ``(features, padded, computed, stats)``.
 
         With ``min_shared_prefix`` set, rows sharing a long enough prefix run it once
-        (:func:`training.prefix.prefix_groups`); the others, and all rows when it is off, run
+        (:func:`shared.prefix.prefix_groups`); the others, and all rows when it is off, run
         whole in length buckets. ``padded`` of a prefix-shared row is its bucket's
         attention context (prefix + longest suffix).
         """
-        from training.prefix import encode_group, prefix_groups, tokens_computed
+        from shared.prefix import encode_group, prefix_groups, tokens_computed
 
         if any(len(x) == 0 for x in ids):
             raise ValueError("cannot encode an empty prompt (0 tokens)")

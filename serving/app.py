@@ -71,7 +71,7 @@ def build_app(args: dict[str, Any]) -> Any:
                                name=deployment_name("Encoder"))
     # The artifact travels in user_config only, so a new one is an in-place reconfigure, not a restart.
     encoder = encoder.options(**cfg.encoder.serve_options(), user_config=user_config).bind(
-        cfg.registry, cfg.max_prompt_tokens)
+        cfg.registry, cfg.max_prompt_tokens, prefix_cache=cfg.prefix_cache.model_dump())
     head = serve.deployment(RouterHeadReplica, name=deployment_name("RouterHead"))
     head = head.options(**cfg.head.serve_options(), user_config=user_config).bind(targets)
     handles = {}

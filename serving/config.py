@@ -46,6 +46,20 @@ class BatchOptions(StrictConfig):
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
 
 
+class PrefixCacheConfig(StrictConfig):
+    """The Encoder replica's prefix KV cache (:mod:`serving.prefix_cache`)."""
+
+    max_mb: float = Field(0.0, ge=0, description="Memory bound of the cache in MiB per Encoder replica; least "
+                          "recently used prefixes are evicted to stay under it. 0: no cache (every prompt runs whole).")
+    min_tokens: int = Field(64, ge=1, description="Shortest prefix worth caching, in encoder tokens.")
+    min_seen: int = Field(2, ge=1, description="A prefix that is not a system prompt is cached once this many "
+                          "prompts have begun with it (a system prompt is cached on first sight).")
+    block_tokens: int = Field(16, ge=1, description="Prefixes are counted (and a seen prefix cached) at multiples "
+                              "of this many tokens.")
+    history: int = Field(65536, ge=1, description="Prefix counts kept for the min_seen rule (least recently "
+                         "counted dropped first).")
+
+
 class IngressConfig(StrictConfig):
     """What the ingress replica needs (no artifact: a new artifact must not restart it)."""
 
@@ -82,6 +96,8 @@ class ServeConfig(IngressConfig):
         default_factory=dict, description="Serve a target through another registry entry, e.g. the same model "
         "behind a different OpenAI-compatible endpoint: {target: registry name}.")
     encoder_batch: BatchOptions = Field(default_factory=BatchOptions, description="Encoder request batching.")
+    prefix_cache: PrefixCacheConfig = Field(default_factory=PrefixCacheConfig,
+                                            description="The Encoder replica's prefix KV cache (off by default).")
     ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(num_cpus=0.2), description="Ingress.")
     encoder: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Encoder replicas.")
     head: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(num_cpus=0.2), description="Router head.")

@@ -205,6 +205,7 @@ class RouterIngress:
             encoded = await bounded(self.encoder.encode.remote(messages), self.cfg.route_timeout_s)
             if isinstance(encoded, PromptTooLong):
                 raise HTTPException(413, encoded.reason)
+            self.metrics.count_prefix(encoded.prefix)
             decision = await bounded(self.head.decide.remote(encoded, tolerance), self.cfg.route_timeout_s)
         except HTTPException:
             raise

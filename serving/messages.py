@@ -1,6 +1,6 @@
 """Typed messages between the deployments (Ray pickles them; nothing is matched by substring).
 
-- Encoder -> Ingress/RouterHead: :class:`EncodedPrompt`, or :class:`PromptTooLong` when the
+- Encoder -> Ingress/RouterHead: :class:`EncodedPrompt` (with its :class:`PrefixUse`), or :class:`PromptTooLong` when the
   prompt is over ``max_prompt_tokens`` (a refusal is a value, not an exception string);
   ``count_tokens`` answers :class:`TokenCount`.
 - Target -> Ingress: :class:`TargetAnswer`; a stream yields text pieces and ends with a
@@ -39,14 +39,28 @@ class TokenCount:
         return PromptTooLong(self.n_tokens, self.limit) if self.n_tokens > self.limit else None
 
 
+@dataclass(frozen=True)
+class PrefixUse:
+    """What the Encoder's prefix cache did for one prompt (the ingress counts these in Prometheus):
+    a hit saved ``tokens_saved`` prefix tokens; a miss may have admitted a prefix, evicting
+    ``evicted`` older entries."""
+
+    hit: bool
+    tokens_saved: int = 0
+    evicted: int = 0
+    admitted: bool = False
+
+
 @dataclass
 class EncodedPrompt:
-    """Pooled prefill features of one prompt: ``features[column] -> (hidden,)`` float32."""
+    """Pooled prefill features of one prompt: ``features[column] -> (hidden,)`` float32.
+    ``prefix``: what the prefix cache did (None when the cache is off)."""
 
     features: dict[str, Any]
     n_tokens: int
     encoder: str
     artifact: str
+    prefix: PrefixUse | None = None
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 Each metric lives in a registry owned by the ingress replica, so one scrape of a replica
 sees its own counts; with several ingress replicas, scrape each (or use Ray's metrics
-export, which Serve's built-in request metrics already go through).
+export, which Serve's built-in request metrics already go through). The prefix-cache
+counters add up what each Encoder replica reports with every encoded prompt, so they
+cover every Encoder replica the ingress called.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from serving.messages import PrefixUse
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -23,6 +27,7 @@ class RouterMetrics:
     errors: Counter
     overhead: Histogram
     target_latency: Histogram
+    prefix: dict[str, Counter]
 
     @classmethod
     def create(cls) -> "RouterMetrics":
@@ -40,7 +45,20 @@ class RouterMetrics:
                                buckets=LATENCY_BUCKETS, registry=reg),
             target_latency=Histogram("prefill_router_target_latency_seconds", "Target answer time.", ["target"],
                                      buckets=LATENCY_BUCKETS, registry=reg),
+            prefix={name: Counter(f"prefill_router_prefix_cache_{name}", help, registry=reg) for name, help in (
+                ("hits", "Prompts whose prefix KV came from the Encoder's prefix cache."),
+                ("misses", "Prompts the prefix cache had no prefix for (with the cache on)."),
+                ("evictions", "Prefix-cache entries evicted to stay under its memory bound."),
+                ("tokens_saved", "Prompt tokens the encoder did not compute thanks to a cached prefix."))},
         )
+
+    def count_prefix(self, use: PrefixUse | None) -> None:
+        """Add one prompt's prefix-cache outcome (None: the cache is off, nothing to count)."""
+        if use is None:
+            return
+        self.prefix["hits" if use.hit else "misses"].inc()
+        self.prefix["evictions"].inc(use.evicted)
+        self.prefix["tokens_saved"].inc(use.tokens_saved)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

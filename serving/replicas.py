@@ -1,7 +1,8 @@
 """Bodies of the encoder and router-head deployments (plain classes; ``build_app`` wraps them).
 
 :class:`EncoderReplica` loads the artifact's encoder and runs the prompt's prefill only,
-up to the deepest layer the artifact reads (``shared.encoder.Encoder``).
+up to the deepest layer the artifact reads (``shared.encoder.Encoder``); with
+``prefix_cache.max_mb`` set, a shared prefix runs once (:mod:`serving.prefix_cache`).
 :class:`RouterHeadReplica` applies the artifact's transforms, SharedTrunkNet ensemble and
 tolerance policy. Both reload a new artifact on a user-config change (``reconfigure``)
 and keep the old one when the new one fails to load.
@@ -15,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from serving.messages import EncodedPrompt, PromptTooLong, TokenCount
+from serving.config import PrefixCacheConfig
+from serving.messages import EncodedPrompt, PrefixUse, PromptTooLong, TokenCount
+from serving.prefix_cache import PrefixCache, system_prompt_ids
 from shared.artifact import ArtifactError, load_artifact, read_meta
 from shared.registry import load_registry
 from shared.trunk import route_with_tolerance
@@ -53,9 +56,10 @@ class EncoderReplica:
     """Prefill-only encoder for the artifact's layers; one request or a batch of them."""
 
     def __init__(self, registry: str | None = None, max_prompt_tokens: int = 4096, device: str | None = None,
-                 artifact: str | None = None):
+                 artifact: str | None = None, prefix_cache: dict[str, Any] | None = None):
         self.registry, self.max_prompt_tokens, self.device = registry, max_prompt_tokens, device
-        self.artifact, self.encoder, self.name = None, None, None
+        self.cache_config = PrefixCacheConfig.model_validate(prefix_cache or {})
+        self.artifact, self.encoder, self.name, self.cache = None, None, None, None
         if artifact:
             self.reconfigure({"artifact": artifact})
 
@@ -73,9 +77,17 @@ class EncoderReplica:
         else:
             loaded = load_causal_lm(spec, device=self.device)
         self.encoder = Encoder(loaded, meta.layers, poolings_of(meta), max_tokens=self.max_prompt_tokens)
+        self.cache = self.new_cache(self.encoder)  # the layers may have changed: a new artifact starts empty
         self.artifact, self.name = artifact, spec.name
         log.info("encoder %s ready: layers %s (depth %d of %d)", spec.name, meta.layers, self.encoder.depth,
                  self.encoder.num_layers)
+
+    def new_cache(self, encoder: Any) -> PrefixCache | None:
+        c = self.cache_config
+        if not c.max_mb:
+            return None
+        return PrefixCache(encoder, int(c.max_mb * 2**20), min_tokens=c.min_tokens, min_seen=c.min_seen,
+                           block_tokens=c.block_tokens, history=c.history)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve user-config update ``{"artifact": uri}``: see :func:`reload`."""
@@ -92,11 +104,17 @@ class EncoderReplica:
         results: list[EncodedPrompt | PromptTooLong] = [
             PromptTooLong(len(x), self.max_prompt_tokens) for x in ids]
         ok = [i for i, x in enumerate(ids) if len(x) <= self.max_prompt_tokens]
-        if ok:
+        if not ok:
+            return results
+        if self.cache is None:
             feats, _, _ = self.encoder.encode_ids([ids[i] for i in ok])
-            for row, i in enumerate(ok):
-                results[i] = EncodedPrompt({c: v[row] for c, v in feats.items()}, len(ids[i]), self.name,
-                                           self.artifact)
+            uses: list[PrefixUse | None] = [None] * len(ok)
+        else:
+            feats, uses = self.cache.encode([ids[i] for i in ok],
+                                            [system_prompt_ids(self.encoder, batch[i]) for i in ok])
+        for row, i in enumerate(ok):
+            results[i] = EncodedPrompt({c: v[row] for c, v in feats.items()}, len(ids[i]), self.name,
+                                       self.artifact, uses[row])
         return results
 
     async def encode_one(self, messages: list[dict[str, str]]) -> EncodedPrompt | PromptTooLong:
@@ -107,8 +125,10 @@ class EncoderReplica:
         return await self.encode_one(messages)
 
     def ready(self) -> dict[str, Any]:
-        """Answers once the artifact's encoder is loaded (the ingress's readiness check)."""
-        return {"encoder": self.name, "artifact": self.artifact, "pid": os.getpid()}
+        """Answers once the artifact's encoder is loaded (the ingress's readiness check); with the
+        prefix cache on, also its entries, bytes and counters."""
+        return {"encoder": self.name, "artifact": self.artifact, "pid": os.getpid(),
+                "prefix_cache": self.cache.stats() if self.cache is not None else None}
 
 
 class RouterHeadReplica:

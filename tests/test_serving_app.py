@@ -45,6 +45,7 @@ def app(tmp_path_factory):
            "max_prompt_tokens": 200, "default_max_tokens": 12, "target_timeout_s": 90, "route_timeout_s": 5,
            # a routed request waits up to 0.5 s inside the encoder for its batch: the kill tests hit it there
            "encoder_batch": {"max_batch_size": 8, "batch_wait_timeout_s": 0.5},
+           "prefix_cache": {"max_mb": 32, "min_tokens": 32},
            "targets": ["smollm2-135m", "gemma3-270m", "smol-remote", "flaky-endpoint"],
            "target_overrides": {"smol-remote": {"num_cpus": 0.1}, "flaky-endpoint": {"num_cpus": 0.05}}}
     os.environ[TOKEN_ENV] = TOKEN  # before Ray starts: the replicas inherit it (the auth tests use it)
@@ -168,6 +169,24 @@ def test_route_has_overhead_header_and_takes_model(app):
     assert r.status_code == 200 and r.json()["target"] == "smollm2-135m" and r.json()["tolerance"] == 1.0
     assert float(r.headers["x-prefill-router-overhead-ms"]) > 0
     assert c.post("/v1/route", json={"model": "gemma3-270m", "messages": MSG}).status_code == 422
+
+
+def test_prefix_cache_hits_are_counted_over_http(app):
+    """Issue 16: routed prompts sharing a system prompt reuse its KV cache; /metrics counts it."""
+    c = app["client"]
+    system = ("You are the help desk of a small library. Answer briefly. Loans last three weeks and can be "
+              "renewed twice online. Late returns cost ten cents a day. The reading room closes at eight.")
+
+    def counter(name: str) -> float:
+        line = [x for x in c.get("/metrics").text.splitlines() if x.startswith(f"prefill_router_prefix_cache_{name}_total")]
+        return float(line[0].split()[-1])
+
+    before = {k: counter(k) for k in ("hits", "misses", "tokens_saved")}
+    for question in ("How long is a loan?", "What does a late return cost?", "When does the reading room close?"):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        assert c.post("/v1/route", json={"messages": messages}).status_code == 200
+    assert counter("misses") - before["misses"] == 1 and counter("hits") - before["hits"] == 2
+    assert counter("tokens_saved") - before["tokens_saved"] >= 2 * 32
 
 
 def test_mid_stream_failure_is_an_openai_error_event(app):

@@ -21,7 +21,8 @@ from shared.ray_boot import ensure_ray, resolve_target
 
 
 def served_targets(cfg: ServeConfig) -> list[str]:
-    """The artifact's targets (or the configured subset) plus any pinned-only extras."""
+    """The artifact's targets (or the configured subset) plus any pinned-only extras; ``targets: []``
+    serves none (a decision service: the head still decides among all the artifact's targets)."""
     from shared.artifact import read_meta
 
     routed = [t.name for t in read_meta(cfg.artifact).targets]
@@ -73,7 +74,7 @@ def build_app(args: dict[str, Any]) -> Any:
     encoder = encoder.options(**cfg.encoder.serve_options(), user_config=user_config).bind(
         cfg.registry, cfg.max_prompt_tokens, prefix_cache=cfg.prefix_cache.model_dump())
     head = serve.deployment(RouterHeadReplica, name=deployment_name("RouterHead"))
-    head = head.options(**cfg.head.serve_options(), user_config=user_config).bind(targets)
+    head = head.options(**cfg.head.serve_options(), user_config=user_config).bind(targets or None)
     handles = {}
     for name in targets:
         spec = registry.get(cfg.endpoints.get(name, name))

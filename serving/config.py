@@ -91,7 +91,8 @@ class ServeConfig(IngressConfig):
     registry: str | None = Field(None, description="Model registry YAML (default configs/models.yaml).")
     targets: list[str] | None = Field(
         None, description="Targets to serve (default: the artifact's). Names the artifact does not route to are "
-        "served for requests that name them (model=<target>).")
+        "served for requests that name them (model=<target>). []: a decision service that serves no target: "
+        "/v1/route decides among all the artifact's targets, chat completions answer 400.")
     endpoints: dict[str, str] = Field(
         default_factory=dict, description="Serve a target through another registry entry, e.g. the same model "
         "behind a different OpenAI-compatible endpoint: {target: registry name}.")

@@ -87,6 +87,10 @@ def counted(endpoint: str):
     return wrap
 
 
+DECISION_SERVICE = ("this router is a decision service: it serves no target (config `targets: []`). POST the same "
+                    "body to /v1/route, which answers which model to call and why, and call that model's provider")
+
+
 def _reason(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
 
@@ -277,6 +281,8 @@ class RouterIngress:
     @counted("chat_completions")
     async def chat_completions(self, request: Request) -> Response:
         req = await self.parse(request, ChatCompletionRequest)
+        if not self.targets:
+            raise HTTPException(400, DECISION_SERVICE)
         pinned, tolerance = self.plan(req.model, req.tolerance)
         messages = req.plain_messages()
         if pinned:
@@ -326,7 +332,8 @@ class RouterIngress:
         return JSONResponse({"status": "ok", "targets": list(self.targets)})
 
     async def readyz(self, request: Request) -> Response:
-        """Readiness: 200 only when the encoder, the router head and at least one target answer."""
+        """Readiness: 200 only when the encoder, the router head and at least one target answer
+        (a decision service, which serves no target: the encoder and the head)."""
 
         async def ping(handle: Any) -> str:
             try:
@@ -338,7 +345,7 @@ class RouterIngress:
         names = list(self.targets)
         found = await asyncio.gather(ping(self.encoder), ping(self.head), *(ping(self.targets[n]) for n in names))
         checks = {"encoder": found[0], "router_head": found[1], "targets": dict(zip(names, found[2:]))}
-        ready = found[0] == found[1] == "ok" and "ok" in found[2:]
+        ready = found[0] == found[1] == "ok" and ("ok" in found[2:] or not names)  # no targets: a decision service
         return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
                             status_code=200 if ready else 503)
 

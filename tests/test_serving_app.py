@@ -327,3 +327,27 @@ def test_with_auth_short_timeout_and_fallback_target(app):
     degraded = [r for r in responses if "x-prefill-router-degraded" in r.headers]
     assert degraded and all(r.headers["x-prefill-router-target"] == "smollm2-135m" for r in degraded)
     wait_ready(f"http://127.0.0.1:{app['port']}", 240)
+
+
+def test_decision_service_serves_no_target(app):
+    """Issue 17: `targets: []` deploys no target; /v1/route decides among every artifact target
+    (the client calls the chosen provider itself) and chat completions say so with a 400."""
+    from ray import serve
+
+    from shared.artifact import read_meta
+
+    app["redeploy"](targets=[])
+    c = app["client"]
+    wait_ready(f"http://127.0.0.1:{app['port']}", 240)
+    assert not [d for d in serve.status().applications[APP].deployments if d.startswith("Target-")]
+    routed = [t.name for t in read_meta(app["artifact"]).targets]
+    r = c.post("/v1/route", json={"messages": MSG})
+    assert r.status_code == 200, r.text
+    decision = r.json()
+    assert decision["target"] in routed and sorted(decision["probabilities"]) == sorted(routed)
+    assert set(decision["eligible"]) <= set(routed) and sorted(decision["expected_cost"]) == sorted(routed)
+    r = c.post("/v1/chat/completions", json={"model": "router", "messages": MSG})
+    assert r.status_code == 400 and "decision service" in r.json()["error"]["message"] and "/v1/route" in r.text
+    assert c.post("/v1/chat/completions", json={"model": "stream", "messages": "x"}).status_code == 422
+    assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["router"]
+    assert c.get("/readyz").status_code == 200

@@ -60,6 +60,10 @@ def fit_artifact(data: RoutingData, uri: str) -> None:
     save_artifact(uri, meta, transform, ensemble)
 
 
+def TASKS(n: int) -> list[str]:  # noqa: N802 - the synthetic rows' tasks
+    return ["alpha" if i % 3 else "beta" for i in range(n)]
+
+
 def lookup_embedder(data: RoutingData, seed: int = 1):
     """Text (the query id) -> a noisy view of part of the features: a stand-in for MiniLM."""
     rng = np.random.default_rng(seed)
@@ -88,7 +92,8 @@ def evaluated(tmp_path_factory, one_thread):
     cfg = EvalConfig(artifact=str(tmp / "router"), activations="unused", labels="unused", out=str(tmp / "out"),
                      operating_point={"target_accuracy": "best_single"}, mlp_seeds=1, n_components=8,
                      trunk=SMALL_TRUNK, knn_ks=[10, 30])
-    report = run_evaluation(cfg, data=data, texts=list(data.query_ids), embedder=lookup_embedder(data))
+    report = run_evaluation(cfg, data=data, texts=list(data.query_ids), embedder=lookup_embedder(data),
+                            tasks=TASKS(len(data.query_ids)))
     return data, cfg, report
 
 
@@ -116,8 +121,12 @@ def test_report_files_and_keys(evaluated):
         test = out["subsets"]["test"]["routers"]
         assert m["margin"] == pytest.approx(test["prefill-router"]["mean_auc"] - test[name]["mean_auc"])
         assert m["low"] <= m["margin"] <= m["high"] and 0 <= m["p_le_zero"] <= 1
-    png = Path(cfg.out) / "cost_accuracy.png"
-    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("cost_accuracy.png", "cost_accuracy_disagreement.png"):
+        png = Path(cfg.out) / name
+        assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Per task (all test queries)" in md and "## Per task (disagreement queries only)" in md
+    assert "best gap closed at >= 74.31% savings" in md and "Semantic baselines embedded the prompt" in md
+    assert out["savings_threshold"] == 0.7431 and out["skipped_routers"] == {} and out["all_rows_test"] is False
 
 
 def test_prefill_router_beats_trivial_routers(evaluated):
@@ -317,3 +326,205 @@ def test_block_names_convert_both_ways():
     assert activation_column("L0.mean") == "h0_mean" and activation_column("h3_last") == "h3_last"
     with pytest.raises(ValueError):
         block_key("layer12")
+
+
+# ---------------------------------------------------------------- report additions
+def _direct(cfg, data: RoutingData):
+    """P, decision and outcome costs of the artifact on ``data`` (as evaluate computes them)."""
+    router = load_artifact(cfg.artifact)
+    P = router.predict_proba({"L4.last": data.blocks["h4_last"], "L8.mean": data.blocks["h8_mean"]})
+    C_route = router.costs(data.n_tokens)
+    return P, C_route, np.where(np.isnan(data.cost), C_route, data.cost)
+
+
+def test_per_task_and_disagreement_rows(evaluated):
+    data, cfg, report = evaluated
+    te = data.where("test")
+    tasks = np.array(TASKS(len(data.query_ids)))[data.split == "test"]
+    P, C_route, C = _direct(cfg, te)
+    tol = report["subsets"]["test"]["routers"]["prefill-router"]["tolerance"]
+    dis = M.disagreement_mask(te.Y)
+    assert list(report["by_task"]) == ["alpha", "beta"]
+    for task in ("alpha", "beta"):
+        for key, m in (("test", tasks == task), ("disagreement", (tasks == task) & dis)):
+            sub = report["by_task"][task][key]
+            acc, cost = M.routing_outcome(te.Y[m], C[m], M.route_with_tolerance(P[m], C_route[m], tol))
+            _, best_acc, best_cost = M.best_single(te.Y[m], C[m])
+            row, refs = sub["routers"]["prefill-router"], sub["references"]
+            assert refs["n"] == int(m.sum()) and refs["best_single"]["accuracy"] == pytest.approx(best_acc)
+            assert (row["accuracy"], row["cost"]) == pytest.approx((acc, cost))
+            assert row["gap_closed"] == pytest.approx(M.gap_closed(acc, best_acc, M.oracle_accuracy(te.Y[m])))
+            assert "sweep" not in row and set(sub["routers"]) == set(report["subsets"]["test"]["routers"])
+        assert report["by_task"][task]["disagreement"]["references"]["oracle"]["accuracy"] == 1.0
+    md = (Path(cfg.out) / "report.md").read_text()
+    assert "\n| alpha | " in md and "\n| beta | " in md
+
+
+def test_iso_accuracy_savings_and_gap_at_savings_in_the_report(evaluated):
+    _, _, report = evaluated
+    for key in ("test", "disagreement"):
+        sub = report["subsets"][key]
+        refs, ours = sub["references"], sub["routers"]["prefill-router"]
+        best, dear, oracle = refs["best_single"], refs["most_expensive"]["cost"], refs["oracle"]["accuracy"]
+        points = list(zip(ours["sweep"]["cost"], ours["sweep"]["accuracy"]))
+        reach = [c for c, a in points if a >= best["accuracy"] - 1e-12]
+        iso = 1 - min(reach) / best["cost"] if reach else float("nan")
+        assert ours["iso_accuracy_savings"] == pytest.approx(iso, nan_ok=True)
+        cheap = [a for c, a in points if 1 - c / dear >= 0.7431 - 1e-12]
+        gap = (max(cheap) - best["accuracy"]) / (oracle - best["accuracy"]) if cheap else float("nan")
+        assert ours["best_gap_closed_at_savings"] == pytest.approx(gap, nan_ok=True)
+        assert refs["single"][best["target"]]["iso_accuracy_savings"] == pytest.approx(0.0)
+        fixed = sub["routers"]["always-cheapest"]  # one point: its own gap closed when cheap enough
+        if fixed["cost_savings"] >= 0.7431:
+            assert fixed["best_gap_closed_at_savings"] == pytest.approx(fixed["gap_closed"])
+
+
+# ----------------------------------------------------------------- semantic text
+def test_semantic_text_strips_the_train_prefix_and_cuts_the_tail():
+    from training.semantic_text import SemanticTextConfig, describe, semantic_texts
+
+    header = "Solve the task below as in the examples.\n" * 15 + "\n"      # 616 chars, ends in whitespace
+    other = "Another long header that only test rows share.\n" * 15       # 720 chars
+    texts = ([header + f"Q{i} what is {i} + {i}?" for i in range(10)]      # a: 10 train rows ("Q" not cut)
+             + [header + "Q77 a test question", "unrelated test prompt", header]  # a: test rows
+             + [header + f"Q{i} b" for i in range(3)]                      # b: 3 train rows only
+             + [other + "x1", other + "x2"])                               # c: test rows only
+    groups = ["a"] * 13 + ["b"] * 3 + ["c"] * 2
+    fit = np.array([True] * 10 + [False] * 3 + [True] * 3 + [False] * 2)
+    out, info = semantic_texts(texts, groups, fit, SemanticTextConfig())
+    assert out[:10] == [f"Q{i} what is {i} + {i}?" for i in range(10)]
+    assert out[10] == "Q77 a test question"                  # the train prefix applies to test rows too
+    assert out[11] == texts[11] and out[12] == header         # not starting with it / nothing left: kept
+    assert out[13:] == texts[13:]                             # b: too few train rows; c: no train rows
+    assert info["prefixes"] == {"a": {"chars": len(header), "rows_stripped": 11}}
+    assert "a 616 chars (11 rows)" in describe(info)
+    # cut back to a line end: the queries' common "What is" stays; without a newline, to a word end
+    same = [header + f"What is {i}?" for i in range(10)]
+    assert semantic_texts(same, None, np.ones(10, bool), SemanticTextConfig())[0][0] == "What is 0?"
+    one_line = [header.replace("\n", " ") + f"What is {i}?" for i in range(10)]
+    assert semantic_texts(one_line, None, np.ones(10, bool), SemanticTextConfig())[0][0] == "0?"
+    # the prefix must be long enough to matter: MMLU-style one-line headers stay
+    assert semantic_texts(texts, groups, fit, SemanticTextConfig(min_prefix_chars=700))[0] == texts
+    # tail fallback: the last tail_chars characters of what is left (no stripping needed)
+    tail, info = semantic_texts(texts, groups, fit, SemanticTextConfig(strip_shared_prefix=False, tail_chars=12))
+    assert tail[0] == texts[0][-12:] and info["n_tail_cut"] == len(texts) and "last 12 characters" in describe(info)
+    both, _ = semantic_texts(texts, groups, fit, SemanticTextConfig(tail_chars=12))
+    assert both[10] == "Q77 a test question"[-12:] and both[0] == "Q0 what is 0 + 0?"[-12:]
+
+
+def test_tune_embeds_the_same_text_as_the_semantic_baselines(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    import training.baselines as B
+    from shared import storage
+    from training.semantic_text import SemanticTextConfig, semantic_texts
+    from training.tune import minilm_block
+
+    header = "Example: 2 + 2 = 4.\n" * 30                      # 600 chars
+    prompts = [header + f"What is {i} + {i}?" for i in range(12)]
+    ids, split = [f"q{i}" for i in range(12)], ["train"] * 10 + ["val"] * 2
+    storage.write_parquet(pa.table({"query_id": ids, "messages": [[{"role": "user", "content": p}] for p in prompts],
+                                    "task": ["add"] * 12, "source": ["s"] * 12}), str(tmp_path / "q.parquet"))
+    seen = []
+
+    class Fake:
+        def __init__(self, *a, **k):
+            pass
+
+        def __call__(self, texts):
+            seen.extend(texts)
+            return np.zeros((len(texts), 4), np.float32)
+
+    monkeypatch.setattr(B, "MiniLMEmbedder", Fake)
+    data = replace(tiny(np.zeros((12, 2)), split), query_ids=np.array(ids))
+    assert minilm_block(data, str(tmp_path / "q.parquet")).shape == (12, 4)
+    expected, _ = semantic_texts(prompts, ["add"] * 12, np.array(split) == "train", SemanticTextConfig())
+    assert seen == expected == [f"What is {i} + {i}?" for i in range(12)]
+
+
+# ------------------------------------------------------ foreign artifact, fresh table
+def _write_manifest(acts: Path, **identity) -> None:
+    from shared import storage
+
+    storage.write_json(str(acts / "manifest.json"), {"identity": identity})
+
+
+def _fresh(data: RoutingData) -> RoutingData:
+    """The test rows alone, as a newly imported table would hold them (every row 'test')."""
+    te = data.where("test")
+    return replace(te, split=np.full(len(te.query_ids), "test"))
+
+
+IDENT = {"encoder": {"name": "smollm2-135m", "sha256": "abc"}, "layers": [4, 8], "poolings": ["last", "mean"]}
+
+
+def test_foreign_artifact_on_an_all_test_table_skips_the_trained_baselines(evaluated, tmp_path):
+    data, cfg, _ = evaluated
+    fresh = _fresh(data)
+    paths = write_datasets(fresh, tmp_path)
+    _write_manifest(tmp_path / "acts", **IDENT)
+    ecfg = EvalConfig(artifact=cfg.artifact, out=str(tmp_path / "out"), bootstrap=20, **paths,
+                      routers=["random", "always-best", "knn-minilm", "mlp-minilm", "task-best"])
+    report = run_evaluation(ecfg)  # no MiniLM is loaded: the semantic baselines are skipped
+    assert report["all_rows_test"] and report["n"]["test"] == len(fresh.query_ids)
+    assert report["n"]["train"] == report["n"]["val"] == 0
+    assert set(report["subsets"]["test"]["routers"]) == {"prefill-router", "random"}
+    assert report["skipped_routers"] == {"always-best": "needs train rows (none given)",
+                                         "knn-minilm": "needs train rows (none given)",
+                                         "mlp-minilm": "needs train and val rows (none given)",
+                                         "task-best": "needs train rows (none given)"}
+    op = report["operating_point"]
+    assert op["status"] == "default" and "no val rows" in op["note"] and not report["operating_point_written"]
+    assert set(report["by_task"]) == {"task0", "task1"} and report["semantic_text"] is None
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "scored as test (all_rows_test)" in md and "Skipped (not evaluated): `always-best` needs train" in md
+    # all_rows_test: true scores every row of a table that has train rows too
+    whole = write_datasets(data, tmp_path / "whole")
+    full = run_evaluation(ecfg.model_copy(update={**whole, "all_rows_test": True, "routers": ["random"],
+                                                  "out": str(tmp_path / "out2")}))
+    assert full["n"]["test"] == len(data.query_ids) and full["n"]["train"] == 0
+
+
+def test_foreign_artifact_with_train_data_fits_the_baselines(evaluated, tmp_path):
+    data, cfg, before = evaluated
+    fresh = write_datasets(_fresh(data), tmp_path / "fresh")
+    train = write_datasets(data, tmp_path / "train")
+    index = {f"question {q}": i for i, q in enumerate(data.query_ids)}
+    table = lookup_embedder(data)(list(data.query_ids))
+    ecfg = EvalConfig(artifact=cfg.artifact, out=str(tmp_path / "out"), **fresh, train_data=train, bootstrap=0,
+                      routers=["random", "always-best", "knn-minilm", "task-best"], knn_ks=[10, 30],
+                      operating_point={"target_accuracy": "best_single"}, write_operating_point=False)
+    report = run_evaluation(ecfg, embedder=lambda texts: table[[index[t] for t in texts]])
+    n = {s: int((data.split == s).sum()) for s in ("train", "val", "test")}
+    assert report["all_rows_test"] and {k: report["n"][k] for k in n} == n and report["skipped_routers"] == {}
+    ours, then = (r["subsets"]["test"]["routers"]["prefill-router"] for r in (report, before))
+    for key in ("tolerance", "accuracy", "cost", "gap_closed", "mean_auc"):  # same val calibration, same test rows
+        assert ours[key] == pytest.approx(then[key]), key
+    assert set(report["subsets"]["test"]["routers"]) == {"prefill-router", "random", "always-best", "knn-minilm",
+                                                         "task-best"}
+    with pytest.raises(ValueError, match="also train / val rows of train_data"):
+        run_evaluation(ecfg.model_copy(update={**train, "all_rows_test": True}))
+    with pytest.raises(ValueError, match="train_data is for a table scored all as test"):
+        run_evaluation(ecfg.model_copy(update={**train, "all_rows_test": False}))
+
+
+def test_evaluate_refuses_activations_the_artifact_cannot_read(evaluated, tmp_path):
+    from training.evaluate import main
+
+    data, cfg, _ = evaluated
+    fresh = _fresh(data)
+    paths = write_datasets(fresh, tmp_path)
+    ecfg = EvalConfig(artifact=cfg.artifact, out=str(tmp_path / "out"), routers=["random"], bootstrap=0, **paths)
+    cases = [({**IDENT, "encoder": {"name": "qwen3-0.6b"}}, "fitted on encoder name='smollm2-135m', but .* "
+              "captured with name='qwen3-0.6b'"),
+             ({**IDENT, "layers": [4], "poolings": ["last"]}, r"reads layers/poolings \['h4_last', 'h8_mean'\]"),
+             ({**IDENT, "hidden_size": 576}, "has hidden size 576")]
+    for identity, match in cases:
+        _write_manifest(tmp_path / "acts", **identity)
+        with pytest.raises(ValueError, match=match):
+            run_evaluation(ecfg)
+    args = [f"{k}={v}" for k, v in paths.items()] + [f"artifact={cfg.artifact}", f"out={tmp_path / 'o'}"]
+    assert main(args) == 2  # one red line, no traceback
+    narrow = replace(fresh, blocks={"h4_last": fresh.blocks["h4_last"][:, :10], "h8_mean": fresh.blocks["h8_mean"]})
+    with pytest.raises(ValueError, match="h4_last has width 10"):
+        run_evaluation(ecfg, data=narrow)

@@ -228,3 +228,60 @@ def test_paired_bootstrap_auc_margin():
     assert paired_bootstrap_auc_margin(y, y, 1 - y, n_boot=100)["low"] == 1.0
     with pytest.raises(ValueError, match="same"):
         paired_bootstrap_auc_margin(Y, good[:, :1], noise)
+
+
+# ------------------------------------------------------------------- report metrics
+def test_iso_accuracy_savings_hand_case():
+    from training.report_metrics import iso_accuracy_savings
+
+    # reference (best single): accuracy .8 at cost 10. Points (cost, acc): (2, .6) too weak,
+    # (4, .8) reaches it -> 1 - 4/10 = .6, (6, .9) -> .4, (12, .95) -> -.2. Largest: .6.
+    costs, accs = [2, 4, 6, 12], [0.6, 0.8, 0.9, 0.95]
+    assert iso_accuracy_savings(costs, accs, 0.8, 10) == pytest.approx(0.6)
+    # only the point dearer than the reference reaches .94: a negative saving
+    assert iso_accuracy_savings(costs, accs, 0.94, 10) == pytest.approx(-0.2)
+    # none reaches .99 ("not reached"); a NaN accuracy never counts; a zero-cost reference is undefined
+    assert math.isnan(iso_accuracy_savings(costs, accs, 0.99, 10))
+    assert math.isnan(iso_accuracy_savings([1], [NAN], 0.0, 10))
+    assert math.isnan(iso_accuracy_savings(costs, accs, 0.8, 0.0))
+    # a sweep point equal to the reference up to rounding still counts (1e-12 slack)
+    assert iso_accuracy_savings([10], [0.8 - 1e-15], 0.8, 10) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="aligned"):
+        iso_accuracy_savings([1, 2], [0.5], 0.5, 1)
+
+
+def test_best_gap_at_savings_hand_case():
+    from training.report_metrics import best_gap_at_savings
+
+    # best single .8, oracle 1.0 (headroom .2); most expensive costs 100; threshold 74.31%
+    # -> points must cost <= 25.69. (20, .7): gap -.5; (25, .75): -.25; (30, .9): too dear.
+    costs, accs = [20, 25, 30], [0.7, 0.75, 0.9]
+    assert best_gap_at_savings(costs, accs, 0.8, 1.0, 100, 0.7431) == pytest.approx(-0.25)
+    # at 50% savings (cost <= 50) the (30, .9) point counts: gap (.9 - .8) / .2 = .5
+    assert best_gap_at_savings(costs, accs, 0.8, 1.0, 100, 0.5) == pytest.approx(0.5)
+    # exactly at the threshold counts (1 - 25.69/100 = .7431)
+    assert best_gap_at_savings([25.69], [0.8], 0.8, 1.0, 100, 0.7431) == pytest.approx(0.0)
+    assert math.isnan(best_gap_at_savings(costs, accs, 0.8, 1.0, 100, 0.9))   # nothing that cheap
+    assert math.isnan(best_gap_at_savings(costs, accs, 0.8, 0.8, 100, 0.5))   # no headroom
+    assert math.isnan(best_gap_at_savings([10], [NAN], 0.8, 1.0, 100, 0.5))   # no labelled point
+
+
+def test_hull_gap_at_savings_hand_case():
+    from training.report_metrics import hull_gap_at_savings
+
+    # hull (1, .5) -> (5, .9) -> (10, .95); most expensive 10, best .95, oracle 1.0.
+    # 60% savings: budget 4 -> accuracy .5 + .4 * 3/4 = .8 -> gap (.8 - .95) / .05 = -3
+    hc, ha = [1, 5, 10], [0.5, 0.9, 0.95]
+    assert hull_gap_at_savings(hc, ha, 0.95, 1.0, 10, 0.6) == pytest.approx(-3.0)
+    assert hull_gap_at_savings(hc, ha, 0.95, 1.0, 10, 0.0) == pytest.approx(0.0)  # budget 10: the best model
+    assert math.isnan(hull_gap_at_savings(hc, ha, 0.95, 1.0, 10, 0.95))           # budget .5 < cheapest
+    # the hull ends before the budget: its last (most accurate) vertex
+    assert hull_gap_at_savings([1, 2], [0.5, 0.7], 0.7, 0.9, 10, 0.5) == pytest.approx(0.0)
+
+
+def test_group_masks():
+    from training.report_metrics import group_masks
+
+    masks = group_masks(["b", "a", "b", "c"])
+    assert list(masks) == ["a", "b", "c"]
+    assert masks["b"].tolist() == [True, False, True, False] and masks["a"].sum() == 1

@@ -242,6 +242,7 @@ def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool) -> dict[
     from tqdm.auto import tqdm
 
     counts = dict.fromkeys(COUNTS, 0)
+    step, next_log = max(1, total // 10), max(1, total // 10)  # without a bar: a log line every ~10%
     with tqdm(total=total, desc="capture", unit="q", disable=not show) as bar:
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             n = len(batch["query_id"])
@@ -252,6 +253,10 @@ def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool) -> dict[
             counts["truncated"] += int(batch["truncated"].sum())
             writer.add(batch)
             bar.update(n)
+            if not show and counts["rows"] >= next_log:
+                next_log += step
+                log.info("capture: %d/%d queries, %d prompt tokens, %.0f%% of them computed", counts["rows"], total,
+                         counts["tokens"], 100 * counts["computed"] / max(1, counts["tokens"]))
     return counts
 
 

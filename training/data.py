@@ -335,6 +335,9 @@ def make_app():
     app = typer.Typer(help="Benchmark query tables.", no_args_is_help=True, add_completion=False)
     app.callback()(_group)
     app.command("build")(_build_command)
+    from training.data_import import _import_command
+
+    app.command("import")(_import_command)
     return app
 
 

@@ -1,16 +1,21 @@
-"""Writers for ``prefill-router evaluate``: ``report.json``, ``report.md``, ``cost_accuracy.png``
-and the console summary. Input is the report dict of :func:`training.evaluate.evaluate_routers`."""
+"""Writers for ``prefill-router evaluate``: ``report.json``, ``report.md``, the cost-accuracy
+PNGs (:mod:`training.eval_plots`) and the console tables. Input is the report dict of
+:func:`training.eval_scoring.evaluate_routers` (completed by :func:`training.evaluate.run_evaluation`)."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from typing import Any
 
+from training.semantic_text import describe
+
 # arXiv 2603.20895 (abstract / introduction; the AUCs from a secondary source).
 PAPER = {"gap_closed": 0.4558, "cost_savings": 0.7431, "mean_auc_prefill": 0.856, "mean_auc_prompt_only": 0.804}
-COLUMNS = ("router", "accuracy", "mean cost", "gap closed", "cost savings", "P-AUCCC", "mean AUC")
+COLUMNS = ("router", "accuracy", "mean cost", "gap closed", "cost savings", "P-AUCCC", "mean AUC",
+           "savings at best-single accuracy", "best gap closed at >= threshold savings")
+TASK_COLUMNS = ("task", "n", "best single", "oracle", "prefill-router accuracy", "gap closed", "cost savings",
+                "savings at best-single accuracy", "best gap closed at >= threshold savings", "best other router")
 
 
 def jsonable(obj: Any) -> Any:
@@ -34,69 +39,154 @@ def _num(x, fmt: str = ".4f") -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
 
 
+def _reached(x) -> str:
+    """An iso-accuracy saving: "not reached" when no operating point is as accurate."""
+    return "not reached" if x is None or (isinstance(x, float) and not math.isfinite(x)) else _pct(x)
+
+
+def _new_cells(r: dict[str, Any]) -> list[str]:
+    """Savings at best-single accuracy ("not reached"), best gap closed at the savings
+    threshold ("no point": no operating point saves that much)."""
+    gap = r.get("best_gap_closed_at_savings")
+    return [_reached(r.get("iso_accuracy_savings")), "no point" if _pct(gap) == "—" else _pct(gap)]
+
+
 def table_rows(subset: dict[str, Any]) -> list[list[str]]:
     """One row per router, then the single models and the oracle (formatted cells)."""
     refs, rows = subset["references"], []
     for name, r in subset["routers"].items():
         label = name if r["kind"] == "fixed" else f"{name} (tol {r['tolerance']:.3g})"
         rows.append([label, _pct(r["accuracy"]), _num(r["cost"], ".3g"), _pct(r["gap_closed"]),
-                     _pct(r["cost_savings"]), _num(r["pauccc"]), _num(r.get("mean_auc"))])
+                     _pct(r["cost_savings"]), _num(r["pauccc"]), _num(r.get("mean_auc")), *_new_cells(r)])
     dear, best = refs["most_expensive"]["cost"], refs["best_single"]
     for name, s in refs["single"].items():
         savings = 1 - s["cost"] / dear if dear else float("nan")
         gap = (s["accuracy"] - best["accuracy"]) / (refs["oracle"]["accuracy"] - best["accuracy"]) \
             if refs["oracle"]["accuracy"] != best["accuracy"] else float("nan")
-        rows.append([f"single: {name}", _pct(s["accuracy"]), _num(s["cost"], ".3g"), _pct(gap), _pct(savings), "", ""])
+        rows.append([f"single: {name}", _pct(s["accuracy"]), _num(s["cost"], ".3g"), _pct(gap), _pct(savings), "", "",
+                     *_new_cells(s)])
     o = refs["oracle"]
-    rows.append(["oracle", _pct(o["accuracy"]), _num(o["cost"], ".3g"), _pct(1.0), _pct(o["cost_savings"]), "", ""])
-    rows.append(["zero router (single-model hull)", "", "", "", "", _num(refs["zero_router_pauccc"]), ""])
+    rows.append(["oracle", _pct(o["accuracy"]), _num(o["cost"], ".3g"), _pct(1.0), _pct(o["cost_savings"]), "", "",
+                 *_new_cells(o)])
+    rows.append(["zero router (single-model hull)", "", "", "", "", _num(refs["zero_router_pauccc"]), "", "",
+                 _pct(refs.get("zero_router_gap_at_savings"))])
     return rows
 
 
-def _md_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def _md_table(rows: list[list[str]], columns=COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def task_rows(report: dict[str, Any], subset: str = "test") -> list[list[str]]:
+    """One row per task of the test split (``subset``: ``test`` or ``disagreement``, each
+    against that task's own references): the prefill router at its operating point and the
+    most accurate other router."""
+    rows = []
+    for task, parts in report.get("by_task", {}).items():
+        if subset not in parts:
+            continue
+        refs, routers = parts[subset]["references"], parts[subset]["routers"]
+        ours = routers["prefill-router"]
+        others = [(r["accuracy"], k) for k, r in routers.items() if k != "prefill-router" and r["accuracy"] is not None
+                  and math.isfinite(r["accuracy"])]
+        other = max(others) if others else None
+        best = refs["best_single"]
+        rows.append([task, str(refs["n"]), f"{best['target']} {_pct(best['accuracy'])}",
+                     _pct(refs["oracle"]["accuracy"]), _pct(ours["accuracy"]), _pct(ours["gap_closed"]),
+                     _pct(ours["cost_savings"]), *_new_cells(ours),
+                     f"{other[1]} {_pct(other[0])}" if other else "—"])
+    return rows
+
+
 def markdown(report: dict[str, Any]) -> str:
-    """The Markdown report: test and disagreement tables, then ours beside the paper's numbers."""
-    n, op = report["n"], report["operating_point"]
+    """The Markdown report: setup, test and disagreement tables, per-task tables, then ours
+    beside the paper's numbers, the AUC margins and where the headroom is."""
     test, dis = report["subsets"]["test"], report["subsets"].get("disagreement")
-    ours = test["routers"]["prefill-router"]
-    semantic = [r.get("mean_auc") for k, r in test["routers"].items()
-                if r["kind"] == "probabilistic" and k != "prefill-router" and r.get("mean_auc") is not None]
     parts = [
+        *intro_lines(report),
+        "## Test split", "", _md_table(table_rows(test)), "",
+        "## Disagreement queries (test)", "", _md_table(table_rows(dis)) if dis else "No disagreement queries.", "",
+        *task_lines(report),
+        *paper_lines(report),
+        *margin_lines(report.get("auc_margin") or {}),
+        *headroom_lines(report.get("headroom_by_task") or [], report["targets"]),
+    ]
+    return "\n".join(parts)
+
+
+def intro_lines(report: dict[str, Any]) -> list[str]:
+    """Markdown: rows, mode, operating point, skipped baselines, embedded text, definitions."""
+    n, op, test = report["n"], report["operating_point"], report["subsets"]["test"]
+    thr = report.get("savings_threshold", PAPER["cost_savings"])
+    refs = test["references"]
+    skipped = report.get("skipped_routers") or {}
+    return [
         "# Router evaluation", "",
         f"Artifact `{report.get('artifact', '?')}`; targets {', '.join(report['targets'])}. Rows: train {n['train']}, "
         f"val {n['val']}, test {n['test']} (disagreement {n['test_disagreement']}, "
         f"{_pct(report['disagreement_share'])}).", "",
+        *([f"Every row of the evaluated table is scored as test (all_rows_test); train / val rows: "
+           f"{'from train_data' if n['train'] or n['val'] else 'none'}.", ""] if report.get("all_rows_test") else []),
         f"Operating point: tolerance {op['tolerance']:.4g} ({op['status']}; "
         f"target cost {_num(op['target_cost'], '.4g')}, "
         f"target accuracy {_num(op['target_accuracy'], '.4g')}); on val: accuracy {_pct(op['val_accuracy'])}, "
-        f"mean cost {_num(op['val_cost'], '.3g')}. Baselines are calibrated the same way on val.", "",
+        f"mean cost {_num(op['val_cost'], '.3g')}. Baselines are calibrated the same way on val."
+        + (f" Note: {op['note']}." if op.get("note") else ""), "",
+        *([f"Skipped (not evaluated): {'; '.join(f'`{k}` {v}' for k, v in skipped.items())}.", ""] if skipped else []),
+        *([describe(report["semantic_text"]), ""] if report.get("semantic_text") else []),
         "Costs are mean USD per query (measured label cost). Gap closed = (acc − best single) / (oracle − best "
         "single); cost savings vs always using the most expensive target "
-        f"({test['references']['most_expensive']['target']}); P-AUCCC over [cheapest, most expensive] cost "
-        "above the cheapest model's accuracy.", "",
+        f"({refs['most_expensive']['target']}); P-AUCCC over [cheapest, most expensive] cost "
+        "above the cheapest model's accuracy. Savings at best-single accuracy = the largest saving vs the best "
+        f"single model ({refs['best_single']['target']}) among the router's operating points at least as accurate "
+        f"as it; best gap closed at >= threshold savings = the best gap closed among operating points at least "
+        f"{_pct(thr)} cheaper than the most expensive target (zero router: random mixing of single models at that "
+        "budget).", "",
         *(["`task-best` is a reference, not a router: it is told each query's task and sends it to the target "
            "most accurate on that task in train + val, so it bounds what routing by task alone can gain.", ""]
           if "task-best" in test["routers"] else []),
-        "## Test split", "", _md_table(table_rows(test)), "",
-        "## Disagreement queries (test)", "", _md_table(table_rows(dis)) if dis else "No disagreement queries.", "",
+    ]
+
+
+def task_lines(report: dict[str, Any]) -> list[str]:
+    """Markdown: the per-task tables (all test queries, then the disagreement ones)."""
+    if not report.get("by_task"):
+        return ["No per-task rows (no query table with a `task` column).", ""]
+    out = []
+    for subset, title in (("test", "all test queries"), ("disagreement", "disagreement queries only")):
+        rows = task_rows(report, subset)
+        out += [f"## Per task ({title})", "",
+                "Each task against its own best single model, oracle and most expensive target; routers at the "
+                "operating point chosen on val.", "", _md_table(rows, TASK_COLUMNS) if rows else "None.", ""]
+    return out
+
+
+def paper_lines(report: dict[str, Any]) -> list[str]:
+    """Markdown: our test numbers beside the paper's."""
+    test = report["subsets"]["test"]
+    ours = test["routers"]["prefill-router"]
+    thr = report.get("savings_threshold", PAPER["cost_savings"])
+    semantic = [r.get("mean_auc") for k, r in test["routers"].items()
+                if r["kind"] == "probabilistic" and k != "prefill-router" and r.get("mean_auc") is not None]
+    best = test["references"]["best_single"]["target"]
+    return [
         "## Against the paper (arXiv 2603.20895)", "",
         "| metric | paper | ours (test) |", "|---|---|---|",
         f"| gap closed (best point along the sweep) | up to {_pct(PAPER['gap_closed'])} | "
         f"{_pct(ours['max_gap_closed'])} |",
         f"| gap closed at the operating point | — | {_pct(ours['gap_closed'])} |",
+        f"| best gap closed at >= {_pct(thr)} savings vs most expensive | {_pct(PAPER['gap_closed'])} at "
+        f"{_pct(PAPER['cost_savings'])} | {_pct(ours.get('best_gap_closed_at_savings'))} (zero router "
+        f"{_pct(test['references'].get('zero_router_gap_at_savings'))}) |",
         f"| cost savings vs most expensive | {_pct(PAPER['cost_savings'])} | {_pct(ours['cost_savings'])} at the "
         f"operating point; {_pct(ours['cost_savings_at_best_single_accuracy'])} at the best single model's accuracy |",
+        f"| cost savings vs the best single model ({best}) at its accuracy | — | "
+        f"{_reached(ours.get('iso_accuracy_savings'))} |",
         f"| mean per-target AUC, prefill router | ~{PAPER['mean_auc_prefill']} | {_num(ours['mean_auc'], '.3f')} |",
         f"| mean AUC, best prompt-only baseline | ~{PAPER['mean_auc_prompt_only']} | "
         f"{_num(max(semantic), '.3f') if semantic else '—'} |", "",
-        *margin_lines(report.get("auc_margin") or {}),
-        *headroom_lines(report.get("headroom_by_task") or [], report["targets"]),
     ]
-    return "\n".join(parts)
 
 
 def margin_lines(margins: dict[str, dict]) -> list[str]:
@@ -127,59 +217,37 @@ def headroom_lines(rows: list[dict], targets: list[str]) -> list[str]:
     return lines + [""]
 
 
-def plot(report: dict[str, Any]) -> bytes:
-    """``cost_accuracy.png``: sweep curves, fixed routers, single models, oracle, zero-router hull."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    test = report["subsets"]["test"]
-    refs = test["references"]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for name, r in test["routers"].items():
-        if r["kind"] == "probabilistic":
-            (line,) = ax.plot(r["sweep"]["cost"], r["sweep"]["accuracy"], drawstyle="steps-post", lw=1.4, label=name)
-            ax.plot([r["cost"]], [r["accuracy"]], "o", color=line.get_color(), ms=6)
-        else:
-            ax.plot([r["cost"]], [r["accuracy"]], "s", ms=7, label=name)
-    for name, s in refs["single"].items():
-        ax.plot([s["cost"]], [s["accuracy"]], "k^", ms=7)
-        ax.annotate(name, (s["cost"], s["accuracy"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
-    ax.plot(refs["hull"]["cost"], refs["hull"]["accuracy"], "k--", lw=1, label="zero router (single-model hull)")
-    ax.plot([refs["oracle"]["cost"]], [refs["oracle"]["accuracy"]], "k*", ms=12, label="oracle")
-    ax.set_xscale("log" if refs["most_expensive"]["cost"] > 20 * max(refs["cheapest"]["cost"], 1e-12) else "linear")
-    ax.set_xlabel("mean cost per query (USD)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"cost vs accuracy on test (n={refs['n']}); dots: operating points")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def summary_table(report: dict[str, Any]):
-    """The test table as a rich Table for the console."""
+def _rich(title: str, columns, rows):
     from rich.table import Table
 
-    view = Table(title=f"router evaluation on test (n={report['n']['test']})")
-    for i, col in enumerate(COLUMNS):
+    view = Table(title=title)
+    for i, col in enumerate(columns):
         view.add_column(col, justify="left" if i == 0 else "right")
-    for row in table_rows(report["subsets"]["test"]):
+    for row in rows:
         view.add_row(*row)
     return view
 
 
+def summary_table(report: dict[str, Any]):
+    """The test table as a rich Table for the console."""
+    return _rich(f"router evaluation on test (n={report['n']['test']})", COLUMNS, table_rows(report["subsets"]["test"]))
+
+
+def task_table(report: dict[str, Any]):
+    """The per-task rows (all test queries) as a rich Table for the console."""
+    return _rich("per task (test)", TASK_COLUMNS, task_rows(report, "test"))
+
+
 def write_outputs(report: dict[str, Any], out: str) -> None:
-    """``report.json``, ``report.md`` and ``cost_accuracy.png`` under ``out`` (local or s3://)."""
+    """``report.json``, ``report.md`` and a cost-accuracy PNG per subset under ``out`` (local or s3://)."""
     from shared import storage
+    from training.eval_plots import FILES, plot
 
     clean = jsonable(report)
     clean["paper"] = PAPER
     text = json.dumps(clean, indent=2, allow_nan=False) + "\n"
     storage.write_bytes(storage.join(out, "report.json"), text.encode())
     storage.write_bytes(storage.join(out, "report.md"), markdown(clean).encode())
-    storage.write_bytes(storage.join(out, "cost_accuracy.png"), plot(clean))
+    for subset, name in FILES.items():
+        if subset in clean["subsets"]:
+            storage.write_bytes(storage.join(out, name), plot(clean, subset))

@@ -1,23 +1,28 @@
 """``prefill-router evaluate``: the router artifact against oracle, single models and baselines.
 
 Every router (:mod:`training.baselines`) is fitted on **train**, tuned / early-stopped on
-**val**, and scored on the held-out **test** split, then again on the test queries where
-the targets disagree (``metrics.disagreement_mask``). The operating point (tolerance) is
-calibrated on **val** from a target mean cost or accuracy, or is the artifact's default;
-a calibrated point is written back into the artifact (``shared.artifact.update_policy``).
+**val**, and scored on the held-out **test** split: on all of it, on the queries where the
+targets disagree, and per task (:mod:`training.eval_scoring`). The operating point
+(tolerance) is calibrated on **val** from a target mean cost or accuracy, or is the
+artifact's default; a calibrated point is written back into the artifact
+(``shared.artifact.update_policy``).
 
-Costs: the policy decides with the price model known before answering
-(``Router.costs``: encoder prompt tokens x input price + the target's median answer
-length x output price); outcomes are scored with the measured per-query label ``cost``
-(a missing label's cell falls back to the price model).
+A foreign artifact on a fresh table (e.g. a router shipped for RouterBench, scored on a newly
+imported slice): with ``all_rows_test`` (automatic when the table has no train rows) every
+row is scored as test; baselines that need train (or val) rows are skipped and the report says
+so, unless ``train_data`` names a dataset whose train / val rows they are fitted on. The
+artifact's encoder, layers and widths are checked against the activations first.
 
-Outputs under ``out``: ``report.json`` (every number), ``report.md`` and
-``cost_accuracy.png`` (:mod:`training.eval_report`).
+Semantic baselines embed the text of :mod:`training.semantic_text` (``semantic_text``).
+
+Outputs under ``out``: ``report.json`` (every number), ``report.md``, ``cost_accuracy.png``
+and ``cost_accuracy_disagreement.png`` (:mod:`training.eval_report`).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -26,15 +31,18 @@ from pydantic import Field, model_validator
 from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
 from shared.config import StrictConfig
 from shared.trunk import TrunkConfig
-from training import metrics as M
 from training.baselines import RouterModel
 from training.dataset import RoutingData
+from training.eval_scoring import PAPER_SAVINGS, evaluate_routers
+from training.semantic_text import SemanticTextConfig, read_queries, semantic_texts
 
 log = logging.getLogger(__name__)
 
 BASELINES = ("random", "always-cheapest", "always-best", "knn-minilm", "mlp-minilm", "mf-minilm")
 REFERENCES = ("task-best",)  # told the query's task: opt-in references, not routers
 SEMANTIC = ("knn-minilm", "mlp-minilm", "mf-minilm")
+NEEDS = {"random": (), "always-cheapest": ("train",), "always-best": ("train",), "task-best": ("train",),
+         "knn-minilm": ("train",), "mlp-minilm": ("train", "val"), "mf-minilm": ("train", "val")}
 
 
 class OperatingPointConfig(StrictConfig):
@@ -51,13 +59,23 @@ class OperatingPointConfig(StrictConfig):
         return self
 
 
+class TrainDataConfig(StrictConfig):
+    """A second dataset whose train / val rows fit the baselines (and calibrate the operating
+    point) when the evaluated table is all test."""
+
+    activations: str = Field(description="Its activation dataset (same encoder and columns as the artifact's).")
+    labels: str = Field(description="Its labels dataset (every target of the artifact).")
+    queries: str | None = Field(None, description="Its query table (semantic baselines, task-best).")
+
+
 class EvalConfig(StrictConfig):
     """Config of ``prefill-router evaluate``."""
 
     artifact: str = Field(description="Router artifact directory written by `prefill-router fit`.")
     activations: str = Field(description="Activation dataset written by `prefill-router capture`.")
     labels: str = Field(description="Labels dataset written by `prefill-router label`.")
-    queries: str | None = Field(None, description="Query table (Parquet) with the prompts; semantic baselines need it.")
+    queries: str | None = Field(None, description="Query table (Parquet) with the prompts and tasks; semantic "
+                                "baselines, task-best and the per-task rows need it.")
     out: str = Field("runs/eval", description="Output directory: local path or s3:// URI.")
     routers: list[Literal[BASELINES + REFERENCES]] = Field(
         list(BASELINES), description="Baselines evaluated beside the artifact (task-best: opt-in reference).")
@@ -65,6 +83,17 @@ class EvalConfig(StrictConfig):
                                                   description="Tolerance calibration on val.")
     write_operating_point: bool = Field(True, description="Write a calibrated operating point into the artifact.")
     pauccc_interpolation: Literal["step", "linear"] = Field("linear", description="P-AUCCC curve between sweep points.")
+    savings_threshold: float = Field(
+        PAPER_SAVINGS, ge=0, lt=1, description="Report the best gap closed among operating points saving at least "
+        "this share of the most expensive model's cost (the paper: 45.58% gap closed at 74.31% savings).")
+    all_rows_test: bool | Literal["auto"] = Field(
+        "auto", description="Score every row as test (a foreign artifact on a fresh table); 'auto': when the "
+        "table has no train rows.")
+    train_data: TrainDataConfig | None = Field(
+        None, description="With all rows as test: a dataset whose train / val rows fit the baselines; none: the "
+        "baselines that need train rows are skipped.")
+    semantic_text: SemanticTextConfig = Field(default_factory=SemanticTextConfig,
+                                              description="The text the semantic baselines embed.")
     knn_ks: list[int] = Field([5, 10, 20, 40, 80], min_length=1, description="k values tried on val for kNN.")
     mlp_seeds: int = Field(3, gt=0, description="Seeds of the semantic MLP ensemble (all kept).")
     n_components: int = Field(128, gt=0, description="PCA components of the semantic MLP's embedding transform.")
@@ -80,40 +109,7 @@ class EvalConfig(StrictConfig):
 # ------------------------------------------------------------------------------ inputs
 def query_texts(queries_uri: str, query_ids: Sequence[str]) -> list[str]:
     """The prompt text (message contents joined by blank lines) of each query id, in order."""
-    from shared import storage
-
-    table = storage.read_parquet(queries_uri, columns=["query_id", "messages"])
-    text = {q: "\n\n".join(m["content"] for m in msgs)
-            for q, msgs in zip(table.column("query_id").to_pylist(), table.column("messages").to_pylist())}
-    missing = [q for q in query_ids if q not in text]
-    if missing:
-        raise ValueError(f"{len(missing)} query ids are not in {queries_uri} (e.g. {missing[:3]})")
-    return [text[q] for q in query_ids]
-
-
-def query_tasks(queries_uri: str) -> dict[str, tuple[str, str]]:
-    """``{query_id: (source, task)}`` from the query table (the task-best reference)."""
-    from shared import storage
-
-    table = storage.read_parquet(queries_uri, columns=["query_id", "source", "task"])
-    cols = [table.column(c).to_pylist() for c in ("query_id", "source", "task")]
-    return {q: (s, t) for q, s, t in zip(*cols)}
-
-
-def decision_costs(router, data: RoutingData) -> np.ndarray:
-    """``(n, T)`` price-model costs the policy routes with: encoder prompt tokens (or, when
-    absent, the mean of the targets' prompt tokens) through ``Router.costs``."""
-    n = len(data.query_ids)
-    if len(data.n_tokens) == n and n:
-        return router.costs(np.asarray(data.n_tokens, dtype=np.float64))
-    present = ~np.isnan(data.input_tokens)
-    tokens = np.where(present, data.input_tokens, 0.0).sum(axis=1) / np.maximum(present.sum(axis=1), 1)
-    return router.costs(tokens)
-
-
-def outcome_costs(data: RoutingData, decided: np.ndarray) -> np.ndarray:
-    """``(n, T)`` measured label costs; a missing cell takes the price model's cost."""
-    return np.where(np.isnan(data.cost), decided, data.cost)
+    return read_queries(queries_uri, query_ids)["text"]
 
 
 def _queries(cfg: EvalConfig, who: str) -> str:
@@ -122,11 +118,137 @@ def _queries(cfg: EvalConfig, who: str) -> str:
     return cfg.queries
 
 
-def build_routers(cfg: EvalConfig, embedder=None) -> list[RouterModel]:
-    """The configured baselines (semantic ones share one embedder, so texts embed once)."""
+def check_activations(artifact, artifact_uri: str, activations_uri: str) -> None:
+    """Refuse activations the artifact cannot read, from their capture manifest: another encoder
+    (name; sha256 / revision where both sides record one), missing (layer, pooling) columns or
+    another hidden size. No manifest: only the columns and widths are checked (on load)."""
+    from shared import storage
+
+    uri = storage.join(activations_uri, "manifest.json")
+    if not storage.exists(uri):
+        log.warning("%s has no manifest.json: the artifact's encoder cannot be checked", activations_uri)
+        return
+    manifest = storage.read_json(uri)
+    ident = manifest.get("identity") or {}
+    enc = ident.get("encoder") or manifest.get("encoder") or {}
+    enc = {"name": enc} if isinstance(enc, str) else enc
+    meta = artifact.router.meta
+    for key in ("name", "sha256", "revision"):
+        want, got = getattr(meta.encoder, key), enc.get(key)
+        if want is not None and got is not None and want != got:
+            raise ValueError(
+                f"the artifact {artifact_uri} was fitted on encoder {key}={want!r}, but {activations_uri} was "
+                f"captured with {key}={got!r}: its activations mean nothing to this router. Capture the table with "
+                f"the artifact's encoder (prefill-router capture encoder={meta.encoder.name} layers={meta.layers}) "
+                "or evaluate an artifact fitted on this encoder.")
+    have = manifest.get("columns") or [f"h{layer}_{p}" for layer in ident.get("layers", [])
+                                       for p in ident.get("poolings", [])]
+    need = sorted(artifact.columns().values())
+    missing = [c for c in need if c not in have] if have else []
+    if missing:
+        raise ValueError(f"the artifact {artifact_uri} reads layers/poolings {need} (hidden_states index 0 = "
+                         f"embeddings); {activations_uri} holds {sorted(have)}: capture layers {meta.layers} "
+                         f"with poolings {sorted({c.split('_')[1] for c in need})}")
+    width = ident.get("hidden_size")
+    wrong = [b.name for b in (meta.transform.blocks if meta.transform else []) if width and b.d_in != width]
+    if wrong:
+        raise ValueError(f"the artifact {artifact_uri} expects blocks {wrong} of width "
+                         f"{[b.d_in for b in meta.transform.blocks]}, but {activations_uri} has hidden size {width}")
+
+
+def check_data(artifact, data: RoutingData) -> None:
+    """Targets in the artifact's order, and each artifact block's width in the data."""
+    from shared.artifact import activation_column
+
+    if list(data.targets) != artifact.router.target_names:
+        raise ValueError(f"data targets {data.targets} differ from the artifact's {artifact.router.target_names}")
+    for b in artifact.router.meta.transform.blocks:
+        col = data.blocks.get(activation_column(b.name))
+        if col is not None and col.shape[1] != b.d_in:
+            raise ValueError(f"the artifact's block {b.name} has width {b.d_in}, but the activations' "
+                             f"{activation_column(b.name)} has width {col.shape[1]}: another encoder?")
+
+
+def load_data(artifact, artifact_uri: str, activations: str, labels: str) -> RoutingData:
+    """Activations (checked against the artifact first) joined with every target's labels."""
+    from training.dataset import load_routing_data
+
+    check_activations(artifact, artifact_uri, activations)
+    data = load_routing_data(activations, labels, artifact.router.target_names,
+                             blocks=list(artifact.columns().values()))
+    check_data(artifact, data)
+    return data
+
+
+def concat_data(a: RoutingData, b: RoutingData) -> RoutingData:
+    """Rows of ``a`` then ``b`` (same targets and blocks); ``n_tokens`` kept only when both have it."""
+    both = len(a.n_tokens) == len(a.query_ids) and len(b.n_tokens) == len(b.query_ids)
+    return replace(a, query_ids=np.concatenate([a.query_ids, b.query_ids]), split=np.concatenate([a.split, b.split]),
+                   blocks={k: np.concatenate([a.blocks[k], b.blocks[k]]) for k in a.blocks},
+                   **{k: np.concatenate([getattr(a, k), getattr(b, k)])
+                      for k in ("Y", "cost", "input_tokens", "output_tokens")},
+                   n_tokens=np.concatenate([a.n_tokens, b.n_tokens]) if both else np.zeros(0))
+
+
+def _rows_meta(uri: str | None, ids, texts=None, tasks=None) -> dict[str, list[str]] | None:
+    """Text, task and source per row: from the query table at ``uri``, or the ones given."""
+    meta = read_queries(uri, list(ids)) if uri else None
+    if meta is None and texts is None and tasks is None:
+        return None
+    n = len(ids)
+    meta = meta or {"text": [""] * n, "task": [""] * n, "source": [""] * n}
+    if texts is not None:
+        meta["text"] = list(texts)
+    if tasks is not None:
+        meta["task"] = [str(t) for t in tasks]
+        meta["source"] = [s or t for s, t in zip(meta["source"], meta["task"])]
+    return meta
+
+
+def prepare_rows(cfg: EvalConfig, artifact, data: RoutingData, texts=None, tasks=None) -> dict[str, Any]:
+    """The rows to evaluate: ``data`` (all as test in all-rows-test mode, plus ``train_data``'s
+    train / val rows) with each row's text, task and source (None without a query table)."""
+    all_test = cfg.all_rows_test is True or (cfg.all_rows_test == "auto" and not (data.split == "train").any())
+    meta = _rows_meta(cfg.queries, data.query_ids, texts, tasks)
+    if all_test:
+        data = replace(data, split=np.full(len(data.query_ids), "test", dtype=object))
+    elif cfg.train_data is not None:
+        raise ValueError("train_data is for a table scored all as test: set all_rows_test=true")
+    if all_test and cfg.train_data is not None:
+        td = cfg.train_data
+        extra = load_data(artifact, cfg.artifact, td.activations, td.labels).where("train", "val")
+        overlap = set(extra.query_ids.tolist()) & set(data.query_ids.tolist())
+        if overlap:
+            raise ValueError(f"{len(overlap)} test queries are also train / val rows of train_data "
+                             f"(e.g. {sorted(overlap)[:3]}): the baselines would see the test answers")
+        extra_meta = _rows_meta(td.queries, extra.query_ids)
+        if (meta is None) != (extra_meta is None):
+            raise ValueError("set both queries and train_data.queries, or neither")
+        data = concat_data(data, extra)
+        meta = None if meta is None else {k: meta[k] + extra_meta[k] for k in meta}
+    return {"data": data, "meta": meta, "all_rows_test": all_test}
+
+
+def runnable(routers: Sequence[str], data: RoutingData) -> tuple[list[str], dict[str, str]]:
+    """``(routers that can be fitted, {skipped router: reason})`` given the splits present."""
+    present = set(np.unique(data.split).tolist())
+    run, skipped = [], {}
+    for name in routers:
+        lacking = [s for s in NEEDS[name] if s not in present]
+        if lacking:
+            skipped[name] = f"needs {' and '.join(lacking)} rows (none given)"
+            log.warning("skipping %s: %s", name, skipped[name])
+        else:
+            run.append(name)
+    return run, skipped
+
+
+def build_routers(cfg: EvalConfig, names: Sequence[str], embedder=None, tasks=None) -> list[RouterModel]:
+    """The baselines ``names`` (semantic ones share one embedder, so texts embed once);
+    ``tasks``: ``{query_id: (source, task)}`` for task-best."""
     from training import baselines as B
 
-    if any(r in SEMANTIC for r in cfg.routers) and embedder is None:
+    if any(r in SEMANTIC for r in names) and embedder is None:
         embedder = B.MiniLMEmbedder(cfg.embedder)
     make = {
         "random": lambda: B.RandomRouter(),
@@ -136,202 +258,61 @@ def build_routers(cfg: EvalConfig, embedder=None) -> list[RouterModel]:
         "mlp-minilm": lambda: B.MLPRouter(embedder, seeds=cfg.mlp_seeds, keep=cfg.mlp_seeds,
                                           n_components=cfg.n_components, trunk=cfg.trunk),
         "mf-minilm": lambda: B.MFRouter(embedder, dim=cfg.mf_dim),
-        "task-best": lambda: B.TaskBestRouter(query_tasks(_queries(cfg, "task-best")), cfg.task_min_rows),
+        "task-best": lambda: B.TaskBestRouter(tasks, cfg.task_min_rows),
     }
-    return [make[name]() for name in cfg.routers]
+    return [make[name]() for name in names]
 
 
-# ----------------------------------------------------------------------------- scoring
-def references(Y: np.ndarray, C: np.ndarray, targets: list[str]) -> dict[str, Any]:
-    """Single models, best single, oracle, most expensive target and the zero-router hull."""
-    accs, costs = M.single_model_points(Y, C)
-    best, best_acc, best_cost = M.best_single(Y, C)
-    cheap, dear = int(np.argmin(costs)), int(np.argmax(costs))
-    oracle_acc, oracle_cost = M.oracle_outcome(Y, C)
-    hc, ha = M.single_model_hull(costs, accs)
-    return {
-        "n": int(Y.shape[0]),
-        "single": {t: {"accuracy": float(a), "cost": float(c)} for t, a, c in zip(targets, accs, costs)},
-        "best_single": {"target": targets[best], "accuracy": best_acc, "cost": best_cost},
-        "cheapest": {"target": targets[cheap], "accuracy": float(accs[cheap]), "cost": float(costs[cheap])},
-        "most_expensive": {"target": targets[dear], "accuracy": float(accs[dear]), "cost": float(costs[dear])},
-        "oracle": {"accuracy": oracle_acc, "cost": oracle_cost,
-                   "cost_savings": M.cost_savings(oracle_cost, float(costs[dear]))},
-        "hull": {"cost": hc.tolist(), "accuracy": ha.tolist()},
-        "zero_router_pauccc": M.hull_pauccc(costs, accs),
-    }
-
-
-def headline(acc: float, cost: float, refs: dict[str, Any]) -> dict[str, float]:
-    """Accuracy, cost, gap closed and cost savings of one operating point."""
-    return {"accuracy": acc, "cost": cost,
-            "gap_closed": M.gap_closed(acc, refs["best_single"]["accuracy"], refs["oracle"]["accuracy"]),
-            "cost_savings": M.cost_savings(cost, refs["most_expensive"]["cost"])}
-
-
-def _pauccc(costs, accs, refs, interpolation: str) -> float:
-    return M.pauccc(costs, accs, refs["cheapest"]["cost"], refs["most_expensive"]["cost"],
-                    refs["cheapest"]["accuracy"], interpolation)
-
-
-def score_probabilistic(P, Y, C_route, C, tol: float, refs: dict, targets: list[str], interpolation: str) -> dict:
-    """Operating point, whole sweep, P-AUCCC, per-target AUC / Brier of predictions ``P``."""
-    sweep = M.tolerance_sweep(P, Y, C, C_route)
-    acc, cost = M.routing_outcome(Y, C, M.route_with_tolerance(P, C_route, tol))
-    auc, br = M.masked_auc(Y, P), M.brier(Y, P)
-    gaps = [M.gap_closed(a, refs["best_single"]["accuracy"], refs["oracle"]["accuracy"]) for a in sweep.accuracy]
-    at_best = sweep.cost[np.nan_to_num(sweep.accuracy, nan=-1) >= refs["best_single"]["accuracy"]]
-    with np.errstate(invalid="ignore"):
-        mean_auc = float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")
-    return {
-        "kind": "probabilistic", "tolerance": tol, **headline(acc, cost, refs),
-        "pauccc": _pauccc(sweep.cost, sweep.accuracy, refs, interpolation),
-        "max_gap_closed": float(np.nanmax(gaps)) if np.isfinite(gaps).any() else float("nan"),
-        "cost_savings_at_best_single_accuracy": (M.cost_savings(float(at_best.min()), refs["most_expensive"]["cost"])
-                                                 if len(at_best) else float("nan")),
-        "auc": dict(zip(targets, map(float, auc))), "brier": dict(zip(targets, map(float, br))),
-        "mean_auc": mean_auc, "mean_brier": float(np.nanmean(br)),
-        "sweep": {k: getattr(sweep, k).tolist() for k in ("tolerance", "accuracy", "cost")},
-    }
-
-
-def score_fixed(W, Y, C, refs: dict, interpolation: str) -> dict:
-    """One (cost, accuracy) point: the expected outcome of choice weights ``W``."""
-    acc, cost = M.expected_outcome(Y, C, W)
-    return {"kind": "fixed", **headline(acc, cost, refs), "pauccc": _pauccc([cost], [acc], refs, interpolation)}
-
-
-def choose_tolerance(P, val: RoutingData, C_route, C, op: OperatingPointConfig, default: float) -> dict[str, Any]:
-    """Tolerance from the val sweep (``metrics.calibrate_operating_point``). An unreachable
-    target falls back to the nearest point (the cheapest, or the most accurate) and is
-    marked ``status='fallback'``. Returns tolerance, status and val accuracy / cost."""
-    status, target_acc = "default", op.target_accuracy
-    tol = default
-    if op.target_cost is not None or target_acc is not None:
-        if target_acc == "best_single":
-            target_acc = M.best_single(val.Y, C)[1]
-        sweep = M.tolerance_sweep(P, val.Y, C, C_route)
-        try:
-            tol, status = M.calibrate_operating_point(sweep, op.target_cost, target_acc), "calibrated"
-        except ValueError as exc:
-            acc = np.nan_to_num(sweep.accuracy, nan=-np.inf)
-            k = 0 if op.target_cost is not None else int(np.lexsort((sweep.cost, -acc))[0])
-            tol, status = float(sweep.tolerance[k]), "fallback"
-            log.warning("operating point: %s; using the nearest point (tolerance %.4g)", exc, tol)
-    acc, cost = M.routing_outcome(val.Y, C, M.route_with_tolerance(P, C_route, tol))
-    return {"tolerance": float(tol), "status": status, "target_cost": op.target_cost,
-            "target_accuracy": None if target_acc is None else float(target_acc), "val_accuracy": acc, "val_cost": cost}
-
-
-# -------------------------------------------------------------------------- evaluation
-def _fit_predict(model: RouterModel, parts: dict[str, tuple[RoutingData, list[str]]]) -> dict[str, np.ndarray]:
-    """Fit on train (val for tuning); predictions (or choice weights) on val and test."""
-    (tr, tr_text), (va, va_text) = parts["train"], parts["val"]
-    model.fit(tr, tr_text, va, va_text)
-    predict = model.predict_proba if model.probabilistic else model.choice_weights
-    return {split: predict(*parts[split]) for split in ("val", "test")}
-
-
-def evaluate_routers(artifact, models: Sequence[RouterModel], data: RoutingData, texts: Sequence[str],
-                     cfg: EvalConfig) -> dict[str, Any]:
-    """Score the artifact router and ``models`` on test and on test's disagreement rows."""
-    from rich.progress import Progress
-
-    C_route = decision_costs(artifact.router, data)
-    C = outcome_costs(data, C_route)
-    texts = np.asarray(list(texts), dtype=object)
-    masks = {s: data.split == s for s in ("train", "val", "test")}
-    for s, m in masks.items():
-        if not m.any():
-            raise ValueError(f"evaluation needs rows in the {s} split")
-    parts = {s: (data.subset(m), list(texts[m])) for s, m in masks.items()}
-    Yte, dis = parts["test"][0].Y, M.disagreement_mask(parts["test"][0].Y)
-    subsets = {"test": np.ones(len(Yte), bool)} | ({"disagreement": dis} if dis.any() else {})
-    refs = {k: references(Yte[m], C[masks["test"]][m], data.targets) for k, m in subsets.items()}
-    out = {k: {"references": refs[k], "routers": {}} for k in subsets}
-    default_tol = artifact.router.meta.policy.default_tolerance()
-    operating, test_proba = {}, {}
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("routers", total=len(models) + 1)
-        for model in [artifact, *models]:
-            progress.update(task, description=f"fitting {model.name}")
-            pred = _fit_predict(model, parts)
-            if model.probabilistic:
-                test_proba[model.name] = pred["test"]
-            for key, m in subsets.items():
-                Cte, Crte = C[masks["test"]][m], C_route[masks["test"]][m]
-                if model.probabilistic:
-                    if model.name not in operating:
-                        operating[model.name] = choose_tolerance(pred["val"], parts["val"][0], C_route[masks["val"]],
-                                                                 C[masks["val"]], cfg.operating_point, default_tol)
-                    row = score_probabilistic(pred["test"][m], Yte[m], Crte, Cte, operating[model.name]["tolerance"],
-                                              refs[key], data.targets, cfg.pauccc_interpolation)
-                    row["operating_point"] = operating[model.name]
-                else:
-                    row = score_fixed(pred["test"][m], Yte[m], Cte, refs[key], cfg.pauccc_interpolation)
-                out[key]["routers"][model.name] = row
-            progress.advance(task)
-    n = {s: int(m.sum()) for s, m in masks.items()} | {"test_disagreement": int(dis.sum())}
-    return {"targets": list(data.targets), "n": n, "disagreement_share": M.disagreement_share(Yte),
-            "operating_point": operating[artifact.name], "subsets": out,
-            "auc_margin": auc_margins(Yte, test_proba, artifact.name, cfg.bootstrap),
-            "headroom_by_task": task_headroom(models, parts["test"][0], refs["test"]["best_single"]["target"])}
-
-
-def task_headroom(models: Sequence[RouterModel], test: RoutingData, best: str) -> list[dict]:
-    """Per task group of the fitted task-best reference (when evaluated): where the test
-    headroom over the best single target ``best`` lies (:func:`training.headroom.headroom_by_group`)."""
-    from training.baselines import TaskBestRouter
-    from training.headroom import headroom_by_group
-
-    ref = next((m for m in models if isinstance(m, TaskBestRouter)), None)
-    if ref is None:
-        return []
-    return headroom_by_group(test.Y, ref.groups(test), test.targets.index(best), test.targets)
-
-
-def auc_margins(Y: np.ndarray, proba: dict[str, np.ndarray], ours: str, n_boot: int) -> dict[str, dict]:
-    """Per probabilistic baseline: our mean-AUC margin over it on test, with a paired
-    bootstrap 95% interval (:func:`training.uncertainty.paired_bootstrap_auc_margin`)."""
-    from training.uncertainty import paired_bootstrap_auc_margin
-
-    if n_boot == 0:
-        return {}
-    return {name: paired_bootstrap_auc_margin(Y, proba[ours], P, n_boot=n_boot)
-            for name, P in proba.items() if name != ours}
+def baseline_inputs(cfg: EvalConfig, names: list[str], data: RoutingData, meta) -> tuple[list[str], Any, Any]:
+    """``(texts, semantic-text info, {query_id: (source, task)})`` the baselines ``names`` read."""
+    needs_text, n = any(r in SEMANTIC for r in names), len(data.query_ids)
+    if (needs_text or "task-best" in names) and meta is None:
+        _queries(cfg, "semantic baselines" if needs_text else "task-best")
+    if not needs_text:
+        return [""] * n, None, None if meta is None else dict(zip(data.query_ids, zip(meta["source"], meta["task"])))
+    tasks = meta["task"] if any(meta["task"]) else None
+    texts, info = semantic_texts(meta["text"], tasks, data.split == "train", cfg.semantic_text)
+    return texts, info, dict(zip(data.query_ids, zip(meta["source"], meta["task"])))
 
 
 def run_evaluation(cfg: EvalConfig, data: RoutingData | None = None, texts: Sequence[str] | None = None,
-                   embedder=None) -> dict[str, Any]:
-    """Load everything, evaluate, write the operating point and the report; returns the report."""
-    from shared.artifact import OperatingPoint, update_policy
+                   embedder=None, tasks: Sequence[str] | None = None) -> dict[str, Any]:
+    """Load everything, evaluate, write the operating point and the report; returns the report.
+    ``data`` / ``texts`` / ``tasks`` (per row of ``data``) replace what the paths would load."""
     from training.baselines import ArtifactRouter
-    from training.dataset import load_routing_data
-    from training.eval_report import summary_table, write_outputs
+    from training.eval_report import summary_table, task_table, write_outputs
 
     artifact = ArtifactRouter.load(cfg.artifact)
-    targets = artifact.router.target_names
     if data is None:
-        data = load_routing_data(cfg.activations, cfg.labels, targets, blocks=list(artifact.columns().values()))
-    if list(data.targets) != targets:
-        raise ValueError(f"data targets {data.targets} differ from the artifact's {targets}")
-    if texts is None:
-        needs_text = any(r in SEMANTIC for r in cfg.routers)
-        texts = query_texts(_queries(cfg, "semantic baselines"), data.query_ids) if needs_text \
-            else [""] * len(data.query_ids)
-    report = evaluate_routers(artifact, build_routers(cfg, embedder), data, texts, cfg)
-    op = report["operating_point"]
-    report["operating_point_written"] = bool(cfg.write_operating_point and op["status"] == "calibrated")
-    if report["operating_point_written"]:
-        point = OperatingPoint(**{k: op[k] for k in ("tolerance", "target_cost", "target_accuracy",
-                                                     "val_accuracy", "val_cost")})
-        policy = artifact.router.meta.policy.model_copy(update={"operating_point": point})
-        update_policy(cfg.artifact, policy)
+        data = load_data(artifact, cfg.artifact, cfg.activations, cfg.labels)
+    check_data(artifact, data)
+    rows = prepare_rows(cfg, artifact, data, texts, tasks)
+    data, meta = rows["data"], rows["meta"]
+    names, skipped = runnable(cfg.routers, data)
+    texts, text_info, task_of = baseline_inputs(cfg, names, data, meta)
+    row_tasks = meta["task"] if meta is not None and any(meta["task"]) else None
+    report = evaluate_routers(artifact, build_routers(cfg, names, embedder, task_of), data, texts, cfg, row_tasks)
+    report.update(all_rows_test=rows["all_rows_test"], skipped_routers=skipped, semantic_text=text_info)
+    report["operating_point_written"] = write_operating_point(cfg, artifact, report["operating_point"])
     report.update(artifact=cfg.artifact, config=cfg.model_dump(mode="json"))
     write_outputs(report, cfg.out)
     console.print(summary_table(report))
-    console.print(f"report written to {cfg.out}/report.json, report.md, cost_accuracy.png")
+    if 0 < len(report["by_task"]) <= 30:  # more: report.md has them
+        console.print(task_table(report))
+    console.print(f"report written to {cfg.out}/report.json, report.md, cost_accuracy*.png")
     return report
+
+
+def write_operating_point(cfg: EvalConfig, artifact, op: dict[str, Any]) -> bool:
+    """Write a calibrated operating point into the artifact (when configured); True if written."""
+    from shared.artifact import OperatingPoint, update_policy
+
+    if not (cfg.write_operating_point and op["status"] == "calibrated"):
+        return False
+    point = OperatingPoint(**{k: op[k] for k in ("tolerance", "target_cost", "target_accuracy", "val_accuracy",
+                                                 "val_cost")})
+    update_policy(cfg.artifact, artifact.router.meta.policy.model_copy(update={"operating_point": point}))
+    return True
 
 
 def _evaluate_command(config: ConfigOption = None, overrides: Overrides = None) -> None:

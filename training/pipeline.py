@@ -1,15 +1,16 @@
 """``prefill-router pipeline run``: retraining end to end, resumable, one stage after another.
 
-Stages: **data** (build the query table, or use an existing one) -> **label** ->
+Stages: **data** (build the query table, import one with its labels, or use an existing one) -> **label** ->
 **capture** -> **probe** -> **tune** (only when the config has a ``tune`` section: the
 blocks and PCA size are then chosen by cross-validation, and fit uses that choice) ->
 **fit** -> **evaluate** -> **publish** (``training/publish.py``).
 Each stage is the module's own ``run_*`` function; :class:`PipelineConfig` holds their
 configs and wires every path between them under ``work_dir`` (a local directory):
 
-    work_dir/queries.parquet   data (when ``data`` is given; else ``queries`` is read)
+    work_dir/queries.parquet   data (when ``data`` or ``data_import`` is given; else ``queries`` is read)
     work_dir/labels/           label       work_dir/activations/  capture
-                               (``labels:`` names existing labels to reuse instead)
+                               (``labels:`` names existing labels to reuse instead;
+                               ``data_import`` writes them: nothing is labelled)
     work_dir/probe/            probe       work_dir/tune/         tune
     work_dir/router/           fit (the artifact)
     work_dir/eval/             evaluate    work_dir/stages/       what each stage did
@@ -39,6 +40,7 @@ from shared.config import StrictConfig
 from shared.ray_boot import ensure_ray
 from training.capture import CaptureConfig
 from training.data import DataConfig
+from training.data_import import ImportConfig
 from training.evaluate import EvalConfig
 from training.fit import FitConfig
 from training.label import LabelConfig
@@ -56,7 +58,8 @@ STAGES = ("data", "label", "capture", "probe", "tune", "fit", "evaluate", "publi
 def wiring(raw: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """``(wired, defaults)`` per stage section: paths between stages (fixed) and overridable defaults."""
     work = str(raw.get("work_dir") or DEFAULT_WORK)
-    queries = storage.join(work, "queries.parquet") if raw.get("data") is not None else raw.get("queries")
+    built = raw.get("data") is not None or raw.get("data_import") is not None
+    queries = storage.join(work, "queries.parquet") if built else raw.get("queries")
     acts, router = (storage.join(work, p) for p in ("activations", "router"))
     labels = raw.get("labels") or storage.join(work, "labels")
     common = {"registry": raw.get("registry"), "ray_address": raw.get("ray_address")}
@@ -73,6 +76,8 @@ def wiring(raw: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, di
     }
     if raw.get("data") is not None:
         wired["data"] = {"output": queries}
+    if raw.get("data_import") is not None:
+        wired["data_import"] = {"output": queries, "labels": labels, "registry": raw.get("registry")}
     if raw.get("tune") is not None:
         wired["fit"]["tune_report"] = storage.join(work, "tune", "tune.json")
     defaults = {"label": {"progress": False}, "capture": {"progress": False},
@@ -90,6 +95,9 @@ class PipelineConfig(StrictConfig):
     ray_address: str | None = Field(None, description="Ray address; None: RAY_ADDRESS (in a Ray job) or a local Ray.")
     queries: str | None = Field(None, description="An existing query table (local or s3://), instead of `data`.")
     data: DataConfig | None = Field(None, description="Build the query table (its `output` is wired).")
+    data_import: ImportConfig | None = Field(
+        None, description="Import the query table and every target's labels from tables people already have "
+        "(RouterBench, a long format; `prefill-router data import`); its outputs are wired and nothing is labelled.")
     labels: str | None = Field(None, description="Existing labels (e.g. the committed data/labels) to reuse "
                                                  "instead of labelling; they must cover every target.")
     label: LabelConfig = Field(default_factory=dict, description="Labelling (paths and targets are wired).")
@@ -107,17 +115,19 @@ class PipelineConfig(StrictConfig):
         if not isinstance(raw, dict):
             return raw
         raw = dict(raw)
-        if raw.get("data") is not None and raw.get("queries"):
-            raise ValueError("give either `data` (build the query table) or `queries` (an existing one), not both")
-        if raw.get("data") is None and not raw.get("queries"):
-            raise ValueError("give `data` (a query table to build) or `queries` (the path of an existing one)")
+        sources = [k for k in ("data", "data_import", "queries") if raw.get(k)]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of `data` (build the query table), `data_import` (import it with "
+                             f"its labels) or `queries` (an existing one); got {sources or 'none'}")
+        if raw.get("data_import") and raw.get("labels"):
+            raise ValueError("`data_import` writes the labels: remove `labels`")
         if storage.is_s3(str(raw.get("work_dir") or "")):
             raise ValueError("work_dir must be a local directory (publish.uri may be s3://)")
         if raw.get("tune") is not None and (raw.get("fit") or {}).get("blocks"):
             raise ValueError("fit.blocks is set, so the tune stage's choice would be ignored: remove one of them")
         wired, defaults = wiring(raw)
-        for stage in ("data", "label", "capture", "probe", "tune", "fit", "evaluate"):
-            if stage in ("data", "tune") and raw.get(stage) is None:
+        for stage in ("data", "data_import", "label", "capture", "probe", "tune", "fit", "evaluate"):
+            if stage in ("data", "data_import", "tune") and raw.get(stage) is None:
                 continue
             section = dict(raw.get(stage) or {})
             clash = sorted(k for k, v in wired.get(stage, {}).items() if k in section and section[k] != v)
@@ -135,6 +145,8 @@ class PipelineConfig(StrictConfig):
 def stage_data(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
     from training.data import run_build
 
+    if cfg.data_import is not None:
+        return import_data(cfg, keys)
     if cfg.data is None:
         keys["data"] = stage_key(cfg.queries)
         return {"queries": cfg.queries, "built": False}
@@ -146,11 +158,24 @@ def stage_data(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict
                                               "skipped_records": sum(report.skipped.values())})
 
 
+def import_data(cfg: PipelineConfig, keys: dict[str, str]) -> dict[str, Any]:
+    """The data stage of an imported table: queries and labels in one step (skipped when done)."""
+    from training.data_import import run_import
+
+    keys["data"] = key = stage_key(cfg.data_import.model_dump(mode="json"))
+    done = storage.join(cfg.data_import.labels, "import-manifest.json")
+    if (old := done_before(cfg.work_dir, "data", key, done)) is not None:
+        return {**old, "skipped": True}
+    report = run_import(cfg.data_import)
+    return record(cfg.work_dir, "data", key, {"queries": cfg.data_import.output, "labels": cfg.data_import.labels,
+                                              "rows": report["rows"], "imported": True})
+
+
 def stage_label(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
     from training.label import run_label
 
-    if cfg.labels:
-        return reuse_labels(cfg)
+    if cfg.labels or cfg.data_import is not None:
+        return reuse_labels(cfg, cfg.labels or cfg.data_import.labels)
     summary = run_label(cfg.label)
     stats = {t: {k: s[k] for k in ("rows", "failed", "missing", "accuracy")} for t, s in summary["targets"].items()}
     unfinished = {t: s["failed"] + s["missing"] for t, s in stats.items() if s["failed"] + s["missing"]}
@@ -159,20 +184,20 @@ def stage_label(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dic
     return {"targets": stats, "queries": summary["fully_labelled_queries"]}
 
 
-def reuse_labels(cfg: PipelineConfig) -> dict[str, Any]:
-    """Check that ``cfg.labels`` covers every target and the query table; nothing is relabelled."""
+def reuse_labels(cfg: PipelineConfig, labels: str) -> dict[str, Any]:
+    """Check that ``labels`` cover every target and the query table; nothing is relabelled."""
     from training.dataset import load_labels
 
-    missing = [t for t in cfg.targets if not storage.exists(storage.join(cfg.labels, t, "manifest.json"))]
+    missing = [t for t in cfg.targets if not storage.exists(storage.join(labels, t, "manifest.json"))]
     if missing:
-        raise RuntimeError(f"labels {cfg.labels} have no {missing}; label them or drop them from targets")
+        raise RuntimeError(f"labels {labels} have no {missing}; label them or drop them from targets")
     ids = np.asarray(storage.read_parquet(cfg.label.queries).column("query_id").to_pylist())
-    y = load_labels(cfg.labels, cfg.targets, ids)["Y"]
+    y = load_labels(labels, cfg.targets, ids)["Y"]
     covered = ~np.isnan(y).any(axis=1)
     if not covered.any():
-        raise RuntimeError(f"labels {cfg.labels} label none of the {len(ids)} queries in {cfg.label.queries}")
+        raise RuntimeError(f"labels {labels} label none of the {len(ids)} queries in {cfg.label.queries}")
     acc = {t: round(float(np.nanmean(y[:, i])), 4) for i, t in enumerate(cfg.targets)}
-    return {"reused": cfg.labels, "queries": int(covered.sum()), "accuracy": acc, "skipped": True}
+    return {"reused": labels, "queries": int(covered.sum()), "accuracy": acc, "skipped": True}
 
 
 def stage_capture(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:

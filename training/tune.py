@@ -124,13 +124,16 @@ def candidate_blocks(cand: Candidate, cfg: TuneConfig) -> list[str]:
 
 
 def minilm_block(data: RoutingData, queries: str | None) -> np.ndarray:
-    """``(n, 384)`` MiniLM embeddings of the rows' prompts (as the semantic baselines embed them)."""
+    """``(n, 384)`` MiniLM embeddings of the rows' prompts as the semantic baselines embed them
+    (:func:`training.semantic_text.semantic_texts` with the default settings; shared prefixes
+    learned from the train rows)."""
     from training.baselines import MiniLMEmbedder
-    from training.evaluate import query_texts
+    from training.semantic_text import semantic_texts_for
 
     if not queries:
         raise ValueError("minilm needs the query table: set queries=<path to queries.parquet>")
-    return MiniLMEmbedder()(query_texts(queries, list(data.query_ids)))
+    texts, _ = semantic_texts_for(queries, list(data.query_ids), np.asarray(data.split) == "train")
+    return MiniLMEmbedder()(texts)
 
 
 def plot_tune(rows: list[dict[str, Any]], targets: list[str], path: Path) -> None:

@@ -34,6 +34,7 @@ CONFIG_SCHEMAS: dict[str, str] = {
     "demo.yaml": "training.pipeline:PipelineConfig",
     "demo-quick.yaml": "training.pipeline:PipelineConfig",
     "serve-local.yaml": "serving.config:ServeConfig",
+    "serve-routerbench.yaml": "serving.config:ServeConfig",
 }
 
 

@@ -297,3 +297,14 @@ def test_real_routerbench_rows(tmp_path, registry):
         priced = sum(spec.cost(i, o) for i, o in zip(ok["input_tokens"], ok["output_tokens"]))
         assert priced == pytest.approx(ok["cost"].sum(), rel=0.1)
     assert result["summary"]["targets"]["gpt-4-1106-preview"]["accuracy"] > 0.5
+
+
+def test_label_run_refuses_an_imported_table(tmp_path):
+    """An imported table has no reference answers: labelling it would score every answer wrong."""
+    from training.label import LabelConfig, run_label
+
+    cfg = config(tmp_path, [write_csv(rb_frame(), tmp_path / "rb.csv")])
+    run_import(cfg)
+    with pytest.raises(ValueError, match="10 of 10 queries .* have no reference answer"):
+        run_label(LabelConfig(queries=cfg.output, out=str(tmp_path / "relabel"), targets=["smollm2-135m"]))
+    assert not (tmp_path / "relabel").exists(), "refused before anything is written"

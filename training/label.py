@@ -328,6 +328,11 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     check_paths(cfg)
     specs = resolve_targets(cfg)
     table = select_queries(storage.read_parquet(cfg.queries), cfg.splits, cfg.limit)
+    unscorable = sum(1 for r in table.column("reference").to_pylist() if not r)
+    if unscorable:
+        raise ValueError(f"{unscorable} of {table.num_rows} queries in {cfg.queries} have no reference answer, so no "
+                         "answer can be scored: an imported table (`data import`) comes with its labels; use them "
+                         "(the pipeline's data_import stage, or `labels:`) instead of labelling")
     qhash = table_hash(table)
     for spec in specs:  # missing weights fail here, once, with the loader's message
         if spec.backend != Backend.openai:

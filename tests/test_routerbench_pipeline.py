@@ -61,9 +61,11 @@ def test_routerbench_pipeline_then_a_held_out_check(tmp_path):
                                        output=str(fresh / "queries.parquet"), labels=str(fresh / "labels"),
                                        splits={"train": 0.0, "val": 0.0, "test": 1.0}))
     assert imported["rows"] == 36
+    with pytest.raises(ValueError, match="layers: given, but the artifact"):
+        run_capture(CaptureConfig(queries=str(fresh / "queries.parquet"), out=str(fresh / "acts"),
+                                  artifact=str(work / "router"), layers=[1]))
     run_capture(CaptureConfig(queries=str(fresh / "queries.parquet"), out=str(fresh / "acts"),
-                              encoder=router.meta.encoder.name, layers=router.meta.layers,
-                              poolings=sorted(set(router.meta.pooling.values())), max_actors=1, progress=False))
+                              artifact=str(work / "router"), max_actors=1, progress=False))
     held = run_evaluation(EvalConfig(artifact=str(work / "router"), activations=str(fresh / "acts"),
                                      labels=str(fresh / "labels"), queries=str(fresh / "queries.parquet"),
                                      out=str(fresh / "eval"), routers=["random", "always-best", "task-best"],

@@ -83,6 +83,8 @@ class CaptureConfig(StrictConfig):
                               "sorted by prompt within each shard so such prompts meet. 0 or None: off.")
     ray_address: str | None = Field(None, description="Ray cluster address; None: RAY_ADDRESS or a local cluster.")
     progress: bool = Field(True, description="Show a progress bar.")
+    artifact: str | None = Field(None, description="A router artifact: capture exactly its encoder, layers and "
+                                 "poolings (a held-out check of a shipped router); then leave those three unset.")
 
     @model_validator(mode="after")
     def _pool_order(self) -> "CaptureConfig":
@@ -260,6 +262,23 @@ def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool) -> dict[
     return counts
 
 
+def for_artifact(cfg: CaptureConfig) -> CaptureConfig:
+    """``cfg`` with the encoder, layers and poolings of ``cfg.artifact`` (unchanged without one)."""
+    from shared.artifact import read_meta
+
+    if not cfg.artifact:
+        return cfg
+    meta = read_meta(cfg.artifact)
+    pooling = meta.pooling if isinstance(meta.pooling, dict) else {}
+    wanted = {"encoder": meta.encoder.name, "layers": sorted(meta.layers),
+              "poolings": sorted(set(pooling.values())) if pooling else [meta.pooling]}
+    clash = [k for k in wanted if k in cfg.model_fields_set and getattr(cfg, k) != wanted[k]]
+    if clash:
+        raise ValueError(f"{', '.join(clash)}: given, but the artifact {cfg.artifact} reads {wanted}; "
+                         "leave them unset with artifact=")
+    return cfg.model_copy(update=wanted)
+
+
 def run_capture(cfg: CaptureConfig) -> dict[str, Any]:
     """Capture every pending shard; returns (and stores in the manifest) the run summary."""
     from shared import storage
@@ -267,6 +286,7 @@ def run_capture(cfg: CaptureConfig) -> dict[str, Any]:
     from training.shards import finished_shards, shard_ids, update_manifest
 
     start = time.perf_counter()
+    cfg = for_artifact(cfg)
     table = storage.read_parquet(cfg.queries)
     plan = encoder_plan(cfg)
     identity = capture_identity(cfg, plan, table_hash(table), table.num_rows)

@@ -5,6 +5,7 @@ rows the router never saw, capture them with the artifact's encoder and layers, 
 artifact on them with every row as test."""
 
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -31,7 +32,7 @@ def slice_files(out: Path, start: int, stop: int) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_routerbench_pipeline_then_a_held_out_check(tmp_path):
+def test_routerbench_pipeline_then_a_held_out_check(tmp_path, caplog):
     from shared.artifact import load_artifact
     from training.capture import CaptureConfig, run_capture
     from training.data_import import ImportConfig, run_import
@@ -61,11 +62,10 @@ def test_routerbench_pipeline_then_a_held_out_check(tmp_path):
                                        output=str(fresh / "queries.parquet"), labels=str(fresh / "labels"),
                                        splits={"train": 0.0, "val": 0.0, "test": 1.0}))
     assert imported["rows"] == 36
-    with pytest.raises(ValueError, match="layers: given, but the artifact"):
-        run_capture(CaptureConfig(queries=str(fresh / "queries.parquet"), out=str(fresh / "acts"),
-                                  artifact=str(work / "router"), layers=[1]))
-    run_capture(CaptureConfig(queries=str(fresh / "queries.parquet"), out=str(fresh / "acts"),
-                              artifact=str(work / "router"), max_actors=1, progress=False))
+    with caplog.at_level(logging.WARNING, logger="training.capture"):
+        summary = run_capture(CaptureConfig(queries=str(fresh / "queries.parquet"), out=str(fresh / "acts"),
+                                            artifact=str(work / "router"), layers=[1], max_actors=1, progress=False))
+    assert "replacing the config's {'layers': [1]" in caplog.text and summary["rows"] == 36
     held = run_evaluation(EvalConfig(artifact=str(work / "router"), activations=str(fresh / "acts"),
                                      labels=str(fresh / "labels"), queries=str(fresh / "queries.parquet"),
                                      out=str(fresh / "eval"), routers=["random", "always-best", "task-best"],

@@ -84,7 +84,8 @@ class CaptureConfig(StrictConfig):
     ray_address: str | None = Field(None, description="Ray cluster address; None: RAY_ADDRESS or a local cluster.")
     progress: bool = Field(True, description="Show a progress bar.")
     artifact: str | None = Field(None, description="A router artifact: capture exactly its encoder, layers and "
-                                 "poolings (a held-out check of a shipped router); then leave those three unset.")
+                                 "poolings (a held-out check of a shipped router); they replace the config's, "
+                                 "with a warning naming what was replaced.")
 
     @model_validator(mode="after")
     def _pool_order(self) -> "CaptureConfig":
@@ -263,7 +264,11 @@ def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool) -> dict[
 
 
 def for_artifact(cfg: CaptureConfig) -> CaptureConfig:
-    """``cfg`` with the encoder, layers and poolings of ``cfg.artifact`` (unchanged without one)."""
+    """``cfg`` with the encoder, layers and poolings of ``cfg.artifact`` (unchanged without one).
+
+    The artifact wins: what it reads is what a check of it needs. A config value it replaces
+    (e.g. ``layers`` of ``configs/capture.yaml``) is named in a warning, never dropped silently.
+    """
     from shared.artifact import read_meta
 
     if not cfg.artifact:
@@ -272,10 +277,9 @@ def for_artifact(cfg: CaptureConfig) -> CaptureConfig:
     pooling = meta.pooling if isinstance(meta.pooling, dict) else {}
     wanted = {"encoder": meta.encoder.name, "layers": sorted(meta.layers),
               "poolings": sorted(set(pooling.values())) if pooling else [meta.pooling]}
-    clash = [k for k in wanted if k in cfg.model_fields_set and getattr(cfg, k) != wanted[k]]
-    if clash:
-        raise ValueError(f"{', '.join(clash)}: given, but the artifact {cfg.artifact} reads {wanted}; "
-                         "leave them unset with artifact=")
+    replaced = {k: getattr(cfg, k) for k in wanted if getattr(cfg, k) != wanted[k]}
+    if replaced:
+        log.warning("capture: artifact %s reads %s; replacing the config's %s", cfg.artifact, wanted, replaced)
     return cfg.model_copy(update=wanted)
 
 

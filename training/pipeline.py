@@ -184,9 +184,11 @@ def stage_label(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dic
     return {"targets": stats, "queries": summary["fully_labelled_queries"]}
 
 
-def reuse_labels(cfg: PipelineConfig, labels: str) -> dict[str, Any]:
-    """Check that ``labels`` cover every target and the query table; nothing is relabelled."""
+def reuse_labels(cfg: PipelineConfig, labels: str | None = None) -> dict[str, Any]:
+    """Check that ``labels`` (default ``cfg.labels``) cover every target and the query table; nothing is relabelled."""
     from training.dataset import load_labels
+
+    labels = labels or cfg.labels
 
     missing = [t for t in cfg.targets if not storage.exists(storage.join(labels, t, "manifest.json"))]
     if missing:

@@ -24,12 +24,15 @@ the distinct cached lengths, longest first, so a longer shared prefix wins.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from serving.messages import PrefixUse
 from shared.prefix import PrefixState, common_prefix, run_prefix
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -204,5 +207,10 @@ def system_prompt_ids(encoder: Any, messages: list[dict[str, str]]) -> list[int]
     (None without one). Only the tokens it shares with the whole prompt are ever used."""
     if not messages or messages[0].get("role") != "system":
         return None
-    text = encoder.tokenizer.apply_chat_template([messages[0]], add_generation_prompt=False, tokenize=False)
+    try:
+        text = encoder.tokenizer.apply_chat_template([messages[0]], add_generation_prompt=False, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - a template that refuses a lone system message (e.g. "roles must
+        # alternate"): no system-prompt admission for it; the min_seen rule still caches the shared prefix
+        log.debug("chat template cannot render a system message alone (%s): no system-prompt admission", exc)
+        return None
     return encoder.tokenizer([text], add_special_tokens=False)["input_ids"][0]

@@ -186,3 +186,17 @@ def test_gemma_hits_past_its_sliding_window_equal_the_full_forward(registry):
     assert max_rel_diff(got, full, enc.columns) <= REL_TOL
     entry = next(iter(cache.entries.values()))
     assert entry[1] == state_bytes(entry[0]) == cache.bytes
+
+
+def test_a_template_that_refuses_a_lone_system_message_falls_back_to_the_seen_rule():
+    from serving.prefix_cache import system_prompt_ids
+
+    class Strict:
+        def apply_chat_template(self, messages, **kwargs):
+            raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    class Enc:
+        tokenizer = Strict()
+
+    assert system_prompt_ids(Enc(), chat("hello")) is None
+    assert system_prompt_ids(Enc(), [{"role": "user", "content": "hi"}]) is None

@@ -308,3 +308,21 @@ def test_label_run_refuses_an_imported_table(tmp_path):
     with pytest.raises(ValueError, match="10 of 10 queries .* have no reference answer"):
         run_label(LabelConfig(queries=cfg.output, out=str(tmp_path / "relabel"), targets=["smollm2-135m"]))
     assert not (tmp_path / "relabel").exists(), "refused before anything is written"
+
+
+def test_inputs_on_s3_are_read_like_local_files(tmp_path, moto_s3):
+    """A retraining job on a cluster reads its RouterBench files from S3 (a loopback moto server)."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    s3.create_bucket(Bucket="bench")
+    local = write_csv(rb_frame(), tmp_path / "rb.csv")
+    s3.put_object(Bucket="bench", Key="routerbench/rb.csv", Body=local.read_bytes())
+    s3.put_object(Bucket="bench", Key="routerbench/README.md", Body=b"not an input")
+    remote = run_import(config(tmp_path, ["s3://bench/routerbench"], name="s3"))
+    plain = run_import(config(tmp_path, [local], name="local"))
+    assert remote["table_hash"] == plain["table_hash"] and remote["rows"] == 10
+    assert [s["path"] for s in remote["sources"]] == ["s3://bench/routerbench/rb.csv"]
+    assert remote["sources"][0]["sha256"] == plain["sources"][0]["sha256"]
+    with pytest.raises(FileNotFoundError, match="no such object or prefix"):
+        run_import(config(tmp_path, ["s3://bench/nothing-here"], name="none"))

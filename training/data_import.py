@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -31,8 +33,8 @@ from shared import storage
 from shared.cli_utils import ConfigOption, Overrides
 from shared.config import StrictConfig
 from training.data import ANSWER_TYPES, QUERY_SCHEMA, assign_split, normalise, split_counts, table_hash
-from training.import_sources import (Collector, Obs, input_files, read_long, read_records,
-                                     read_routerbench, sha256_file)
+from training.import_sources import (Collector, Obs, read_long, read_records, read_routerbench, sha256_file,
+                                     staged_inputs)
 
 # RouterBench column name -> registry name (configs/models.yaml).
 ROUTERBENCH_MODELS: dict[str, str] = {
@@ -51,7 +53,8 @@ class ImportConfig(StrictConfig):
 
     format: Literal["routerbench", "long"] = Field(
         "routerbench", description="routerbench: a row per prompt, columns per model; long: a row per prompt x model.")
-    inputs: list[str] = Field(description="Input files or folders (a folder: its files of the format's extensions).")
+    inputs: list[str] = Field(description="Input files or folders, local or s3:// (a folder or prefix: its files "
+                              "of the format's extensions).")
     output: str = Field("runs/import/queries.parquet", description="Query table to write (local or s3://).")
     labels: str = Field("runs/import/labels", description="Label folder to write, one sub-folder per target.")
     seed: int = Field(0, description="Seed of the split assignment.")
@@ -165,10 +168,11 @@ def collect(cfg: ImportConfig) -> tuple[Collector, list[dict[str, Any]]]:
     col = Collector(cfg, load_registry(cfg.registry))
     reader = read_routerbench if cfg.format == "routerbench" else read_long
     sources = []
-    for path in input_files(cfg.inputs, cfg.format):
-        columns, rows = read_records(path, cfg.trust_pickle, cfg.limit)
-        reader(path, columns, rows, col)
-        sources.append({"path": str(path), "sha256": sha256_file(path), "rows_read": len(rows)})
+    with tempfile.TemporaryDirectory(prefix="pr-import-") as tmp:  # s3:// inputs are read from a local copy
+        for name, path in staged_inputs(cfg.inputs, cfg.format, Path(tmp)):
+            columns, rows = read_records(path, cfg.trust_pickle, cfg.limit)
+            reader(path, columns, rows, col)
+            sources.append({"path": name, "sha256": sha256_file(path), "rows_read": len(rows)})
     absent = [t for t in cfg.targets or [] if cfg.model_names.get(t, t) not in col.specs]
     if absent:
         raise ValueError(f"targets {absent} have no rows in {[s['path'] for s in sources]}")

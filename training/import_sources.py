@@ -72,6 +72,36 @@ def input_files(inputs: list[str], fmt: str) -> list[Path]:
     return files
 
 
+def staged_inputs(inputs: list[str], fmt: str, folder: Path) -> list[tuple[str, Path]]:
+    """``(name, local path)`` of every input file, in order. ``s3://`` files and folders (every
+    object under the prefix with the format's extensions) are downloaded into ``folder`` first;
+    the name is the URI, so the import manifest records where each file came from."""
+    import pyarrow.fs as pafs
+
+    from shared import storage
+
+    out: list[tuple[str, Path]] = []
+    for item in inputs:
+        if not storage.is_s3(item):
+            out += [(str(p), p) for p in input_files([item], fmt)]
+            continue
+        fs, path = storage.filesystem(item)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{item}: no such object or prefix")
+        found = [path] if info.type == pafs.FileType.File else sorted(
+            f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=False))
+            if f.type == pafs.FileType.File and Path(f.path).suffix.lower() in EXTENSIONS[fmt])
+        if not found:
+            raise FileNotFoundError(f"no {'/'.join(EXTENSIONS[fmt])} files under {item}")
+        for key in found:
+            uri = f"s3://{key}"
+            local = folder / f"{len(out):04d}-{Path(key).name}"
+            local.write_bytes(storage.read_bytes(uri))
+            out.append((uri, local))
+    return out
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file's bytes (streamed)."""
     with path.open("rb") as fh:

@@ -89,8 +89,7 @@ def encoder_vs_full(artifact: str, prompts: list, reps: int = 1) -> dict:
 
     meta = read_meta(artifact)
     loaded = load_causal_lm(load_registry().get(meta.encoder.name), device="cpu")
-    poolings = sorted(set(meta.pooling.values())) if isinstance(meta.pooling, dict) else [meta.pooling]
-    enc = Encoder(loaded, meta.layers, poolings)
+    enc = Encoder(loaded, meta.layers, meta.poolings)
     ids = [enc.tokenize([m])[0][0] for m in prompts]
     enc.encode_ids([ids[0]])  # warm-up
     times = {"truncated": [], "full": []}

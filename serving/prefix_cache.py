@@ -170,10 +170,14 @@ class PrefixCache:
         """
         import numpy as np
 
-        from shared.encoder import length_buckets
-        from shared.prefix import forward_suffixes
+        from shared.prefix import encode_suffixes
 
         out = {c: np.empty((len(ids), self.encoder.hidden_size), dtype=np.float32) for c in self.encoder.columns}
+
+        def store(rows: list[int], feats: dict[str, Any], _padded: int) -> None:
+            for col, tensor in feats.items():
+                out[col][rows] = tensor.float().cpu().numpy()
+
         groups: dict[int, tuple[PrefixState, list[int]]] = {}
         whole, uses = [], []
         for i, row in enumerate(ids):
@@ -188,12 +192,7 @@ class PrefixCache:
             for col, values in feats.items():
                 out[col][whole] = values
         for state, rows in groups.values():
-            suffixes = [ids[i][state.length:] for i in rows]
-            for bucket in length_buckets([len(s) for s in suffixes], self.encoder.batch_size,
-                                         self.encoder.max_batch_tokens):
-                feats = forward_suffixes(self.encoder, state, [suffixes[b] for b in bucket])
-                for col, tensor in feats.items():
-                    out[col][[rows[b] for b in bucket]] = tensor.float().cpu().numpy()
+            encode_suffixes(self.encoder, state, ids, rows, store)
         return out, uses
 
     def stats(self) -> dict[str, Any]:

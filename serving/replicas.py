@@ -48,10 +48,6 @@ def reload(replica: Any, user_config: dict[str, Any] | None, what: str) -> None:
     log.info("%s now serves artifact %s", what, uri)
 
 
-def poolings_of(meta: Any) -> list[str]:
-    return sorted(set(meta.pooling.values())) if isinstance(meta.pooling, dict) else [meta.pooling]
-
-
 class EncoderReplica:
     """Prefill-only encoder for the artifact's layers; one request or a batch of them."""
 
@@ -76,7 +72,7 @@ class EncoderReplica:
             loaded = self.encoder.loaded  # same weights: only the layers change
         else:
             loaded = load_causal_lm(spec, device=self.device)
-        self.encoder = Encoder(loaded, meta.layers, poolings_of(meta), max_tokens=self.max_prompt_tokens)
+        self.encoder = Encoder(loaded, meta.layers, meta.poolings, max_tokens=self.max_prompt_tokens)
         self.cache = self.new_cache(self.encoder)  # the layers may have changed: a new artifact starts empty
         self.artifact, self.name = artifact, spec.name
         log.info("encoder %s ready: layers %s (depth %d of %d)", spec.name, meta.layers, self.encoder.depth,

@@ -106,6 +106,11 @@ class ArtifactMeta(StrictConfig):
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     files: dict[str, str] = Field(default_factory=dict, description="sha256 per file; filled by save_artifact.")
 
+    @property
+    def poolings(self) -> list[str]:
+        """The poolings the router reads (sorted, distinct): what an encoder must compute for it."""
+        return sorted(set(self.pooling.values())) if isinstance(self.pooling, dict) else [self.pooling]
+
     @model_validator(mode="after")
     def _unique_targets(self) -> "ArtifactMeta":
         names = [t.name for t in self.targets]

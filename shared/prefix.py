@@ -166,9 +166,10 @@ def forward_suffixes(encoder: Any, state: PrefixState, suffixes: Sequence[Sequen
     return out
 
 
-def encode_group(encoder: Any, ids: Sequence[Sequence[int]], group: PrefixGroup,
-                 store: Callable[[list[int], dict[str, Any], int], None]) -> int:
-    """Run one group: its prefix once, then its suffixes in length buckets; returns forward passes.
+def encode_suffixes(encoder: Any, state: PrefixState, ids: Sequence[Sequence[int]], members: Sequence[int],
+                    store: Callable[[list[int], dict[str, Any], int], None]) -> int:
+    """Run the suffixes of rows ``members`` of ``ids`` on ``state`` (their prefix, run once) in
+    length buckets; returns the forward passes.
 
     Suffix buckets follow the encoder's ``batch_size`` and ``max_batch_tokens`` (counted
     over suffix tokens, the tokens computed). ``store(rows, feats, padded)`` receives each
@@ -176,12 +177,18 @@ def encode_group(encoder: Any, ids: Sequence[Sequence[int]], group: PrefixGroup,
     """
     from shared.encoder import length_buckets
 
-    p = group.length
-    state = run_prefix(encoder, ids[group.members[0]][:p])
-    suffixes = [ids[i][p:] for i in group.members]
+    p = state.length
+    suffixes = [ids[i][p:] for i in members]
     lengths = [len(s) for s in suffixes]
     buckets = length_buckets(lengths, encoder.batch_size, encoder.max_batch_tokens)
     for bucket in buckets:
         feats = forward_suffixes(encoder, state, [suffixes[b] for b in bucket])
-        store([group.members[b] for b in bucket], feats, p + max(lengths[b] for b in bucket))
-    return 1 + len(buckets)
+        store([members[b] for b in bucket], feats, p + max(lengths[b] for b in bucket))
+    return len(buckets)
+
+
+def encode_group(encoder: Any, ids: Sequence[Sequence[int]], group: PrefixGroup,
+                 store: Callable[[list[int], dict[str, Any], int], None]) -> int:
+    """Run one group: its prefix once, then its suffixes (:func:`encode_suffixes`); returns forward passes."""
+    state = run_prefix(encoder, ids[group.members[0]][:group.length])
+    return 1 + encode_suffixes(encoder, state, ids, group.members, store)

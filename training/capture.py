@@ -274,9 +274,7 @@ def for_artifact(cfg: CaptureConfig) -> CaptureConfig:
     if not cfg.artifact:
         return cfg
     meta = read_meta(cfg.artifact)
-    pooling = meta.pooling if isinstance(meta.pooling, dict) else {}
-    wanted = {"encoder": meta.encoder.name, "layers": sorted(meta.layers),
-              "poolings": sorted(set(pooling.values())) if pooling else [meta.pooling]}
+    wanted = {"encoder": meta.encoder.name, "layers": sorted(meta.layers), "poolings": meta.poolings}
     replaced = {k: getattr(cfg, k) for k in wanted if getattr(cfg, k) != wanted[k]}
     if replaced:
         log.warning("capture: artifact %s reads %s; replacing the config's %s", cfg.artifact, wanted, replaced)

@@ -101,7 +101,6 @@ def score_probabilistic(P, Y, C_route, C, tol: float, refs: dict, targets: list[
     acc, cost = M.routing_outcome(Y, C, M.route_with_tolerance(P, C_route, tol))
     auc, br = M.masked_auc(Y, P), M.brier(Y, P)
     gaps = [M.gap_closed(a, refs["best_single"]["accuracy"], refs["oracle"]["accuracy"]) for a in sweep.accuracy]
-    at_best = sweep.cost[np.nan_to_num(sweep.accuracy, nan=-1) >= refs["best_single"]["accuracy"]]
     with np.errstate(invalid="ignore"):
         mean_auc = float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")
         mean_brier = float(np.nanmean(br)) if np.isfinite(br).any() else float("nan")
@@ -109,8 +108,8 @@ def score_probabilistic(P, Y, C_route, C, tol: float, refs: dict, targets: list[
         "kind": "probabilistic", "tolerance": tol, **headline(acc, cost, refs),
         "pauccc": _pauccc(sweep.cost, sweep.accuracy, refs, cfg.pauccc_interpolation),
         "max_gap_closed": float(np.nanmax(gaps)) if np.isfinite(gaps).any() else float("nan"),
-        "cost_savings_at_best_single_accuracy": (M.cost_savings(float(at_best.min()), refs["most_expensive"]["cost"])
-                                                 if len(at_best) else float("nan")),
+        "cost_savings_at_best_single_accuracy": R.iso_accuracy_savings(  # vs the most expensive, not the best
+            sweep.cost, sweep.accuracy, refs["best_single"]["accuracy"], refs["most_expensive"]["cost"], atol=0.0),
         **point_metrics(sweep.cost, sweep.accuracy, refs, cfg.savings_threshold),
         "auc": dict(zip(targets, map(float, auc))), "brier": dict(zip(targets, map(float, br))),
         "mean_auc": mean_auc, "mean_brier": mean_brier,

@@ -7,7 +7,7 @@ Over the same ``n`` queries (a seeded sample of the benchmark table built from
 ``configs/data.yaml``, or with ``--routerbench DIR`` of the RouterBench prompts in
 ``DIR/*.csv``, kept in file order, i.e. grouped by task), in one run:
 
-(a) the capture pipeline (``training.capture.run_capture`` with ``--config``, default
+(a) the capture pipeline (``training.capture.run.run_capture`` with ``--config``, default
     ``configs/capture.yaml``) on a local Ray cluster: truncated prefill, length buckets,
     prefix sharing (``min_shared_prefix``), an actor pool. Its time is end to end
     *including* actor start-up and model loads; only ``ray.init`` is outside the clock
@@ -59,7 +59,7 @@ def sample_queries(n: int, seed: int, path: Path) -> int:
     import pyarrow.parquet as pq
 
     from shared.config import load_config
-    from training.data import DataConfig, build_queries
+    from training.data.build import DataConfig, build_queries
 
     table, _ = build_queries(load_config(DataConfig, ROOT / "configs" / "data.yaml"))
     rows = np.sort(np.random.default_rng(seed).choice(table.num_rows, size=min(n, table.num_rows), replace=False))
@@ -105,7 +105,7 @@ def run_pipeline(cfg) -> dict:
     import ray
 
     from shared.ray_boot import ensure_ray
-    from training.capture import run_capture
+    from training.capture.run import run_capture
 
     ensure_ray(log_to_driver=False)
     try:
@@ -126,7 +126,8 @@ def run_naive(cfg, queries: Path) -> dict:
 
     from shared.models import load_causal_lm
     from shared.registry import load_registry
-    from shared.encoder import pool, resolve_layers
+    from shared.encoder import resolve_layers
+    from shared.features import pool
 
     lm = load_causal_lm(load_registry(cfg.registry).get(cfg.encoder), device="cpu")
     layers = resolve_layers(cfg.layers, lm.num_layers)
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from shared.config import load_config
-    from training.capture import CaptureConfig
+    from training.capture.run import CaptureConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=500, help="queries (default 500; with --routerbench 0 = all)")

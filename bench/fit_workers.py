@@ -3,7 +3,7 @@
 Both runs train the same seeds on the same features (the reference dataset's blocks
 from the probe report, PCA fitted on train once, outside the clock), one after the other
 on the same local Ray, each under a fresh run name so nothing is resumed. Each worker
-trains one seed per round (``training.train_ray.ensemble_loop``), so 2 workers should
+trains one seed per round (``training.fit.train_ray.ensemble_loop``), so 2 workers should
 take about half the rounds. Timed: ``train_ensemble`` (trainer start-up, worker group,
 every round, checkpoints). Prints a Markdown table and writes JSON.
 
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def load_features(cfg_path: str):
     """Train/val features and labels exactly as ``prefill-router fit`` builds them."""
     from shared.config import load_config
-    from training.fit import FitConfig, fit_features
+    from training.fit.run import FitConfig, fit_features
 
     cfg = load_config(FitConfig, cfg_path, [])
     data, _, Xtr, Xva = fit_features(cfg)
@@ -35,7 +35,7 @@ def load_features(cfg_path: str):
 
 
 def time_fit(cfg, arrays, workers: int, seeds: int, storage: str) -> dict:
-    from training.train_ray import train_ensemble
+    from training.fit.train_ray import train_ensemble
 
     run = cfg.train.model_copy(update={"num_workers": workers, "seeds": seeds, "keep": min(cfg.train.keep, seeds),
                                        "cpus_per_worker": 1.0, "storage_path": storage,

@@ -21,7 +21,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path

@@ -1,7 +1,7 @@
 """``prefill-router demo``: the whole system end to end on this machine.
 
 1. start a private local Ray head (``cluster/local.py``; 127.0.0.1, usage stats off);
-2. run the retraining pipeline (``training/pipeline.py``) with ``configs/demo.yaml`` (or
+2. run the retraining pipeline (``cluster/pipeline/run.py``) with ``configs/demo.yaml`` (or
    ``demo-quick.yaml``): build a query table, label every target, capture the encoder's
    prefill activations, probe the layers, fit SharedTrunkNet on Ray Train, evaluate it
    against the baselines (report, PNG plots). By default it takes a stable sample of the
@@ -94,7 +94,7 @@ def pipeline_config(workdir: Path, quick: bool, reference_labels: Path | None,
     import pyarrow.parquet as pq
     import yaml
 
-    from training.pipeline import PipelineConfig
+    from cluster.pipeline.config import PipelineConfig
 
     raw = yaml.safe_load((CONFIG_DIR / ("demo-quick.yaml" if quick else "demo.yaml")).read_text())
     raw["work_dir"] = str(workdir)
@@ -182,7 +182,7 @@ def print_chats(chats: list[dict[str, Any]]) -> None:
 
 def summary_table(summary: dict[str, Any], report: dict[str, Any]) -> Table:
     """Stage times and the headline numbers, read back from the report the pipeline wrote."""
-    from training.publish import artifact_test_metrics
+    from cluster.pipeline.publish import artifact_test_metrics
 
     view = Table(title="demo summary")
     view.add_column("item")
@@ -209,8 +209,9 @@ def run_demo(workdir: Path, quick: bool, reference_labels: Path | None = None, n
     """Run every demo step; returns (and writes ``workdir/demo-summary.json``) the summary."""
     from cluster.demo_chat import pick_prompts, serve_and_chat
     from shared import storage
-    from training.eval_report import summary_table as eval_table
-    from training.pipeline import check_pipeline, run_pipeline
+    from training.evaluate.report import summary_table as eval_table
+    from cluster.pipeline.run import run_pipeline
+    from cluster.pipeline.state import check_pipeline
 
     t_all = time.perf_counter()
     cfg = pipeline_config(workdir, quick, reference_labels, targets)

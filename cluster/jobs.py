@@ -4,7 +4,7 @@
 exactly as the job will load it (unknown keys, the query table, every target and the
 encoder in the registry, a reload's serve config, paths the upload would leave out) and
 submits **nothing** when it is invalid (exit 2). It then submits
-``<python> -m shared.cli pipeline run --config <config> <overrides>`` through the Ray
+``<python> -m cluster.cli pipeline run --config <config> <overrides>`` through the Ray
 Jobs API (``JobSubmissionClient``), follows the job's logs and exits with its outcome:
 0 on SUCCEEDED, 1 on FAILED or STOPPED.
 
@@ -92,7 +92,8 @@ def upload_path(path: str, what: str, match=None) -> str | None:
 def validate_job(config: str, overrides: list[str]) -> tuple[Any, str, list[str]]:
     """Load and check the pipeline config as the job will; returns (config, its path in the upload, warnings)."""
     from shared.config import load_config
-    from training.pipeline import PipelineConfig, check_pipeline
+    from cluster.pipeline.config import PipelineConfig
+    from cluster.pipeline.state import check_pipeline
 
     cfg = load_config(PipelineConfig, config, overrides)
     check_pipeline(cfg, base=ROOT)  # the job runs in (a copy of) the repository
@@ -116,14 +117,13 @@ def validate_job(config: str, overrides: list[str]) -> tuple[Any, str, list[str]
 # --------------------------------------------------------------------------- the job
 def resolve_address(address: str | None, state_file: str | None) -> tuple[str, dict[str, str]]:
     """Jobs API URL and request headers (a bearer token for a token-auth local cluster)."""
-    from cluster.local import read_state
+    from cluster.local_state import auth_headers, read_state
 
     headers: dict[str, str] = {}
     if not address and state_file and Path(state_file).is_file():
         state = read_state(state_file)
         address = state["dashboard_url"]
-        if state.get("auth_token_path"):
-            headers["Authorization"] = "Bearer " + Path(state["auth_token_path"]).read_text().strip()
+        headers = auth_headers(state.get("auth_token_path"))
     address = address or DEFAULT_ADDRESS
     return (address if "://" in address else f"http://{address}"), headers
 
@@ -149,7 +149,7 @@ def runtime_env(pip: list[str], env: list[str], pass_env: bool = True, pass_secr
 
 
 def entrypoint(python: str, rel_config: str, overrides: list[str]) -> str:
-    return shlex.join([python, "-m", "shared.cli", "pipeline", "run", "--config", rel_config, *overrides])
+    return shlex.join([python, "-m", "cluster.cli", "pipeline", "run", "--config", rel_config, *overrides])
 
 
 def default_python(url: str) -> str:

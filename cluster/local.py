@@ -5,20 +5,9 @@ dir**, then records what it started in a state file (GCS address, dashboard URL,
 and session dir, the process group id and the pids with their start times) plus a
 marker file with the same random ``cluster_id`` inside the temp dir.
 
-Safe stop. ``ray stop`` is machine-global: it kills every Ray process of the user by
-name, including clusters other tools (or other test runs) started. So ``stop`` never
-calls it. It stops only the process group recorded at start, and only after checking
-that (1) the state file was written by ``cluster start`` (``owner`` and a ``cluster_id``
-that matches the marker inside the recorded temp dir) and (2) a live member of that
-group still belongs to the recorded session (its command line names the session dir,
-or its pid *and* start time match a recorded one) -- so a reused process-group id can
-never make it kill a stranger. Every Ray process of the head (GCS, raylet, dashboard
-and its agents, workers) inherits the group of the ``ray start`` process; processes
-whose command line names the session dir are included even if they left the group.
-They get SIGTERM, then SIGKILL after ``stop_grace_s``.
-
-Ray workers call ``setpgrp`` themselves, so the descendants of the group's members
-are stopped too.
+Safe stop. ``stop`` never calls the machine-global ``ray stop``; it stops only the
+processes of the recorded session, after checking that the state file is ours: the
+rules live with the state file handling in :mod:`cluster.local_state`.
 
 Addresses. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` puts Ray in single-machine mode:
 the node address is 127.0.0.1 and the GCS, raylet, dashboard and its agents listen on
@@ -36,7 +25,6 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -51,18 +39,14 @@ from typing import Annotated, Any, Literal
 import typer
 from pydantic import Field
 
+from cluster.local_state import (MARKER, OWNER, ClusterError, auth_headers, kill_processes, read_state, session_processes,
+                                 verify_marker, write_json)
 from shared.cli_utils import ConfigOption, Overrides
 from shared.config import StrictConfig
 
 log = logging.getLogger(__name__)
 
-OWNER = "prefill-router cluster start"
-MARKER = "prefill-router-cluster.json"
 LOOPBACK = "127.0.0.1"
-
-
-class ClusterError(ValueError):
-    """A cluster operation refused or failed; the message says why (the CLI exits 2)."""
 
 
 class LocalClusterConfig(StrictConfig):
@@ -123,80 +107,6 @@ def connect_env(state: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-def read_state(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ClusterError(f"no state file at {path}: no cluster started by `prefill-router cluster start` "
-                           "is recorded there")
-    try:
-        state = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ClusterError(f"{path} is not a cluster state file ({exc}); refusing to act on it") from exc
-    if not isinstance(state, dict) or state.get("owner") != OWNER:
-        raise ClusterError(f"{path} was not written by `prefill-router cluster start`; refusing to act on it")
-    return state
-
-
-def verify_marker(state: dict[str, Any]) -> None:
-    """The recorded temp dir must hold the marker with the same cluster id."""
-    marker = Path(state.get("temp_dir", "")) / MARKER
-    try:
-        found = json.loads(marker.read_text()).get("cluster_id")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        found = None
-    if not state.get("cluster_id") or found != state["cluster_id"]:
-        raise ClusterError(f"the state file's cluster {state.get('cluster_id')!r} has no matching marker at "
-                           f"{marker}: it does not describe a cluster this tool started; refusing to stop it")
-
-
-def session_processes(state: dict[str, Any]) -> list:
-    """Live processes of the recorded session (see the module docstring for the rule)."""
-    import psutil
-
-    pgid, session_dir = state["pgid"], state["session_dir"]
-    recorded = {(p["pid"], round(p["create_time"], 2)) for p in state.get("pids", [])}
-    members, named, proven = [], [], False
-    for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
-        try:
-            cmd = " ".join(proc.info["cmdline"] or [])
-            in_group = os.getpgid(proc.pid) == pgid
-        except (psutil.Error, ProcessLookupError, PermissionError):
-            continue
-        ours = session_dir in cmd or (proc.pid, round(proc.info["create_time"] or 0, 2)) in recorded
-        if in_group:
-            members.append(proc)
-            proven = proven or ours
-        elif session_dir in cmd:
-            named.append(proc)
-    found = {p.pid: p for p in (members if proven else []) + named}
-    for proc in list(found.values()):  # workers run in their own process group, as children of the raylet
-        try:
-            found.update({c.pid: c for c in proc.children(recursive=True)})
-        except psutil.Error:
-            continue
-    return list(found.values())
-
-
-def _kill(procs: list, grace_s: float) -> int:
-    import psutil
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for proc in procs:
-            try:
-                proc.send_signal(sig)
-            except psutil.NoSuchProcess:
-                continue
-        _, procs = psutil.wait_procs(procs, timeout=grace_s if sig == signal.SIGTERM else 5)
-    return len(procs)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def _token(cfg: LocalClusterConfig, state_file: Path) -> str | None:
     if cfg.auth_mode != "token":
         return None
@@ -209,9 +119,7 @@ def _token(cfg: LocalClusterConfig, state_file: Path) -> str | None:
 
 
 def http_get(url: str, token_path: str | None, timeout: float) -> Any:
-    req = urllib.request.Request(url)
-    if token_path:
-        req.add_header("Authorization", "Bearer " + Path(token_path).read_text().strip())
+    req = urllib.request.Request(url, headers=auth_headers(token_path))
     with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - our own loopback dashboard
         return json.loads(resp.read().decode() or "null")
 
@@ -240,7 +148,7 @@ def start_head(cfg: LocalClusterConfig) -> dict[str, Any]:
     else:
         temp_dir, created = Path(tempfile.mkdtemp(prefix="pr-ray-", dir="/tmp")), True
     cluster_id = uuid.uuid4().hex
-    _write_json(temp_dir / MARKER, {"cluster_id": cluster_id, "owner": OWNER})
+    write_json(temp_dir / MARKER, {"cluster_id": cluster_id, "owner": OWNER})
     token_path = _token(cfg, state_file)
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--node-ip-address={LOOPBACK}",
            f"--port={ports['port']}", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={ports['dashboard_port']}",
@@ -271,7 +179,7 @@ def start_head(cfg: LocalClusterConfig) -> dict[str, Any]:
     if session.exists():
         state["session_dir"] = str(session.resolve())
     if proc.returncode != 0:
-        left = _kill(session_processes(state), cfg.stop_grace_s)
+        left = kill_processes(session_processes(state), cfg.stop_grace_s)
         tail = "\n".join((out or "").strip().splitlines()[-15:])
         raise ClusterError(f"ray start failed (exit {proc.returncode}); {left} process(es) left.\n{tail}")
     current = temp_dir / "ray_current_cluster"
@@ -279,7 +187,7 @@ def start_head(cfg: LocalClusterConfig) -> dict[str, Any]:
         state["gcs_address"] = current.read_text().strip()
     state["pids"] = [{"pid": p.pid, "create_time": p.create_time(), "name": p.name()}
                      for p in session_processes(state)]
-    _write_json(state_file, state)
+    write_json(state_file, state)
     deadline = time.monotonic() + cfg.start_timeout_s
     while True:
         try:
@@ -291,7 +199,7 @@ def start_head(cfg: LocalClusterConfig) -> dict[str, Any]:
                 raise ClusterError(f"cluster started but its dashboard never answered ({exc}); "
                                    f"`prefill-router cluster stop` cleans it up") from exc
             time.sleep(0.5)
-    _write_json(state_file, state)
+    write_json(state_file, state)
     return state
 
 
@@ -301,7 +209,7 @@ def stop_head(cfg: LocalClusterConfig) -> int:
     state = read_state(state_file)
     verify_marker(state)
     procs = session_processes(state)
-    left = _kill(procs, cfg.stop_grace_s)
+    left = kill_processes(procs, cfg.stop_grace_s)
     if left:
         raise ClusterError(f"{left} process(es) of {state['session_dir']} survived SIGKILL; state kept")
     state_file.unlink()
@@ -345,9 +253,7 @@ def state_api_check(url: str, token_path: str | None, timeout: float) -> tuple[s
         from ray.util.state import StateApiClient
         from ray.util.state.common import ListApiOptions, StateResource
 
-        headers = {"Content-Type": "application/json"}
-        if token_path:
-            headers["Authorization"] = "Bearer " + Path(token_path).read_text().strip()
+        headers = {"Content-Type": "application/json", **auth_headers(token_path)}
         nodes = StateApiClient(address=url, headers=headers).list(
             StateResource.NODES, options=ListApiOptions(timeout=int(max(1, timeout))), raise_on_missing_output=False)
     except Exception as exc:  # noqa: BLE001 - any failure of the probe is the answer

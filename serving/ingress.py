@@ -218,7 +218,7 @@ class RouterIngress:
                         str(exc).splitlines()[-1] if str(exc) else "")
             self.metrics.errors.labels("router").inc()
             raise RouterUnavailable(exc) from exc
-        decision = RouteDecision.model_validate(decision)
+        decision = decision.model_copy()
         decision.overhead_ms = (time.perf_counter() - start) * 1000
         self.metrics.overhead.observe(decision.overhead_ms / 1000)
         self.metrics.decisions.labels(decision.target).inc()

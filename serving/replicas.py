@@ -19,9 +19,10 @@ import numpy as np
 from serving.config import PrefixCacheConfig
 from serving.messages import EncodedPrompt, PrefixUse, PromptTooLong, TokenCount
 from serving.prefix_cache import PrefixCache, system_prompt_ids
+from serving.schemas import RouteDecision
 from shared.artifact import ArtifactError, load_artifact, read_meta
 from shared.registry import load_registry
-from shared.trunk import route_with_tolerance
+from shared.policy import route_with_tolerance, within_tolerance
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,8 @@ class RouterHeadReplica:
         """Serve user-config update ``{"artifact": uri}``: see :func:`reload`."""
         reload(self, user_config, "router head")
 
-    def decide(self, encoded: EncodedPrompt, tolerance: float | None) -> dict[str, Any]:
-        """The routing decision for one encoded prompt (a :class:`serving.schemas.RouteDecision` dict)."""
+    def decide(self, encoded: EncodedPrompt, tolerance: float | None) -> RouteDecision:
+        """The routing decision for one encoded prompt."""
         meta = self.router.meta
         if encoded.encoder != meta.encoder.name:
             raise ArtifactError(f"features come from encoder {encoded.encoder!r}, the artifact expects "
@@ -161,10 +162,11 @@ class RouterHeadReplica:
         costs = self.router.costs([encoded.n_tokens])[0][self.index]
         tol = meta.policy.default_tolerance() if tolerance is None else float(tolerance)
         choice = int(route_with_tolerance(P[None, :], costs[None, :], tol)[0])
-        eligible = [self.names[i] for i in np.argsort(costs, kind="stable") if P.max() - P[i] <= tol + 1e-12]
-        return {"target": self.names[choice], "probabilities": dict(zip(self.names, map(float, P))),
-                "expected_cost": dict(zip(self.names, map(float, costs))), "eligible": eligible,
-                "tolerance": tol, "prompt_tokens": int(encoded.n_tokens), "artifact": self.artifact}
+        near = within_tolerance(P[None, :], tol)[0]
+        eligible = [self.names[i] for i in np.argsort(costs, kind="stable") if near[i]]
+        return RouteDecision(target=self.names[choice], probabilities=dict(zip(self.names, map(float, P))),
+                             expected_cost=dict(zip(self.names, map(float, costs))), eligible=eligible,
+                             tolerance=tol, prompt_tokens=int(encoded.n_tokens), artifact=self.artifact)
 
     def info(self) -> dict[str, Any]:
         """The loaded artifact (also the ingress's readiness check: it answers once one is loaded)."""

@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator, Protocol
 
 from fastapi import HTTPException
 from fastapi.responses import StreamingResponse
@@ -24,8 +24,15 @@ from fastapi.responses import StreamingResponse
 from serving.messages import StreamEnd, request_fault
 from serving.schemas import ChatCompletionRequest, RouteDecision, chunk, usage_chunk
 
-if TYPE_CHECKING:
-    from serving.ingress import RouterIngress
+
+class StreamingIngress(Protocol):
+    """What streaming reads of :class:`serving.ingress.RouterIngress` (typed without importing it)."""
+
+    cfg: Any
+    metrics: Any
+    targets: dict[str, Any]
+
+    def headers(self, *args: Any, **kwargs: Any) -> dict[str, str]: ...
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +41,7 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def stream_response(ingress: "RouterIngress", order: list[str], req: ChatCompletionRequest,
+async def stream_response(ingress: StreamingIngress, order: list[str], req: ChatCompletionRequest,
                           decision: RouteDecision | None, degraded: str | None) -> StreamingResponse:
     """Stream from the first target that yields; a target failing before its first token falls back."""
     max_tokens = req.answer_tokens or ingress.cfg.default_max_tokens
@@ -68,7 +75,7 @@ def _cancel(gen: Any) -> None:
         gen.cancel()
 
 
-async def sse_events(ingress: "RouterIngress", target: str, first: Any, gen: Any, decision: RouteDecision | None,
+async def sse_events(ingress: StreamingIngress, target: str, first: Any, gen: Any, decision: RouteDecision | None,
                      include_usage: bool) -> AsyncIterator[str]:
     """The ``data:`` events of one streamed answer (see the module docstring for the rules)."""
     cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import threading
 import uuid
 from typing import Any, AsyncIterator
 
 from serving.messages import StreamEnd, TargetAnswer, TargetRequestError
+from shared.backends import chat_body, openai_client_kwargs, resolve_backend
 from shared.registry import Backend, ModelSpec
 
 REQUEST_FAULTS = (400, 413, 422)  # an upstream endpoint's answers that the same request would get anywhere
@@ -155,18 +155,10 @@ class OpenAITarget:
 
         self.spec = spec
         self.model = spec.remote_model or spec.name
-        headers = {}
-        key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
-        if key:
-            headers["authorization"] = f"Bearer {key}"
-        self.client = httpx.AsyncClient(base_url=spec.base_url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self.client = httpx.AsyncClient(**openai_client_kwargs(spec, timeout_s))
 
     def _body(self, messages: list[dict[str, str]], max_tokens: int, temperature: float, stream: bool) -> dict:
-        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-                "stream": stream}
-        if stream:
-            body["stream_options"] = {"include_usage": True}
-        return body
+        return chat_body(self.spec, messages, max_tokens, temperature, stream)
 
     async def _check(self, resp: Any) -> None:
         if resp.status_code in REQUEST_FAULTS:
@@ -266,14 +258,11 @@ class VLLMTarget:
 
 def make_target(spec: ModelSpec, timeout_s: float = 120.0) -> Any:
     """The backend for a registry entry."""
-    if spec.backend == Backend.openai:
+    backend = resolve_backend(spec, "serving")  # vLLM is a GPU extra; without it transformers serves the weights
+    if backend == Backend.openai:
         return OpenAITarget(spec, timeout_s=timeout_s)
-    if spec.backend == Backend.vllm:
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is not None:
-            return VLLMTarget(spec)
-        # vLLM is a GPU extra; without it the same weights are served by transformers.
+    if backend == Backend.vllm:
+        return VLLMTarget(spec)
     return TransformersTarget(spec)
 
 

@@ -1,4 +1,13 @@
-"""Code shared by training and serving: configs, schemas, the model registry and the
-router artifact format."""
+"""The bottom layer: what training and serving both use, importing nothing of the project above it.
+
+- ``config``, ``storage``, ``cli_utils``, ``ray_boot``: strict YAML configs, local/s3:// I/O,
+  the CLI helpers and the one Ray bootstrap (``ensure_ray``).
+- ``registry``, ``models``, ``model_cmd``, ``backends``: the model registry, loading models,
+  the ``models`` command, and backend choice plus the OpenAI-compatible client settings.
+- ``features``, ``batching``, ``encoder``, ``prefix``: feature block names and poolings, and
+  the prefill encoder (with prefix sharing) used by capture and by the Encoder replica.
+- ``trunk``, ``policy``, ``artifact``: SharedTrunkNet for inference, the tolerance policy,
+  and the versioned router artifact (its file set, saving, loading and copying).
+"""
 
 __version__ = "0.1.0"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from datetime import datetime, timezone
 from typing import Any, Literal, Mapping
 
@@ -28,11 +27,12 @@ from pydantic import Field, ValidationError, model_validator
 
 from shared import storage
 from shared.config import StrictConfig
-from shared.trunk import Ensemble, FeatureTransform, SharedTrunkNet, route_with_tolerance
+from shared.features import parse_block
+from shared.policy import route_with_tolerance
+from shared.trunk import Ensemble, FeatureTransform, SharedTrunkNet
 
 SCHEMA_VERSION = 1
 META_FILE, TRANSFORM_FILE, WEIGHTS_FILE = "meta.json", "transform.safetensors", "weights.safetensors"
-_BLOCK_NAME = re.compile(r"^(?:h(\d+)_(last|mean)|L(\d+)\.(last|mean))$")
 
 
 class ArtifactError(RuntimeError):
@@ -54,7 +54,7 @@ class TargetInfo(StrictConfig):
 
 
 class BlockSpec(StrictConfig):
-    name: str = Field(description="Feature block name, e.g. 'L12.last'.")
+    name: str = Field(description="Feature block name (shared.features), e.g. 'h12_last'.")
     d_in: int = Field(gt=0, description="Width of the raw activations of this block.")
     d_out: int = Field(gt=0, description="PCA components kept.")
 
@@ -113,26 +113,36 @@ class ArtifactMeta(StrictConfig):
 
     @model_validator(mode="after")
     def _unique_targets(self) -> "ArtifactMeta":
+        for block in self.transform.blocks if self.transform else []:
+            parse_block(block.name)
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate target names: {names}")
         return self
 
 
-def block_key(name: str) -> tuple[int, str]:
-    """``(layer, pooling)`` of a feature block name in either spelling: the activation
-    column ``'h12_last'`` or ``'L12.last'``. ``ValueError`` for anything else."""
-    m = _BLOCK_NAME.match(name)
-    if not m:
-        raise ValueError(f"not a feature block name: {name!r} (expected h<layer>_<pool> or L<layer>.<pool>)")
-    layer, pooling = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
-    return int(layer), pooling
+def meta_path(uri: str) -> str:
+    """``meta.json`` of the artifact at ``uri``: written last, so its presence marks a complete artifact."""
+    return storage.join(uri, META_FILE)
 
 
-def activation_column(name: str) -> str:
-    """A block name in the activation dataset's spelling: ``'L12.last'`` -> ``'h12_last'``."""
-    layer, pooling = block_key(name)
-    return f"h{layer}_{pooling}"
+def is_artifact(uri: str) -> bool:
+    """Whether a complete artifact (one with its ``meta.json``) is at ``uri``."""
+    return storage.exists(meta_path(uri))
+
+
+def copy_artifact(src: str, dst: str) -> ArtifactMeta:
+    """Copy the artifact at ``src`` to ``dst`` (local or s3:// on either side) and check the copy loads.
+
+    ``dst``'s old ``meta.json`` is deleted first and the new one is written last, so a copy
+    cut short is never mistaken for a complete artifact (nor are old weights beside a new meta)."""
+    read_meta(src)
+    if storage.exists(meta_path(dst)):
+        fs, path = storage.filesystem(meta_path(dst))
+        fs.delete_file(path)
+    for name in (TRANSFORM_FILE, WEIGHTS_FILE, META_FILE):
+        storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
+    return load_artifact(dst).meta  # checksums match: the copy is usable
 
 
 def _sha256(data: bytes) -> str:
@@ -165,7 +175,7 @@ def save_artifact(uri: str, meta: ArtifactMeta, transform: FeatureTransform, ens
     final = ArtifactMeta.model_validate(final.model_dump())  # re-validate the copy
     for name, data in blobs.items():
         storage.write_bytes(storage.join(uri, name), data)
-    storage.write_bytes(storage.join(uri, META_FILE), (final.model_dump_json(indent=2) + "\n").encode())
+    storage.write_bytes(meta_path(uri), (final.model_dump_json(indent=2) + "\n").encode())
     return final
 
 

@@ -31,16 +31,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-POOLINGS = ("last", "mean")
-
-
-def column_name(layer: int, pooling: str) -> str:
-    """Feature column of one (layer, pooling), e.g. ``h12_last``."""
-    return f"h{layer}_{pooling}"
+from shared.batching import length_buckets, pad_batch
+from shared.features import block_name, check_poolings, pool
 
 
 def resolve_layers(layers: Sequence[int] | str, num_layers: int, model_name: str = "encoder") -> list[int]:
@@ -58,74 +54,6 @@ def resolve_layers(layers: Sequence[int] | str, num_layers: int, model_name: str
     if not layers:
         raise ValueError("layers is empty: name at least one layer index")
     return sorted({int(i) for i in layers})
-
-
-def length_buckets(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
-    """Group row indices into forward batches of similar length.
-
-    Rows are sorted by length (stable) and cut greedily: a bucket closes when it holds
-    ``batch_size`` rows or when adding the next row would make its padded size
-    ``rows * longest`` exceed ``max_batch_tokens`` (a single over-long row still gets a
-    bucket of its own). Every index appears in exactly one bucket.
-    """
-    if batch_size <= 0:
-        raise ValueError("batch_size must be positive")
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    buckets: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        padded = (len(current) + 1) * max(lengths[i], 1)  # sorted: row i is the longest so far
-        full = len(current) >= batch_size or (max_batch_tokens is not None and current and padded > max_batch_tokens)
-        if full:
-            buckets.append(current)
-            current = []
-        current.append(i)
-    if current:
-        buckets.append(current)
-    return buckets
-
-
-def padding_waste(lengths: Sequence[int], buckets: Iterable[Sequence[int]]) -> float:
-    """Fraction of padded positions that are padding, over the given buckets."""
-    real = padded = 0
-    for bucket in buckets:
-        lens = [lengths[i] for i in bucket]
-        real += sum(lens)
-        padded += len(lens) * max(lens)
-    return 1.0 - real / padded if padded else 0.0
-
-
-def pad_batch(batch: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[Any, Any]:
-    """Token-id lists to ``(input_ids, mask)`` long tensors ``(B, longest)``, padded on ``side``."""
-    import torch
-
-    longest = max(len(x) for x in batch)
-    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        sl = slice(longest - len(ids), longest) if side == "left" else slice(0, len(ids))
-        input_ids[row, sl] = torch.as_tensor(list(ids), dtype=torch.long)
-        mask[row, sl] = 1
-    return input_ids, mask
-
-
-def pool(hidden: Any, mask: Any, pooling: str) -> Any:
-    """Pool ``hidden`` ``(B, T, D)`` over real tokens (``mask`` ``(B, T)``, 1 = token) to ``(B, D)``.
-
-    ``last`` takes the last position whose mask is 1 (works for left and right padding);
-    ``mean`` averages the real positions. Padded positions are never read, even if NaN.
-    """
-    import torch
-
-    mask = mask.bool()
-    if pooling == "last":
-        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-        last = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=1).values
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    if pooling == "mean":
-        summed = hidden.masked_fill(~mask.unsqueeze(-1), 0.0).sum(dim=1)
-        return summed / mask.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
-    raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
 
 
 @dataclass
@@ -146,9 +74,7 @@ class Encoder:
     def __init__(self, loaded: Any, layers: Sequence[int] | str, poolings: Sequence[str] = ("last",),
                  max_tokens: int = 2048, batch_size: int = 8, max_batch_tokens: int | None = None,
                  padding_side: str = "right", min_shared_prefix: int | None = None):
-        bad = [p for p in poolings if p not in POOLINGS]
-        if bad or not poolings:
-            raise ValueError(f"unknown pooling(s) {bad or poolings}; choose from {POOLINGS}")
+        check_poolings(poolings)
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
         self.loaded, self.tokenizer, self.device = loaded, loaded.tokenizer, loaded.device
@@ -168,14 +94,12 @@ class Encoder:
         from shared.models import load_causal_lm
         from shared.registry import load_registry
 
-        spec = load_registry(registry_path).get(name)
-        if spec.role not in ("encoder", "both"):
-            raise ValueError(f"model {name!r} is a {spec.role}, not an encoder")
+        spec = load_registry(registry_path).encoder(name)
         return cls(load_causal_lm(spec, device=device), layers, **kwargs)
 
     @property
     def columns(self) -> list[str]:
-        return [column_name(layer, p) for layer in self.layers for p in self.poolings]
+        return [block_name(layer, p) for layer in self.layers for p in self.poolings]
 
     @property
     def params_used(self) -> int:
@@ -207,7 +131,7 @@ class Encoder:
         input_ids, mask, position_ids = (t.to(self.device) for t in (input_ids, mask, position_ids))
         with torch.inference_mode():
             states = self._run(input_ids, mask, position_ids)
-            return {column_name(layer, p): pool(states[layer], mask, p) for layer in self.layers for p in self.poolings}
+            return {block_name(layer, p): pool(states[layer], mask, p) for layer in self.layers for p in self.poolings}
 
     def _run(self, input_ids: Any, mask: Any, position_ids: Any, cache: Any = None) -> dict[int, Any]:
         """Forward the truncated base model; ``{layer index: (B, T, D)}`` captured by temporary hooks.

@@ -143,7 +143,8 @@ def forward_suffixes(encoder: Any, state: PrefixState, suffixes: Sequence[Sequen
     """Features ``{column: (B, D) float32}`` of ``prefix + suffix`` for each suffix, computing only the suffixes."""
     import torch
 
-    from shared.encoder import column_name, pad_batch, pool
+    from shared.batching import pad_batch
+    from shared.features import block_name, pool
 
     batch, p = len(suffixes), state.length
     input_ids, smask = pad_batch(suffixes, encoder.pad_id, "right")
@@ -162,7 +163,7 @@ def forward_suffixes(encoder: Any, state: PrefixState, suffixes: Sequence[Sequen
                 else:
                     summed = hidden.float().masked_fill(~smask.bool().unsqueeze(-1), 0.0).sum(dim=1)
                     value = (summed + state.sums[layer]) / total
-                out[column_name(layer, pooling)] = value
+                out[block_name(layer, pooling)] = value
     return out
 
 
@@ -175,7 +176,7 @@ def encode_suffixes(encoder: Any, state: PrefixState, ids: Sequence[Sequence[int
     over suffix tokens, the tokens computed). ``store(rows, feats, padded)`` receives each
     bucket's features; ``padded`` is the bucket's attention context (prefix + longest suffix).
     """
-    from shared.encoder import length_buckets
+    from shared.batching import length_buckets
 
     p = state.length
     suffixes = [ids[i][p:] for i in members]

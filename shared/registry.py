@@ -92,6 +92,16 @@ class ModelSpec(StrictConfig):
             raise ValueError(f"model {self.name!r}: no chat template {self.chat_template!r} in {CHAT_TEMPLATE_DIR}")
         return self
 
+    @property
+    def is_encoder(self) -> bool:
+        """Whether it can encode prompts (role ``encoder`` or ``both``)."""
+        return self.role in ("encoder", "both")
+
+    @property
+    def is_target(self) -> bool:
+        """Whether it can answer prompts (role ``target`` or ``both``)."""
+        return self.role in ("target", "both")
+
     def cost(self, input_tokens: float, output_tokens: float) -> float:
         """USD cost of one call: ``input_tokens * price_in + output_tokens * price_out`` (prices per 1M)."""
         return (input_tokens * self.price_input_per_m + output_tokens * self.price_output_per_m) / 1e6
@@ -117,11 +127,18 @@ class ModelRegistry(StrictConfig):
         known = ", ".join(m.name for m in self.models)
         raise KeyError(f"unknown model {name!r}; the registry knows: {known}")
 
+    def encoder(self, name: str) -> ModelSpec:
+        """The entry ``name``, which must be an encoder (``KeyError`` if unknown, ``ValueError`` if a target only)."""
+        spec = self.get(name)
+        if not spec.is_encoder:
+            raise ValueError(f"model {name!r} is a {spec.role}, not an encoder")
+        return spec
+
     def targets(self, include_opt_in: bool = False) -> list[ModelSpec]:
-        return [m for m in self.models if m.role in ("target", "both") and (include_opt_in or not m.opt_in)]
+        return [m for m in self.models if m.is_target and (include_opt_in or not m.opt_in)]
 
     def encoders(self) -> list[ModelSpec]:
-        return [m for m in self.models if m.role in ("encoder", "both")]
+        return [m for m in self.models if m.is_encoder]
 
 
 def load_registry(path: str | Path | None = None, overrides: tuple[str, ...] = ()) -> ModelRegistry:

@@ -1,14 +1,13 @@
-"""The router's numeric core, shared by training and serving.
+"""The router's numeric core, shared by training and serving (inference only).
 
 - :class:`FeatureTransform`: per feature block ``StandardScaler -> PCA`` fitted on train
   only, blocks concatenated. Fitting uses scikit-learn (imported inside :meth:`fit`);
   applying it is plain numpy on stored arrays, so serving never needs scikit-learn.
 - :class:`SharedTrunkNet`: ``d_in -> 256 -> ReLU -> Dropout(0.3) -> 128 -> ReLU ->
   Dropout(0.2) -> n_targets`` logits (sizes configurable).
-- :func:`masked_bce_loss`, :func:`train_one` (one seed, early stopping on validation
-  loss; callable from a Ray Train worker), :func:`select_ensemble`, :class:`Ensemble`.
-- :func:`route_with_tolerance`: the serving policy (cheapest target whose predicted
-  P(correct) is within ``tol`` of the best).
+- :func:`masked_bce_loss` (the objective) and :class:`Ensemble` (mean of member sigmoids).
+
+The training loop is :mod:`training.loop`; the policy is :mod:`shared.policy`.
 
 Shapes: ``n`` queries, ``T`` targets, ``d`` features. Labels ``Y`` are ``(n, T)`` in
 [0, 1] with NaN for missing; a mask ``M`` is ``(n, T)`` with 1 = label present.
@@ -16,59 +15,11 @@ Shapes: ``n`` queries, ``T`` targets, ``d`` features. Labels ``Y`` are ``(n, T)`
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from pydantic import Field
-
-from shared.config import StrictConfig
-
-GAP_DECIMALS = 12
-
-
-# ----------------------------------------------------------------------------- policy
-def probability_gaps(P: np.ndarray) -> np.ndarray:
-    """``(n, T)`` gaps ``max_j P[i, j] - P[i, j]``, rounded to 1e-12 so that decimal
-    tolerances behave as written (``0.8 - 0.6`` counts as a gap of exactly ``0.2``)."""
-    P = np.asarray(P, dtype=np.float64)
-    if P.ndim != 2 or not np.all(np.isfinite(P)):
-        raise ValueError("P must be a finite (n_queries, n_targets) array")
-    return np.round(P.max(axis=1, keepdims=True) - P, GAP_DECIMALS)
-
-
-def cost_matrix(costs: np.ndarray, n: int) -> np.ndarray:
-    """Broadcast per-target costs ``(T,)`` or per-query costs ``(n, T)`` to ``(n, T)``."""
-    costs = np.asarray(costs, dtype=np.float64)
-    if costs.ndim == 1:
-        costs = np.broadcast_to(costs, (n, costs.shape[0]))
-    if costs.ndim != 2 or costs.shape[0] != n:
-        raise ValueError(f"costs must be (T,) or ({n}, T); got shape {costs.shape}")
-    return costs
-
-
-def cheapest_where(eligible: np.ndarray, costs: np.ndarray) -> np.ndarray:
-    """Per row, the index of the cheapest eligible column; ties go to the lower index
-    (``argmin`` returns the first minimum). ``eligible`` and ``costs`` are ``(n, T)``."""
-    masked = np.where(eligible, costs, np.inf)
-    return np.argmin(masked, axis=1)
-
-
-def route_with_tolerance(P: np.ndarray, costs: np.ndarray, tol: float) -> np.ndarray:
-    """Chosen target per query: the cheapest target ``j`` with
-    ``max_k P[i, k] - P[i, j] <= tol`` (gaps rounded to 1e-12); ties by cost, then index.
-
-    ``P`` is ``(n, T)`` predicted P(correct); ``costs`` is ``(T,)`` or ``(n, T)``.
-    ``tol = 0`` picks the (cheapest) most likely target; ``tol >= 1`` the cheapest.
-    Returns int ``(n,)``.
-    """
-    if not tol >= 0:
-        raise ValueError(f"tolerance must be >= 0, got {tol}")
-    gaps = probability_gaps(P)
-    return cheapest_where(gaps <= tol, cost_matrix(costs, gaps.shape[0]))
-
 
 # ---------------------------------------------------------------------- feature transform
 @dataclass
@@ -162,19 +113,6 @@ class FeatureTransform:
 
 
 # ------------------------------------------------------------------------------ network
-class TrunkConfig(StrictConfig):
-    """SharedTrunkNet architecture and training loop settings (reference recipe defaults)."""
-
-    hidden: list[int] = Field([256, 128], description="Hidden layer widths.")
-    dropout: list[float] = Field([0.3, 0.2], description="Dropout after each hidden layer.")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
-    weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay.")
-    batch_size: int = Field(512, gt=0, description="Minibatch size.")
-    max_epochs: int = Field(150, gt=0, description="Upper bound on epochs.")
-    patience: int = Field(15, gt=0, description="Epochs without validation improvement before stopping.")
-    min_delta: float = Field(1e-6, ge=0, description="Smallest validation-loss drop that counts as improvement.")
-
-
 class SharedTrunkNet(torch.nn.Module):
     """``(n, d_in) -> (n, n_targets)`` logits through Linear/ReLU/Dropout hidden layers."""
 
@@ -234,77 +172,3 @@ class Ensemble(torch.nn.Module):
         """``(n, d_in)`` features -> ``(n, T)`` float64 probabilities."""
         self.eval()
         return self(torch.as_tensor(np.asarray(X, dtype=np.float32))).double().numpy()
-
-
-# ----------------------------------------------------------------------------- training
-@dataclass
-class TrainResult:
-    """One seed's outcome: the best-epoch weights and its validation loss."""
-
-    seed: int
-    val_loss: float
-    best_epoch: int
-    epochs_run: int
-    state_dict: dict = field(repr=False)
-    spec: dict = field(default_factory=dict)
-
-    def build(self) -> SharedTrunkNet:
-        net = SharedTrunkNet(**self.spec)
-        net.load_state_dict(self.state_dict)
-        return net.eval()
-
-
-def _tensors(X, Y, M):
-    X = torch.as_tensor(np.asarray(X, dtype=np.float32))
-    Y = torch.as_tensor(np.asarray(Y, dtype=np.float32))
-    M = ~torch.isnan(Y) if M is None else torch.as_tensor(np.asarray(M, dtype=bool))
-    return X, Y, M
-
-
-def train_one(Xtr, Ytr, Mtr, Xva, Yva, Mva, seed: int, cfg: TrunkConfig | None = None) -> TrainResult:
-    """Train one SharedTrunkNet with Adam on :func:`masked_bce_loss`, early-stopped on the
-    validation loss (``patience`` epochs without a ``min_delta`` improvement).
-
-    ``X*`` are ``(n, d)``, ``Y*`` ``(n, T)`` (NaN = missing), ``M*`` ``(n, T)`` masks or
-    None (derived from NaN). The global torch RNG is left untouched (``fork_rng``), so the
-    result depends only on the inputs and ``seed``. Returns the best epoch's weights.
-    """
-    cfg = cfg or TrunkConfig()
-    Xtr, Ytr, Mtr = _tensors(Xtr, Ytr, Mtr)
-    Xva, Yva, Mva = _tensors(Xva, Yva, Mva)
-    rng = np.random.default_rng(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = SharedTrunkNet(Xtr.shape[1], Ytr.shape[1], cfg.hidden, cfg.dropout)
-        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        best, best_state, best_epoch, stale, epoch = float("inf"), None, -1, 0, 0
-        for epoch in range(cfg.max_epochs):
-            net.train()
-            order = torch.as_tensor(rng.permutation(Xtr.shape[0]))
-            for start in range(0, len(order), cfg.batch_size):
-                idx = order[start:start + cfg.batch_size]
-                opt.zero_grad()
-                masked_bce_loss(net(Xtr[idx]), Ytr[idx], Mtr[idx]).backward()
-                opt.step()
-            net.eval()
-            with torch.no_grad():
-                val = float(masked_bce_loss(net(Xva), Yva, Mva))
-            if val < best - cfg.min_delta:
-                best, best_state, best_epoch, stale = val, copy.deepcopy(net.state_dict()), epoch, 0
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    break
-    return TrainResult(seed, best, best_epoch, epoch + 1, best_state, net.spec())
-
-
-def select_ensemble(results: Sequence[TrainResult], k: int) -> list[TrainResult]:
-    """The ``k`` results with the lowest validation loss (ties by seed), best first."""
-    if k < 1:
-        raise ValueError("k must be >= 1")
-    return sorted(results, key=lambda r: (r.val_loss, r.seed))[:k]
-
-
-def build_ensemble(results: Sequence[TrainResult]) -> Ensemble:
-    """An :class:`Ensemble` of the given results' best weights."""
-    return Ensemble([r.build() for r in results])

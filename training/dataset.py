@@ -14,7 +14,6 @@ Rows whose label is missing or failed are NaN in ``Y`` (masked), never 0.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -22,23 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from shared import storage
-
-BLOCK_RE = re.compile(r"^h(\d+)_(last|mean)$")
-
-
-def block_columns(schema: pa.Schema) -> list[str]:
-    """Activation columns (``h{layer}_{pooling}``) in layer, then pooling order."""
-    cols = [n for n in schema.names if BLOCK_RE.match(n)]
-    return sorted(cols, key=lambda c: (int(BLOCK_RE.match(c).group(1)), BLOCK_RE.match(c).group(2)))
-
-
-def parse_block(name: str) -> tuple[int, str]:
-    """``'h12_last'`` -> ``(12, 'last')``."""
-    m = BLOCK_RE.match(name)
-    if not m:
-        raise ValueError(f"not an activation column: {name!r} (expected h<layer>_<last|mean>)")
-    return int(m.group(1)), m.group(2)
-
+from shared.features import block_columns
 
 def tensor_column(table: pa.Table, name: str) -> np.ndarray:
     """A fixed-shape tensor (or list) column as a ``(n, d)`` float32 array."""
@@ -105,10 +88,10 @@ def load_routing_data(activations_uri: str, labels_uri: str, targets: Sequence[s
                       blocks: Sequence[str] | None = None) -> RoutingData:
     """Join activations and labels on ``query_id``; ``blocks`` picks activation columns (default all)."""
     table = read_dataset(activations_uri)
-    names = list(blocks) if blocks else block_columns(table.schema)
+    names = list(blocks) if blocks else block_columns(table.schema.names)
     missing = [b for b in names if b not in table.column_names]
     if missing:
-        raise ValueError(f"activation columns {missing} not in {activations_uri}; it has {block_columns(table.schema)}")
+        raise ValueError(f"activation columns {missing} not in {activations_uri}; it has {block_columns(table.schema.names)}")
     query_ids = np.asarray(table.column("query_id").to_pylist())
     labels = load_labels(labels_uri, targets, query_ids)
     n_tokens = np.asarray(table.column("n_tokens").to_pylist()) if "n_tokens" in table.column_names else np.zeros(0)

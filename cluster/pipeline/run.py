@@ -1,0 +1,265 @@
+"""``prefill-router pipeline run``: retraining end to end, resumable, one stage after another.
+
+Stages: **data** (build the query table, import one with its labels, or use an existing one) -> **label** ->
+**capture** -> **probe** -> **tune** (only when the config has a ``tune`` section: the
+blocks and PCA size are then chosen by cross-validation, and fit uses that choice) ->
+**fit** -> **evaluate** -> **publish** (``cluster/pipeline/publish.py``).
+Each stage is the module's own ``run_*`` function; :class:`PipelineConfig` holds their
+configs and wires every path between them under ``work_dir`` (a local directory):
+
+    work_dir/queries.parquet   data (when ``data`` or ``data_import`` is given; else ``queries`` is read)
+    work_dir/labels/           label       work_dir/activations/  capture
+                               (``labels:`` names existing labels to reuse instead;
+                               ``data_import`` writes them: nothing is labelled)
+    work_dir/probe/            probe       work_dir/tune/         tune
+    work_dir/router/           fit (the artifact)
+    work_dir/eval/             evaluate    work_dir/stages/       what each stage did
+
+A wired key (e.g. ``label.out``) may not be set to anything else. Re-running the same
+command resumes: label and capture skip their finished shards; data, probe, tune, fit and
+evaluate are skipped when ``stages/<stage>.json`` records the same inputs (a hash of
+the stage's config and of what the stages before it wrote). Fit names its Ray Train run
+after a hash of its features and settings, so a checkpoint is reused only for identical inputs.
+
+``prefill-router submit run <this config>`` runs the same command as a Ray job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared import storage
+from shared.cli_utils import ConfigOption, Overrides, console
+from shared.ray_boot import ensure_ray
+from cluster.pipeline.config import STAGES, PipelineConfig
+from cluster.pipeline.state import check_pipeline, done_before, outputs_fingerprint, record, stage_key
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- stages
+def stage_data(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+    from training.data.build import run_build
+
+    if cfg.data_import is not None:
+        return import_data(cfg, keys)
+    if cfg.data is None:
+        keys["data"] = stage_key(cfg.queries)
+        return {"queries": cfg.queries, "built": False}
+    keys["data"] = key = stage_key(cfg.data.model_dump(mode="json"))
+    if (old := done_before(cfg.work_dir, "data", key, cfg.data.output)) is not None:
+        return {**old, "skipped": True}
+    table, report = run_build(cfg.data)
+    return record(cfg.work_dir, "data", key, {"queries": cfg.data.output, "rows": table.num_rows, "built": True,
+                                              "skipped_records": sum(report.skipped.values())})
+
+
+def import_data(cfg: PipelineConfig, keys: dict[str, str]) -> dict[str, Any]:
+    """The data stage of an imported table: queries and labels in one step (skipped when done)."""
+    from training.data.importer import run_import
+
+    keys["data"] = key = stage_key(cfg.data_import.model_dump(mode="json"))
+    done = storage.join(cfg.data_import.labels, "import-manifest.json")
+    if (old := done_before(cfg.work_dir, "data", key, done)) is not None:
+        return {**old, "skipped": True}
+    report = run_import(cfg.data_import)
+    return record(cfg.work_dir, "data", key, {"queries": cfg.data_import.output, "labels": cfg.data_import.labels,
+                                              "rows": report["rows"], "imported": True})
+
+
+def stage_label(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+    from training.label.run import run_label
+
+    if cfg.labels or cfg.data_import is not None:
+        return reuse_labels(cfg, cfg.labels or cfg.data_import.labels)
+    summary = run_label(cfg.label)
+    stats = {t: {k: s[k] for k in ("rows", "failed", "missing", "accuracy")} for t, s in summary["targets"].items()}
+    unfinished = {t: s["failed"] + s["missing"] for t, s in stats.items() if s["failed"] + s["missing"]}
+    if unfinished:
+        raise RuntimeError(f"labelling left rows unfinished {unfinished}; re-run the pipeline to retry them")
+    return {"targets": stats, "queries": summary["fully_labelled_queries"]}
+
+
+def reuse_labels(cfg: PipelineConfig, labels: str | None = None) -> dict[str, Any]:
+    """Check that ``labels`` (default ``cfg.labels``) cover every target and the query table; nothing is relabelled."""
+    from training.dataset import load_labels
+
+    labels = labels or cfg.labels
+
+    missing = [t for t in cfg.targets if not storage.exists(storage.join(labels, t, "manifest.json"))]
+    if missing:
+        raise RuntimeError(f"labels {labels} have no {missing}; label them or drop them from targets")
+    ids = np.asarray(storage.read_parquet(cfg.label.queries).column("query_id").to_pylist())
+    y = load_labels(labels, cfg.targets, ids)["Y"]
+    covered = ~np.isnan(y).any(axis=1)
+    if not covered.any():
+        raise RuntimeError(f"labels {labels} label none of the {len(ids)} queries in {cfg.label.queries}")
+    acc = {t: round(float(np.nanmean(y[:, i])), 4) for i, t in enumerate(cfg.targets)}
+    return {"reused": labels, "queries": int(covered.sum()), "accuracy": acc, "skipped": True}
+
+
+def stage_capture(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+    from training.capture.run import run_capture
+
+    summary = run_capture(cfg.capture)
+    return {k: summary[k] for k in ("rows", "shards_skipped", "shards_written", "device")}
+
+
+def stage_probe(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+    from training.fit.probe import run_probe
+
+    inputs = outputs_fingerprint(cfg.label.out, cfg.capture.out)
+    keys["probe"] = key = stage_key(cfg.probe.model_dump(mode="json"), keys["data"], inputs)
+    if (old := done_before(cfg.work_dir, "probe", key, storage.join(cfg.probe.out, "probe.json"))) is not None:
+        return {**old, "skipped": True}
+    report = run_probe(cfg.probe)
+    return record(cfg.work_dir, "probe", key, {"blocks": report["selected"]["blocks"], "rows": report["n_rows"]})
+
+
+def stage_tune(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+    from training.fit.tune import run_tune
+
+    keys["tune"] = key = stage_key(cfg.tune.model_dump(mode="json"), keys["probe"])
+    if (old := done_before(cfg.work_dir, "tune", key, storage.join(cfg.tune.out, "tune.json"))) is not None:
+        return {**old, "skipped": True}
+    best = run_tune(cfg.tune)["best"]
+    return record(cfg.work_dir, "tune", key, {k: best[k] for k in ("blocks", "n_components", "mean_auc")})
+
+
+def stage_fit(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+    from shared.artifact import meta_path
+    from training.fit.run import run_fit
+
+    keys["fit"] = key = stage_key(cfg.fit.model_dump(mode="json"), keys.get("tune", keys["probe"]))
+    if (old := done_before(cfg.work_dir, "fit", key, meta_path(cfg.fit.out))) is not None:
+        return {**old, "skipped": True}
+    meta = run_fit(cfg.fit)  # its Ray Train run is named after a hash of its inputs (fit.run_name)
+    metrics = meta["training_metrics"]
+    return record(cfg.work_dir, "fit", key, {"artifact": cfg.fit.out, "blocks": list(meta["pooling"]),
+                                             "val_mean_auc": metrics["val_mean_auc"], "n_train": metrics["n_train"]})
+
+
+def stage_evaluate(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+    from training.evaluate.run import run_evaluation
+    from cluster.pipeline.publish import artifact_test_metrics
+
+    keys["evaluate"] = key = stage_key(cfg.evaluate.model_dump(mode="json"), keys["fit"])
+    if (old := done_before(cfg.work_dir, "evaluate", key, storage.join(cfg.evaluate.out, "report.json"))) is not None:
+        return {**old, "skipped": True}
+    report = run_evaluation(cfg.evaluate)
+    return record(cfg.work_dir, "evaluate", key, {"metrics": artifact_test_metrics(report), "n": report["n"]})
+
+
+def stage_publish(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+    from cluster.pipeline.publish import publish
+
+    result = publish(cfg.publish, cfg.fit.out, results["evaluate"]["metrics"], cfg.evaluate, cfg.work_dir)
+    if result["published"]:
+        console.print(f"[green]published[/] {result['artifact']} ({result['reason']})")
+    else:
+        console.print(f"[yellow]not published:[/] {result['reason']}")
+    return result
+
+
+STAGE_FUNCS = {"data": stage_data, "label": stage_label, "capture": stage_capture, "probe": stage_probe,
+               "tune": stage_tune, "fit": stage_fit, "evaluate": stage_evaluate, "publish": stage_publish}
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run (or resume) every stage in order; returns and writes ``work_dir/pipeline-summary.json``."""
+    import ray
+
+    check_pipeline(cfg)
+    Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+    keys: dict[str, str] = {}
+    results: dict[str, Any] = {}
+    started = False
+    t_all = time.perf_counter()
+    stages = [s for s in STAGES if s != "tune" or cfg.tune is not None]
+    try:
+        for i, name in enumerate(stages, 1):
+            console.rule(f"[bold cyan]pipeline {i}/{len(stages)}: {name}")
+            if name == "label":
+                started = ensure_ray(cfg.ray_address, log_to_driver=False) or started
+            t0 = time.perf_counter()
+            results[name] = STAGE_FUNCS[name](cfg, keys, results)
+            seconds = time.perf_counter() - t0
+            state = "skipped (up to date)" if results[name].get("skipped") else "done"
+            console.print(f"[green]{name} {state}[/] in {seconds:.1f}s", highlight=False)
+            log.info("pipeline stage %s %s in %.1fs", name, state, seconds)
+    finally:
+        if started:
+            ray.shutdown()
+    summary = {"work_dir": str(Path(cfg.work_dir).resolve()), "seconds": round(time.perf_counter() - t_all, 1),
+               "stages": results, "config": cfg.model_dump(mode="json")}
+    storage.write_json(str(Path(cfg.work_dir) / "pipeline-summary.json"), summary)
+    return summary
+
+
+# --------------------------------------------------------------------------- CLI
+def _load(config: str | None, overrides: list[str] | None) -> PipelineConfig:
+    from shared.config import load_config
+
+    return load_config(PipelineConfig, config, overrides or [])
+
+
+def _run_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Run the retraining pipeline; re-run the same command to resume where it stopped."""
+    import typer
+    from rich.markup import escape
+
+    from shared.cli_utils import err_console, friendly_errors
+
+    try:
+        summary = friendly_errors(lambda: run_pipeline(_load(config, overrides)))
+    except RuntimeError as exc:
+        err_console.print(f"[bold red]pipeline failed:[/] {escape(str(exc))}")
+        raise typer.Exit(code=1) from exc
+    pub = summary["stages"]["publish"]
+    console.print(f"pipeline finished in {summary['seconds']:.0f}s; "
+                  + (f"artifact published to {pub['artifact']}" if pub["published"] else "nothing published"))
+    code = summary["config"]["publish"]["refused_exit_code"]
+    if summary["config"]["publish"]["uri"] and not pub["published"] and code:
+        err_console.print(f"[bold yellow]publish refused[/] ({pub['reason']}): exit {code}")
+        raise typer.Exit(code=code)
+
+
+def _check_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Validate a pipeline config (keys, paths, targets) without running anything."""
+    from shared.cli_utils import friendly_errors
+
+    def go() -> None:
+        cfg = _load(config, overrides)
+        check_pipeline(cfg)
+        console.print(f"[green]ok[/]: targets {cfg.targets}, work_dir {cfg.work_dir}, publish {cfg.publish.uri}")
+
+    friendly_errors(go)
+
+
+def _group() -> None:
+    """The retraining pipeline."""
+
+
+def make_app():
+    import typer
+
+    app = typer.Typer(help="The retraining pipeline.", no_args_is_help=True, add_completion=False)
+    app.callback()(_group)
+    app.command("run")(_run_command)
+    app.command("check")(_check_command)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shared.cli_utils import run_app, setup_logging
+
+    setup_logging()
+    return run_app(make_app(), argv, "prefill-router pipeline")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

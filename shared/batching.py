@@ -1,0 +1,56 @@
+"""Batching token-id lists for the prefill forward pass: length buckets that keep padding low,
+``pad_batch`` for the tensors, and the padding waste a bucketing leaves. Shared by the
+encoder (:mod:`shared.encoder`) and the prefix-shared path (:mod:`shared.prefix`)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+
+def pad_batch(batch: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[Any, Any]:
+    """Token-id lists to ``(input_ids, mask)`` long tensors ``(B, longest)``, padded on ``side``."""
+    import torch
+
+    longest = max(len(x) for x in batch)
+    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        sl = slice(longest - len(ids), longest) if side == "left" else slice(0, len(ids))
+        input_ids[row, sl] = torch.as_tensor(list(ids), dtype=torch.long)
+        mask[row, sl] = 1
+    return input_ids, mask
+
+
+def length_buckets(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Group row indices into forward batches of similar length.
+
+    Rows are sorted by length (stable) and cut greedily: a bucket closes when it holds
+    ``batch_size`` rows or when adding the next row would make its padded size
+    ``rows * longest`` exceed ``max_batch_tokens`` (a single over-long row still gets a
+    bucket of its own). Every index appears in exactly one bucket.
+    """
+    if batch_size <= 0:
+        raise ValueError("batch_size must be positive")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        padded = (len(current) + 1) * max(lengths[i], 1)  # sorted: row i is the longest so far
+        full = len(current) >= batch_size or (max_batch_tokens is not None and current and padded > max_batch_tokens)
+        if full:
+            buckets.append(current)
+            current = []
+        current.append(i)
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def padding_waste(lengths: Sequence[int], buckets: Iterable[Sequence[int]]) -> float:
+    """Fraction of padded positions that are padding, over the given buckets."""
+    real = padded = 0
+    for bucket in buckets:
+        lens = [lengths[i] for i in bucket]
+        real += sum(lens)
+        padded += len(lens) * max(lens)
+    return 1.0 - real / padded if padded else 0.0

@@ -1,0 +1,60 @@
+"""The routing policy, defined once for training, evaluation and serving.
+
+:func:`route_with_tolerance` picks, per query, the cheapest target whose predicted
+P(correct) is within ``tol`` of the best. Gaps are rounded to :data:`GAP_DECIMALS` so
+decimal tolerances behave as written. The evaluation's tolerance sweep, the artifact's
+:meth:`~shared.artifact.Router.route` and the serving RouterHead all call it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GAP_DECIMALS = 12
+
+
+# ----------------------------------------------------------------------------- policy
+def probability_gaps(P: np.ndarray) -> np.ndarray:
+    """``(n, T)`` gaps ``max_j P[i, j] - P[i, j]``, rounded to 1e-12 so that decimal
+    tolerances behave as written (``0.8 - 0.6`` counts as a gap of exactly ``0.2``)."""
+    P = np.asarray(P, dtype=np.float64)
+    if P.ndim != 2 or not np.all(np.isfinite(P)):
+        raise ValueError("P must be a finite (n_queries, n_targets) array")
+    return np.round(P.max(axis=1, keepdims=True) - P, GAP_DECIMALS)
+
+
+def cost_matrix(costs: np.ndarray, n: int) -> np.ndarray:
+    """Broadcast per-target costs ``(T,)`` or per-query costs ``(n, T)`` to ``(n, T)``."""
+    costs = np.asarray(costs, dtype=np.float64)
+    if costs.ndim == 1:
+        costs = np.broadcast_to(costs, (n, costs.shape[0]))
+    if costs.ndim != 2 or costs.shape[0] != n:
+        raise ValueError(f"costs must be (T,) or ({n}, T); got shape {costs.shape}")
+    return costs
+
+
+def cheapest_where(eligible: np.ndarray, costs: np.ndarray) -> np.ndarray:
+    """Per row, the index of the cheapest eligible column; ties go to the lower index
+    (``argmin`` returns the first minimum). ``eligible`` and ``costs`` are ``(n, T)``."""
+    masked = np.where(eligible, costs, np.inf)
+    return np.argmin(masked, axis=1)
+
+
+def within_tolerance(P: np.ndarray, tol: float) -> np.ndarray:
+    """``(n, T)`` bool: target ``j`` is within ``tol`` of query ``i``'s best,
+    ``max_k P[i, k] - P[i, j] <= tol`` (gaps rounded to 1e-12). ``tol`` must be >= 0."""
+    if not tol >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {tol}")
+    return probability_gaps(P) <= tol
+
+
+def route_with_tolerance(P: np.ndarray, costs: np.ndarray, tol: float) -> np.ndarray:
+    """Chosen target per query: the cheapest target ``j`` with
+    ``max_k P[i, k] - P[i, j] <= tol`` (gaps rounded to 1e-12); ties by cost, then index.
+
+    ``P`` is ``(n, T)`` predicted P(correct); ``costs`` is ``(T,)`` or ``(n, T)``.
+    ``tol = 0`` picks the (cheapest) most likely target; ``tol >= 1`` the cheapest.
+    Returns int ``(n,)``.
+    """
+    eligible = within_tolerance(P, tol)
+    return cheapest_where(eligible, cost_matrix(costs, eligible.shape[0]))

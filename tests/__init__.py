@@ -1,0 +1,1 @@
+"""The test suite, mirroring the layers: shared/, training/<stage>/, serving/, cluster/."""

@@ -1,0 +1,86 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from shared.config import ConfigError, StrictConfig, deep_merge, dump_yaml, load_config, parse_overrides
+from cluster.cli.config_index import CONFIG_DIR, CONFIG_SCHEMAS, schema_for
+
+
+class Inner(StrictConfig):
+    n: int = 1
+    tags: list[str] = []
+
+
+class Outer(StrictConfig):
+    name: str = "x"
+    inner: Inner = Inner()
+
+
+def test_parse_overrides_types_and_nesting():
+    got = parse_overrides(["a.b=3", "a.c=true", "d=[x, y]", "e=null", "f=hello world", "g="])
+    assert got == {"a": {"b": 3, "c": True}, "d": ["x", "y"], "e": None, "f": "hello world", "g": ""}
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=3", "a=[unclosed"])
+def test_parse_overrides_rejects_malformed(bad):
+    with pytest.raises(ConfigError):
+        parse_overrides([bad])
+
+
+def test_deep_merge_keeps_siblings():
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
+
+
+def test_load_config_yaml_then_overrides(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: fromfile\ninner: {n: 5}\n")
+    cfg = load_config(Outer, path, ["inner.tags=[a]"])
+    assert (cfg.name, cfg.inner.n, cfg.inner.tags) == ("fromfile", 5, ["a"])
+    assert load_config(Outer, None, []) == Outer()
+
+
+def test_unknown_key_is_an_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match="typo"):
+        load_config(Outer, None, ["inner.typo=1"])
+    path = tmp_path / "c.yaml"
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(Outer, path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, tmp_path / "missing.yaml")
+
+
+def test_dump_round_trips(tmp_path: Path):
+    cfg = Outer(name="r", inner=Inner(n=2, tags=["t"]))
+    path = tmp_path / "dump.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(Outer, path) == cfg
+
+
+def test_every_shipped_yaml_is_indexed_and_valid():
+    shipped = sorted(p.relative_to(CONFIG_DIR).as_posix() for p in CONFIG_DIR.rglob("*.yaml"))
+    assert shipped, "no configs shipped"
+    unindexed = [name for name in shipped if name not in CONFIG_SCHEMAS]
+    assert not unindexed, f"add these to cluster/cli/config_index.py: {unindexed}"
+    for name in shipped:
+        load_config(schema_for(name), CONFIG_DIR / name)
+
+
+def test_pipeline_ref_keeps_the_settings_of_the_stage_by_stage_configs():
+    """configs/pipeline-ref.yaml repeats capture-ref, probe, tune, fit and evaluate.yaml
+    (minus the paths the pipeline wires): an edit to one of them must reach the other."""
+    ref = load_config(schema_for("pipeline-ref.yaml"), CONFIG_DIR / "pipeline-ref.yaml", [])
+    paths = {"queries", "out", "activations", "labels", "targets", "artifact", "probe_report", "registry",
+             "ray_address", "progress"}
+    pairs = {"capture-ref.yaml": ref.capture, "probe.yaml": ref.probe, "tune.yaml": ref.tune,
+             "evaluate.yaml": ref.evaluate}
+    for name, section in pairs.items():
+        alone = load_config(schema_for(name), CONFIG_DIR / name, [])
+        assert alone.model_dump(exclude=paths) == section.model_dump(exclude=paths), name
+    fit = load_config(schema_for("fit.yaml"), CONFIG_DIR / "fit.yaml", [])
+    best = json.loads((CONFIG_DIR.parent / "data" / "tune" / "tune.json").read_text())["best"]
+    assert (fit.blocks, fit.n_components) == (best["blocks"], best["n_components"])  # pipeline-ref: from tune
+    skip = {"storage_path"}
+    assert fit.train.model_dump(exclude=skip) == ref.fit.train.model_dump(exclude=skip)
+    assert fit.tolerance == ref.fit.tolerance

@@ -1,0 +1,151 @@
+"""A real router artifact for the serving tests.
+
+Uses the committed reference artifact (``data/router``) when it is there; otherwise
+trains a small one: real SmolLM2 prefill features of multiple-choice queries and real
+labels (answer-option log-likelihood of SmolLM2 and Gemma), a small SharedTrunkNet.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from tests.procs import ROOT as REPO_ROOT
+
+REFERENCE = REPO_ROOT / "data" / "router"
+
+
+def small_artifact(out: Path, n_queries: int = 24) -> str:
+    from shared.artifact import ArtifactMeta, save_artifact
+    from shared.config import load_config
+    from shared.models import load_causal_lm
+    from shared.registry import load_registry
+    from shared.trunk import FeatureTransform
+    from training.loop import TrunkConfig, build_ensemble, train_one
+    from training.label.backends import TransformersScorer
+    from training.data.build import DataConfig, build_queries
+    from shared.encoder import Encoder
+
+    table, _ = build_queries(load_config(DataConfig, None, [f"mmlu.n={4 * n_queries}", "reasoning_gym=[]"]))
+    # The shortest prompts: the serving tests need a real artifact, not a good one (2 CPUs).
+    rows = sorted(table.to_pylist(), key=lambda r: sum(len(m["content"]) for m in r["messages"]))[:n_queries]
+    registry = load_registry()
+    targets = ["smollm2-135m", "gemma3-270m"]
+    Y = np.stack([[r["correct"] for r in TransformersScorer(registry.get(t), device="cpu").label(rows)]
+                  for t in targets], axis=1).astype(np.float32)
+    smol = registry.get("smollm2-135m")
+    enc = Encoder(load_causal_lm(smol, device="cpu"), [10, 20], ["last"], batch_size=16)
+    feats = enc.encode([r["messages"] for r in rows]).features
+    transform = FeatureTransform.fit(feats, n_components=8)
+    X = transform.transform(feats)
+    cut = int(0.75 * len(rows))
+    member = train_one(X[:cut], Y[:cut], None, X[cut:], Y[cut:], None, seed=0, cfg=TrunkConfig(max_epochs=20))
+    meta = ArtifactMeta(
+        encoder={"name": smol.name, "sha256": smol.sha256}, layers=[10, 20],
+        pooling={c: "last" for c in feats},
+        targets=[{"name": t, "price_in": registry.get(t).price_input_per_m,
+                  "price_out": registry.get(t).price_output_per_m, "median_output_tokens": 1.0} for t in targets],
+    )
+    save_artifact(str(out), meta, transform, build_ensemble([member]))
+    return str(out)
+
+
+def router_artifact(tmp: Path) -> str:
+    if (REFERENCE / "meta.json").is_file():
+        return str(REFERENCE)
+    return small_artifact(tmp / "router")
+
+
+class FlakyEndpoint:
+    """A loopback OpenAI-compatible endpoint whose streams die after two chunks (a real HTTP peer
+    that drops the connection mid-answer); non-streamed calls get a 500."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802 - the http.server hook name
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])) or b"{}")
+                if not body.get("stream"):
+                    self.send_error(500, "flaky endpoint")
+                    return
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                for word in ("Paris", " is"):
+                    delta = {"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+                    data = f"data: {json.dumps(delta)}\n\n".encode()
+                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                    self.wfile.flush()
+                time.sleep(0.3)
+                self.connection.shutdown(socket.SHUT_RDWR)  # no terminating chunk: a broken stream
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def serving_registry(tmp: Path, port: int, flaky_url: str) -> str:
+    """The default registry plus OpenAI-compatible targets on loopback: this app itself
+    (``smol-remote``), a closed port (``broken-endpoint``) and a stream that breaks (``flaky-endpoint``)."""
+    from shared.config import read_yaml
+    from shared.registry import DEFAULT_REGISTRY
+
+    registry = read_yaml(DEFAULT_REGISTRY)
+    registry["models"] += [
+        {"name": "smol-remote", "role": "target", "backend": "openai", "source": "openai",
+         "base_url": f"http://127.0.0.1:{port}/v1", "remote_model": "smollm2-135m",
+         "price_input_per_m": 0.03, "price_output_per_m": 0.06},
+        {"name": "broken-endpoint", "role": "target", "backend": "openai", "source": "openai",
+         "base_url": "http://127.0.0.1:9/v1"},
+        {"name": "flaky-endpoint", "role": "target", "backend": "openai", "source": "openai", "base_url": flaky_url},
+    ]
+    path = tmp / "models.yaml"
+    path.write_text(yaml.safe_dump(registry))
+    return str(path)
+
+
+def replica(app_name: str, deployment: str) -> Any:
+    """A Serve handle to one deployment of the running app (its replicas' own methods)."""
+    from ray import serve
+
+    return serve.get_deployment_handle(deployment, app_name=app_name)
+
+
+def kill_encoder_during(client: Any, app_name: str, body: dict, headers: dict | None = None,
+                        n: int = 8) -> tuple[list[Any], int]:
+    """SIGKILL the Encoder replica while routed chat requests are in flight; every response, and
+    the status of ``/readyz`` right after the kill."""
+    import os
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    pid = replica(app_name, "Encoder").ready.remote().result(timeout_s=60)["pid"]
+
+    def send(i: int) -> Any:
+        time.sleep(0.25 * i)
+        return client.post("/v1/chat/completions", json=body, headers=headers or {})
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(send, i) for i in range(n)]
+        time.sleep(0.2)  # request 0 waits in the encoder's batch window (batch_wait_timeout_s) right now
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        ready = client.get("/readyz").status_code
+        return [f.result() for f in futures], ready

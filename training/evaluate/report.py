@@ -1,0 +1,253 @@
+"""Writers for ``prefill-router evaluate``: ``report.json``, ``report.md``, the cost-accuracy
+PNGs (:mod:`training.evaluate.plots`) and the console tables. Input is the report dict of
+:func:`training.evaluate.scoring.evaluate_routers` (completed by :func:`training.evaluate.run.run_evaluation`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from training.semantic_text import describe
+
+# arXiv 2603.20895 (abstract / introduction; the AUCs from a secondary source).
+PAPER = {"gap_closed": 0.4558, "cost_savings": 0.7431, "mean_auc_prefill": 0.856, "mean_auc_prompt_only": 0.804}
+COLUMNS = ("router", "accuracy", "mean cost", "gap closed", "cost savings", "P-AUCCC", "mean AUC",
+           "savings at best-single accuracy", "best gap closed at >= threshold savings")
+TASK_COLUMNS = ("task", "n", "best single", "oracle", "prefill-router accuracy", "gap closed", "cost savings",
+                "savings at best-single accuracy", "best gap closed at >= threshold savings", "best other router")
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON: numpy scalars to Python, NaN / inf to ``null``."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _pct(x) -> str:
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.2f}%"
+
+
+def _num(x, fmt: str = ".4f") -> str:
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+
+def _reached(x) -> str:
+    """An iso-accuracy saving: "not reached" when no operating point is as accurate."""
+    return "not reached" if x is None or (isinstance(x, float) and not math.isfinite(x)) else _pct(x)
+
+
+def _new_cells(r: dict[str, Any]) -> list[str]:
+    """Savings at best-single accuracy ("not reached"), best gap closed at the savings
+    threshold ("no point": no operating point saves that much)."""
+    gap = r.get("best_gap_closed_at_savings")
+    return [_reached(r.get("iso_accuracy_savings")), "no point" if _pct(gap) == "—" else _pct(gap)]
+
+
+def table_rows(subset: dict[str, Any]) -> list[list[str]]:
+    """One row per router, then the single models and the oracle (formatted cells)."""
+    refs, rows = subset["references"], []
+    for name, r in subset["routers"].items():
+        label = name if r["kind"] == "fixed" else f"{name} (tol {r['tolerance']:.3g})"
+        rows.append([label, _pct(r["accuracy"]), _num(r["cost"], ".3g"), _pct(r["gap_closed"]),
+                     _pct(r["cost_savings"]), _num(r["pauccc"]), _num(r.get("mean_auc")), *_new_cells(r)])
+    dear, best = refs["most_expensive"]["cost"], refs["best_single"]
+    for name, s in refs["single"].items():
+        savings = 1 - s["cost"] / dear if dear else float("nan")
+        gap = (s["accuracy"] - best["accuracy"]) / (refs["oracle"]["accuracy"] - best["accuracy"]) \
+            if refs["oracle"]["accuracy"] != best["accuracy"] else float("nan")
+        rows.append([f"single: {name}", _pct(s["accuracy"]), _num(s["cost"], ".3g"), _pct(gap), _pct(savings), "", "",
+                     *_new_cells(s)])
+    o = refs["oracle"]
+    rows.append(["oracle", _pct(o["accuracy"]), _num(o["cost"], ".3g"), _pct(1.0), _pct(o["cost_savings"]), "", "",
+                 *_new_cells(o)])
+    rows.append(["zero router (single-model hull)", "", "", "", "", _num(refs["zero_router_pauccc"]), "", "",
+                 _pct(refs.get("zero_router_gap_at_savings"))])
+    return rows
+
+
+def _md_table(rows: list[list[str]], columns=COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def task_rows(report: dict[str, Any], subset: str = "test") -> list[list[str]]:
+    """One row per task of the test split (``subset``: ``test`` or ``disagreement``, each
+    against that task's own references): the prefill router at its operating point and the
+    most accurate other router."""
+    rows = []
+    for task, parts in report.get("by_task", {}).items():
+        if subset not in parts:
+            continue
+        refs, routers = parts[subset]["references"], parts[subset]["routers"]
+        ours = routers["prefill-router"]
+        others = [(r["accuracy"], k) for k, r in routers.items() if k != "prefill-router" and r["accuracy"] is not None
+                  and math.isfinite(r["accuracy"])]
+        other = max(others) if others else None
+        best = refs["best_single"]
+        rows.append([task, str(refs["n"]), f"{best['target']} {_pct(best['accuracy'])}",
+                     _pct(refs["oracle"]["accuracy"]), _pct(ours["accuracy"]), _pct(ours["gap_closed"]),
+                     _pct(ours["cost_savings"]), *_new_cells(ours),
+                     f"{other[1]} {_pct(other[0])}" if other else "—"])
+    return rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The Markdown report: setup, test and disagreement tables, per-task tables, then ours
+    beside the paper's numbers, the AUC margins and where the headroom is."""
+    test, dis = report["subsets"]["test"], report["subsets"].get("disagreement")
+    parts = [
+        *intro_lines(report),
+        "## Test split", "", _md_table(table_rows(test)), "",
+        "## Disagreement queries (test)", "", _md_table(table_rows(dis)) if dis else "No disagreement queries.", "",
+        *task_lines(report),
+        *paper_lines(report),
+        *margin_lines(report.get("auc_margin") or {}),
+        *headroom_lines(report.get("headroom_by_task") or [], report["targets"]),
+    ]
+    return "\n".join(parts)
+
+
+def intro_lines(report: dict[str, Any]) -> list[str]:
+    """Markdown: rows, mode, operating point, skipped baselines, embedded text, definitions."""
+    n, op, test = report["n"], report["operating_point"], report["subsets"]["test"]
+    thr = report.get("savings_threshold", PAPER["cost_savings"])
+    refs = test["references"]
+    skipped = report.get("skipped_routers") or {}
+    return [
+        "# Router evaluation", "",
+        f"Artifact `{report.get('artifact', '?')}`; targets {', '.join(report['targets'])}. Rows: train {n['train']}, "
+        f"val {n['val']}, test {n['test']} (disagreement {n['test_disagreement']}, "
+        f"{_pct(report['disagreement_share'])}).", "",
+        *([f"Every row of the evaluated table is scored as test (all_rows_test); train / val rows: "
+           f"{'from train_data' if n['train'] or n['val'] else 'none'}.", ""] if report.get("all_rows_test") else []),
+        f"Operating point: tolerance {op['tolerance']:.4g} ({op['status']}; "
+        f"target cost {_num(op['target_cost'], '.4g')}, "
+        f"target accuracy {_num(op['target_accuracy'], '.4g')}); on val: accuracy {_pct(op['val_accuracy'])}, "
+        f"mean cost {_num(op['val_cost'], '.3g')}. Baselines are calibrated the same way on val."
+        + (f" Note: {op['note']}." if op.get("note") else ""), "",
+        *([f"Skipped (not evaluated): {'; '.join(f'`{k}` {v}' for k, v in skipped.items())}.", ""] if skipped else []),
+        *([describe(report["semantic_text"]), ""] if report.get("semantic_text") else []),
+        "Costs are mean USD per query (measured label cost). Gap closed = (acc − best single) / (oracle − best "
+        "single); cost savings vs always using the most expensive target "
+        f"({refs['most_expensive']['target']}); P-AUCCC over [cheapest, most expensive] cost "
+        "above the cheapest model's accuracy. Savings at best-single accuracy = the largest saving vs the best "
+        f"single model ({refs['best_single']['target']}) among the router's operating points at least as accurate "
+        f"as it; best gap closed at >= threshold savings = the best gap closed among operating points at least "
+        f"{_pct(thr)} cheaper than the most expensive target (zero router: random mixing of single models at that "
+        "budget).", "",
+        *(["`task-best` is a reference, not a router: it is told each query's task and sends it to the target "
+           "most accurate on that task in train + val, so it bounds what routing by task alone can gain.", ""]
+          if "task-best" in test["routers"] else []),
+    ]
+
+
+def task_lines(report: dict[str, Any]) -> list[str]:
+    """Markdown: the per-task tables (all test queries, then the disagreement ones)."""
+    if not report.get("by_task"):
+        return ["No per-task rows (no query table with a `task` column).", ""]
+    out = []
+    for subset, title in (("test", "all test queries"), ("disagreement", "disagreement queries only")):
+        rows = task_rows(report, subset)
+        out += [f"## Per task ({title})", "",
+                "Each task against its own best single model, oracle and most expensive target; routers at the "
+                "operating point chosen on val.", "", _md_table(rows, TASK_COLUMNS) if rows else "None.", ""]
+    return out
+
+
+def paper_lines(report: dict[str, Any]) -> list[str]:
+    """Markdown: our test numbers beside the paper's."""
+    test = report["subsets"]["test"]
+    ours = test["routers"]["prefill-router"]
+    thr = report.get("savings_threshold", PAPER["cost_savings"])
+    semantic = [r.get("mean_auc") for k, r in test["routers"].items()
+                if r["kind"] == "probabilistic" and k != "prefill-router" and r.get("mean_auc") is not None]
+    best = test["references"]["best_single"]["target"]
+    return [
+        "## Against the paper (arXiv 2603.20895)", "",
+        "| metric | paper | ours (test) |", "|---|---|---|",
+        f"| gap closed (best point along the sweep) | up to {_pct(PAPER['gap_closed'])} | "
+        f"{_pct(ours['max_gap_closed'])} |",
+        f"| gap closed at the operating point | — | {_pct(ours['gap_closed'])} |",
+        f"| best gap closed at >= {_pct(thr)} savings vs most expensive | {_pct(PAPER['gap_closed'])} at "
+        f"{_pct(PAPER['cost_savings'])} | {_pct(ours.get('best_gap_closed_at_savings'))} (zero router "
+        f"{_pct(test['references'].get('zero_router_gap_at_savings'))}) |",
+        f"| cost savings vs most expensive | {_pct(PAPER['cost_savings'])} | {_pct(ours['cost_savings'])} at the "
+        f"operating point; {_pct(ours['cost_savings_at_best_single_accuracy'])} at the best single model's accuracy |",
+        f"| cost savings vs the best single model ({best}) at its accuracy | — | "
+        f"{_reached(ours.get('iso_accuracy_savings'))} |",
+        f"| mean per-target AUC, prefill router | ~{PAPER['mean_auc_prefill']} | {_num(ours['mean_auc'], '.3f')} |",
+        f"| mean AUC, best prompt-only baseline | ~{PAPER['mean_auc_prompt_only']} | "
+        f"{_num(max(semantic), '.3f') if semantic else '—'} |", "",
+    ]
+
+
+def margin_lines(margins: dict[str, dict]) -> list[str]:
+    """Markdown: our mean-AUC margin over each probabilistic baseline, with its bootstrap CI."""
+    if not margins:
+        return []
+    lines = ["Mean per-target AUC margin of the prefill router over each probabilistic baseline on test "
+             "(paired bootstrap over test queries, 95% interval; p = share of replicates with margin <= 0):", "",
+             "| baseline | margin | 95% interval | p |", "|---|---:|---|---:|"]
+    for name, m in margins.items():
+        lines.append(f"| {name} | {_num(m['margin'], '+.3f')} | [{_num(m['low'], '+.3f')}, {_num(m['high'], '+.3f')}] "
+                     f"| {_num(m['p_le_zero'], '.3f')} |")
+    return lines + [""]
+
+
+def headroom_lines(rows: list[dict], targets: list[str]) -> list[str]:
+    """Markdown: each task group's share of the test headroom over the best single target."""
+    if not rows:
+        return []
+    lines = ["## Where the headroom is (test, by task group of `task-best`)", "",
+             "Share of the oracle's gain over the best single target that each group holds, with each "
+             "target's accuracy there.", "",
+             "| group | n | " + " | ".join(targets) + " | oracle | headroom share |",
+             "|---|---:|" + "---:|" * len(targets) + "---:|---:|"]
+    for r in rows:
+        accs = " | ".join(_num(r["accuracy"][t], ".3f") for t in targets)
+        lines.append(f"| {r['group']} | {r['n']} | {accs} | {_num(r['oracle'], '.3f')} | {_pct(r['headroom_share'])} |")
+    return lines + [""]
+
+
+def _rich(title: str, columns, rows):
+    from rich.table import Table
+
+    view = Table(title=title)
+    for i, col in enumerate(columns):
+        view.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        view.add_row(*row)
+    return view
+
+
+def summary_table(report: dict[str, Any]):
+    """The test table as a rich Table for the console."""
+    return _rich(f"router evaluation on test (n={report['n']['test']})", COLUMNS, table_rows(report["subsets"]["test"]))
+
+
+def task_table(report: dict[str, Any]):
+    """The per-task rows (all test queries) as a rich Table for the console."""
+    return _rich("per task (test)", TASK_COLUMNS, task_rows(report, "test"))
+
+
+def write_outputs(report: dict[str, Any], out: str) -> None:
+    """``report.json``, ``report.md`` and a cost-accuracy PNG per subset under ``out`` (local or s3://)."""
+    from shared import storage
+    from training.evaluate.plots import FILES, plot
+
+    clean = jsonable(report)
+    clean["paper"] = PAPER
+    text = json.dumps(clean, indent=2, allow_nan=False) + "\n"
+    storage.write_bytes(storage.join(out, "report.json"), text.encode())
+    storage.write_bytes(storage.join(out, "report.md"), markdown(clean).encode())
+    for subset, name in FILES.items():
+        if subset in clean["subsets"]:
+            storage.write_bytes(storage.join(out, name), plot(clean, subset))

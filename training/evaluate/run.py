@@ -1,0 +1,340 @@
+"""``prefill-router evaluate``: the router artifact against oracle, single models and baselines.
+
+Every router (:mod:`training.evaluate.baselines`) is fitted on **train**, tuned / early-stopped on
+**val**, and scored on the held-out **test** split: on all of it, on the queries where the
+targets disagree, and per task (:mod:`training.evaluate.scoring`). The operating point
+(tolerance) is calibrated on **val** from a target mean cost or accuracy, or is the
+artifact's default; a calibrated point is written back into the artifact
+(``shared.artifact.update_policy``).
+
+A foreign artifact on a fresh table (e.g. a router shipped for RouterBench, scored on a newly
+imported slice): with ``all_rows_test`` (automatic when the table has no train rows) every
+row is scored as test; baselines that need train (or val) rows are skipped and the report says
+so, unless ``train_data`` names a dataset whose train / val rows they are fitted on. The
+artifact's encoder, layers and widths are checked against the activations first.
+
+Semantic baselines embed the text of :mod:`training.semantic_text` (``semantic_text``).
+
+Outputs under ``out``: ``report.json`` (every number), ``report.md``, ``cost_accuracy.png``
+and ``cost_accuracy_disagreement.png`` (:mod:`training.evaluate.report`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any, Literal, Sequence
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
+from shared.config import StrictConfig
+from shared.features import block_name
+from training.loop import TrunkConfig
+from training.evaluate.baselines import RouterModel
+from training.dataset import RoutingData
+from training.evaluate.scoring import PAPER_SAVINGS, evaluate_routers
+from training.semantic_text import SemanticTextConfig, read_queries, semantic_texts
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("random", "always-cheapest", "always-best", "knn-minilm", "mlp-minilm", "mf-minilm")
+REFERENCES = ("task-best",)  # told the query's task: opt-in references, not routers
+SEMANTIC = ("knn-minilm", "mlp-minilm", "mf-minilm")
+NEEDS = {"random": (), "always-cheapest": ("train",), "always-best": ("train",), "task-best": ("train",),
+         "knn-minilm": ("train",), "mlp-minilm": ("train", "val"), "mf-minilm": ("train", "val")}
+
+
+class OperatingPointConfig(StrictConfig):
+    """How the tolerance is chosen on val; neither target: the artifact's default."""
+
+    target_cost: float | None = Field(None, gt=0, description="Mean USD per query to stay within (best accuracy).")
+    target_accuracy: float | Literal["best_single"] | None = Field(
+        None, description="Accuracy to reach at the lowest cost; 'best_single': the best single model's val accuracy.")
+
+    @model_validator(mode="after")
+    def _one(self) -> "OperatingPointConfig":
+        if self.target_cost is not None and self.target_accuracy is not None:
+            raise ValueError("give at most one of target_cost and target_accuracy")
+        return self
+
+
+class TrainDataConfig(StrictConfig):
+    """A second dataset whose train / val rows fit the baselines (and calibrate the operating
+    point) when the evaluated table is all test."""
+
+    activations: str = Field(description="Its activation dataset (same encoder and columns as the artifact's).")
+    labels: str = Field(description="Its labels dataset (every target of the artifact).")
+    queries: str | None = Field(None, description="Its query table (semantic baselines, task-best).")
+
+
+class EvalConfig(StrictConfig):
+    """Config of ``prefill-router evaluate``."""
+
+    artifact: str = Field(description="Router artifact directory written by `prefill-router fit`.")
+    activations: str = Field(description="Activation dataset written by `prefill-router capture`.")
+    labels: str = Field(description="Labels dataset written by `prefill-router label`.")
+    queries: str | None = Field(None, description="Query table (Parquet) with the prompts and tasks; semantic "
+                                "baselines, task-best and the per-task rows need it.")
+    out: str = Field("runs/eval", description="Output directory: local path or s3:// URI.")
+    routers: list[Literal[BASELINES + REFERENCES]] = Field(
+        list(BASELINES), description="Baselines evaluated beside the artifact (task-best: opt-in reference).")
+    operating_point: OperatingPointConfig = Field(default_factory=OperatingPointConfig,
+                                                  description="Tolerance calibration on val.")
+    write_operating_point: bool = Field(True, description="Write a calibrated operating point into the artifact.")
+    pauccc_interpolation: Literal["step", "linear"] = Field("linear", description="P-AUCCC curve between sweep points.")
+    savings_threshold: float = Field(
+        PAPER_SAVINGS, ge=0, lt=1, description="Report the best gap closed among operating points saving at least "
+        "this share of the most expensive model's cost (the paper: 45.58% gap closed at 74.31% savings).")
+    all_rows_test: bool | Literal["auto"] = Field(
+        "auto", description="Score every row as test (a foreign artifact on a fresh table); 'auto': when the "
+        "table has no train rows.")
+    train_data: TrainDataConfig | None = Field(
+        None, description="With all rows as test: a dataset whose train / val rows fit the baselines; none: the "
+        "baselines that need train rows are skipped.")
+    semantic_text: SemanticTextConfig = Field(default_factory=SemanticTextConfig,
+                                              description="The text the semantic baselines embed.")
+    knn_ks: list[int] = Field([5, 10, 20, 40, 80], min_length=1, description="k values tried on val for kNN.")
+    mlp_seeds: int = Field(3, gt=0, description="Seeds of the semantic MLP ensemble (all kept).")
+    n_components: int = Field(128, gt=0, description="PCA components of the semantic MLP's embedding transform.")
+    mf_dim: int = Field(64, gt=0, description="Latent size of the matrix-factorisation router.")
+    bootstrap: int = Field(1000, ge=0, description="Paired bootstrap replicates of the AUC margin over each "
+                           "probabilistic baseline on test (0: skip).")
+    task_min_rows: int = Field(50, gt=0, description="task-best: a task with fewer train+val rows is pooled "
+                               "into its source (e.g. MMLU subjects into mmlu).")
+    trunk: TrunkConfig = Field(default_factory=TrunkConfig, description="Semantic MLP network and optimiser.")
+    embedder: str | None = Field(None, description="Sentence-transformers model dir; default the packaged MiniLM.")
+
+
+# ------------------------------------------------------------------------------ inputs
+def query_texts(queries_uri: str, query_ids: Sequence[str]) -> list[str]:
+    """The prompt text (message contents joined by blank lines) of each query id, in order."""
+    return read_queries(queries_uri, query_ids)["text"]
+
+
+def _queries(cfg: EvalConfig, who: str) -> str:
+    if not cfg.queries:
+        raise ValueError(f"{who} needs the query table: set queries=<path to queries.parquet>")
+    return cfg.queries
+
+
+def check_activations(artifact, artifact_uri: str, activations_uri: str) -> None:
+    """Refuse activations the artifact cannot read, from their capture manifest: another encoder
+    (name; sha256 / revision where both sides record one), missing (layer, pooling) columns or
+    another hidden size. No manifest: only the columns and widths are checked (on load)."""
+    from shared import storage
+
+    uri = storage.join(activations_uri, "manifest.json")
+    if not storage.exists(uri):
+        log.warning("%s has no manifest.json: the artifact's encoder cannot be checked", activations_uri)
+        return
+    manifest = storage.read_json(uri)
+    ident = manifest.get("identity") or {}
+    enc = ident.get("encoder") or manifest.get("encoder") or {}
+    enc = {"name": enc} if isinstance(enc, str) else enc
+    meta = artifact.router.meta
+    for key in ("name", "sha256", "revision"):
+        want, got = getattr(meta.encoder, key), enc.get(key)
+        if want is not None and got is not None and want != got:
+            raise ValueError(
+                f"the artifact {artifact_uri} was fitted on encoder {key}={want!r}, but {activations_uri} was "
+                f"captured with {key}={got!r}: its activations mean nothing to this router. Capture the table with "
+                f"the artifact's encoder (prefill-router capture encoder={meta.encoder.name} layers={meta.layers}) "
+                "or evaluate an artifact fitted on this encoder.")
+    have = manifest.get("columns") or [block_name(layer, p) for layer in ident.get("layers", [])
+                                       for p in ident.get("poolings", [])]
+    need = sorted(artifact.router.block_names)
+    missing = [c for c in need if c not in have] if have else []
+    if missing:
+        raise ValueError(f"the artifact {artifact_uri} reads layers/poolings {need} (hidden_states index 0 = "
+                         f"embeddings); {activations_uri} holds {sorted(have)}: capture layers {meta.layers} "
+                         f"with poolings {meta.poolings}")
+    width = ident.get("hidden_size")
+    wrong = [b.name for b in (meta.transform.blocks if meta.transform else []) if width and b.d_in != width]
+    if wrong:
+        raise ValueError(f"the artifact {artifact_uri} expects blocks {wrong} of width "
+                         f"{[b.d_in for b in meta.transform.blocks]}, but {activations_uri} has hidden size {width}")
+
+
+def check_data(artifact, data: RoutingData) -> None:
+    """Targets in the artifact's order, and each artifact block's width in the data."""
+    if list(data.targets) != artifact.router.target_names:
+        raise ValueError(f"data targets {data.targets} differ from the artifact's {artifact.router.target_names}")
+    for b in artifact.router.meta.transform.blocks:
+        col = data.blocks.get(b.name)
+        if col is not None and col.shape[1] != b.d_in:
+            raise ValueError(f"the artifact's block {b.name} has width {b.d_in}, but the activations' "
+                             f"{b.name} has width {col.shape[1]}: another encoder?")
+
+
+def load_data(artifact, artifact_uri: str, activations: str, labels: str) -> RoutingData:
+    """Activations (checked against the artifact first) joined with every target's labels."""
+    from training.dataset import load_routing_data
+
+    check_activations(artifact, artifact_uri, activations)
+    data = load_routing_data(activations, labels, artifact.router.target_names,
+                             blocks=artifact.router.block_names)
+    check_data(artifact, data)
+    return data
+
+
+def concat_data(a: RoutingData, b: RoutingData) -> RoutingData:
+    """Rows of ``a`` then ``b`` (same targets and blocks); ``n_tokens`` kept only when both have it."""
+    both = len(a.n_tokens) == len(a.query_ids) and len(b.n_tokens) == len(b.query_ids)
+    return replace(a, query_ids=np.concatenate([a.query_ids, b.query_ids]), split=np.concatenate([a.split, b.split]),
+                   blocks={k: np.concatenate([a.blocks[k], b.blocks[k]]) for k in a.blocks},
+                   **{k: np.concatenate([getattr(a, k), getattr(b, k)])
+                      for k in ("Y", "cost", "input_tokens", "output_tokens")},
+                   n_tokens=np.concatenate([a.n_tokens, b.n_tokens]) if both else np.zeros(0))
+
+
+def _rows_meta(uri: str | None, ids, texts=None, tasks=None) -> dict[str, list[str]] | None:
+    """Text, task and source per row: from the query table at ``uri``, or the ones given."""
+    meta = read_queries(uri, list(ids)) if uri else None
+    if meta is None and texts is None and tasks is None:
+        return None
+    n = len(ids)
+    meta = meta or {"text": [""] * n, "task": [""] * n, "source": [""] * n}
+    if texts is not None:
+        meta["text"] = list(texts)
+    if tasks is not None:
+        meta["task"] = [str(t) for t in tasks]
+        meta["source"] = [s or t for s, t in zip(meta["source"], meta["task"])]
+    return meta
+
+
+def prepare_rows(cfg: EvalConfig, artifact, data: RoutingData, texts=None, tasks=None) -> dict[str, Any]:
+    """The rows to evaluate: ``data`` (all as test in all-rows-test mode, plus ``train_data``'s
+    train / val rows) with each row's text, task and source (None without a query table)."""
+    all_test = cfg.all_rows_test is True or (cfg.all_rows_test == "auto" and not (data.split == "train").any())
+    meta = _rows_meta(cfg.queries, data.query_ids, texts, tasks)
+    if all_test:
+        data = replace(data, split=np.full(len(data.query_ids), "test", dtype=object))
+    elif cfg.train_data is not None:
+        raise ValueError("train_data is for a table scored all as test: set all_rows_test=true")
+    if all_test and cfg.train_data is not None:
+        td = cfg.train_data
+        extra = load_data(artifact, cfg.artifact, td.activations, td.labels).where("train", "val")
+        overlap = set(extra.query_ids.tolist()) & set(data.query_ids.tolist())
+        if overlap:
+            raise ValueError(f"{len(overlap)} test queries are also train / val rows of train_data "
+                             f"(e.g. {sorted(overlap)[:3]}): the baselines would see the test answers")
+        extra_meta = _rows_meta(td.queries, extra.query_ids)
+        if (meta is None) != (extra_meta is None):
+            raise ValueError("set both queries and train_data.queries, or neither")
+        data = concat_data(data, extra)
+        meta = None if meta is None else {k: meta[k] + extra_meta[k] for k in meta}
+    return {"data": data, "meta": meta, "all_rows_test": all_test}
+
+
+def runnable(routers: Sequence[str], data: RoutingData) -> tuple[list[str], dict[str, str]]:
+    """``(routers that can be fitted, {skipped router: reason})`` given the splits present."""
+    present = set(np.unique(data.split).tolist())
+    run, skipped = [], {}
+    for name in routers:
+        lacking = [s for s in NEEDS[name] if s not in present]
+        if lacking:
+            skipped[name] = f"needs {' and '.join(lacking)} rows (none given)"
+            log.warning("skipping %s: %s", name, skipped[name])
+        else:
+            run.append(name)
+    return run, skipped
+
+
+def build_routers(cfg: EvalConfig, names: Sequence[str], embedder=None, tasks=None) -> list[RouterModel]:
+    """The baselines ``names`` (semantic ones share one embedder, so texts embed once);
+    ``tasks``: ``{query_id: (source, task)}`` for task-best."""
+    from training.evaluate import baselines as B
+
+    if any(r in SEMANTIC for r in names) and embedder is None:
+        from training.embedder import MiniLMEmbedder
+
+        embedder = MiniLMEmbedder(cfg.embedder)
+    make = {
+        "random": lambda: B.RandomRouter(),
+        "always-cheapest": lambda: B.AlwaysCheapest(),
+        "always-best": lambda: B.AlwaysBest(),
+        "knn-minilm": lambda: B.KNNRouter(embedder, cfg.knn_ks),
+        "mlp-minilm": lambda: B.MLPRouter(embedder, seeds=cfg.mlp_seeds, keep=cfg.mlp_seeds,
+                                          n_components=cfg.n_components, trunk=cfg.trunk),
+        "mf-minilm": lambda: B.MFRouter(embedder, dim=cfg.mf_dim),
+        "task-best": lambda: B.TaskBestRouter(tasks, cfg.task_min_rows),
+    }
+    return [make[name]() for name in names]
+
+
+def baseline_inputs(cfg: EvalConfig, names: list[str], data: RoutingData, meta) -> tuple[list[str], Any, Any]:
+    """``(texts, semantic-text info, {query_id: (source, task)})`` the baselines ``names`` read."""
+    needs_text, n = any(r in SEMANTIC for r in names), len(data.query_ids)
+    if (needs_text or "task-best" in names) and meta is None:
+        _queries(cfg, "semantic baselines" if needs_text else "task-best")
+    if not needs_text:
+        return [""] * n, None, None if meta is None else dict(zip(data.query_ids, zip(meta["source"], meta["task"])))
+    tasks = meta["task"] if any(meta["task"]) else None
+    texts, info = semantic_texts(meta["text"], tasks, data.split == "train", cfg.semantic_text)
+    return texts, info, dict(zip(data.query_ids, zip(meta["source"], meta["task"])))
+
+
+def run_evaluation(cfg: EvalConfig, data: RoutingData | None = None, texts: Sequence[str] | None = None,
+                   embedder=None, tasks: Sequence[str] | None = None) -> dict[str, Any]:
+    """Load everything, evaluate, write the operating point and the report; returns the report.
+    ``data`` / ``texts`` / ``tasks`` (per row of ``data``) replace what the paths would load."""
+    from training.evaluate.baselines import ArtifactRouter
+    from training.evaluate.report import summary_table, task_table, write_outputs
+
+    artifact = ArtifactRouter.load(cfg.artifact)
+    if data is None:
+        data = load_data(artifact, cfg.artifact, cfg.activations, cfg.labels)
+    check_data(artifact, data)
+    rows = prepare_rows(cfg, artifact, data, texts, tasks)
+    data, meta = rows["data"], rows["meta"]
+    names, skipped = runnable(cfg.routers, data)
+    texts, text_info, task_of = baseline_inputs(cfg, names, data, meta)
+    row_tasks = meta["task"] if meta is not None and any(meta["task"]) else None
+    report = evaluate_routers(artifact, build_routers(cfg, names, embedder, task_of), data, texts, cfg, row_tasks)
+    report.update(all_rows_test=rows["all_rows_test"], skipped_routers=skipped, semantic_text=text_info)
+    report["operating_point_written"] = write_operating_point(cfg, artifact, report["operating_point"])
+    report.update(artifact=cfg.artifact, config=cfg.model_dump(mode="json"))
+    write_outputs(report, cfg.out)
+    console.print(summary_table(report))
+    if 0 < len(report["by_task"]) <= 30:  # more: report.md has them
+        console.print(task_table(report))
+    console.print(f"report written to {cfg.out}/report.json, report.md, cost_accuracy*.png")
+    return report
+
+
+def write_operating_point(cfg: EvalConfig, artifact, op: dict[str, Any]) -> bool:
+    """Write a calibrated operating point into the artifact (when configured); True if written."""
+    from shared.artifact import OperatingPoint, update_policy
+
+    if not (cfg.write_operating_point and op["status"] == "calibrated"):
+        return False
+    point = OperatingPoint(**{k: op[k] for k in ("tolerance", "target_cost", "target_accuracy", "val_accuracy",
+                                                 "val_cost")})
+    update_policy(cfg.artifact, artifact.router.meta.policy.model_copy(update={"operating_point": point}))
+    return True
+
+
+def _evaluate_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Evaluate a router artifact against the oracle, single models and baselines."""
+    from shared.config import load_config
+
+    from shared.artifact import ArtifactError
+
+    def run() -> dict[str, Any]:
+        try:
+            return run_evaluation(load_config(EvalConfig, config, overrides or []))
+        except ArtifactError as exc:  # a user error (wrong path, corrupt artifact): one red line
+            raise ValueError(str(exc)) from exc
+
+    friendly_errors(run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import typer
+
+    setup_logging()
+    app = typer.Typer(add_completion=False)
+    app.command()(_evaluate_command)
+    return run_app(app, argv, "prefill-router evaluate")

@@ -1,0 +1,266 @@
+"""Scoring for ``prefill-router evaluate`` (:mod:`training.evaluate.run` loads the inputs).
+
+Every router is fitted on **train** (tuned / early-stopped on **val**), its operating point
+(tolerance) chosen on **val**, and scored on **test**: on the whole split, on the queries
+where the targets disagree (``metrics.disagreement_mask``), and per task of the test split
+(each subset with its own references: best single model, oracle, most expensive target).
+
+Costs: the policy decides with the price model known before answering
+(``Router.costs``: encoder prompt tokens x input price + the target's median answer
+length x output price); outcomes are scored with the measured per-query label ``cost``
+(a missing label's cell falls back to the price model).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+from training.evaluate import routing_metrics as M
+from training.metrics import brier, masked_auc
+from training.evaluate import report_metrics as R
+from training.evaluate.baselines import RouterModel
+from training.dataset import RoutingData
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+PAPER_SAVINGS = 0.7431  # arXiv 2603.20895: 45.58% gap closed at 74.31% cost savings
+
+
+def decision_costs(router, data: RoutingData) -> np.ndarray:
+    """``(n, T)`` price-model costs the policy routes with: encoder prompt tokens (or, when
+    absent, the mean of the targets' prompt tokens) through ``Router.costs``."""
+    n = len(data.query_ids)
+    if len(data.n_tokens) == n and n:
+        return router.costs(np.asarray(data.n_tokens, dtype=np.float64))
+    present = ~np.isnan(data.input_tokens)
+    tokens = np.where(present, data.input_tokens, 0.0).sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+    return router.costs(tokens)
+
+
+def outcome_costs(data: RoutingData, decided: np.ndarray) -> np.ndarray:
+    """``(n, T)`` measured label costs; a missing cell takes the price model's cost."""
+    return np.where(np.isnan(data.cost), decided, data.cost)
+
+
+# ----------------------------------------------------------------------------- scoring
+def point_metrics(costs, accs, refs: dict[str, Any], savings_threshold: float) -> dict[str, float]:
+    """The report metrics of operating points ``(k,)`` (:mod:`training.evaluate.report_metrics`):
+    iso-accuracy savings vs the best single model, best gap closed at >= the savings threshold
+    vs the most expensive model."""
+    best, dear, oracle = refs["best_single"], refs["most_expensive"], refs["oracle"]
+    return {"iso_accuracy_savings": R.iso_accuracy_savings(costs, accs, best["accuracy"], best["cost"]),
+            "best_gap_closed_at_savings": R.best_gap_at_savings(costs, accs, best["accuracy"], oracle["accuracy"],
+                                                                dear["cost"], savings_threshold)}
+
+
+def references(Y: np.ndarray, C: np.ndarray, targets: list[str],
+               savings_threshold: float = PAPER_SAVINGS) -> dict[str, Any]:
+    """Single models, best single, oracle, most expensive target and the zero-router hull."""
+    accs, costs = M.single_model_points(Y, C)
+    best, best_acc, best_cost = M.best_single(Y, C)
+    cheap, dear = int(np.argmin(costs)), int(np.argmax(costs))
+    oracle_acc, oracle_cost = M.oracle_outcome(Y, C)
+    hc, ha = M.single_model_hull(costs, accs)
+    refs = {
+        "n": int(Y.shape[0]),
+        "single": {t: {"accuracy": float(a), "cost": float(c)} for t, a, c in zip(targets, accs, costs)},
+        "best_single": {"target": targets[best], "accuracy": best_acc, "cost": best_cost},
+        "cheapest": {"target": targets[cheap], "accuracy": float(accs[cheap]), "cost": float(costs[cheap])},
+        "most_expensive": {"target": targets[dear], "accuracy": float(accs[dear]), "cost": float(costs[dear])},
+        "oracle": {"accuracy": oracle_acc, "cost": oracle_cost,
+                   "cost_savings": M.cost_savings(oracle_cost, float(costs[dear]))},
+        "hull": {"cost": hc.tolist(), "accuracy": ha.tolist()},
+        "zero_router_pauccc": M.hull_pauccc(costs, accs),
+        "zero_router_gap_at_savings": R.hull_gap_at_savings(hc, ha, best_acc, oracle_acc, float(costs[dear]),
+                                                            savings_threshold),
+    }
+    for row in [*refs["single"].values(), refs["oracle"]]:
+        row.update(point_metrics([row["cost"]], [row["accuracy"]], refs, savings_threshold))
+    return refs
+
+
+def headline(acc: float, cost: float, refs: dict[str, Any]) -> dict[str, float]:
+    """Accuracy, cost, gap closed and cost savings of one operating point."""
+    return {"accuracy": acc, "cost": cost,
+            "gap_closed": M.gap_closed(acc, refs["best_single"]["accuracy"], refs["oracle"]["accuracy"]),
+            "cost_savings": M.cost_savings(cost, refs["most_expensive"]["cost"])}
+
+
+def _pauccc(costs, accs, refs, interpolation: str) -> float:
+    return M.pauccc(costs, accs, refs["cheapest"]["cost"], refs["most_expensive"]["cost"],
+                    refs["cheapest"]["accuracy"], interpolation)
+
+
+def score_probabilistic(P, Y, C_route, C, tol: float, refs: dict, targets: list[str], cfg) -> dict:
+    """Operating point, whole sweep, P-AUCCC, per-target AUC / Brier of predictions ``P``
+    (``cfg``: ``pauccc_interpolation``, ``savings_threshold``)."""
+    sweep = M.tolerance_sweep(P, Y, C, C_route)
+    acc, cost = M.routing_outcome(Y, C, M.route_with_tolerance(P, C_route, tol))
+    auc, br = masked_auc(Y, P), brier(Y, P)
+    gaps = [M.gap_closed(a, refs["best_single"]["accuracy"], refs["oracle"]["accuracy"]) for a in sweep.accuracy]
+    with np.errstate(invalid="ignore"):
+        mean_auc = float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")
+        mean_brier = float(np.nanmean(br)) if np.isfinite(br).any() else float("nan")
+    return {
+        "kind": "probabilistic", "tolerance": tol, **headline(acc, cost, refs),
+        "pauccc": _pauccc(sweep.cost, sweep.accuracy, refs, cfg.pauccc_interpolation),
+        "max_gap_closed": float(np.nanmax(gaps)) if np.isfinite(gaps).any() else float("nan"),
+        "cost_savings_at_best_single_accuracy": R.iso_accuracy_savings(  # vs the most expensive, not the best
+            sweep.cost, sweep.accuracy, refs["best_single"]["accuracy"], refs["most_expensive"]["cost"], atol=0.0),
+        **point_metrics(sweep.cost, sweep.accuracy, refs, cfg.savings_threshold),
+        "auc": dict(zip(targets, map(float, auc))), "brier": dict(zip(targets, map(float, br))),
+        "mean_auc": mean_auc, "mean_brier": mean_brier,
+        "sweep": {k: getattr(sweep, k).tolist() for k in ("tolerance", "accuracy", "cost")},
+    }
+
+
+def score_fixed(W, Y, C, refs: dict, cfg) -> dict:
+    """One (cost, accuracy) point: the expected outcome of choice weights ``W``."""
+    acc, cost = M.expected_outcome(Y, C, W)
+    return {"kind": "fixed", **headline(acc, cost, refs),
+            "pauccc": _pauccc([cost], [acc], refs, cfg.pauccc_interpolation),
+            **point_metrics([cost], [acc], refs, cfg.savings_threshold)}
+
+
+def choose_tolerance(P, val: RoutingData | None, C_route, C, op, default: float) -> dict[str, Any]:
+    """Tolerance from the val sweep (``metrics.calibrate_operating_point``). An unreachable
+    target falls back to the nearest point (the cheapest, or the most accurate) and is
+    marked ``status='fallback'``; without val rows the default is kept (``status='default'``,
+    with a ``note``). Returns tolerance, status and val accuracy / cost."""
+    status, target_acc, tol, note = "default", op.target_accuracy, default, None
+    wanted = op.target_cost is not None or target_acc is not None
+    if val is None or not len(val.query_ids):
+        note = "no val rows: the artifact's default tolerance" + (" (the configured target is not calibrated)"
+                                                                  if wanted else "")
+        return {"tolerance": float(tol), "status": status, "target_cost": op.target_cost,
+                "target_accuracy": target_acc if isinstance(target_acc, float) else None,
+                "val_accuracy": None, "val_cost": None, "note": note}
+    if wanted:
+        if target_acc == "best_single":
+            target_acc = M.best_single(val.Y, C)[1]
+        sweep = M.tolerance_sweep(P, val.Y, C, C_route)
+        try:
+            tol, status = M.calibrate_operating_point(sweep, op.target_cost, target_acc), "calibrated"
+        except ValueError as exc:
+            acc = np.nan_to_num(sweep.accuracy, nan=-np.inf)
+            k = 0 if op.target_cost is not None else int(np.lexsort((sweep.cost, -acc))[0])
+            tol, status = float(sweep.tolerance[k]), "fallback"
+            log.warning("operating point: %s; using the nearest point (tolerance %.4g)", exc, tol)
+    acc, cost = M.routing_outcome(val.Y, C, M.route_with_tolerance(P, C_route, tol))
+    return {"tolerance": float(tol), "status": status, "target_cost": op.target_cost,
+            "target_accuracy": None if target_acc is None else float(target_acc), "val_accuracy": acc, "val_cost": cost}
+
+
+# -------------------------------------------------------------------------- evaluation
+def _fit_predict(model: RouterModel, parts: dict[str, tuple[RoutingData, list[str]]]) -> dict[str, np.ndarray]:
+    """Fit on train (val for tuning); predictions (or choice weights) on val and test."""
+    tr, tr_text = parts.get("train", (None, None))
+    va, va_text = parts.get("val", (None, None))
+    if tr is not None:
+        model.fit(tr, tr_text, va, va_text)
+    predict = model.predict_proba if model.probabilistic else model.choice_weights
+    return {split: predict(*parts[split]) for split in ("val", "test") if split in parts}
+
+
+def fit_all(models: Sequence[RouterModel], parts: dict) -> dict[str, dict[str, np.ndarray]]:
+    """``{name: {"val": (n_val, T), "test": (n_test, T)}}`` predictions, with a progress bar."""
+    from rich.progress import Progress
+
+    from shared.cli_utils import console
+
+    preds = {}
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("routers", total=len(models))
+        for model in models:
+            progress.update(task, description=f"fitting {model.name}")
+            preds[model.name] = _fit_predict(model, parts)
+            progress.advance(task)
+    return preds
+
+
+def score_subset(models, preds, operating, m: np.ndarray, test: dict[str, np.ndarray], targets: list[str],
+                 cfg, detail: bool = True) -> dict[str, Any]:
+    """``{"references", "routers"}`` on the test rows ``m`` (``(n_test,)`` bool). ``test``:
+    the test split's ``Y``, ``C`` (outcome) and ``C_route`` (decision) arrays; ``detail=False``
+    drops each router's sweep and operating point (the per-task rows)."""
+    Y, C, Cr = test["Y"][m], test["C"][m], test["C_route"][m]
+    refs = references(Y, C, targets, cfg.savings_threshold)
+    rows = {}
+    for model in models:
+        P = preds[model.name]["test"][m]
+        if model.probabilistic:
+            row = score_probabilistic(P, Y, Cr, C, operating[model.name]["tolerance"], refs, targets, cfg)
+            if detail:
+                row["operating_point"] = operating[model.name]
+            else:
+                row.pop("sweep")
+        else:
+            row = score_fixed(P, Y, C, refs, cfg)
+        rows[model.name] = row
+    return {"references": refs, "routers": rows}
+
+
+def evaluate_routers(artifact, models: Sequence[RouterModel], data: RoutingData, texts: Sequence[str], cfg,
+                     tasks: Sequence[str] | None = None) -> dict[str, Any]:
+    """Score the artifact router and ``models`` on test, on test's disagreement rows and per
+    task of the test split (``tasks``: ``(n,)`` per row of ``data``; None: no per-task rows).
+    Train / val may be empty when ``models`` need none (a foreign artifact on a fresh table)."""
+    C_route = decision_costs(artifact.router, data)
+    C = outcome_costs(data, C_route)
+    texts = np.asarray(list(texts), dtype=object)
+    masks = {s: data.split == s for s in SPLITS}
+    if not masks["test"].any():
+        raise ValueError("evaluation needs rows in the test split")
+    parts = {s: (data.subset(m), list(texts[m])) for s, m in masks.items() if m.any()}
+    models = [artifact, *models]
+    preds = fit_all(models, parts)
+    val = parts.get("val", (None,))[0]
+    Cv, Crv = C[masks["val"]], C_route[masks["val"]]
+    default_tol = artifact.router.meta.policy.default_tolerance()
+    operating = {m.name: choose_tolerance(preds[m.name].get("val"), val, Crv, Cv, cfg.operating_point, default_tol)
+                 for m in models if m.probabilistic}
+    Yte = parts["test"][0].Y
+    test = {"Y": Yte, "C": C[masks["test"]], "C_route": C_route[masks["test"]]}
+    dis = M.disagreement_mask(Yte)
+    subsets = {"test": np.ones(len(Yte), bool)} | ({"disagreement": dis} if dis.any() else {})
+    out = {k: score_subset(models, preds, operating, m, test, data.targets, cfg) for k, m in subsets.items()}
+    by_task = {}
+    if tasks is not None:
+        for name, tm in R.group_masks(np.asarray(tasks, dtype=object)[masks["test"]]).items():
+            by_task[name] = {k: score_subset(models, preds, operating, tm & m, test, data.targets, cfg, detail=False)
+                             for k, m in subsets.items() if (tm & m).any()}
+    test_proba = {m.name: preds[m.name]["test"] for m in models if m.probabilistic}
+    n = {s: int(m.sum()) for s, m in masks.items()} | {"test_disagreement": int(dis.sum())}
+    best = out["test"]["references"]["best_single"]["target"]
+    return {"targets": list(data.targets), "n": n, "disagreement_share": M.disagreement_share(Yte),
+            "operating_point": operating[artifact.name], "subsets": out, "by_task": by_task,
+            "savings_threshold": cfg.savings_threshold,
+            "auc_margin": auc_margins(Yte, test_proba, artifact.name, cfg.bootstrap),
+            "headroom_by_task": task_headroom(models, parts["test"][0], best)}
+
+
+def task_headroom(models: Sequence[RouterModel], test: RoutingData, best: str) -> list[dict]:
+    """Per task group of the fitted task-best reference (when evaluated): where the test
+    headroom over the best single target ``best`` lies (:func:`training.evaluate.headroom.headroom_by_group`)."""
+    from training.evaluate.baselines import TaskBestRouter
+    from training.evaluate.headroom import headroom_by_group
+
+    ref = next((m for m in models if isinstance(m, TaskBestRouter)), None)
+    if ref is None:
+        return []
+    return headroom_by_group(test.Y, ref.groups(test), test.targets.index(best), test.targets)
+
+
+def auc_margins(Y: np.ndarray, proba: dict[str, np.ndarray], ours: str, n_boot: int) -> dict[str, dict]:
+    """Per probabilistic baseline: our mean-AUC margin over it on test, with a paired
+    bootstrap 95% interval (:func:`training.evaluate.uncertainty.paired_bootstrap_auc_margin`)."""
+    from training.evaluate.uncertainty import paired_bootstrap_auc_margin
+
+    if n_boot == 0:
+        return {}
+    return {name: paired_bootstrap_auc_margin(Y, proba[ours], P, n_boot=n_boot)
+            for name, P in proba.items() if name != ours}

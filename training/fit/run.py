@@ -1,0 +1,165 @@
+"""``prefill-router fit``: SharedTrunkNet on Ray Train -> a self-contained router artifact.
+
+Steps: join activations and labels; fit per-block StandardScaler + PCA on the **train**
+split only; train a seed ensemble on Ray Train (``training/fit/train_ray.py``) with early
+stopping on **val**; keep the ``keep`` members with the lowest validation loss; write the
+versioned artifact (``shared/artifact.py``) with the encoder's identity, the blocks, the
+target table (registry prices, median answer length on train) and validation metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from shared import storage
+from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
+from shared.config import StrictConfig
+from shared.ray_boot import ensure_ray
+from shared.features import parse_block
+from training.dataset import RoutingData, load_routing_data
+from training.fit.train_ray import TrainRunConfig
+
+log = logging.getLogger(__name__)
+
+
+class FitConfig(StrictConfig):
+    """Config of ``prefill-router fit``."""
+
+    activations: str = Field(description="Activation dataset written by `prefill-router capture`.")
+    labels: str = Field(description="Labels dataset written by `prefill-router label`.")
+    targets: list[str] = Field(description="Targets, in the order of the router's outputs.")
+    out: str = Field("runs/router", description="Artifact directory: local path or s3:// URI.")
+    registry: str | None = Field(None, description="Model registry YAML (prices); default configs/models.yaml.")
+    blocks: list[str] | None = Field(None, description="Activation columns to use, e.g. [h12_last, h20_mean].")
+    tune_report: str | None = Field(None, description="tune.json whose chosen blocks and n_components are used "
+                                                      "when blocks is unset (`prefill-router tune`).")
+    probe_report: str | None = Field(None, description="probe.json whose selected blocks are used when neither "
+                                                       "blocks nor tune_report is set.")
+    n_components: int = Field(128, gt=0, description="PCA components per block (fitted on train only); "
+                                                     "tune_report's choice replaces it.")
+    tolerance: float = Field(0.2, ge=0, le=1, description="Default routing tolerance stored in the artifact.")
+    ray_address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one.")
+    train: TrainRunConfig = Field(default_factory=TrainRunConfig, description="Ray Train settings.")
+
+
+def chosen_features(cfg: FitConfig) -> tuple[list[str] | None, int, str]:
+    """``(blocks, n_components, source)``: ``blocks`` as set, else the tune report's choice
+    (with its PCA size), else the probe's selection, else None (every captured block)."""
+    if cfg.blocks:
+        return list(cfg.blocks), cfg.n_components, "config"
+    if cfg.tune_report:
+        best = storage.read_json(cfg.tune_report)["best"]
+        return list(best["blocks"]), int(best["n_components"]), "tune"
+    if cfg.probe_report:
+        return list(storage.read_json(cfg.probe_report)["selected"]["blocks"]), cfg.n_components, "probe"
+    return None, cfg.n_components, "all"
+
+
+def encoder_info(activations_uri: str) -> dict[str, Any]:
+    """The encoder identity recorded in the capture manifest."""
+    manifest = storage.read_json(storage.join(activations_uri, "manifest.json"))
+    enc = manifest.get("encoder") or manifest.get("identity", {}).get("encoder")
+    if isinstance(enc, str):
+        enc = {"name": enc}
+    if not isinstance(enc, dict) or "name" not in enc:
+        raise ValueError(f"{activations_uri}/manifest.json does not name its encoder")
+    return {k: enc.get(k) for k in ("name", "sha256", "revision", "chat_template")}
+
+
+def target_table(data: RoutingData, registry_path: str | None) -> list[dict[str, Any]]:
+    """Prices from the registry and the median answer length of each target on train."""
+    from shared.registry import load_registry
+
+    registry = load_registry(registry_path)
+    rows = []
+    for t, name in enumerate(data.targets):
+        spec = registry.get(name)
+        out_tok = data.output_tokens[:, t]
+        median = float(np.nanmedian(out_tok)) if np.isfinite(out_tok).any() else 0.0
+        rows.append({"name": name, "price_in": spec.price_input_per_m, "price_out": spec.price_output_per_m,
+                     "median_output_tokens": median})
+    return rows
+
+
+def val_metrics(P: np.ndarray, Y: np.ndarray, targets: list[str]) -> dict[str, Any]:
+    from training.metrics import brier, masked_auc
+
+    auc, br = masked_auc(Y, P), brier(Y, P)
+    return {"val_auc": dict(zip(targets, map(float, auc))), "val_brier": dict(zip(targets, map(float, br))),
+            "val_mean_auc": float(np.nanmean(auc))}
+
+
+def run_name(cfg: FitConfig, Xtr: np.ndarray, Ytr: np.ndarray) -> str:
+    """``<train.name>-<hash of the features, labels and training settings>``: Ray Train resumes
+    a run of the same name, so only a run on identical inputs may share its checkpoint."""
+    import hashlib
+
+    h = hashlib.sha256(np.ascontiguousarray(Xtr, np.float32).tobytes())
+    h.update(np.nan_to_num(np.asarray(Ytr, np.float32), nan=-1).tobytes())
+    h.update(cfg.train.model_dump_json(exclude={"name", "storage_path", "num_workers", "max_failures"}).encode())
+    return f"{cfg.train.name}-{h.hexdigest()[:10]}"
+
+
+def fit_features(cfg: FitConfig, data: RoutingData | None = None) -> tuple[RoutingData, Any, np.ndarray, np.ndarray]:
+    """``(data, transform, Xtr, Xva)``: the routing data, the per-block standardise + PCA fitted
+    on train only, and the ``(n, d)`` train and val features the trunk is trained on."""
+    from shared.trunk import FeatureTransform
+
+    blocks, n_components, _ = chosen_features(cfg)
+    data = data or load_routing_data(cfg.activations, cfg.labels, cfg.targets, blocks)
+    tr, va = data.where("train"), data.where("val")
+    if len(tr.query_ids) == 0 or len(va.query_ids) == 0:
+        raise ValueError("fit needs rows in both the train and the val split")
+    transform = FeatureTransform.fit(tr.blocks, n_components=n_components)
+    return data, transform, transform.transform(tr.blocks), transform.transform(va.blocks)
+
+
+def run_fit(cfg: FitConfig, data: RoutingData | None = None) -> dict[str, Any]:
+    """Fit and write the artifact; returns its metadata as a dict."""
+    from shared.artifact import ArtifactMeta, PolicyDefaults, save_artifact
+    from training.loop import build_ensemble, select_ensemble
+    from training.fit.train_ray import train_ensemble
+
+    data, transform, Xtr, Xva = fit_features(cfg, data)
+    tr, va = data.where("train"), data.where("val")
+    ensure_ray(cfg.ray_address, log_to_driver=False)
+    members, _ = train_ensemble(Xtr, tr.Y, Xva, va.Y, cfg.train.model_copy(update={"name": run_name(cfg, Xtr, tr.Y)}))
+    kept = select_ensemble(members, min(cfg.train.keep, len(members)))
+    ensemble = build_ensemble(kept)
+    metrics = {**val_metrics(ensemble.predict_proba(Xva), va.Y, data.targets),
+               "members_val_loss": {str(m.seed): m.val_loss for m in members},
+               "kept_seeds": [m.seed for m in kept], "n_train": int(len(tr.query_ids)), "n_val": int(len(va.query_ids)),
+               "features": dict(zip(("n_components", "chosen_by"), chosen_features(cfg)[1:]))}
+    blocks = transform.names
+    meta = ArtifactMeta(
+        encoder=encoder_info(cfg.activations) if cfg.activations else {"name": "unknown"},
+        layers=sorted({parse_block(b)[0] for b in blocks}),
+        pooling={b: parse_block(b)[1] for b in blocks},
+        targets=target_table(data, cfg.registry),
+        training_metrics=metrics,
+        policy=PolicyDefaults(tolerance=cfg.tolerance),
+    )
+    written = save_artifact(cfg.out, meta, transform, ensemble)
+    console.print(f"router artifact written to {cfg.out}: blocks {blocks}, {len(kept)} members, "
+                  f"val mean AUC {metrics['val_mean_auc']:.3f}")
+    return written.model_dump(mode="json")
+
+
+def _fit_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Fit SharedTrunkNet on Ray Train and write a router artifact."""
+    from shared.config import load_config
+
+    friendly_errors(lambda: run_fit(load_config(FitConfig, config, overrides or [])))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import typer
+
+    setup_logging()
+    app = typer.Typer(add_completion=False)
+    app.command()(_fit_command)
+    return run_app(app, argv, "prefill-router fit")

@@ -1,0 +1,147 @@
+"""Seed-ensemble training of SharedTrunkNet on Ray Train.
+
+The ensemble's members are independent, so the natural parallelism is one seed per
+worker: ``TorchTrainer`` starts ``num_workers`` workers, round ``r`` gives worker ``k``
+the seed ``pending[r * world + k]``, results are gathered to rank 0
+(``all_gather_object`` over the process group TorchTrainer sets up: gloo on CPU, NCCL on
+GPU), and rank 0 checkpoints every finished member after each round. Every worker
+calls ``ray.train.report`` once per round (Train V2 requires the same number of calls
+from each worker).
+
+Resume: a trainer re-created with the same ``storage_path`` and ``name`` starts from the
+latest checkpoint, and seeds found in it are not trained again. ``storage_path`` may be
+local or ``s3://`` (shared storage is required for multi-node runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from shared.config import StrictConfig
+from training.loop import TrainResult, TrunkConfig, train_one
+
+MEMBERS_FILE = "members.pt"
+
+
+class TrainRunConfig(StrictConfig):
+    """How the ensemble is trained on Ray Train."""
+
+    seeds: int = Field(10, gt=0, description="Ensemble members trained (seeds 0..seeds-1).")
+    keep: int = Field(5, gt=0, description="Members kept: the lowest validation losses.")
+    num_workers: int = Field(2, gt=0, description="Ray Train workers (one seed each per round).")
+    use_gpu: bool | None = Field(None, description="Train on GPUs; None: when the cluster has any.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    storage_path: str = Field("runs/ray-train", description="Checkpoint storage: local path or s3:// URI.")
+    name: str = Field("shared-trunk", description="Run name; the same name resumes from the last checkpoint.")
+    max_failures: int = Field(1, ge=-1, description="Worker failures to recover from (-1: unlimited).")
+    trunk: TrunkConfig = Field(default_factory=TrunkConfig, description="Network and optimiser settings.")
+
+
+def _load_members(checkpoint: Any) -> dict[int, dict]:
+    import torch
+
+    if checkpoint is None:
+        return {}
+    with checkpoint.as_directory() as path:
+        return torch.load(os.path.join(path, MEMBERS_FILE), weights_only=False)
+
+
+def _gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _report(done: dict[int, dict], rank: int, round_: int) -> None:
+    import ray.train
+    import torch
+
+    metrics = {"round": round_, "members": len(done),
+               "best_val_loss": min((m["val_loss"] for m in done.values()), default=float("nan"))}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(done, os.path.join(tmp, MEMBERS_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def ensemble_loop(config: dict[str, Any]) -> None:
+    """The per-worker training function (runs inside a Ray Train worker)."""
+    import ray.train
+    import torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    done = _load_members(ray.train.get_checkpoint())
+    pending = [s for s in config["seeds"] if s not in done]
+    arrays = config["arrays"]
+    trunk = TrunkConfig.model_validate(config["trunk"])
+    for round_ in range(math.ceil(len(pending) / world)):
+        idx = round_ * world + rank
+        mine = None
+        if idx < len(pending):
+            res = train_one(arrays["Xtr"], arrays["Ytr"], None, arrays["Xva"], arrays["Yva"], None,
+                            seed=pending[idx], cfg=trunk)
+            mine = dataclasses.asdict(res)
+        for member in _gather(mine):
+            if member is not None:
+                done[member["seed"]] = member
+        _report(done, rank, round_)
+
+
+def _storage(path: str) -> tuple[str, Any]:
+    from shared import storage
+
+    if storage.is_s3(path):
+        fs, inner = storage.filesystem(path)
+        return inner, fs
+    return os.path.abspath(path), None
+
+
+def train_ensemble(Xtr: np.ndarray, Ytr: np.ndarray, Xva: np.ndarray, Yva: np.ndarray,
+                   cfg: TrainRunConfig) -> tuple[list[TrainResult], dict[str, Any]]:
+    """Train ``cfg.seeds`` members on Ray Train.
+
+    Returns every member (best validation loss first) and the last reported metrics
+    (``round``: rounds run by this call minus one, ``members``, ``best_val_loss``).
+
+    ``X*`` are ``(n, d)`` float32 features, ``Y*`` ``(n, T)`` labels with NaN for missing.
+    Needs ``ray.init`` to have been called (or a cluster address in ``RAY_ADDRESS``).
+    """
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    storage_path, storage_fs = _storage(cfg.storage_path)
+    arrays = {"Xtr": np.array(Xtr, np.float32), "Ytr": np.asarray(Ytr, np.float32),
+              "Xva": np.asarray(Xva, np.float32), "Yva": np.asarray(Yva, np.float32)}
+    trainer = TorchTrainer(
+        ensemble_loop,
+        train_loop_config={"seeds": list(range(cfg.seeds)), "arrays": arrays,
+                           "trunk": cfg.trunk.model_dump(), "threads": max(1, int(cfg.cpus_per_worker))},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+    )
+    result = trainer.fit()
+    members = _load_members(result.checkpoint)
+    missing = sorted(set(range(cfg.seeds)) - set(members))
+    if missing:
+        raise RuntimeError(f"Ray Train finished without members for seeds {missing}")
+    ranked = sorted((TrainResult(**m) for m in members.values()), key=lambda r: (r.val_loss, r.seed))
+    return ranked, dict(result.metrics or {})

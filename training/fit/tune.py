@@ -1,0 +1,226 @@
+"""``prefill-router tune``: choose the trunk's blocks and PCA size by cross-validation on
+train + val (never test), with the semantic embedding scored the same way for reference.
+
+Each candidate (a block list and ``n_components``) is scored by :func:`cv_auc`: K folds
+grouped by ``group_id`` (variants of one source item stay in one fold); in each fold the
+standardise->PCA transform is fitted on the training folds only, an ensemble of
+SharedTrunkNets is trained on 85% of them and early-stopped on the other 15%, and the
+per-target AUC is measured on the held-out fold. With ``minilm: true`` the MiniLM
+sentence embedding (the semantic baselines' input) goes through the same protocol, so
+the prefill-over-semantic margin is known before any test number is looked at.
+
+The chosen candidate (:func:`choose_candidate`) is the best mean CV AUC, or with
+``depth_tolerance`` > 0 the shallowest near-best one, as ``probe`` chooses blocks.
+Writes ``tune.json`` and ``tune.png`` (mean CV AUC per candidate, one bar per target).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+from pydantic import Field
+
+from shared import storage
+from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
+from shared.config import StrictConfig
+from training.loop import TrunkConfig
+from training.dataset import RoutingData, load_routing_data
+
+MINILM = "minilm"
+
+
+class Candidate(StrictConfig):
+    """One configuration of the trunk's input features."""
+
+    blocks: list[str] | Literal["probe"] = Field(
+        description="Activation columns, 'probe' (the probe report's selection) or [minilm] (sentence embedding).")
+    n_components: int = Field(gt=0, description="PCA components per block (fitted on the training folds only).")
+
+
+class TuneConfig(StrictConfig):
+    """Config of ``prefill-router tune``."""
+
+    activations: str = Field(description="Activation dataset written by `prefill-router capture`.")
+    labels: str = Field(description="Labels dataset written by `prefill-router label`.")
+    targets: list[str] = Field(description="Targets, in the order of the router's outputs.")
+    queries: str | None = Field(None, description="Query table: folds grouped by group_id; needed for minilm.")
+    probe_report: str | None = Field(None, description="probe.json for candidates whose blocks are 'probe'.")
+    candidates: list[Candidate] = Field(min_length=1, description="Feature configurations to compare.")
+    minilm: bool = Field(False, description="Also score the MiniLM embedding (as the semantic MLP baseline sees it).")
+    minilm_components: int = Field(128, gt=0, description="PCA components of the MiniLM candidate.")
+    out: str = Field("runs/tune", description="Output directory (local path) for tune.json and tune.png.")
+    splits: list[str] = Field(default_factory=lambda: ["train", "val"], description="Splits used; never test.")
+    folds: int = Field(5, ge=2, description="Cross-validation folds.")
+    seeds: int = Field(3, gt=0, description="Ensemble members per fold (all kept).")
+    early_stop_share: float = Field(0.15, gt=0, lt=1, description="Share of the training folds for early stopping.")
+    trunk: TrunkConfig = Field(default_factory=TrunkConfig, description="SharedTrunkNet network and optimiser.")
+    depth_tolerance: float = Field(
+        0.0, ge=0, description="Prefer a shallower encoder: among candidates whose mean CV AUC is within this of "
+        "the best, choose the one whose deepest layer is shallowest (then the best AUC), as probe does.")
+    seed: int = Field(0, description="Seed of the fold split and the early-stopping split.")
+
+
+def cv_auc(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.ndarray, n_components: int,
+           trunk: TrunkConfig, folds: int = 5, seeds: int = 3, early_stop_share: float = 0.15,
+           seed: int = 0) -> np.ndarray:
+    """``(T,)`` cross-validated AUC of a SharedTrunkNet ensemble per target.
+
+    ``blocks``: ``{name: (n, d_b)}``; ``Y``: ``(n, T)`` in [0, 1] with NaN = missing;
+    ``groups``: ``(n,)`` fold groups. Per fold ``f`` (GroupKFold): transform fitted on the
+    training folds, members trained on a ``1 - early_stop_share`` part of them and
+    early-stopped on the rest, ``AUC_t = masked_auc(Y[f], mean_s sigmoid(net_s(X[f])))``;
+    the result is the mean of ``AUC_t`` over folds (NaN-skipping).
+    """
+    from sklearn.model_selection import GroupKFold
+
+    from shared.trunk import FeatureTransform
+
+    from training.loop import build_ensemble, train_one
+    from training.metrics import masked_auc
+
+    per_fold = []
+    for k, (fit_idx, held) in enumerate(GroupKFold(n_splits=folds).split(Y, groups=groups)):
+        perm = np.random.default_rng(seed + k).permutation(fit_idx)
+        cut = max(1, int(round((1 - early_stop_share) * len(perm))))
+        tr, es = perm[:cut], perm[cut:]
+        transform = FeatureTransform.fit({b: x[tr] for b, x in blocks.items()}, n_components=n_components, seed=seed)
+        X = transform.transform(blocks)
+        members = [train_one(X[tr], Y[tr], None, X[es], Y[es], None, seed=seed + s, cfg=trunk) for s in range(seeds)]
+        per_fold.append(masked_auc(Y[held], build_ensemble(members).predict_proba(X[held])))
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(np.asarray(per_fold, dtype=np.float64), axis=0)
+
+
+def choose_candidate(rows: Sequence[dict[str, Any]], depth_tolerance: float = 0.0) -> dict[str, Any]:
+    """The chosen row: among rows with ``mean_auc >= max(mean_auc) - depth_tolerance``, the
+    smallest deepest layer (``max`` of the blocks' layer indices), then the highest ``mean_auc``.
+    MiniLM rows and rows whose ``mean_auc`` is NaN (no fold had both classes) are never chosen."""
+    from shared.features import parse_block
+
+    rows = [r for r in rows if r["blocks"] != [MINILM] and np.isfinite(r["mean_auc"])]
+    if not rows:
+        raise ValueError("no prefill candidate has a cross-validated AUC (too few rows, or a target "
+                         "with one class only in every fold?)")
+    top = max(r["mean_auc"] for r in rows)
+    near = [r for r in rows if r["mean_auc"] >= top - depth_tolerance]
+    return min(near, key=lambda r: (max(parse_block(b)[0] for b in r["blocks"]), -r["mean_auc"]))
+
+
+def fold_groups(data: RoutingData, queries: str | None) -> np.ndarray:
+    """``(n,)`` ``group_id`` per row from the query table (the query id where there is none)."""
+    if not queries:
+        return np.asarray(data.query_ids)
+    table = storage.read_parquet(queries, columns=["query_id", "group_id"])
+    gid = dict(zip(table.column("query_id").to_pylist(), table.column("group_id").to_pylist()))
+    return np.array([gid.get(q) or q for q in data.query_ids], dtype=object)
+
+
+def candidate_blocks(cand: Candidate, cfg: TuneConfig) -> list[str]:
+    if cand.blocks != "probe":
+        return list(cand.blocks)
+    if not cfg.probe_report:
+        raise ValueError("a candidate uses blocks: probe, but probe_report is not set")
+    return list(storage.read_json(cfg.probe_report)["selected"]["blocks"])
+
+
+def minilm_block(data: RoutingData, queries: str | None) -> np.ndarray:
+    """``(n, 384)`` MiniLM embeddings of the rows' prompts as the semantic baselines embed them
+    (:func:`training.semantic_text.semantic_texts` with the default settings; shared prefixes
+    learned from the train rows)."""
+    from training.embedder import MiniLMEmbedder
+    from training.semantic_text import semantic_texts_for
+
+    if not queries:
+        raise ValueError("minilm needs the query table: set queries=<path to queries.parquet>")
+    texts, _ = semantic_texts_for(queries, list(data.query_ids), np.asarray(data.split) == "train")
+    return MiniLMEmbedder()(texts)
+
+
+def plot_tune(rows: list[dict[str, Any]], targets: list[str], path: Path) -> None:
+    """Horizontal bars: mean CV AUC per candidate, with each target's AUC as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    labels = [r["label"] for r in rows]
+    ax.barh(labels, [r["mean_auc"] for r in rows], color="#9ab")
+    for name in targets:
+        ax.plot([r["auc"][name] for r in rows], labels, "o", ms=4, label=name)
+    low = min(min(r["auc"].values()) for r in rows)
+    ax.set_xlim(max(0.0, low - 0.05), 1.0)
+    ax.set_xlabel(f"cross-validated AUC on train + val (bar: mean over {len(targets)} targets)")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_tune(cfg: TuneConfig, data: RoutingData | None = None) -> dict[str, Any]:
+    """Score every candidate (and MiniLM when asked); write ``tune.json`` and ``tune.png``."""
+    from rich.progress import track
+
+    if "test" in cfg.splits:
+        raise ValueError("tuning chooses the configuration: it must not see the test split")
+    data = (data or load_routing_data(cfg.activations, cfg.labels, cfg.targets)).where(*cfg.splits)
+    if len(data.query_ids) < cfg.folds:
+        raise ValueError(f"{len(data.query_ids)} rows in splits {cfg.splits}: fewer than folds={cfg.folds}")
+    groups = fold_groups(data, cfg.queries)
+    jobs = [(f"{'+'.join(names)} / {c.n_components}", names, c.n_components)
+            for c, names in ((c, candidate_blocks(c, cfg)) for c in cfg.candidates)]
+    blocks = dict(data.blocks)
+    if cfg.minilm:
+        blocks[MINILM] = minilm_block(data, cfg.queries)
+        jobs.append((f"{MINILM} / {cfg.minilm_components} (semantic)", [MINILM], cfg.minilm_components))
+    missing = sorted({b for _, names, _ in jobs for b in names} - set(blocks))
+    if missing:
+        raise ValueError(f"unknown blocks {missing}; the activations have {sorted(data.blocks)}")
+    rows = []
+    for label, names, k in track(jobs, description="cross-validating"):
+        auc = cv_auc({b: blocks[b] for b in names}, data.Y, groups, k, cfg.trunk, cfg.folds, cfg.seeds,
+                     cfg.early_stop_share, cfg.seed)
+        rows.append({"label": label, "blocks": names, "n_components": k, "mean_auc": float(np.nanmean(auc)),
+                     "auc": dict(zip(data.targets, map(float, auc)))})
+    best = choose_candidate(rows, cfg.depth_tolerance)
+    out = {"config": cfg.model_dump(mode="json"), "n_rows": int(len(data.query_ids)), "candidates": rows,
+           "best": best}
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    storage.write_json(str(Path(cfg.out) / "tune.json"), out)
+    plot_tune(rows, data.targets, Path(cfg.out) / "tune.png")
+    console.print(tune_table(rows))
+    console.print(f"chosen (depth tolerance {cfg.depth_tolerance}): {best['label']} (mean CV AUC "
+                  f"{best['mean_auc']:.4f}); report in {cfg.out}/tune.json")
+    return out
+
+
+def tune_table(rows: Sequence[dict[str, Any]]):
+    from rich.table import Table
+
+    view = Table(title="cross-validated AUC (train + val)")
+    view.add_column("candidate")
+    view.add_column("mean AUC", justify="right")
+    for t in rows[0]["auc"]:
+        view.add_column(t, justify="right")
+    for r in rows:
+        view.add_row(r["label"], f"{r['mean_auc']:.4f}", *(f"{a:.4f}" for a in r["auc"].values()))
+    return view
+
+
+def _tune_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Compare block sets and PCA sizes by cross-validated AUC on train + val."""
+    from shared.config import load_config
+
+    friendly_errors(lambda: run_tune(load_config(TuneConfig, config, overrides or [])))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import typer
+
+    setup_logging()
+    app = typer.Typer(add_completion=False)
+    app.command()(_tune_command)
+    return run_app(app, argv, "prefill-router tune")

@@ -14,7 +14,7 @@ import typer
 
 # name -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("training.data.build", "Build the benchmark query table (Parquet) from offline sources."),
+    "data": ("training.data.build", "Build the query table from offline sources, or import one with its labels."),
     "models": ("shared.model_cmd", "List the model registry; download/convert and time model loads."),
     "label": ("training.label.run", "Label every target's correctness per query (Ray Data)."),
     "capture": ("training.capture.run", "Capture the encoder's prefill activations (Ray Data)."),

@@ -112,9 +112,13 @@ class ArtifactMeta(StrictConfig):
         return sorted(set(self.pooling.values())) if isinstance(self.pooling, dict) else [self.pooling]
 
     @model_validator(mode="after")
-    def _unique_targets(self) -> "ArtifactMeta":
+    def _block_names(self) -> "ArtifactMeta":
         for block in self.transform.blocks if self.transform else []:
             parse_block(block.name)
+        return self
+
+    @model_validator(mode="after")
+    def _unique_targets(self) -> "ArtifactMeta":
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate target names: {names}")

@@ -13,7 +13,6 @@ import numpy as np
 GAP_DECIMALS = 12
 
 
-# ----------------------------------------------------------------------------- policy
 def probability_gaps(P: np.ndarray) -> np.ndarray:
     """``(n, T)`` gaps ``max_j P[i, j] - P[i, j]``, rounded to 1e-12 so that decimal
     tolerances behave as written (``0.8 - 0.6`` counts as a gap of exactly ``0.2``)."""

@@ -134,6 +134,13 @@ class ModelRegistry(StrictConfig):
             raise ValueError(f"model {name!r} is a {spec.role}, not an encoder")
         return spec
 
+    def target(self, name: str) -> ModelSpec:
+        """The entry ``name``, which must be a target (``KeyError`` if unknown, ``ValueError`` if an encoder only)."""
+        spec = self.get(name)
+        if not spec.is_target:
+            raise ValueError(f"model {name!r} is an encoder only (role: encoder), not a target")
+        return spec
+
     def targets(self, include_opt_in: bool = False) -> list[ModelSpec]:
         return [m for m in self.models if m.is_target and (include_opt_in or not m.opt_in)]
 

@@ -35,19 +35,14 @@ def check_pipeline(cfg: PipelineConfig, base: str | Path | None = None) -> None:
     registry = load_registry(_local(cfg.registry, base) if cfg.registry else None)
     if len(set(cfg.targets)) != len(cfg.targets):
         raise ValueError(f"targets listed twice: {cfg.targets}")
-    for name in cfg.targets:
+    for field, name, lookup in [*(("targets", n, registry.target) for n in cfg.targets),
+                                ("capture.encoder", cfg.capture.encoder, registry.encoder)]:
         try:
-            spec = registry.get(name)
+            lookup(name)
         except KeyError as exc:
-            raise KeyError(f"targets: {exc.args[0]}") from exc
-        if not spec.is_target:
-            raise ValueError(f"targets: {name!r} is an encoder only (role: encoder), not a target")
-    try:
-        encoder = registry.get(cfg.capture.encoder)
-    except KeyError as exc:
-        raise KeyError(f"capture.encoder: {exc.args[0]}") from exc
-    if not encoder.is_encoder:
-        raise ValueError(f"capture.encoder: {encoder.name!r} is a {encoder.role}, not an encoder")
+            raise KeyError(f"{field}: {exc.args[0]}") from exc
+        except ValueError as exc:
+            raise ValueError(f"{field}: {exc}") from exc
     if cfg.queries and not storage.is_s3(cfg.queries) and not _local(cfg.queries, base).is_file():
         raise FileNotFoundError(f"queries: no query table at {cfg.queries} (looked at {_local(cfg.queries, base)}); "
                                 "build one with `prefill-router data build` or give `data:` to build it here")

@@ -12,10 +12,9 @@ import pytest
 import yaml
 
 from cluster import k8s
-from tests.procs import ROOT as REPO_ROOT
+from tests.procs import ROOT
 
-ROOT = REPO_ROOT
-CRD_DIR = REPO_ROOT.parent / "shared" / "kuberay-crds"
+CRD_DIR = ROOT.parent / "shared" / "kuberay-crds"
 OVERLAYS = ["base", *k8s.overlays()]
 
 

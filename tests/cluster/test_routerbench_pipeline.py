@@ -14,9 +14,8 @@ import pytest
 from shared.config import load_config
 from cluster.pipeline.config import PipelineConfig
 from cluster.pipeline.run import run_pipeline
-from tests.procs import ROOT as REPO_ROOT
+from tests.procs import ROOT
 
-ROOT = REPO_ROOT
 SHARED = ROOT.parent / "shared" / "data" / "routerbench"
 FILES = ("arc_challenge_train.csv", "mbpp_train.csv", "winograde_train.csv")
 pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"RouterBench data not at {SHARED}")

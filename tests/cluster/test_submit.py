@@ -16,9 +16,8 @@ import pytest
 
 from cluster.cli import main
 from tests.procs import free_port
-from tests.procs import ROOT as REPO_ROOT
+from tests.procs import ROOT
 
-ROOT = REPO_ROOT
 SMALL = str(ROOT / "configs" / "pipeline-small.yaml")
 pytestmark = pytest.mark.slow
 

@@ -21,9 +21,8 @@ from shared.artifact import (
 )
 from shared.policy import route_with_tolerance
 from shared.trunk import Ensemble, FeatureTransform, SharedTrunkNet
-from tests.procs import ROOT as REPO_ROOT
+from tests.procs import ROOT as REPO
 
-REPO = REPO_ROOT
 
 
 def make_parts(seed=0):

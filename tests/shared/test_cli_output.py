@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 from rich.table import Table
-from tests.procs import ROOT as REPO_ROOT
+from tests.procs import ROOT
 
-ROOT = REPO_ROOT
 
 
 def _exe() -> str:

@@ -18,10 +18,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from training.evaluate import routing_metrics as M
-from training.metrics import brier, masked_auc
 from training.evaluate import report_metrics as R
+from training.evaluate import routing_metrics as M
 from training.evaluate.baselines import RouterModel
+from training.metrics import brier, masked_auc
 from training.dataset import RoutingData
 
 log = logging.getLogger(__name__)

@@ -199,15 +199,12 @@ def resolve_targets(cfg: LabelConfig) -> list[ModelSpec]:
     from shared.registry import load_registry
 
     registry = load_registry(cfg.registry)
-    specs = [registry.get(n) for n in cfg.targets] if cfg.targets is not None else registry.targets()
+    specs = [registry.target(n) for n in cfg.targets] if cfg.targets is not None else registry.targets()
     if not specs:
         raise ValueError("no targets to label: name some with targets=[...]")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"targets listed twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
-    encoders = [s.name for s in specs if not s.is_target]
-    if encoders:
-        raise ValueError(f"{encoders} are encoders only (role: encoder), not targets")
     return specs
 
 

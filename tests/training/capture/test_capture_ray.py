@@ -14,9 +14,8 @@ from training.data.build import DataConfig, run_build
 from training.shards import ManifestMismatch, finished_shards, shard_path
 
 from tests.procs import kill_after_first_shard
-from tests.procs import ROOT as REPO_ROOT
+from tests.procs import ROOT
 
-ROOT = REPO_ROOT
 pytestmark = pytest.mark.slow
 
 

@@ -16,9 +16,8 @@ from training.queries import QUERY_SCHEMA
 from training.data.import_config import ROUTERBENCH_MODELS, ImportConfig
 from training.data.importer import run_import
 from training.data.import_sources import MissingColumn
-from tests.procs import ROOT as REPO_ROOT
+from tests.procs import ROOT
 
-ROOT = REPO_ROOT
 SHARED = ROOT.parent / "shared" / "data" / "routerbench"
 MODELS = ["gpt-4-1106-preview", "mistralai/mistral-7b-chat"]      # RouterBench column names
 TARGETS = ["gpt-4-1106-preview", "mistral-7b-chat"]                # their registry names

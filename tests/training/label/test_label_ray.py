@@ -14,9 +14,8 @@ from training.labels import load_labels, read_target
 from training.shards import finished_shards
 
 from tests.procs import kill_after_first_shard
-from tests.procs import ROOT as REPO_ROOT
+from tests.procs import ROOT
 
-ROOT = REPO_ROOT
 pytestmark = pytest.mark.slow
 
 

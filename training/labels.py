@@ -32,7 +32,11 @@ def target_stats(table: pa.Table, expected_rows: int) -> dict[str, Any]:
     """Rows, failures, missing rows, mean correctness and mean cost of one target's labels."""
     rows = table.to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
-    mean = (lambda xs: sum(xs) / len(xs) if xs else math.nan)  # noqa: E731
+
+    def mean(xs: list[float | None]) -> float:  # of the values present (null: not recorded)
+        xs = [x for x in xs if x is not None]
+        return sum(xs) / len(xs) if xs else math.nan
+
     return {
         "rows": len(rows),
         "ok": len(ok),

@@ -20,7 +20,6 @@ counts a source lacks are estimated from the text (``chars_per_token``).
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -67,7 +66,7 @@ def label_table(col: Collector, table: pa.Table, target: str) -> pa.Table:
     for qid, split in zip(table.column("query_id").to_pylist(), table.column("split").to_pylist()):
         obs = col.queries[qid].obs.get(target, [])
         col.labels[target]["conflicting duplicate labels (averaged)"] += len({o.correct for o in obs} - {None}) > 1
-        rows.append({"query_id": qid, "split": split, "target": target, "latency_s": math.nan, **merge(obs)})
+        rows.append({"query_id": qid, "split": split, "target": target, "latency_s": None, **merge(obs)})
     return pa.Table.from_pylist(rows, schema=LABEL_SCHEMA)
 
 

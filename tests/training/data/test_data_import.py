@@ -97,6 +97,7 @@ def test_missing_column_is_named_with_the_columns_found(tmp_path):
 
 def test_empty_cells_are_missing_labels_not_wrong_answers(tmp_path):
     from training.dataset import load_labels
+    from training.labels import read_target
 
     frame = rb_frame()
     frame.loc[2, "gpt-4-1106-preview"] = np.nan        # an empty cell in the CSV
@@ -110,6 +111,8 @@ def test_empty_cells_are_missing_labels_not_wrong_answers(tmp_path):
     assert math.isnan(loaded["Y"][2, 0]) and math.isnan(loaded["Y"][4, 1]) and math.isnan(loaded["cost"][2, 0])
     assert np.isnan(loaded["Y"]).sum() == 2
     assert loaded["Y"][3, 0] == 1.0 and loaded["cost"][3, 0] == pytest.approx(4e-4)
+    latency = read_target(f"{cfg.labels}/gpt-4-1106-preview", with_failed=False).column("latency_s")
+    assert latency.null_count == len(latency) == len(ids)                # not recorded: null, not NaN
     cells = result["cells"]
     assert cells["gpt-4-1106-preview"]["empty correctness cells"] == 1
     assert any("7.0 is not in [0, 1.0]" in k for k in cells["mistral-7b-chat"])

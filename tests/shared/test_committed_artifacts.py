@@ -1,0 +1,46 @@
+"""Every router artifact committed under ``data/`` still loads and routes with today's code.
+
+A change to the artifact format, the model class or the registry that would break a shipped
+router (the demo's, the RouterBench ones) fails here, not on a user's first request. Each is
+checked against the registry: the encoder it names exists and is the pinned file it was
+trained on, and its targets' prices are the registry's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.procs import ROOT
+
+ARTIFACTS = sorted(p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "data").rglob("meta.json"))
+
+
+def test_the_shipped_routers_are_all_found():
+    assert {"data/router", "data/routerbench/router", "data/routerbench-qwen/router"} <= set(ARTIFACTS)
+
+
+@pytest.mark.parametrize("path", ARTIFACTS)
+def test_a_committed_artifact_loads_and_routes(path):
+    from shared.artifact import EncoderInfo, is_artifact, load_artifact
+    from shared.registry import load_registry
+
+    uri = str(ROOT / path)
+    assert is_artifact(uri)
+    registry = load_registry()
+    router = load_artifact(uri)
+    meta = router.meta
+    spec = registry.encoder(meta.encoder.name)
+    assert spec.sha256 and meta.encoder.sha256 == spec.sha256
+    load_artifact(uri, expected_encoder=EncoderInfo(name=spec.name, sha256=spec.sha256, revision=spec.revision))
+    for t in meta.targets:
+        target = registry.target(t.name)
+        assert (t.price_in, t.price_out) == (target.price_input_per_m, target.price_output_per_m), t.name
+
+    rng = np.random.default_rng(0)
+    features = {b.name: rng.normal(size=(4, b.d_in)).astype(np.float32) for b in meta.transform.blocks}
+    P = router.predict_proba(features)
+    assert P.shape == (4, len(meta.targets)) and np.all((P >= 0) & (P <= 1))
+    chosen = np.asarray(router.route(P, [200] * 4))
+    assert chosen.shape[0] == 4 and np.all((chosen >= 0) & (chosen < len(meta.targets)))
+

@@ -74,6 +74,9 @@ class CaptureConfig(StrictConfig):
     min_actors: int = Field(1, ge=1, description="Smallest encoder actor pool.")
     max_actors: int = Field(2, ge=1, description="Largest encoder actor pool.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per encoder actor (also its torch threads on CPU).")
+    memory_gb: float | None = Field(
+        None, gt=0, description="RAM reserved per encoder actor (GiB) so Ray places no more actors on a node than "
+        "fit (SmolLM2-135M ~1.5, the 1.5B Qwen ~9 on CPU); None: no reservation.")
     num_gpus: float | Literal["auto"] = Field(
         "auto", description="GPUs per encoder actor; 'auto': 1 when the cluster has GPUs, else 0 (CPU).")
     max_tokens: int = Field(2048, gt=0, description="Longer prompts keep their last max_tokens tokens (reported).")
@@ -195,7 +198,6 @@ def build_pipeline(pending: pa.Table, cfg: CaptureConfig, plan: dict[str, Any], 
     ctx.arrow_fixed_shape_tensor_format = native_tensor_format()
     ctx.enable_progress_bars = False  # the driver shows one bar over queries instead
     blocks = [pending.slice(i, cfg.bucket_window) for i in range(0, pending.num_rows, cfg.bucket_window)]
-    resources = {"num_gpus": 1.0 if cfg.num_gpus == "auto" else cfg.num_gpus} if use_gpu else {"num_cpus": cfg.num_cpus}
     return ray.data.from_arrow(blocks).map_batches(
         CaptureUDF,
         fn_constructor_kwargs=dict(
@@ -206,8 +208,16 @@ def build_pipeline(pending: pa.Table, cfg: CaptureConfig, plan: dict[str, Any], 
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
         batch_size=cfg.bucket_window,
         batch_format="numpy",
-        **resources,
+        **actor_resources(cfg, use_gpu),
     )
+
+
+def actor_resources(cfg: CaptureConfig, use_gpu: bool) -> dict[str, float]:
+    """What each encoder actor asks Ray for: a GPU or ``num_cpus`` CPUs, plus ``memory_gb`` (bytes) if set."""
+    out = {"num_gpus": 1.0 if cfg.num_gpus == "auto" else cfg.num_gpus} if use_gpu else {"num_cpus": cfg.num_cpus}
+    if cfg.memory_gb is not None:
+        out["memory"] = int(cfg.memory_gb * 2**30)
+    return out
 
 
 def native_tensor_format() -> Any:
@@ -244,7 +254,8 @@ def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool) -> dict[
     from tqdm.auto import tqdm
 
     counts = dict.fromkeys(COUNTS, 0)
-    step, next_log = max(1, total // 10), max(1, total // 10)  # without a bar: a log line every ~10%
+    # without a bar: a log line every ~10% of the queries, and at least once a minute while batches arrive
+    step, next_log, last_log = max(1, total // 10), max(1, total // 10), time.monotonic()
     with tqdm(total=total, desc="capture", unit="q", disable=not show) as bar:
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             n = len(batch["query_id"])
@@ -255,8 +266,9 @@ def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool) -> dict[
             counts["truncated"] += int(batch["truncated"].sum())
             writer.add(batch)
             bar.update(n)
-            if not show and counts["rows"] >= next_log:
-                next_log += step
+            if not show and (counts["rows"] >= next_log or time.monotonic() - last_log >= 60):
+                next_log = (counts["rows"] // step + 1) * step
+                last_log = time.monotonic()
                 log.info("capture: %d/%d queries, %d prompt tokens, %.0f%% of them computed", counts["rows"], total,
                          counts["tokens"], 100 * counts["computed"] / max(1, counts["tokens"]))
     return counts

@@ -89,12 +89,23 @@ def test_s3_capture_with_moto(ray_cluster, queries, moto_s3):
     boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="acts")
     storage.write_bytes("s3://acts/in/queries.parquet", queries.read_bytes())
     out = "s3://acts/runs/smollm"
-    summary = run_capture(capture_cfg("s3://acts/in/queries.parquet", out, "dtype=float32"))
+    # memory_gb: each actor reserves RAM in Ray (a real reservation the local cluster must grant)
+    summary = run_capture(capture_cfg("s3://acts/in/queries.parquet", out, "dtype=float32", "memory_gb=0.5"))
     assert summary["captured_rows"] == 16 and finished_shards(out) == {0, 1, 2}
     check_output(out, queries, dtype=np.float32)
     assert storage.read_json(f"{out}/manifest.json")["identity"]["dtype"] == "float32"
     with pytest.raises(ValueError, match="cannot write capture output"):
         run_capture(capture_cfg(queries, "s3://no-such-bucket/x"))
+
+
+def test_actor_resources():
+    from training.capture.run import actor_resources
+
+    cfg = capture_cfg("q.parquet", "out", "num_cpus=2")
+    assert actor_resources(cfg, use_gpu=False) == {"num_cpus": 2.0}
+    assert actor_resources(cfg, use_gpu=True) == {"num_gpus": 1.0}
+    assert actor_resources(capture_cfg("q", "o", "memory_gb=1.5"), use_gpu=False) == {"num_cpus": 1.0,
+                                                                                       "memory": 1.5 * 2**30}
 
 
 def test_resume_after_kill(ray_cluster, queries, tmp_path):

@@ -22,17 +22,16 @@ def test_the_shipped_routers_are_all_found():
 
 @pytest.mark.parametrize("path", ARTIFACTS)
 def test_a_committed_artifact_loads_and_routes(path):
-    from shared.artifact import EncoderInfo, is_artifact, load_artifact
+    from shared.artifact import EncoderInfo, is_artifact, load_artifact, read_meta
     from shared.registry import load_registry
 
     uri = str(ROOT / path)
     assert is_artifact(uri)
     registry = load_registry()
-    router = load_artifact(uri)
+    spec = registry.encoder(read_meta(uri).encoder.name)
+    router = load_artifact(uri, expected_encoder=EncoderInfo(name=spec.name, sha256=spec.sha256, revision=spec.revision))
     meta = router.meta
-    spec = registry.encoder(meta.encoder.name)
     assert spec.sha256 and meta.encoder.sha256 == spec.sha256
-    load_artifact(uri, expected_encoder=EncoderInfo(name=spec.name, sha256=spec.sha256, revision=spec.revision))
     for t in meta.targets:
         target = registry.target(t.name)
         assert (t.price_in, t.price_out) == (target.price_input_per_m, target.price_output_per_m), t.name
@@ -43,4 +42,3 @@ def test_a_committed_artifact_loads_and_routes(path):
     assert P.shape == (4, len(meta.targets)) and np.all((P >= 0) & (P <= 1))
     chosen = np.asarray(router.route(P, [200] * 4))
     assert chosen.shape[0] == 4 and np.all((chosen >= 0) & (chosen < len(meta.targets)))
-

@@ -68,6 +68,7 @@ def test_routerbench_pipeline_then_a_held_out_check(tmp_path, caplog, local_ray)
     assert router.target_names == cfg.targets and router.meta.encoder.name == "smollm2-135m"
     report = json.loads((work / "eval" / "report.json").read_text())
     assert set(report["by_task"]) == {"arc-challenge", "mbpp", "winogrande"}
+    assert set(report["within_task_auc"]) == {"prefill-router"}  # AUC ranked inside each task
     capture = json.loads((work / "activations" / "manifest.json").read_text())["summary"]
     assert capture["computed_tokens"] < 0.6 * capture["prompt_tokens"], "few-shot headers are prefilled once"
 

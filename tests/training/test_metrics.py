@@ -232,6 +232,33 @@ def test_paired_bootstrap_auc_margin():
         paired_bootstrap_auc_margin(Y, good[:, :1], noise)
 
 
+def test_within_group_auc_ignores_ranking_across_groups():
+    from training.evaluate.uncertainty import paired_bootstrap_auc_margin, rank_auc, within_group_auc
+
+    rng = np.random.default_rng(1)
+    groups = np.array(["easy"] * 300 + ["hard"] * 200, dtype=object)
+    Y = (rng.random((500, 2)) < np.where(groups == "easy", 0.9, 0.2)[:, None]).astype(float)
+    task_only = np.where(groups == "easy", 0.9, 0.2)[:, None] + 0.001 * rng.random((500, 2))  # knows the task only
+    within = task_only + 0.3 * Y  # also ranks the queries inside each task
+    assert rank_auc(Y, task_only).min() > 0.8  # pooled, knowing the task looks good ...
+    assert np.abs(within_group_auc(Y, task_only, groups) - 0.5).max() < 0.1  # ... inside a task it is chance
+    assert within_group_auc(Y, within, groups).min() > 0.95
+    # hand case: AUC 1 in group a (3 rows), 0 in group b (1 positive, 1 negative): (3 * 1 + 2 * 0) / 5
+    y = np.array([[0.0], [1.0], [1.0], [0.0], [1.0]])
+    p = np.array([[0.1], [0.2], [0.3], [0.9], [0.8]])
+    assert within_group_auc(y, p, np.array(list("aaabb"), dtype=object))[0] == pytest.approx(0.6)
+    assert np.isnan(within_group_auc(np.ones((4, 1)), p[:4], np.array(list("aabb"), dtype=object))[0])
+    pooled = paired_bootstrap_auc_margin(Y, task_only, rng.random(Y.shape), n_boot=100)
+    inside = paired_bootstrap_auc_margin(Y, task_only, rng.random(Y.shape), n_boot=100, groups=groups)
+    assert pooled["low"] > 0.3 and inside["low"] < 0 < inside["high"]
+    better = paired_bootstrap_auc_margin(Y, within, task_only, n_boot=100, groups=groups)
+    assert better["margin"] == pytest.approx(np.mean(within_group_auc(Y, within, groups)
+                                                     - within_group_auc(Y, task_only, groups)))
+    assert better["low"] > 0.3 and better["p_le_zero"] == 0.0
+    with pytest.raises(ValueError, match="groups has 3 entries"):
+        paired_bootstrap_auc_margin(Y, within, task_only, groups=groups[:3])
+
+
 # ------------------------------------------------------------------- report metrics
 def test_iso_accuracy_savings_hand_case():
     from training.evaluate.report_metrics import iso_accuracy_savings

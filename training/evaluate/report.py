@@ -15,7 +15,8 @@ PAPER = {"gap_closed": 0.4558, "cost_savings": 0.7431, "mean_auc_prefill": 0.856
 COLUMNS = ("router", "accuracy", "mean cost", "gap closed", "cost savings", "P-AUCCC", "mean AUC",
            "savings at best-single accuracy", "best gap closed at >= threshold savings")
 TASK_COLUMNS = ("task", "n", "best single", "oracle", "prefill-router accuracy", "gap closed", "cost savings",
-                "savings at best-single accuracy", "best gap closed at >= threshold savings", "best other router")
+                "savings at best-single accuracy", "best gap closed at >= threshold savings", "best other router",
+                "prefill-router mean AUC")
 
 
 def jsonable(obj: Any) -> Any:
@@ -95,7 +96,7 @@ def task_rows(report: dict[str, Any], subset: str = "test") -> list[list[str]]:
         rows.append([task, str(refs["n"]), f"{best['target']} {_pct(best['accuracy'])}",
                      _pct(refs["oracle"]["accuracy"]), _pct(ours["accuracy"]), _pct(ours["gap_closed"]),
                      _pct(ours["cost_savings"]), *_new_cells(ours),
-                     f"{other[1]} {_pct(other[0])}" if other else "—"])
+                     f"{other[1]} {_pct(other[0])}" if other else "—", _num(ours.get("mean_auc"), ".3f")])
     return rows
 
 
@@ -110,6 +111,7 @@ def markdown(report: dict[str, Any]) -> str:
         *task_lines(report),
         *paper_lines(report),
         *margin_lines(report.get("auc_margin") or {}),
+        *within_task_lines(report),
         *headroom_lines(report.get("headroom_by_task") or [], report["targets"]),
     ]
     return "\n".join(parts)
@@ -189,17 +191,41 @@ def paper_lines(report: dict[str, Any]) -> list[str]:
     ]
 
 
-def margin_lines(margins: dict[str, dict]) -> list[str]:
+def margin_lines(margins: dict[str, dict], what: str = "Mean per-target AUC margin of the prefill router over "
+                 "each probabilistic baseline on test (paired bootstrap over test queries") -> list[str]:
     """Markdown: our mean-AUC margin over each probabilistic baseline, with its bootstrap CI."""
     if not margins:
         return []
-    lines = ["Mean per-target AUC margin of the prefill router over each probabilistic baseline on test "
-             "(paired bootstrap over test queries, 95% interval; p = share of replicates with margin <= 0):", "",
+    lines = [f"{what}, 95% interval; p = share of replicates with margin <= 0):", "",
              "| baseline | margin | 95% interval | p |", "|---|---:|---|---:|"]
     for name, m in margins.items():
         lines.append(f"| {name} | {_num(m['margin'], '+.3f')} | [{_num(m['low'], '+.3f')}, {_num(m['high'], '+.3f')}] "
                      f"| {_num(m['p_le_zero'], '.3f')} |")
     return lines + [""]
+
+
+def within_task_lines(report: dict[str, Any]) -> list[str]:
+    """Markdown: each probabilistic router's AUC ranked within each task, and our margin on it."""
+    table = report.get("within_task_auc")
+    if not table:
+        return []
+    tasks = [t for t, parts in report.get("by_task", {}).items() if "test" in parts]
+
+    def task_auc(task: str, name: str) -> str:
+        return _num(report["by_task"][task]["test"]["routers"].get(name, {}).get("mean_auc"), ".3f")
+
+    lines = ["## Within-task AUC (test)", "",
+             "The pooled AUC above also rewards telling the tasks apart, which a router told the task gets for "
+             "free. Here each target's AUC is ranked inside each task only (mean over tasks weighted by their "
+             "test rows, then over targets): 0.5 means no knowledge of which queries of a task a target gets "
+             "right.", "",
+             "| router | mean within-task AUC | " + " | ".join(tasks) + " |", "|---|---:|" + "---:|" * len(tasks)]
+    for name, row in table.items():
+        lines.append(f"| {name} | {_num(row['mean_auc'], '.3f')} | " + " | ".join(task_auc(t, name) for t in tasks)
+                     + " |")
+    return lines + [""] + margin_lines(report.get("auc_margin_within_task") or {},
+                                       "Within-task AUC margin of the prefill router over each probabilistic "
+                                       "baseline (paired bootstrap, resampling within each task")
 
 
 def headroom_lines(rows: list[dict], targets: list[str]) -> list[str]:

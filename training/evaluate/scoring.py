@@ -234,12 +234,14 @@ def evaluate_routers(artifact, models: Sequence[RouterModel], data: RoutingData,
             by_task[name] = {k: score_subset(models, preds, operating, tm & m, test, data.targets, cfg, detail=False)
                              for k, m in subsets.items() if (tm & m).any()}
     test_proba = {m.name: preds[m.name]["test"] for m in models if m.probabilistic}
+    test_tasks = None if tasks is None else np.asarray(tasks, dtype=object)[masks["test"]]
     n = {s: int(m.sum()) for s, m in masks.items()} | {"test_disagreement": int(dis.sum())}
     best = out["test"]["references"]["best_single"]["target"]
     return {"targets": list(data.targets), "n": n, "disagreement_share": M.disagreement_share(Yte),
             "operating_point": operating[artifact.name], "subsets": out, "by_task": by_task,
             "savings_threshold": cfg.savings_threshold,
             "auc_margin": auc_margins(Yte, test_proba, artifact.name, cfg.bootstrap),
+            **within_task(Yte, test_proba, artifact.name, cfg.bootstrap, test_tasks, data.targets),
             "headroom_by_task": task_headroom(models, parts["test"][0], best)}
 
 
@@ -255,12 +257,31 @@ def task_headroom(models: Sequence[RouterModel], test: RoutingData, best: str) -
     return headroom_by_group(test.Y, ref.groups(test), test.targets.index(best), test.targets)
 
 
-def auc_margins(Y: np.ndarray, proba: dict[str, np.ndarray], ours: str, n_boot: int) -> dict[str, dict]:
+def auc_margins(Y: np.ndarray, proba: dict[str, np.ndarray], ours: str, n_boot: int,
+                groups: np.ndarray | None = None) -> dict[str, dict]:
     """Per probabilistic baseline: our mean-AUC margin over it on test, with a paired
-    bootstrap 95% interval (:func:`training.evaluate.uncertainty.paired_bootstrap_auc_margin`)."""
+    bootstrap 95% interval (:func:`training.evaluate.uncertainty.paired_bootstrap_auc_margin`;
+    within each of ``groups``, stratified, when given)."""
     from training.evaluate.uncertainty import paired_bootstrap_auc_margin
 
     if n_boot == 0:
         return {}
-    return {name: paired_bootstrap_auc_margin(Y, proba[ours], P, n_boot=n_boot)
+    return {name: paired_bootstrap_auc_margin(Y, proba[ours], P, n_boot=n_boot, groups=groups)
             for name, P in proba.items() if name != ours}
+
+
+def within_task(Y: np.ndarray, proba: dict[str, np.ndarray], ours: str, n_boot: int,
+                tasks: np.ndarray | None, targets: Sequence[str]) -> dict[str, Any]:
+    """Each probabilistic router's AUC ranked inside each task only
+    (:func:`training.evaluate.uncertainty.within_group_auc`) and our margin on it:
+    ``{"within_task_auc": {router: {"mean_auc", "auc": {target: AUC}}}, "auc_margin_within_task":
+    {baseline: margin}}``. Empty without task labels or with one task (that is the pooled AUC)."""
+    from training.evaluate.uncertainty import within_group_auc
+
+    if tasks is None or len(set(tasks)) < 2:
+        return {}
+    aucs = {name: within_group_auc(Y, P, tasks) for name, P in proba.items()}
+    with np.errstate(invalid="ignore"):
+        table = {name: {"mean_auc": float(np.nanmean(a)), "auc": dict(zip(targets, map(float, a)))}
+                 for name, a in aucs.items()}
+    return {"within_task_auc": table, "auc_margin_within_task": auc_margins(Y, proba, ours, n_boot, tasks)}

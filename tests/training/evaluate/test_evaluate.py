@@ -123,6 +123,11 @@ def test_report_files_and_keys(evaluated):
         test = out["subsets"]["test"]["routers"]
         assert m["margin"] == pytest.approx(test["prefill-router"]["mean_auc"] - test[name]["mean_auc"])
         assert m["low"] <= m["margin"] <= m["high"] and 0 <= m["p_le_zero"] <= 1
+    inside, margins = out["within_task_auc"], out["auc_margin_within_task"]  # tasks alpha / beta
+    assert set(inside) == set(margins) | {"prefill-router"} and "## Within-task AUC (test)" in md
+    for name, m in margins.items():
+        assert m["margin"] == pytest.approx(inside["prefill-router"]["mean_auc"] - inside[name]["mean_auc"])
+        assert m["low"] <= m["margin"] <= m["high"]
     for name in ("cost_accuracy.png", "cost_accuracy_disagreement.png"):
         png = Path(cfg.out) / name
         assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -232,6 +232,19 @@ def test_paired_bootstrap_auc_margin():
         paired_bootstrap_auc_margin(Y, good[:, :1], noise)
 
 
+def test_weighted_auc_is_the_auc_of_the_resampled_rows():
+    from training.evaluate.uncertainty import rank_auc, weighted_auc
+
+    rng = np.random.default_rng(2)
+    y, p = (rng.random(60) < 0.4).astype(float), np.round(rng.random(60), 1)  # ties
+    draws = [rng.integers(0, 60, size=60) for _ in range(5)]
+    W = np.stack([np.bincount(d, minlength=60) for d in draws])
+    expected = [rank_auc(y[d, None], p[d, None])[0] for d in draws]
+    np.testing.assert_allclose(weighted_auc(y, p, W), expected)
+    assert np.isnan(weighted_auc(y, p, (y >= 0.5)[None].astype(float)))[0]  # only positives weighted
+    assert np.isnan(weighted_auc(y[:0], p[:0], np.ones((2, 0)))).all()
+
+
 def test_within_group_auc_ignores_ranking_across_groups():
     from training.evaluate.uncertainty import paired_bootstrap_auc_margin, rank_auc, within_group_auc
 

@@ -5,6 +5,10 @@ one draw to the next, so a margin between two routers is reported with a paired
 bootstrap interval: both routers are rescored on the same resampled queries. Where
 queries come in tasks, the pooled AUC also rewards telling tasks apart, which any router
 told the task does for free; :func:`within_group_auc` scores the ranking inside each task.
+
+A bootstrap replicate is a weighting of the rows (how often each was drawn), so every
+replicate's AUC comes from one sort of the scores (:func:`weighted_auc`), vectorised over
+replicates: a thousand replicates over sixty tasks cost a second, not minutes.
 """
 
 from __future__ import annotations
@@ -17,17 +21,47 @@ def rank_auc(Y: np.ndarray, P: np.ndarray) -> np.ndarray:
     ``AUC = (sum of the positives' ranks - n1 (n1 + 1) / 2) / (n1 n0)`` over present labels
     (``y >= 0.5`` positive); nan where a column has one class. Equals sklearn's
     ``roc_auc_score`` (``training.metrics.masked_auc``) at a fraction of its overhead."""
-    from scipy.stats import rankdata
+    return weighted_mean_auc(Y, P, np.ones((1, len(Y))))[0]
 
-    out = np.full(Y.shape[1], np.nan)
-    for j in range(Y.shape[1]):
-        keep = ~np.isnan(Y[:, j])
-        pos = Y[keep, j] >= 0.5
-        n1 = int(pos.sum())
-        n0 = len(pos) - n1
-        if n1 and n0:
-            out[j] = (rankdata(P[keep, j])[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
-    return out
+
+def weighted_auc(y: np.ndarray, p: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """``(B,)`` Mann-Whitney AUC of scores ``p`` ``(m,)`` against labels ``y`` ``(m,)`` (``y >= 0.5``
+    positive) under ``B`` row weightings ``W`` ``(B, m)`` (a bootstrap's draw counts; all ones:
+    the plain AUC). With ``w_i`` row ``i``'s weight,
+    ``AUC = sum_{i pos} w_i (sum_{j neg, p_j < p_i} w_j + 0.5 sum_{j neg, p_j = p_i} w_j) / (W_pos W_neg)``,
+    which is the rank formula on the data with row ``i`` repeated ``w_i`` times. NaN where a
+    weighting leaves one class."""
+    B = W.shape[0]
+    if len(p) == 0:
+        return np.full(B, np.nan)
+    order = np.argsort(p, kind="stable")
+    p, pos, W = p[order], y[order] >= 0.5, W[:, order]
+    starts = np.flatnonzero(np.r_[True, p[1:] != p[:-1]])  # runs of tied scores
+    neg_w = np.add.reduceat(W * ~pos, starts, axis=1)     # (B, distinct scores)
+    pos_w = np.add.reduceat(W * pos, starts, axis=1)
+    below = np.cumsum(neg_w, axis=1) - neg_w
+    u = (pos_w * (below + 0.5 * neg_w)).sum(axis=1)
+    n1, n0 = pos_w.sum(axis=1), neg_w.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n1 > 0) & (n0 > 0), u / (n1 * n0), np.nan)
+
+
+def weighted_mean_auc(Y: np.ndarray, P: np.ndarray, W: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """``(B, T)`` AUC per target under each weighting ``W`` ``(B, n)`` (:func:`weighted_auc`) over
+    present labels; with ``groups`` ``(n,)``, within each group and averaged
+    ``sum_g n_g AUC^g / sum_g n_g`` over the groups where it is defined (``n_g``: the group's rows)."""
+    Y, P = np.asarray(Y, dtype=np.float64), np.asarray(P, dtype=np.float64)
+    masks = [np.ones(len(Y), bool)] if groups is None else [groups == g for g in np.unique(groups)]
+    num, den = np.zeros((W.shape[0], Y.shape[1])), np.zeros((W.shape[0], Y.shape[1]))
+    for m in masks:
+        for t in range(Y.shape[1]):
+            keep = m & ~np.isnan(Y[:, t])
+            auc = weighted_auc(Y[keep, t], P[keep, t], W[:, keep])
+            ok = np.isfinite(auc)
+            num[ok, t] += m.sum() * auc[ok]
+            den[ok, t] += m.sum()
+    with np.errstate(invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
 def within_group_auc(Y: np.ndarray, P: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -37,25 +71,23 @@ def within_group_auc(Y: np.ndarray, P: np.ndarray, groups: np.ndarray) -> np.nda
     ``Y``, ``P``: ``(n, T)``; ``groups``: ``(n,)``. Ranking *across* groups does not count:
     a router that only tells tasks apart scores 0.5 here, however high its pooled AUC.
     NaN for a target with one class in every group."""
-    groups = np.asarray(groups)
-    num, den = np.zeros(Y.shape[1]), np.zeros(Y.shape[1])
-    for g in np.unique(groups):
-        m = groups == g
-        with np.errstate(invalid="ignore"):
-            auc = rank_auc(Y[m], P[m])
-        ok = np.isfinite(auc)
-        num[ok] += m.sum() * auc[ok]
-        den[ok] += m.sum()
-    with np.errstate(invalid="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+    return weighted_mean_auc(Y, P, np.ones((1, len(Y))), np.asarray(groups, dtype=object))[0]
 
 
-def _resample(rng: np.random.Generator, groups: np.ndarray | None, n: int) -> np.ndarray:
-    """``n`` indices drawn with replacement; within each group (its size kept) when ``groups`` is given."""
-    if groups is None:
+def _resample(rng: np.random.Generator, members: list[np.ndarray] | None, n: int) -> np.ndarray:
+    """``n`` indices drawn with replacement; within each group's ``members`` (its size kept) when given."""
+    if members is None:
         return rng.integers(0, n, size=n)
-    return np.concatenate([rng.choice(np.flatnonzero(groups == g), size=int((groups == g).sum()))
-                           for g in np.unique(groups)])
+    return np.concatenate([rng.choice(rows, size=len(rows)) for rows in members])
+
+
+def _margins(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(B,)`` mean over targets of ``a - b`` (``(B, T)``), over targets finite in both; NaN if none."""
+    both = np.isfinite(a) & np.isfinite(b)
+    diff = np.where(both, a - b, 0.0).sum(axis=1)
+    count = both.sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        return np.where(count > 0, diff / np.maximum(count, 1), np.nan)
 
 
 def paired_bootstrap_auc_margin(Y: np.ndarray, P: np.ndarray, Q: np.ndarray, n_boot: int = 1000,
@@ -79,20 +111,14 @@ def paired_bootstrap_auc_margin(Y: np.ndarray, P: np.ndarray, Q: np.ndarray, n_b
     if groups is not None and len(groups) != len(Y):
         raise ValueError(f"groups has {len(groups)} entries for {len(Y)} rows")
     groups = None if groups is None else np.asarray(groups, dtype=object)
-
-    def margin(idx: np.ndarray) -> float:
-        with np.errstate(invalid="ignore"):
-            if groups is None:
-                a, b = rank_auc(Y[idx], P[idx]), rank_auc(Y[idx], Q[idx])
-            else:
-                a, b = within_group_auc(Y[idx], P[idx], groups[idx]), within_group_auc(Y[idx], Q[idx], groups[idx])
-        both = np.isfinite(a) & np.isfinite(b)
-        return float(np.mean(a[both] - b[both])) if both.any() else float("nan")
-
     rng = np.random.default_rng(seed)
     n = len(Y)
-    reps = np.array([margin(_resample(rng, groups, n)) for _ in range(n_boot)])
-    reps = reps[np.isfinite(reps)]
+    members = None if groups is None else [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    W = np.ones((n_boot + 1, n))  # row 0: the full sample; then one row of draw counts per replicate
+    for b in range(n_boot):
+        W[b + 1] = np.bincount(_resample(rng, members, n), minlength=n)
+    m = _margins(weighted_mean_auc(Y, P, W, groups), weighted_mean_auc(Y, Q, W, groups))
+    reps = m[1:][np.isfinite(m[1:])]
     lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2]) if len(reps) else (np.nan, np.nan)
-    return {"margin": margin(np.arange(n)), "low": float(lo), "high": float(hi),
+    return {"margin": float(m[0]), "low": float(lo), "high": float(hi),
             "p_le_zero": float(np.mean(reps <= 0)) if len(reps) else float("nan")}

@@ -14,6 +14,7 @@ from training.semantic_text import describe
 PAPER = {"gap_closed": 0.4558, "cost_savings": 0.7431, "mean_auc_prefill": 0.856, "mean_auc_prompt_only": 0.804}
 COLUMNS = ("router", "accuracy", "mean cost", "gap closed", "cost savings", "P-AUCCC", "mean AUC",
            "savings at best-single accuracy", "best gap closed at >= threshold savings")
+MAX_TASK_COLUMNS = 8  # the within-task table shows one column per task up to this many tasks
 TASK_COLUMNS = ("task", "n", "best single", "oracle", "prefill-router accuracy", "gap closed", "cost savings",
                 "savings at best-single accuracy", "best gap closed at >= threshold savings", "best other router",
                 "prefill-router mean AUC")
@@ -210,6 +211,8 @@ def within_task_lines(report: dict[str, Any]) -> list[str]:
     if not table:
         return []
     tasks = [t for t, parts in report.get("by_task", {}).items() if "test" in parts]
+    many = len(tasks) > MAX_TASK_COLUMNS
+    tasks = [] if many else tasks
 
     def task_auc(task: str, name: str) -> str:
         return _num(report["by_task"][task]["test"]["routers"].get(name, {}).get("mean_auc"), ".3f")
@@ -218,11 +221,11 @@ def within_task_lines(report: dict[str, Any]) -> list[str]:
              "The pooled AUC above also rewards telling the tasks apart, which a router told the task gets for "
              "free. Here each target's AUC is ranked inside each task only (mean over tasks weighted by their "
              "test rows, then over targets): 0.5 means no knowledge of which queries of a task a target gets "
-             "right.", "",
-             "| router | mean within-task AUC | " + " | ".join(tasks) + " |", "|---|---:|" + "---:|" * len(tasks)]
+             "right." + (f" Per-task columns are left out ({len(report['by_task'])} tasks; the per-task rows above "
+                         "have each task's pooled AUC)." if many else ""), "",
+             "| " + " | ".join(["router", "mean within-task AUC", *tasks]) + " |", "|---|---:|" + "---:|" * len(tasks)]
     for name, row in table.items():
-        lines.append(f"| {name} | {_num(row['mean_auc'], '.3f')} | " + " | ".join(task_auc(t, name) for t in tasks)
-                     + " |")
+        lines.append("| " + " | ".join([name, _num(row["mean_auc"], ".3f"), *(task_auc(t, name) for t in tasks)]) + " |")
     return lines + [""] + margin_lines(report.get("auc_margin_within_task") or {},
                                        "Within-task AUC margin of the prefill router over each probabilistic "
                                        "baseline (paired bootstrap, resampling within each task")

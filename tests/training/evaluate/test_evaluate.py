@@ -388,17 +388,3 @@ def test_iso_accuracy_savings_and_gap_at_savings_in_the_report(evaluated):
         if fixed["cost_savings"] >= 0.7431:
             assert fixed["best_gap_closed_at_savings"] == pytest.approx(fixed["gap_closed"])
 
-
-def test_within_task_table_leaves_out_task_columns_when_there_are_many():
-    from training.evaluate.report import MAX_TASK_COLUMNS, within_task_lines
-
-    def report(n_tasks: int) -> dict:
-        rows = {"prefill-router": {"mean_auc": 0.61}, "knn-minilm": {"mean_auc": 0.52}}
-        by_task = {f"task{i}": {"test": {"routers": {k: {"mean_auc": 0.6} for k in rows}}} for i in range(n_tasks)}
-        return {"within_task_auc": rows, "by_task": by_task, "auc_margin_within_task": {}}
-
-    few = "\n".join(within_task_lines(report(3)))
-    assert "| router | mean within-task AUC | task0 | task1 | task2 |" in few and "| prefill-router | 0.610 |" in few
-    many = "\n".join(within_task_lines(report(MAX_TASK_COLUMNS + 1)))
-    assert "| router | mean within-task AUC |\n" in many and "task0" not in many and "9 tasks" in many
-    assert within_task_lines({"by_task": {}}) == []

@@ -52,8 +52,7 @@ def synthetic_proba(Y: np.ndarray, base_rate: np.ndarray, sigma: float, rho: flo
 
 def load_split(work_dir: str, artifact: str, targets: list[str]):
     """Test rows' ``Y``, outcome and decision costs, tasks; the targets' train base rates."""
-    import pyarrow.parquet as pq
-
+    from shared import storage
     from shared.artifact import load_artifact
     from training.dataset import load_routing_data
     from training.evaluate.scoring import decision_costs, outcome_costs
@@ -63,7 +62,7 @@ def load_split(work_dir: str, artifact: str, targets: list[str]):
     data = load_routing_data(f"{work_dir}/activations", f"{work_dir}/labels", targets, blocks=[first])
     C_route = decision_costs(router, data)
     C = outcome_costs(data, C_route)
-    table = pq.read_table(f"{work_dir}/queries.parquet", columns=["query_id", "task"])
+    table = storage.read_parquet(f"{work_dir}/queries.parquet", columns=["query_id", "task"])
     task_of = dict(zip(table.column("query_id").to_pylist(), table.column("task").to_pylist()))
     te, tr = data.split == "test", data.split == "train"
     tasks = np.array([task_of[q] for q in data.query_ids[te]], dtype=object)
@@ -72,10 +71,10 @@ def load_split(work_dir: str, artifact: str, targets: list[str]):
 
 def sweep_quality(Y, C, C_route, tasks, base_rate, targets, draws: int, seed: int) -> list[dict]:
     """One row per (rho, sigma): mean over ``draws`` of the synthetic router's metrics."""
-    from training.evaluate.scoring import references, score_probabilistic
+    from training.evaluate.scoring import PAPER_SAVINGS, references, score_probabilistic
     from training.evaluate.uncertainty import within_group_auc
 
-    cfg = SimpleNamespace(pauccc_interpolation="linear", savings_threshold=0.7431)
+    cfg = SimpleNamespace(pauccc_interpolation="linear", savings_threshold=PAPER_SAVINGS)
     refs = references(Y, C, targets, cfg.savings_threshold)
     rng, rows = np.random.default_rng(seed), []
     for rho in RHOS:
@@ -94,8 +93,8 @@ def sweep_quality(Y, C, C_route, tasks, base_rate, targets, draws: int, seed: in
             rows.append({"rho": rho, "sigma": sigma, "within_task_auc": m[0], "iso_accuracy_savings": m[1],
                          "iso_reached_share": reached, "best_gap_closed_at_savings": m[2], "pauccc": m[3]})
             print(f"rho {rho:.1f} sigma {sigma:4.1f}: within-task AUC {m[0]:.3f}, savings at GPT-4's accuracy "
-                  f"{100 * m[1]:5.1f}% (0 where not reached; reached in {100 * reached:.0f}% of draws), best gap closed at >= 74.31% "
-                  f"savings {100 * m[2]:6.1f}%, P-AUCCC {m[3]:.4f}", flush=True)
+                  f"{100 * m[1]:5.1f}% (0 where not reached; reached in {100 * reached:.0f}% of draws), "
+                  f"best gap closed at >= 74.31% savings {100 * m[2]:6.1f}%, P-AUCCC {m[3]:.4f}", flush=True)
     return rows
 
 

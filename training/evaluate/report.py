@@ -210,9 +210,9 @@ def within_task_lines(report: dict[str, Any]) -> list[str]:
     table = report.get("within_task_auc")
     if not table:
         return []
-    tasks = [t for t, parts in report.get("by_task", {}).items() if "test" in parts]
-    many = len(tasks) > MAX_TASK_COLUMNS
-    tasks = [] if many else tasks
+    all_tasks = [t for t, parts in report.get("by_task", {}).items() if "test" in parts]
+    many = len(all_tasks) > MAX_TASK_COLUMNS
+    tasks = [] if many else all_tasks
 
     def task_auc(task: str, name: str) -> str:
         return _num(report["by_task"][task]["test"]["routers"].get(name, {}).get("mean_auc"), ".3f")
@@ -221,11 +221,13 @@ def within_task_lines(report: dict[str, Any]) -> list[str]:
              "The pooled AUC above also rewards telling the tasks apart, which a router told the task gets for "
              "free. Here each target's AUC is ranked inside each task only (mean over tasks weighted by their "
              "test rows, then over targets): 0.5 means no knowledge of which queries of a task a target gets "
-             "right." + (f" Per-task columns are left out ({len(report['by_task'])} tasks; the per-task rows above "
+             "right." + (f" Per-task columns are left out ({len(all_tasks)} tasks; the per-task rows above "
                          "have each task's pooled AUC)." if many else ""), "",
-             "| " + " | ".join(["router", "mean within-task AUC", *tasks]) + " |", "|---|---:|" + "---:|" * len(tasks)]
+             "| " + " | ".join(["router", "mean within-task AUC", *tasks]) + " |",
+             "|---|---:|" + "---:|" * len(tasks)]
     for name, row in table.items():
-        lines.append("| " + " | ".join([name, _num(row["mean_auc"], ".3f"), *(task_auc(t, name) for t in tasks)]) + " |")
+        cells = [name, _num(row["mean_auc"], ".3f"), *(task_auc(t, name) for t in tasks)]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines + [""] + margin_lines(report.get("auc_margin_within_task") or {},
                                        "Within-task AUC margin of the prefill router over each probabilistic "
                                        "baseline (paired bootstrap, resampling within each task")

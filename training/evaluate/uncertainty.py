@@ -54,12 +54,13 @@ def weighted_mean_auc(Y: np.ndarray, P: np.ndarray, W: np.ndarray, groups: np.nd
     masks = [np.ones(len(Y), bool)] if groups is None else [groups == g for g in np.unique(groups)]
     num, den = np.zeros((W.shape[0], Y.shape[1])), np.zeros((W.shape[0], Y.shape[1]))
     for m in masks:
+        size = m.sum()
         for t in range(Y.shape[1]):
             keep = m & ~np.isnan(Y[:, t])
             auc = weighted_auc(Y[keep, t], P[keep, t], W[:, keep])
             ok = np.isfinite(auc)
-            num[ok, t] += m.sum() * auc[ok]
-            den[ok, t] += m.sum()
+            num[ok, t] += size * auc[ok]
+            den[ok, t] += size
     with np.errstate(invalid="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 

@@ -276,7 +276,9 @@ def rayservice_yaml(resource: dict[str, Any], serve_config_path: str) -> str:
               f"#   prefill-router k8s render-rayservice --serve-config {serve_config_path} -o {RAYSERVICE_OUT}\n"
               "# (serveConfigV2 = serving.config.serve_config; rayClusterConfig = the spec of raycluster.yaml).\n"
               "# Do not edit: change the serve config or raycluster.yaml and re-run; tests/cluster/test_k8s.py checks it.\n"
-              "# Roll a new artifact in place: change only user_config.artifact of Encoder and RouterHead.\n")
+              "# Applied in place, no replica restarted: user_config.artifact of Encoder and RouterHead (a new\n"
+              "# artifact), the Ingress's user_config (auth, timeouts, fallback, defaults) and the Targets'\n"
+              "# (timeout_s). Any change of args replaces every replica, models included.\n")
     return header + yaml.dump(resource, Dumper=_LiteralDumper, sort_keys=False, width=120)
 
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from serving.config import ServeConfig, deployment_name, serve_config
+from serving.config import ServeConfig, deployment_name, serve_config, target_user_config
 from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
 from shared.ray_boot import ensure_ray, resolve_target
 
@@ -79,11 +79,13 @@ def build_app(args: dict[str, Any]) -> Any:
     for name in targets:
         spec = registry.get(cfg.endpoints.get(name, name))
         dep = serve.deployment(TargetReplica, name=deployment_name("Target", name))
-        handles[name] = dep.options(**cfg.target_options(name).serve_options()).bind(
-            spec.model_dump(mode="json"), cfg.target_timeout_s)
+        handles[name] = dep.options(**cfg.target_options(name).serve_options(),
+                                    user_config=target_user_config(cfg)).bind(spec.model_dump(mode="json"))
+    # The ingress's settings travel in user_config (as in serve_config): changed in place, no restart.
     ingress_cls = serve.ingress(replica_asgi_app)(RouterIngress)
-    ingress = serve.deployment(ingress_cls, name=deployment_name("Ingress")).options(**cfg.ingress.serve_options())
-    return ingress.bind(cfg.ingress_config().model_dump(mode="json"), encoder, head, handles)
+    ingress = serve.deployment(ingress_cls, name=deployment_name("Ingress")).options(
+        **cfg.ingress.serve_options(), user_config=cfg.ingress_config().model_dump(mode="json"))
+    return ingress.bind(encoder, head, handles)
 
 
 def deploy(cfg: ServeConfig, artifact: str | None = None, timeout_s: float = 600) -> dict[str, Any]:
@@ -91,8 +93,10 @@ def deploy(cfg: ServeConfig, artifact: str | None = None, timeout_s: float = 600
 
     With ``artifact``, only the Encoder's and RouterHead's ``user_config`` change: Serve
     applies that in place (``reconfigure``), without restarting any replica, and the
-    replicas keep the old artifact if the new one fails to load. Any other change
-    (``args``) rebuilds the application. Needs a connected Ray with Serve started.
+    replicas keep the old artifact if the new one fails to load. So do changes of the
+    ingress's settings (auth, timeouts, fallback, defaults); any other change (``args``:
+    targets, endpoints, models, deployments) replaces every replica. Needs a connected Ray
+    with Serve started.
     """
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
@@ -100,7 +104,7 @@ def deploy(cfg: ServeConfig, artifact: str | None = None, timeout_s: float = 600
     doc = serve_config(cfg, served_targets(cfg))
     if artifact:
         for dep in doc["applications"][0]["deployments"]:
-            if "user_config" in dep:
+            if dep["name"] in (deployment_name("Encoder"), deployment_name("RouterHead")):
                 dep["user_config"] = {"artifact": artifact}
     serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(doc))
     wait_running(cfg.app_name, timeout_s)

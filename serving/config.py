@@ -118,14 +118,33 @@ def deployment_name(role: str, target: str | None = None) -> str:
     return f"Target-{target}" if target else role
 
 
+#: The ingress's settings that travel in ``user_config`` (applied in place) rather than in the
+#: application's ``args``; ``max_prompt_tokens`` stays in ``args`` too, the Encoder is built with it.
+LIVE_FIELDS = frozenset(IngressConfig.model_fields) - {"max_prompt_tokens"}
+
+
+def target_user_config(cfg: ServeConfig) -> dict[str, Any]:
+    """What every target replica takes in place: its own bound on an endpoint call."""
+    return {"timeout_s": cfg.target_timeout_s}
+
+
 def serve_config(cfg: ServeConfig, targets: list[str]) -> dict[str, Any]:
-    """The ``serve build``-style config document for this app (validated by Ray's schema in tests)."""
-    user_config = {"artifact": cfg.artifact}  # changing it reloads the artifact in place
+    """The ``serve build``-style config document for this app (validated by Ray's schema in tests).
+
+    Serve versions an application by its ``args``: any change there replaces every replica,
+    models included (on GPUs: every vLLM engine reloads). So what operators change while
+    serving travels in the deployments' ``user_config``, which Serve applies in place
+    (``reconfigure``, no restart): the artifact (Encoder, RouterHead), the ingress's settings
+    (auth, timeouts, fallback, defaults, limits: Ingress) and the targets' call timeout.
+    """
+    artifact = {"artifact": cfg.artifact}  # changing it reloads the artifact in place
     deployments = [
-        {"name": deployment_name("Ingress"), **cfg.ingress.serve_options()},
-        {"name": deployment_name("Encoder"), **cfg.encoder.serve_options(), "user_config": user_config},
-        {"name": deployment_name("RouterHead"), **cfg.head.serve_options(), "user_config": user_config},
-        *({"name": deployment_name("Target", t), **cfg.target_options(t).serve_options()} for t in targets),
+        {"name": deployment_name("Ingress"), **cfg.ingress.serve_options(),
+         "user_config": cfg.ingress_config().model_dump(mode="json")},
+        {"name": deployment_name("Encoder"), **cfg.encoder.serve_options(), "user_config": artifact},
+        {"name": deployment_name("RouterHead"), **cfg.head.serve_options(), "user_config": artifact},
+        *({"name": deployment_name("Target", t), **cfg.target_options(t).serve_options(),
+           "user_config": target_user_config(cfg)} for t in targets),
     ]
     return {
         "proxy_location": "EveryNode",
@@ -134,7 +153,7 @@ def serve_config(cfg: ServeConfig, targets: list[str]) -> dict[str, Any]:
             "name": cfg.app_name,
             "route_prefix": cfg.route_prefix,
             "import_path": IMPORT_PATH,
-            "args": cfg.model_dump(mode="json"),
+            "args": cfg.model_dump(mode="json", exclude=set(LIVE_FIELDS)),
             "deployments": deployments,
         }],
     }

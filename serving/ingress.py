@@ -117,16 +117,22 @@ def surely_within(messages: list[dict[str, str]], limit: int) -> bool:
 class RouterIngress:
     """Request handling shared by every endpoint (no Ray or HTTP server needed to test it)."""
 
-    def __init__(self, config: dict[str, Any], encoder: Any, head: Any, targets: dict[str, Any]):
-        self.cfg = IngressConfig.model_validate(config)
+    def __init__(self, encoder: Any, head: Any, targets: dict[str, Any], config: dict[str, Any] | None = None):
         self.encoder, self.head, self.targets = encoder, head, dict(targets)
-        if self.cfg.fallback_target and self.cfg.fallback_target not in self.targets:
-            raise ValueError(f"fallback_target {self.cfg.fallback_target!r} is not served ({list(self.targets)})")
         self.metrics = RouterMetrics.create()
-        self.token = self._auth_token()
+        self.reconfigure(config or {})
 
-    def _auth_token(self) -> str | None:
-        name = self.cfg.auth_token_env
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Apply an :class:`IngressConfig` (Serve's ``user_config``: in place, no restart). A bad
+        one (a fallback that is not served, an unset token variable) raises and changes nothing."""
+        cfg = IngressConfig.model_validate(config)
+        if cfg.fallback_target and cfg.fallback_target not in self.targets:
+            raise ValueError(f"fallback_target {cfg.fallback_target!r} is not served ({list(self.targets)})")
+        token = self._auth_token(cfg.auth_token_env)
+        self.cfg, self.token = cfg, token
+
+    @staticmethod
+    def _auth_token(name: str | None) -> str | None:
         if not name:
             return None
         token = os.environ.get(name, "").strip()

@@ -18,6 +18,7 @@ registry entry.
 from __future__ import annotations
 
 import asyncio
+import os
 import json
 import threading
 import uuid
@@ -273,6 +274,15 @@ class TargetReplica:
         self.spec = ModelSpec.model_validate(spec)
         self.backend = make_target(self.spec, timeout_s)
 
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve user-config update ``{"timeout_s": s}`` (in place): the bound on an endpoint call.
+        Local backends have none of their own; the ingress cancels them at its timeout."""
+        timeout_s = float(user_config["timeout_s"])
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if isinstance(self.backend, OpenAITarget):
+            self.backend.client.timeout = timeout_s
+
     async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> TargetAnswer:
         return await self.backend.generate(messages, max_tokens, temperature)
 
@@ -283,7 +293,7 @@ class TargetReplica:
 
     def ready(self) -> dict[str, Any]:
         """Answers once the backend is loaded (the ingress's readiness check)."""
-        return {"target": self.spec.name, "backend": self.spec.backend.value}
+        return {"target": self.spec.name, "backend": self.spec.backend.value, "pid": os.getpid()}
 
     def stats(self) -> dict[str, int]:
         """Generations running now, finished, cancelled, and tokens generated (local backends)."""

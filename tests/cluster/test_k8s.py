@@ -51,16 +51,19 @@ def test_every_resource_validates_against_its_crd(overlay, schemas):
 def test_serve_config_v2_passes_rays_schema(overlay):
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.config import IMPORT_PATH, ServeConfig
+    from serving.config import IMPORT_PATH, LIVE_FIELDS, IngressConfig, ServeConfig
 
     doc = serve_doc(by_kind(k8s.render_overlay(overlay))["RayService"])
     ServeDeploySchema.model_validate(doc)
     (app,) = doc["applications"]
     assert app["import_path"] == IMPORT_PATH == "serving.app:build_app"
     ServeConfig.model_validate(app["args"])  # the app's args are a valid serving config
-    reloadable = {d["name"]: d["user_config"] for d in app["deployments"] if "user_config" in d}
-    assert reloadable == {"Encoder": {"artifact": app["args"]["artifact"]},
-                          "RouterHead": {"artifact": app["args"]["artifact"]}}
+    live = {d["name"]: d["user_config"] for d in app["deployments"]}  # applied in place, no restart
+    assert live["Encoder"] == live["RouterHead"] == {"artifact": app["args"]["artifact"]}
+    ingress = IngressConfig.model_validate(live.pop("Ingress"))
+    assert not LIVE_FIELDS & set(app["args"]) and ingress.max_prompt_tokens == app["args"]["max_prompt_tokens"]
+    targets = {name: cfg for name, cfg in live.items() if name.startswith("Target-")}
+    assert targets and all(cfg == {"timeout_s": ingress.target_timeout_s} for cfg in targets.values())
 
 
 def test_committed_rayservice_is_what_the_generator_makes_now():

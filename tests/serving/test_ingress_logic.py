@@ -90,7 +90,7 @@ def client(fail=(), token_env=None, encoder=None, **cfg):
     targets = {n: target(n, n in fail, n in mid_stream) for n in ("cheap", "mid", "big")}
     cfg = {"auth_token_env": token_env, "max_prompt_tokens": LIMIT, **cfg}
     encoder = encoder or Handle(encode=encode, count_tokens=count_tokens, ready=encoder_ready)
-    ingress = RouterIngress(cfg, encoder, Handle(decide=decide, ready=encoder_ready), targets)
+    ingress = RouterIngress(encoder, Handle(decide=decide, ready=encoder_ready), targets, cfg)
     return TestClient(make_fastapi_app(lambda: ingress)), ingress
 
 
@@ -173,6 +173,23 @@ def test_auth_refuses_to_start_without_its_token(monkeypatch):
         client(token_env="UNSET_ROUTER_TOKEN")
 
 
+def test_reconfigure_applies_in_place_and_a_bad_config_changes_nothing(monkeypatch):
+    """Serve's user_config update: auth and fallback change on the live ingress; a config naming an
+    unset token variable or an unserved fallback raises and leaves the running settings as they were."""
+    monkeypatch.setenv("ROUTER_TOKEN", "s3cret")
+    c, ingress = client()
+    assert c.get("/v1/models").status_code == 200
+    ingress.reconfigure({"auth_token_env": "ROUTER_TOKEN", "fallback_target": "mid", "max_prompt_tokens": LIMIT})
+    assert c.get("/v1/models").status_code == 401 and ingress.cfg.fallback_target == "mid"
+    monkeypatch.delenv("UNSET_ROUTER_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="UNSET_ROUTER_TOKEN is unset"):
+        ingress.reconfigure({"auth_token_env": "UNSET_ROUTER_TOKEN"})
+    with pytest.raises(ValueError, match="not served"):
+        ingress.reconfigure({"auth_token_env": "ROUTER_TOKEN", "fallback_target": "nowhere"})
+    assert ingress.token == "s3cret" and ingress.cfg.fallback_target == "mid" and ingress.cfg.max_prompt_tokens == LIMIT
+    assert c.get("/v1/models", headers={"authorization": "Bearer s3cret"}).status_code == 200
+
+
 def test_bearer_scheme_is_case_insensitive_and_401_says_how(monkeypatch):
     monkeypatch.setenv("ROUTER_TOKEN", "s3cret")
     c, _ = client(token_env="ROUTER_TOKEN")
@@ -250,8 +267,8 @@ def test_a_request_fault_is_answered_not_retried_elsewhere():
 
         return Handle(generate=generate)
 
-    ingress = RouterIngress({"max_prompt_tokens": 1000}, Handle(encode=encode, count_tokens=count_tokens),
-                            Handle(decide=decide), {"cheap": refusing("cheap"), "mid": refusing("mid")})
+    ingress = RouterIngress(Handle(encode=encode, count_tokens=count_tokens), Handle(decide=decide),
+                            {"cheap": refusing("cheap"), "mid": refusing("mid")}, {"max_prompt_tokens": 1000})
     r = TestClient(make_fastapi_app(lambda: ingress)).post("/v1/chat/completions", json={"model": "mid", "messages": MSG})
     assert r.status_code == 413 and "mid's context limit" in r.json()["detail"]
     assert calls == ["mid"]

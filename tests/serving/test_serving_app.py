@@ -1,8 +1,10 @@
 """The Serve app on a real local Ray cluster with the real SmolLM2 and Gemma models, over real HTTP.
 
-One app, deployed once, then updated twice (a target endpoint broken; the artifact
-reloaded). The ``smol-remote`` target is an OpenAI-compatible endpoint: this same app
-serving SmolLM2 on loopback.
+One app, deployed once, then updated in place (artifacts reloaded; auth, a short target
+timeout and a fallback target switched on: no replica restarts) and last redeployed as a
+decision service. The ``smol-remote`` target is an OpenAI-compatible endpoint: this same app
+serving SmolLM2 on loopback; ``gpt-4-1106-preview`` is served through an endpoint that
+refuses connections (``endpoints``, as a RouterBench target behind the user's own gateway).
 """
 
 import json
@@ -24,6 +26,7 @@ MSG = [{"role": "user", "content": "What is the capital of France? Answer with o
 
 APP = "prefill-router"
 TOKEN_ENV, TOKEN = "PR_TEST_SERVE_TOKEN", "s3cret-token"
+BROKEN = "gpt-4-1106-preview"  # served through the registry's broken-endpoint
 COUNTING = [{"role": "user", "content": "Write the numbers from 1 to 500 in words, one per line, without stopping."}]
 
 
@@ -46,8 +49,10 @@ def app(tmp_path_factory):
            # a routed request waits up to 0.5 s inside the encoder for its batch: the kill tests hit it there
            "encoder_batch": {"max_batch_size": 8, "batch_wait_timeout_s": 0.5},
            "prefix_cache": {"max_mb": 32, "min_tokens": 32},
-           "targets": ["smollm2-135m", "gemma3-270m", "smol-remote", "flaky-endpoint"],
-           "target_overrides": {"smol-remote": {"num_cpus": 0.1}, "flaky-endpoint": {"num_cpus": 0.05}}}
+           "targets": ["smollm2-135m", "gemma3-270m", "smol-remote", "flaky-endpoint", BROKEN],
+           "endpoints": {BROKEN: "broken-endpoint"},
+           "target_overrides": {"smol-remote": {"num_cpus": 0.1}, "flaky-endpoint": {"num_cpus": 0.05},
+                                BROKEN: {"num_cpus": 0.05}}}
     os.environ[TOKEN_ENV] = TOKEN  # before Ray starts: the replicas inherit it (the auth tests use it)
     ensure_ray("local", num_cpus=4, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -70,7 +75,7 @@ def test_health_models_and_route(app):
     ready = c.get("/readyz")
     assert ready.status_code == 200 and ready.json()["checks"]["encoder"] == "ok", ready.text
     ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
-    assert ids == ["router", "smollm2-135m", "gemma3-270m", "smol-remote", "flaky-endpoint"]
+    assert ids == ["router", "smollm2-135m", "gemma3-270m", "smol-remote", "flaky-endpoint", BROKEN]
     r = c.post("/v1/route", json={"messages": MSG})
     assert r.status_code == 200, r.text
     d = r.json()
@@ -241,14 +246,13 @@ def test_huge_prompts_are_refused_before_any_target(app):
 
 
 def test_failing_target_falls_back(app):
-    app["redeploy"](endpoints={"gemma3-270m": "broken-endpoint"})
+    """A target whose endpoint refuses connections: the next target answers, marked in a header and counted."""
     c = app["client"]
-    r = c.post("/v1/chat/completions", json={"model": "gemma3-270m", "messages": MSG})
+    r = c.post("/v1/chat/completions", json={"model": BROKEN, "messages": MSG})
     assert r.status_code == 200, r.text
-    assert r.headers["x-prefill-router-fallback-from"] == "gemma3-270m"
-    assert r.json()["model"] != "gemma3-270m" and r.json()["choices"][0]["message"]["content"].strip()
-    assert 'prefill_router_fallbacks_total{failed_target="gemma3-270m"' in c.get("/metrics").text
-    app["redeploy"]()
+    assert r.headers["x-prefill-router-fallback-from"] == BROKEN
+    assert r.json()["model"] != BROKEN and r.json()["choices"][0]["message"]["content"].strip()
+    assert f'prefill_router_fallbacks_total{{failed_target="{BROKEN}"' in c.get("/metrics").text
 
 
 def test_artifact_reload_in_place_and_bad_artifact_keeps_old(app):
@@ -294,39 +298,59 @@ def test_encoder_killed_mid_request_gives_json_503_then_recovers(app):
     assert c.post("/v1/chat/completions", json={"model": "router", "messages": MSG}).status_code == 200
 
 
-def test_auth_token_env_naming_an_unset_variable_refuses_to_start(app):
-    """D2: no silent start without auth."""
-    with pytest.raises(RuntimeError, match="PR_UNSET_TOKEN_VARIABLE is unset"):
-        app["redeploy"](auth_token_env="PR_UNSET_TOKEN_VARIABLE")
+def pids() -> dict[str, int]:
+    """The process of each model replica (Encoder, local targets)."""
+    names = ("Encoder", "Target-smollm2-135m", "Target-gemma3-270m")
+    return {n: replica(APP, n).ready.remote().result(timeout_s=60)["pid"] for n in names}
 
 
-def test_with_auth_short_timeout_and_fallback_target(app):
-    """D2: the Bearer scheme is case-insensitive, a 401 says how to authenticate. D1: a target that
-    times out is cancelled and stops computing. D3: an encoder killed mid-request falls back to the
-    configured target, marked in a header."""
+@pytest.fixture(scope="module")
+def hardened(app):
+    """The app updated for production: a bearer token, a short target timeout and a fallback_target.
+    Ingress settings travel in user_config: applied in place, no replica (no model) restarts."""
+    before = pids()
     app["redeploy"](auth_token_env=TOKEN_ENV, target_timeout_s=5, fallback_target="smollm2-135m")
-    c = app["client"]
     wait_ready(f"http://127.0.0.1:{app['port']}", 240)
+    return {**app, "auth": {"authorization": f"bearer {TOKEN}"}, "pids_before": before}
+
+
+def test_ingress_settings_change_in_place(hardened):
+    assert pids() == hardened["pids_before"]
+
+
+def test_auth_is_required_and_the_bearer_scheme_case_insensitive(hardened):
+    """D2: a 401 says how to authenticate."""
+    c = hardened["client"]
     r = c.post("/v1/chat/completions", json={"model": "router", "messages": MSG})
     assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
-    auth = {"authorization": f"bearer {TOKEN}"}
-    assert c.post("/v1/chat/completions", json={"model": "router", "messages": MSG}, headers=auth).status_code == 200
+    r = c.post("/v1/chat/completions", json={"model": "router", "messages": MSG}, headers=hardened["auth"])
+    assert r.status_code == 200, r.text
 
+
+def test_a_target_that_times_out_is_cancelled(hardened):
+    """D1: a target slower than target_timeout_s is cancelled and stops computing; when every
+    target fails the answer is a 502 that says so."""
+    c = hardened["client"]
     targets = {t: replica(APP, f"Target-{t}") for t in ("smollm2-135m", "gemma3-270m")}
+    before = {t: h.stats.remote().result(timeout_s=30)["cancelled"] for t, h in targets.items()}
     body = {"model": "smollm2-135m", "messages": COUNTING, "max_tokens": 1500}
-    r = c.post("/v1/chat/completions", json=body, headers=auth)
+    r = c.post("/v1/chat/completions", json=body, headers=hardened["auth"])
     assert r.status_code == 502 and "timed out" in r.json()["detail"], r.text
     deadline = time.monotonic() + 30
     while any(h.stats.remote().result(timeout_s=30)["active"] for h in targets.values()):
         assert time.monotonic() < deadline, "a target kept computing after its timeout"
         time.sleep(0.5)
-    assert all(h.stats.remote().result(timeout_s=30)["cancelled"] >= 1 for h in targets.values())
+    assert all(h.stats.remote().result(timeout_s=30)["cancelled"] == before[t] + 1 for t, h in targets.items())
 
-    responses, _ = kill_encoder_during(c, APP, {"model": "router", "messages": MSG}, headers=auth)
+
+def test_encoder_killed_mid_request_falls_back_to_the_configured_target(hardened):
+    """D3: routed requests around an encoder SIGKILL are answered by fallback_target, marked in a header."""
+    c = hardened["client"]
+    responses, _ = kill_encoder_during(c, APP, {"model": "router", "messages": MSG}, headers=hardened["auth"])
     assert {r.status_code for r in responses} == {200}, [(r.status_code, r.text) for r in responses]
     degraded = [r for r in responses if "x-prefill-router-degraded" in r.headers]
     assert degraded and all(r.headers["x-prefill-router-target"] == "smollm2-135m" for r in degraded)
-    wait_ready(f"http://127.0.0.1:{app['port']}", 240)
+    wait_ready(f"http://127.0.0.1:{hardened['port']}", 240)
 
 
 def test_decision_service_serves_no_target(app):
@@ -351,3 +375,9 @@ def test_decision_service_serves_no_target(app):
     assert c.post("/v1/chat/completions", json={"model": "stream", "messages": "x"}).status_code == 422
     assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["router"]
     assert c.get("/readyz").status_code == 200
+
+
+def test_auth_token_env_naming_an_unset_variable_refuses_to_start(app):
+    """D2: no silent start without auth. (Last: it leaves the app failed.)"""
+    with pytest.raises(RuntimeError, match="PR_UNSET_TOKEN_VARIABLE is unset"):
+        app["redeploy"](targets=[], auth_token_env="PR_UNSET_TOKEN_VARIABLE")

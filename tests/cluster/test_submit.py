@@ -19,6 +19,10 @@ from tests.procs import free_port
 from tests.procs import ROOT
 
 SMALL = str(ROOT / "configs" / "pipeline-small.yaml")
+# The submitted run: pipeline-small's 40 queries, mostly short sums instead of mostly MMLU
+# questions (every stage still runs, labels included; 2 CPUs spend a third of the time).
+SHORT_PROMPTS = ["data.mmlu.n=8", "data.reasoning_gym=[{task: basic_arithmetic, n: 32, config: "
+                 "{min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}}]"]
 pytestmark = pytest.mark.slow
 
 
@@ -158,7 +162,7 @@ def test_submit_runs_the_pipeline_and_publishes_locally(head, work, capsys):
     from shared.artifact import load_artifact
 
     published = work.parent / "published"
-    code = main(["submit", "run", SMALL, f"work_dir={work}", f"publish.uri={published}",
+    code = main(["submit", "run", SMALL, f"work_dir={work}", f"publish.uri={published}", *SHORT_PROMPTS,
                  "--state-file", head.state_file])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
@@ -184,7 +188,7 @@ def test_resubmit_resumes_and_publishes_to_s3(head, work, moto_s3, capsys):
     s3 = boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"])
     s3.create_bucket(Bucket="routers")
     job = ["--state-file", head.state_file]
-    code = main(["submit", "run", SMALL, f"work_dir={work}", "publish.uri=s3://routers/small/{run_id}",
+    code = main(["submit", "run", SMALL, f"work_dir={work}", "publish.uri=s3://routers/small/{run_id}", *SHORT_PROMPTS,
                  "publish.pointer=s3://routers/current.json", "--submission-id", "pr-test-s3", *job])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]

@@ -3,11 +3,24 @@ candidate) and of the evaluate stage's kNN, MLP and matrix-factorisation baselin
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Callable, Sequence
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+LONG_BATCH = 500  # texts: a batch worth a progress bar (terminal) or a log line (log, pipe)
+
 Embedder = Callable[[Sequence[str]], np.ndarray]
+
+
+def progress_bar(n_texts: int) -> bool:
+    """A bar for long batches on a terminal only: tqdm's carriage returns make one endless line
+    of a log or a pipe (there the stage's own log lines tell the progress)."""
+    import sys
+
+    return n_texts > LONG_BATCH and sys.stderr.isatty()
 
 
 # ------------------------------------------------------------------------- semantic
@@ -35,7 +48,10 @@ class MiniLMEmbedder:
                 from sentence_transformers import SentenceTransformer
 
                 self._model = SentenceTransformer(self.path or self.default_path(), device="cpu")
+            start = time.perf_counter()
             vecs = self._model.encode(new, batch_size=self.batch_size, normalize_embeddings=True,
-                                      show_progress_bar=len(new) > 500, convert_to_numpy=True)
+                                      show_progress_bar=progress_bar(len(new)), convert_to_numpy=True)
+            if len(new) > LONG_BATCH:
+                log.info("MiniLM: embedded %d texts in %.1f s", len(new), time.perf_counter() - start)
             self._cache.update(zip(new, np.asarray(vecs, dtype=np.float32)))
         return np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)

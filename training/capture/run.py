@@ -250,13 +250,11 @@ def _prepare_output(cfg: CaptureConfig, identity: dict[str, Any]) -> set[int]:
 
 
 def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool) -> dict[str, int]:
-    """Drive the pipeline: feed result batches to the writer, with a progress bar over queries."""
-    from tqdm.auto import tqdm
+    """Drive the pipeline: feed result batches to the writer, with progress over queries."""
+    from shared.progress import Progress
 
     counts = dict.fromkeys(COUNTS, 0)
-    # without a bar: a log line every ~10% of the queries, and at least once a minute while batches arrive
-    step, next_log, last_log = max(1, total // 10), max(1, total // 10), time.monotonic()
-    with tqdm(total=total, desc="capture", unit="q", disable=not show) as bar:
+    with Progress(total, "capture", "queries", bar=show) as progress:
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             n = len(batch["query_id"])
             counts["rows"] += n
@@ -265,12 +263,8 @@ def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool) -> dict[
             counts["padded"] += int(batch["_padded"].sum())
             counts["truncated"] += int(batch["truncated"].sum())
             writer.add(batch)
-            bar.update(n)
-            if not show and (counts["rows"] >= next_log or time.monotonic() - last_log >= 60):
-                next_log = (counts["rows"] // step + 1) * step
-                last_log = time.monotonic()
-                log.info("capture: %d/%d queries, %d prompt tokens, %.0f%% of them computed", counts["rows"], total,
-                         counts["tokens"], 100 * counts["computed"] / max(1, counts["tokens"]))
+            progress.update(n, f"{counts['tokens']} prompt tokens, "
+                               f"{100 * counts['computed'] / max(1, counts['tokens']):.0f}% of them computed")
     return counts
 
 

@@ -259,21 +259,21 @@ def stream_labels(jobs: dict[str, tuple[ModelSpec, pa.Table]], writers: dict[str
                   cfg: LabelConfig) -> None:
     """Run the pipeline and hand every result batch to its target's shard writer."""
     import ray
-    from tqdm.auto import tqdm
+
+    from shared.progress import Progress
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     ds = build_pipeline(jobs, cfg, use_gpu)
     total = sum(pending.num_rows for _, pending in jobs.values())
     failed = 0
-    with tqdm(total=total, disable=not cfg.progress, desc="labelling", unit="query") as bar:
+    with Progress(total, "labelling", "labels", bar=cfg.progress) as progress:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for target in sorted(set(batch.column("target").to_pylist())):
                 part = batch.filter(pc.equal(batch.column("target"), target))
                 writers[target].add(part)
                 failed += part.num_rows - pc.sum(pc.equal(part.column("status"), "ok")).as_py()
-                bar.update(part.num_rows)
-            bar.set_postfix(failed=failed)
+                progress.update(part.num_rows, f"{failed} failed")
 
 
 def finish(cfg: LabelConfig, specs: list[ModelSpec], table: pa.Table, qhash: str) -> dict[str, Any]:

@@ -276,3 +276,18 @@ def test_a_request_fault_is_answered_not_retried_elsewhere():
 
     again = pickle.loads(pickle.dumps(TargetRequestError(413, "too long")))  # how Ray carries it to the ingress
     assert (again.status, again.reason) == (413, "too long")
+
+
+def test_a_target_call_timeout_changes_in_place():
+    """Serve's user_config update of a Target replica: an endpoint's client takes the new bound."""
+    from serving.targets import TargetReplica
+
+    spec = {"name": "remote", "role": "target", "backend": "openai", "source": "openai",
+            "base_url": "http://127.0.0.1:9/v1"}
+    target = TargetReplica(spec, timeout_s=120)
+    assert target.backend.client.timeout.read == 120
+    target.reconfigure({"timeout_s": 3})
+    assert target.backend.client.timeout.read == target.backend.client.timeout.connect == 3
+    with pytest.raises(ValueError, match="timeout_s"):
+        target.reconfigure({"timeout_s": 0})
+    assert target.backend.client.timeout.read == 3

@@ -123,9 +123,16 @@ def deployment_name(role: str, target: str | None = None) -> str:
 LIVE_FIELDS = frozenset(IngressConfig.model_fields) - {"max_prompt_tokens"}
 
 
+class TargetLiveConfig(StrictConfig):
+    """What a target replica takes in place (Serve ``user_config``, no restart)."""
+
+    timeout_s: float = Field(120.0, gt=0, description="Bound on one call to an OpenAI-compatible endpoint "
+                             "(connect and read), seconds: the serving config's target_timeout_s.")
+
+
 def target_user_config(cfg: ServeConfig) -> dict[str, Any]:
-    """What every target replica takes in place: its own bound on an endpoint call."""
-    return {"timeout_s": cfg.target_timeout_s}
+    """Every target replica's ``user_config``: its own bound on an endpoint call."""
+    return TargetLiveConfig(timeout_s=cfg.target_timeout_s).model_dump(mode="json")
 
 
 def serve_config(cfg: ServeConfig, targets: list[str]) -> dict[str, Any]:

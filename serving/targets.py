@@ -18,12 +18,13 @@ registry entry.
 from __future__ import annotations
 
 import asyncio
-import os
 import json
+import os
 import threading
 import uuid
 from typing import Any, AsyncIterator
 
+from serving.config import TargetLiveConfig
 from serving.messages import StreamEnd, TargetAnswer, TargetRequestError
 from shared.backends import chat_body, openai_client_kwargs, resolve_backend
 from shared.registry import Backend, ModelSpec
@@ -277,11 +278,9 @@ class TargetReplica:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve user-config update ``{"timeout_s": s}`` (in place): the bound on an endpoint call.
         Local backends have none of their own; the ingress cancels them at its timeout."""
-        timeout_s = float(user_config["timeout_s"])
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        live = TargetLiveConfig.model_validate(user_config)
         if isinstance(self.backend, OpenAITarget):
-            self.backend.client.timeout = timeout_s
+            self.backend.client.timeout = live.timeout_s
 
     async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> TargetAnswer:
         return await self.backend.generate(messages, max_tokens, temperature)

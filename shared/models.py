@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from shared.progress import library_bars_on_terminal
 from shared.registry import CHAT_TEMPLATE_DIR, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -136,13 +137,14 @@ def _convert_gguf(spec: ModelSpec, dest: Path, cache: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     log.info("converting %s (%s) to bf16 safetensors at %s", spec.name, gguf.name, dest)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent),
-        gguf_file=gguf.name,
-        dtype=torch.bfloat16,
-        quantization_config=GgufConfig(dequantize=True),
-    )
+    with library_bars_on_terminal():  # the GGUF reader's bars, too
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent),
+            gguf_file=gguf.name,
+            dtype=torch.bfloat16,
+            quantization_config=GgufConfig(dequantize=True),
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
@@ -295,7 +297,8 @@ def load_causal_lm(
     tokenizer = load_tokenizer(spec, cache)
     kwargs = {"revision": spec.revision} if spec.source == "hf" and spec.revision else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, **kwargs)
+        with library_bars_on_terminal():
+            model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, **kwargs)
     except OSError as exc:
         raise ModelLoadError(f"{spec.name}: cannot load weights from {local!r}: {exc}") from exc
     model.to(device).eval()

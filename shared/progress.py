@@ -10,9 +10,32 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
+
+
+def on_terminal() -> bool:
+    """Whether progress bars may be drawn: stderr is a terminal, not a log file or a pipe."""
+    return sys.stderr.isatty()
+
+
+@contextmanager
+def library_bars_on_terminal(isatty: Callable[[], bool] | None = None) -> Iterator[None]:
+    """Within the block, transformers' own tqdm bars (e.g. "Loading weights" when a model loads)
+    are drawn only on a terminal, as :class:`Progress` does; elsewhere they are off, and the
+    library's setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    if (isatty or on_terminal)() or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 class Progress:
@@ -25,7 +48,7 @@ class Progress:
         self.done, self.detail, self.logged = 0, "", 0
         self.step = max(1, total // 10)
         self.next_log, self.last_log = self.step, clock()
-        tty = (isatty or sys.stderr.isatty)()
+        tty = (isatty or on_terminal)()
         self.bar: Any = None
         if bar and tty:
             from tqdm.auto import tqdm

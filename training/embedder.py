@@ -9,6 +9,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from shared.progress import library_bars_on_terminal, on_terminal
+
 log = logging.getLogger(__name__)
 LONG_BATCH = 500  # texts: a batch worth a progress bar (terminal) or a log line (log, pipe)
 
@@ -18,9 +20,7 @@ Embedder = Callable[[Sequence[str]], np.ndarray]
 def progress_bar(n_texts: int) -> bool:
     """A bar for long batches on a terminal only: tqdm's carriage returns make one endless line
     of a log or a pipe (there the stage's own log lines tell the progress)."""
-    import sys
-
-    return n_texts > LONG_BATCH and sys.stderr.isatty()
+    return n_texts > LONG_BATCH and on_terminal()
 
 
 # ------------------------------------------------------------------------- semantic
@@ -47,7 +47,8 @@ class MiniLMEmbedder:
             if self._model is None:
                 from sentence_transformers import SentenceTransformer
 
-                self._model = SentenceTransformer(self.path or self.default_path(), device="cpu")
+                with library_bars_on_terminal():
+                    self._model = SentenceTransformer(self.path or self.default_path(), device="cpu")
             start = time.perf_counter()
             vecs = self._model.encode(new, batch_size=self.batch_size, normalize_embeddings=True,
                                       show_progress_bar=progress_bar(len(new)), convert_to_numpy=True)

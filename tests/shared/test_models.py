@@ -63,6 +63,14 @@ def test_openai_endpoint_has_no_weights():
         load_causal_lm(spec)
 
 
+def test_a_load_logged_to_a_pipe_draws_no_bar(registry, capfd):
+    """transformers' "Loading weights" bar is a pile of carriage returns in a log; under pytest
+    stderr is a pipe, as in a Ray job's log."""
+    loaded = load_causal_lm(registry.get("smollm2-135m"), device="cpu")
+    assert loaded.num_layers == 30
+    assert "Loading weights" not in capfd.readouterr().err
+
+
 @pytest.mark.slow
 def test_smollm2_real_load_returns_every_layer(smollm, registry):
     spec = registry.get("smollm2-135m")

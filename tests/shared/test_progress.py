@@ -50,3 +50,16 @@ def test_a_terminal_gets_a_bar_and_no_log_lines(caplog):
     assert lines(caplog) == []
     with Progress(10, "capture", "queries", bar=False, isatty=lambda: True) as quiet:
         assert quiet.bar is None  # bar=False (progress: false): log lines instead
+
+
+def test_library_bars_are_off_in_a_pipe_and_restored_after():
+    from transformers.utils import logging as hf_logging
+
+    from shared.progress import library_bars_on_terminal
+
+    assert hf_logging.is_progress_bar_enabled()
+    with library_bars_on_terminal(isatty=lambda: False):
+        assert not hf_logging.is_progress_bar_enabled()
+    assert hf_logging.is_progress_bar_enabled()
+    with library_bars_on_terminal(isatty=lambda: True):
+        assert hf_logging.is_progress_bar_enabled()

@@ -69,3 +69,12 @@ def test_tune_embeds_the_same_text_as_the_semantic_baselines(tmp_path, monkeypat
     assert minilm_block(data, str(tmp_path / "q.parquet")).shape == (12, 4)
     expected, _ = semantic_texts(prompts, ["add"] * 12, np.array(split) == "train", SemanticTextConfig())
     assert seen == expected == [f"What is {i} + {i}?" for i in range(12)]
+
+
+def test_minilm_loaded_in_a_pipe_draws_no_bar(capfd):
+    """The real MiniLM: unit vectors, and no "Loading weights" bar in a log (stderr is a pipe here)."""
+    from training.embedder import MiniLMEmbedder
+
+    vecs = MiniLMEmbedder()(["What is 7 + 5?", "Name a prime number."])
+    assert vecs.shape == (2, 384) and np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
+    assert "Loading weights" not in capfd.readouterr().err

@@ -53,7 +53,8 @@ class PrefixUse:
 
 @dataclass
 class EncodedPrompt:
-    """Pooled prefill features of one prompt: ``features[column] -> (hidden,)`` float32.
+    """Pooled prefill features of one prompt: ``features[column] -> (width,)`` float32 (the hidden
+    size; 3 for a ``next`` block).
     ``prefix``: what the prefix cache did (None when the cache is off)."""
 
     features: dict[str, Any]

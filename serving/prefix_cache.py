@@ -172,7 +172,7 @@ class PrefixCache:
 
         from shared.prefix import encode_suffixes
 
-        out = {c: np.empty((len(ids), self.encoder.hidden_size), dtype=np.float32) for c in self.encoder.columns}
+        out = {c: np.empty((len(ids), self.encoder.width(c)), dtype=np.float32) for c in self.encoder.columns}
 
         def store(rows: list[int], feats: dict[str, Any], _padded: int) -> None:
             for col, tensor in feats.items():

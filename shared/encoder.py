@@ -19,7 +19,9 @@ Prompts are rendered with the tokenizer's chat template
 *last* ``max_tokens`` tokens (the generation prompt and the end of the question are what
 ``last`` pooling reads), sorted by length and cut into buckets of similar length so a
 forward pass pads little. Pooling: ``last`` is the hidden state of the last real token,
-``mean`` the mean over the real tokens; padding (left or right) is masked out.
+``mean`` the mean over the real tokens; padding (left or right) is masked out. ``next``
+(only with the last layer ``L`` among the layers; it implies ``last``) is the model's LM head
+over ``h{L}_last`` summarised by :func:`shared.features.next_token_stats`: block ``h{L}_next``.
 
 Prefix sharing (``min_shared_prefix`` > 0, off by default): prompts of one ``encode``
 call that share their first ``min_shared_prefix`` or more tokens run that prefix once and
@@ -36,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from shared.batching import length_buckets, pad_batch
-from shared.features import block_name, check_poolings, pool
+from shared.features import NEXT_TOKEN_DIMS, block_name, encoder_columns, next_token_stats, parse_block, pool
 
 
 def resolve_layers(layers: Sequence[int] | str, num_layers: int, model_name: str = "encoder") -> list[int]:
@@ -74,13 +76,16 @@ class Encoder:
     def __init__(self, loaded: Any, layers: Sequence[int] | str, poolings: Sequence[str] = ("last",),
                  max_tokens: int = 2048, batch_size: int = 8, max_batch_tokens: int | None = None,
                  padding_side: str = "right", min_shared_prefix: int | None = None):
-        check_poolings(poolings)
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
         self.loaded, self.tokenizer, self.device = loaded, loaded.tokenizer, loaded.device
         self.num_layers, self.hidden_size = loaded.num_layers, loaded.hidden_size
         self.layers = resolve_layers(layers, self.num_layers, loaded.spec.name)
-        self.poolings = list(dict.fromkeys(poolings))
+        self._columns = encoder_columns(self.layers, poolings, self.num_layers)
+        self.next_token = "next" in poolings
+        # the hidden-state poolings the forward computes; 'next' is derived from h{L}_last
+        self.poolings = [p for p in dict.fromkeys(parse_block(c)[1] for c in self._columns) if p != "next"]
+        self.head = loaded.model.get_output_embeddings() if self.next_token else None
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.max_batch_tokens, self.padding_side = max_batch_tokens, padding_side
         self.min_shared_prefix = min_shared_prefix or 0
@@ -99,7 +104,26 @@ class Encoder:
 
     @property
     def columns(self) -> list[str]:
-        return [block_name(layer, p) for layer in self.layers for p in self.poolings]
+        return list(self._columns)
+
+    def width(self, column: str) -> int:
+        """Features per row of ``column``: the hidden size, or :data:`NEXT_TOKEN_DIMS` for ``h{L}_next``."""
+        return NEXT_TOKEN_DIMS if parse_block(column)[1] == "next" else self.hidden_size
+
+    def with_next_token(self, feats: dict[str, Any]) -> dict[str, Any]:
+        """``feats`` (``{column: (B, D) tensor}``) plus ``h{L}_next`` when asked for: the LM head over
+        ``h{L}_last`` (final logit soft-capping applied where the model has it), summarised."""
+        if not self.next_token:
+            return feats
+        import torch
+
+        with torch.inference_mode():
+            last = feats[block_name(self.num_layers, "last")]
+            logits = self.head(last.to(self.head.weight.dtype))
+            cap = getattr(self.loaded.model.config, "final_logit_softcapping", None)
+            if cap:
+                logits = torch.tanh(logits.float() / cap) * cap
+            return {**feats, block_name(self.num_layers, "next"): next_token_stats(logits)}
 
     @property
     def params_used(self) -> int:
@@ -131,7 +155,8 @@ class Encoder:
         input_ids, mask, position_ids = (t.to(self.device) for t in (input_ids, mask, position_ids))
         with torch.inference_mode():
             states = self._run(input_ids, mask, position_ids)
-            return {block_name(layer, p): pool(states[layer], mask, p) for layer in self.layers for p in self.poolings}
+            feats = {block_name(layer, p): pool(states[layer], mask, p) for layer in self.layers for p in self.poolings}
+        return self.with_next_token(feats)
 
     def _run(self, input_ids: Any, mask: Any, position_ids: Any, cache: Any = None) -> dict[int, Any]:
         """Forward the truncated base model; ``{layer index: (B, T, D)}`` captured by temporary hooks.
@@ -183,7 +208,7 @@ class Encoder:
             raise ValueError("cannot encode an empty prompt (0 tokens)")
         lengths = [len(x) for x in ids]
         groups, singles = prefix_groups(ids, self.min_shared_prefix)
-        out = {c: np.empty((len(ids), self.hidden_size), dtype=np.float32) for c in self.columns}
+        out = {c: np.empty((len(ids), self.width(c)), dtype=np.float32) for c in self.columns}
         padded = np.zeros(len(ids), dtype=np.int32)
 
         def store(rows: list[int], feats: dict[str, Any], width: int) -> None:

@@ -6,6 +6,12 @@ last prompt token; ``mean``: the mean over prompt tokens). Capture writes one ac
 column per block under this name, the artifact's transform names its blocks with it, and
 the Encoder replica answers features keyed by it. :func:`pool` is the one definition of
 the poolings, over a batch :func:`pad_batch` made from token ids.
+
+``next`` is the one pooling that is not a hidden state: the encoder's own next-token
+distribution after the prompt (its LM head over the last layer's ``last`` state), summarised
+by :func:`next_token_stats` in :data:`NEXT_TOKEN_DIMS` numbers. It exists only for the last
+layer ``L`` (``h{L}_next``): how sure the encoder is of the first token of its own answer
+(on a multiple-choice prompt, the letter), a prefill-only signal of how hard the prompt is.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable, Sequence
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "next")
+NEXT_TOKEN_DIMS = 3  # width of a ``next`` block: top-1 probability, top-1 minus top-2, entropy
 BLOCK_RE = re.compile(r"^h(\d+)_(" + "|".join(POOLINGS) + r")$")
 
 
@@ -29,6 +36,20 @@ def block_name(layer: int, pooling: str) -> str:
     """The block of one (layer, pooling): ``(12, 'last')`` -> ``'h12_last'``."""
     check_poolings([pooling])
     return f"h{int(layer)}_{pooling}"
+
+
+def encoder_columns(layers: Sequence[int], poolings: Sequence[str], num_layers: int) -> list[str]:
+    """The blocks an encoder computes for ``layers`` x ``poolings`` of a model with ``num_layers``
+    blocks: every hidden-state pooling at every layer (``next`` implies ``last``), then
+    ``h{L}_next``. ``ValueError`` when ``next`` is asked for without the last layer ``L``."""
+    check_poolings(poolings)
+    nxt = "next" in poolings
+    if nxt and num_layers not in layers:
+        raise ValueError(f"pooling 'next' reads the last layer: add {num_layers} (the model's last block) "
+                         f"to layers {sorted(layers)}")
+    hidden = list(dict.fromkeys([p for p in poolings if p != "next"] + (["last"] if nxt else [])))
+    columns = [block_name(layer, p) for layer in layers for p in hidden]
+    return columns + ([block_name(num_layers, "next")] if nxt else [])
 
 
 def parse_block(name: str) -> tuple[int, str]:
@@ -60,4 +81,21 @@ def pool(hidden: Any, mask: Any, pooling: str) -> Any:
     if pooling == "mean":
         summed = hidden.masked_fill(~mask.unsqueeze(-1), 0.0).sum(dim=1)
         return summed / mask.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
+    if pooling == "next":
+        raise ValueError("'next' does not pool hidden states: the encoder computes it with its LM head from "
+                         "the last layer's 'last' state (shared.encoder.Encoder)")
     raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
+
+
+def next_token_stats(logits: Any) -> Any:
+    """Summary of next-token distributions: ``logits`` ``(B, V)`` -> ``(B, 3)`` float32.
+
+    With ``p = softmax(logits)`` (float32) and ``p_(1) >= p_(2)`` its two largest entries:
+    ``[p_(1), p_(1) - p_(2), H]``, ``H = -sum_v p_v log p_v`` in nats (0 <= H <= log V).
+    """
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = logp.topk(2, dim=-1).values.exp()
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    return torch.stack([top[:, 0], top[:, 0] - top[:, 1], entropy], dim=-1)

@@ -164,7 +164,7 @@ def forward_suffixes(encoder: Any, state: PrefixState, suffixes: Sequence[Sequen
                     summed = hidden.float().masked_fill(~smask.bool().unsqueeze(-1), 0.0).sum(dim=1)
                     value = (summed + state.sums[layer]) / total
                 out[block_name(layer, pooling)] = value
-    return out
+    return encoder.with_next_token(out)
 
 
 def encode_suffixes(encoder: Any, state: PrefixState, ids: Sequence[Sequence[int]], members: Sequence[int],

@@ -9,10 +9,10 @@ with exactly one row per query.
 Output under ``out`` (local path or ``s3://bucket/prefix``): ``shard-NNNNN.parquet`` with
 columns ``query_id``, ``split``, ``n_tokens``, ``truncated`` and one fixed-shape tensor
 column per (layer, pooling) named ``h{layer}_{pooling}`` (Arrow's native
-``arrow.fixed_shape_tensor``, shape ``[hidden_size]``, readable by plain pyarrow), rows in
-query-table order; and ``manifest.json`` (encoder, chat template, layer convention,
-pooling, dtype, hidden size, query table hash, run summary with ``prompt_tokens`` and
-``computed_tokens``).
+``arrow.fixed_shape_tensor``, shape ``[hidden_size]``, or ``[3]`` for ``h{L}_next``; readable
+by plain pyarrow), rows in query-table order; and ``manifest.json`` (encoder, chat template,
+layer convention, pooling, dtype, hidden size, query table hash, run summary with
+``prompt_tokens`` and ``computed_tokens``).
 
 Prefix sharing (``min_shared_prefix``): within each Ray Data batch, prompts sharing that
 many leading tokens or more run the prefix once, then only their suffixes
@@ -38,6 +38,7 @@ from pydantic import Field, model_validator
 
 from shared.cli_utils import ConfigOption, Overrides
 from shared.config import StrictConfig
+from shared.features import NEXT_TOKEN_DIMS
 from shared.ray_boot import ensure_ray
 from training.capture.output import TensorShardWriter, read_features, rows_to_table
 
@@ -61,8 +62,10 @@ class CaptureConfig(StrictConfig):
         default_factory=lambda: [8, 16, 24],
         description="Layer indices to save (0 = embedding output, i = block i, L = last block with final norm) "
                     "or 'all'. Only blocks up to the deepest index are computed.")
-    poolings: list[Literal["last", "mean"]] = Field(
-        default_factory=lambda: ["last", "mean"], description="Poolings: last real token and/or mean over the prompt.")
+    poolings: list[Literal["last", "mean", "next"]] = Field(
+        default_factory=lambda: ["last", "mean"],
+        description="Poolings: last real token and/or mean over the prompt; 'next' (needs the last layer in "
+                    "layers) adds h<L>_next, the encoder's next-token confidence (shared.features).")
     dtype: Literal["float16", "float32"] = Field("float16", description="Storage dtype of the saved vectors.")
     shard_size: int = Field(256, gt=0, description="Queries per output shard (the unit of resume).")
     batch_size: int = Field(8, gt=0, description="Most prompts per forward pass (one length bucket).")
@@ -135,7 +138,7 @@ def encoder_plan(cfg: CaptureConfig) -> dict[str, Any]:
     from shared.models import ensure_local, load_tokenizer, model_fingerprint
     from shared.registry import load_registry
     from shared.encoder import resolve_layers
-    from shared.features import block_name
+    from shared.features import encoder_columns
 
     spec = load_registry(cfg.registry).encoder(cfg.encoder)
     local = ensure_local(spec)
@@ -146,7 +149,7 @@ def encoder_plan(cfg: CaptureConfig) -> dict[str, Any]:
     template = load_tokenizer(spec).chat_template or ""
     return {
         "spec": spec, "num_layers": num_layers, "hidden_size": hidden, "layers": layers,
-        "columns": [block_name(layer, p) for layer in layers for p in cfg.poolings],
+        "columns": encoder_columns(layers, cfg.poolings, num_layers),
         "fingerprint": model_fingerprint(spec), "chat_template": template,
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
     }
@@ -328,7 +331,8 @@ def run_capture(cfg: CaptureConfig) -> dict[str, Any]:
         "device": "gpu" if use_gpu else "cpu", "columns": plan["columns"],
     }
     update_manifest(cfg.out, chat_template=plan["chat_template"], columns=plan["columns"],
-                    column_format="arrow.fixed_shape_tensor, shape [hidden_size], one row per query",
+                    column_format=f"arrow.fixed_shape_tensor, shape [hidden_size] (h<L>_next: [{NEXT_TOKEN_DIMS}]), "
+                                  "one row per query",
                     summary=summary, config=cfg.model_dump(mode="json"))
     return summary
 

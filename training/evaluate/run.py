@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 
 from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
 from shared.config import StrictConfig
-from shared.features import block_name
+from shared.features import NEXT_TOKEN_DIMS, encoder_columns, parse_block
 from training.loop import TrunkConfig
 from training.evaluate.baselines import RouterModel
 from training.dataset import RoutingData
@@ -142,8 +142,8 @@ def check_activations(artifact, artifact_uri: str, activations_uri: str) -> None
                 f"captured with {key}={got!r}: its activations mean nothing to this router. Capture the table with "
                 f"the artifact's encoder (prefill-router capture encoder={meta.encoder.name} layers={meta.layers}) "
                 "or evaluate an artifact fitted on this encoder.")
-    have = manifest.get("columns") or [block_name(layer, p) for layer in ident.get("layers", [])
-                                       for p in ident.get("poolings", [])]
+    have = manifest.get("columns") or (encoder_columns(ident["layers"], ident["poolings"], ident.get("num_layers"))
+                                       if ident.get("layers") and ident.get("poolings") else [])
     need = sorted(artifact.router.block_names)
     missing = [c for c in need if c not in have] if have else []
     if missing:
@@ -151,7 +151,8 @@ def check_activations(artifact, artifact_uri: str, activations_uri: str) -> None
                          f"embeddings); {activations_uri} holds {sorted(have)}: capture layers {meta.layers} "
                          f"with poolings {meta.poolings}")
     width = ident.get("hidden_size")
-    wrong = [b.name for b in (meta.transform.blocks if meta.transform else []) if width and b.d_in != width]
+    wrong = [b.name for b in (meta.transform.blocks if meta.transform else [])
+             if width and b.d_in != (NEXT_TOKEN_DIMS if parse_block(b.name)[1] == "next" else width)]
     if wrong:
         raise ValueError(f"the artifact {artifact_uri} expects blocks {wrong} of width "
                          f"{[b.d_in for b in meta.transform.blocks]}, but {activations_uri} has hidden size {width}")

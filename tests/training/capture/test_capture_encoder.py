@@ -153,4 +153,6 @@ def test_cli_reports_bad_inputs_clearly(tmp_path, capsys):
     assert "unknown model 'no-such-model'" in said(capsys)
     assert main([f"queries={queries}", f"out={tmp_path / 'o'}", "layers=[31]"]) == 2
     assert "unknown layer(s) [31]" in said(capsys)
+    assert main([f"queries={queries}", f"out={tmp_path / 'o'}", "layers=[12]", "poolings=[last,next]"]) == 2
+    assert "pooling 'next' reads the last layer: add 30" in said(capsys)
     assert not (tmp_path / "o").exists(), "nothing is written before the inputs are checked"

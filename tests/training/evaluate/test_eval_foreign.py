@@ -99,3 +99,23 @@ def test_evaluate_refuses_activations_the_artifact_cannot_read(evaluated, tmp_pa
     narrow = replace(fresh, blocks={"h4_last": fresh.blocks["h4_last"][:, :10], "h8_mean": fresh.blocks["h8_mean"]})
     with pytest.raises(ValueError, match="h4_last has width 10"):
         run_evaluation(ecfg, data=narrow)
+
+
+def test_a_next_block_is_three_wide_whatever_the_hidden_size(tmp_path):
+    """The width check reads h<L>_next as NEXT_TOKEN_DIMS wide, hidden-state blocks as hidden_size."""
+    from types import SimpleNamespace as NS
+
+    from shared.features import NEXT_TOKEN_DIMS
+    from training.evaluate.run import check_activations
+
+    def artifact(next_width):
+        blocks = [NS(name="h18_last", d_in=576), NS(name="h30_next", d_in=next_width)]
+        meta = NS(encoder=NS(name="smollm2-135m", sha256=None, revision=None), layers=[18, 30],
+                  poolings=["last", "next"], transform=NS(blocks=blocks))
+        return NS(router=NS(meta=meta, block_names=["h18_last", "h30_next"]))
+
+    _write_manifest(tmp_path, encoder={"name": "smollm2-135m"}, layers=[18, 30], poolings=["last", "next"],
+                    num_layers=30, hidden_size=576)
+    check_activations(artifact(NEXT_TOKEN_DIMS), "a", str(tmp_path))  # columns from layers x poolings: h30_next
+    with pytest.raises(ValueError, match=r"blocks \['h30_next'\] of width"):
+        check_activations(artifact(576), "a", str(tmp_path))

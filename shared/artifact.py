@@ -97,7 +97,8 @@ class ArtifactMeta(StrictConfig):
     layer_indexing: Literal["hidden_states"] = Field(
         "hidden_states", description="Index i is hidden_states[i]; 0 is the embedding output."
     )
-    pooling: str | dict[str, str] = Field(description="'last', 'mean' or 'next' (shared.features), or one per block name.")
+    pooling: str | dict[str, str] = Field(
+        description="'last', 'mean' or 'next' (shared.features), or one per block name.")
     targets: list[TargetInfo] = Field(min_length=1, description="Targets, in logit order.")
     transform: TransformSpec | None = Field(None, description="Filled by save_artifact.")
     trunk: TrunkSpec | None = Field(None, description="Filled by save_artifact.")

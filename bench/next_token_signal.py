@@ -62,9 +62,9 @@ def load(activations: str, labels: str, queries: str, column: str | None) -> tup
     """``(stats, Y, tasks, targets, column)`` over the captured rows."""
     from shared import storage
     from shared.features import block_columns, parse_block
-    from training.dataset import load_routing_data, read_dataset
+    from training.dataset import load_routing_data
 
-    names = block_columns(read_dataset(activations).schema.names)
+    names = block_columns(storage.read_json(storage.join(activations, "manifest.json"))["columns"])
     column = column or next((c for c in names if parse_block(c)[1] == "next"), None)
     if column is None:
         raise SystemExit(f"{activations} has no next block ({names}): capture with poolings=[next] and the last layer")

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from shared.batching import length_buckets, pad_batch
-from shared.features import NEXT_TOKEN_DIMS, block_name, encoder_columns, next_token_stats, parse_block, pool
+from shared.features import block_name, block_width, encoder_columns, hidden_poolings, next_token_stats, pool
 
 
 def resolve_layers(layers: Sequence[int] | str, num_layers: int, model_name: str = "encoder") -> list[int]:
@@ -83,8 +83,7 @@ class Encoder:
         self.layers = resolve_layers(layers, self.num_layers, loaded.spec.name)
         self._columns = encoder_columns(self.layers, poolings, self.num_layers)
         self.next_token = "next" in poolings
-        # the hidden-state poolings the forward computes; 'next' is derived from h{L}_last
-        self.poolings = [p for p in dict.fromkeys(parse_block(c)[1] for c in self._columns) if p != "next"]
+        self.poolings = hidden_poolings(poolings)  # what the forward pools; 'next' is derived from h{L}_last
         self.head = loaded.model.get_output_embeddings() if self.next_token else None
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.max_batch_tokens, self.padding_side = max_batch_tokens, padding_side
@@ -107,8 +106,8 @@ class Encoder:
         return list(self._columns)
 
     def width(self, column: str) -> int:
-        """Features per row of ``column``: the hidden size, or :data:`NEXT_TOKEN_DIMS` for ``h{L}_next``."""
-        return NEXT_TOKEN_DIMS if parse_block(column)[1] == "next" else self.hidden_size
+        """Features per row of ``column`` (:func:`shared.features.block_width`)."""
+        return block_width(column, self.hidden_size)
 
     def with_next_token(self, feats: dict[str, Any]) -> dict[str, Any]:
         """``feats`` (``{column: (B, D) tensor}``) plus ``h{L}_next`` when asked for: the LM head over

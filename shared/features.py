@@ -47,9 +47,20 @@ def encoder_columns(layers: Sequence[int], poolings: Sequence[str], num_layers: 
     if nxt and num_layers not in layers:
         raise ValueError(f"pooling 'next' reads the last layer: add {num_layers} (the model's last block) "
                          f"to layers {sorted(layers)}")
-    hidden = list(dict.fromkeys([p for p in poolings if p != "next"] + (["last"] if nxt else [])))
-    columns = [block_name(layer, p) for layer in layers for p in hidden]
+    columns = [block_name(layer, p) for layer in layers for p in hidden_poolings(poolings)]
     return columns + ([block_name(num_layers, "next")] if nxt else [])
+
+
+def hidden_poolings(poolings: Sequence[str]) -> list[str]:
+    """The hidden-state poolings a forward pass computes for ``poolings`` (distinct, in order):
+    ``next`` is not one, and implies ``last``, the state its LM head reads."""
+    nxt = "next" in poolings
+    return list(dict.fromkeys([p for p in poolings if p != "next"] + (["last"] if nxt else [])))
+
+
+def block_width(name: str, hidden_size: int) -> int:
+    """Features per row of block ``name``: :data:`NEXT_TOKEN_DIMS` for a ``next`` block, else ``hidden_size``."""
+    return NEXT_TOKEN_DIMS if parse_block(name)[1] == "next" else hidden_size
 
 
 def parse_block(name: str) -> tuple[int, str]:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from shared.encoder import Encoder
-from shared.features import NEXT_TOKEN_DIMS, encoder_columns, next_token_stats, parse_block, pool
+from shared.features import (NEXT_TOKEN_DIMS, block_width, encoder_columns, hidden_poolings, next_token_stats,
+                             parse_block, pool)
 from tests.shared.test_prefix import conversations
 
 
@@ -27,6 +28,8 @@ def test_encoder_columns_next_needs_the_last_layer_and_implies_last():
     assert encoder_columns([3, 30], ["mean", "next"], 30) == ["h3_mean", "h3_last", "h30_mean", "h30_last", "h30_next"]
     assert encoder_columns([30], ["next"], 30) == ["h30_last", "h30_next"]
     assert parse_block("h30_next") == (30, "next")
+    assert hidden_poolings(["next", "mean", "last"]) == ["mean", "last"] and hidden_poolings(["mean"]) == ["mean"]
+    assert block_width("h30_next", 576) == NEXT_TOKEN_DIMS and block_width("h30_last", 576) == 576
     with pytest.raises(ValueError, match="add 30"):
         encoder_columns([3, 12], ["last", "next"], 30)
     with pytest.raises(ValueError, match="LM head"):

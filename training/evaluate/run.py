@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 
 from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
 from shared.config import StrictConfig
-from shared.features import NEXT_TOKEN_DIMS, encoder_columns, parse_block
+from shared.features import block_width, encoder_columns
 from training.loop import TrunkConfig
 from training.evaluate.baselines import RouterModel
 from training.dataset import RoutingData
@@ -152,7 +152,7 @@ def check_activations(artifact, artifact_uri: str, activations_uri: str) -> None
                          f"with poolings {meta.poolings}")
     width = ident.get("hidden_size")
     wrong = [b.name for b in (meta.transform.blocks if meta.transform else [])
-             if width and b.d_in != (NEXT_TOKEN_DIMS if parse_block(b.name)[1] == "next" else width)]
+             if width and b.d_in != block_width(b.name, width)]
     if wrong:
         raise ValueError(f"the artifact {artifact_uri} expects blocks {wrong} of width "
                          f"{[b.d_in for b in meta.transform.blocks]}, but {activations_uri} has hidden size {width}")

@@ -102,9 +102,10 @@ def validate_job(config: str, overrides: list[str]) -> tuple[Any, str, list[str]
     if rel_config is None:
         raise SubmitError(f"the config {config} must be inside the repository {ROOT}: the job reads it from "
                           "its uploaded copy")
-    for path, what in ((cfg.queries, "queries"), (cfg.registry, "registry"),
+    inputs = [(path, "data_import.inputs") for path in (cfg.data_import.inputs if cfg.data_import else [])]
+    for path, what in ((cfg.queries, "queries"), (cfg.labels, "labels"), (cfg.registry, "registry"),
                        (cfg.publish.reload_serve_app and cfg.publish.reload_serve_app.serve_config,
-                        "publish.reload_serve_app.serve_config")):
+                        "publish.reload_serve_app.serve_config"), *inputs):
         if path:
             upload_path(path, what, match)
     warnings = [f"{what} {path} is relative: in the job it resolves inside the uploaded copy of the repository "

@@ -151,10 +151,22 @@ def _convert_gguf(spec: ModelSpec, dest: Path, cache: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE_SHA256").write_text(spec.sha256 + "\n")
-        os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _install_converted(tmp, dest, spec, cache)
+
+
+def _install_converted(tmp: Path, dest: Path, spec: ModelSpec, cache: Path) -> None:
+    """Move a finished conversion into place atomically. Losing a race is fine: when another
+    process (a second capture actor, a parallel test) put its copy there first, keep that one."""
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_converted(spec, cache):
+            raise
+        log.info("%s was converted by another process meanwhile; keeping that copy", spec.name)
 
 
 def ensure_local(spec: ModelSpec, cache: Path | None = None) -> str:

@@ -1,4 +1,4 @@
-"""Test-wide settings: Ray stays local and quiet; a session-scoped SmolLM2 load."""
+"""Test-wide settings: Ray stays local and quiet; session-scoped SmolLM2 and Gemma-3 loads."""
 
 from __future__ import annotations
 
@@ -28,6 +28,14 @@ def smollm(registry):
     from shared.models import load_causal_lm
 
     return load_causal_lm(registry.get("smollm2-135m"), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gemma(registry):
+    """The real Gemma-3-270M, loaded once per test session (an Encoder never modifies the model it reads)."""
+    from shared.models import load_causal_lm
+
+    return load_causal_lm(registry.get("gemma3-270m"), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -82,3 +82,26 @@ def test_demo_step_with_every_cache_in_place_is_cheap_and_silent(tmp_path, monke
     monkeypatch.setattr(multiprocessing, "get_context", lambda *a: pytest.fail("started a process"))
     assert prepare_demo_models(cfg) < 1.0
     assert capsys.readouterr().out == ""
+
+
+def test_a_conversion_that_loses_the_race_keeps_the_winners_copy(tmp_path):
+    """Two processes converting the same model at once (two capture actors, parallel tests):
+    the one that finishes second finds the copy in place, keeps it and leaves no temp dir."""
+    from shared.models import _install_converted
+
+    spec = load_registry().get("smollm2-135m")
+    dest = converted_dir(spec, tmp_path)
+    mark_converted(spec, tmp_path)  # the other process's finished copy
+    (dest / "marker").write_text("winner")
+    late = dest.parent / f".{dest.name}.late"
+    late.mkdir()
+    (late / "SOURCE_SHA256").write_text(spec.sha256 + "\n")
+    _install_converted(late, dest, spec, tmp_path)
+    assert (dest / "marker").read_text() == "winner"
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]
+    first, fresh = tmp_path / "first", converted_dir(spec, tmp_path / "fresh")  # no race: moved in
+    first.mkdir()
+    (first / "SOURCE_SHA256").write_text(spec.sha256 + "\n")
+    fresh.parent.mkdir(parents=True)
+    _install_converted(first, fresh, spec, tmp_path / "fresh")
+    assert (fresh / "SOURCE_SHA256").is_file() and not first.exists()

@@ -3,7 +3,11 @@
 Fast: a bad job spec fails before anything is submitted; the publish rule; the config wiring.
 End to end: a real local Ray head (``cluster.local``), the small pipeline submitted as a Ray
 job and published to a local directory, then the same work_dir submitted again (every stage
-skipped or resumed) and published to a loopback moto S3 server.
+skipped or resumed) and published to a loopback moto S3 server. The submitted pipeline imports
+its 40 queries with both targets' labels (``data_import``, long format: logged traffic and
+judgements), so no target generates in the job: Ray Data labelling itself, local and resumed
+after a kill, is tested in tests/training/label; here the job's stages are import, capture
+(Ray Data actors in the job's runtime env), probe, tune, fit (Ray Train), evaluate, publish.
 """
 
 from __future__ import annotations
@@ -19,11 +23,23 @@ from tests.procs import free_port
 from tests.procs import ROOT
 
 SMALL = str(ROOT / "configs" / "pipeline-small.yaml")
-# The submitted run: pipeline-small's 40 queries, mostly short sums instead of mostly MMLU
-# questions (every stage still runs, labels included; 2 CPUs spend a third of the time).
-SHORT_PROMPTS = ["data.mmlu.n=8", "data.reasoning_gym=[{task: basic_arithmetic, n: 32, config: "
-                 "{min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1}}]"]
 pytestmark = pytest.mark.slow
+
+
+def logged_traffic(path: Path) -> Path:
+    """40 short prompts x pipeline-small's two targets, long format (one row per prompt x model)."""
+    import pandas as pd
+
+    rows = []
+    for i in range(40):
+        a, b = i % 7 + 1, i // 7 + 2
+        task, question = ("sums", f"What is {a} + {b}?") if i % 2 else ("products", f"What is {a} * {b}?")
+        rows += [{"prompt": f"{question} Answer with the number only.", "model": "smollm2-135m", "task": task,
+                  "correct": int(task == "sums" and a + b < 8), "cost": 1e-6},
+                 {"prompt": f"{question} Answer with the number only.", "model": "gemma3-270m", "task": task,
+                  "correct": int(a * b % 3 == 0 or a < 3), "cost": 2e-6}]
+    pd.DataFrame(rows).to_parquet(path)
+    return path
 
 
 def flat(text: str) -> str:
@@ -48,6 +64,8 @@ def no_connection(monkeypatch):
     (["capture.encoder=no-such-encoder"], "capture.encoder: unknown model 'no-such-encoder'"),
     (["label.no_such_key=1"], "no_such_key"),
     (["label.out=/elsewhere"], "label.out: set by the pipeline"),
+    (["data=null", "data_import={format: long, inputs: [../elsewhere/t.parquet]}"],
+     "data_import.inputs ../elsewhere/t.parquet points outside the repository; use an absolute path"),
 ])
 def test_bad_spec_exits_2_and_submits_nothing(overrides, expected, no_connection, capsys):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
@@ -157,12 +175,19 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("pipeline") / "work"
 
 
+@pytest.fixture(scope="module")
+def imported(work) -> list[str]:
+    """Overrides: import the logged traffic instead of building and labelling a query table."""
+    table = logged_traffic(work.parent / "traffic.parquet")
+    return ["data=null", f"data_import={{format: long, inputs: [{table}]}}"]
+
+
 @pytest.mark.timeout(1800)
-def test_submit_runs_the_pipeline_and_publishes_locally(head, work, capsys):
+def test_submit_runs_the_pipeline_and_publishes_locally(head, work, imported, capsys):
     from shared.artifact import load_artifact
 
     published = work.parent / "published"
-    code = main(["submit", "run", SMALL, f"work_dir={work}", f"publish.uri={published}", *SHORT_PROMPTS,
+    code = main(["submit", "run", SMALL, f"work_dir={work}", f"publish.uri={published}", *imported,
                  "--state-file", head.state_file])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
@@ -177,10 +202,11 @@ def test_submit_runs_the_pipeline_and_publishes_locally(head, work, capsys):
     assert record["baseline"] is None and record["artifact"] == str(published)
     summary = json.loads((work / "pipeline-summary.json").read_text())
     assert summary["stages"]["data"]["rows"] == 40 and summary["stages"]["publish"]["published"]
+    assert summary["stages"]["label"]["reused"] == str(work / "labels")  # imported: nothing generated
 
 
 @pytest.mark.timeout(900)
-def test_resubmit_resumes_and_publishes_to_s3(head, work, moto_s3, capsys):
+def test_resubmit_resumes_and_publishes_to_s3(head, work, imported, moto_s3, capsys):
     import boto3
 
     if not (work / "pipeline-summary.json").is_file():
@@ -188,7 +214,7 @@ def test_resubmit_resumes_and_publishes_to_s3(head, work, moto_s3, capsys):
     s3 = boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"])
     s3.create_bucket(Bucket="routers")
     job = ["--state-file", head.state_file]
-    code = main(["submit", "run", SMALL, f"work_dir={work}", "publish.uri=s3://routers/small/{run_id}", *SHORT_PROMPTS,
+    code = main(["submit", "run", SMALL, f"work_dir={work}", "publish.uri=s3://routers/small/{run_id}", *imported,
                  "publish.pointer=s3://routers/current.json", "--submission-id", "pr-test-s3", *job])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
@@ -206,7 +232,7 @@ def test_resubmit_resumes_and_publishes_to_s3(head, work, moto_s3, capsys):
         s3.head_object(Bucket="routers", Key=f"{key}/{name}")
 
 
-def test_publish_compares_with_the_published_artifact(work, tmp_path):
+def test_publish_compares_with_the_published_artifact(work, imported, tmp_path):
     """In process, on the work_dir above: the published artifact is re-scored on the same test split."""
     from shared.config import load_config
     from cluster.pipeline.config import PipelineConfig
@@ -215,7 +241,7 @@ def test_publish_compares_with_the_published_artifact(work, tmp_path):
     published = work.parent / "published"
     if not (published / "meta.json").is_file():
         pytest.skip("needs the artifact published by the end-to-end test")
-    cfg = load_config(PipelineConfig, SMALL, [f"work_dir={work}"])
+    cfg = load_config(PipelineConfig, SMALL, [f"work_dir={work}", *imported])
     new = json.loads((work / "stages" / "evaluate.json").read_text())["result"]["metrics"]
     pub = PublishConfig(uri=str(tmp_path / "next"), baseline=str(published), metric="accuracy")
     same = publish(pub, cfg.fit.out, new, cfg.evaluate, str(tmp_path))

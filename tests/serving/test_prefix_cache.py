@@ -167,13 +167,12 @@ async def check_memory_bound_evicts_and_limit_still_refuses(artifact):
 
 
 @pytest.mark.slow
-def test_gemma_hits_past_its_sliding_window_equal_the_full_forward(registry):
+def test_gemma_hits_past_its_sliding_window_equal_the_full_forward(gemma):
     """Gemma-3's sliding-window layers: a cached prefix longer than the 512-token window, reused twice."""
-    from shared.models import load_causal_lm
     from serving.prefix_cache import system_prompt_ids
 
     # blocks 1-3 are sliding-window layers (window 512): depth 3 exercises them at a third of the cost
-    enc = Encoder(load_causal_lm(registry.get("gemma3-270m"), device="cpu"), [0, 3], ("last", "mean"))
+    enc = Encoder(gemma, [0, 3], ("last", "mean"))
     cache = PrefixCache(enc, 256 * 2**20)
     convs = [chat(q, SYSTEM * 5) for q in QUESTIONS[:3]]  # about 600 tokens
     ids = enc.token_ids(convs)

@@ -108,8 +108,8 @@ def test_cached_reload_matches_and_greedy_answer_is_sane(smollm, registry):
 
 
 @pytest.mark.slow
-def test_gemma_loads_with_plain_template(registry):
-    loaded = load_causal_lm(registry.get("gemma3-270m"), device="cpu")
+def test_gemma_loads_with_plain_template(gemma):
+    loaded = gemma
     assert loaded.num_layers == 18
     text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "Q?"}], add_generation_prompt=True,
                                                 tokenize=False)

@@ -87,13 +87,6 @@ def test_pending_table_sorts_by_prompt_within_shards_only():
 
 
 # --------------------------------------------------------------------------- features (real models)
-@pytest.fixture(scope="module")
-def gemma(registry):
-    from shared.models import load_causal_lm
-
-    return load_causal_lm(registry.get("gemma3-270m"), device="cpu")
-
-
 def max_rel_diff(shared, full, columns) -> float:
     return max(float(np.abs(shared[c] - full[c]).max() / np.abs(full[c]).max()) for c in columns)
 

@@ -107,9 +107,10 @@ def kill_processes(procs: list, grace_s: float) -> int:
         except psutil.Error:
             return False
 
+    gcs = [p for p in procs if is_gcs(p)]
     deadline = time.monotonic() + grace_s
     left: list = []
-    for group in ([p for p in procs if not is_gcs(p)], [p for p in procs if is_gcs(p)]):
+    for group in ([p for p in procs if p not in gcs], gcs):
         _signal(group, signal.SIGTERM)
         left += psutil.wait_procs(group, timeout=max(0.1, deadline - time.monotonic()))[1]
     _signal(left, signal.SIGKILL)

@@ -20,7 +20,8 @@ train base rate ``pi_j``: calibrated by construction. Smaller ``sigma``: higher 
 needs the work_dir of ``prefill-router pipeline run -c configs/pipeline-routerbench.yaml``
 (its labels and activations: the split and the encoder's token counts). Writes
 ``routing_headroom.json`` and ``routing_headroom.png`` (savings at GPT-4's accuracy against
-within-task AUC, with the measured routers of ``--reports`` as points).
+within-task AUC, under the tolerance policy and the value policy, with the measured routers
+of ``--reports`` as points).
 """
 
 from __future__ import annotations
@@ -83,18 +84,23 @@ def sweep_quality(Y, C, C_route, tasks, base_rate, targets, draws: int, seed: in
             for _ in range(draws):
                 P = synthetic_proba(Y, base_rate, sigma, rho, rng)
                 r = score_probabilistic(P, Y, C_route, C, 0.05, refs, targets, cfg)
+                v = r["value_policy"]
                 runs.append([np.nanmean(within_group_auc(Y, P, tasks)), r["iso_accuracy_savings"],
-                             r["best_gap_closed_at_savings"], r["pauccc"]])
+                             r["best_gap_closed_at_savings"], r["pauccc"], v["iso_accuracy_savings"],
+                             v["best_gap_closed_at_savings"], v["pauccc"]])
             runs = np.array(runs, dtype=float)
-            reached = float(np.mean(np.isfinite(runs[:, 1])))
-            runs[:, 1] = np.nan_to_num(runs[:, 1])  # "not reached" counts as no saving
+            reached, v_reached = (float(np.mean(np.isfinite(runs[:, k]))) for k in (1, 4))
+            runs[:, [1, 4]] = np.nan_to_num(runs[:, [1, 4]])  # "not reached" counts as no saving
             with np.errstate(invalid="ignore"):  # no point at >= 74.31% savings (NaN) in some draws
                 m = np.nanmean(runs, axis=0)
             rows.append({"rho": rho, "sigma": sigma, "within_task_auc": m[0], "iso_accuracy_savings": m[1],
-                         "iso_reached_share": reached, "best_gap_closed_at_savings": m[2], "pauccc": m[3]})
-            print(f"rho {rho:.1f} sigma {sigma:4.1f}: within-task AUC {m[0]:.3f}, savings at GPT-4's accuracy "
-                  f"{100 * m[1]:5.1f}% (0 where not reached; reached in {100 * reached:.0f}% of draws), "
-                  f"best gap closed at >= 74.31% savings {100 * m[2]:6.1f}%, P-AUCCC {m[3]:.4f}", flush=True)
+                         "iso_reached_share": reached, "best_gap_closed_at_savings": m[2], "pauccc": m[3],
+                         "value_policy": {"iso_accuracy_savings": m[4], "iso_reached_share": v_reached,
+                                          "best_gap_closed_at_savings": m[5], "pauccc": m[6]}})
+            print(f"rho {rho:.1f} sigma {sigma:4.1f}: within-task AUC {m[0]:.3f}; tolerance / value policy: savings "
+                  f"at GPT-4's accuracy {100 * m[1]:5.1f}% / {100 * m[4]:5.1f}% (0 where not reached; reached in "
+                  f"{100 * reached:.0f}% / {100 * v_reached:.0f}% of draws), best gap closed at >= 74.31% savings "
+                  f"{100 * m[2]:6.1f}% / {100 * m[5]:6.1f}%, P-AUCCC {m[3]:.4f} / {m[6]:.4f}", flush=True)
     return rows
 
 
@@ -124,7 +130,9 @@ def measured(reports: list[str]) -> list[dict]:
             inside = report.get("within_task_auc", {}).get(name, {}).get("mean_auc")
             out.append({"report": path, "router": f"{name} ({encoder})" if name == "prefill-router" else name,
                         "within_task_auc": inside if inside is not None else within_task_from_rows(report, name),
-                        "iso_accuracy_savings": test["iso_accuracy_savings"]})
+                        "iso_accuracy_savings": test["iso_accuracy_savings"],
+                        **({"value_iso_accuracy_savings": test["value_policy"]["iso_accuracy_savings"]}
+                           if test.get("value_policy") else {})})
     return out
 
 
@@ -137,16 +145,24 @@ def plot(rows: list[dict], points: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for rho in RHOS:
         sel = [r for r in rows if r["rho"] == rho]
-        ax.plot([r["within_task_auc"] for r in sel], [100 * np.nan_to_num(r["iso_accuracy_savings"]) for r in sel],
-                "o-", label=f"calibrated synthetic router, shared noise share {rho} (mean of draws)")
+        (line,) = ax.plot([r["within_task_auc"] for r in sel],
+                          [100 * np.nan_to_num(r["iso_accuracy_savings"]) for r in sel], "o-",
+                          label=f"calibrated synthetic router, shared noise share {rho}, tolerance policy")
+        ax.plot([r["within_task_auc"] for r in sel],
+                [100 * np.nan_to_num(r["value_policy"]["iso_accuracy_savings"]) for r in sel], "s--",
+                color=line.get_color(), label="same, value policy")
     seen = set()
     for p in points:
         if p["router"] in seen:
             continue
         seen.add(p["router"])
-        y = 100 * (p["iso_accuracy_savings"] or 0.0)
-        ax.plot(p["within_task_auc"], y, "k^" if "prefill" in p["router"] else "kx")
-        ax.annotate(p["router"], (p["within_task_auc"], y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        for key, mark in (("iso_accuracy_savings", "^"), ("value_iso_accuracy_savings", "s")):
+            if key not in p:
+                continue
+            y = 100 * (p[key] or 0.0)
+            ax.plot(p["within_task_auc"], y, mark, color="k" if "prefill" in p["router"] else "grey")
+            ax.annotate(p["router"] + (" (value)" if mark == "s" else ""), (p["within_task_auc"], y), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
     ax.axhline(50, color="grey", ls="--", lw=1)
     ax.set_xlabel("mean within-task AUC on the RouterBench test split")
     ax.set_ylabel("savings at GPT-4's accuracy (%; 0 = not reached)")

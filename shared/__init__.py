@@ -6,7 +6,8 @@
   the ``models`` command, and backend choice plus the OpenAI-compatible client settings.
 - ``features``, ``batching``, ``encoder``, ``prefix``: feature block names and poolings, and
   the prefill encoder (with prefix sharing) used by capture and by the Encoder replica.
-- ``trunk``, ``policy``, ``artifact``: SharedTrunkNet for inference, the tolerance policy,
+- ``trunk``, ``policy``, ``artifact``: SharedTrunkNet for inference, the tolerance policy (and
+  the value policy the evaluation compares it with),
   and the versioned router artifact (its file set, saving, loading and copying).
 """
 

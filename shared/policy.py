@@ -4,6 +4,10 @@
 P(correct) is within ``tol`` of the best. Gaps are rounded to :data:`GAP_DECIMALS` so
 decimal tolerances behave as written. The evaluation's tolerance sweep, the artifact's
 :meth:`~shared.artifact.Router.route` and the serving RouterHead all call it.
+
+:func:`route_by_value` is the cost-aware alternative: the target with the highest expected
+net value ``value * P(correct) - cost``. The evaluation compares both policies' frontiers;
+serving routes by tolerance.
 """
 
 from __future__ import annotations
@@ -57,3 +61,24 @@ def route_with_tolerance(P: np.ndarray, costs: np.ndarray, tol: float) -> np.nda
     """
     eligible = within_tolerance(P, tol)
     return cheapest_where(eligible, cost_matrix(costs, eligible.shape[0]))
+
+
+def route_by_value(P: np.ndarray, costs: np.ndarray, value: float) -> np.ndarray:
+    """Chosen target per query: ``argmax_j value * P[i, j] - costs[i, j]``, the highest
+    expected net value when one correct answer is worth ``value`` (in the costs' unit);
+    ties (within 1e-12 of the row's scale) by cost, then index.
+
+    ``P`` is ``(n, T)`` predicted P(correct); ``costs`` is ``(T,)`` or ``(n, T)``;
+    ``value >= 0``. ``value = 0`` picks the cheapest target, ``value = inf`` the (cheapest)
+    most likely one. Unlike a tolerance, the price *difference* counts: a target 15 times
+    dearer must be that much more likely to be right. Returns int ``(n,)``.
+    """
+    probability_gaps(P)  # validates P
+    if not value >= 0:
+        raise ValueError(f"value must be >= 0, got {value}")
+    P = np.asarray(P, dtype=np.float64)
+    costs = cost_matrix(costs, P.shape[0])
+    score = P if np.isinf(value) else value * P - costs
+    scale = np.abs(score).max(axis=1, keepdims=True) + 1.0
+    best = score >= score.max(axis=1, keepdims=True) - 1e-12 * scale
+    return cheapest_where(best, costs)

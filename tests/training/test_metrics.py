@@ -101,10 +101,34 @@ def test_route_with_tolerance_hand_cases():
     assert m.route_with_tolerance(np.array([[0.5, 0.5, 0.5]]), np.array([2.0, 1.0, 1.0]), 0.0).tolist() == [1]
 
 
-def test_route_with_lambda():
-    # c_norm = [1, 0]. lam .5: .45 - .5 = -.05 vs .3 -> 1; lam .9: .81 - .1 = .71 vs .54 -> 0
-    P, costs = np.array([[0.9, 0.6]]), np.array([10.0, 0.0])
-    assert [m.route_with_lambda(P, costs, lam)[0] for lam in (0.0, 0.5, 0.9, 1.0)] == [1, 1, 0, 0]
+def test_route_by_value_weighs_the_price_difference():
+    # value 10: 9 - 10 = -1 vs 6 - 1 = 5 -> 1; value 40: 36 - 10 = 26 vs 24 - 1 = 23 -> 0
+    P, costs = np.array([[0.9, 0.6]]), np.array([10.0, 1.0])
+    assert [m.route_by_value(P, costs, v)[0] for v in (0.0, 10.0, 29.9, 40.0, np.inf)] == [1, 1, 1, 0, 0]
+    # a tie at the breakpoint (value 30: 27 - 10 = 18 - 1) goes to the cheaper target
+    assert m.route_by_value(P, costs, 30.0).tolist() == [1]
+    with pytest.raises(ValueError, match="value"):
+        m.route_by_value(P, costs, -1.0)
+
+
+def test_value_sweep_holds_every_routing_of_a_dense_grid():
+    """The exact sweep against brute force: every routing met on a fine grid of values (and
+    just above each breakpoint) is a point of the sweep, from the cheapest to the most likely."""
+    rng = np.random.default_rng(3)
+    P = rng.random((40, 4))
+    C = np.array([4.0, 1.0, 2.5, 0.2]) * rng.uniform(0.5, 1.5, (40, 1))  # per-query price model
+    Y = (rng.random((40, 4)) < P).astype(float)
+    Y[::7, 1] = NAN
+    sweep = m.value_sweep(P, Y, C)
+    assert np.all(np.diff(sweep.cost) >= 0)
+    points = set(zip(np.round(sweep.cost, 12), np.round(np.nan_to_num(sweep.accuracy), 12)))
+    for v in np.concatenate([[0.0], np.geomspace(1e-2, 1e4, 400)]):
+        acc, cost = m.routing_outcome(Y, C, m.route_by_value(P, C, v))
+        assert (round(cost, 12), round(acc, 12)) in points, v
+    cheapest, likeliest = np.argmin(C, axis=1), m.route_by_value(P, C, np.inf)
+    assert sweep.cost[0] == pytest.approx(m.routing_outcome(Y, C, cheapest)[1])
+    assert (round(m.routing_outcome(Y, C, likeliest)[1], 12),
+            round(m.routing_outcome(Y, C, likeliest)[0], 12)) in points
 
 
 def test_routing_outcome_excludes_missing_chosen_label():

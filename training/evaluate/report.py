@@ -111,6 +111,7 @@ def markdown(report: dict[str, Any]) -> str:
         "## Disagreement queries (test)", "", _md_table(table_rows(dis)) if dis else "No disagreement queries.", "",
         *task_lines(report),
         *paper_lines(report),
+        *policy_lines(report),
         *margin_lines(report.get("auc_margin") or {}),
         *within_task_lines(report),
         *headroom_lines(report.get("headroom_by_task") or [], report["targets"]),
@@ -190,6 +191,46 @@ def paper_lines(report: dict[str, Any]) -> list[str]:
         f"| mean AUC, best prompt-only baseline | ~{PAPER['mean_auc_prompt_only']} | "
         f"{_num(max(semantic), '.3f') if semantic else '—'} |", "",
     ]
+
+
+POLICY_COLUMNS = ("router", "policy", "P-AUCCC", "best gap closed along the sweep", "savings at best-single accuracy",
+                  "best gap closed at >= threshold savings")
+
+
+def _policy_rows(routers: dict[str, Any]) -> list[list[str]]:
+    """Per probabilistic router: its tolerance-policy frontier, then its value-policy one."""
+    rows = []
+    for name, r in routers.items():
+        if r["kind"] != "probabilistic" or not r.get("value_policy"):
+            continue
+        for policy, m in (("tolerance", r), ("value", r["value_policy"])):
+            rows.append([name, policy, _num(m["pauccc"]), _pct(m["max_gap_closed"]), *_new_cells(m)])
+    return rows
+
+
+def policy_lines(report: dict[str, Any]) -> list[str]:
+    """Markdown: each probabilistic router's frontier under the tolerance policy (what the
+    artifact serves) and under the cost-aware value policy, on the same predictions."""
+    test = report["subsets"]["test"]
+    if not _policy_rows(test["routers"]):
+        return []
+    lines = ["## Tolerance or value policy (same predictions)", "",
+             "The tolerance policy (what the artifact serves) takes the cheapest target within a tolerance of the "
+             "best P(correct), whatever the price difference. The value policy (`shared.policy.route_by_value`, "
+             "evaluated here, not served yet) takes the target with the highest `value * P(correct) - cost`: a "
+             "target 15 times dearer must be that much more likely to be right. Each row sweeps its policy's "
+             "parameter over the whole range, so these are frontier metrics, not one operating point.", ""]
+    for key, title in (("test", "Test split"), ("disagreement", "Disagreement queries (test)")):
+        if key in report["subsets"]:
+            lines += [f"{title}:", "", _md_table(_policy_rows(report["subsets"][key]["routers"]), POLICY_COLUMNS), ""]
+    tasks = [(t, parts["test"]["routers"].get("prefill-router")) for t, parts in report.get("by_task", {}).items()
+             if "test" in parts]
+    rows = [[t, *(_reached(m.get("iso_accuracy_savings")) for m in (r, r["value_policy"]))]
+            for t, r in tasks if r and r.get("value_policy")]
+    if rows:
+        lines += ["Prefill router per task (test), savings at the task's best-single accuracy:", "",
+                  _md_table(rows, ("task", "tolerance policy", "value policy")), ""]
+    return lines
 
 
 def margin_lines(margins: dict[str, dict], what: str = "Mean per-target AUC margin of the prefill router over "

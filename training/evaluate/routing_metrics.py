@@ -1,5 +1,5 @@
 """Pure routing metrics: outcomes of a routing, the oracle and single models, gap closed,
-cost savings, the tolerance sweep, P-AUCCC, the single-model hull, operating-point
+cost savings, the tolerance and value sweeps, P-AUCCC, the single-model hull, operating-point
 calibration and disagreement.
 
 Conventions: ``n`` queries, ``T`` targets. ``Y`` is the ``(n, T)`` correctness matrix (0/1
@@ -15,28 +15,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from shared.policy import cheapest_where, cost_matrix, probability_gaps, route_with_tolerance
+from shared.policy import cheapest_where, cost_matrix, probability_gaps, route_by_value, route_with_tolerance
 
 __all__ = [
-    "route_with_tolerance", "route_with_lambda", "routing_outcome", "expected_outcome", "oracle_choice",
+    "route_with_tolerance", "route_by_value", "routing_outcome", "expected_outcome", "oracle_choice",
     "oracle_accuracy", "oracle_outcome", "single_model_points", "best_single", "gap_closed",
-    "cost_savings", "Sweep", "tolerance_sweep", "pauccc", "single_model_hull", "hull_pauccc",
+    "cost_savings", "Sweep", "tolerance_sweep", "ValueSweep", "value_sweep", "pareto_front", "pauccc", "single_model_hull", "hull_pauccc",
     "calibrate_operating_point", "disagreement_mask", "disagreement_share",
 ]
-
-
-def route_with_lambda(P: np.ndarray, costs: np.ndarray, lam: float) -> np.ndarray:
-    """Per query, ``argmax_j lam * P[i, j] - (1 - lam) * c_norm[i, j]``; ties (within
-    1e-12) by cost, then index. ``c_norm = (c - min c) / (max c - min c)`` over the whole
-    cost matrix (all zeros when costs are equal). ``lam`` in [0, 1]: 1 = accuracy only,
-    0 = cheapest. Returns int ``(n,)``."""
-    P = np.asarray(P, dtype=np.float64)
-    costs = cost_matrix(costs, P.shape[0])
-    span = costs.max() - costs.min()
-    c_norm = (costs - costs.min()) / span if span > 0 else np.zeros_like(costs)
-    score = lam * P - (1.0 - lam) * c_norm
-    best = score >= score.max(axis=1, keepdims=True) - 1e-12
-    return cheapest_where(best, costs)
 
 
 def routing_outcome(Y: np.ndarray, C: np.ndarray, choice: np.ndarray) -> tuple[float, float]:
@@ -184,7 +170,68 @@ def tolerance_sweep(P: np.ndarray, Y: np.ndarray, C: np.ndarray, C_route: np.nda
     return Sweep(tols[idx], accs[idx], costs[idx])
 
 
-def _pareto(costs: np.ndarray, accs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+class ValueSweep(NamedTuple):
+    """A value sweep (:func:`value_sweep`): three aligned ``(k,)`` arrays, sorted by cost ascending."""
+
+    value: np.ndarray
+    accuracy: np.ndarray
+    cost: np.ndarray
+
+
+def _value_breakpoints(P: np.ndarray, Cr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and values ``w = (c_j - c_k) / (P_j - P_k)`` (``P_j > P_k``, ``c_j > c_k``): where a
+    query's :func:`route_by_value` choice can change. Sorted by value; ``(m,)`` each."""
+    dP = P[:, :, None] - P[:, None, :]
+    dC = Cr[:, :, None] - Cr[:, None, :]
+    ok = (dP > 0) & (dC > 0)
+    rows, w = np.nonzero(ok)[0], dC[ok] / dP[ok]
+    order = np.argsort(w, kind="stable")
+    return rows[order], w[order]
+
+
+def _choice_above(p: np.ndarray, c: np.ndarray, w: float) -> int:
+    """One query's :func:`route_by_value` choice just above value ``w`` (``p``, ``c``:
+    ``(T,)``): of the targets tied at ``w``, the most likely, then the cheaper, then index."""
+    s = w * p - c
+    tied = np.flatnonzero(s >= s.max() - 1e-12 * (np.abs(s).max() + 1.0))
+    return int(tied[np.lexsort((tied, c[tied], -p[tied]))[0]])
+
+
+def value_sweep(P: np.ndarray, Y: np.ndarray, C: np.ndarray, C_route: np.ndarray | None = None) -> ValueSweep:
+    """Route with :func:`shared.policy.route_by_value` just above 0 and just above every value
+    where some query's choice changes, and record :func:`routing_outcome` at each. Exact: a
+    query's choice is constant between its breakpoints ``(c_j - c_k) / (P_j - P_k)``, so the
+    sweep holds every distinct routing, from the cheapest targets to the most likely ones;
+    ``O(n T^2 log(n T))``. Sorted by cost ascending, then value descending. ``C_route``: the
+    costs the policy decides with, as in :func:`tolerance_sweep`."""
+    probability_gaps(P)  # validates P
+    P, Y = np.asarray(P, dtype=np.float64), np.asarray(Y, dtype=np.float64)
+    n = P.shape[0]
+    C = cost_matrix(C, n)
+    Cr = C if C_route is None else cost_matrix(C_route, n)
+    cur = np.array([_choice_above(P[i], Cr[i], 0.0) for i in range(n)], dtype=int)
+    picked = Y[np.arange(n), cur]
+    cost_sum, acc_sum, acc_cnt = float(C[np.arange(n), cur].sum()), float(np.nansum(picked)), int((~np.isnan(picked)).sum())
+    values, accs, costs = [0.0], [acc_sum / acc_cnt if acc_cnt else np.nan], [cost_sum / max(n, 1)]
+    bp_rows, bp_w = _value_breakpoints(P, Cr)
+    for pos, (i, w) in enumerate(zip(bp_rows, bp_w)):
+        old, new = cur[i], _choice_above(P[i], Cr[i], w)
+        if new != old:
+            cost_sum += C[i, new] - C[i, old]
+            for j, sign in ((old, -1), (new, 1)):
+                if not np.isnan(Y[i, j]):
+                    acc_sum, acc_cnt = acc_sum + sign * Y[i, j], acc_cnt + sign
+            cur[i] = new
+        if pos + 1 == len(bp_w) or bp_w[pos + 1] != w:
+            values.append(float(w))
+            accs.append(acc_sum / acc_cnt if acc_cnt else np.nan)
+            costs.append(cost_sum / n)
+    values, accs, costs = np.array(values), np.array(accs), np.array(costs)
+    idx = np.lexsort((-values, costs))
+    return ValueSweep(values[idx], accs[idx], costs[idx])
+
+
+def pareto_front(costs: np.ndarray, accs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Points where accuracy strictly rises with cost (the monotone envelope's corners)."""
     idx = np.lexsort((-accs, costs))
     pc, pa = [], []
@@ -212,7 +259,7 @@ def pauccc(costs, accs, c_min: float, c_max: float, acc_floor: float, interpolat
         raise ValueError("interpolation must be 'step' or 'linear'")
     if c_max <= c_min:
         return float("nan")
-    pc, pa = _pareto(np.asarray(costs, float), np.asarray(accs, float))
+    pc, pa = pareto_front(np.asarray(costs, float), np.asarray(accs, float))
     knots = np.unique(np.concatenate([[c_min, c_max], pc[(pc > c_min) & (pc < c_max)]]))
     area = 0.0
     for u, v in zip(knots[:-1], knots[1:]):

@@ -114,8 +114,24 @@ def score_probabilistic(P, Y, C_route, C, tol: float, refs: dict, targets: list[
         **point_metrics(sweep.cost, sweep.accuracy, refs, cfg.savings_threshold),
         "auc": dict(zip(targets, map(float, auc))), "brier": dict(zip(targets, map(float, br))),
         "mean_auc": mean_auc, "mean_brier": mean_brier,
+        "value_policy": value_policy_metrics(P, Y, C_route, C, refs, cfg),
         "sweep": {k: getattr(sweep, k).tolist() for k in ("tolerance", "accuracy", "cost")},
     }
+
+
+def value_policy_metrics(P, Y, C_route, C, refs: dict, cfg) -> dict[str, float]:
+    """The frontier metrics of predictions ``P`` under the cost-aware policy
+    (:func:`shared.policy.route_by_value`, swept exactly by ``routing_metrics.value_sweep``)
+    instead of the tolerance policy: P-AUCCC, best gap closed along the sweep, iso-accuracy
+    savings, best gap closed at >= the savings threshold, and the sweep's Pareto corners
+    (``frontier``: cost and accuracy, for the plot). Same predictions, other policy."""
+    sweep = M.value_sweep(P, Y, C, C_route)
+    gaps = [M.gap_closed(a, refs["best_single"]["accuracy"], refs["oracle"]["accuracy"]) for a in sweep.accuracy]
+    front = M.pareto_front(sweep.cost, sweep.accuracy)
+    return {"pauccc": _pauccc(sweep.cost, sweep.accuracy, refs, cfg.pauccc_interpolation),
+            "frontier": {"cost": front[0].tolist(), "accuracy": front[1].tolist()},
+            "max_gap_closed": float(np.nanmax(gaps)) if np.isfinite(gaps).any() else float("nan"),
+            **point_metrics(sweep.cost, sweep.accuracy, refs, cfg.savings_threshold)}
 
 
 def score_fixed(W, Y, C, refs: dict, cfg) -> dict:

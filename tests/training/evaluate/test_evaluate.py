@@ -115,6 +115,9 @@ def test_report_files_and_keys(evaluated):
             if r["kind"] == "probabilistic":
                 assert set(r) >= {"auc", "brier", "mean_auc", "sweep", "tolerance", "operating_point"}
                 assert len(r["auc"]) == 3 and len(r["sweep"]["cost"]) == len(r["sweep"]["accuracy"]) > 1
+                v = r["value_policy"]  # the same predictions under the value policy, swept end to end
+                assert set(v) == {"pauccc", "max_gap_closed", "iso_accuracy_savings", "best_gap_closed_at_savings", "frontier"}
+                assert 0 <= v["pauccc"] <= 1 and v["max_gap_closed"] <= 1
     md = (Path(cfg.out) / "report.md").read_text()
     assert "45.58%" in md and "74.31%" in md and "| prefill-router" in md and "oracle" in md
     margins = out["auc_margin"]
@@ -133,6 +136,7 @@ def test_report_files_and_keys(evaluated):
         assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Per task (all test queries)" in md and "## Per task (disagreement queries only)" in md
     assert "best gap closed at >= 74.31% savings" in md and "Semantic baselines embedded the prompt" in md
+    assert "## Tolerance or value policy (same predictions)" in md and "| prefill-router | value |" in md
     assert out["savings_threshold"] == 0.7431 and out["skipped_routers"] == {} and out["all_rows_test"] is False
 
 

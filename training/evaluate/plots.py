@@ -10,7 +10,8 @@ FILES = {"test": "cost_accuracy.png", "disagreement": "cost_accuracy_disagreemen
 
 def plot(report: dict[str, Any], subset: str = "test") -> bytes:
     """PNG of one subset: every router (probabilistic: its tolerance sweep as a line, its
-    operating point as a dot; the prefill router's value-policy front dashed; fixed: a square), every single model as a triangle, the oracle
+    operating point as a dot; the prefill router's value-policy front dashed; fixed: a
+    square), every single model as a triangle, the oracle
     (star) and the zero-router hull (dashed: the upper convex hull of the single models, what
     mixing them at random reaches). Dotted guides: the best single model's accuracy (the
     iso-accuracy line) and the cost at ``savings_threshold`` savings vs the most expensive."""

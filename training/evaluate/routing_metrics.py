@@ -20,7 +20,8 @@ from shared.policy import cheapest_where, cost_matrix, probability_gaps, route_b
 __all__ = [
     "route_with_tolerance", "route_by_value", "routing_outcome", "expected_outcome", "oracle_choice",
     "oracle_accuracy", "oracle_outcome", "single_model_points", "best_single", "gap_closed",
-    "cost_savings", "Sweep", "tolerance_sweep", "ValueSweep", "value_sweep", "pareto_front", "pauccc", "single_model_hull", "hull_pauccc",
+    "cost_savings", "Sweep", "tolerance_sweep", "ValueSweep", "value_sweep", "pareto_front", "pauccc",
+    "single_model_hull", "hull_pauccc",
     "calibrate_operating_point", "disagreement_mask", "disagreement_share",
 ]
 
@@ -211,7 +212,8 @@ def value_sweep(P: np.ndarray, Y: np.ndarray, C: np.ndarray, C_route: np.ndarray
     Cr = C if C_route is None else cost_matrix(C_route, n)
     cur = np.array([_choice_above(P[i], Cr[i], 0.0) for i in range(n)], dtype=int)
     picked = Y[np.arange(n), cur]
-    cost_sum, acc_sum, acc_cnt = float(C[np.arange(n), cur].sum()), float(np.nansum(picked)), int((~np.isnan(picked)).sum())
+    cost_sum, acc_sum = float(C[np.arange(n), cur].sum()), float(np.nansum(picked))
+    acc_cnt = int((~np.isnan(picked)).sum())
     values, accs, costs = [0.0], [acc_sum / acc_cnt if acc_cnt else np.nan], [cost_sum / max(n, 1)]
     bp_rows, bp_w = _value_breakpoints(P, Cr)
     for pos, (i, w) in enumerate(zip(bp_rows, bp_w)):

@@ -116,7 +116,8 @@ def test_report_files_and_keys(evaluated):
                 assert set(r) >= {"auc", "brier", "mean_auc", "sweep", "tolerance", "operating_point"}
                 assert len(r["auc"]) == 3 and len(r["sweep"]["cost"]) == len(r["sweep"]["accuracy"]) > 1
                 v = r["value_policy"]  # the same predictions under the value policy, swept end to end
-                assert set(v) == {"pauccc", "max_gap_closed", "iso_accuracy_savings", "best_gap_closed_at_savings", "frontier"}
+                assert set(v) == {"pauccc", "max_gap_closed", "iso_accuracy_savings", "best_gap_closed_at_savings",
+                                  "frontier"}
                 assert 0 <= v["pauccc"] <= 1 and v["max_gap_closed"] <= 1
     md = (Path(cfg.out) / "report.md").read_text()
     assert "45.58%" in md and "74.31%" in md and "| prefill-router" in md and "oracle" in md

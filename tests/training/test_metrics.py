@@ -125,6 +125,8 @@ def test_value_sweep_holds_every_routing_of_a_dense_grid():
     for v in np.concatenate([[0.0], np.geomspace(1e-2, 1e4, 400)]):
         acc, cost = m.routing_outcome(Y, C, m.route_by_value(P, C, v))
         assert (round(cost, 12), round(acc, 12)) in points, v
+    for v, a, c in zip(*sweep):  # each point's value reproduces its routing
+        assert m.routing_outcome(Y, C, m.route_by_value(P, C, v)) == pytest.approx((a, c))
     cheapest, likeliest = np.argmin(C, axis=1), m.route_by_value(P, C, np.inf)
     assert sweep.cost[0] == pytest.approx(m.routing_outcome(Y, C, cheapest)[1])
     assert (round(m.routing_outcome(Y, C, likeliest)[1], 12),

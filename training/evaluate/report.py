@@ -223,6 +223,8 @@ def policy_lines(report: dict[str, Any]) -> list[str]:
     for key, title in (("test", "Test split"), ("disagreement", "Disagreement queries (test)")):
         if key in report["subsets"]:
             lines += [f"{title}:", "", _md_table(_policy_rows(report["subsets"][key]["routers"]), POLICY_COLUMNS), ""]
+    lines += _policy_point_lines(report.get("policy_operating_points") or {},
+                                 test["references"]["best_single"]["target"])
     tasks = [(t, parts["test"]["routers"].get("prefill-router")) for t, parts in report.get("by_task", {}).items()
              if "test" in parts]
     rows = [[t, *(_reached(m.get("iso_accuracy_savings")) for m in (r, r["value_policy"]))]
@@ -231,6 +233,22 @@ def policy_lines(report: dict[str, Any]) -> list[str]:
         lines += ["Prefill router per task (test), savings at the task's best-single accuracy:", "",
                   _md_table(rows, ("task", "tolerance policy", "value policy")), ""]
     return lines
+
+
+def _policy_point_lines(points: dict[str, Any], best: str) -> list[str]:
+    """Markdown: each router's val-chosen operating point per policy, applied to test."""
+    if not points.get("routers"):
+        return []
+    lines = [f"Operating point chosen on val (the cheapest point reaching the best single model's val accuracy, "
+             f"{_pct(points['target_val_accuracy'])}), applied to test:", "",
+             f"| router | policy | parameter | test accuracy | mean cost | savings vs {best} |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, row in points["routers"].items():
+        for policy, p in row.items():
+            cells = ["not reached on val", "", "", ""] if p is None else [
+                _num(p["param"], ".4g"), _pct(p["accuracy"]), _num(p["cost"], ".3g"), _pct(p["savings_vs_best_single"])]
+            lines.append("| " + " | ".join([name, policy, *cells]) + " |")
+    return lines + [""]
 
 
 def margin_lines(margins: dict[str, dict], what: str = "Mean per-target AUC margin of the prefill router over "

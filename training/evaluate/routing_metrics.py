@@ -199,12 +199,14 @@ def _choice_above(p: np.ndarray, c: np.ndarray, w: float) -> int:
 
 
 def value_sweep(P: np.ndarray, Y: np.ndarray, C: np.ndarray, C_route: np.ndarray | None = None) -> ValueSweep:
-    """Route with :func:`shared.policy.route_by_value` just above 0 and just above every value
-    where some query's choice changes, and record :func:`routing_outcome` at each. Exact: a
+    """Every distinct routing of :func:`shared.policy.route_by_value` and its
+    :func:`routing_outcome`, from the cheapest targets to the most likely ones. Exact: a
     query's choice is constant between its breakpoints ``(c_j - c_k) / (P_j - P_k)``, so the
-    sweep holds every distinct routing, from the cheapest targets to the most likely ones;
-    ``O(n T^2 log(n T))``. Sorted by cost ascending, then value descending. ``C_route``: the
-    costs the policy decides with, as in :func:`tolerance_sweep`."""
+    sweep walks the sorted breakpoints of all queries, ``O(n T^2 log(n T))``. Each point's
+    ``value`` lies inside its routing's interval (half the first breakpoint, midway between
+    two, twice the last), so ``route_by_value(P, C_route, value)`` reproduces it. Sorted by
+    cost ascending, then value descending. ``C_route``: the costs the policy decides with,
+    as in :func:`tolerance_sweep`."""
     probability_gaps(P)  # validates P
     P, Y = np.asarray(P, dtype=np.float64), np.asarray(Y, dtype=np.float64)
     n = P.shape[0]
@@ -214,8 +216,9 @@ def value_sweep(P: np.ndarray, Y: np.ndarray, C: np.ndarray, C_route: np.ndarray
     picked = Y[np.arange(n), cur]
     cost_sum, acc_sum = float(C[np.arange(n), cur].sum()), float(np.nansum(picked))
     acc_cnt = int((~np.isnan(picked)).sum())
-    values, accs, costs = [0.0], [acc_sum / acc_cnt if acc_cnt else np.nan], [cost_sum / max(n, 1)]
     bp_rows, bp_w = _value_breakpoints(P, Cr)
+    first = bp_w[0] / 2 if len(bp_w) else 1.0
+    values, accs, costs = [first], [acc_sum / acc_cnt if acc_cnt else np.nan], [cost_sum / max(n, 1)]
     for pos, (i, w) in enumerate(zip(bp_rows, bp_w)):
         old, new = cur[i], _choice_above(P[i], Cr[i], w)
         if new != old:
@@ -225,7 +228,7 @@ def value_sweep(P: np.ndarray, Y: np.ndarray, C: np.ndarray, C_route: np.ndarray
                     acc_sum, acc_cnt = acc_sum + sign * Y[i, j], acc_cnt + sign
             cur[i] = new
         if pos + 1 == len(bp_w) or bp_w[pos + 1] != w:
-            values.append(float(w))
+            values.append(float(2 * w if pos + 1 == len(bp_w) else (w + bp_w[pos + 1]) / 2))
             accs.append(acc_sum / acc_cnt if acc_cnt else np.nan)
             costs.append(cost_sum / n)
     values, accs, costs = np.array(values), np.array(accs), np.array(costs)

@@ -134,6 +134,32 @@ def value_policy_metrics(P, Y, C_route, C, refs: dict, cfg) -> dict[str, float]:
             **point_metrics(sweep.cost, sweep.accuracy, refs, cfg.savings_threshold)}
 
 
+def policy_points(models, preds, val: RoutingData | None, Cv, Crv, test: dict[str, np.ndarray],
+                  refs: dict[str, Any]) -> dict[str, dict]:
+    """Per probabilistic router and policy (tolerance, value): the cheapest val operating point
+    that reaches the best single model's val accuracy (``calibrate_operating_point``), applied
+    to the test rows (``test``: ``Y``, ``C``, ``C_route``): ``{"param", "accuracy", "cost",
+    "savings_vs_best_single"}``, or None when no point reaches it on val. Empty without val."""
+    if val is None or not len(val.query_ids):
+        return {}
+    target, best_cost = M.best_single(val.Y, Cv)[1], refs["best_single"]["cost"]
+    policies = (("tolerance", M.tolerance_sweep, M.route_with_tolerance), ("value", M.value_sweep, M.route_by_value))
+    out = {}
+    for model in (m for m in models if m.probabilistic):
+        Pv, Pt, row = preds[model.name]["val"], preds[model.name]["test"], {}
+        for policy, sweep, route in policies:
+            try:
+                param = M.calibrate_operating_point(sweep(Pv, val.Y, Cv, Crv), target_accuracy=target)
+            except ValueError:
+                row[policy] = None
+                continue
+            acc, cost = M.routing_outcome(test["Y"], test["C"], route(Pt, test["C_route"], param))
+            row[policy] = {"param": param, "accuracy": acc, "cost": cost,
+                           "savings_vs_best_single": M.cost_savings(cost, best_cost)}
+        out[model.name] = row
+    return {"target_val_accuracy": target, "routers": out}
+
+
 def score_fixed(W, Y, C, refs: dict, cfg) -> dict:
     """One (cost, accuracy) point: the expected outcome of choice weights ``W``."""
     acc, cost = M.expected_outcome(Y, C, W)
@@ -256,6 +282,7 @@ def evaluate_routers(artifact, models: Sequence[RouterModel], data: RoutingData,
     return {"targets": list(data.targets), "n": n, "disagreement_share": M.disagreement_share(Yte),
             "operating_point": operating[artifact.name], "subsets": out, "by_task": by_task,
             "savings_threshold": cfg.savings_threshold,
+            "policy_operating_points": policy_points(models, preds, val, Cv, Crv, test, out["test"]["references"]),
             "auc_margin": auc_margins(Yte, test_proba, artifact.name, cfg.bootstrap),
             **within_task(Yte, test_proba, artifact.name, cfg.bootstrap, test_tasks, data.targets),
             "headroom_by_task": task_headroom(models, parts["test"][0], best)}

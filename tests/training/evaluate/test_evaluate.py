@@ -138,6 +138,8 @@ def test_report_files_and_keys(evaluated):
     assert "## Per task (all test queries)" in md and "## Per task (disagreement queries only)" in md
     assert "best gap closed at >= 74.31% savings" in md and "Semantic baselines embedded the prompt" in md
     assert "## Tolerance or value policy (same predictions)" in md and "| prefill-router | value |" in md
+    points = out["policy_operating_points"]["routers"]["prefill-router"]  # chosen on val, scored on test
+    assert set(points) == {"tolerance", "value"} and "Operating point chosen on val" in md
     assert out["savings_threshold"] == 0.7431 and out["skipped_routers"] == {} and out["all_rows_test"] is False
 
 

@@ -101,17 +101,14 @@ def score_probabilistic(P, Y, C_route, C, tol: float, refs: dict, targets: list[
     sweep = M.tolerance_sweep(P, Y, C, C_route)
     acc, cost = M.routing_outcome(Y, C, M.route_with_tolerance(P, C_route, tol))
     auc, br = masked_auc(Y, P), brier(Y, P)
-    gaps = [M.gap_closed(a, refs["best_single"]["accuracy"], refs["oracle"]["accuracy"]) for a in sweep.accuracy]
     with np.errstate(invalid="ignore"):
         mean_auc = float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")
         mean_brier = float(np.nanmean(br)) if np.isfinite(br).any() else float("nan")
     return {
         "kind": "probabilistic", "tolerance": tol, **headline(acc, cost, refs),
-        "pauccc": _pauccc(sweep.cost, sweep.accuracy, refs, cfg.pauccc_interpolation),
-        "max_gap_closed": float(np.nanmax(gaps)) if np.isfinite(gaps).any() else float("nan"),
+        **frontier_metrics(sweep.cost, sweep.accuracy, refs, cfg),
         "cost_savings_at_best_single_accuracy": R.iso_accuracy_savings(  # vs the most expensive, not the best
             sweep.cost, sweep.accuracy, refs["best_single"]["accuracy"], refs["most_expensive"]["cost"], atol=0.0),
-        **point_metrics(sweep.cost, sweep.accuracy, refs, cfg.savings_threshold),
         "auc": dict(zip(targets, map(float, auc))), "brier": dict(zip(targets, map(float, br))),
         "mean_auc": mean_auc, "mean_brier": mean_brier,
         "value_policy": value_policy_metrics(P, Y, C_route, C, refs, cfg),
@@ -119,19 +116,24 @@ def score_probabilistic(P, Y, C_route, C, tol: float, refs: dict, targets: list[
     }
 
 
-def value_policy_metrics(P, Y, C_route, C, refs: dict, cfg) -> dict[str, float]:
-    """The frontier metrics of predictions ``P`` under the cost-aware policy
-    (:func:`shared.policy.route_by_value`, swept exactly by ``routing_metrics.value_sweep``)
-    instead of the tolerance policy: P-AUCCC, best gap closed along the sweep, iso-accuracy
-    savings, best gap closed at >= the savings threshold, and the sweep's Pareto corners
-    (``frontier``: cost and accuracy, for the plot). Same predictions, other policy."""
-    sweep = M.value_sweep(P, Y, C, C_route)
-    gaps = [M.gap_closed(a, refs["best_single"]["accuracy"], refs["oracle"]["accuracy"]) for a in sweep.accuracy]
-    front = M.pareto_front(sweep.cost, sweep.accuracy)
-    return {"pauccc": _pauccc(sweep.cost, sweep.accuracy, refs, cfg.pauccc_interpolation),
-            "frontier": {"cost": front[0].tolist(), "accuracy": front[1].tolist()},
+def frontier_metrics(costs, accs, refs: dict, cfg) -> dict[str, float]:
+    """Metrics of a policy's sweep points ``(k,)``: P-AUCCC, best gap closed along the sweep,
+    iso-accuracy savings and best gap closed at >= the savings threshold."""
+    gaps = [M.gap_closed(a, refs["best_single"]["accuracy"], refs["oracle"]["accuracy"]) for a in accs]
+    return {"pauccc": _pauccc(costs, accs, refs, cfg.pauccc_interpolation),
             "max_gap_closed": float(np.nanmax(gaps)) if np.isfinite(gaps).any() else float("nan"),
-            **point_metrics(sweep.cost, sweep.accuracy, refs, cfg.savings_threshold)}
+            **point_metrics(costs, accs, refs, cfg.savings_threshold)}
+
+
+def value_policy_metrics(P, Y, C_route, C, refs: dict, cfg) -> dict[str, Any]:
+    """:func:`frontier_metrics` of predictions ``P`` under the cost-aware policy
+    (:func:`shared.policy.route_by_value`, swept exactly by ``routing_metrics.value_sweep``)
+    instead of the tolerance policy, and the sweep's Pareto corners (``frontier``: cost and
+    accuracy, for the plot). Same predictions, other policy."""
+    sweep = M.value_sweep(P, Y, C, C_route)
+    front = M.pareto_front(sweep.cost, sweep.accuracy)
+    return {**frontier_metrics(sweep.cost, sweep.accuracy, refs, cfg),
+            "frontier": {"cost": front[0].tolist(), "accuracy": front[1].tolist()}}
 
 
 def policy_points(models, preds, val: RoutingData | None, Cv, Crv, test: dict[str, np.ndarray],
@@ -228,7 +230,7 @@ def score_subset(models, preds, operating, m: np.ndarray, test: dict[str, np.nda
                  cfg, detail: bool = True) -> dict[str, Any]:
     """``{"references", "routers"}`` on the test rows ``m`` (``(n_test,)`` bool). ``test``:
     the test split's ``Y``, ``C`` (outcome) and ``C_route`` (decision) arrays; ``detail=False``
-    drops each router's sweep and operating point (the per-task rows)."""
+    drops each router's sweeps (tolerance points, value front) and operating point (the per-task rows)."""
     Y, C, Cr = test["Y"][m], test["C"][m], test["C_route"][m]
     refs = references(Y, C, targets, cfg.savings_threshold)
     rows = {}
@@ -240,6 +242,7 @@ def score_subset(models, preds, operating, m: np.ndarray, test: dict[str, np.nda
                 row["operating_point"] = operating[model.name]
             else:
                 row.pop("sweep")
+                row["value_policy"].pop("frontier")
         else:
             row = score_fixed(P, Y, C, refs, cfg)
         rows[model.name] = row

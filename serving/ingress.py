@@ -33,16 +33,16 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from serving.config import IngressConfig
-from serving.messages import PromptTooLong, TargetAnswer, request_fault
+from serving.messages import PromptTooLong, TargetAnswer, request_fault, surely_within
 from serving.metrics import RouterMetrics
 from serving.schemas import (
     ChatChoice, ChatCompletionRequest, ChatCompletionResponse, RouteDecision, RouteRequest, UnknownModel, Usage,
     parse_model_field,
 )
 from serving.streaming import stream_response
+from shared.policy import Rule
 
 log = logging.getLogger(__name__)
-TEMPLATE_TOKENS = 128  # chat-template tokens a prompt can gain beyond its text (roles, markers, default system)
 
 
 class AllTargetsFailed(RuntimeError):
@@ -104,14 +104,6 @@ async def bounded(response: Any, timeout_s: float) -> Any:
         if hasattr(response, "cancel"):
             response.cancel()
         raise
-
-
-def surely_within(messages: list[dict[str, str]], limit: int) -> bool:
-    """True when the prompt cannot exceed ``limit`` tokens, without a tokenizer: a token of a
-    byte-level BPE or byte-fallback tokenizer spans at least one UTF-8 byte, so tokens <= bytes +
-    the template's own tokens."""
-    size = sum(len(m["content"].encode()) + 8 for m in messages) + TEMPLATE_TOKENS
-    return size <= limit
 
 
 class RouterIngress:
@@ -180,17 +172,23 @@ class RouterIngress:
         except ValidationError as exc:
             raise HTTPException(422, _reason(exc)) from exc
 
-    def plan(self, model: str, tolerance: float | None) -> tuple[str | None, float | None]:
-        """(pinned target or None, tolerance or None for the default) of a request's ``model``."""
+    def plan(self, req: ChatCompletionRequest | RouteRequest) -> tuple[str | None, Rule | None]:
+        """(pinned target or None, routing rule or None for the artifact's) of a request: its
+        ``value`` (value policy), else its ``tolerance`` or model suffix, else the configured
+        ``default_tolerance``."""
         try:
-            pinned, tol = parse_model_field(model, list(self.targets), -1.0)
+            pinned, tol = parse_model_field(req.model, list(self.targets), -1.0)
         except UnknownModel as exc:
             raise HTTPException(404, str(exc)) from exc
         except ValueError as exc:
             raise HTTPException(422, f"model: {exc}") from exc
-        if tolerance is None:
-            tolerance = self.cfg.default_tolerance if tol < 0 else tol
-        return pinned, tolerance
+        if req.value is not None:
+            if tol >= 0:
+                raise HTTPException(422, f"model: {req.model!r} sets a tolerance and the request a value; give "
+                                         "one routing policy")
+            return pinned, Rule("value", req.value)
+        tolerance = req.tolerance if req.tolerance is not None else tol if tol >= 0 else self.cfg.default_tolerance
+        return pinned, None if tolerance is None else Rule("tolerance", tolerance)
 
     async def check_length(self, messages: list[dict[str, str]]) -> None:
         """``max_prompt_tokens`` on a path that skips the encoder's forward pass (pinned, degraded)."""
@@ -207,7 +205,7 @@ class RouterIngress:
             raise HTTPException(413, refusal.reason)
 
     # ------------------------------------------------------------------ routing
-    async def decide(self, messages: list[dict[str, str]], tolerance: float | None) -> RouteDecision:
+    async def decide(self, messages: list[dict[str, str]], rule: Rule | None) -> RouteDecision:
         """Encoder + head: the routing decision for one prompt (413 for a prompt over the limit;
         :class:`RouterUnavailable` when either deployment fails or times out)."""
         start = time.perf_counter()
@@ -216,7 +214,7 @@ class RouterIngress:
             if isinstance(encoded, PromptTooLong):
                 raise HTTPException(413, encoded.reason)
             self.metrics.count_prefix(encoded.prefix)
-            decision = await bounded(self.head.decide.remote(encoded, tolerance), self.cfg.route_timeout_s)
+            decision = await bounded(self.head.decide.remote(encoded, rule), self.cfg.route_timeout_s)
         except HTTPException:
             raise
         except Exception as exc:  # noqa: BLE001 - a dead, failing or slow encoder/head: never a bare 500
@@ -231,10 +229,10 @@ class RouterIngress:
         return decision
 
     async def decide_or_degrade(self, messages: list[dict[str, str]],
-                                tolerance: float | None) -> tuple[RouteDecision | None, str | None]:
+                                rule: Rule | None) -> tuple[RouteDecision | None, str | None]:
         """(decision, None), or (None, why) when the router failed and ``fallback_target`` answers."""
         try:
-            return await self.decide(messages, tolerance), None
+            return await self.decide(messages, rule), None
         except RouterUnavailable as exc:
             if not self.cfg.fallback_target:
                 raise exc.http(" and no fallback_target is configured") from exc
@@ -289,13 +287,13 @@ class RouterIngress:
         req = await self.parse(request, ChatCompletionRequest)
         if not self.targets:
             raise HTTPException(400, DECISION_SERVICE)
-        pinned, tolerance = self.plan(req.model, req.tolerance)
+        pinned, rule = self.plan(req)
         messages = req.plain_messages()
         if pinned:
             await self.check_length(messages)
             decision, degraded = None, None
         else:
-            decision, degraded = await self.decide_or_degrade(messages, tolerance)
+            decision, degraded = await self.decide_or_degrade(messages, rule)
         order = self.fallback_order(decision, pinned)
         if req.stream:
             return await stream_response(self, order, req, decision, degraded)
@@ -316,12 +314,12 @@ class RouterIngress:
     @counted("route")
     async def route(self, request: Request) -> Response:
         req = await self.parse(request, RouteRequest)
-        pinned, tolerance = self.plan(req.model, req.tolerance)
+        pinned, rule = self.plan(req)
         if pinned:
             raise HTTPException(422, f"model: /v1/route decides among the targets; use 'router' or "
                                      f"'router:<tolerance>', not the target {pinned!r}")
         try:
-            decision = await self.decide(req.plain_messages(), tolerance)
+            decision = await self.decide(req.plain_messages(), rule)
         except RouterUnavailable as exc:  # a decision service without its router: 503, not a bare 500
             raise exc.http() from exc
         return JSONResponse(decision.model_dump(mode="json"), headers=self.headers(decision.target, decision, []))

@@ -2,7 +2,9 @@
 
 - Encoder -> Ingress/RouterHead: :class:`EncodedPrompt` (with its :class:`PrefixUse`), or :class:`PromptTooLong` when the
   prompt is over ``max_prompt_tokens`` (a refusal is a value, not an exception string);
-  ``count_tokens`` answers :class:`TokenCount`.
+  ``count_tokens`` answers :class:`TokenCount`; :func:`surely_within` spares that call for a short
+  prompt.
+- Ingress -> RouterHead: the request's routing rule, a ``shared.policy.Rule`` (None: the artifact's).
 - Target -> Ingress: :class:`TargetAnswer`; a stream yields text pieces and ends with a
   :class:`StreamEnd`. A fault of the request itself (longer than the target's context,
   refused by an upstream endpoint as invalid) is a :class:`TargetRequestError`: the
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+TEMPLATE_TOKENS = 128  # chat-template tokens a prompt can gain beyond its text (roles, markers, default system)
 
 
 @dataclass(frozen=True)
@@ -100,3 +104,11 @@ def request_fault(exc: BaseException) -> TargetRequestError | None:
         if isinstance(candidate, TargetRequestError) and hasattr(candidate, "status"):
             return candidate
     return None
+
+
+def surely_within(messages: list[dict[str, str]], limit: int) -> bool:
+    """True when the prompt cannot exceed ``limit`` tokens, without a tokenizer: a token of a
+    byte-level BPE or byte-fallback tokenizer spans at least one UTF-8 byte, so tokens <= bytes +
+    the template's own tokens."""
+    size = sum(len(m["content"].encode()) + 8 for m in messages) + TEMPLATE_TOKENS
+    return size <= limit

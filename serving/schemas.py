@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
 
 ROUTER_MODEL = "router"
 
@@ -56,6 +56,14 @@ class ChatCompletionRequest(BaseModel):
     stream: StrictBool = Field(False, description="Server-sent events when true (a JSON boolean).")
     stream_options: StreamOptions | None = Field(None, description="Streaming options (include_usage).")
     tolerance: float | None = Field(None, ge=0, le=1, description="Routing tolerance (overrides the model suffix).")
+    value: float | None = Field(None, ge=0, allow_inf_nan=False, description="USD one correct answer is worth: "
+                                "route to the highest value * P(correct) - cost instead of by a tolerance.")
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        if self.tolerance is not None and self.value is not None:
+            raise ValueError("give at most one of tolerance and value (two routing policies)")
+        return self
 
     @field_validator("messages")
     @classmethod
@@ -80,8 +88,11 @@ class RouteRequest(BaseModel):
     model: StrictStr = Field(ROUTER_MODEL, description="'router' or 'router:<tolerance>', as in chat completions.")
     messages: list[ChatMessage] = Field(description="The conversation to route.")
     tolerance: float | None = Field(None, ge=0, le=1, description="Routing tolerance; default from the artifact.")
+    value: float | None = Field(None, ge=0, allow_inf_nan=False, description="USD one correct answer is worth "
+                                "(value policy), as in chat completions.")
 
     _non_empty = field_validator("messages")(ChatCompletionRequest._non_empty.__func__)
+    _one_rule = model_validator(mode="after")(ChatCompletionRequest._one_rule)
 
     def plain_messages(self) -> list[dict[str, str]]:
         return [{"role": m.role if m.role != "developer" else "system", "content": m.content} for m in self.messages]
@@ -93,8 +104,12 @@ class RouteDecision(BaseModel):
     target: str = Field(description="The chosen target.")
     probabilities: dict[str, float] = Field(description="Predicted P(correct) per target.")
     expected_cost: dict[str, float] = Field(description="Expected USD cost per target for this prompt.")
-    eligible: list[str] = Field(description="Targets within the tolerance of the best, cheapest first.")
-    tolerance: float = Field(description="Tolerance used.")
+    eligible: list[str] = Field(description="Fallback order, the chosen target first: the targets within the "
+                                "tolerance of the best, cheapest first (tolerance policy), or every target by "
+                                "expected net value (value policy).")
+    policy: Literal["tolerance", "value"] = Field("tolerance", description="Routing policy used (shared.policy).")
+    tolerance: float | None = Field(None, description="Tolerance used (tolerance policy).")
+    value: float | None = Field(None, description="USD per correct answer used (value policy).")
     prompt_tokens: int = Field(description="Prompt length in encoder tokens.")
     overhead_ms: float = Field(0.0, description="Encoder + head time (ms).")
     artifact: str | None = Field(None, description="The router artifact that made the decision.")

@@ -10,7 +10,8 @@ Layout of an artifact directory (local path or ``s3://bucket/prefix``)::
 :func:`load_artifact` returns a :class:`Router` that needs only numpy, torch and
 safetensors (no scikit-learn, no Ray, nothing from ``training``), and refuses an
 artifact with an unknown ``schema_version`` or built for another encoder
-(:class:`ArtifactError`).
+(:class:`ArtifactError`). Schema 2 added the value policy to the operating point; schema 1
+artifacts (tolerance only) still load.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from pydantic import Field, ValidationError, model_validator
 from shared import storage
 from shared.config import StrictConfig
 from shared.features import parse_block
-from shared.policy import route_with_tolerance
+from shared.policy import PolicyName, Rule
 from shared.trunk import Ensemble, FeatureTransform, SharedTrunkNet
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before the value policy; its meta validates unchanged
 META_FILE, TRANSFORM_FILE, WEIGHTS_FILE = "meta.json", "transform.safetensors", "weights.safetensors"
 
 
@@ -73,19 +75,34 @@ class TrunkSpec(StrictConfig):
 
 
 class OperatingPoint(StrictConfig):
-    tolerance: float = Field(ge=0, description="Calibrated tolerance.")
+    """A routing rule chosen on calibration data (``prefill-router evaluate``)."""
+
+    policy: PolicyName = Field("tolerance", description="'tolerance' (cheapest target within the tolerance of the "
+                               "best) or 'value' (highest value * P(correct) - cost): shared.policy.")
+    tolerance: float | None = Field(None, ge=0, description="Calibrated tolerance (tolerance policy).")
+    value: float | None = Field(None, ge=0, description="Calibrated USD one correct answer is worth (value policy).")
     target_cost: float | None = Field(None, description="Budget it was calibrated for (mean USD per query).")
     target_accuracy: float | None = Field(None, description="Accuracy it was calibrated for.")
-    val_accuracy: float | None = Field(None, description="Accuracy at that tolerance on calibration data.")
-    val_cost: float | None = Field(None, description="Mean cost at that tolerance on calibration data.")
+    val_accuracy: float | None = Field(None, description="Accuracy at that point on calibration data.")
+    val_cost: float | None = Field(None, description="Mean cost at that point on calibration data.")
+
+    @model_validator(mode="after")
+    def _parameter(self) -> "OperatingPoint":
+        if getattr(self, self.policy) is None:
+            raise ValueError(f"the {self.policy} policy needs its parameter {self.policy!r}")
+        return self
+
+    def rule(self) -> Rule:
+        return Rule.of(self.policy, getattr(self, self.policy))
 
 
 class PolicyDefaults(StrictConfig):
     tolerance: float = Field(0.20, ge=0, description="Default tolerance when no operating point is set.")
     operating_point: OperatingPoint | None = Field(None, description="Calibrated point; overrides tolerance.")
 
-    def default_tolerance(self) -> float:
-        return self.operating_point.tolerance if self.operating_point else self.tolerance
+    def rule(self) -> Rule:
+        """The rule a request without its own routes by: the operating point's, else the tolerance."""
+        return self.operating_point.rule() if self.operating_point else Rule.of("tolerance", self.tolerance)
 
 
 class ArtifactMeta(StrictConfig):
@@ -190,7 +207,8 @@ def update_policy(uri: str, policy: PolicyDefaults) -> ArtifactMeta:
     artifact still loads. Returns the new meta."""
     meta = read_meta(uri)
     policy = PolicyDefaults.model_validate(policy)
-    new = ArtifactMeta.model_validate({**meta.model_dump(), "policy": policy.model_dump()})
+    new = ArtifactMeta.model_validate({**meta.model_dump(), "policy": policy.model_dump(),
+                                       "schema_version": SCHEMA_VERSION})
     storage.write_bytes(storage.join(uri, META_FILE), (new.model_dump_json(indent=2) + "\n").encode())
     return new
 
@@ -228,10 +246,11 @@ def read_meta(uri: str) -> ArtifactMeta:
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"router artifact at {uri}: {META_FILE} is not JSON ({exc})") from exc
     version = raw.get("schema_version") if isinstance(raw, dict) else None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ArtifactError(
             f"router artifact at {uri} has schema_version={version!r}; this build reads only "
-            f"schema_version={SCHEMA_VERSION}. Re-export the artifact with a matching version of the code."
+            f"schema_version={' or '.join(map(str, READABLE_VERSIONS))}. Re-export the artifact with a matching "
+            "version of the code."
         )
     try:
         return ArtifactMeta.model_validate(raw)
@@ -295,10 +314,10 @@ class Router:
         pout = np.array([t.price_out * t.median_output_tokens for t in self.meta.targets])
         return (tok * pin + pout) / 1e6
 
-    def route(self, P: np.ndarray, input_tokens, tolerance: float | None = None) -> np.ndarray:
-        """Chosen target index per query (:func:`shared.trunk.route_with_tolerance`) with the
-        per-query costs; ``tolerance=None`` uses the artifact's policy default."""
-        tol = self.meta.policy.default_tolerance() if tolerance is None else tolerance
+    def route(self, P: np.ndarray, input_tokens, rule: Rule | None = None) -> np.ndarray:
+        """Chosen target index per query (:class:`shared.policy.Rule`) with the per-query
+        costs; ``rule=None`` uses the artifact's policy (``meta.policy.rule()``)."""
+        rule = self.meta.policy.rule() if rule is None else rule
         P = np.asarray(P, dtype=np.float64)
         tok = np.broadcast_to(np.asarray(input_tokens, dtype=np.float64), (P.shape[0],))
-        return route_with_tolerance(P, self.costs(tok), tol)
+        return rule.route(P, self.costs(tok))

@@ -6,11 +6,17 @@ decimal tolerances behave as written. The evaluation's tolerance sweep, the arti
 :meth:`~shared.artifact.Router.route` and the serving RouterHead all call it.
 
 :func:`route_by_value` is the cost-aware alternative: the target with the highest expected
-net value ``value * P(correct) - cost``. The evaluation compares both policies' frontiers;
-serving routes by tolerance.
+net value ``value * P(correct) - cost``. The evaluation compares both policies' frontiers
+and chooses one on val for the artifact's operating point.
+
+:class:`Rule` is a policy with its parameter: what an artifact's operating point, an
+evaluation and a served request route by (``rule.route``), and the fallback order of the
+targets behind the chosen one (``rule.candidates``).
 """
 
 from __future__ import annotations
+
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -82,3 +88,50 @@ def route_by_value(P: np.ndarray, costs: np.ndarray, value: float) -> np.ndarray
     scale = np.abs(score).max(axis=1, keepdims=True) + 1.0
     best = score >= score.max(axis=1, keepdims=True) - 1e-12 * scale
     return cheapest_where(best, costs)
+
+
+POLICIES = ("tolerance", "value")
+PolicyName = Literal["tolerance", "value"]
+
+
+class Rule(NamedTuple):
+    """A routing policy and its parameter: ``("tolerance", tol)`` with ``tol`` in P(correct)
+    (:func:`route_with_tolerance`), or ``("value", value)`` with ``value`` in USD per correct
+    answer (:func:`route_by_value`). Both parameters are ``>= 0``; a value may be ``inf``."""
+
+    policy: str
+    param: float
+
+    @classmethod
+    def of(cls, policy: str, param: float) -> "Rule":
+        """A checked rule: ValueError for an unknown policy or a negative / nan parameter."""
+        if policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {policy!r}; use one of {POLICIES}")
+        if not float(param) >= 0:
+            raise ValueError(f"the {policy} policy's parameter must be >= 0, got {param}")
+        return cls(policy, float(param))
+
+    def route(self, P: np.ndarray, costs: np.ndarray) -> np.ndarray:
+        """Chosen target per query, ``(n,)`` int, of ``P`` ``(n, T)`` and costs ``(T,)`` or ``(n, T)``."""
+        if self.policy == "value":
+            return route_by_value(P, costs, self.param)
+        return route_with_tolerance(P, costs, self.param)
+
+    def candidates(self, p: np.ndarray, costs: np.ndarray) -> list[int]:
+        """One query's targets in fallback order, the chosen one first. Tolerance: the targets
+        within the tolerance of the best, cheapest first. Value: every target, by expected net
+        value ``value * p - cost`` (best first; ties: cheaper, then lower index); ``value = inf``
+        orders by ``p``. ``p`` and ``costs`` are ``(T,)``."""
+        p, costs = np.asarray(p, dtype=np.float64), np.asarray(costs, dtype=np.float64)
+        by_cost = np.argsort(costs, kind="stable")
+        if self.policy == "tolerance":
+            near = within_tolerance(p[None, :], self.param)[0]
+            return [int(i) for i in by_cost if near[i]]
+        score = p if np.isinf(self.param) else self.param * p - costs
+        chosen = int(self.route(p[None, :], costs[None, :])[0])  # near-ties as route_by_value breaks them
+        rest = [int(i) for i in by_cost[np.argsort(-score[by_cost], kind="stable")] if i != chosen]
+        return [chosen, *rest]
+
+    def describe(self) -> str:
+        """``'tolerance 0.05'`` or ``'value 0.0955 USD'``."""
+        return f"tolerance {self.param:.4g}" if self.policy == "tolerance" else f"value {self.param:.4g} USD"

@@ -134,6 +134,8 @@ def test_why_explains_the_policy_and_a_fallback():
          "target": "small", "fallback_from": None}
     assert why(r).endswith("within 0.20 of the best (0.55): small, big -> cheapest small")
     assert "failed (small), answered by big" in why({**r, "target": "big", "fallback_from": "small"})
+    v = {**r, "policy": "value", "value": 0.01, "tolerance": None, "costs": {"small": 0.001, "big": 0.004}}
+    assert why(v).endswith("net value at 0.01 USD per correct answer: small 0.0031, big 0.0015 -> highest small")
 
 
 def test_sigterm_becomes_system_exit_while_the_demo_runs():

@@ -7,12 +7,14 @@ test_serving_app.py.
 
 import json
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from serving.ingress import RouterIngress, make_fastapi_app
 from serving.messages import EncodedPrompt, PromptTooLong, StreamEnd, TargetAnswer, TokenCount
 from serving.schemas import RouteDecision
+from shared.policy import Rule
 
 
 class Method:
@@ -73,12 +75,14 @@ async def encoder_ready():
     return {"encoder": "enc"}
 
 
-async def decide(features, tolerance):
-    tol = 0.1 if tolerance is None else tolerance
-    probs = {"cheap": 0.5, "mid": 0.55, "big": 0.9}
-    eligible = [t for t in ("cheap", "mid", "big") if probs[t] >= 0.9 - tol]
-    return RouteDecision(target=eligible[0], probabilities=probs, expected_cost={t: 0.0 for t in probs},
-                         eligible=eligible, tolerance=tol, prompt_tokens=features.n_tokens)
+PROBS, COSTS = {"cheap": 0.5, "mid": 0.55, "big": 0.9}, {"cheap": 0.001, "mid": 0.01, "big": 0.1}
+
+
+async def decide(features, rule):
+    rule = rule or Rule("tolerance", 0.1)  # the artifact's rule
+    order = [list(PROBS)[i] for i in rule.candidates(np.array([*PROBS.values()]), np.array([*COSTS.values()]))]
+    return RouteDecision(target=order[0], probabilities=PROBS, expected_cost=COSTS, eligible=order,
+                         policy=rule.policy, **{rule.policy: rule.param}, prompt_tokens=features.n_tokens)
 
 
 async def broken(*args):
@@ -129,6 +133,9 @@ def test_fallback_goes_to_next_eligible_then_502():
     (json.dumps({"model": "router", "messages": [{"role": "wizard", "content": "x"}]}).encode(), 422, "role"),
     (json.dumps({"model": "gpt-9", "messages": MSG}).encode(), 404, "unknown model"),
     (json.dumps({"model": "router:abc", "messages": MSG}).encode(), 422, "bad tolerance"),
+    (json.dumps({"model": "router", "messages": MSG, "tolerance": 0.1, "value": 1}).encode(), 422, "at most one"),
+    (json.dumps({"model": "router:0.1", "messages": MSG, "value": 1}).encode(), 422, "one routing policy"),
+    (json.dumps({"model": "router", "messages": MSG, "value": -1}).encode(), 422, "value"),
     (json.dumps({"model": "router", "messages": MSG, "stream": "yes"}).encode(), 422, "stream"),
     (json.dumps({"model": "router", "messages": MSG, "max_tokens": -1}).encode(), 422, "max_tokens"),
     (json.dumps({"model": "router", "messages": [{"role": "user", "content": "x" * 60}]}).encode(), 413, "limit"),
@@ -159,12 +166,17 @@ def test_route_models_health_and_auth(monkeypatch):
     auth = {"authorization": "Bearer s3cret"}
     r = c.post("/v1/route", json={"messages": MSG, "tolerance": 0.5}, headers=auth)
     assert r.status_code == 200 and r.json()["target"] == "cheap" and r.json()["eligible"] == ["cheap", "mid", "big"]
+    # value policy: net values 0.1 * P - cost = 0.049, 0.045, -0.01 (cheap first); at 1.0: 0.499, 0.54, 0.8
+    r = c.post("/v1/route", json={"messages": MSG, "value": 0.1}, headers=auth).json()
+    assert (r["policy"], r["value"], r["tolerance"], r["eligible"]) == ("value", 0.1, None, ["cheap", "mid", "big"])
+    r = c.post("/v1/route", json={"messages": MSG, "value": 1.0}, headers=auth).json()
+    assert r["target"] == "big" and r["eligible"] == ["big", "mid", "cheap"]
     assert [m["id"] for m in c.get("/v1/models", headers=auth).json()["data"]] == ["router", "cheap", "mid", "big"]
     assert c.get("/healthz").json()["status"] == "ok"
     assert c.post("/v1/route", json={"messages": MSG, "bogus": 1}, headers=auth).status_code == 422
     text = c.get("/metrics").text
     assert 'prefill_router_requests_total{endpoint="route",status="401"} 1.0' in text
-    assert 'prefill_router_decisions_total{target="cheap"} 1.0' in text
+    assert 'prefill_router_decisions_total{target="cheap"} 2.0' in text
 
 
 def test_auth_refuses_to_start_without_its_token(monkeypatch):

@@ -85,6 +85,11 @@ def test_health_models_and_route(app):
     assert d["artifact"] == app["artifact"]
     # tolerance 1: every target is eligible, so the cheapest one is chosen
     assert c.post("/v1/route", json={"messages": MSG, "tolerance": 1.0}).json()["target"] == "smollm2-135m"
+    # value policy: a correct answer worth nothing buys the cheapest; worth 1e6 USD, the likeliest
+    v = c.post("/v1/route", json={"messages": MSG, "value": 0.0}).json()
+    assert (v["target"], v["policy"], v["value"], v["tolerance"]) == ("smollm2-135m", "value", 0.0, None)
+    likeliest = max(d["probabilities"], key=d["probabilities"].get)
+    assert c.post("/v1/route", json={"messages": MSG, "value": 1e6}).json()["eligible"][0] == likeliest
 
 
 def test_routed_and_pinned_chat_completions(app):

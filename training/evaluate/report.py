@@ -37,6 +37,24 @@ def _pct(x) -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.2f}%"
 
 
+def _rule_label(policy: str, param: float, long: bool = False) -> str:
+    """A routing rule (shared.policy.Rule) in a table cell (``tol 0.05``, ``value 0.0955``) or
+    in prose (``long``: ``tolerance 0.05``, ``value policy at 0.0955 USD per correct answer``)."""
+    if policy == "tolerance":
+        return f"{'tolerance' if long else 'tol'} {param:.4g}"
+    return f"value policy at {param:.4g} USD per correct answer" if long else f"value {param:.4g}"
+
+
+def _candidates(op: dict[str, Any]) -> list[str]:
+    """Markdown: the policies calibrated on val for the operating point, when more than one."""
+    cands = op.get("candidates") or []
+    if len(cands) < 2:
+        return []
+    each = "; ".join(f"{_rule_label(c['policy'], c['param'], long=True)} ({c['status']}): accuracy "
+                     f"{_pct(c['val_accuracy'])}, mean cost {_num(c['val_cost'], '.3g')}" for c in cands)
+    return [f"Policies calibrated on val: {each}. Kept: the {op['policy']} policy.", ""]
+
+
 def _num(x, fmt: str = ".4f") -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
 
@@ -57,7 +75,7 @@ def table_rows(subset: dict[str, Any]) -> list[list[str]]:
     """One row per router, then the single models and the oracle (formatted cells)."""
     refs, rows = subset["references"], []
     for name, r in subset["routers"].items():
-        label = name if r["kind"] == "fixed" else f"{name} (tol {r['tolerance']:.3g})"
+        label = name if r["kind"] == "fixed" else f"{name} ({_rule_label(r['policy'], r['param'])})"
         rows.append([label, _pct(r["accuracy"]), _num(r["cost"], ".3g"), _pct(r["gap_closed"]),
                      _pct(r["cost_savings"]), _num(r["pauccc"]), _num(r.get("mean_auc")), *_new_cells(r)])
     dear, best = refs["most_expensive"]["cost"], refs["best_single"]
@@ -132,11 +150,11 @@ def intro_lines(report: dict[str, Any]) -> list[str]:
         f"{_pct(report['disagreement_share'])}).", "",
         *([f"Every row of the evaluated table is scored as test (all_rows_test); train / val rows: "
            f"{'from train_data' if n['train'] or n['val'] else 'none'}.", ""] if report.get("all_rows_test") else []),
-        f"Operating point: tolerance {op['tolerance']:.4g} ({op['status']}; "
+        f"Operating point: {_rule_label(op['policy'], op[op['policy']], long=True)} ({op['status']}; "
         f"target cost {_num(op['target_cost'], '.4g')}, "
         f"target accuracy {_num(op['target_accuracy'], '.4g')}); on val: accuracy {_pct(op['val_accuracy'])}, "
         f"mean cost {_num(op['val_cost'], '.3g')}. Baselines are calibrated the same way on val."
-        + (f" Note: {op['note']}." if op.get("note") else ""), "",
+        + (f" Note: {op['note']}." if op.get("note") else ""), "", *_candidates(op),
         *([f"Skipped (not evaluated): {'; '.join(f'`{k}` {v}' for k, v in skipped.items())}.", ""] if skipped else []),
         *([describe(report["semantic_text"]), ""] if report.get("semantic_text") else []),
         "Costs are mean USD per query (measured label cost). Gap closed = (acc − best single) / (oracle − best "
@@ -209,17 +227,18 @@ def _policy_rows(routers: dict[str, Any]) -> list[list[str]]:
 
 
 def policy_lines(report: dict[str, Any]) -> list[str]:
-    """Markdown: each probabilistic router's frontier under the tolerance policy (what the
-    artifact serves) and under the cost-aware value policy, on the same predictions."""
+    """Markdown: each probabilistic router's frontier under the tolerance policy and under the
+    cost-aware value policy, on the same predictions (the artifact serves the one its operating
+    point names)."""
     test = report["subsets"]["test"]
     if not _policy_rows(test["routers"]):
         return []
     lines = ["## Tolerance or value policy (same predictions)", "",
-             "The tolerance policy (what the artifact serves) takes the cheapest target within a tolerance of the "
-             "best P(correct), whatever the price difference. The value policy (`shared.policy.route_by_value`, "
-             "evaluated here, not served yet) takes the target with the highest `value * P(correct) - cost`: a "
-             "target 15 times dearer must be that much more likely to be right. Each row sweeps its policy's "
-             "parameter over the whole range, so these are frontier metrics, not one operating point.", ""]
+             "The tolerance policy takes the cheapest target within a tolerance of the best P(correct), whatever "
+             "the price difference. The value policy (`shared.policy.route_by_value`) takes the target with the "
+             "highest `value * P(correct) - cost`: a target 15 times dearer must be that much more likely to be "
+             "right. Each row sweeps its policy's parameter over the whole range, so these are frontier metrics, "
+             "not one operating point. The artifact serves the policy of its operating point (above).", ""]
     for key, title in (("test", "Test split"), ("disagreement", "Disagreement queries (test)")):
         if key in report["subsets"]:
             lines += [f"{title}:", "", _md_table(_policy_rows(report["subsets"][key]["routers"]), POLICY_COLUMNS), ""]

@@ -3,9 +3,9 @@
 Every router (:mod:`training.evaluate.baselines`) is fitted on **train**, tuned / early-stopped on
 **val**, and scored on the held-out **test** split: on all of it, on the queries where the
 targets disagree, and per task (:mod:`training.evaluate.scoring`). The operating point
-(tolerance) is calibrated on **val** from a target mean cost or accuracy, or is the
-artifact's default; a calibrated point is written back into the artifact
-(``shared.artifact.update_policy``).
+(a routing rule: tolerance or value policy, by default whichever meets the target better)
+is calibrated on **val** from a target mean cost or accuracy, or is the artifact's default;
+a calibrated point is written back into the artifact (``shared.artifact.update_policy``).
 
 A foreign artifact on a fresh table (e.g. a router shipped for RouterBench, scored on a newly
 imported slice): with ``all_rows_test`` (automatic when the table has no train rows) every
@@ -47,8 +47,11 @@ NEEDS = {"random": (), "always-cheapest": ("train",), "always-best": ("train",),
 
 
 class OperatingPointConfig(StrictConfig):
-    """How the tolerance is chosen on val; neither target: the artifact's default."""
+    """How the routing rule is chosen on val; neither target: the artifact's default."""
 
+    policy: Literal["auto", "tolerance", "value"] = Field(
+        "auto", description="Policy calibrated (shared.policy): 'auto' calibrates both and keeps the one that reaches "
+        "target_accuracy more cheaply, or is more accurate within target_cost, on val.")
     target_cost: float | None = Field(None, gt=0, description="Mean USD per query to stay within (best accuracy).")
     target_accuracy: float | Literal["best_single"] | None = Field(
         None, description="Accuracy to reach at the lowest cost; 'best_single': the best single model's val accuracy.")
@@ -81,7 +84,7 @@ class EvalConfig(StrictConfig):
     routers: list[Literal[BASELINES + REFERENCES]] = Field(
         list(BASELINES), description="Baselines evaluated beside the artifact (task-best: opt-in reference).")
     operating_point: OperatingPointConfig = Field(default_factory=OperatingPointConfig,
-                                                  description="Tolerance calibration on val.")
+                                                  description="Routing-rule calibration on val.")
     write_operating_point: bool = Field(True, description="Write a calibrated operating point into the artifact.")
     pauccc_interpolation: Literal["step", "linear"] = Field("linear", description="P-AUCCC curve between sweep points.")
     savings_threshold: float = Field(
@@ -311,8 +314,8 @@ def write_operating_point(cfg: EvalConfig, artifact, op: dict[str, Any]) -> bool
 
     if not (cfg.write_operating_point and op["status"] == "calibrated"):
         return False
-    point = OperatingPoint(**{k: op[k] for k in ("tolerance", "target_cost", "target_accuracy", "val_accuracy",
-                                                 "val_cost")})
+    point = OperatingPoint(**{k: op[k] for k in ("policy", "tolerance", "value", "target_cost", "target_accuracy",
+                                                 "val_accuracy", "val_cost")})
     update_policy(cfg.artifact, artifact.router.meta.policy.model_copy(update={"operating_point": point}))
     return True
 

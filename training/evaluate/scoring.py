@@ -1,9 +1,10 @@
 """Scoring for ``prefill-router evaluate`` (:mod:`training.evaluate.run` loads the inputs).
 
 Every router is fitted on **train** (tuned / early-stopped on **val**), its operating point
-(tolerance) chosen on **val**, and scored on **test**: on the whole split, on the queries
-where the targets disagree (``metrics.disagreement_mask``), and per task of the test split
-(each subset with its own references: best single model, oracle, most expensive target).
+(a ``shared.policy.Rule``: tolerance or value policy) chosen on **val**, and scored on
+**test**: on the whole split, on the queries where the targets disagree
+(``metrics.disagreement_mask``), and per task of the test split (each subset with its own
+references: best single model, oracle, most expensive target).
 
 Costs: the policy decides with the price model known before answering
 (``Router.costs``: encoder prompt tokens x input price + the target's median answer
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from shared.policy import POLICIES, Rule
 from training.evaluate import report_metrics as R
 from training.evaluate import routing_metrics as M
 from training.evaluate.baselines import RouterModel
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 PAPER_SAVINGS = 0.7431  # arXiv 2603.20895: 45.58% gap closed at 74.31% cost savings
+SWEEPS = {"tolerance": M.tolerance_sweep, "value": M.value_sweep}  # every routing of each shared.policy policy
 
 
 def decision_costs(router, data: RoutingData) -> np.ndarray:
@@ -95,17 +98,18 @@ def _pauccc(costs, accs, refs, interpolation: str) -> float:
                     refs["cheapest"]["accuracy"], interpolation)
 
 
-def score_probabilistic(P, Y, C_route, C, tol: float, refs: dict, targets: list[str], cfg) -> dict:
-    """Operating point, whole sweep, P-AUCCC, per-target AUC / Brier of predictions ``P``
-    (``cfg``: ``pauccc_interpolation``, ``savings_threshold``)."""
+def score_probabilistic(P, Y, C_route, C, rule: Rule, refs: dict, targets: list[str], cfg) -> dict:
+    """Operating point (``rule``), whole tolerance sweep, P-AUCCC, per-target AUC / Brier of
+    predictions ``P``, and the value policy's frontier (``cfg``: ``pauccc_interpolation``,
+    ``savings_threshold``)."""
     sweep = M.tolerance_sweep(P, Y, C, C_route)
-    acc, cost = M.routing_outcome(Y, C, M.route_with_tolerance(P, C_route, tol))
+    acc, cost = M.routing_outcome(Y, C, rule.route(P, C_route))
     auc, br = masked_auc(Y, P), brier(Y, P)
     with np.errstate(invalid="ignore"):
         mean_auc = float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")
         mean_brier = float(np.nanmean(br)) if np.isfinite(br).any() else float("nan")
     return {
-        "kind": "probabilistic", "tolerance": tol, **headline(acc, cost, refs),
+        "kind": "probabilistic", "policy": rule.policy, "param": rule.param, **headline(acc, cost, refs),
         **frontier_metrics(sweep.cost, sweep.accuracy, refs, cfg),
         "cost_savings_at_best_single_accuracy": R.iso_accuracy_savings(  # vs the most expensive, not the best
             sweep.cost, sweep.accuracy, refs["best_single"]["accuracy"], refs["most_expensive"]["cost"], atol=0.0),
@@ -145,17 +149,16 @@ def policy_points(models, preds, val: RoutingData | None, Cv, Crv, test: dict[st
     if val is None or not len(val.query_ids):
         return {}
     target, best_cost = M.best_single(val.Y, Cv)[1], refs["best_single"]["cost"]
-    policies = (("tolerance", M.tolerance_sweep, M.route_with_tolerance), ("value", M.value_sweep, M.route_by_value))
     out = {}
     for model in (m for m in models if m.probabilistic):
         Pv, Pt, row = preds[model.name]["val"], preds[model.name]["test"], {}
-        for policy, sweep, route in policies:
+        for policy in POLICIES:
             try:
-                param = M.calibrate_operating_point(sweep(Pv, val.Y, Cv, Crv), target_accuracy=target)
+                param = M.calibrate_operating_point(SWEEPS[policy](Pv, val.Y, Cv, Crv), target_accuracy=target)
             except ValueError:
                 row[policy] = None
                 continue
-            acc, cost = M.routing_outcome(test["Y"], test["C"], route(Pt, test["C_route"], param))
+            acc, cost = M.routing_outcome(test["Y"], test["C"], Rule.of(policy, param).route(Pt, test["C_route"]))
             row[policy] = {"param": param, "accuracy": acc, "cost": cost,
                            "savings_vs_best_single": M.cost_savings(cost, best_cost)}
         out[model.name] = row
@@ -170,33 +173,63 @@ def score_fixed(W, Y, C, refs: dict, cfg) -> dict:
             **point_metrics([cost], [acc], refs, cfg.savings_threshold)}
 
 
-def choose_tolerance(P, val: RoutingData | None, C_route, C, op, default: float) -> dict[str, Any]:
-    """Tolerance from the val sweep (``metrics.calibrate_operating_point``). An unreachable
-    target falls back to the nearest point (the cheapest, or the most accurate) and is
-    marked ``status='fallback'``; without val rows the default is kept (``status='default'``,
-    with a ``note``). Returns tolerance, status and val accuracy / cost."""
-    status, target_acc, tol, note = "default", op.target_accuracy, default, None
+def op_rule(op: dict[str, Any]) -> Rule:
+    """The :class:`Rule` of a :func:`choose_operating_point` result."""
+    return Rule.of(op["policy"], op[op["policy"]])
+
+
+def _calibrate(policy: str, P, val: RoutingData, C_route, C, op, target_acc) -> dict[str, Any]:
+    """One policy's point on the val sweep (``metrics.calibrate_operating_point``); an
+    unreachable target falls back to the nearest point (the cheapest, or the most accurate)."""
+    sweep = SWEEPS[policy](P, val.Y, C, C_route)
+    try:
+        param, status = M.calibrate_operating_point(sweep, op.target_cost, target_acc), "calibrated"
+    except ValueError as exc:
+        acc = np.nan_to_num(sweep.accuracy, nan=-np.inf)
+        k = 0 if op.target_cost is not None else int(np.lexsort((sweep.cost, -acc))[0])
+        param, status = float(sweep[0][k]), "fallback"
+        log.warning("operating point (%s policy): %s; using the nearest point (%.4g)", policy, exc, param)
+    acc, cost = M.routing_outcome(val.Y, C, Rule.of(policy, param).route(P, C_route))
+    return {"policy": policy, "param": float(param), "status": status, "val_accuracy": acc, "val_cost": cost}
+
+
+def _preference(cand: dict[str, Any], by_accuracy: bool) -> tuple:
+    """Sort key among calibrated points: reaching an accuracy, the cheaper; within a budget,
+    the more accurate. Among fallbacks the other way round (nearest to the target)."""
+    ok = cand["status"] == "calibrated"
+    acc, cost = -np.nan_to_num(cand["val_accuracy"], nan=-np.inf), cand["val_cost"]
+    return (not ok, *((cost, acc) if by_accuracy == ok else (acc, cost)))
+
+
+def choose_operating_point(P, val: RoutingData | None, C_route, C, op, default: Rule) -> dict[str, Any]:
+    """The operating point on val: each policy of ``op.policy`` ('auto': tolerance and value)
+    calibrated to the target (:func:`_calibrate`), the best kept (:func:`_preference`; ties:
+    tolerance) with every candidate under ``candidates``. No target: ``default`` (status
+    'default'); no val rows: ``default`` with a ``note``. Returns policy, tolerance / value
+    (the other None), status, targets, val accuracy / cost."""
+    target_acc = op.target_accuracy
     wanted = op.target_cost is not None or target_acc is not None
+    out = {"target_cost": op.target_cost, "target_accuracy": target_acc if isinstance(target_acc, float) else None}
     if val is None or not len(val.query_ids):
-        note = "no val rows: the artifact's default tolerance" + (" (the configured target is not calibrated)"
-                                                                  if wanted else "")
-        return {"tolerance": float(tol), "status": status, "target_cost": op.target_cost,
-                "target_accuracy": target_acc if isinstance(target_acc, float) else None,
-                "val_accuracy": None, "val_cost": None, "note": note}
-    if wanted:
-        if target_acc == "best_single":
-            target_acc = M.best_single(val.Y, C)[1]
-        sweep = M.tolerance_sweep(P, val.Y, C, C_route)
-        try:
-            tol, status = M.calibrate_operating_point(sweep, op.target_cost, target_acc), "calibrated"
-        except ValueError as exc:
-            acc = np.nan_to_num(sweep.accuracy, nan=-np.inf)
-            k = 0 if op.target_cost is not None else int(np.lexsort((sweep.cost, -acc))[0])
-            tol, status = float(sweep.tolerance[k]), "fallback"
-            log.warning("operating point: %s; using the nearest point (tolerance %.4g)", exc, tol)
-    acc, cost = M.routing_outcome(val.Y, C, M.route_with_tolerance(P, C_route, tol))
-    return {"tolerance": float(tol), "status": status, "target_cost": op.target_cost,
-            "target_accuracy": None if target_acc is None else float(target_acc), "val_accuracy": acc, "val_cost": cost}
+        note = "no val rows: the artifact's default rule" + (" (the configured target is not calibrated)"
+                                                              if wanted else "")
+        return {**_rule_fields(default), "status": "default", **out, "val_accuracy": None, "val_cost": None,
+                "note": note}
+    if not wanted:
+        acc, cost = M.routing_outcome(val.Y, C, default.route(P, C_route))
+        return {**_rule_fields(default), "status": "default", **out, "val_accuracy": acc, "val_cost": cost}
+    if target_acc == "best_single":
+        target_acc = M.best_single(val.Y, C)[1]
+    policies = POLICIES if op.policy == "auto" else (op.policy,)
+    cands = [_calibrate(p, P, val, C_route, C, op, target_acc) for p in policies]
+    best = min(cands, key=lambda c: _preference(c, target_acc is not None))
+    return {**_rule_fields(Rule.of(best["policy"], best["param"])), "status": best["status"], **out,
+            "target_accuracy": None if target_acc is None else float(target_acc),
+            "val_accuracy": best["val_accuracy"], "val_cost": best["val_cost"], "candidates": cands}
+
+
+def _rule_fields(rule: Rule) -> dict[str, Any]:
+    return {"policy": rule.policy, **{p: rule.param if p == rule.policy else None for p in POLICIES}}
 
 
 # -------------------------------------------------------------------------- evaluation
@@ -237,7 +270,7 @@ def score_subset(models, preds, operating, m: np.ndarray, test: dict[str, np.nda
     for model in models:
         P = preds[model.name]["test"][m]
         if model.probabilistic:
-            row = score_probabilistic(P, Y, Cr, C, operating[model.name]["tolerance"], refs, targets, cfg)
+            row = score_probabilistic(P, Y, Cr, C, op_rule(operating[model.name]), refs, targets, cfg)
             if detail:
                 row["operating_point"] = operating[model.name]
             else:
@@ -265,8 +298,8 @@ def evaluate_routers(artifact, models: Sequence[RouterModel], data: RoutingData,
     preds = fit_all(models, parts)
     val = parts.get("val", (None,))[0]
     Cv, Crv = C[masks["val"]], C_route[masks["val"]]
-    default_tol = artifact.router.meta.policy.default_tolerance()
-    operating = {m.name: choose_tolerance(preds[m.name].get("val"), val, Crv, Cv, cfg.operating_point, default_tol)
+    default = artifact.router.meta.policy.rule()
+    operating = {m.name: choose_operating_point(preds[m.name].get("val"), val, Crv, Cv, cfg.operating_point, default)
                  for m in models if m.probabilistic}
     Yte = parts["test"][0].Y
     test = {"Y": Yte, "C": C[masks["test"]], "C_route": C_route[masks["test"]]}

@@ -69,7 +69,7 @@ def test_foreign_artifact_with_train_data_fits_the_baselines(evaluated, tmp_path
     n = {s: int((data.split == s).sum()) for s in ("train", "val", "test")}
     assert report["all_rows_test"] and {k: report["n"][k] for k in n} == n and report["skipped_routers"] == {}
     ours, then = (r["subsets"]["test"]["routers"]["prefill-router"] for r in (report, before))
-    for key in ("tolerance", "accuracy", "cost", "gap_closed", "mean_auc"):  # same val calibration, same test rows
+    for key in ("policy", "param", "accuracy", "cost", "gap_closed", "mean_auc"):  # same val calibration and rows
         assert ours[key] == pytest.approx(then[key]), key
     assert set(report["subsets"]["test"]["routers"]) == {"prefill-router", "random", "always-best", "knn-minilm",
                                                          "task-best"}

@@ -12,6 +12,7 @@ import pytest
 
 from shared.artifact import (ArtifactMeta, EncoderInfo, PolicyDefaults, TargetInfo, load_artifact, read_meta,
                              save_artifact)
+from shared.policy import Rule
 from shared.trunk import FeatureTransform
 from training.loop import TrunkConfig, build_ensemble, train_one
 from training.evaluate import routing_metrics as M
@@ -113,7 +114,7 @@ def test_report_files_and_keys(evaluated):
         for r in routers.values():
             assert set(r) >= {"accuracy", "cost", "gap_closed", "cost_savings", "pauccc"}
             if r["kind"] == "probabilistic":
-                assert set(r) >= {"auc", "brier", "mean_auc", "sweep", "tolerance", "operating_point"}
+                assert set(r) >= {"auc", "brier", "mean_auc", "sweep", "policy", "param", "operating_point"}
                 assert len(r["auc"]) == 3 and len(r["sweep"]["cost"]) == len(r["sweep"]["accuracy"]) > 1
                 v = r["value_policy"]  # the same predictions under the value policy, swept end to end
                 assert set(v) == {"pauccc", "max_gap_closed", "iso_accuracy_savings", "best_gap_closed_at_savings",
@@ -165,7 +166,7 @@ def test_numbers_are_consistent_with_metrics(evaluated):
     C_route = router.costs(te.n_tokens)
     C = np.where(np.isnan(te.cost), C_route, te.cost)
     ours = report["subsets"]["test"]["routers"]["prefill-router"]
-    acc, cost = M.routing_outcome(te.Y, C, M.route_with_tolerance(P, C_route, ours["tolerance"]))
+    acc, cost = M.routing_outcome(te.Y, C, Rule.of(ours["policy"], ours["param"]).route(P, C_route))
     assert acc == pytest.approx(ours["accuracy"]) and cost == pytest.approx(ours["cost"])
     best, oracle = M.best_single(te.Y, C)[1], M.oracle_accuracy(te.Y)
     assert ours["gap_closed"] == pytest.approx(M.gap_closed(acc, best, oracle))
@@ -181,8 +182,11 @@ def test_operating_point_written_and_artifact_still_loads(evaluated):
     assert op["status"] == "calibrated" and report["operating_point_written"]
     meta = read_meta(cfg.artifact)
     assert meta.policy.operating_point is not None
-    assert meta.policy.operating_point.tolerance == pytest.approx(op["tolerance"])
-    assert meta.policy.default_tolerance() == pytest.approx(op["tolerance"]) and meta.policy.tolerance == 0.2
+    assert meta.policy.rule() == Rule.of(op["policy"], op[op["policy"]]) and meta.policy.tolerance == 0.2
+    # 'auto': both policies calibrated on val; the kept one reaches the target at the lower val cost
+    reached = [c for c in op["candidates"] if c["status"] == "calibrated"]
+    assert {c["policy"] for c in op["candidates"]} == {"tolerance", "value"} and reached
+    assert op["val_cost"] == min(c["val_cost"] for c in reached) and op["val_accuracy"] >= op["target_accuracy"]
     router = load_artifact(cfg.artifact)  # file hashes still valid
     assert router.meta.policy.operating_point.val_accuracy == pytest.approx(op["val_accuracy"])
 
@@ -313,7 +317,8 @@ def test_cli_reads_datasets_and_keeps_default_tolerance(evaluated, tmp_path):
     assert main(args) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["operating_point"]["status"] == "default" and not report["operating_point_written"]
-    assert report["operating_point"]["tolerance"] == pytest.approx(read_meta(cfg.artifact).policy.default_tolerance())
+    op = report["operating_point"]
+    assert Rule.of(op["policy"], op[op["policy"]]) == read_meta(cfg.artifact).policy.rule()
     assert (Path(cfg.artifact) / "meta.json").read_bytes() == before
     assert set(report["subsets"]["test"]["routers"]) == {"prefill-router", "random", "always-cheapest", "task-best"}
     md = (tmp_path / "out" / "report.md").read_text()
@@ -321,16 +326,6 @@ def test_cli_reads_datasets_and_keeps_default_tolerance(evaluated, tmp_path):
     shares = [r["headroom_share"] for r in report["headroom_by_task"]]
     assert {r["group"] for r in report["headroom_by_task"]} == {"task0", "task1"} and sum(shares) == pytest.approx(1)
     assert main(args[:-1] + ["routers=[knn-minilm]", "queries=null"]) == 2  # semantic baselines need the text
-
-
-def test_sweep_with_separate_decision_costs_matches_direct_routing():
-    rng = np.random.default_rng(3)
-    P, Y = rng.random((50, 3)), (rng.random((50, 3)) < 0.6).astype(float)
-    C_route, C = rng.random((50, 3)), rng.random((50, 3))
-    sweep = M.tolerance_sweep(P, Y, C, C_route)
-    for tol, acc, cost in zip(*sweep):
-        assert (acc, cost) == pytest.approx(M.routing_outcome(Y, C, M.route_with_tolerance(P, C_route, tol)))
-    assert M.tolerance_sweep(P, Y, C, None).cost.tolist() == M.tolerance_sweep(P, Y, C).cost.tolist()
 
 
 def test_block_names_have_one_spelling():
@@ -359,13 +354,14 @@ def test_per_task_and_disagreement_rows(evaluated):
     te = data.where("test")
     tasks = np.array(TASKS(len(data.query_ids)))[data.split == "test"]
     P, C_route, C = _direct(cfg, te)
-    tol = report["subsets"]["test"]["routers"]["prefill-router"]["tolerance"]
+    ours = report["subsets"]["test"]["routers"]["prefill-router"]
+    rule = Rule.of(ours["policy"], ours["param"])
     dis = M.disagreement_mask(te.Y)
     assert list(report["by_task"]) == ["alpha", "beta"]
     for task in ("alpha", "beta"):
         for key, m in (("test", tasks == task), ("disagreement", (tasks == task) & dis)):
             sub = report["by_task"][task][key]
-            acc, cost = M.routing_outcome(te.Y[m], C[m], M.route_with_tolerance(P[m], C_route[m], tol))
+            acc, cost = M.routing_outcome(te.Y[m], C[m], rule.route(P[m], C_route[m]))
             _, best_acc, best_cost = M.best_single(te.Y[m], C[m])
             row, refs = sub["routers"]["prefill-router"], sub["references"]
             assert refs["n"] == int(m.sum()) and refs["best_single"]["accuracy"] == pytest.approx(best_acc)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shared.config import StrictConfig
 
@@ -64,8 +64,11 @@ class IngressConfig(StrictConfig):
     """What the ingress replica needs (no artifact: a new artifact must not restart it)."""
 
     default_max_tokens: int = Field(128, gt=0, description="Answer length when a request names none.")
-    default_tolerance: float | None = Field(None, ge=0, le=1, description="Tolerance when a request names none; "
-                                            "None: the artifact's policy default.")
+    default_tolerance: float | None = Field(None, ge=0, le=1, description="Tolerance when a request names no "
+                                            "rule; None (and no default_value): the artifact's operating point.")
+    default_value: float | None = Field(None, ge=0, allow_inf_nan=False, description="USD one correct answer is "
+                                        "worth when a request names no rule (the value policy, shared.policy); at "
+                                        "most one of default_tolerance and default_value.")
     target_timeout_s: float = Field(120.0, gt=0, description="A target slower than this counts as failed (and is "
                                     "cancelled: it stops generating).")
     auth_token_env: str | None = Field(None, description="Env var with a bearer token the ingress requires; the app "
@@ -77,6 +80,12 @@ class IngressConfig(StrictConfig):
     ready_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for each deployment to answer.")
     route_timeout_s: float = Field(10.0, gt=0, description="The encoder and router head must decide (or count a "
                                    "pinned prompt's tokens) within this; else the request is degraded.")
+
+    @model_validator(mode="after")
+    def _one_default_rule(self):
+        if self.default_tolerance is not None and self.default_value is not None:
+            raise ValueError("give at most one of default_tolerance and default_value (two routing policies)")
+        return self
 
 
 class ServeConfig(IngressConfig):

@@ -174,7 +174,7 @@ class RouterIngress:
 
     def plan(self, req: ChatCompletionRequest | RouteRequest) -> tuple[str | None, Rule | None]:
         """(pinned target or None, routing rule or None for the artifact's) of a request: its
-        ``value`` (value policy), else its ``tolerance`` or model suffix, else the configured
+        ``value`` or ``tolerance`` (or model suffix), else the configured ``default_value`` or
         ``default_tolerance``."""
         try:
             pinned, tol = parse_model_field(req.model, list(self.targets), -1.0)
@@ -182,13 +182,15 @@ class RouterIngress:
             raise HTTPException(404, str(exc)) from exc
         except ValueError as exc:
             raise HTTPException(422, f"model: {exc}") from exc
-        if req.value is not None:
-            if tol >= 0:
-                raise HTTPException(422, f"model: {req.model!r} sets a tolerance and the request a value; give "
-                                         "one routing policy")
-            return pinned, Rule("value", req.value)
-        tolerance = req.tolerance if req.tolerance is not None else tol if tol >= 0 else self.cfg.default_tolerance
-        return pinned, None if tolerance is None else Rule("tolerance", tolerance)
+        if req.value is not None and tol >= 0:
+            raise HTTPException(422, f"model: {req.model!r} sets a tolerance and the request a value; give one "
+                                     "routing policy")
+        tolerance = req.tolerance if req.tolerance is not None else tol if tol >= 0 else None
+        for policy, param in (("value", req.value), ("tolerance", tolerance), ("value", self.cfg.default_value),
+                              ("tolerance", self.cfg.default_tolerance)):
+            if param is not None:
+                return pinned, Rule(policy, param)
+        return pinned, None
 
     async def check_length(self, messages: list[dict[str, str]]) -> None:
         """``max_prompt_tokens`` on a path that skips the encoder's forward pass (pinned, degraded)."""

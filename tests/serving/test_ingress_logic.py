@@ -161,7 +161,7 @@ def test_stream_is_openai_sse_and_falls_back_before_first_token():
 
 def test_route_models_health_and_auth(monkeypatch):
     monkeypatch.setenv("ROUTER_TOKEN", "s3cret")
-    c, _ = client(token_env="ROUTER_TOKEN")
+    c, ingress = client(token_env="ROUTER_TOKEN")
     assert c.post("/v1/route", json={"messages": MSG}).status_code == 401
     auth = {"authorization": "Bearer s3cret"}
     r = c.post("/v1/route", json={"messages": MSG, "tolerance": 0.5}, headers=auth)
@@ -171,12 +171,19 @@ def test_route_models_health_and_auth(monkeypatch):
     assert (r["policy"], r["value"], r["tolerance"], r["eligible"]) == ("value", 0.1, None, ["cheap", "mid", "big"])
     r = c.post("/v1/route", json={"messages": MSG, "value": 1.0}, headers=auth).json()
     assert r["target"] == "big" and r["eligible"] == ["big", "mid", "cheap"]
+    ingress.reconfigure({"auth_token_env": "ROUTER_TOKEN", "default_value": 0.1})  # the operator's default rule
+    r = c.post("/v1/route", json={"messages": MSG}, headers=auth).json()
+    assert (r["policy"], r["value"], r["target"]) == ("value", 0.1, "cheap")
+    r = c.post("/v1/route", json={"messages": MSG, "tolerance": 0.0}, headers=auth).json()  # the request's wins
+    assert (r["policy"], r["tolerance"], r["target"]) == ("tolerance", 0.0, "big")
+    with pytest.raises(ValueError, match="at most one of default_tolerance and default_value"):
+        ingress.reconfigure({"default_tolerance": 0.1, "default_value": 0.1})
     assert [m["id"] for m in c.get("/v1/models", headers=auth).json()["data"]] == ["router", "cheap", "mid", "big"]
     assert c.get("/healthz").json()["status"] == "ok"
     assert c.post("/v1/route", json={"messages": MSG, "bogus": 1}, headers=auth).status_code == 422
     text = c.get("/metrics").text
     assert 'prefill_router_requests_total{endpoint="route",status="401"} 1.0' in text
-    assert 'prefill_router_decisions_total{target="cheap"} 2.0' in text
+    assert 'prefill_router_decisions_total{target="cheap"} 3.0' in text
 
 
 def test_auth_refuses_to_start_without_its_token(monkeypatch):

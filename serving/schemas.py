@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
 
+from shared.policy import PolicyName
+
 ROUTER_MODEL = "router"
 
 
@@ -107,7 +109,7 @@ class RouteDecision(BaseModel):
     eligible: list[str] = Field(description="Fallback order, the chosen target first: the targets within the "
                                 "tolerance of the best, cheapest first (tolerance policy), or every target by "
                                 "expected net value (value policy).")
-    policy: Literal["tolerance", "value"] = Field("tolerance", description="Routing policy used (shared.policy).")
+    policy: PolicyName = Field("tolerance", description="Routing policy used (shared.policy).")
     tolerance: float | None = Field(None, description="Tolerance used (tolerance policy).")
     value: float | None = Field(None, description="USD per correct answer used (value policy).")
     prompt_tokens: int = Field(description="Prompt length in encoder tokens.")

@@ -16,7 +16,7 @@ targets behind the chosen one (``rule.candidates``).
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 
@@ -90,8 +90,8 @@ def route_by_value(P: np.ndarray, costs: np.ndarray, value: float) -> np.ndarray
     return cheapest_where(best, costs)
 
 
-POLICIES = ("tolerance", "value")
 PolicyName = Literal["tolerance", "value"]
+POLICIES: tuple[str, ...] = get_args(PolicyName)
 
 
 class Rule(NamedTuple):
@@ -131,7 +131,3 @@ class Rule(NamedTuple):
         chosen = int(self.route(p[None, :], costs[None, :])[0])  # near-ties as route_by_value breaks them
         rest = [int(i) for i in by_cost[np.argsort(-score[by_cost], kind="stable")] if i != chosen]
         return [chosen, *rest]
-
-    def describe(self) -> str:
-        """``'tolerance 0.05'`` or ``'value 0.0955 USD'``."""
-        return f"tolerance {self.param:.4g}" if self.policy == "tolerance" else f"value {self.param:.4g} USD"

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from shared.policy import Rule, route_by_value, route_with_tolerance
+from shared.policy import POLICIES, Rule, route_by_value, route_with_tolerance
 
 P = np.array([[0.9, 0.8, 0.5]])
 COSTS = np.array([10.0, 2.0, 1.0])
@@ -27,7 +27,7 @@ def test_rule_routes_first_candidate_and_orders_the_rest(rule, order):
 
 def test_rule_ties_go_to_the_cheaper_target_and_bad_rules_are_refused():
     assert Rule("value", np.inf).candidates(np.array([0.5, 0.5]), np.array([2.0, 1.0])) == [1, 0]
-    assert Rule.of("value", 3).describe() == "value 3 USD" and Rule.of("tolerance", 0.05).describe() == "tolerance 0.05"
+    assert Rule.of("value", 3) == Rule("value", 3.0) and POLICIES == ("tolerance", "value")
     with pytest.raises(ValueError, match="unknown routing policy 'cheap'"):
         Rule.of("cheap", 1.0)
     for bad in (-1.0, float("nan")):

@@ -31,6 +31,7 @@ from pydantic import Field, model_validator
 from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
 from shared.config import StrictConfig
 from shared.features import block_width, encoder_columns
+from shared.policy import PolicyName
 from training.loop import TrunkConfig
 from training.evaluate.baselines import RouterModel
 from training.dataset import RoutingData
@@ -49,7 +50,7 @@ NEEDS = {"random": (), "always-cheapest": ("train",), "always-best": ("train",),
 class OperatingPointConfig(StrictConfig):
     """How the routing rule is chosen on val; neither target: the artifact's default."""
 
-    policy: Literal["auto", "tolerance", "value"] = Field(
+    policy: Literal["auto"] | PolicyName = Field(
         "auto", description="Policy calibrated (shared.policy): 'auto' calibrates both and keeps the one that reaches "
         "target_accuracy more cheaply, or is more accurate within target_cost, on val.")
     target_cost: float | None = Field(None, gt=0, description="Mean USD per query to stay within (best accuracy).")

@@ -125,31 +125,30 @@ def http_get(url: str, token_path: str | None, timeout: float) -> Any:
 
 
 # --------------------------------------------------------------------------- start / stop / health
-def start_head(cfg: LocalClusterConfig) -> dict[str, Any]:
-    """Start a private Ray head; returns (and records) the state."""
-    state_file = Path(cfg.state_file)
-    if state_file.exists():
-        old = read_state(state_file)
-        if Path(old.get("temp_dir", "")).is_dir() and session_processes(old):
-            raise ClusterError(f"a cluster recorded in {state_file} is still running "
-                               f"({old['gcs_address']}); stop it first")
-        log.warning("replacing stale state file %s (its cluster is gone)", state_file)
+def _ports(cfg: LocalClusterConfig) -> dict[str, int]:
+    """The head's ports: each configured one (refused if taken) or a free one for 0/None."""
     ports = {}
     for name in ("port", "dashboard_port", "client_server_port", "dashboard_agent_port"):
         port = getattr(cfg, name) or free_port()
         if getattr(cfg, name) and not port_free(port):
             raise ClusterError(f"{name} {port} is already in use; choose another ({name}=0 picks a free one)")
         ports[name] = port
-    if cfg.temp_dir:
-        temp_dir, created = Path(cfg.temp_dir).resolve(), not Path(cfg.temp_dir).exists()
-        temp_dir.mkdir(parents=True, exist_ok=True)
-        if any(p.name != MARKER for p in temp_dir.iterdir()):
-            raise ClusterError(f"temp_dir {temp_dir} is not empty: it may belong to another Ray cluster")
-    else:
-        temp_dir, created = Path(tempfile.mkdtemp(prefix="pr-ray-", dir="/tmp")), True
-    cluster_id = uuid.uuid4().hex
-    write_json(temp_dir / MARKER, {"cluster_id": cluster_id, "owner": OWNER})
-    token_path = _token(cfg, state_file)
+    return ports
+
+
+def _temp_dir(cfg: LocalClusterConfig) -> tuple[Path, bool]:
+    """The cluster's private temp dir (must be empty if given) and whether this call created it."""
+    if not cfg.temp_dir:
+        return Path(tempfile.mkdtemp(prefix="pr-ray-", dir="/tmp")), True
+    temp_dir, created = Path(cfg.temp_dir).resolve(), not Path(cfg.temp_dir).exists()
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    if any(p.name != MARKER for p in temp_dir.iterdir()):
+        raise ClusterError(f"temp_dir {temp_dir} is not empty: it may belong to another Ray cluster")
+    return temp_dir, created
+
+
+def _ray_start_cmd(cfg: LocalClusterConfig, ports: dict[str, int], temp_dir: Path) -> list[str]:
+    """`ray start --head` bound to loopback on the given ports, usage stats off."""
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--node-ip-address={LOOPBACK}",
            f"--port={ports['port']}", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={ports['dashboard_port']}",
            f"--ray-client-server-port={ports['client_server_port']}",
@@ -159,6 +158,38 @@ def start_head(cfg: LocalClusterConfig) -> dict[str, Any]:
                         ("--object-store-memory", cfg.object_store_memory)):
         if value is not None:
             cmd.append(f"{flag}={value}")
+    return cmd
+
+
+def _wait_for_dashboard(cfg: LocalClusterConfig, state: dict[str, Any]) -> str | None:
+    """Poll the dashboard until it answers (``start_timeout_s``); returns the Ray version it reports."""
+    deadline = time.monotonic() + cfg.start_timeout_s
+    while True:
+        try:
+            return http_get(state["dashboard_url"] + "/api/version", state["auth_token_path"],
+                            cfg.health_timeout_s).get("ray_version")
+        except (OSError, ValueError) as exc:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"cluster started but its dashboard never answered ({exc}); "
+                                   f"`prefill-router cluster stop` cleans it up") from exc
+            time.sleep(0.5)
+
+
+def start_head(cfg: LocalClusterConfig) -> dict[str, Any]:
+    """Start a private Ray head; returns (and records) the state."""
+    state_file = Path(cfg.state_file)
+    if state_file.exists():
+        old = read_state(state_file)
+        if Path(old.get("temp_dir", "")).is_dir() and session_processes(old):
+            raise ClusterError(f"a cluster recorded in {state_file} is still running "
+                               f"({old['gcs_address']}); stop it first")
+        log.warning("replacing stale state file %s (its cluster is gone)", state_file)
+    ports = _ports(cfg)
+    temp_dir, created = _temp_dir(cfg)
+    cluster_id = uuid.uuid4().hex
+    write_json(temp_dir / MARKER, {"cluster_id": cluster_id, "owner": OWNER})
+    token_path = _token(cfg, state_file)
+    cmd = _ray_start_cmd(cfg, ports, temp_dir)
     log.info("starting: %s", " ".join(cmd))
     # A new session: the ray start process leads a fresh process group every Ray daemon inherits.
     proc = subprocess.Popen(cmd, env=ray_env(cfg, token_path), start_new_session=True, text=True,
@@ -188,17 +219,7 @@ def start_head(cfg: LocalClusterConfig) -> dict[str, Any]:
     state["pids"] = [{"pid": p.pid, "create_time": p.create_time(), "name": p.name()}
                      for p in session_processes(state)]
     write_json(state_file, state)
-    deadline = time.monotonic() + cfg.start_timeout_s
-    while True:
-        try:
-            state["ray_version"] = http_get(state["dashboard_url"] + "/api/version", token_path,
-                                            cfg.health_timeout_s).get("ray_version")
-            break
-        except (OSError, ValueError) as exc:
-            if time.monotonic() > deadline:
-                raise ClusterError(f"cluster started but its dashboard never answered ({exc}); "
-                                   f"`prefill-router cluster stop` cleans it up") from exc
-            time.sleep(0.5)
+    state["ray_version"] = _wait_for_dashboard(cfg, state)
     write_json(state_file, state)
     return state
 

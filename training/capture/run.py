@@ -200,6 +200,7 @@ def build_pipeline(pending: pa.Table, cfg: CaptureConfig, plan: dict[str, Any], 
     ctx = DataContext.get_current()
     ctx.arrow_fixed_shape_tensor_format = native_tensor_format()
     ctx.enable_progress_bars = False  # the driver shows one bar over queries instead
+    quiet_memory_detector(ctx, cfg)
     blocks = [pending.slice(i, cfg.bucket_window) for i in range(0, pending.num_rows, cfg.bucket_window)]
     return ray.data.from_arrow(blocks).map_batches(
         CaptureUDF,
@@ -213,6 +214,17 @@ def build_pipeline(pending: pa.Table, cfg: CaptureConfig, plan: dict[str, Any], 
         batch_format="numpy",
         **actor_resources(cfg, use_gpu),
     )
+
+
+def quiet_memory_detector(ctx: Any, cfg: CaptureConfig) -> None:
+    """With ``memory_gb`` unset, say once what Ray Data's high-memory detector would repeat every 30 s for the
+    whole capture (its advice is ``memory_gb``), then turn that detector off."""
+    if cfg.memory_gb is not None:
+        return
+    log.info("capture.memory_gb is unset: encoder actors reserve no RAM in Ray. Fine when this capture has its "
+             "nodes to itself; on a shared cluster set capture.memory_gb (about 1.5 for SmolLM2-135M, 9 for the "
+             "1.5B Qwen) so Ray places no more actors on a node than fit. Ray Data's high-memory warning is off.")
+    ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
 
 
 def actor_resources(cfg: CaptureConfig, use_gpu: bool) -> dict[str, float]:

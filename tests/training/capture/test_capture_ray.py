@@ -110,6 +110,22 @@ def test_actor_resources():
                                                                                        "memory": 1.5 * 2**30}
 
 
+def test_high_memory_warning_said_once_then_off_unless_memory_is_reserved(caplog):
+    from ray.data.context import DataContext
+
+    from training.capture.run import quiet_memory_detector
+
+    ctx = DataContext()
+    detector = ctx.issue_detectors_config.high_memory_detector_config
+    interval = detector.detection_time_interval_s
+    quiet_memory_detector(ctx, capture_cfg("q", "o", "memory_gb=1.5"))
+    assert detector.detection_time_interval_s == interval and not caplog.records
+    with caplog.at_level("INFO", logger="training.capture.run"):
+        quiet_memory_detector(ctx, capture_cfg("q", "o"))
+    assert detector.detection_time_interval_s == -1
+    assert [r.message for r in caplog.records if "capture.memory_gb is unset" in r.message]
+
+
 def test_resume_after_kill(ray_cluster, queries, tmp_path):
     out = tmp_path / "act"
     args = [f"queries={queries}", f"out={out}", *SHALLOW, "shard_size=2", "bucket_window=2",

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from training.queries import BadRecord, BuildReport, normalise, stable_hash
+from training.semantic_text import prompt_text
 
 from training.data.import_config import ImportConfig
 
@@ -229,7 +230,7 @@ class Collector:
         qid = stable_hash(self.source, messages)
         q = self.queries.get(qid)
         if q is None:
-            text = "\n\n".join(m["content"] for m in messages)
+            text = prompt_text(messages)
             q = self.queries[qid] = Query(row={
                 "query_id": qid, "source": self.source, "task": task, "messages": messages, "reference": "",
                 "answer_type": self.cfg.answer_types.get(task, "exact"), "choices": [],

@@ -53,23 +53,19 @@ class Query:
 
 
 # --------------------------------------------------------------------------- reading
-def input_files(inputs: list[str], fmt: str) -> list[Path]:
-    """Files named by ``inputs`` (a folder: its files with the format's extensions, sorted)."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS[fmt])
-            if not found:
-                raise FileNotFoundError(f"no {'/'.join(EXTENSIONS[fmt])} files in folder {path}")
-            files += found
-        elif not path.is_file():
-            raise FileNotFoundError(f"input {path} not found")
-        elif path.suffix.lower() not in EXTENSIONS[fmt]:
-            raise ValueError(f"{path}: the {fmt} format reads {', '.join(EXTENSIONS[fmt])} files")
-        else:
-            files.append(path)
-    return files
+def input_files(item: str, fmt: str) -> list[Path]:
+    """The local files ``item`` names: itself, or a folder's files with the format's extensions, sorted."""
+    path = Path(item).expanduser()
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS[fmt])
+        if not found:
+            raise FileNotFoundError(f"no {'/'.join(EXTENSIONS[fmt])} files in folder {path}")
+        return found
+    if not path.is_file():
+        raise FileNotFoundError(f"input {path} not found")
+    if path.suffix.lower() not in EXTENSIONS[fmt]:
+        raise ValueError(f"{path}: the {fmt} format reads {', '.join(EXTENSIONS[fmt])} files")
+    return [path]
 
 
 def staged_inputs(inputs: list[str], fmt: str, folder: Path) -> list[tuple[str, Path]]:
@@ -83,7 +79,7 @@ def staged_inputs(inputs: list[str], fmt: str, folder: Path) -> list[tuple[str, 
     out: list[tuple[str, Path]] = []
     for item in inputs:
         if not storage.is_s3(item):
-            out += [(str(p), p) for p in input_files([item], fmt)]
+            out += [(str(p), p) for p in input_files(item, fmt)]
             continue
         fs, path = storage.filesystem(item)
         info = fs.get_file_info(path)

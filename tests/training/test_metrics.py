@@ -258,6 +258,28 @@ def test_paired_bootstrap_auc_margin():
         paired_bootstrap_auc_margin(Y, good[:, :1], noise)
 
 
+def test_bootstrap_operating_point_matches_the_point_and_brackets_it():
+    from training.evaluate.uncertainty import bootstrap_operating_point
+
+    rng = np.random.default_rng(1)
+    Y = (rng.random((300, 3)) < [0.6, 0.7, 0.9]).astype(float)
+    Y[::11, 0] = np.nan                                   # missing labels are excluded, not wrong
+    C = np.tile([1.0, 2.0, 10.0], (300, 1)) * rng.uniform(0.5, 1.5, (300, 1))
+    choice = rng.integers(0, 3, 300)
+    out = bootstrap_operating_point(Y, C, choice, best=2, dear=2, n_boot=300)
+    acc, cost = m.routing_outcome(Y, C, choice)
+    np.testing.assert_allclose(out["accuracy"][0], acc)
+    np.testing.assert_allclose(out["cost_savings"][0], m.cost_savings(cost, C[:, 2].mean()))
+    np.testing.assert_allclose(out["accuracy_minus_best"][0], acc - np.nanmean(Y[:, 2]))
+    for v, lo, hi in out.values():
+        assert lo < v < hi and hi - lo < 0.2
+    assert out["accuracy_minus_best"][2] < 0 and 0.4 < out["cost_savings"][1]   # clearly worse, clearly cheaper
+    same = bootstrap_operating_point(Y, C, np.full(300, 2), best=2, dear=2, n_boot=50)
+    assert same["accuracy_minus_best"] == [0.0, 0.0, 0.0] and same["cost_savings"] == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="one choice per row"):
+        bootstrap_operating_point(Y, C, choice[:10], best=2, dear=2)
+
+
 def test_weighted_auc_is_the_auc_of_the_resampled_rows():
     from training.evaluate.uncertainty import rank_auc, weighted_auc
 

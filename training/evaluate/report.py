@@ -126,6 +126,7 @@ def markdown(report: dict[str, Any]) -> str:
     parts = [
         *intro_lines(report),
         "## Test split", "", _md_table(table_rows(test)), "",
+        *interval_lines(report),
         "## Disagreement queries (test)", "", _md_table(table_rows(dis)) if dis else "No disagreement queries.", "",
         *task_lines(report),
         *paper_lines(report),
@@ -169,6 +170,24 @@ def intro_lines(report: dict[str, Any]) -> list[str]:
            "most accurate on that task in train + val, so it bounds what routing by task alone can gain.", ""]
           if "task-best" in test["routers"] else []),
     ]
+
+
+def interval_lines(report: dict[str, Any]) -> list[str]:
+    """Markdown: the prefill router's operating point on test with its bootstrap intervals."""
+    iv = report.get("operating_point_interval")
+    if not iv:
+        return []
+    refs = report["subsets"]["test"]["references"]
+
+    def cell(key: str, points: bool = False) -> str:
+        v, lo, hi = (100 * x for x in iv[key])
+        return f"{v:+.2f} points [{lo:+.2f}, {hi:+.2f}]" if points else f"{v:.2f}% [{lo:.2f}%, {hi:.2f}%]"
+
+    return [f"The prefill router's operating point on test, with 95% bootstrap intervals over the test queries: "
+            f"accuracy {cell('accuracy')}; accuracy minus {refs['best_single']['target']}'s "
+            f"{cell('accuracy_minus_best', points=True)}; cost savings vs {refs['most_expensive']['target']} "
+            f"{cell('cost_savings')}. A check of this router on held-out rows of the same tasks should land "
+            f"inside these intervals.", ""]
 
 
 def task_lines(report: dict[str, Any]) -> list[str]:

@@ -103,8 +103,8 @@ class EvalConfig(StrictConfig):
     mlp_seeds: int = Field(3, gt=0, description="Seeds of the semantic MLP ensemble (all kept).")
     n_components: int = Field(128, gt=0, description="PCA components of the semantic MLP's embedding transform.")
     mf_dim: int = Field(64, gt=0, description="Latent size of the matrix-factorisation router.")
-    bootstrap: int = Field(1000, ge=0, description="Paired bootstrap replicates of the AUC margin over each "
-                           "probabilistic baseline on test (0: skip).")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap replicates over the test queries: of the AUC margin "
+                           "over each probabilistic baseline (paired) and of the router's operating point (0: skip).")
     task_min_rows: int = Field(50, gt=0, description="task-best: a task with fewer train+val rows is pooled "
                                "into its source (e.g. MMLU subjects into mmlu).")
     trunk: TrunkConfig = Field(default_factory=TrunkConfig, description="Semantic MLP network and optimiser.")

@@ -319,6 +319,8 @@ def evaluate_routers(artifact, models: Sequence[RouterModel], data: RoutingData,
             "operating_point": operating[artifact.name], "subsets": out, "by_task": by_task,
             "savings_threshold": cfg.savings_threshold,
             "policy_operating_points": policy_points(models, preds, val, Cv, Crv, test, out["test"]["references"]),
+            "operating_point_interval": point_interval(preds[artifact.name]["test"], test, operating[artifact.name],
+                                                       out["test"]["references"], data.targets, cfg.bootstrap),
             "auc_margin": auc_margins(Yte, test_proba, artifact.name, cfg.bootstrap),
             **within_task(Yte, test_proba, artifact.name, cfg.bootstrap, test_tasks, data.targets),
             "headroom_by_task": task_headroom(models, parts["test"][0], best)}
@@ -334,6 +336,20 @@ def task_headroom(models: Sequence[RouterModel], test: RoutingData, best: str) -
     if ref is None:
         return []
     return headroom_by_group(test.Y, ref.groups(test), test.targets.index(best), test.targets)
+
+
+def point_interval(P: np.ndarray, test: dict[str, np.ndarray], op: dict[str, Any], refs: dict[str, Any],
+                   targets: list[str], n_boot: int) -> dict[str, list[float]] | None:
+    """The artifact's operating point on test with bootstrap intervals (accuracy, its difference from the
+    best single target, cost savings vs the most expensive; :func:`training.evaluate.uncertainty.bootstrap_operating_point`):
+    what a held-out check of the router should land inside. None when ``n_boot`` is 0."""
+    from training.evaluate.uncertainty import bootstrap_operating_point
+
+    if n_boot == 0:
+        return None
+    choice = op_rule(op).route(P, test["C_route"])
+    return bootstrap_operating_point(test["Y"], test["C"], choice, targets.index(refs["best_single"]["target"]),
+                                     targets.index(refs["most_expensive"]["target"]), n_boot=n_boot)
 
 
 def auc_margins(Y: np.ndarray, proba: dict[str, np.ndarray], ours: str, n_boot: int,

@@ -123,3 +123,40 @@ def paired_bootstrap_auc_margin(Y: np.ndarray, P: np.ndarray, Q: np.ndarray, n_b
     lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2]) if len(reps) else (np.nan, np.nan)
     return {"margin": float(m[0]), "low": float(lo), "high": float(hi),
             "p_le_zero": float(np.mean(reps <= 0)) if len(reps) else float("nan")}
+
+
+def bootstrap_operating_point(Y: np.ndarray, C: np.ndarray, choice: np.ndarray, best: int, dear: int,
+                              n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
+    """One routing's test figures with percentile bootstrap intervals over the queries.
+
+    ``Y``: ``(n, T)`` labels in [0, 1], NaN = missing; ``C``: ``(n, T)`` outcome costs; ``choice``:
+    ``(n,)`` the target routed to; ``best``, ``dear``: the best single and the most expensive target.
+    Per replicate (query weights ``w``, draw counts): ``acc = sum w y_choice / sum w`` over present
+    labels (as :func:`training.evaluate.routing_metrics.routing_outcome`), ``acc - acc_best`` (paired:
+    the same queries), and ``savings = 1 - sum w c_choice / sum w c_dear``. Returns
+    ``{"accuracy", "accuracy_minus_best", "cost_savings"}``, each ``[full-sample value, low, high]``.
+    """
+    Y, C = np.asarray(Y, dtype=np.float64), np.asarray(C, dtype=np.float64)
+    if Y.ndim != 2 or C.shape != Y.shape or len(choice) != len(Y):
+        raise ValueError(f"Y and C must be the same (n, T) shape with one choice per row; got "
+                         f"{Y.shape}, {C.shape}, {len(choice)}")
+    if not 0 < level < 1 or n_boot < 1:
+        raise ValueError("need 0 < level < 1 and n_boot >= 1")
+    rows, rng = np.arange(len(Y)), np.random.default_rng(seed)
+    W = np.vstack([np.ones(len(Y)), *(np.bincount(rng.integers(0, len(Y), len(Y)), minlength=len(Y))
+                                     for _ in range(n_boot))])
+
+    def accuracy(y: np.ndarray) -> np.ndarray:
+        present = ~np.isnan(y)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (W * np.where(present, y, 0.0)).sum(axis=1) / (W * present).sum(axis=1)
+
+    acc = accuracy(Y[rows, choice])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        savings = 1.0 - (W @ C[rows, choice]) / (W @ C[:, dear])
+    out = {}
+    for name, v in (("accuracy", acc), ("accuracy_minus_best", acc - accuracy(Y[:, best])), ("cost_savings", savings)):
+        reps = v[1:][np.isfinite(v[1:])]
+        lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2]) if len(reps) else (np.nan, np.nan)
+        out[name] = [float(v[0]), float(lo), float(hi)]
+    return out

@@ -82,6 +82,25 @@ def _resample(rng: np.random.Generator, members: list[np.ndarray] | None, n: int
     return np.concatenate([rng.choice(rows, size=len(rows)) for rows in members])
 
 
+def _weights(n: int, n_boot: int, seed: int, members: list[np.ndarray] | None = None) -> np.ndarray:
+    """``(n_boot + 1, n)`` row weights: row 0 the full sample (all ones), then one row of draw counts
+    per replicate (:func:`_resample`)."""
+    rng = np.random.default_rng(seed)
+    W = np.ones((n_boot + 1, n))
+    for b in range(n_boot):
+        W[b + 1] = np.bincount(_resample(rng, members, n), minlength=n)
+    return W
+
+
+def _interval(reps: np.ndarray, level: float) -> tuple[float, float]:
+    """The ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the finite replicates; NaN if none."""
+    reps = reps[np.isfinite(reps)]
+    if not len(reps):
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def _margins(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``(B,)`` mean over targets of ``a - b`` (``(B, T)``), over targets finite in both; NaN if none."""
     both = np.isfinite(a) & np.isfinite(b)
@@ -112,16 +131,12 @@ def paired_bootstrap_auc_margin(Y: np.ndarray, P: np.ndarray, Q: np.ndarray, n_b
     if groups is not None and len(groups) != len(Y):
         raise ValueError(f"groups has {len(groups)} entries for {len(Y)} rows")
     groups = None if groups is None else np.asarray(groups, dtype=object)
-    rng = np.random.default_rng(seed)
-    n = len(Y)
     members = None if groups is None else [np.flatnonzero(groups == g) for g in np.unique(groups)]
-    W = np.ones((n_boot + 1, n))  # row 0: the full sample; then one row of draw counts per replicate
-    for b in range(n_boot):
-        W[b + 1] = np.bincount(_resample(rng, members, n), minlength=n)
+    W = _weights(len(Y), n_boot, seed, members)
     m = _margins(weighted_mean_auc(Y, P, W, groups), weighted_mean_auc(Y, Q, W, groups))
     reps = m[1:][np.isfinite(m[1:])]
-    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2]) if len(reps) else (np.nan, np.nan)
-    return {"margin": float(m[0]), "low": float(lo), "high": float(hi),
+    lo, hi = _interval(reps, level)
+    return {"margin": float(m[0]), "low": lo, "high": hi,
             "p_le_zero": float(np.mean(reps <= 0)) if len(reps) else float("nan")}
 
 
@@ -142,9 +157,7 @@ def bootstrap_operating_point(Y: np.ndarray, C: np.ndarray, choice: np.ndarray, 
                          f"{Y.shape}, {C.shape}, {len(choice)}")
     if not 0 < level < 1 or n_boot < 1:
         raise ValueError("need 0 < level < 1 and n_boot >= 1")
-    rows, rng = np.arange(len(Y)), np.random.default_rng(seed)
-    W = np.vstack([np.ones(len(Y)), *(np.bincount(rng.integers(0, len(Y), len(Y)), minlength=len(Y))
-                                     for _ in range(n_boot))])
+    rows, W = np.arange(len(Y)), _weights(len(Y), n_boot, seed)
 
     def accuracy(y: np.ndarray) -> np.ndarray:
         present = ~np.isnan(y)
@@ -154,9 +167,5 @@ def bootstrap_operating_point(Y: np.ndarray, C: np.ndarray, choice: np.ndarray, 
     acc = accuracy(Y[rows, choice])
     with np.errstate(invalid="ignore", divide="ignore"):
         savings = 1.0 - (W @ C[rows, choice]) / (W @ C[:, dear])
-    out = {}
-    for name, v in (("accuracy", acc), ("accuracy_minus_best", acc - accuracy(Y[:, best])), ("cost_savings", savings)):
-        reps = v[1:][np.isfinite(v[1:])]
-        lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2]) if len(reps) else (np.nan, np.nan)
-        out[name] = [float(v[0]), float(lo), float(hi)]
-    return out
+    pairs = (("accuracy", acc), ("accuracy_minus_best", acc - accuracy(Y[:, best])), ("cost_savings", savings))
+    return {name: [float(v[0]), *_interval(v[1:], level)] for name, v in pairs}

@@ -17,7 +17,7 @@ Writes ``tune.json`` and ``tune.png`` (mean CV AUC per candidate, one bar per ta
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 from pydantic import Field
@@ -62,25 +62,23 @@ class TuneConfig(StrictConfig):
     seed: int = Field(0, description="Seed of the fold split and the early-stopping split.")
 
 
-def cv_auc(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.ndarray, n_components: int,
-           trunk: TrunkConfig, folds: int = 5, seeds: int = 3, early_stop_share: float = 0.15,
-           seed: int = 0) -> np.ndarray:
-    """``(T,)`` cross-validated AUC of a SharedTrunkNet ensemble per target.
+def fold_predictions(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.ndarray, n_components: int,
+                     trunk: TrunkConfig, folds: int = 5, seeds: int = 3, early_stop_share: float = 0.15,
+                     seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per fold ``f`` (GroupKFold over ``groups``): ``(held_f, P_f)``, the held-out row indices and
+    ``(len(held_f), T)`` predictions of a SharedTrunkNet ensemble that never saw them.
 
-    ``blocks``: ``{name: (n, d_b)}``; ``Y``: ``(n, T)`` in [0, 1] with NaN = missing;
-    ``groups``: ``(n,)`` fold groups. Per fold ``f`` (GroupKFold): transform fitted on the
-    training folds, members trained on a ``1 - early_stop_share`` part of them and
-    early-stopped on the rest, ``AUC_t = masked_auc(Y[f], mean_s sigmoid(net_s(X[f])))``;
-    the result is the mean of ``AUC_t`` over folds (NaN-skipping).
+    ``blocks``: ``{name: (n, d_b)}``; ``Y``: ``(n, T)`` in [0, 1] with NaN = missing. The
+    standardise->PCA transform is fitted on the training folds only; ``seeds`` members are
+    trained on a ``1 - early_stop_share`` part of them and early-stopped on the rest;
+    ``P_f = mean_s sigmoid(net_s(X[held_f]))``.
     """
     from sklearn.model_selection import GroupKFold
 
     from shared.trunk import FeatureTransform
 
     from training.loop import build_ensemble, train_one
-    from training.metrics import masked_auc
 
-    per_fold = []
     for k, (fit_idx, held) in enumerate(GroupKFold(n_splits=folds).split(Y, groups=groups)):
         perm = np.random.default_rng(seed + k).permutation(fit_idx)
         cut = max(1, int(round((1 - early_stop_share) * len(perm))))
@@ -88,7 +86,19 @@ def cv_auc(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.ndarray, n_c
         transform = FeatureTransform.fit({b: x[tr] for b, x in blocks.items()}, n_components=n_components, seed=seed)
         X = transform.transform(blocks)
         members = [train_one(X[tr], Y[tr], None, X[es], Y[es], None, seed=seed + s, cfg=trunk) for s in range(seeds)]
-        per_fold.append(masked_auc(Y[held], build_ensemble(members).predict_proba(X[held])))
+        yield held, build_ensemble(members).predict_proba(X[held])
+
+
+def cv_auc(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.ndarray, n_components: int,
+           trunk: TrunkConfig, folds: int = 5, seeds: int = 3, early_stop_share: float = 0.15,
+           seed: int = 0) -> np.ndarray:
+    """``(T,)`` cross-validated AUC of a SharedTrunkNet ensemble per target: the mean over folds
+    (NaN-skipping) of ``AUC_t = masked_auc(Y[held_f], P_f)``, with :func:`fold_predictions`'
+    folds (same arguments and shapes)."""
+    from training.metrics import masked_auc
+
+    per_fold = [masked_auc(Y[held], P) for held, P in
+                fold_predictions(blocks, Y, groups, n_components, trunk, folds, seeds, early_stop_share, seed)]
     with np.errstate(invalid="ignore"):
         return np.nanmean(np.asarray(per_fold, dtype=np.float64), axis=0)
 

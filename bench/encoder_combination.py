@@ -1,0 +1,151 @@
+"""Do the encoders read more together than apart? Out of fold, on train + val only.
+
+Each encoder measured on RouterBench reads little of which queries a target gets right
+*inside* a task, and ``bench/routing_headroom.py`` puts the iso-accuracy goal at a mean
+within-task AUC of about 0.69-0.76. This benchmark asks whether combining what the
+captures hold closes that: blocks of several captures of the same queries (two encoders,
+say) and MiniLM's embedding of the prompt as the semantic baselines embed it
+(:func:`training.fit.tune.minilm_block`). For each combination, the blocks are
+concatenated after per-block PCA and a SharedTrunkNet ensemble is trained exactly as
+``prefill-router tune`` scores a candidate (:func:`training.fit.tune.fold_predictions`:
+5 group folds of train + val; the test split is never read). Reported per combination,
+each the mean over folds: the mean pooled AUC over targets (tune's figure) and the mean
+within-task AUC (:func:`training.evaluate.uncertainty.within_group_auc`), over all
+targets and for the first one (GPT-4 on RouterBench).
+
+    .venv/bin/python bench/encoder_combination.py \\
+        --capture smollm2=runs/pipeline-routerbench/activations:h18_last,h21_last \\
+        --capture qwen=runs/qwen-routerbench/activations:h18_last,h21_last --minilm \\
+        --labels runs/pipeline-routerbench/labels --queries runs/pipeline-routerbench/queries.parquet \\
+        --out bench/results/encoder_combination.json
+
+Rows are the queries every capture holds. Prints a markdown table and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_capture(spec: str) -> tuple[str, str, list[str]]:
+    """``name=uri:block,block`` -> ``(name, uri, blocks)``."""
+    name, sep, rest = spec.partition("=")
+    uri, sep2, blocks = rest.rpartition(":")
+    if not (sep and sep2 and name and uri and blocks):
+        raise ValueError(f"--capture {spec!r}: expected name=activations_uri:block[,block...]")
+    return name, uri, blocks.split(",")
+
+
+def align(ids: list[np.ndarray]) -> list[np.ndarray]:
+    """Row indices into each of ``ids`` (query ids per capture) of the queries all of them hold,
+    in the first capture's order."""
+    common = set(ids[0]).intersection(*map(set, ids[1:]))
+    order = [q for q in ids[0] if q in common]
+    return [np.array([{q: i for i, q in enumerate(x)}[q] for q in order], dtype=int) for x in ids]
+
+
+def combinations(sources: list[str]) -> list[tuple[str, ...]]:
+    """Every non-empty subset of ``sources``, singles first, in the given order."""
+    return [c for k in range(1, len(sources) + 1) for c in itertools.combinations(sources, k)]
+
+
+def fold_scores(Y: np.ndarray, tasks: np.ndarray, folds) -> dict[str, np.ndarray]:
+    """``{'pooled', 'within'}``: ``(T,)`` AUCs per target, each the NaN-skipping mean over
+    ``folds`` (pairs ``(held, P)``, ``P`` ``(len(held), T)``) of the fold's pooled AUC
+    (:func:`training.metrics.masked_auc`) and within-task AUC (``tasks`` ``(n,)``)."""
+    from training.evaluate.uncertainty import within_group_auc
+    from training.metrics import masked_auc
+
+    pooled, within = [], []
+    for held, P in folds:
+        pooled.append(masked_auc(Y[held], P))
+        within.append(within_group_auc(Y[held], P, tasks[held]))
+    with np.errstate(invalid="ignore"):
+        return {"pooled": np.nanmean(np.array(pooled, dtype=float), axis=0),
+                "within": np.nanmean(np.array(within, dtype=float), axis=0)}
+
+
+def load(args: argparse.Namespace):
+    """``(sources, Y, tasks, groups, targets)`` over train + val rows that every capture holds;
+    ``sources``: ``{name: {block: (n, d)}}``."""
+    from shared import storage
+    from training.dataset import load_routing_data
+    from training.fit.tune import fold_groups, minilm_block
+
+    specs = [parse_capture(s) for s in args.capture]
+    datas = [load_routing_data(uri, args.labels, args.targets, blocks).where("train", "val") for _, uri, blocks in specs]
+    rows = align([np.asarray(d.query_ids) for d in datas])
+    datas = [d.subset(r) for d, r in zip(datas, rows)]
+    sources = {name: d.blocks for (name, _, _), d in zip(specs, datas)}
+    base = datas[0]
+    if args.minilm:
+        sources["minilm"] = {"minilm": minilm_block(base, args.queries)}
+    table = storage.read_parquet(args.queries, columns=["query_id", "task"])
+    task = dict(zip(table.column("query_id").to_pylist(), table.column("task").to_pylist()))
+    tasks = np.array([task[q] for q in base.query_ids], dtype=object)
+    return sources, base.Y, tasks, fold_groups(base, args.queries), base.targets
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    from rich.progress import track
+
+    from training.fit.tune import fold_predictions
+    from training.loop import TrunkConfig
+
+    sources, Y, tasks, groups, targets = load(args)
+    out = []
+    for combo in track(combinations(list(sources)), description="cross-validating"):
+        blocks = {f"{s}:{b}": x for s in combo for b, x in sources[s].items()}
+        k = args.minilm_components if combo == ("minilm",) else args.n_components
+        auc = fold_scores(Y, tasks, fold_predictions(blocks, Y, groups, k, TrunkConfig(), args.folds, args.seeds,
+                                                     seed=args.seed))
+        out.append({"sources": list(combo), "blocks": list(blocks), "n_components": k, "n_rows": int(len(Y)),
+                    "mean_pooled_auc": float(np.nanmean(auc["pooled"])),
+                    "mean_within_task_auc": float(np.nanmean(auc["within"])),
+                    "first_target_within_task_auc": float(auc["within"][0]),
+                    "pooled": dict(zip(targets, map(float, auc["pooled"]))),
+                    "within": dict(zip(targets, map(float, auc["within"])))})
+    return out
+
+
+def markdown(rows: list[dict], first: str) -> str:
+    lines = ["| sources | blocks | PCA per block | mean pooled AUC | mean within-task AUC | "
+             f"{first} within-task |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {' + '.join(r['sources'])} | {', '.join(r['blocks'])} | {r['n_components']} | "
+                     f"{r['mean_pooled_auc']:.3f} | {r['mean_within_task_auc']:.3f} | "
+                     f"{r['first_target_within_task_auc']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shared.artifact import load_artifact
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--capture", action="append", required=True, help="name=activations_uri:block[,block...]")
+    p.add_argument("--minilm", action="store_true", help="also MiniLM's embedding, as the semantic baselines embed it")
+    p.add_argument("--labels", required=True)
+    p.add_argument("--queries", required=True, help="query table: task, group_id, and the texts for MiniLM")
+    p.add_argument("--artifact", default="data/routerbench/router", help="whose targets, in its order (GPT-4 first)")
+    p.add_argument("--n-components", type=int, default=256, help="PCA per encoder block (the shipped router: 256)")
+    p.add_argument("--minilm-components", type=int, default=128, help="PCA of MiniLM alone (tune's default)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/results/encoder_combination.json")
+    args = p.parse_args(argv)
+    args.targets = load_artifact(args.artifact).target_names
+    rows = run(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    print(markdown(rows, args.targets[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -46,7 +46,8 @@ def align(ids: list[np.ndarray]) -> list[np.ndarray]:
     in the first capture's order."""
     common = set(ids[0]).intersection(*map(set, ids[1:]))
     order = [q for q in ids[0] if q in common]
-    return [np.array([{q: i for i, q in enumerate(x)}[q] for q in order], dtype=int) for x in ids]
+    index = [{q: i for i, q in enumerate(x)} for x in ids]
+    return [np.array([ix[q] for q in order], dtype=int) for ix in index]
 
 
 def combinations(sources: list[str]) -> list[tuple[str, ...]]:

@@ -74,9 +74,9 @@ def fold_scores(Y: np.ndarray, tasks: np.ndarray, folds) -> dict[str, np.ndarray
 def load(args: argparse.Namespace):
     """``(sources, Y, tasks, groups, targets)`` over train + val rows that every capture holds;
     ``sources``: ``{name: {block: (n, d)}}``."""
-    from shared import storage
     from training.dataset import load_routing_data
     from training.fit.tune import fold_groups, minilm_block
+    from training.semantic_text import read_queries
 
     specs = [parse_capture(s) for s in args.capture]
     datas = [load_routing_data(uri, args.labels, args.targets, blocks).where("train", "val") for _, uri, blocks in specs]
@@ -86,9 +86,7 @@ def load(args: argparse.Namespace):
     base = datas[0]
     if args.minilm:
         sources["minilm"] = {"minilm": minilm_block(base, args.queries)}
-    table = storage.read_parquet(args.queries, columns=["query_id", "task"])
-    task = dict(zip(table.column("query_id").to_pylist(), table.column("task").to_pylist()))
-    tasks = np.array([task[q] for q in base.query_ids], dtype=object)
+    tasks = np.array(read_queries(args.queries, base.query_ids)["task"], dtype=object)
     return sources, base.Y, tasks, fold_groups(base, args.queries), base.targets
 
 

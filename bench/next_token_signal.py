@@ -63,6 +63,7 @@ def load(activations: str, labels: str, queries: str, column: str | None) -> tup
     from shared import storage
     from shared.features import block_columns, parse_block
     from training.dataset import load_routing_data
+    from training.semantic_text import read_queries
 
     names = block_columns(storage.read_json(storage.join(activations, "manifest.json"))["columns"])
     column = column or next((c for c in names if parse_block(c)[1] == "next"), None)
@@ -70,9 +71,7 @@ def load(activations: str, labels: str, queries: str, column: str | None) -> tup
         raise SystemExit(f"{activations} has no next block ({names}): capture with poolings=[next] and the last layer")
     targets = sorted(p.name for p in Path(labels).iterdir() if p.is_dir())
     data = load_routing_data(activations, labels, targets, blocks=[column])
-    table = storage.read_parquet(queries, columns=["query_id", "task"]).to_pylist()
-    task_of = {r["query_id"]: r["task"] for r in table}
-    tasks = np.asarray([task_of[q] for q in data.query_ids])
+    tasks = np.asarray(read_queries(queries, data.query_ids)["task"])
     return data.blocks[column], data.Y, tasks, targets, column
 
 

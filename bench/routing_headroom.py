@@ -53,20 +53,18 @@ def synthetic_proba(Y: np.ndarray, base_rate: np.ndarray, sigma: float, rho: flo
 
 def load_split(work_dir: str, artifact: str, targets: list[str]):
     """Test rows' ``Y``, outcome and decision costs, tasks; the targets' train base rates."""
-    from shared import storage
     from shared.artifact import load_artifact
     from training.dataset import load_routing_data
     from training.evaluate.scoring import decision_costs, outcome_costs
+    from training.semantic_text import read_queries
 
     router = load_artifact(artifact)
     first = sorted(router.meta.pooling)[0]
     data = load_routing_data(f"{work_dir}/activations", f"{work_dir}/labels", targets, blocks=[first])
     C_route = decision_costs(router, data)
     C = outcome_costs(data, C_route)
-    table = storage.read_parquet(f"{work_dir}/queries.parquet", columns=["query_id", "task"])
-    task_of = dict(zip(table.column("query_id").to_pylist(), table.column("task").to_pylist()))
     te, tr = data.split == "test", data.split == "train"
-    tasks = np.array([task_of[q] for q in data.query_ids[te]], dtype=object)
+    tasks = np.array(read_queries(f"{work_dir}/queries.parquet", data.query_ids[te])["task"], dtype=object)
     return data.Y[te], C[te], C_route[te], tasks, np.nanmean(data.Y[tr], axis=0)
 
 

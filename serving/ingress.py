@@ -7,20 +7,20 @@ routes, falls back on failure and records metrics. ``build_app`` turns it into t
 ingress deployment with :func:`make_fastapi_app`.
 
 Errors (JSON bodies with ``detail`` and an OpenAI-style ``error``): not JSON -> 415/400,
-bad fields -> 422, unknown model -> 404, body over ``max_body_bytes`` or prompt over
-``max_prompt_tokens`` (checked on every path, pinned requests included, before any
-target sees it) -> 413, missing/bad bearer token -> 401. A target that fails or times out
-is cancelled and the next eligible one answers; a fault of the request itself is never
+text that is not valid Unicode (a lone surrogate, anywhere in the body) -> 400, bad fields
+-> 422, unknown model -> 404, body over ``max_body_bytes`` or prompt over
+``max_prompt_tokens`` (checked on every path, pinned requests included, before any target
+sees it) -> 413, missing/bad bearer token -> 401. A target that fails or times out is
+cancelled and the next eligible one answers; a fault of the request itself is never
 retried elsewhere; 502 only when every target failed. When the encoder or router head
-fails, routed requests go to ``fallback_target`` (marked ``x-prefill-router-degraded``)
-or get a JSON 503. ``/healthz`` is liveness; ``/readyz`` is 200 only when the encoder,
-the head and at least one target answer.
+fails, routed requests go to ``fallback_target`` (marked ``x-prefill-router-degraded``) or
+get a JSON 503. ``/healthz`` is liveness; ``/readyz`` is 200 only when the encoder, the
+head and at least one target answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
 import json
 import logging
@@ -33,58 +33,19 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from serving.config import IngressConfig
-from serving.messages import PromptTooLong, TargetAnswer, request_fault, surely_within
+from serving.faults import AllTargetsFailed, EncoderFailedOnPrompt, RouterUnavailable, bounded, counted
+from serving.messages import (
+    EncodeFailed, PromptRejected, PromptTooLong, TargetAnswer, error_line, request_fault, surely_within,
+)
 from serving.metrics import RouterMetrics
 from serving.schemas import (
     ChatChoice, ChatCompletionRequest, ChatCompletionResponse, RouteDecision, RouteRequest, UnknownModel, Usage,
-    parse_model_field,
+    lone_surrogate, parse_model_field,
 )
 from serving.streaming import stream_response
 from shared.policy import Rule
 
 log = logging.getLogger(__name__)
-
-
-class AllTargetsFailed(RuntimeError):
-    pass
-
-
-class RouterUnavailable(RuntimeError):
-    """The encoder or the router head failed or timed out (``kind``: the failure's type name)."""
-
-    def __init__(self, cause: BaseException):
-        self.kind = type(cause).__name__
-        super().__init__(f"the router's encoder or head is unavailable ({self.kind})")
-
-    def http(self, hint: str = "") -> HTTPException:
-        """The JSON 503 a request gets when nothing can answer it without the router."""
-        return HTTPException(503, f"{self}{hint}; retry shortly", headers={"Retry-After": "5"})
-
-
-def counted(endpoint: str):
-    """Count each call of an endpoint method by HTTP status in ``self.metrics.requests``
-    (a request the client gave up on counts as 499)."""
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        async def inner(self, *args, **kwargs):
-            status = 500
-            try:
-                response = await fn(self, *args, **kwargs)
-                status = response.status_code
-                return response
-            except HTTPException as exc:
-                status = exc.status_code
-                raise
-            except asyncio.CancelledError:
-                status = 499
-                raise
-            finally:
-                self.metrics.requests.labels(endpoint, str(status)).inc()
-
-        return inner
-
-    return wrap
 
 
 DECISION_SERVICE = ("this router is a decision service: it serves no target (config `targets: []`). POST the same "
@@ -93,17 +54,6 @@ DECISION_SERVICE = ("this router is a decision service: it serves no target (con
 
 def _reason(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
-
-
-async def bounded(response: Any, timeout_s: float) -> Any:
-    """Await a handle call within ``timeout_s``; on timeout or cancellation cancel the call
-    itself, so the replica stops working on it."""
-    try:
-        return await asyncio.wait_for(asyncio.ensure_future(response), timeout=timeout_s)
-    except (asyncio.TimeoutError, asyncio.CancelledError):
-        if hasattr(response, "cancel"):
-            response.cancel()
-        raise
 
 
 class RouterIngress:
@@ -167,6 +117,9 @@ class RouterIngress:
             raise HTTPException(400, f"request body is not valid JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise HTTPException(400, "request body must be a JSON object")
+        if where := lone_surrogate(body):
+            raise HTTPException(400, f"{where}: text with a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                                     "escape) is not valid Unicode; send UTF-8 text")
         try:
             return model.model_validate(body)
         except ValidationError as exc:
@@ -203,6 +156,9 @@ class RouterIngress:
             raise HTTPException(503, f"cannot check the prompt against the limit of {limit} tokens: the encoder "
                                      f"is unavailable ({type(exc).__name__}); retry shortly",
                                 headers={"Retry-After": "5"}) from exc
+        if isinstance(count, PromptRejected):
+            self.metrics.errors.labels("request").inc()
+            raise HTTPException(400, count.reason)
         if refusal := count.refusal():
             raise HTTPException(413, refusal.reason)
 
@@ -215,13 +171,17 @@ class RouterIngress:
             encoded = await bounded(self.encoder.encode.remote(messages), self.cfg.route_timeout_s)
             if isinstance(encoded, PromptTooLong):
                 raise HTTPException(413, encoded.reason)
+            if isinstance(encoded, PromptRejected):
+                self.metrics.errors.labels("request").inc()
+                raise HTTPException(400, encoded.reason)
+            if isinstance(encoded, EncodeFailed):
+                raise EncoderFailedOnPrompt(encoded)
             self.metrics.count_prefix(encoded.prefix)
             decision = await bounded(self.head.decide.remote(encoded, rule), self.cfg.route_timeout_s)
         except HTTPException:
             raise
         except Exception as exc:  # noqa: BLE001 - a dead, failing or slow encoder/head: never a bare 500
-            log.warning("router unavailable (%s): %s", type(exc).__name__,
-                        str(exc).splitlines()[-1] if str(exc) else "")
+            log.warning("router unavailable (%s): %s", type(exc).__name__, error_line(exc))
             self.metrics.errors.labels("router").inc()
             raise RouterUnavailable(exc) from exc
         decision = decision.model_copy()
@@ -262,7 +222,7 @@ class RouterIngress:
                 if fault := request_fault(exc):
                     self.metrics.errors.labels("request").inc()
                     raise HTTPException(fault.status, fault.reason) from exc
-                log.warning("target %s failed: %s", name, str(exc).splitlines()[-1] if str(exc) else type(exc))
+                log.warning("target %s failed: %s", name, error_line(exc))
                 self.metrics.errors.labels("timeout" if isinstance(exc, asyncio.TimeoutError) else "target").inc()
                 failed.append(name)
                 continue

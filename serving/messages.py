@@ -1,7 +1,9 @@
 """Typed messages between the deployments (Ray pickles them; nothing is matched by substring).
 
 - Encoder -> Ingress/RouterHead: :class:`EncodedPrompt` (with its :class:`PrefixUse`), or :class:`PromptTooLong` when the
-  prompt is over ``max_prompt_tokens`` (a refusal is a value, not an exception string);
+  prompt is over ``max_prompt_tokens`` (a refusal is a value, not an exception string),
+  :class:`PromptRejected` when its tokenizer cannot read the text, :class:`EncodeFailed` when the
+  forward pass failed on this prompt alone: one prompt's fault never fails its batch-mates;
   ``count_tokens`` answers :class:`TokenCount`; :func:`surely_within` spares that call for a short
   prompt.
 - Ingress -> RouterHead: the request's routing rule, a ``shared.policy.Rule`` (None: the artifact's).
@@ -30,6 +32,22 @@ class PromptTooLong:
     def reason(self) -> str:
         return (f"the prompt has {self.n_tokens} tokens, more than this router's limit of {self.limit} "
                 "(max_prompt_tokens): shorten it")
+
+
+@dataclass(frozen=True)
+class PromptRejected:
+    """The encoder's tokenizer cannot read the prompt (a fault of the request: the ingress answers 400)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class EncodeFailed:
+    """The encoder's forward pass failed on this prompt alone (retried by itself, outside its batch):
+    the router is unavailable for this request only (``kind``: the exception's type name)."""
+
+    kind: str
+    message: str
 
 
 @dataclass(frozen=True)
@@ -109,6 +127,13 @@ def request_fault(exc: BaseException) -> TargetRequestError | None:
 def surely_within(messages: list[dict[str, str]], limit: int) -> bool:
     """True when the prompt cannot exceed ``limit`` tokens, without a tokenizer: a token of a
     byte-level BPE or byte-fallback tokenizer spans at least one UTF-8 byte, so tokens <= bytes +
-    the template's own tokens."""
-    size = sum(len(m["content"].encode()) + 8 for m in messages) + TEMPLATE_TOKENS
+    the template's own tokens. Never raises on text that is not valid Unicode (a lone surrogate
+    counts as its 3 bytes): the bound is only a size."""
+    size = sum(len(m["content"].encode("utf-8", "surrogatepass")) + 8 for m in messages) + TEMPLATE_TOKENS
     return size <= limit
+
+
+def error_line(exc: BaseException) -> str:
+    """The last line of an exception's text (Ray prefixes a replica's traceback), or its type name."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__

@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from serving.config import PrefixCacheConfig
-from serving.messages import EncodedPrompt, PrefixUse, PromptTooLong, TokenCount
+from serving.messages import (
+    EncodedPrompt, EncodeFailed, PrefixUse, PromptRejected, PromptTooLong, TokenCount, error_line,
+)
 from serving.prefix_cache import PrefixCache, system_prompt_ids
 from serving.schemas import RouteDecision
 from shared.artifact import ArtifactError, load_artifact, read_meta
@@ -25,6 +27,7 @@ from shared.registry import load_registry
 from shared.policy import Rule
 
 log = logging.getLogger(__name__)
+Encoded = EncodedPrompt | PromptTooLong | PromptRejected | EncodeFailed
 
 
 def reload(replica: Any, user_config: dict[str, Any] | None, what: str) -> None:
@@ -90,35 +93,62 @@ class EncoderReplica:
         """Serve user-config update ``{"artifact": uri}``: see :func:`reload`."""
         reload(self, user_config, "encoder")
 
-    def count_tokens(self, messages: list[dict[str, str]]) -> TokenCount:
+    def count_tokens(self, messages: list[dict[str, str]]) -> TokenCount | PromptRejected:
         """The prompt's encoder tokens, without a forward pass (the ingress's check on pinned requests)."""
-        return TokenCount(len(self.encoder.token_ids([messages])[0]), self.max_prompt_tokens)
+        ids = self.token_ids([messages])[0]
+        return ids if isinstance(ids, PromptRejected) else TokenCount(len(ids), self.max_prompt_tokens)
 
-    async def encode_many(self, batch: list[list[dict[str, str]]]) -> list[EncodedPrompt | PromptTooLong]:
-        """Encode several conversations in one bucketed forward pass; a too-long prompt is refused
-        on its own (a :class:`PromptTooLong` in its place), never run and never failing the batch."""
-        ids = self.encoder.token_ids(batch)  # untruncated: the limit is checked on these
-        results: list[EncodedPrompt | PromptTooLong] = [
-            PromptTooLong(len(x), self.max_prompt_tokens) for x in ids]
-        ok = [i for i, x in enumerate(ids) if len(x) <= self.max_prompt_tokens]
-        if not ok:
-            return results
+    def token_ids(self, batch: list[list[dict[str, str]]]) -> list[list[int] | PromptRejected]:
+        """Each conversation's untruncated token ids; a text the tokenizer cannot read is a
+        :class:`PromptRejected` in its place (when the batch fails, each is tokenized alone)."""
+        try:
+            return list(self.encoder.token_ids(batch))
+        except Exception as exc:  # noqa: BLE001 - one prompt's text: refuse that one, answer the rest
+            if len(batch) > 1:
+                return [self.token_ids([m])[0] for m in batch]
+            return [PromptRejected(f"the encoder cannot tokenize the prompt ({type(exc).__name__}: "
+                                   f"{error_line(exc)}); send valid UTF-8 text")]
+
+    def features(self, batch: list[list[dict[str, str]]], ids: list[list[int]]) -> list[EncodedPrompt | EncodeFailed]:
+        """The prompts' pooled features in one forward pass; when it fails, each prompt runs alone, so
+        only the prompt that fails by itself gets an :class:`EncodeFailed`."""
+        try:
+            return self.forward(batch, ids)
+        except Exception as exc:  # noqa: BLE001 - isolate the failing prompt from its batch-mates
+            if len(ids) > 1:
+                log.warning("encoder batch of %d failed (%s): encoding each prompt alone", len(ids), type(exc).__name__)
+                return [self.features([m], [x])[0] for m, x in zip(batch, ids)]
+            log.warning("encoder failed on one prompt (%s): %s", type(exc).__name__, error_line(exc))
+            return [EncodeFailed(type(exc).__name__, error_line(exc))]
+
+    def forward(self, batch: list[list[dict[str, str]]], ids: list[list[int]]) -> list[EncodedPrompt]:
         if self.cache is None:
-            feats, _, _ = self.encoder.encode_ids([ids[i] for i in ok])
-            uses: list[PrefixUse | None] = [None] * len(ok)
+            feats, _, _ = self.encoder.encode_ids(ids)
+            uses: list[PrefixUse | None] = [None] * len(ids)
         else:
-            feats, uses = self.cache.encode([ids[i] for i in ok],
-                                            [system_prompt_ids(self.encoder, batch[i]) for i in ok])
-        for row, i in enumerate(ok):
-            results[i] = EncodedPrompt({c: v[row] for c, v in feats.items()}, len(ids[i]), self.name,
-                                       self.artifact, uses[row])
+            feats, uses = self.cache.encode(ids, [system_prompt_ids(self.encoder, m) for m in batch])
+        return [EncodedPrompt({c: v[row] for c, v in feats.items()}, len(x), self.name, self.artifact, uses[row])
+                for row, x in enumerate(ids)]
+
+    async def encode_many(self, batch: list[list[dict[str, str]]]) -> list[Encoded]:
+        """Encode several conversations in one bucketed forward pass. A prompt over the limit
+        (:class:`PromptTooLong`), one the tokenizer cannot read (:class:`PromptRejected`) or one whose
+        forward fails alone (:class:`EncodeFailed`) gets its answer in its place, never failing the batch."""
+        ids = self.token_ids(batch)  # untruncated: the limit is checked on these
+        results: list[Encoded | None] = [
+            x if isinstance(x, PromptRejected) else PromptTooLong(len(x), self.max_prompt_tokens)
+            if len(x) > self.max_prompt_tokens else None for x in ids]
+        ok = [i for i, r in enumerate(results) if r is None]
+        if ok:
+            for i, encoded in zip(ok, self.features([batch[i] for i in ok], [ids[i] for i in ok])):
+                results[i] = encoded
         return results
 
-    async def encode_one(self, messages: list[dict[str, str]]) -> EncodedPrompt | PromptTooLong:
+    async def encode_one(self, messages: list[dict[str, str]]) -> Encoded:
         """One conversation (``build_app`` replaces this with a ``@serve.batch`` of :meth:`encode_many`)."""
         return (await self.encode_many([messages]))[0]
 
-    async def encode(self, messages: list[dict[str, str]]) -> EncodedPrompt | PromptTooLong:
+    async def encode(self, messages: list[dict[str, str]]) -> Encoded:
         return await self.encode_one(messages)
 
     def ready(self) -> dict[str, Any]:

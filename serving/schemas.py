@@ -22,6 +22,30 @@ class UnknownModel(ValueError):
     """The request names a model this app does not serve (404, as OpenAI answers)."""
 
 
+def lone_surrogate(body: Any, where: str = "body") -> str | None:
+    """Where a decoded JSON value holds text that is not valid Unicode (a lone UTF-16 surrogate such
+    as ``"\\ud800"``, which JSON can spell but UTF-8 cannot encode), e.g. ``messages.0.content``; None
+    when every string and key is valid."""
+    if isinstance(body, str):
+        try:
+            body.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"{where} (character {exc.start})"
+        return None
+    items = body.items() if isinstance(body, dict) else enumerate(body) if isinstance(body, list) else ()
+    for key, value in items:
+        if found := lone_surrogate(key, f"{where} key") or lone_surrogate(value, f"{where}.{key}"):
+            return found.removeprefix("body.")
+    return None
+
+
+def valid_unicode(text: str) -> str:
+    """``text``, or ValueError when it holds a lone surrogate (the encoder's tokenizer cannot read it)."""
+    if where := lone_surrogate(text, "text"):
+        raise ValueError(f"{where} has a lone UTF-16 surrogate: not valid Unicode")
+    return text
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -38,7 +62,7 @@ class ChatMessage(BaseModel):
                     raise ValueError("only text content parts are supported")
                 parts.append(part["text"])
             value = "".join(parts)
-        return value
+        return valid_unicode(value)
 
 
 class StreamOptions(BaseModel):

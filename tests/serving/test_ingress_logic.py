@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving.ingress import RouterIngress, make_fastapi_app
-from serving.messages import EncodedPrompt, PromptTooLong, StreamEnd, TargetAnswer, TokenCount
+from serving.messages import EncodedPrompt, EncodeFailed, PromptRejected, PromptTooLong, StreamEnd, TargetAnswer, TokenCount
 from serving.schemas import RouteDecision
 from shared.policy import Rule
 
@@ -310,3 +310,51 @@ def test_a_target_call_timeout_changes_in_place():
     with pytest.raises(ValueError, match="timeout_s"):
         target.reconfigure({"timeout_s": 0})
     assert target.backend.client.timeout.read == 3
+
+
+SURROGATE = '{"model": %s, "messages": [{"role": "user", "content": %s}]}'
+
+
+@pytest.mark.parametrize("path, model, content", [
+    ("/v1/chat/completions", '"router"', '"a\\ud800b"'),  # routed
+    ("/v1/chat/completions", '"mid"', '"a\\ud800b"'),  # pinned: no encoder call at all
+    ("/v1/chat/completions", '"mid"', '[{"type": "text", "text": "\\udfff"}]'),  # inside a content part
+    ("/v1/route", '"router"', '"a\\ud800b"'),
+    ("/v1/chat/completions", '"\\ud83d"', '"hello"'),  # the model name (404 would echo it, unencodable)
+])
+def test_lone_surrogates_are_a_400_of_their_own_on_every_path(path, model, content):
+    c, ingress = client()
+    r = c.post(path, content=(SURROGATE % (model, content)).encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "lone UTF-16 surrogate" in r.json()["detail"] and r.json()["error"]["type"] == "invalid_request_error"
+    assert "prefill_router_errors_total{kind=\"router\"}" not in c.get("/metrics").text
+
+
+def test_encoder_answers_for_one_prompt_are_4xx_or_503_for_that_prompt_only():
+    async def rejecting(messages):
+        return PromptRejected("the encoder cannot tokenize the prompt (TypeError: bad text); send valid UTF-8 text")
+
+    async def failing(messages):
+        return EncodeFailed("RuntimeError", "the forward pass failed on this prompt")
+
+    c, _ = client(encoder=Handle(encode=rejecting, count_tokens=rejecting, ready=encoder_ready))
+    for model in ("router", "mid"):  # routed (encode) and pinned over the length bound (count_tokens)
+        content = "x" * (1 if model == "router" else 400)
+        r = c.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": content}]})
+        assert r.status_code == 400 and "cannot tokenize" in r.json()["detail"], r.text
+    metrics = c.get("/metrics").text
+    assert 'prefill_router_errors_total{kind="request"} 2.0' in metrics and 'kind="router"' not in metrics
+    c, _ = client(encoder=Handle(encode=failing, count_tokens=count_tokens, ready=encoder_ready))
+    r = c.post("/v1/route", json={"messages": MSG})
+    assert r.status_code == 503 and "(RuntimeError)" in r.json()["detail"] and r.headers["retry-after"] == "5"
+    c, _ = client(encoder=Handle(encode=failing, count_tokens=count_tokens, ready=encoder_ready),
+                  fallback_target="cheap")
+    r = c.post("/v1/chat/completions", json={"messages": MSG})
+    assert r.status_code == 200 and r.headers["x-prefill-router-degraded"] == "router unavailable (RuntimeError)"
+
+
+def test_the_length_bound_never_raises_on_text_that_is_not_unicode():
+    from serving.messages import surely_within
+
+    assert surely_within([{"role": "user", "content": "a\ud800b"}], 1000)
+    assert not surely_within([{"role": "user", "content": "\ud800" * 400}], 1000)  # 3 bytes each

@@ -18,6 +18,7 @@ import yaml
 from tests.procs import ROOT as REPO_ROOT
 
 REFERENCE = REPO_ROOT / "data" / "router"
+ROUTER_ERRORS = 'prefill_router_errors_total{kind="router"}'  # encoder or head failures, never a client's fault
 
 
 def small_artifact(out: Path, n_queries: int = 24) -> str:
@@ -149,3 +150,24 @@ def kill_encoder_during(client: Any, app_name: str, body: dict, headers: dict | 
         time.sleep(0.2)
         ready = client.get("/readyz").status_code
         return [f.result() for f in futures], ready
+
+
+def metric(client: Any, line_start: str) -> float:
+    """The value of one Prometheus sample of the app's ``/metrics`` (0 when absent)."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def surrogate_round(client: Any, n_good: int = 7) -> tuple[Any, list[Any]]:
+    """One request with a lone surrogate and ``n_good`` innocent ones to ``/v1/route`` at the same
+    moment (they share the encoder's batch window); (the bad response, the good ones)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bad = b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    with ThreadPoolExecutor(n_good + 1) as pool:
+        bad_f = pool.submit(client.post, "/v1/route", content=bad, headers={"content-type": "application/json"})
+        good = [pool.submit(client.post, "/v1/route", json={"messages": [
+            {"role": "user", "content": f"What is {i} plus {i}?"}]}) for i in range(n_good)]
+        return bad_f.result(), [f.result() for f in good]

@@ -18,7 +18,8 @@ import yaml
 
 from cluster.demo_chat import wait_ready
 from tests.procs import free_port
-from tests.serving.serving_fixtures import FlakyEndpoint, kill_encoder_during, replica, router_artifact, serving_registry
+from tests.serving.serving_fixtures import (ROUTER_ERRORS, FlakyEndpoint, kill_encoder_during, metric, replica,
+                                           router_artifact, serving_registry, surrogate_round)
 
 pytestmark = pytest.mark.slow
 MSG = [{"role": "user", "content": "What is the capital of France? Answer with one word."}]
@@ -140,6 +141,8 @@ LONG = [{"role": "user", "content": "word " * 400}]
     (json.dumps({"model": "router", "messages": MSG, "stream": "yes"}).encode(), 422, "application/json"),
     (json.dumps({"model": "router:abc", "messages": MSG}).encode(), 422, "application/json"),
     (json.dumps({"model": "router", "messages": MSG}).encode(), 415, "text/plain"),
+    *((b'{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}' % m, 400, "application/json")
+      for m in (b"router", b"gemma3-270m")),
     (json.dumps({"model": "router", "messages": MSG}).encode(), 415, None),
 ])
 def test_bad_input_is_4xx_with_reason(app, body, status, ctype):
@@ -147,6 +150,15 @@ def test_bad_input_is_4xx_with_reason(app, body, status, ctype):
     r = app["client"].post("/v1/chat/completions", content=body, headers=headers)
     assert r.status_code == status, r.text
     assert r.json()["detail"] and r.json()["error"]["message"]
+
+
+def test_a_lone_surrogate_is_a_400_of_its_own_and_never_fails_its_batch_mates(app):
+    c, before = app["client"], metric(app["client"], ROUTER_ERRORS)  # routed and pinned chats: the 400s above
+    for _ in range(3):
+        bad, good = surrogate_round(c)
+        assert bad.status_code == 400 and "lone UTF-16 surrogate" in bad.json()["error"]["message"], bad.text
+        assert [r.status_code for r in good] == [200] * len(good), [r.text for r in good if r.status_code != 200]
+    assert metric(c, ROUTER_ERRORS) == before
 
 
 def test_metrics_count_requests_and_decisions(app):

@@ -137,7 +137,7 @@ def _convert_gguf(spec: ModelSpec, dest: Path, cache: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     log.info("converting %s (%s) to bf16 safetensors at %s", spec.name, gguf.name, dest)
-    with library_bars_on_terminal():  # the GGUF reader's bars, too
+    with library_bars_on_terminal():  # the GGUF reader's bars and save_pretrained's, too
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent),
@@ -145,15 +145,15 @@ def _convert_gguf(spec: ModelSpec, dest: Path, cache: Path) -> None:
             dtype=torch.bfloat16,
             quantization_config=GgufConfig(dequantize=True),
         )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "SOURCE_SHA256").write_text(spec.sha256 + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "SOURCE_SHA256").write_text(spec.sha256 + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     _install_converted(tmp, dest, spec, cache)
 
 

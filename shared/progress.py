@@ -21,20 +21,38 @@ def on_terminal() -> bool:
     return sys.stderr.isatty()
 
 
+# Library modules that draw a bar with tqdm itself, past transformers' switch: (module, name of its tqdm).
+# The GGUF reader's "Converting and de-quantizing GGUF tensors..." at every conversion is one.
+PLAIN_TQDM = (("transformers.modeling_gguf_pytorch_utils", "tqdm"),)
+
+
 @contextmanager
 def library_bars_on_terminal(isatty: Callable[[], bool] | None = None) -> Iterator[None]:
-    """Within the block, transformers' own tqdm bars (e.g. "Loading weights" when a model loads)
-    are drawn only on a terminal, as :class:`Progress` does; elsewhere they are off, and the
-    library's setting is restored afterwards."""
+    """Within the block, transformers' own tqdm bars ("Loading weights" when a model loads,
+    "Writing model shards" when one is saved, the GGUF reader's at a conversion) are drawn only
+    on a terminal, as :class:`Progress` does; elsewhere they are off, and the library's setting
+    is restored afterwards. The rule is about the process's stderr: a child process that
+    inherits the user's stderr (the spawned converter of ``shared.models.prepare_models``)
+    follows it as its parent does."""
+    import importlib
+
     from transformers.utils import logging as hf_logging
 
     if (isatty or on_terminal)() or not hf_logging.is_progress_bar_enabled():
         yield
         return
+    plain = []  # (module, attribute, the library's own tqdm), put back afterwards
+    for name, attr in PLAIN_TQDM:
+        module = importlib.import_module(name)
+        plain.append((module, attr, getattr(module, attr)))
     hf_logging.disable_progress_bar()
+    for module, attr, _ in plain:
+        setattr(module, attr, hf_logging.tqdm)  # transformers' own tqdm: off with the switch above
     try:
         yield
     finally:
+        for module, attr, bar in plain:
+            setattr(module, attr, bar)
         hf_logging.enable_progress_bar()
 
 

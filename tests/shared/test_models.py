@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +16,8 @@ from shared.models import (
     resolve_gguf,
     sha256_file,
 )
-from shared.registry import ModelSpec
+from shared.registry import ModelSpec, load_registry
+from tests.procs import ROOT
 
 
 def test_missing_package_says_how_to_install():
@@ -69,6 +73,23 @@ def test_a_load_logged_to_a_pipe_draws_no_bar(registry, capfd):
     loaded = load_causal_lm(registry.get("smollm2-135m"), device="cpu")
     assert loaded.num_layers == 30
     assert "Loading weights" not in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_conversion_logged_to_a_pipe_draws_no_bar(tmp_path: Path):
+    """``models prepare`` converts SmolLM2 in a spawned child into a fresh cache, stderr a pipe (a
+    log): the child's bars ("Converting and de-quantizing GGUF tensors", "Writing model shards")
+    and the load's ("Loading weights") would each be a pile of carriage returns there."""
+    code = "import sys; from shared.model_cmd import main; sys.exit(main(['prepare', 'smollm2-135m']))"
+    env = {**os.environ, "PREFILL_ROUTER_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "smollm2-135m converted in" in done.stdout
+    spec = load_registry().get("smollm2-135m")
+    assert (converted_dir(spec, tmp_path / "cache") / "model.safetensors").is_file()
+    for shown in ("Converting and de-quantizing", "Writing model shards", "Loading weights", "\r"):
+        assert shown not in done.stderr and shown not in done.stdout, shown
 
 
 @pytest.mark.slow

@@ -63,3 +63,22 @@ def test_library_bars_are_off_in_a_pipe_and_restored_after():
     assert hf_logging.is_progress_bar_enabled()
     with library_bars_on_terminal(isatty=lambda: True):
         assert hf_logging.is_progress_bar_enabled()
+
+
+def test_the_gguf_readers_own_tqdm_follows_the_same_rule():
+    """The GGUF reader draws "Converting and de-quantizing GGUF tensors..." with tqdm itself,
+    past transformers' switch: in a pipe it is drawn by transformers' tqdm (off), then restored."""
+    import io
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from shared.progress import library_bars_on_terminal
+
+    own = gguf_utils.tqdm
+    with library_bars_on_terminal(isatty=lambda: False):
+        out = io.StringIO()
+        assert list(gguf_utils.tqdm(range(3), desc="Converting", file=out)) == [0, 1, 2]
+        assert out.getvalue() == ""
+    assert gguf_utils.tqdm is own
+    with library_bars_on_terminal(isatty=lambda: True):
+        assert gguf_utils.tqdm is own

@@ -20,13 +20,15 @@ library is missing falls back to its ``fallback``, as ``vllm`` does to ``transfo
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import math
 import pkgutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Literal, Protocol, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Literal, Protocol, Sequence
 
 log = logging.getLogger(__name__)
 TARGETS_DIR = Path(__file__).resolve().parent / "targets"
@@ -116,6 +118,29 @@ class BackendOptions:
     loaded: Any = None  # local weights already loaded (shared.models.LoadedModel), reused as is
 
 
+class InFlight:
+    """The asyncio tasks running a backend's requests now: :meth:`cancel` stops them exactly as a
+    caller going away does (the task is cancelled; the backend's own cleanup stops its work)."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task] = set()
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        task = asyncio.current_task()
+        self.tasks.add(task)
+        try:
+            yield
+        finally:
+            self.tasks.discard(task)
+
+    def cancel(self) -> int:
+        tasks = [t for t in self.tasks if not t.done()]
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
+
+
 class TargetBackend(Protocol):
     """What serving needs of a target: one chat request at a time, cancellable."""
 
@@ -127,7 +152,8 @@ class TargetBackend(Protocol):
         """Text pieces as they come, then one :class:`StreamEnd`; closing it stops the work."""
 
     def cancel(self) -> int:
-        """Stop every request running now (each ends as if its caller had gone); how many were stopped."""
+        """Stop every request running now, each as if its caller had gone (its call raises
+        ``CancelledError``); how many there were."""
 
     def count_tokens(self, messages: list[dict[str, str]]) -> int | None:
         """Prompt tokens after the chat template (None: only the endpoint knows)."""

@@ -7,14 +7,14 @@ logged. Every call is bounded by ``timeout_s`` (connect and read).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import time
 from typing import Any, AsyncIterator, Sequence
 
-from shared.backends import BackendOptions, Completion, StreamEnd, TargetAnswer, TargetRequestError, register_backend
+from shared.backends import (BackendOptions, Completion, InFlight, StreamEnd, TargetAnswer, TargetRequestError,
+                             register_backend)
 from shared.registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class OpenAIBackend:
         self.client = client(**openai_client_kwargs(spec, self.options.timeout_s))
         rate = self.options.requests_per_s
         self.limiter = RateLimiter(rate) if rate else None
-        self._tasks: set[asyncio.Task] = set()
+        self.inflight = InFlight()
 
     # ------------------------------------------------------------------ serving
     async def _check(self, resp: Any) -> None:
@@ -123,13 +123,10 @@ class OpenAIBackend:
         resp.raise_for_status()
 
     async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> TargetAnswer:
-        self._tasks.add(task := asyncio.current_task())
-        try:
+        with self.inflight.track():
             body = chat_body(self.spec, messages, max_tokens, temperature, False)
             resp = await self.client.post("/chat/completions", json=body)
             await self._check(resp)
-        finally:
-            self._tasks.discard(task)
         body = resp.json()
         usage = body.get("usage") or {}
         choice = body["choices"][0]
@@ -140,8 +137,7 @@ class OpenAIBackend:
                      temperature: float) -> AsyncIterator[str | StreamEnd]:
         body = chat_body(self.spec, messages, max_tokens, temperature, True)
         finish, usage = "stop", {}
-        self._tasks.add(task := asyncio.current_task())
-        try:
+        with self.inflight.track():
             async with self.client.stream("POST", "/chat/completions", json=body) as resp:
                 await self._check(resp)
                 async for line in resp.aiter_lines():
@@ -155,15 +151,10 @@ class OpenAIBackend:
                         finish = choice.get("finish_reason") or finish
                         if piece := (choice.get("delta") or {}).get("content"):
                             yield piece
-        finally:
-            self._tasks.discard(task)
         yield StreamEnd(finish, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
 
     def cancel(self) -> int:
-        tasks = [t for t in self._tasks if not t.done()]
-        for task in tasks:
-            task.cancel()
-        return len(tasks)
+        return self.inflight.cancel()
 
     def count_tokens(self, messages: list[dict[str, str]]) -> int | None:
         """Unknown here: the endpoint's tokenizer counts (its answer's ``usage``)."""

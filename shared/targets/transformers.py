@@ -6,8 +6,8 @@ import asyncio
 import threading
 from typing import Any, AsyncIterator, Sequence
 
-from shared.backends import (BackendOptions, Completion, OptionScores, StreamEnd, TargetAnswer, answer_budget,
-                             logsumexp, register_backend)
+from shared.backends import (BackendOptions, Completion, InFlight, OptionScores, StreamEnd, TargetAnswer,
+                             answer_budget, logsumexp, register_backend)
 from shared.registry import ModelSpec
 
 
@@ -49,7 +49,7 @@ class TransformersBackend:
         self.tok = self.loaded.tokenizer
         self.lock = asyncio.Lock()
         self.stats = {"active": 0, "finished": 0, "cancelled": 0, "tokens": 0}
-        self._stops: set[threading.Event] = set()
+        self.inflight = InFlight()
         self._option_ids: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ serving
@@ -96,48 +96,43 @@ class TransformersBackend:
             raise
 
     async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> TargetAnswer:
-        async with self.lock:
-            stop = threading.Event()
-            self._stops.add(stop)
-            try:
+        with self.inflight.track():
+            async with self.lock:
+                stop = threading.Event()
                 inputs, budget = self._inputs(messages, max_tokens)
                 kwargs = self._gen_kwargs(budget, temperature, stop)
                 end, new = await self._until_done(asyncio.to_thread(self._generate_sync, inputs, kwargs, stop), stop)
-            finally:
-                self._stops.discard(stop)
-            text = self.tok.decode(new, skip_special_tokens=True)
-            return TargetAnswer(text.strip(), end.prompt_tokens, end.completion_tokens, end.finish_reason)
+                text = self.tok.decode(new, skip_special_tokens=True)
+        return TargetAnswer(text.strip(), end.prompt_tokens, end.completion_tokens, end.finish_reason)
 
     async def stream(self, messages: list[dict[str, str]], max_tokens: int,
                      temperature: float) -> AsyncIterator[str | StreamEnd]:
         from transformers import TextIteratorStreamer
 
-        async with self.lock:
-            stop = threading.Event()
-            inputs, budget = self._inputs(messages, max_tokens)
-            streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True, timeout=120)
-            kwargs = {**self._gen_kwargs(budget, temperature, stop), "streamer": streamer}
-            self._stops.add(stop)
-            task = asyncio.ensure_future(asyncio.to_thread(self._generate_sync, inputs, kwargs, stop))
-            sentinel = object()
-            try:
-                while (piece := await asyncio.to_thread(next, streamer, sentinel)) is not sentinel:
-                    if piece:
-                        yield piece
-                yield (await asyncio.shield(task))[0]
-            finally:  # the consumer went away (or failed): stop generating before releasing the model
-                stop.set()
-                await asyncio.wait([task])
-                self._stops.discard(stop)
+        with self.inflight.track():
+            async with self.lock:
+                stop = threading.Event()
+                inputs, budget = self._inputs(messages, max_tokens)
+                streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True, timeout=120)
+                kwargs = {**self._gen_kwargs(budget, temperature, stop), "streamer": streamer}
+                task = asyncio.ensure_future(asyncio.to_thread(self._generate_sync, inputs, kwargs, stop))
+                sentinel = object()
+                try:
+                    while (piece := await asyncio.to_thread(next, streamer, sentinel)) is not sentinel:
+                        if piece:
+                            yield piece
+                    yield (await asyncio.shield(task))[0]
+                finally:  # the consumer went away (or failed): stop generating before releasing the model
+                    stop.set()
+                    await asyncio.wait([task])
 
     def cancel(self) -> int:
-        stops = list(self._stops)
-        for stop in stops:
-            stop.set()
-        return len(stops)
+        return self.inflight.cancel()
 
     def count_tokens(self, messages: list[dict[str, str]]) -> int | None:
-        return len(self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        batch = self.tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True)
+        return int(batch["input_ids"].shape[1])
 
     def reconfigure(self, timeout_s: float) -> None:
         """Nothing to bound here: a local model has no call timeout of its own."""

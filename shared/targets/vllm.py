@@ -6,11 +6,12 @@ installed, the registry's entries with ``backend: vllm`` run with ``transformers
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any, AsyncIterator, Sequence
 
-from shared.backends import (BackendOptions, Completion, OptionScores, StreamEnd, TargetAnswer, answer_budget,
-                             logsumexp, register_backend)
+from shared.backends import (BackendOptions, Completion, InFlight, OptionScores, StreamEnd, TargetAnswer,
+                             answer_budget, logsumexp, register_backend)
 from shared.registry import ModelSpec
 
 
@@ -36,7 +37,7 @@ class VLLMBackend:
 
         self.spec, self.options = spec, options or BackendOptions()
         self.tokenizer = self.tok = load_tokenizer(spec)
-        self._running: set[str] = set()
+        self.inflight = InFlight()
         if self.options.purpose == "serving":
             from vllm import AsyncEngineArgs, AsyncLLMEngine  # noqa: PLC0415 - optional GPU dependency
 
@@ -59,13 +60,12 @@ class VLLMBackend:
         n_in = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         params = SamplingParams(max_tokens=answer_budget(self.spec, n_in, max_tokens), temperature=temperature)
         request_id, done = uuid.uuid4().hex, False
-        self._running.add(request_id)
         try:
-            async for out in self.engine.generate(prompt, params, request_id=request_id):
-                done = out.finished
-                yield out
+            with self.inflight.track():
+                async for out in self.engine.generate(prompt, params, request_id=request_id):
+                    done = out.finished
+                    yield out
         finally:
-            self._running.discard(request_id)
             if not done:
                 await self.engine.abort(request_id)
 
@@ -89,13 +89,8 @@ class VLLMBackend:
         yield StreamEnd(comp.finish_reason or "stop", len(final.prompt_token_ids), len(comp.token_ids))
 
     def cancel(self) -> int:
-        """Abort every running request in the engine (its caller's stream ends there)."""
-        import asyncio
-
-        running = list(self._running)
-        for request_id in running:
-            asyncio.ensure_future(self.engine.abort(request_id))
-        return len(running)
+        """Every running request is cancelled, and so aborted in the engine."""
+        return self.inflight.cancel()
 
     def count_tokens(self, messages: list[dict[str, str]]) -> int | None:
         return len(self.tokenizer(self._prompt(messages), add_special_tokens=False)["input_ids"])
@@ -105,8 +100,9 @@ class VLLMBackend:
 
     async def close(self) -> None:
         if self.options.purpose == "serving":
-            for request_id in list(self._running):
-                await self.engine.abort(request_id)
+            tasks = list(self.inflight.tasks)
+            self.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # each aborts its request in the engine
             shutdown = getattr(self.engine, "shutdown", None)  # vLLM's v1 engine; the v0 one has none
             if shutdown:
                 shutdown()

@@ -195,16 +195,16 @@ class TransformersBackend:
         ids = torch.full((k, longest), self.tok.pad_token_id or 0, dtype=torch.long)
         for i, o in enumerate(opt):
             ids[i, :len(o)] = torch.tensor(o)
-        n = prompt["input_ids"].shape[1]
+        n, device = prompt["input_ids"].shape[1], self.loaded.device
+        lengths = torch.tensor([len(o) for o in opt])
         with torch.no_grad():
             first = self.loaded.model(**prompt, use_cache=True, logits_to_keep=1)
             cache = first.past_key_values
             cache.batch_repeat_interleave(k)
             mask = torch.cat([torch.ones(k, n, dtype=torch.long),
-                              (torch.arange(longest)[None, :] < torch.tensor([len(o) for o in opt])[:, None]).long()], 1)
-            rest = self.loaded.model(input_ids=ids.to(self.loaded.device), past_key_values=cache,
-                                     attention_mask=mask.to(self.loaded.device),
-                                     position_ids=(n + torch.arange(longest))[None, :].expand(k, -1).to(self.loaded.device))
+                              (torch.arange(longest)[None, :] < lengths[:, None]).long()], 1)
+            rest = self.loaded.model(input_ids=ids.to(device), past_key_values=cache, attention_mask=mask.to(device),
+                                     position_ids=(n + torch.arange(longest))[None, :].expand(k, -1).to(device))
         logits = torch.cat([first.logits[:, -1:, :].expand(k, -1, -1), rest.logits[:, :-1, :]], 1).float()
         logp = torch.log_softmax(logits, -1).gather(-1, ids.to(logits.device)[..., None])[..., 0].cpu()
         return {c: float(logp[i, :len(o)].mean()) for i, (c, o) in enumerate(zip(row["choices"], opt))}

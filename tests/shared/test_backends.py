@@ -79,7 +79,8 @@ def openai_backend(handler, purpose="serving", **options):
     """The openai backend with its client's transport replaced by ``handler``."""
     backend = backends.make_backend(ModelSpec(**REMOTE), BackendOptions(purpose=purpose, **options))
     kind = httpx.AsyncClient if purpose == "serving" else httpx.Client
-    backend.client = kind(base_url="http://up/v1", transport=httpx.MockTransport(handler), timeout=options.get("timeout_s", 120))
+    backend.client = kind(base_url="http://up/v1", transport=httpx.MockTransport(handler),
+                          timeout=options.get("timeout_s", 120))
     return backend
 
 
@@ -94,8 +95,9 @@ def test_openai_serving_generate_stream_and_request_faults():
         if body["max_tokens"] == 999:
             return httpx.Response(413, json={"error": {"message": "too long"}})
         if body.get("stream"):
-            chunks = [{"choices": [{"delta": {"content": "he"}}]}, {"choices": [{"delta": {"content": "llo"},
-                      "finish_reason": "length"}]}, {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2}}]
+            chunks = [{"choices": [{"delta": {"content": "he"}}]},
+                      {"choices": [{"delta": {"content": "llo"}, "finish_reason": "length"}]},
+                      {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2}}]
             text = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
             return httpx.Response(200, text=text)
         return httpx.Response(200, json=chat_answer("hi"))

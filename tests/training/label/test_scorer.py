@@ -43,7 +43,8 @@ class TextOnly(Likelihoods):
 
 
 def test_options_by_likelihood_and_texts_scored_in_row_order():
-    backend = Likelihoods({"capital?": Completion("Paris", 5, 2), "down": Completion(None, None, None, 0.5, "HTTP 503")})
+    backend = Likelihoods({"capital?": Completion("Paris", 5, 2),
+                           "down": Completion(None, None, None, 0.5, "HTTP 503")})
     rows = [exact("Paris", "capital?"), mc("B", options=["one", "two"]), exact("x", "down"), mc("A")]
     got = Scorer(backend, ScoringOptions(max_new_tokens=9)).label(rows)
     assert [r["status"] for r in got] == ["ok", "ok", "failed", "ok"]

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 TARGETS_DIR = Path(__file__).resolve().parent / "targets"
 Purpose = Literal["serving", "labelling"]
 _REGISTRY: dict[str, type] = {}
+_DISCOVERED = False
 
 
 @dataclass(frozen=True)
@@ -194,10 +195,13 @@ def register_backend(name: str) -> Callable[[type], type]:
 
 
 def _discover() -> dict[str, type]:
-    """Every module of ``shared/targets/`` imported once (each registers its backend)."""
-    for module in pkgutil.iter_modules([str(TARGETS_DIR)]):
-        if not module.name.startswith("_"):
-            importlib.import_module(f"shared.targets.{module.name}")
+    """The registry, after every module of ``shared/targets/`` is imported once (each registers its backend)."""
+    global _DISCOVERED
+    if not _DISCOVERED:
+        for module in pkgutil.iter_modules([str(TARGETS_DIR)]):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"shared.targets.{module.name}")
+        _DISCOVERED = True
     return _REGISTRY
 
 

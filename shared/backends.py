@@ -145,6 +145,8 @@ class InFlight:
 class TargetBackend(Protocol):
     """What serving needs of a target: one chat request at a time, cancellable."""
 
+    spec: Any  # the registry entry (shared.registry.ModelSpec)
+
     async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> TargetAnswer:
         """The whole answer."""
 
@@ -168,6 +170,8 @@ class TargetBackend(Protocol):
 
 class LabelBackend(Protocol):
     """What labelling needs of a target: greedy answers of a batch, and option likelihoods."""
+
+    spec: Any
 
     def complete(self, chats: Sequence[list[dict[str, str]]], max_tokens: int) -> list[Completion]:
         """Greedy answers, one per chat (an endpoint's failure is that row's ``error``)."""

@@ -159,12 +159,16 @@ def test_openai_labelling_retries_then_answers_or_reports_the_error():
 
 @pytest.mark.slow
 def test_transformers_counts_cancels_and_closes(smollm):
-    """count_tokens is the prompt that generate reads; cancel stops a generation within a step."""
+    """count_tokens is the prompt that generate reads; a stream says what generate says; cancel stops a
+    generation within a step."""
     backend = backends.make_backend(smollm.spec, BackendOptions(loaded=smollm))
     msgs = [{"role": "user", "content": "Count from one to one hundred."}]
 
     async def run():
         short = await backend.generate(msgs, 2, 0.0)
+        pieces = [p async for p in backend.stream(msgs, 2, 0.0)]
+        assert pieces[-1] == StreamEnd("length", short.prompt_tokens, 2)
+        assert "".join(pieces[:-1]).strip() == short.text
         call = asyncio.ensure_future(backend.generate(msgs, 400, 0.0))
         while not backend.stats["active"]:
             await asyncio.sleep(0.01)

@@ -18,6 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from shared import backends
+
+# Target -> Ingress: the backends' own answer types (every backend returns them; shared/backends.py)
+TargetAnswer, StreamEnd, TargetRequestError = backends.TargetAnswer, backends.StreamEnd, backends.TargetRequestError
+
 TEMPLATE_TOKENS = 128  # chat-template tokens a prompt can gain beyond its text (roles, markers, default system)
 
 
@@ -84,36 +89,6 @@ class EncodedPrompt:
     encoder: str
     artifact: str
     prefix: PrefixUse | None = None
-
-
-@dataclass(frozen=True)
-class TargetAnswer:
-    """A whole answer of one target."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" | "length"
-
-
-@dataclass(frozen=True)
-class StreamEnd:
-    """The last item of a target's stream: why it ended and the token counts."""
-
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class TargetRequestError(ValueError):
-    """A fault of the request, not of the target (the same request fails on any target)."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status, self.reason = status, reason
-
-    def __reduce__(self):  # Ray re-raises it in the caller: keep both fields through pickling
-        return (TargetRequestError, (self.status, self.reason))
 
 
 def request_fault(exc: BaseException) -> TargetRequestError | None:

@@ -2,8 +2,9 @@
 
 - ``config``, ``storage``, ``cli_utils``, ``ray_boot``: strict YAML configs, local/s3:// I/O,
   the CLI helpers and the one Ray bootstrap (``ensure_ray``).
-- ``registry``, ``models``, ``model_cmd``, ``backends``: the model registry, loading models,
-  the ``models`` command, and backend choice plus the OpenAI-compatible client settings.
+- ``registry``, ``models``, ``model_cmd``: the model registry, loading models, the ``models`` command.
+- ``backends`` and ``targets/``: the target backend contract and its registry, and the backends
+  (transformers, openai, vllm: one class each) that labelling and serving both answer with.
 - ``features``, ``batching``, ``encoder``, ``prefix``: feature block names and poolings, and
   the prefill encoder (with prefix sharing) used by capture and by the Encoder replica.
 - ``trunk``, ``policy``, ``artifact``: SharedTrunkNet for inference, the tolerance policy (and

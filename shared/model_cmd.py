@@ -19,7 +19,7 @@ def registry_table(registry: ModelRegistry) -> Table:
     for col in ("name", "role", "backend", "source", "$/1M in", "$/1M out", "context", "opt-in"):
         table.add_column(col)
     for m in registry.models:
-        table.add_row(m.name, m.role, m.backend.value, m.source, f"{m.price_input_per_m:.2f}",
+        table.add_row(m.name, m.role, m.backend, m.source, f"{m.price_input_per_m:.2f}",
                       f"{m.price_output_per_m:.2f}", str(m.context_limit), "yes" if m.opt_in else "")
     return table
 

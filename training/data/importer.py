@@ -129,7 +129,7 @@ def run_import(cfg: ImportConfig) -> dict[str, Any]:
     imported = {"format": cfg.format, "files": [s["sha256"] for s in sources]}
     for t, spec in col.specs.items():  # a label folder made from other inputs is refused before any write
         sh.check_manifest(storage.join(cfg.labels, t), {
-            "target": model_fingerprint(spec), "backend": spec.backend.value, "queries_hash": qhash,
+            "target": model_fingerprint(spec), "backend": spec.backend, "queries_hash": qhash,
             "shard_size": cfg.shard_size, "imported": imported, "format": 1})
     summary = summarise_labels(labels, table.num_rows)
     storage.write_parquet(table, cfg.output)

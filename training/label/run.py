@@ -33,10 +33,11 @@ import pyarrow.fs as pafs
 from pydantic import Field
 
 from shared import storage
+from shared.backends import is_remote
 from shared.cli_utils import ConfigOption, Overrides
 from shared.config import StrictConfig
 from shared.ray_boot import ensure_ray
-from shared.registry import Backend, ModelSpec
+from shared.registry import ModelSpec
 from training import shards as sh
 from training.label.backends import OpenAIOptions, ScoringOptions
 from training.labels import FAILED_DIR, LABEL_SCHEMA, read_target
@@ -81,7 +82,7 @@ class LabelConfig(StrictConfig):
     def pool_for(self, spec: ModelSpec) -> PoolConfig:
         if spec.name in self.target_pools:
             return self.target_pools[spec.name]
-        return self.openai_pool if spec.backend == Backend.openai else self.pool
+        return self.openai_pool if is_remote(spec.backend) else self.pool
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -102,7 +103,7 @@ def label_identity(spec: ModelSpec, qhash: str, cfg: LabelConfig) -> dict[str, A
     from shared.models import model_fingerprint
     from training.label.scoring import scorer_versions
 
-    return {"target": model_fingerprint(spec), "backend": spec.backend.value, "queries_hash": qhash,
+    return {"target": model_fingerprint(spec), "backend": spec.backend, "queries_hash": qhash,
             "shard_size": cfg.shard_size, "scoring": cfg.scoring.model_dump(mode="json"),
             "scorers": scorer_versions(), "format": 1}
 
@@ -177,7 +178,7 @@ def build_pipeline(jobs: dict[str, tuple[ModelSpec, pa.Table]], cfg: LabelConfig
     branches = []
     for spec, pending in jobs.values():
         pool = cfg.pool_for(spec)
-        gpu = use_gpu and spec.backend != Backend.openai
+        gpu = use_gpu and not is_remote(spec.backend)
         resources = {"num_gpus": pool.num_gpus} if gpu else {"num_cpus": pool.num_cpus}
         threads = None if gpu else (pool.torch_threads or max(1, int(pool.num_cpus)))
         blocks = [pending.slice(i, cfg.batch_size) for i in range(0, pending.num_rows, cfg.batch_size)]
@@ -311,7 +312,7 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
                          "(the pipeline's data_import stage, or `labels:`) instead of labelling")
     qhash = table_hash(table)
     for spec in specs:  # missing weights fail here, once, with the loader's message
-        if spec.backend != Backend.openai:
+        if not is_remote(spec.backend):
             ensure_local(spec)
     plans = {s.name: (s, *plan_target(s, table, qhash, cfg)) for s in specs}
     jobs = {name: (spec, pending) for name, (spec, pending, _) in plans.items() if pending.num_rows}

@@ -73,13 +73,6 @@ def pick_option(option_logprobs: dict[str, float]) -> str:
     return max(option_logprobs, key=lambda k: (option_logprobs[k], -list(option_logprobs).index(k)))
 
 
-def logsumexp(values: Sequence[float]) -> float:
-    top = max(values)
-    if top == -math.inf:
-        return top
-    return top + math.log(sum(math.exp(v - top) for v in values))
-
-
 def score_choice(choice: str | None, reference: str) -> float:
     return 1.0 if choice is not None and choice.strip().upper() == reference.strip().upper() else 0.0
 

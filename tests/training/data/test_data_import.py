@@ -257,7 +257,7 @@ def test_routerbench_targets_are_opt_in_priced_and_never_fetched(registry):
     default = {m.name for m in registry.targets()}
     for name in ROUTERBENCH_MODELS.values():
         spec = registry.get(name)
-        assert spec.opt_in and spec.backend.value == "openai" and name not in default
+        assert spec.opt_in and spec.backend == "openai" and name not in default
         assert spec.price_input_per_m > 0 and spec.price_output_per_m >= spec.price_input_per_m
         assert missing_weights(spec) is None                    # nothing to download or convert
     assert registry.get("gpt-4-1106-preview").cost(1e6, 1e6) == 40.0

@@ -10,7 +10,8 @@ import pytest
 from shared.config import load_config
 from cluster.cli.config_index import CONFIG_DIR
 from shared.registry import ModelSpec
-from training.label.backends import RateLimiter, backoff_delay, failed_result, ok_result
+from shared.targets.openai import RateLimiter, backoff_delay
+from training.label.backends import failed_result, ok_result
 from training.label.run import LabelConfig, LabelShardWriter, carried_rows, label_rows, select_queries
 from training.labels import LABEL_SCHEMA
 from training.labels import agreement, summarise
@@ -157,20 +158,22 @@ def test_option_text_scores_match_a_plain_forward_and_are_not_letter_biased(smol
     import torch
 
     from shared.config import load_config
-    from training.label.backends import TransformersScorer
+    from shared.backends import BackendOptions
+    from shared.targets.transformers import TransformersBackend
+    from training.label.backends import Scorer, option_request
     from training.data.build import DataConfig, build_queries
     from training.label.scoring import parse_meta
 
     table, _ = build_queries(load_config(DataConfig, None, ["mmlu.n=16", "reasoning_gym=[]"]))
     rows = table.to_pylist()
-    scorer = TransformersScorer(smollm.spec, loaded=smollm)
-    got = scorer.option_text_logprobs(rows[0])
-    prompt = scorer._encode([rows[0]], 32)["input_ids"][0].tolist()
+    backend = TransformersBackend(smollm.spec, BackendOptions(purpose="labelling", loaded=smollm))
+    got = backend.option_text_logprobs(option_request(rows[0]))
+    prompt = backend._encode([rows[0]], 32)["input_ids"][0].tolist()
     for letter, text in zip(rows[0]["choices"], parse_meta(rows[0]["meta"])["options"]):
-        opt = scorer.tok.encode(" " + text, add_special_tokens=False)[:32]
+        opt = backend.tok.encode(" " + text, add_special_tokens=False)[:32]
         with torch.no_grad():
             logits = smollm.model(input_ids=torch.tensor([prompt + opt])).logits[0].float()
         logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1).gather(-1, torch.tensor(opt)[:, None])
         assert got[letter] == pytest.approx(float(logp.mean()), abs=2e-3)
-    picks = collections.Counter(r["answer"] for r in scorer.label(rows))
+    picks = collections.Counter(r["answer"] for r in Scorer(backend).label(rows))
     assert sum(picks.values()) == 16 and max(picks.values()) <= 12  # letter scoring picks "A" ~99% of the time

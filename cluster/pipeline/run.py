@@ -139,7 +139,7 @@ def stage_evaluate(cfg: PipelineConfig, results: dict) -> dict[str, Any]:
     from cluster.pipeline.publish import artifact_test_metrics
 
     report = run_evaluation(cfg.evaluate)
-    return {"metrics": artifact_test_metrics(report), "n": report["n"]}
+    return {"metrics": artifact_test_metrics(report), "n": report.n.model_dump()}
 
 
 def stage_publish(cfg: PipelineConfig, results: dict) -> dict[str, Any]:

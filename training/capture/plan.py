@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from shared.registry import ModelSpec
-    from training.capture.run import CaptureConfig
 
 LAYER_CONVENTION = ("index 0 = embedding output; index i = output of decoder block i (HF hidden_states[i]); "
                     "index L (last block) has the final norm applied")
@@ -30,8 +29,9 @@ class EncoderPlan:
     chat_template: str
     chat_template_sha256: str
 
-    def identity(self, cfg: CaptureConfig, table_hash: str, n_rows: int) -> dict[str, Any]:
-        """What the shards are made from (the manifest's ``identity``); a re-run with a different one is refused."""
+    def identity(self, cfg: Any, table_hash: str, n_rows: int) -> dict[str, Any]:
+        """What the shards are made from (the manifest's ``identity``; ``cfg``: the ``CaptureConfig``); a re-run
+        with a different one is refused."""
         return {
             "encoder": self.fingerprint, "chat_template_sha256": self.chat_template_sha256,
             "layers": self.layers, "layer_convention": LAYER_CONVENTION, "embedding_layer_index": 0,
@@ -42,8 +42,9 @@ class EncoderPlan:
         }
 
 
-def encoder_plan(cfg: CaptureConfig) -> EncoderPlan:
-    """Resolve the encoder on the driver (converting GGUF once), check the layers, fix the identity bits."""
+def encoder_plan(cfg: Any) -> EncoderPlan:
+    """Resolve the encoder of ``cfg`` (a ``CaptureConfig``) on the driver (converting GGUF once), check the
+    layers, fix the identity bits."""
     from transformers import AutoConfig
 
     from shared.encoder import resolve_layers

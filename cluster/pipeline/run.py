@@ -4,7 +4,8 @@ Stages: **data** (build the query table, import one with its labels, or use an e
 **capture** -> **probe** -> **tune** (only when the config has a ``tune`` section: the
 blocks and PCA size are then chosen by cross-validation, and fit uses that choice) ->
 **fit** -> **evaluate** -> **publish** (``cluster/pipeline/publish.py``).
-Each stage is the module's own ``run_*`` function; :class:`PipelineConfig` holds their
+Each stage is the module's own ``run_*`` function, one row of the stage table :data:`STAGES`
+(its work, key and output); :class:`PipelineConfig` holds their
 configs and wires every path between them under ``work_dir`` (a local directory):
 
     work_dir/queries.parquet   data (when ``data`` or ``data_import`` is given; else ``queries`` is read)

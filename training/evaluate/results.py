@@ -1,7 +1,8 @@
 """What ``prefill-router evaluate`` works on and returns, as types: the rows it evaluates
-(:class:`EvalRows`, each row's :class:`RowMeta`) and the report. :class:`EvalReport` is what ``prefill-router evaluate`` returns and
-writes as ``report.json`` (:meth:`EvalReport.to_json`), and what readers of that file load
-(:meth:`EvalReport.read`: the pipeline's publish step, the demo).
+(:class:`EvalRows`, each row's :class:`RowMeta`) and the report, :class:`EvalReport`: what
+:func:`training.evaluate.run.run_evaluation` returns and writes as ``report.json``
+(:meth:`EvalReport.json_text`), and what readers of that file load (:meth:`EvalReport.read`: the
+demo; the pipeline's publish step reads the returned one).
 
 Field order is the order of ``report.json``. A metric that is undefined (``nan``: e.g. the gap
 closed when the oracle is no better than the best single model) stays ``nan`` in memory and is

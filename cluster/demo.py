@@ -21,19 +21,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+from cluster.demo_results import DemoSummary
 from shared.cli_utils import console, friendly_errors, run_app, setup_logging
+
+if TYPE_CHECKING:
+    from training.evaluate.results import EvalReport
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "configs"
@@ -180,36 +183,37 @@ def print_chats(chats: list[dict[str, Any]]) -> None:
                       f"end to end {c['seconds']:.1f} s)", highlight=False)
 
 
-def summary_table(summary: dict[str, Any], report: dict[str, Any]) -> Table:
+def summary_table(summary: DemoSummary, report: EvalReport) -> Table:
     """Stage times and the headline numbers, read back from the report the pipeline wrote."""
     from cluster.pipeline.publish import artifact_test_metrics
 
     view = Table(title="demo summary")
     view.add_column("item")
     view.add_column("value", overflow="fold")
-    for name, seconds in summary["seconds"].items():
+    for name, seconds in summary.seconds.items():
         view.add_row(f"time: {name}", f"{seconds:.0f} s")
     m = artifact_test_metrics(report)
-    refs = report["subsets"]["test"]["references"]
-    view.add_row("test queries", str(report["n"]["test"]))
-    view.add_row("targets", ", ".join(report["targets"]))
+    refs = report.subsets["test"].references
+    view.add_row("test queries", str(report.n.test))
+    view.add_row("targets", ", ".join(report.targets))
     view.add_row("router accuracy / best single / oracle",
-                 f"{m['accuracy']:.1%} / {refs['best_single']['accuracy']:.1%} ({refs['best_single']['target']}) / "
-                 f"{refs['oracle']['accuracy']:.1%}")
+                 f"{m['accuracy']:.1%} / {refs.best_single.accuracy:.1%} ({refs.best_single.target}) / "
+                 f"{refs.oracle.accuracy:.1%}")
     view.add_row("gap closed", f"{m['gap_closed']:.1%}" if "gap_closed" in m else "n/a (oracle = best single)")
     view.add_row("cost savings vs most expensive", f"{m['cost_savings']:.1%}")
     view.add_row("mean AUC", f"{m.get('mean_auc', float('nan')):.3f}")
-    for key, path in summary["files"].items():
+    for key, path in summary.files.items():
         view.add_row(key, path)
     return view
 
 
 def run_demo(workdir: Path, quick: bool, reference_labels: Path | None = None, n_chats: int = 4,
-             targets: list[str] | None = None) -> dict[str, Any]:
+             targets: list[str] | None = None) -> DemoSummary:
     """Run every demo step; returns (and writes ``workdir/demo-summary.json``) the summary."""
     from cluster.demo_chat import pick_prompts, serve_and_chat
     from shared import storage
     from training.evaluate.report import summary_table as eval_table
+    from training.evaluate.results import EvalReport
     from cluster.pipeline.run import run_pipeline
     from cluster.pipeline.state import check_pipeline
 
@@ -228,15 +232,15 @@ def run_demo(workdir: Path, quick: bool, reference_labels: Path | None = None, n
         t0 = stage("2/4 pipeline: data, label, capture, probe, fit (Ray Train), evaluate")
         pipe = run_pipeline(cfg)
         seconds["pipeline"] = time.perf_counter() - t0
-        report = json.loads(Path(cfg.evaluate.out, "report.json").read_text())
-        console.print(eval_table(report))
+        report = EvalReport.read(str(Path(cfg.evaluate.out, "report.json")))
+        console.print(eval_table(report.to_json()))
         t0 = stage("3/4 Serve app and chat requests")
         prompts = pick_prompts(storage.read_parquet(cfg.label.queries), n_chats)
         served = serve_and_chat(cfg.fit.out, prompts)
         seconds["serve + chats"] = time.perf_counter() - t0
-        for reason in served["not_served"].values():
+        for reason in served.not_served.values():
             console.print(f"[yellow]not served here, so the router chooses among the others:[/] {escape(reason)}")
-        print_chats(served["chats"])
+        print_chats(served.chats)
     finally:
         t0 = stage("4/4 shut down")
         stop_cluster(cluster_cfg)
@@ -246,11 +250,10 @@ def run_demo(workdir: Path, quick: bool, reference_labels: Path | None = None, n
              "layer probe plots": str(Path(cfg.probe.out)),
              "router artifact": str(Path(cfg.fit.out)),
              "summary": str(workdir / "demo-summary.json")}
-    summary = {"workdir": str(workdir), "quick": quick, "reference_labels": str(reference_labels or ""),
-               "seconds": {k: round(v, 1) for k, v in seconds.items()}, "files": files,
-               "stages": pipe["stages"], "serve": served,
-               "test_metrics": pipe["stages"]["evaluate"]["metrics"]}
-    storage.write_json(str(workdir / "demo-summary.json"), summary)
+    summary = DemoSummary(workdir=str(workdir), quick=quick, reference_labels=str(reference_labels or ""),
+                          seconds={k: round(v, 1) for k, v in seconds.items()}, files=files,
+                          stages=pipe["stages"], serve=served, test_metrics=pipe["stages"]["evaluate"]["metrics"])
+    storage.write_json(str(workdir / "demo-summary.json"), summary.model_dump())
     console.print(summary_table(summary, report))
     return summary
 

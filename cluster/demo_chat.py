@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from cluster.demo_results import ServeResult
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -128,7 +130,7 @@ def why(result: dict[str, Any]) -> str:
     return line
 
 
-def serve_and_chat(artifact: str, prompts: list[dict[str, Any]], max_tokens: int = 24) -> dict[str, Any]:
+def serve_and_chat(artifact: str, prompts: list[dict[str, Any]], max_tokens: int = 24) -> ServeResult:
     """Deploy the app on the connected Ray (the targets this machine has), send ``prompts``,
     shut Serve down; the results."""
     import ray
@@ -153,6 +155,6 @@ def serve_and_chat(artifact: str, prompts: list[dict[str, Any]], max_tokens: int
         results = [{**p, **chat(base, p["messages"], max_tokens)} for p in prompts]
     finally:
         serve.shutdown()
-    return {"url": base, "targets": served_targets(cfg), "not_served": skipped, "startup_s": round(startup, 1),
-            "chats": results,
-            "median_overhead_ms": float(np.median([r["overhead_ms"] for r in results])) if results else None}
+    return ServeResult(url=base, targets=served_targets(cfg), not_served=skipped, startup_s=round(startup, 1),
+                       chats=results,
+                       median_overhead_ms=float(np.median([r["overhead_ms"] for r in results])) if results else None)

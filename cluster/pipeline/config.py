@@ -24,9 +24,6 @@ from training.label.run import LabelConfig
 DEFAULT_WORK = "runs/pipeline"
 
 
-STAGES = ("data", "label", "capture", "probe", "tune", "fit", "evaluate", "publish")
-
-
 def wiring(raw: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """``(wired, defaults)`` per stage section: paths between stages (fixed) and overridable defaults."""
     work = str(raw.get("work_dir") or DEFAULT_WORK)

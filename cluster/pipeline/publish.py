@@ -20,13 +20,16 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from shared import storage
 from shared.config import StrictConfig
 from shared.ray_boot import ensure_ray
+
+if TYPE_CHECKING:
+    from training.evaluate.results import EvalReport
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +95,10 @@ def resolve_baseline(pub: PublishConfig) -> str | None:
     return None
 
 
-def artifact_test_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """The artifact's headline numbers on the test split of an evaluation report."""
-    row = report["subsets"]["test"]["routers"][ROUTER_NAME]
-    return {m: float(row[m]) for m in METRICS if row.get(m) is not None}
+def artifact_test_metrics(report: EvalReport) -> dict[str, float]:
+    """The artifact's headline numbers on the test split of an evaluation report (an undefined one left out)."""
+    row = report.router(ROUTER_NAME)
+    return {m: float(getattr(row, m)) for m in METRICS if getattr(row, m, None) is not None}
 
 
 def baseline_metrics(eval_cfg: Any, baseline: str, out: str) -> dict[str, float]:

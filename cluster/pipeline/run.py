@@ -4,7 +4,8 @@ Stages: **data** (build the query table, import one with its labels, or use an e
 **capture** -> **probe** -> **tune** (only when the config has a ``tune`` section: the
 blocks and PCA size are then chosen by cross-validation, and fit uses that choice) ->
 **fit** -> **evaluate** -> **publish** (``cluster/pipeline/publish.py``).
-Each stage is the module's own ``run_*`` function; :class:`PipelineConfig` holds their
+Each stage is the module's own ``run_*`` function, one row of the stage table :data:`STAGES`
+(its work, key and output); :class:`PipelineConfig` holds their
 configs and wires every path between them under ``work_dir`` (a local directory):
 
     work_dir/queries.parquet   data (when ``data`` or ``data_import`` is given; else ``queries`` is read)
@@ -36,42 +37,44 @@ import numpy as np
 from shared import storage
 from shared.cli_utils import ConfigOption, Overrides, console
 from shared.ray_boot import ensure_ray
-from cluster.pipeline.config import STAGES, PipelineConfig
-from cluster.pipeline.state import check_pipeline, done_before, outputs_fingerprint, record, stage_key
+from cluster.pipeline.config import PipelineConfig
+from cluster.pipeline.state import Stage, check_pipeline, outputs_fingerprint, run_stage, stage_key
 
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- stages
-def stage_data(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+# Each stage's work: ``(cfg, results of the stages before) -> result``; STAGES (below) adds its key and output.
+def stage_data(cfg: PipelineConfig, results: dict) -> dict[str, Any]:
+    """Import a table with its labels, build one, or use the existing ``queries``."""
+    if cfg.data_import is not None:
+        from training.data.importer import run_import
+
+        report = run_import(cfg.data_import)
+        return {"queries": cfg.data_import.output, "labels": cfg.data_import.labels, "rows": report["rows"],
+                "imported": True}
+    if cfg.data is None:
+        return {"queries": cfg.queries, "built": False}
     from training.data.build import run_build
 
-    if cfg.data_import is not None:
-        return import_data(cfg, keys)
-    if cfg.data is None:
-        keys["data"] = stage_key(cfg.queries)
-        return {"queries": cfg.queries, "built": False}
-    keys["data"] = key = stage_key(cfg.data.model_dump(mode="json"))
-    if (old := done_before(cfg.work_dir, "data", key, cfg.data.output)) is not None:
-        return {**old, "skipped": True}
     table, report = run_build(cfg.data)
-    return record(cfg.work_dir, "data", key, {"queries": cfg.data.output, "rows": table.num_rows, "built": True,
-                                              "skipped_records": sum(report.skipped.values())})
+    return {"queries": cfg.data.output, "rows": table.num_rows, "built": True,
+            "skipped_records": sum(report.skipped.values())}
 
 
-def import_data(cfg: PipelineConfig, keys: dict[str, str]) -> dict[str, Any]:
-    """The data stage of an imported table: queries and labels in one step (skipped when done)."""
-    from training.data.importer import run_import
-
-    keys["data"] = key = stage_key(cfg.data_import.model_dump(mode="json"))
-    done = storage.join(cfg.data_import.labels, "import-manifest.json")
-    if (old := done_before(cfg.work_dir, "data", key, done)) is not None:
-        return {**old, "skipped": True}
-    report = run_import(cfg.data_import)
-    return record(cfg.work_dir, "data", key, {"queries": cfg.data_import.output, "labels": cfg.data_import.labels,
-                                              "rows": report["rows"], "imported": True})
+def data_key(cfg: PipelineConfig, keys: dict[str, str]) -> str:
+    if cfg.data_import is not None:
+        return stage_key(cfg.data_import.model_dump(mode="json"))
+    return stage_key(cfg.queries if cfg.data is None else cfg.data.model_dump(mode="json"))
 
 
-def stage_label(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+def data_output(cfg: PipelineConfig) -> str | None:
+    """What a finished data stage leaves (None: an existing table, nothing to record)."""
+    if cfg.data_import is not None:
+        return storage.join(cfg.data_import.labels, "import-manifest.json")
+    return None if cfg.data is None else cfg.data.output
+
+
+def stage_label(cfg: PipelineConfig, results: dict) -> dict[str, Any]:
     from training.label.run import run_label
 
     if cfg.labels or cfg.data_import is not None:
@@ -102,59 +105,45 @@ def reuse_labels(cfg: PipelineConfig, labels: str | None = None) -> dict[str, An
     return {"reused": labels, "queries": int(covered.sum()), "accuracy": acc, "skipped": True}
 
 
-def stage_capture(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+def stage_capture(cfg: PipelineConfig, results: dict) -> dict[str, Any]:
     from training.capture.run import run_capture
 
     summary = run_capture(cfg.capture)
     return {k: summary[k] for k in ("rows", "shards_skipped", "shards_written", "device")}
 
 
-def stage_probe(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+def stage_probe(cfg: PipelineConfig, results: dict) -> dict[str, Any]:
     from training.fit.probe import run_probe
 
-    inputs = outputs_fingerprint(cfg.label.out, cfg.capture.out)
-    keys["probe"] = key = stage_key(cfg.probe.model_dump(mode="json"), keys["data"], inputs)
-    if (old := done_before(cfg.work_dir, "probe", key, storage.join(cfg.probe.out, "probe.json"))) is not None:
-        return {**old, "skipped": True}
     report = run_probe(cfg.probe)
-    return record(cfg.work_dir, "probe", key, {"blocks": report["selected"]["blocks"], "rows": report["n_rows"]})
+    return {"blocks": report["selected"]["blocks"], "rows": report["n_rows"]}
 
 
-def stage_tune(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+def stage_tune(cfg: PipelineConfig, results: dict) -> dict[str, Any]:
     from training.fit.tune import run_tune
 
-    keys["tune"] = key = stage_key(cfg.tune.model_dump(mode="json"), keys["probe"])
-    if (old := done_before(cfg.work_dir, "tune", key, storage.join(cfg.tune.out, "tune.json"))) is not None:
-        return {**old, "skipped": True}
     best = run_tune(cfg.tune)["best"]
-    return record(cfg.work_dir, "tune", key, {k: best[k] for k in ("blocks", "n_components", "mean_auc")})
+    return {k: best[k] for k in ("blocks", "n_components", "mean_auc")}
 
 
-def stage_fit(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
-    from shared.artifact import meta_path
+def stage_fit(cfg: PipelineConfig, results: dict) -> dict[str, Any]:
     from training.fit.run import run_fit
 
-    keys["fit"] = key = stage_key(cfg.fit.model_dump(mode="json"), keys.get("tune", keys["probe"]))
-    if (old := done_before(cfg.work_dir, "fit", key, meta_path(cfg.fit.out))) is not None:
-        return {**old, "skipped": True}
     meta = run_fit(cfg.fit)  # its Ray Train run is named after a hash of its inputs (fit.run_name)
     metrics = meta["training_metrics"]
-    return record(cfg.work_dir, "fit", key, {"artifact": cfg.fit.out, "blocks": list(meta["pooling"]),
-                                             "val_mean_auc": metrics["val_mean_auc"], "n_train": metrics["n_train"]})
+    return {"artifact": cfg.fit.out, "blocks": list(meta["pooling"]), "val_mean_auc": metrics["val_mean_auc"],
+            "n_train": metrics["n_train"]}
 
 
-def stage_evaluate(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+def stage_evaluate(cfg: PipelineConfig, results: dict) -> dict[str, Any]:
     from training.evaluate.run import run_evaluation
     from cluster.pipeline.publish import artifact_test_metrics
 
-    keys["evaluate"] = key = stage_key(cfg.evaluate.model_dump(mode="json"), keys["fit"])
-    if (old := done_before(cfg.work_dir, "evaluate", key, storage.join(cfg.evaluate.out, "report.json"))) is not None:
-        return {**old, "skipped": True}
     report = run_evaluation(cfg.evaluate)
-    return record(cfg.work_dir, "evaluate", key, {"metrics": artifact_test_metrics(report), "n": report["n"]})
+    return {"metrics": artifact_test_metrics(report), "n": report.n.model_dump()}
 
 
-def stage_publish(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> dict[str, Any]:
+def stage_publish(cfg: PipelineConfig, results: dict) -> dict[str, Any]:
     from cluster.pipeline.publish import publish
 
     result = publish(cfg.publish, cfg.fit.out, results["evaluate"]["metrics"], cfg.evaluate, cfg.work_dir)
@@ -165,8 +154,32 @@ def stage_publish(cfg: PipelineConfig, keys: dict[str, str], results: dict) -> d
     return result
 
 
-STAGE_FUNCS = {"data": stage_data, "label": stage_label, "capture": stage_capture, "probe": stage_probe,
-               "tune": stage_tune, "fit": stage_fit, "evaluate": stage_evaluate, "publish": stage_publish}
+def _fit_output(cfg: PipelineConfig) -> str:
+    from shared.artifact import meta_path
+
+    return meta_path(cfg.fit.out)
+
+
+# The pipeline, in order: each stage, its work, its key (a hash of its config and of the keys or outputs of the
+# stages it reads) and the output that shows it finished. Label and capture resume by their finished shards.
+STAGES = (
+    Stage("data", stage_data, key=data_key, output=data_output),
+    Stage("label", stage_label),
+    Stage("capture", stage_capture),
+    Stage("probe", stage_probe,
+          key=lambda cfg, keys: stage_key(cfg.probe.model_dump(mode="json"), keys["data"],
+                                          outputs_fingerprint(cfg.label.out, cfg.capture.out)),
+          output=lambda cfg: storage.join(cfg.probe.out, "probe.json")),
+    Stage("tune", stage_tune, key=lambda cfg, keys: stage_key(cfg.tune.model_dump(mode="json"), keys["probe"]),
+          output=lambda cfg: storage.join(cfg.tune.out, "tune.json"), when=lambda cfg: cfg.tune is not None),
+    Stage("fit", stage_fit, key=lambda cfg, keys: stage_key(cfg.fit.model_dump(mode="json"),
+                                                          keys.get("tune", keys["probe"])),
+          output=_fit_output),
+    Stage("evaluate", stage_evaluate,
+          key=lambda cfg, keys: stage_key(cfg.evaluate.model_dump(mode="json"), keys["fit"]),
+          output=lambda cfg: storage.join(cfg.evaluate.out, "report.json")),
+    Stage("publish", stage_publish),
+)
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
@@ -179,14 +192,15 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     started = False
     t_all = time.perf_counter()
-    stages = [s for s in STAGES if s != "tune" or cfg.tune is not None]
+    stages = [s for s in STAGES if s.when(cfg)]
     try:
-        for i, name in enumerate(stages, 1):
+        for i, stage in enumerate(stages, 1):
+            name = stage.name
             console.rule(f"[bold cyan]pipeline {i}/{len(stages)}: {name}")
             if name == "label":
                 started = ensure_ray(cfg.ray_address, log_to_driver=False) or started
             t0 = time.perf_counter()
-            results[name] = STAGE_FUNCS[name](cfg, keys, results)
+            results[name] = run_stage(stage, cfg, keys, results)
             seconds = time.perf_counter() - t0
             state = "skipped (up to date)" if results[name].get("skipped") else "done"
             console.print(f"[green]{name} {state}[/] in {seconds:.1f}s", highlight=False)

@@ -3,15 +3,18 @@ starts, and the stage records that let a re-run skip what is already done.
 
 A stage's record is ``work_dir/stages/<stage>.json`` = ``{"key": ..., "result": ...}``; the
 key is a hash of the stage's config and of what the stages before it wrote, so a stage is
-skipped only when neither changed and its output is still there.
+skipped only when neither changed and its output is still there. :class:`Stage` is one row
+of the pipeline's stage table (``cluster.pipeline.run.STAGES``) and :func:`run_stage` the
+"key, then skip if done, else run and record" every recorded stage shares.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from shared import storage
 
@@ -89,3 +92,40 @@ def done_before(work: str, stage: str, key: str, output: str) -> dict[str, Any] 
 def record(work: str, stage: str, key: str, result: dict[str, Any]) -> dict[str, Any]:
     storage.write_json(str(_stamp(work, stage)), {"key": key, "result": result})
     return result
+
+
+# --------------------------------------------------------------------------- the stage table's rows
+StageRun = Callable[["PipelineConfig", dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline: its name, what it does and how a re-run skips it.
+
+    ``run(cfg, results)`` does the work (``results``: what the stages before it returned) and
+    returns the stage's result. ``key(cfg, keys)`` hashes the stage's inputs (``keys``: the
+    keys of the stages before it); ``output(cfg)`` is the file that shows it finished
+    (None: nothing is recorded, the stage is run every time). A stage without ``output``
+    that resumes by itself (label, capture: finished shards) leaves both None. ``when(cfg)``:
+    whether the config asks for the stage at all.
+    """
+
+    name: str
+    run: StageRun
+    key: Callable[["PipelineConfig", dict[str, str]], str] | None = None
+    output: Callable[["PipelineConfig"], str | None] | None = None
+    when: Callable[["PipelineConfig"], bool] = lambda cfg: True
+
+
+def run_stage(stage: Stage, cfg: PipelineConfig, keys: dict[str, str], results: dict[str, Any]) -> dict[str, Any]:
+    """Key the stage (into ``keys``), then its recorded result (``skipped``) when it ran with that key and its
+    output is still there; else run it and record the result under ``work_dir/stages``."""
+    key = stage.key(cfg, keys) if stage.key else None
+    if key is not None:
+        keys[stage.name] = key
+    output = stage.output(cfg) if stage.output else None
+    if output is None:
+        return stage.run(cfg, results)
+    if (old := done_before(cfg.work_dir, stage.name, key, output)) is not None:
+        return {**old, "skipped": True}
+    return record(cfg.work_dir, stage.name, key, stage.run(cfg, results))

@@ -148,3 +148,47 @@ def test_sigterm_becomes_system_exit_while_the_demo_runs():
         os.kill(os.getpid(), signal.SIGTERM)
     assert stopped.value.code == 143
     assert signal.getsignal(signal.SIGTERM) == before  # restored afterwards
+
+
+def _served() -> dict:
+    chat = {"query_id": "q1", "task": "gcd", "messages": [{"role": "user", "content": "gcd(4, 6)?"}],
+            "target": "small", "answer": "2", "probabilities": {"small": 0.6, "big": 0.7}, "eligible": ["small", "big"],
+            "policy": "tolerance", "tolerance": 0.2, "value": None, "costs": {}, "overhead_ms": 12.5, "seconds": 1.25,
+            "fallback_from": None, "degraded": None}
+    return {"url": "http://127.0.0.1:8123", "targets": ["small", "big"], "not_served": {"huge": "no weights"},
+            "startup_s": 9.5, "chats": [chat], "median_overhead_ms": 12.5}
+
+
+def test_demo_summary_is_written_as_the_dict_it_replaced(tmp_path):
+    from cluster.demo_results import DemoSummary, ServeResult
+    from shared import storage
+
+    stages = {"data": {"queries": "q.parquet", "built": False}, "evaluate": {"metrics": {"accuracy": 0.75}}}
+    fields = {"workdir": str(tmp_path), "quick": True, "reference_labels": "", "seconds": {"pipeline": 12.3},
+              "files": {"summary": str(tmp_path / "demo-summary.json")}, "stages": stages, "serve": _served(),
+              "test_metrics": {"accuracy": 0.75, "gap_closed": 0.25}}
+    summary = DemoSummary(**{**fields, "serve": ServeResult(**_served())})
+    storage.write_json(str(tmp_path / "old.json"), fields)
+    storage.write_json(str(tmp_path / "new.json"), summary.model_dump())
+    assert (tmp_path / "new.json").read_bytes() == (tmp_path / "old.json").read_bytes()
+    with pytest.raises(ValueError, match="extra"):
+        DemoSummary(**fields, surprise=1)
+
+
+def test_summary_table_reads_the_report_model():
+    from rich.console import Console
+
+    from cluster.demo import summary_table
+    from cluster.demo_results import DemoSummary
+    from training.evaluate.results import EvalReport
+
+    path = Path(__file__).resolve().parents[2] / "data" / "eval" / "report.json"
+    report = EvalReport.read(str(path))
+    summary = DemoSummary(workdir="w", quick=True, reference_labels="", seconds={"pipeline": 61.0},
+                          files={"summary": "w/demo-summary.json"}, stages={}, serve=_served(), test_metrics={})
+    console = Console(width=200, record=True)
+    console.print(summary_table(summary, report))
+    text = console.export_text()
+    ours, refs = report.router("prefill-router"), report.subsets["test"].references
+    assert f"{ours.accuracy:.1%} / {refs.best_single.accuracy:.1%} ({refs.best_single.target})" in text
+    assert str(report.n.test) in text and "time: pipeline" in text and "61 s" in text

@@ -86,6 +86,6 @@ def test_routerbench_pipeline_then_a_held_out_check(tmp_path, caplog, local_ray)
                                      labels=str(fresh / "labels"), queries=str(fresh / "queries.parquet"),
                                      out=str(fresh / "eval"), routers=["random", "always-best", "task-best"],
                                      bootstrap=50))
-    assert held["n"]["test"] == 24 and held["n"]["train"] == 0 and held["all_rows_test"]
-    assert "task-best" in held["skipped_routers"], "a baseline that needs train rows is skipped, with its reason"
+    assert held.n.test == 24 and held.n.train == 0 and held.all_rows_test
+    assert "task-best" in held.skipped_routers, "a baseline that needs train rows is skipped, with its reason"
     assert (fresh / "eval" / "report.json").is_file()

@@ -26,7 +26,6 @@ block ``L`` has the final norm applied (HF ``hidden_states`` convention).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -41,14 +40,13 @@ from shared.config import StrictConfig
 from shared.features import NEXT_TOKEN_DIMS
 from shared.ray_boot import ensure_ray
 from training.capture.output import TensorShardWriter, read_features, rows_to_table
+from training.capture.plan import EncoderPlan, encoder_plan
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CaptureConfig", "CaptureUDF", "TensorShardWriter", "read_features", "rows_to_table", "run_capture"]
 
 COUNTS = ("rows", "tokens", "computed", "padded", "truncated")  # run totals summed over result batches
-LAYER_CONVENTION = ("index 0 = embedding output; index i = output of decoder block i (HF hidden_states[i]); "
-                    "index L (last block) has the final norm applied")
 
 
 class CaptureConfig(StrictConfig):
@@ -130,43 +128,7 @@ class CaptureUDF:
         return out
 
 
-# --------------------------------------------------------------------------- plan
-def encoder_plan(cfg: CaptureConfig) -> dict[str, Any]:
-    """Resolve the encoder on the driver (converting GGUF once), check the layers, fix the identity bits."""
-    from transformers import AutoConfig
-
-    from shared.models import ensure_local, load_tokenizer, model_fingerprint
-    from shared.registry import load_registry
-    from shared.encoder import resolve_layers
-    from shared.features import encoder_columns
-
-    spec = load_registry(cfg.registry).encoder(cfg.encoder)
-    local = ensure_local(spec)
-    model_cfg = AutoConfig.from_pretrained(local)
-    model_cfg = getattr(model_cfg, "text_config", None) or model_cfg
-    num_layers, hidden = int(model_cfg.num_hidden_layers), int(model_cfg.hidden_size)
-    layers = resolve_layers(cfg.layers, num_layers, spec.name)
-    template = load_tokenizer(spec).chat_template or ""
-    return {
-        "spec": spec, "num_layers": num_layers, "hidden_size": hidden, "layers": layers,
-        "columns": encoder_columns(layers, cfg.poolings, num_layers),
-        "fingerprint": model_fingerprint(spec), "chat_template": template,
-        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
-    }
-
-
-def capture_identity(cfg: CaptureConfig, plan: dict[str, Any], table_hash: str, n_rows: int) -> dict[str, Any]:
-    """What the shards are made from; a re-run with a different identity is refused."""
-    return {
-        "encoder": plan["fingerprint"], "chat_template_sha256": plan["chat_template_sha256"],
-        "layers": plan["layers"], "layer_convention": LAYER_CONVENTION, "embedding_layer_index": 0,
-        "last_layer_final_norm": True, "num_layers": plan["num_layers"], "poolings": list(cfg.poolings),
-        "dtype": cfg.dtype, "hidden_size": plan["hidden_size"], "query_table_hash": table_hash,
-        "n_rows": n_rows, "shard_size": cfg.shard_size, "max_tokens": cfg.max_tokens,
-        "truncation": "keep the last max_tokens tokens",
-    }
-
-
+# --------------------------------------------------------------------------- pending rows
 def pending_table(table: pa.Table, shard_size: int, done: set[int], by_prompt: bool = False) -> pa.Table:
     """The rows still to capture, with their shard and row index, messages as JSON text.
 
@@ -192,7 +154,7 @@ def pending_table(table: pa.Table, shard_size: int, done: set[int], by_prompt: b
 
 
 # --------------------------------------------------------------------------- Ray wiring
-def build_pipeline(pending: pa.Table, cfg: CaptureConfig, plan: dict[str, Any], use_gpu: bool) -> Any:
+def build_pipeline(pending: pa.Table, cfg: CaptureConfig, plan: EncoderPlan, use_gpu: bool) -> Any:
     """The Ray Data pipeline: pending queries (one block per bucket window) -> encoder actor pool."""
     import ray.data
     from ray.data.context import DataContext
@@ -205,7 +167,7 @@ def build_pipeline(pending: pa.Table, cfg: CaptureConfig, plan: dict[str, Any], 
     return ray.data.from_arrow(blocks).map_batches(
         CaptureUDF,
         fn_constructor_kwargs=dict(
-            encoder=cfg.encoder, registry=cfg.registry, layers=plan["layers"], poolings=list(cfg.poolings),
+            encoder=cfg.encoder, registry=cfg.registry, layers=plan.layers, poolings=list(cfg.poolings),
             dtype=cfg.dtype, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
             max_batch_tokens=cfg.max_batch_tokens, padding_side=cfg.padding_side, num_cpus=cfg.num_cpus,
             use_gpu=use_gpu, min_shared_prefix=cfg.min_shared_prefix),
@@ -311,13 +273,13 @@ def run_capture(cfg: CaptureConfig) -> dict[str, Any]:
     cfg = for_artifact(cfg)
     table = storage.read_parquet(cfg.queries)
     plan = encoder_plan(cfg)
-    identity = capture_identity(cfg, plan, table_hash(table), table.num_rows)
+    identity = plan.identity(cfg, table_hash(table), table.num_rows)
     done_before = _prepare_output(cfg, identity)
     pending = pending_table(table, cfg.shard_size, done_before, by_prompt=bool(cfg.min_shared_prefix))
     expected = {int(s): int(c) for s, c in zip(*np.unique(shard_ids(table.num_rows, cfg.shard_size),
                                                           return_counts=True)) if int(s) not in done_before}
     counts = dict.fromkeys(COUNTS, 0)
-    writer = TensorShardWriter(cfg.out, expected, plan["columns"])
+    writer = TensorShardWriter(cfg.out, expected, plan.columns)
     use_gpu = False
     if pending.num_rows:
         started = ensure_ray(cfg.ray_address, log_to_driver=False)
@@ -340,9 +302,9 @@ def run_capture(cfg: CaptureConfig) -> dict[str, Any]:
         "truncated_prompts": counts["truncated"], "max_tokens": cfg.max_tokens,
         "padding_waste": 1 - counts["tokens"] / counts["padded"] if counts["padded"] else 0.0,
         "seconds": round(seconds, 3), "tokens_per_s": round(counts["tokens"] / seconds, 1) if seconds else 0.0,
-        "device": "gpu" if use_gpu else "cpu", "columns": plan["columns"],
+        "device": "gpu" if use_gpu else "cpu", "columns": plan.columns,
     }
-    update_manifest(cfg.out, chat_template=plan["chat_template"], columns=plan["columns"],
+    update_manifest(cfg.out, chat_template=plan.chat_template, columns=plan.columns,
                     column_format=f"arrow.fixed_shape_tensor, shape [hidden_size] (h<L>_next: [{NEXT_TOKEN_DIMS}]), "
                                   "one row per query",
                     summary=summary, config=cfg.model_dump(mode="json"))

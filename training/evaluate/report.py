@@ -1,13 +1,14 @@
 """Writers for ``prefill-router evaluate``: ``report.json``, ``report.md``, the cost-accuracy
-PNGs (:mod:`training.evaluate.plots`) and the console tables. Input is the report dict of
-:func:`training.evaluate.scoring.evaluate_routers` (completed by :func:`training.evaluate.run.run_evaluation`)."""
+PNGs (:mod:`training.evaluate.plots`) and the console tables. Input is the report of
+:func:`training.evaluate.run.run_evaluation` (:class:`training.evaluate.results.EvalReport`); the
+Markdown, plots and tables read its JSON form (:meth:`EvalReport.to_json`)."""
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
+from training.evaluate.results import EvalReport
 from training.semantic_text import describe
 
 # arXiv 2603.20895 (abstract / introduction; the AUCs from a secondary source).
@@ -18,19 +19,6 @@ MAX_TASK_COLUMNS = 8  # the within-task table shows one column per task up to th
 TASK_COLUMNS = ("task", "n", "best single", "oracle", "prefill-router accuracy", "gap closed", "cost savings",
                 "savings at best-single accuracy", "best gap closed at >= threshold savings", "best other router",
                 "prefill-router mean AUC")
-
-
-def jsonable(obj: Any) -> Any:
-    """Plain JSON: numpy scalars to Python, NaN / inf to ``null``."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _pct(x) -> str:
@@ -366,15 +354,13 @@ def task_table(report: dict[str, Any]):
     return _rich("per task (test)", TASK_COLUMNS, task_rows(report, "test"))
 
 
-def write_outputs(report: dict[str, Any], out: str) -> None:
+def write_outputs(report: EvalReport, out: str) -> None:
     """``report.json``, ``report.md`` and a cost-accuracy PNG per subset under ``out`` (local or s3://)."""
     from shared import storage
     from training.evaluate.plots import FILES, plot
 
-    clean = jsonable(report)
-    clean["paper"] = PAPER
-    text = json.dumps(clean, indent=2, allow_nan=False) + "\n"
-    storage.write_bytes(storage.join(out, "report.json"), text.encode())
+    clean = report.to_json()
+    storage.write_bytes(storage.join(out, "report.json"), report.json_text().encode())
     storage.write_bytes(storage.join(out, "report.md"), markdown(clean).encode())
     for subset, name in FILES.items():
         if subset in clean["subsets"]:

@@ -35,6 +35,7 @@ from shared.policy import PolicyName
 from training.loop import TrunkConfig
 from training.evaluate.baselines import RouterModel
 from training.dataset import RoutingData
+from training.evaluate.results import ChosenOperatingPoint, EvalReport, EvalRows, RowMeta
 from training.evaluate.scoring import PAPER_SAVINGS, evaluate_routers
 from training.semantic_text import SemanticTextConfig, read_queries, semantic_texts
 
@@ -194,22 +195,21 @@ def concat_data(a: RoutingData, b: RoutingData) -> RoutingData:
                    n_tokens=np.concatenate([a.n_tokens, b.n_tokens]) if both else np.zeros(0))
 
 
-def _rows_meta(uri: str | None, ids, texts=None, tasks=None) -> dict[str, list[str]] | None:
+def _rows_meta(uri: str | None, ids, texts=None, tasks=None) -> RowMeta | None:
     """Text, task and source per row: from the query table at ``uri``, or the ones given."""
-    meta = read_queries(uri, list(ids)) if uri else None
+    meta = RowMeta(**read_queries(uri, list(ids))) if uri else None
     if meta is None and texts is None and tasks is None:
         return None
-    n = len(ids)
-    meta = meta or {"text": [""] * n, "task": [""] * n, "source": [""] * n}
+    meta = meta or RowMeta.blank(len(ids))
     if texts is not None:
-        meta["text"] = list(texts)
+        meta.text = list(texts)
     if tasks is not None:
-        meta["task"] = [str(t) for t in tasks]
-        meta["source"] = [s or t for s, t in zip(meta["source"], meta["task"])]
+        meta.task = [str(t) for t in tasks]
+        meta.source = [s or t for s, t in zip(meta.source, meta.task)]
     return meta
 
 
-def prepare_rows(cfg: EvalConfig, artifact, data: RoutingData, texts=None, tasks=None) -> dict[str, Any]:
+def prepare_rows(cfg: EvalConfig, artifact, data: RoutingData, texts=None, tasks=None) -> EvalRows:
     """The rows to evaluate: ``data`` (all as test in all-rows-test mode, plus ``train_data``'s
     train / val rows) with each row's text, task and source (None without a query table)."""
     all_test = cfg.all_rows_test is True or (cfg.all_rows_test == "auto" and not (data.split == "train").any())
@@ -229,8 +229,8 @@ def prepare_rows(cfg: EvalConfig, artifact, data: RoutingData, texts=None, tasks
         if (meta is None) != (extra_meta is None):
             raise ValueError("set both queries and train_data.queries, or neither")
         data = concat_data(data, extra)
-        meta = None if meta is None else {k: meta[k] + extra_meta[k] for k in meta}
-    return {"data": data, "meta": meta, "all_rows_test": all_test}
+        meta = None if meta is None else meta + extra_meta
+    return EvalRows(data, meta, all_test)
 
 
 def runnable(routers: Sequence[str], data: RoutingData) -> tuple[list[str], dict[str, str]]:
@@ -269,54 +269,58 @@ def build_routers(cfg: EvalConfig, names: Sequence[str], embedder=None, tasks=No
     return [make[name]() for name in names]
 
 
-def baseline_inputs(cfg: EvalConfig, names: list[str], data: RoutingData, meta) -> tuple[list[str], Any, Any]:
+def baseline_inputs(cfg: EvalConfig, names: list[str], data: RoutingData,
+                    meta: RowMeta | None) -> tuple[list[str], Any, Any]:
     """``(texts, semantic-text info, {query_id: (source, task)})`` the baselines ``names`` read."""
     needs_text, n = any(r in SEMANTIC for r in names), len(data.query_ids)
     if (needs_text or "task-best" in names) and meta is None:
         _queries(cfg, "semantic baselines" if needs_text else "task-best")
     if not needs_text:
-        return [""] * n, None, None if meta is None else dict(zip(data.query_ids, zip(meta["source"], meta["task"])))
-    tasks = meta["task"] if any(meta["task"]) else None
-    texts, info = semantic_texts(meta["text"], tasks, data.split == "train", cfg.semantic_text)
-    return texts, info, dict(zip(data.query_ids, zip(meta["source"], meta["task"])))
+        return [""] * n, None, None if meta is None else dict(zip(data.query_ids, zip(meta.source, meta.task)))
+    tasks = meta.task if any(meta.task) else None
+    texts, info = semantic_texts(meta.text, tasks, data.split == "train", cfg.semantic_text)
+    return texts, info, dict(zip(data.query_ids, zip(meta.source, meta.task)))
 
 
 def run_evaluation(cfg: EvalConfig, data: RoutingData | None = None, texts: Sequence[str] | None = None,
-                   embedder=None, tasks: Sequence[str] | None = None) -> dict[str, Any]:
+                   embedder=None, tasks: Sequence[str] | None = None) -> EvalReport:
     """Load everything, evaluate, write the operating point and the report; returns the report.
     ``data`` / ``texts`` / ``tasks`` (per row of ``data``) replace what the paths would load."""
     from training.evaluate.baselines import ArtifactRouter
-    from training.evaluate.report import summary_table, task_table, write_outputs
+    from training.evaluate.report import PAPER, summary_table, task_table, write_outputs
 
     artifact = ArtifactRouter.load(cfg.artifact)
     if data is None:
         data = load_data(artifact, cfg.artifact, cfg.activations, cfg.labels)
     check_data(artifact, data)
     rows = prepare_rows(cfg, artifact, data, texts, tasks)
-    data, meta = rows["data"], rows["meta"]
+    data, meta = rows.data, rows.meta
     names, skipped = runnable(cfg.routers, data)
     texts, text_info, task_of = baseline_inputs(cfg, names, data, meta)
-    row_tasks = meta["task"] if meta is not None and any(meta["task"]) else None
-    report = evaluate_routers(artifact, build_routers(cfg, names, embedder, task_of), data, texts, cfg, row_tasks)
-    report.update(all_rows_test=rows["all_rows_test"], skipped_routers=skipped, semantic_text=text_info)
-    report["operating_point_written"] = write_operating_point(cfg, artifact, report["operating_point"])
-    report.update(artifact=cfg.artifact, config=cfg.model_dump(mode="json"))
+    row_tasks = meta.task if meta is not None and any(meta.task) else None
+    scores = evaluate_routers(artifact, build_routers(cfg, names, embedder, task_of), data, texts, cfg, row_tasks)
+    op = ChosenOperatingPoint.model_validate(scores["operating_point"])
+    report = EvalReport.model_validate({
+        **scores, "operating_point": op, "all_rows_test": rows.all_rows_test, "skipped_routers": skipped,
+        "semantic_text": text_info, "operating_point_written": write_operating_point(cfg, artifact, op),
+        "artifact": cfg.artifact, "config": cfg.model_dump(mode="json"), "paper": PAPER})
     write_outputs(report, cfg.out)
-    console.print(summary_table(report))
-    if 0 < len(report["by_task"]) <= 30:  # more: report.md has them
-        console.print(task_table(report))
+    clean = report.to_json()
+    console.print(summary_table(clean))
+    if 0 < len(report.by_task) <= 30:  # more: report.md has them
+        console.print(task_table(clean))
     console.print(f"report written to {cfg.out}/report.json, report.md, cost_accuracy*.png")
     return report
 
 
-def write_operating_point(cfg: EvalConfig, artifact, op: dict[str, Any]) -> bool:
+def write_operating_point(cfg: EvalConfig, artifact, op: ChosenOperatingPoint) -> bool:
     """Write a calibrated operating point into the artifact (when configured); True if written."""
     from shared.artifact import OperatingPoint, update_policy
 
-    if not (cfg.write_operating_point and op["status"] == "calibrated"):
+    if not (cfg.write_operating_point and op.status == "calibrated"):
         return False
-    point = OperatingPoint(**{k: op[k] for k in ("policy", "tolerance", "value", "target_cost", "target_accuracy",
-                                                 "val_accuracy", "val_cost")})
+    point = OperatingPoint(**{k: getattr(op, k) for k in ("policy", "tolerance", "value", "target_cost",
+                                                          "target_accuracy", "val_accuracy", "val_cost")})
     update_policy(cfg.artifact, artifact.router.meta.policy.model_copy(update={"operating_point": point}))
     return True
 

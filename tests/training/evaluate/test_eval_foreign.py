@@ -37,23 +37,23 @@ def test_foreign_artifact_on_an_all_test_table_skips_the_trained_baselines(evalu
     ecfg = EvalConfig(artifact=cfg.artifact, out=str(tmp_path / "out"), bootstrap=20, **paths,
                       routers=["random", "always-best", "knn-minilm", "mlp-minilm", "task-best"])
     report = run_evaluation(ecfg)  # no MiniLM is loaded: the semantic baselines are skipped
-    assert report["all_rows_test"] and report["n"]["test"] == len(fresh.query_ids)
-    assert report["n"]["train"] == report["n"]["val"] == 0
-    assert set(report["subsets"]["test"]["routers"]) == {"prefill-router", "random"}
-    assert report["skipped_routers"] == {"always-best": "needs train rows (none given)",
+    assert report.all_rows_test and report.n.test == len(fresh.query_ids)
+    assert report.n.train == report.n.val == 0
+    assert set(report.subsets["test"].routers) == {"prefill-router", "random"}
+    assert report.skipped_routers == {"always-best": "needs train rows (none given)",
                                          "knn-minilm": "needs train rows (none given)",
                                          "mlp-minilm": "needs train and val rows (none given)",
                                          "task-best": "needs train rows (none given)"}
-    op = report["operating_point"]
-    assert op["status"] == "default" and "no val rows" in op["note"] and not report["operating_point_written"]
-    assert set(report["by_task"]) == {"task0", "task1"} and report["semantic_text"] is None
+    op = report.operating_point
+    assert op.status == "default" and "no val rows" in op.note and not report.operating_point_written
+    assert set(report.by_task) == {"task0", "task1"} and report.semantic_text is None
     md = (tmp_path / "out" / "report.md").read_text()
     assert "scored as test (all_rows_test)" in md and "Skipped (not evaluated): `always-best` needs train" in md
     # all_rows_test: true scores every row of a table that has train rows too
     whole = write_datasets(data, tmp_path / "whole")
     full = run_evaluation(ecfg.model_copy(update={**whole, "all_rows_test": True, "routers": ["random"],
                                                   "out": str(tmp_path / "out2")}))
-    assert full["n"]["test"] == len(data.query_ids) and full["n"]["train"] == 0
+    assert full.n.test == len(data.query_ids) and full.n.train == 0
 
 
 def test_foreign_artifact_with_train_data_fits_the_baselines(evaluated, tmp_path):
@@ -67,11 +67,11 @@ def test_foreign_artifact_with_train_data_fits_the_baselines(evaluated, tmp_path
                       operating_point={"target_accuracy": "best_single"}, write_operating_point=False)
     report = run_evaluation(ecfg, embedder=lambda texts: table[[index[t] for t in texts]])
     n = {s: int((data.split == s).sum()) for s in ("train", "val", "test")}
-    assert report["all_rows_test"] and {k: report["n"][k] for k in n} == n and report["skipped_routers"] == {}
-    ours, then = (r["subsets"]["test"]["routers"]["prefill-router"] for r in (report, before))
+    assert report.all_rows_test and {k: getattr(report.n, k) for k in n} == n and report.skipped_routers == {}
+    ours, then = (r.router("prefill-router") for r in (report, before))
     for key in ("policy", "param", "accuracy", "cost", "gap_closed", "mean_auc"):  # same val calibration and rows
-        assert ours[key] == pytest.approx(then[key]), key
-    assert set(report["subsets"]["test"]["routers"]) == {"prefill-router", "random", "always-best", "knn-minilm",
+        assert getattr(ours, key) == pytest.approx(getattr(then, key)), key
+    assert set(report.subsets["test"].routers) == {"prefill-router", "random", "always-best", "knn-minilm",
                                                          "task-best"}
     with pytest.raises(ValueError, match="also train / val rows of train_data"):
         run_evaluation(ecfg.model_copy(update={**train, "all_rows_test": True}))

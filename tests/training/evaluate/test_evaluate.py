@@ -146,16 +146,15 @@ def test_report_files_and_keys(evaluated):
 
 def test_prefill_router_beats_trivial_routers(evaluated):
     _, _, report = evaluated
-    rs = report["subsets"]["test"]["routers"]
-    ours, rnd, cheap = rs["prefill-router"], rs["random"], rs["always-cheapest"]
-    sweep = ours["sweep"]
-    within = np.asarray(sweep["cost"]) <= rnd["cost"] + 1e-15
-    assert np.nanmax(np.asarray(sweep["accuracy"])[within]) > rnd["accuracy"] + 0.03
+    ours, rnd, cheap = (report.router(name) for name in ("prefill-router", "random", "always-cheapest"))
+    sweep = ours.sweep
+    within = np.asarray(sweep.cost) <= rnd.cost + 1e-15
+    assert np.nanmax(np.asarray(sweep.accuracy)[within]) > rnd.accuracy + 0.03
     # never worse than always-cheapest at its cost; strictly better at the operating point
-    within = np.asarray(sweep["cost"]) <= cheap["cost"] + 1e-15
-    assert np.nanmax(np.asarray(sweep["accuracy"])[within]) >= cheap["accuracy"] - 1e-12
-    assert ours["accuracy"] > cheap["accuracy"] + 0.05
-    assert ours["pauccc"] > rnd["pauccc"] and ours["mean_auc"] > 0.7
+    within = np.asarray(sweep.cost) <= cheap.cost + 1e-15
+    assert np.nanmax(np.asarray(sweep.accuracy)[within]) >= cheap.accuracy - 1e-12
+    assert ours.accuracy > cheap.accuracy + 0.05
+    assert ours.pauccc > rnd.pauccc and ours.mean_auc > 0.7
 
 
 def test_numbers_are_consistent_with_metrics(evaluated):
@@ -165,30 +164,30 @@ def test_numbers_are_consistent_with_metrics(evaluated):
     P = router.predict_proba({"h4_last": te.blocks["h4_last"], "h8_mean": te.blocks["h8_mean"]})
     C_route = router.costs(te.n_tokens)
     C = np.where(np.isnan(te.cost), C_route, te.cost)
-    ours = report["subsets"]["test"]["routers"]["prefill-router"]
-    acc, cost = M.routing_outcome(te.Y, C, Rule.of(ours["policy"], ours["param"]).route(P, C_route))
-    assert acc == pytest.approx(ours["accuracy"]) and cost == pytest.approx(ours["cost"])
+    ours = report.router("prefill-router")
+    acc, cost = M.routing_outcome(te.Y, C, Rule.of(ours.policy, ours.param).route(P, C_route))
+    assert acc == pytest.approx(ours.accuracy) and cost == pytest.approx(ours.cost)
     best, oracle = M.best_single(te.Y, C)[1], M.oracle_accuracy(te.Y)
-    assert ours["gap_closed"] == pytest.approx(M.gap_closed(acc, best, oracle))
-    assert ours["cost_savings"] == pytest.approx(M.cost_savings(cost, np.max(C.mean(axis=0))))
-    dis = report["subsets"]["disagreement"]
-    assert dis["references"]["n"] == int(M.disagreement_mask(te.Y).sum()) == report["n"]["test_disagreement"]
-    assert dis["references"]["oracle"]["accuracy"] == pytest.approx(1.0)
+    assert ours.gap_closed == pytest.approx(M.gap_closed(acc, best, oracle))
+    assert ours.cost_savings == pytest.approx(M.cost_savings(cost, np.max(C.mean(axis=0))))
+    dis = report.subsets["disagreement"].references
+    assert dis.n == int(M.disagreement_mask(te.Y).sum()) == report.n.test_disagreement
+    assert dis.oracle.accuracy == pytest.approx(1.0)
 
 
 def test_operating_point_written_and_artifact_still_loads(evaluated):
     _, cfg, report = evaluated
-    op = report["operating_point"]
-    assert op["status"] == "calibrated" and report["operating_point_written"]
+    op = report.operating_point
+    assert op.status == "calibrated" and report.operating_point_written
     meta = read_meta(cfg.artifact)
     assert meta.policy.operating_point is not None
-    assert meta.policy.rule() == Rule.of(op["policy"], op[op["policy"]]) and meta.policy.tolerance == 0.2
+    assert meta.policy.rule() == Rule.of(op.policy, op.param) and meta.policy.tolerance == 0.2
     # 'auto': both policies calibrated on val; the kept one reaches the target at the lower val cost
-    reached = [c for c in op["candidates"] if c["status"] == "calibrated"]
-    assert {c["policy"] for c in op["candidates"]} == {"tolerance", "value"} and reached
-    assert op["val_cost"] == min(c["val_cost"] for c in reached) and op["val_accuracy"] >= op["target_accuracy"]
+    reached = [c for c in op.candidates if c.status == "calibrated"]
+    assert {c.policy for c in op.candidates} == {"tolerance", "value"} and reached
+    assert op.val_cost == min(c.val_cost for c in reached) and op.val_accuracy >= op.target_accuracy
     router = load_artifact(cfg.artifact)  # file hashes still valid
-    assert router.meta.policy.operating_point.val_accuracy == pytest.approx(op["val_accuracy"])
+    assert router.meta.policy.operating_point.val_accuracy == pytest.approx(op.val_accuracy)
 
 
 def tiny(Y, split=None) -> RoutingData:
@@ -354,21 +353,22 @@ def test_per_task_and_disagreement_rows(evaluated):
     te = data.where("test")
     tasks = np.array(TASKS(len(data.query_ids)))[data.split == "test"]
     P, C_route, C = _direct(cfg, te)
-    ours = report["subsets"]["test"]["routers"]["prefill-router"]
-    rule = Rule.of(ours["policy"], ours["param"])
+    ours = report.router("prefill-router")
+    rule = Rule.of(ours.policy, ours.param)
     dis = M.disagreement_mask(te.Y)
-    assert list(report["by_task"]) == ["alpha", "beta"]
+    assert list(report.by_task) == ["alpha", "beta"]
     for task in ("alpha", "beta"):
         for key, m in (("test", tasks == task), ("disagreement", (tasks == task) & dis)):
-            sub = report["by_task"][task][key]
+            sub = report.by_task[task][key]
             acc, cost = M.routing_outcome(te.Y[m], C[m], rule.route(P[m], C_route[m]))
             _, best_acc, best_cost = M.best_single(te.Y[m], C[m])
-            row, refs = sub["routers"]["prefill-router"], sub["references"]
-            assert refs["n"] == int(m.sum()) and refs["best_single"]["accuracy"] == pytest.approx(best_acc)
-            assert (row["accuracy"], row["cost"]) == pytest.approx((acc, cost))
-            assert row["gap_closed"] == pytest.approx(M.gap_closed(acc, best_acc, M.oracle_accuracy(te.Y[m])))
-            assert "sweep" not in row and set(sub["routers"]) == set(report["subsets"]["test"]["routers"])
-        assert report["by_task"][task]["disagreement"]["references"]["oracle"]["accuracy"] == 1.0
+            row, refs = sub.routers["prefill-router"], sub.references
+            assert refs.n == int(m.sum()) and refs.best_single.accuracy == pytest.approx(best_acc)
+            assert (row.accuracy, row.cost) == pytest.approx((acc, cost))
+            assert row.gap_closed == pytest.approx(M.gap_closed(acc, best_acc, M.oracle_accuracy(te.Y[m])))
+            assert row.sweep is None and row.operating_point is None  # per-task rows: no sweeps
+            assert set(sub.routers) == set(report.subsets["test"].routers)
+        assert report.by_task[task]["disagreement"].references.oracle.accuracy == 1.0
     md = (Path(cfg.out) / "report.md").read_text()
     assert "\n| alpha | " in md and "\n| beta | " in md
 
@@ -376,18 +376,17 @@ def test_per_task_and_disagreement_rows(evaluated):
 def test_iso_accuracy_savings_and_gap_at_savings_in_the_report(evaluated):
     _, _, report = evaluated
     for key in ("test", "disagreement"):
-        sub = report["subsets"][key]
-        refs, ours = sub["references"], sub["routers"]["prefill-router"]
-        best, dear, oracle = refs["best_single"], refs["most_expensive"]["cost"], refs["oracle"]["accuracy"]
-        points = list(zip(ours["sweep"]["cost"], ours["sweep"]["accuracy"]))
-        reach = [c for c, a in points if a >= best["accuracy"] - 1e-12]
-        iso = 1 - min(reach) / best["cost"] if reach else float("nan")
-        assert ours["iso_accuracy_savings"] == pytest.approx(iso, nan_ok=True)
+        refs, ours = report.subsets[key].references, report.router("prefill-router", key)
+        best, dear, oracle = refs.best_single, refs.most_expensive.cost, refs.oracle.accuracy
+        points = list(zip(ours.sweep.cost, ours.sweep.accuracy))
+        reach = [c for c, a in points if a >= best.accuracy - 1e-12]
+        iso = 1 - min(reach) / best.cost if reach else float("nan")
+        assert ours.iso_accuracy_savings == pytest.approx(iso, nan_ok=True)
         cheap = [a for c, a in points if 1 - c / dear >= 0.7431 - 1e-12]
-        gap = (max(cheap) - best["accuracy"]) / (oracle - best["accuracy"]) if cheap else float("nan")
-        assert ours["best_gap_closed_at_savings"] == pytest.approx(gap, nan_ok=True)
-        assert refs["single"][best["target"]]["iso_accuracy_savings"] == pytest.approx(0.0)
-        fixed = sub["routers"]["always-cheapest"]  # one point: its own gap closed when cheap enough
-        if fixed["cost_savings"] >= 0.7431:
-            assert fixed["best_gap_closed_at_savings"] == pytest.approx(fixed["gap_closed"])
+        gap = (max(cheap) - best.accuracy) / (oracle - best.accuracy) if cheap else float("nan")
+        assert ours.best_gap_closed_at_savings == pytest.approx(gap, nan_ok=True)
+        assert refs.single[best.target].iso_accuracy_savings == pytest.approx(0.0)
+        fixed = report.router("always-cheapest", key)  # one point: its own gap closed when cheap enough
+        if fixed.cost_savings >= 0.7431:
+            assert fixed.best_gap_closed_at_savings == pytest.approx(fixed.gap_closed)
 

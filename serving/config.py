@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from shared.config import StrictConfig
+from shared.policy import Policy
 
 IMPORT_PATH = "serving.app:build_app"
 
@@ -83,9 +84,13 @@ class IngressConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _one_default_rule(self):
-        if self.default_tolerance is not None and self.default_value is not None:
-            raise ValueError("give at most one of default_tolerance and default_value (two routing policies)")
+        self.default_rule()
         return self
+
+    def default_rule(self) -> Policy | None:
+        """The rule a request that names none routes by (None: the artifact's); at most one
+        ``default_<policy>`` is set (shared.policy.Policy.pick)."""
+        return Policy.pick({k: getattr(self, k) for k in ("default_tolerance", "default_value")}, prefix="default_")
 
 
 class ServeConfig(IngressConfig):

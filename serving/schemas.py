@@ -92,7 +92,7 @@ class RuleRequest(BaseModel):
         errors: list[InitErrorDetails] = []
         rule = None
         try:
-            rule = Policy.pick({k: v for k, v in data.items() if k in names}, requested=True)
+            rule = Policy.pick({k: data[k] for k in policy_names() if k in data}, requested=True)
         except ValidationError as exc:  # a parameter out of its policy's bounds: located at its key
             key = next(k for k in data if k in names and data[k] is not None)
             errors = [_detail(e, (key, *e["loc"])) for e in exc.errors()]

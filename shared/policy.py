@@ -77,10 +77,10 @@ class Policy(BaseModel):
     @classmethod
     def from_request(cls, param: Any) -> "Policy":
         """The policy with a parameter from a request or the serving config, checked against
-        ``requested`` too (pydantic ValidationError)."""
-        if cls.requested is not None:
-            param = TypeAdapter(cls.requested).validate_python(param)
-        return cls(param=param)
+        ``requested`` (default: ``param``'s own bounds); a pydantic ValidationError locates an
+        error at the parameter itself (``loc`` empty)."""
+        field = cls.model_fields["param"]
+        return cls(param=TypeAdapter(cls.requested or Annotated[field.annotation, field]).validate_python(param))
 
     @staticmethod
     def pick(params: Mapping[str, Any], prefix: str = "", requested: bool = False) -> "Policy | None":

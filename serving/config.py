@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from shared.config import StrictConfig
-from shared.policy import Policy
+from shared.policy import Policy, policy_names
 
 IMPORT_PATH = "serving.app:build_app"
 
@@ -88,9 +88,10 @@ class IngressConfig(StrictConfig):
         return self
 
     def default_rule(self) -> Policy | None:
-        """The rule a request that names none routes by (None: the artifact's); at most one
-        ``default_<policy>`` is set (shared.policy.Policy.pick)."""
-        return Policy.pick({k: getattr(self, k) for k in ("default_tolerance", "default_value")}, prefix="default_")
+        """The rule a request that names none routes by (None: the artifact's): the one
+        ``default_<policy name>`` field set (shared.policy.Policy.pick checks there is at most one)."""
+        names = {f"default_{n}" for n in policy_names()}
+        return Policy.pick({k: v for k, v in self if k in names}, prefix="default_")
 
 
 class ServeConfig(IngressConfig):

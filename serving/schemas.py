@@ -12,8 +12,8 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictStr, ValidationError, field_validator, model_serializer,
-    model_validator,
+    BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictStr, ValidationError, field_validator,
+    model_serializer, model_validator,
 )
 from pydantic_core import InitErrorDetails
 

@@ -60,5 +60,5 @@ def test_the_routerbench_router_head_routes_by_its_value_operating_point():
     net = {t: rule.param * d.probabilities[t] - d.expected_cost[t] for t in d.eligible}
     assert (d.policy, d.value, d.tolerance) == ("value", rule.param, None) and d.target == max(net, key=net.get)
     assert list(net.values()) == sorted(net.values(), reverse=True) and len(d.eligible) == 11
-    assert head.decide(EncodedPrompt(feats, 900, head.router.meta.encoder.name, "x"), Policy.of("tolerance", 1.0)).target \
-        == min(d.expected_cost, key=d.expected_cost.get)  # a request's own rule wins
+    assert head.decide(EncodedPrompt(feats, 900, head.router.meta.encoder.name, "x"), Policy.of("tolerance", 1.0)) \
+        .target == min(d.expected_cost, key=d.expected_cost.get)  # a request's own rule wins

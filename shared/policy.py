@@ -44,7 +44,7 @@ class Policy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: ClassVar[str]
-    requested: ClassVar[Any] = None  # type a request / the serving config may set param to (None: param's own)
+    requested: ClassVar[Any] = None  # the type a request may set param to (None: param's own bounds)
     summary: ClassVar[str] = ""  # one sentence for the evaluation report
     param: float = Field(ge=0, description="The policy's parameter.")
 

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from cluster.demo_results import ServeResult
+from shared.policy import Policy, policy_names
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -85,8 +86,8 @@ def chat(base_url: str, messages: list[dict[str, str]], max_tokens: int, timeout
     route = data["route"] or {}  # none when the router was down and fallback_target answered
     return {"target": resp.headers["x-prefill-router-target"], "answer": data["choices"][0]["message"]["content"],
             "probabilities": route.get("probabilities", {}), "eligible": route.get("eligible", []),
-            "policy": route.get("policy", "tolerance"), "tolerance": route.get("tolerance"),
-            "value": route.get("value"), "costs": route.get("expected_cost", {}),
+            "policy": route.get("policy", "tolerance"), **{n: route.get(n) for n in policy_names()},
+            "costs": route.get("expected_cost", {}),
             "overhead_ms": route.get("overhead_ms", 0.0), "seconds": seconds,
             "fallback_from": resp.headers.get("x-prefill-router-fallback-from"),
             "degraded": resp.headers.get("x-prefill-router-degraded")}
@@ -115,16 +116,9 @@ def why(result: dict[str, Any]) -> str:
     if result.get("degraded"):
         return f"{result['degraded']}: answered by the fallback target {result['target']}"
     probs = ", ".join(f"{t} {p:.2f}" for t, p in result["probabilities"].items())
-    best = max(result["probabilities"].values())
-    if result.get("policy") == "value":  # every target, by expected net value value * P - cost
-        value, costs = result["value"], result.get("costs", {})
-        nets = ", ".join(f"{t} {value * result['probabilities'][t] - costs.get(t, 0.0):.3g}"
-                         for t in result["eligible"])
-        line = (f"P(correct): {probs}; net value at {value:.3g} USD per correct answer: {nets} "
-                f"-> highest {result['eligible'][0]}")
-    else:
-        line = (f"P(correct): {probs}; within {result['tolerance']:.2f} of the best ({best:.2f}): "
-                f"{', '.join(result['eligible'])} -> cheapest {result['eligible'][0]}")
+    name = result.get("policy", "tolerance")
+    rule = Policy.of(name, result[name])  # shared.policy: each policy explains its own choice
+    line = f"P(correct): {probs}; " + rule.explain(result["probabilities"], result.get("costs", {}), result["eligible"])
     if result.get("fallback_from"):
         line += f"; it failed ({result['fallback_from']}), answered by {result['target']}"
     return line

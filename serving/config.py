@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from shared.config import StrictConfig
+from shared.policy import Policy, policy_names
 
 IMPORT_PATH = "serving.app:build_app"
 
@@ -83,9 +84,14 @@ class IngressConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _one_default_rule(self):
-        if self.default_tolerance is not None and self.default_value is not None:
-            raise ValueError("give at most one of default_tolerance and default_value (two routing policies)")
+        self.default_rule()
         return self
+
+    def default_rule(self) -> Policy | None:
+        """The rule a request that names none routes by (None: the artifact's): the one
+        ``default_<policy name>`` field set (shared.policy.Policy.pick checks there is at most one)."""
+        names = {f"default_{n}" for n in policy_names()}
+        return Policy.pick({k: v for k, v in self if k in names}, prefix="default_")
 
 
 class ServeConfig(IngressConfig):

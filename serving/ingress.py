@@ -43,7 +43,7 @@ from serving.schemas import (
     lone_surrogate, parse_model_field,
 )
 from serving.streaming import stream_response
-from shared.policy import Rule
+from shared.policy import Policy, Tolerance
 
 log = logging.getLogger(__name__)
 
@@ -125,25 +125,21 @@ class RouterIngress:
         except ValidationError as exc:
             raise HTTPException(422, _reason(exc)) from exc
 
-    def plan(self, req: ChatCompletionRequest | RouteRequest) -> tuple[str | None, Rule | None]:
+    def plan(self, req: ChatCompletionRequest | RouteRequest) -> tuple[str | None, Policy | None]:
         """(pinned target or None, routing rule or None for the artifact's) of a request: its
-        ``value`` or ``tolerance`` (or model suffix), else the configured ``default_value`` or
-        ``default_tolerance``."""
+        rule (``req.rule``: a key named after a policy, e.g. ``value`` or ``tolerance``), else the
+        model suffix's tolerance (``router:0.1``), else the configured default rule."""
         try:
-            pinned, tol = parse_model_field(req.model, list(self.targets), -1.0)
+            pinned, tol = parse_model_field(req.model, list(self.targets))
         except UnknownModel as exc:
             raise HTTPException(404, str(exc)) from exc
         except ValueError as exc:
             raise HTTPException(422, f"model: {exc}") from exc
-        if req.value is not None and tol >= 0:
-            raise HTTPException(422, f"model: {req.model!r} sets a tolerance and the request a value; give one "
-                                     "routing policy")
-        tolerance = req.tolerance if req.tolerance is not None else tol if tol >= 0 else None
-        for policy, param in (("value", req.value), ("tolerance", tolerance), ("value", self.cfg.default_value),
-                              ("tolerance", self.cfg.default_tolerance)):
-            if param is not None:
-                return pinned, Rule(policy, param)
-        return pinned, None
+        suffix = None if tol is None else Tolerance(tol)
+        if suffix is not None and req.rule is not None and req.rule.name != suffix.name:
+            raise HTTPException(422, f"model: {req.model!r} sets a tolerance and the request a {req.rule.name}; "
+                                     "give one routing policy")
+        return pinned, next((r for r in (req.rule, suffix, self.cfg.default_rule()) if r is not None), None)
 
     async def check_length(self, messages: list[dict[str, str]]) -> None:
         """``max_prompt_tokens`` on a path that skips the encoder's forward pass (pinned, degraded)."""
@@ -163,7 +159,7 @@ class RouterIngress:
             raise HTTPException(413, refusal.reason)
 
     # ------------------------------------------------------------------ routing
-    async def decide(self, messages: list[dict[str, str]], rule: Rule | None) -> RouteDecision:
+    async def decide(self, messages: list[dict[str, str]], rule: Policy | None) -> RouteDecision:
         """Encoder + head: the routing decision for one prompt (413 for a prompt over the limit;
         :class:`RouterUnavailable` when either deployment fails or times out)."""
         start = time.perf_counter()
@@ -191,7 +187,7 @@ class RouterIngress:
         return decision
 
     async def decide_or_degrade(self, messages: list[dict[str, str]],
-                                rule: Rule | None) -> tuple[RouteDecision | None, str | None]:
+                                rule: Policy | None) -> tuple[RouteDecision | None, str | None]:
         """(decision, None), or (None, why) when the router failed and ``fallback_target`` answers."""
         try:
             return await self.decide(messages, rule), None

@@ -6,7 +6,7 @@
   forward pass failed on this prompt alone: one prompt's fault never fails its batch-mates;
   ``count_tokens`` answers :class:`TokenCount`; :func:`surely_within` spares that call for a short
   prompt.
-- Ingress -> RouterHead: the request's routing rule, a ``shared.policy.Rule`` (None: the artifact's).
+- Ingress -> RouterHead: the request's routing rule, a ``shared.policy.Policy`` (None: the artifact's).
 - Target -> Ingress: :class:`TargetAnswer`; a stream yields text pieces and ends with a
   :class:`StreamEnd`. A fault of the request itself (longer than the target's context,
   refused by an upstream endpoint as invalid) is a :class:`TargetRequestError`: the

@@ -4,7 +4,7 @@
 up to the deepest layer the artifact reads (``shared.encoder.Encoder``); with
 ``prefix_cache.max_mb`` set, a shared prefix runs once (:mod:`serving.prefix_cache`).
 :class:`RouterHeadReplica` applies the artifact's transforms, SharedTrunkNet ensemble and
-routing rule (tolerance or value policy, ``shared.policy.Rule``). Both reload a new artifact
+routing rule (a ``shared.policy.Policy``: tolerance, value or one added since). Both reload a new artifact
 on a user-config change (``reconfigure``) and keep the old one when the new one fails to load.
 """
 
@@ -24,7 +24,7 @@ from serving.prefix_cache import PrefixCache, system_prompt_ids
 from serving.schemas import RouteDecision
 from shared.artifact import ArtifactError, load_artifact, read_meta
 from shared.registry import load_registry
-from shared.policy import Rule
+from shared.policy import Policy
 
 log = logging.getLogger(__name__)
 Encoded = EncodedPrompt | PromptTooLong | PromptRejected | EncodeFailed
@@ -181,7 +181,7 @@ class RouterHeadReplica:
         """Serve user-config update ``{"artifact": uri}``: see :func:`reload`."""
         reload(self, user_config, "router head")
 
-    def decide(self, encoded: EncodedPrompt, rule: Rule | None) -> RouteDecision:
+    def decide(self, encoded: EncodedPrompt, rule: Policy | None) -> RouteDecision:
         """The routing decision for one encoded prompt; ``rule=None``: the artifact's rule."""
         meta = self.router.meta
         if encoded.encoder != meta.encoder.name:
@@ -190,12 +190,12 @@ class RouterHeadReplica:
         feats = {k: np.asarray(v, dtype=np.float32)[None, :] for k, v in encoded.features.items()}
         P = self.router.predict_proba(feats)[0][self.index]
         costs = self.router.costs([encoded.n_tokens])[0][self.index]
-        rule = meta.policy.rule() if rule is None else Rule.of(*rule)
+        rule = meta.policy.rule() if rule is None else rule
         order = rule.candidates(P, costs)
         return RouteDecision(target=self.names[order[0]], probabilities=dict(zip(self.names, map(float, P))),
                              expected_cost=dict(zip(self.names, map(float, costs))),
-                             eligible=[self.names[i] for i in order], policy=rule.policy,
-                             **{rule.policy: rule.param}, prompt_tokens=int(encoded.n_tokens), artifact=self.artifact)
+                             eligible=[self.names[i] for i in order], **rule.fields(),
+                             prompt_tokens=int(encoded.n_tokens), artifact=self.artifact)
 
     def info(self) -> dict[str, Any]:
         """The loaded artifact (also the ingress's readiness check: it answers once one is loaded)."""

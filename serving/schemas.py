@@ -11,9 +11,13 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictStr, ValidationError, field_validator,
+    model_serializer, model_validator,
+)
+from pydantic_core import InitErrorDetails
 
-from shared.policy import PolicyName
+from shared.policy import Policy, policy_names
 
 ROUTER_MODEL = "router"
 
@@ -71,7 +75,48 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = Field(False, description="Send a last chunk with the token usage (OpenAI).")
 
 
-class ChatCompletionRequest(BaseModel):
+class RuleRequest(BaseModel):
+    """A request body that may name a routing rule: a key named after a registered policy
+    (shared.policy) with its parameter, e.g. ``"tolerance": 0.1`` or ``"value": 0.02``; at most one
+    (:meth:`shared.policy.Policy.pick`, checked against the policy's request bounds). The rule
+    is :attr:`rule` (None: the model suffix, the serving default or the artifact's)."""
+
+    _rule: Policy | None = PrivateAttr(None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _routing_rule(cls, data: Any, handler: Any) -> Any:
+        if not isinstance(data, dict):
+            return handler(data)
+        names = set(policy_names())
+        errors: list[InitErrorDetails] = []
+        rule = None
+        try:
+            rule = Policy.pick({k: data[k] for k in policy_names() if k in data}, requested=True)
+        except ValidationError as exc:  # a parameter out of its policy's bounds: located at its key
+            key = next(k for k in data if k in names and data[k] is not None)
+            errors = [_detail(e, (key, *e["loc"])) for e in exc.errors()]
+        except ValueError as exc:
+            errors = [InitErrorDetails(type="value_error", loc=(), input=data, ctx={"error": exc})]
+        try:
+            req = handler({k: v for k, v in data.items() if k not in names})
+        except ValidationError as exc:
+            errors = [*(_detail(e, e["loc"]) for e in exc.errors()), *errors]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        req._rule = rule
+        return req
+
+    @property
+    def rule(self) -> Policy | None:
+        return self._rule
+
+
+def _detail(error: Any, loc: tuple) -> InitErrorDetails:
+    return InitErrorDetails(type=error["type"], loc=loc, input=error["input"], ctx=error.get("ctx", {}))
+
+
+class ChatCompletionRequest(RuleRequest):
     model_config = ConfigDict(extra="allow")
 
     model: StrictStr = Field(ROUTER_MODEL, description="'router', 'router:<tolerance>' or a target name.")
@@ -81,15 +126,6 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy decoding.")
     stream: StrictBool = Field(False, description="Server-sent events when true (a JSON boolean).")
     stream_options: StreamOptions | None = Field(None, description="Streaming options (include_usage).")
-    tolerance: float | None = Field(None, ge=0, le=1, description="Routing tolerance (overrides the model suffix).")
-    value: float | None = Field(None, ge=0, allow_inf_nan=False, description="USD one correct answer is worth: "
-                                "route to the highest value * P(correct) - cost instead of by a tolerance.")
-
-    @model_validator(mode="after")
-    def _one_rule(self):
-        if self.tolerance is not None and self.value is not None:
-            raise ValueError("give at most one of tolerance and value (two routing policies)")
-        return self
 
     @field_validator("messages")
     @classmethod
@@ -108,24 +144,24 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
 
-class RouteRequest(BaseModel):
+class RouteRequest(RuleRequest):
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr = Field(ROUTER_MODEL, description="'router' or 'router:<tolerance>', as in chat completions.")
     messages: list[ChatMessage] = Field(description="The conversation to route.")
-    tolerance: float | None = Field(None, ge=0, le=1, description="Routing tolerance; default from the artifact.")
-    value: float | None = Field(None, ge=0, allow_inf_nan=False, description="USD one correct answer is worth "
-                                "(value policy), as in chat completions.")
 
     _non_empty = field_validator("messages")(ChatCompletionRequest._non_empty.__func__)
-    _one_rule = model_validator(mode="after")(ChatCompletionRequest._one_rule)
 
     def plain_messages(self) -> list[dict[str, str]]:
         return [{"role": m.role if m.role != "developer" else "system", "content": m.content} for m in self.messages]
 
 
 class RouteDecision(BaseModel):
-    """What the router decided for one prompt."""
+    """What the router decided for one prompt. The rule's parameter is under the policy's name,
+    every registered policy's key present (the others null): ``"policy": "tolerance",
+    "tolerance": 0.1, "value": null``."""
+
+    model_config = ConfigDict(extra="allow")  # the policies' parameters (shared.policy.Policy.fields)
 
     target: str = Field(description="The chosen target.")
     probabilities: dict[str, float] = Field(description="Predicted P(correct) per target.")
@@ -133,12 +169,20 @@ class RouteDecision(BaseModel):
     eligible: list[str] = Field(description="Fallback order, the chosen target first: the targets within the "
                                 "tolerance of the best, cheapest first (tolerance policy), or every target by "
                                 "expected net value (value policy).")
-    policy: PolicyName = Field("tolerance", description="Routing policy used (shared.policy).")
-    tolerance: float | None = Field(None, description="Tolerance used (tolerance policy).")
-    value: float | None = Field(None, description="USD per correct answer used (value policy).")
+    policy: str = Field("tolerance", description="Routing policy used (shared.policy); its parameter follows under "
+                        "its name.")
     prompt_tokens: int = Field(description="Prompt length in encoder tokens.")
     overhead_ms: float = Field(0.0, description="Encoder + head time (ms).")
     artifact: str | None = Field(None, description="The router artifact that made the decision.")
+
+    @model_serializer(mode="wrap")
+    def _params_after_policy(self, handler: Any) -> dict[str, Any]:
+        """Every registered policy's parameter right after ``policy`` (null but the one used)."""
+        out = handler(self)
+        params = {n: out.pop(n, None) for n in dict.fromkeys([*policy_names(), *(self.model_extra or {})])}
+        at = list(out).index("policy") + 1
+        items = list(out.items())
+        return dict([*items[:at], *params.items(), *items[at:]])
 
 
 class Usage(BaseModel):
@@ -181,13 +225,13 @@ def usage_chunk(completion_id: str, model: str, prompt_tokens: int, completion_t
             "choices": [], "usage": usage.model_dump()}
 
 
-def parse_model_field(model: str, targets: list[str], default_tolerance: float) -> tuple[str | None, float]:
-    """``'router'`` -> (None, default), ``'router:0.1'`` -> (None, 0.1), ``'<target>'`` -> (target, default).
+def parse_model_field(model: str, targets: list[str]) -> tuple[str | None, float | None]:
+    """``'router'`` -> (None, None), ``'router:0.1'`` -> (None, 0.1: a tolerance), ``'<target>'`` -> (target, None).
 
     Raises :class:`UnknownModel` for a model not served, ValueError for a bad tolerance suffix.
     """
     if model == ROUTER_MODEL:
-        return None, default_tolerance
+        return None, None
     if model.startswith(ROUTER_MODEL + ":"):
         raw = model[len(ROUTER_MODEL) + 1:]
         try:
@@ -198,5 +242,5 @@ def parse_model_field(model: str, targets: list[str], default_tolerance: float) 
             raise ValueError(f"tolerance in model {model!r} must be within [0, 1]")
         return None, tol
     if model in targets:
-        return model, default_tolerance
+        return model, None
     raise UnknownModel(f"unknown model {model!r}; use 'router', 'router:<tolerance>' or one of {targets}")

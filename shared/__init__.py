@@ -7,9 +7,9 @@
   (transformers, openai, vllm: one class each) that labelling and serving both answer with.
 - ``features``, ``batching``, ``encoder``, ``prefix``: feature block names and poolings, and
   the prefill encoder (with prefix sharing) used by capture and by the Encoder replica.
-- ``trunk``, ``policy``, ``artifact``: SharedTrunkNet for inference, the tolerance policy (and
-  the value policy the evaluation compares it with),
-  and the versioned router artifact (its file set, saving, loading and copying).
+- ``trunk``, ``routing``, ``policy``, ``artifact``: SharedTrunkNet for inference, the routing
+  arithmetic and exact sweeps, the routing policies (a registry: tolerance, value, one class per
+  new policy), and the versioned router artifact (its file set, saving, loading and copying).
 """
 
 __version__ = "0.1.0"

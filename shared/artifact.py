@@ -11,7 +11,8 @@ Layout of an artifact directory (local path or ``s3://bucket/prefix``)::
 safetensors (no scikit-learn, no Ray, nothing from ``training``), and refuses an
 artifact with an unknown ``schema_version`` or built for another encoder
 (:class:`ArtifactError`). Schema 2 added the value policy to the operating point; schema 1
-artifacts (tolerance only) still load.
+artifacts (tolerance only) still load. The operating point names any registered policy
+(:mod:`shared.policy`).
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from typing import Any, Literal, Mapping
 import numpy as np
 import safetensors.numpy
 import safetensors.torch
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, ValidationError, model_serializer, model_validator
 
 from shared import storage
 from shared.config import StrictConfig
 from shared.features import parse_block
-from shared.policy import PolicyName, Rule
+from shared.policy import Policy, policy_names
 from shared.trunk import Ensemble, FeatureTransform, SharedTrunkNet
 
 SCHEMA_VERSION = 2
@@ -75,34 +76,56 @@ class TrunkSpec(StrictConfig):
 
 
 class OperatingPoint(StrictConfig):
-    """A routing rule chosen on calibration data (``prefill-router evaluate``)."""
+    """A routing rule chosen on calibration data (``prefill-router evaluate``). On disk the
+    parameter sits under the policy's name, every registered policy's key present (the others
+    null): ``{"policy": "value", "tolerance": null, "value": 0.02, ...}``."""
 
-    policy: PolicyName = Field("tolerance", description="'tolerance' (cheapest target within the tolerance of the "
-                               "best) or 'value' (highest value * P(correct) - cost): shared.policy.")
-    tolerance: float | None = Field(None, ge=0, description="Calibrated tolerance (tolerance policy).")
-    value: float | None = Field(None, ge=0, description="Calibrated USD one correct answer is worth (value policy).")
+    policy: str = Field("tolerance", description="A registered routing policy (shared.policy): 'tolerance' "
+                        "(cheapest target within the tolerance of the best) or 'value' (highest value * P(correct) "
+                        "- cost), or one added since.")
+    param: float = Field(ge=0, description="The policy's calibrated parameter; in the file under the policy's name.")
     target_cost: float | None = Field(None, description="Budget it was calibrated for (mean USD per query).")
     target_accuracy: float | None = Field(None, description="Accuracy it was calibrated for.")
     val_accuracy: float | None = Field(None, description="Accuracy at that point on calibration data.")
     val_cost: float | None = Field(None, description="Mean cost at that point on calibration data.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _parameter(cls, data: Any) -> Any:
+        """The flat form (``policy`` + each policy's parameter under its name) to ``param``."""
+        if not isinstance(data, dict) or "param" in data:
+            return data
+        data = dict(data)
+        name = data.setdefault("policy", "tolerance")
+        params = {n: data.pop(n) for n in policy_names() if n in data}
+        Policy.named(name)
+        if params.get(name) is None:
+            raise ValueError(f"the {name} policy needs its parameter {name!r}")
+        return {**data, "param": params[name]}
+
     @model_validator(mode="after")
-    def _parameter(self) -> "OperatingPoint":
-        if getattr(self, self.policy) is None:
-            raise ValueError(f"the {self.policy} policy needs its parameter {self.policy!r}")
+    def _valid_rule(self) -> "OperatingPoint":
+        self.rule()  # the policy's own bounds on its parameter
         return self
 
-    def rule(self) -> Rule:
-        return Rule.of(self.policy, getattr(self, self.policy))
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        out.pop("param", None)
+        head = self.rule().fields()
+        return {**head, **{k: v for k, v in out.items() if k not in head}}
+
+    def rule(self) -> Policy:
+        return Policy.of(self.policy, self.param)
 
 
 class PolicyDefaults(StrictConfig):
     tolerance: float = Field(0.20, ge=0, description="Default tolerance when no operating point is set.")
     operating_point: OperatingPoint | None = Field(None, description="Calibrated point; overrides tolerance.")
 
-    def rule(self) -> Rule:
+    def rule(self) -> Policy:
         """The rule a request without its own routes by: the operating point's, else the tolerance."""
-        return self.operating_point.rule() if self.operating_point else Rule.of("tolerance", self.tolerance)
+        return self.operating_point.rule() if self.operating_point else Policy.of("tolerance", self.tolerance)
 
 
 class ArtifactMeta(StrictConfig):
@@ -314,8 +337,8 @@ class Router:
         pout = np.array([t.price_out * t.median_output_tokens for t in self.meta.targets])
         return (tok * pin + pout) / 1e6
 
-    def route(self, P: np.ndarray, input_tokens, rule: Rule | None = None) -> np.ndarray:
-        """Chosen target index per query (:class:`shared.policy.Rule`) with the per-query
+    def route(self, P: np.ndarray, input_tokens, rule: Policy | None = None) -> np.ndarray:
+        """Chosen target index per query (a :class:`shared.policy.Policy`) with the per-query
         costs; ``rule=None`` uses the artifact's policy (``meta.policy.rule()``)."""
         rule = self.meta.policy.rule() if rule is None else rule
         P = np.asarray(P, dtype=np.float64)

@@ -1,133 +1,208 @@
-"""The routing policy, defined once for training, evaluation and serving.
+"""Routing policies, defined once for training, evaluation and serving, in a registry.
 
-:func:`route_with_tolerance` picks, per query, the cheapest target whose predicted
-P(correct) is within ``tol`` of the best. Gaps are rounded to :data:`GAP_DECIMALS` so
-decimal tolerances behave as written. The evaluation's tolerance sweep, the artifact's
-:meth:`~shared.artifact.Router.route` and the serving RouterHead all call it.
+A :class:`Policy` is a routing rule with its parameter: what an artifact's operating point,
+an evaluation and a served request route by. Each subclass is one policy, registered under
+its ``name`` when the class is defined:
 
-:func:`route_by_value` is the cost-aware alternative: the target with the highest expected
-net value ``value * P(correct) - cost``. The evaluation compares both policies' frontiers
-and chooses one on val for the artifact's operating point.
+- :meth:`Policy.route`: the chosen target per query;
+- :meth:`Policy.candidates`: one query's targets in fallback order, the chosen one first;
+- :meth:`Policy.sweep`: every routing of the parameter, the frontier evaluation draws from;
+- ``param``: the parameter, validated by pydantic (the subclass's field); ``requested``: the
+  stricter bounds a request body or the serving config may set it to.
 
-:class:`Rule` is a policy with its parameter: what an artifact's operating point, an
-evaluation and a served request route by (``rule.route``), and the fallback order of the
-targets behind the chosen one (``rule.candidates``).
+Built in: :class:`Tolerance` (the cheapest target within ``tol`` of the best P(correct)) and
+:class:`Value` (the highest ``value * P(correct) - cost``). The request schema, the artifact,
+the evaluation and the demo read the registry (:func:`policy_names`, :meth:`Policy.of`), so a
+new policy is one new subclass. The routing arithmetic is :mod:`shared.routing`.
 """
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, get_args
+from typing import Annotated, Any, ClassVar, Mapping
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-GAP_DECIMALS = 12
+from shared.routing import (
+    Sweep, ValueSweep, route_by_value, route_with_tolerance, routing_outcome, tolerance_sweep, value_sweep,
+    within_tolerance,
+)
 
-
-def probability_gaps(P: np.ndarray) -> np.ndarray:
-    """``(n, T)`` gaps ``max_j P[i, j] - P[i, j]``, rounded to 1e-12 so that decimal
-    tolerances behave as written (``0.8 - 0.6`` counts as a gap of exactly ``0.2``)."""
-    P = np.asarray(P, dtype=np.float64)
-    if P.ndim != 2 or not np.all(np.isfinite(P)):
-        raise ValueError("P must be a finite (n_queries, n_targets) array")
-    return np.round(P.max(axis=1, keepdims=True) - P, GAP_DECIMALS)
+REGISTRY: dict[str, type["Policy"]] = {}  # name -> policy class, in definition order
 
 
-def cost_matrix(costs: np.ndarray, n: int) -> np.ndarray:
-    """Broadcast per-target costs ``(T,)`` or per-query costs ``(n, T)`` to ``(n, T)``."""
-    costs = np.asarray(costs, dtype=np.float64)
-    if costs.ndim == 1:
-        costs = np.broadcast_to(costs, (n, costs.shape[0]))
-    if costs.ndim != 2 or costs.shape[0] != n:
-        raise ValueError(f"costs must be (T,) or ({n}, T); got shape {costs.shape}")
-    return costs
+def policy_names() -> tuple[str, ...]:
+    """The registered policies' names, in definition order (``tolerance`` first)."""
+    return tuple(REGISTRY)
 
 
-def cheapest_where(eligible: np.ndarray, costs: np.ndarray) -> np.ndarray:
-    """Per row, the index of the cheapest eligible column; ties go to the lower index
-    (``argmin`` returns the first minimum). ``eligible`` and ``costs`` are ``(n, T)``."""
-    masked = np.where(eligible, costs, np.inf)
-    return np.argmin(masked, axis=1)
+class Policy(BaseModel):
+    """A routing policy and its parameter. Subclass it with a ``name``, a ``param`` field (its
+    pydantic bounds) and :meth:`route`; the class registers itself. :meth:`candidates` and
+    :meth:`sweep` have generic defaults (a subclass may give exact ones)."""
 
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-def within_tolerance(P: np.ndarray, tol: float) -> np.ndarray:
-    """``(n, T)`` bool: target ``j`` is within ``tol`` of query ``i``'s best,
-    ``max_k P[i, k] - P[i, j] <= tol`` (gaps rounded to 1e-12). ``tol`` must be >= 0."""
-    if not tol >= 0:
-        raise ValueError(f"tolerance must be >= 0, got {tol}")
-    return probability_gaps(P) <= tol
+    name: ClassVar[str]
+    requested: ClassVar[Any] = None  # the type a request may set param to (None: param's own bounds)
+    summary: ClassVar[str] = ""  # one sentence for the evaluation report
+    param: float = Field(ge=0, description="The policy's parameter.")
 
-
-def route_with_tolerance(P: np.ndarray, costs: np.ndarray, tol: float) -> np.ndarray:
-    """Chosen target per query: the cheapest target ``j`` with
-    ``max_k P[i, k] - P[i, j] <= tol`` (gaps rounded to 1e-12); ties by cost, then index.
-
-    ``P`` is ``(n, T)`` predicted P(correct); ``costs`` is ``(T,)`` or ``(n, T)``.
-    ``tol = 0`` picks the (cheapest) most likely target; ``tol >= 1`` the cheapest.
-    Returns int ``(n,)``.
-    """
-    eligible = within_tolerance(P, tol)
-    return cheapest_where(eligible, cost_matrix(costs, eligible.shape[0]))
-
-
-def route_by_value(P: np.ndarray, costs: np.ndarray, value: float) -> np.ndarray:
-    """Chosen target per query: ``argmax_j value * P[i, j] - costs[i, j]``, the highest
-    expected net value when one correct answer is worth ``value`` (in the costs' unit);
-    ties (within 1e-12 of the row's scale) by cost, then index.
-
-    ``P`` is ``(n, T)`` predicted P(correct); ``costs`` is ``(T,)`` or ``(n, T)``;
-    ``value >= 0``. ``value = 0`` picks the cheapest target, ``value = inf`` the (cheapest)
-    most likely one. Unlike a tolerance, the price *difference* counts: a target 15 times
-    dearer must be that much more likely to be right. Returns int ``(n,)``.
-    """
-    probability_gaps(P)  # validates P
-    if not value >= 0:
-        raise ValueError(f"value must be >= 0, got {value}")
-    P = np.asarray(P, dtype=np.float64)
-    costs = cost_matrix(costs, P.shape[0])
-    score = P if np.isinf(value) else value * P - costs
-    scale = np.abs(score).max(axis=1, keepdims=True) + 1.0
-    best = score >= score.max(axis=1, keepdims=True) - 1e-12 * scale
-    return cheapest_where(best, costs)
-
-
-PolicyName = Literal["tolerance", "value"]
-POLICIES: tuple[str, ...] = get_args(PolicyName)
-
-
-class Rule(NamedTuple):
-    """A routing policy and its parameter: ``("tolerance", tol)`` with ``tol`` in P(correct)
-    (:func:`route_with_tolerance`), or ``("value", value)`` with ``value`` in USD per correct
-    answer (:func:`route_by_value`). Both parameters are ``>= 0``; a value may be ``inf``."""
-
-    policy: str
-    param: float
+    def __init__(self, param: float | None = None, /, **data: Any):
+        super().__init__(**({"param": param} if param is not None else {}), **data)
 
     @classmethod
-    def of(cls, policy: str, param: float) -> "Rule":
-        """A checked rule: ValueError for an unknown policy or a negative / nan parameter."""
-        if policy not in POLICIES:
-            raise ValueError(f"unknown routing policy {policy!r}; use one of {POLICIES}")
-        if not float(param) >= 0:
-            raise ValueError(f"the {policy} policy's parameter must be >= 0, got {param}")
-        return cls(policy, float(param))
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name is None:
+            return
+        if name in REGISTRY:
+            raise ValueError(f"a routing policy named {name!r} is already registered ({REGISTRY[name].__name__})")
+        REGISTRY[name] = cls
 
+    # ----------------------------------------------------------------- registry
+    @staticmethod
+    def named(name: str) -> type["Policy"]:
+        """The policy class registered as ``name`` (ValueError for an unknown one)."""
+        if name not in REGISTRY:
+            raise ValueError(f"unknown routing policy {name!r}; use one of {policy_names()}")
+        return REGISTRY[name]
+
+    @staticmethod
+    def of(name: str, param: float) -> "Policy":
+        """The checked policy ``name`` with ``param`` (ValueError: unknown name or a bad parameter)."""
+        return Policy.named(name)(float(param))
+
+    @classmethod
+    def from_request(cls, param: Any) -> "Policy":
+        """The policy with a parameter from a request or the serving config, checked against
+        ``requested`` (default: ``param``'s own bounds); a pydantic ValidationError locates an
+        error at the parameter itself (``loc`` empty)."""
+        field = cls.model_fields["param"]
+        return cls(param=TypeAdapter(cls.requested or Annotated[field.annotation, field]).validate_python(param))
+
+    @staticmethod
+    def pick(params: Mapping[str, Any], prefix: str = "", requested: bool = False) -> "Policy | None":
+        """The one policy set among ``params`` (``{prefix + policy name: parameter or None}``), or
+        None; ValueError when more than one is set. ``requested``: check the request bounds."""
+        given = {key: v for key, v in params.items() if v is not None}
+        if len(given) > 1:
+            keys = list(given)
+            raise ValueError(f"give at most one of {', '.join(keys[:-1])} and {keys[-1]} (one routing policy)")
+        for key, v in given.items():
+            cls = Policy.named(key.removeprefix(prefix))
+            return cls.from_request(v) if requested else cls(param=v)
+        return None
+
+    def fields(self) -> dict[str, Any]:
+        """``{"policy": name, <each registered name>: param if it is this policy else None}``: the
+        flat form of the artifact's operating point, a route decision and the evaluation report."""
+        return {"policy": self.name, **{n: self.param if n == self.name else None for n in REGISTRY}}
+
+    # ----------------------------------------------------------------- routing
     def route(self, P: np.ndarray, costs: np.ndarray) -> np.ndarray:
         """Chosen target per query, ``(n,)`` int, of ``P`` ``(n, T)`` and costs ``(T,)`` or ``(n, T)``."""
-        if self.policy == "value":
-            return route_by_value(P, costs, self.param)
+        raise NotImplementedError(f"the {self.name} policy must define route")
+
+    def candidates(self, p: np.ndarray, costs: np.ndarray) -> list[int]:
+        """One query's targets in fallback order, the chosen one first (default: then the rest by
+        P(correct), ties cheaper first). ``p`` and ``costs`` are ``(T,)``."""
+        p, costs = np.asarray(p, dtype=np.float64), np.asarray(costs, dtype=np.float64)
+        chosen = int(self.route(p[None, :], costs[None, :])[0])
+        by_cost = np.argsort(costs, kind="stable")
+        return [chosen, *(int(i) for i in by_cost[np.argsort(-p[by_cost], kind="stable")] if i != chosen)]
+
+    @classmethod
+    def grid(cls, P: np.ndarray, C_route: np.ndarray) -> np.ndarray:
+        """The parameters the generic :meth:`sweep` routes with (a subclass without an exact sweep gives them)."""
+        raise NotImplementedError(f"the {cls.name} policy must define grid or sweep")
+
+    @classmethod
+    def sweep(cls, P: np.ndarray, Y: np.ndarray, C: np.ndarray, C_route: np.ndarray | None = None) -> tuple:
+        """``(param, accuracy, cost)``, three aligned ``(k,)`` arrays sorted by cost ascending (then
+        param descending): the :func:`shared.routing.routing_outcome` of routing ``P`` with each
+        parameter (``C_route``: the costs the policy decides with; ``C``: recorded). The default
+        routes with every parameter of :meth:`grid`."""
+        Cr = C if C_route is None else C_route
+        params = np.asarray(cls.grid(P, Cr), dtype=np.float64)
+        accs, costs = np.array([routing_outcome(Y, C, cls(param=float(v)).route(P, Cr)) for v in params]).T
+        idx = np.lexsort((-params, costs))
+        return params[idx], accs[idx], costs[idx]
+
+    # ----------------------------------------------------------------- words
+    def label(self, long: bool = False) -> str:
+        """The rule in a report's table cell, or in prose (``long``)."""
+        return f"{self.name} {self.param:.4g}"
+
+    def explain(self, probabilities: Mapping[str, float], costs: Mapping[str, float], eligible: list[str]) -> str:
+        """What the policy did with one prompt's P(correct) per target (the demo's line)."""
+        return f"{self.name} {self.param:.3g}: {', '.join(eligible)} -> {eligible[0]}"
+
+
+class Tolerance(Policy):
+    """``tol`` in P(correct): the cheapest target within ``tol`` of the best
+    (:func:`shared.routing.route_with_tolerance`); ``tol = 0`` the most likely, ``tol >= 1`` the cheapest."""
+
+    name: ClassVar[str] = "tolerance"
+    requested: ClassVar[Any] = Annotated[float, Field(ge=0, le=1)]
+    summary: ClassVar[str] = ("The tolerance policy takes the cheapest target within a tolerance of the best "
+                              "P(correct), whatever the price difference.")
+    param: float = Field(ge=0, description="Tolerance in P(correct).")
+
+    def route(self, P: np.ndarray, costs: np.ndarray) -> np.ndarray:
         return route_with_tolerance(P, costs, self.param)
 
     def candidates(self, p: np.ndarray, costs: np.ndarray) -> list[int]:
-        """One query's targets in fallback order, the chosen one first. Tolerance: the targets
-        within the tolerance of the best, cheapest first. Value: every target, by expected net
-        value ``value * p - cost`` (best first; ties: cheaper, then lower index); ``value = inf``
-        orders by ``p``. ``p`` and ``costs`` are ``(T,)``."""
+        """The targets within the tolerance of the best, cheapest first."""
+        p, costs = np.asarray(p, dtype=np.float64), np.asarray(costs, dtype=np.float64)
+        near = within_tolerance(p[None, :], self.param)[0]
+        return [int(i) for i in np.argsort(costs, kind="stable") if near[i]]
+
+    @classmethod
+    def sweep(cls, P: np.ndarray, Y: np.ndarray, C: np.ndarray, C_route: np.ndarray | None = None) -> Sweep:
+        """Exact: every distinct gap as the tolerance (:func:`shared.routing.tolerance_sweep`)."""
+        return tolerance_sweep(P, Y, C, C_route)
+
+    def label(self, long: bool = False) -> str:
+        return f"{'tolerance' if long else 'tol'} {self.param:.4g}"
+
+    def explain(self, probabilities: Mapping[str, float], costs: Mapping[str, float], eligible: list[str]) -> str:
+        best = max(probabilities.values())
+        return f"within {self.param:.2f} of the best ({best:.2f}): {', '.join(eligible)} -> cheapest {eligible[0]}"
+
+
+class Value(Policy):
+    """``value`` in USD per correct answer: the highest expected net value ``value * P - cost``
+    (:func:`shared.routing.route_by_value`); ``value = 0`` the cheapest, ``inf`` the most likely."""
+
+    name: ClassVar[str] = "value"
+    requested: ClassVar[Any] = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    summary: ClassVar[str] = ("The value policy (`shared.policy.route_by_value`) takes the target with the highest "
+                              "`value * P(correct) - cost`: a target 15 times dearer must be that much more likely to "
+                              "be right.")
+    param: float = Field(ge=0, description="USD one correct answer is worth (may be inf).")
+
+    def route(self, P: np.ndarray, costs: np.ndarray) -> np.ndarray:
+        return route_by_value(P, costs, self.param)
+
+    def candidates(self, p: np.ndarray, costs: np.ndarray) -> list[int]:
+        """Every target by expected net value (best first; ties: cheaper, then lower index);
+        ``value = inf`` orders by ``p``."""
         p, costs = np.asarray(p, dtype=np.float64), np.asarray(costs, dtype=np.float64)
         by_cost = np.argsort(costs, kind="stable")
-        if self.policy == "tolerance":
-            near = within_tolerance(p[None, :], self.param)[0]
-            return [int(i) for i in by_cost if near[i]]
         score = p if np.isinf(self.param) else self.param * p - costs
         chosen = int(self.route(p[None, :], costs[None, :])[0])  # near-ties as route_by_value breaks them
-        rest = [int(i) for i in by_cost[np.argsort(-score[by_cost], kind="stable")] if i != chosen]
-        return [chosen, *rest]
+        return [chosen, *(int(i) for i in by_cost[np.argsort(-score[by_cost], kind="stable")] if i != chosen)]
+
+    @classmethod
+    def sweep(cls, P: np.ndarray, Y: np.ndarray, C: np.ndarray, C_route: np.ndarray | None = None) -> ValueSweep:
+        """Exact: every breakpoint of every query (:func:`shared.routing.value_sweep`)."""
+        return value_sweep(P, Y, C, C_route)
+
+    def label(self, long: bool = False) -> str:
+        return f"value policy at {self.param:.4g} USD per correct answer" if long else f"value {self.param:.4g}"
+
+    def explain(self, probabilities: Mapping[str, float], costs: Mapping[str, float], eligible: list[str]) -> str:
+        nets = ", ".join(f"{t} {self.param * probabilities[t] - costs.get(t, 0.0):.3g}" for t in eligible)
+        return f"net value at {self.param:.3g} USD per correct answer: {nets} -> highest {eligible[0]}"

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from serving.ingress import RouterIngress, make_fastapi_app
 from serving.messages import EncodedPrompt, EncodeFailed, PromptRejected, PromptTooLong, StreamEnd, TargetAnswer, TokenCount
 from serving.schemas import RouteDecision
-from shared.policy import Rule
+from shared.policy import Policy
 
 
 class Method:
@@ -79,10 +79,10 @@ PROBS, COSTS = {"cheap": 0.5, "mid": 0.55, "big": 0.9}, {"cheap": 0.001, "mid": 
 
 
 async def decide(features, rule):
-    rule = rule or Rule("tolerance", 0.1)  # the artifact's rule
+    rule = rule or Policy.of("tolerance", 0.1)  # the artifact's rule
     order = [list(PROBS)[i] for i in rule.candidates(np.array([*PROBS.values()]), np.array([*COSTS.values()]))]
     return RouteDecision(target=order[0], probabilities=PROBS, expected_cost=COSTS, eligible=order,
-                         policy=rule.policy, **{rule.policy: rule.param}, prompt_tokens=features.n_tokens)
+                         **rule.fields(), prompt_tokens=features.n_tokens)
 
 
 async def broken(*args):

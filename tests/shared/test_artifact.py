@@ -21,7 +21,8 @@ from shared.artifact import (
     save_artifact,
     update_policy,
 )
-from shared.policy import Rule, route_by_value, route_with_tolerance
+from shared.policy import Policy
+from shared.routing import route_by_value, route_with_tolerance
 from shared.trunk import Ensemble, FeatureTransform, SharedTrunkNet
 from tests.procs import ROOT as REPO
 
@@ -107,14 +108,14 @@ def test_value_operating_point_routes_and_schema_1_still_loads(saved):
     uri, _, _, _, query = saved
     _edit_meta(uri, schema_version=1)  # written before the value policy: tolerance only, still valid
     router = load_artifact(uri)
-    assert router.meta.policy.rule() == Rule("tolerance", 0.15)
+    assert router.meta.policy.rule() == Policy.of("tolerance", 0.15)
     point = OperatingPoint(policy="value", value=0.02, target_accuracy=0.9, val_accuracy=0.91, val_cost=0.001)
     meta = update_policy(uri, router.meta.policy.model_copy(update={"operating_point": point}))
-    assert meta.schema_version == SCHEMA_VERSION and meta.policy.rule() == Rule("value", 0.02)
+    assert meta.schema_version == SCHEMA_VERSION and meta.policy.rule() == Policy.of("value", 0.02)
     router = load_artifact(uri)
     P, tokens = router.predict_proba(query), np.full(7, 1000.0)
     np.testing.assert_array_equal(router.route(P, tokens), route_by_value(P, router.costs(tokens), 0.02))
-    np.testing.assert_array_equal(router.route(P, tokens, Rule("tolerance", 1.0)), np.full(7, 2))  # cheapest
+    np.testing.assert_array_equal(router.route(P, tokens, Policy.of("tolerance", 1.0)), np.full(7, 2))  # cheapest
     with pytest.raises(ValueError, match="needs its parameter 'value'"):
         OperatingPoint(policy="value", tolerance=0.1)
 

@@ -49,16 +49,16 @@ def test_the_routerbench_router_head_routes_by_its_value_operating_point():
     serving RouterHead (no rule in the request) routes by it and orders fallbacks by net value."""
     from serving.messages import EncodedPrompt
     from serving.replicas import RouterHeadReplica
-    from shared.policy import Rule
+    from shared.policy import Policy
 
     head = RouterHeadReplica(artifact=str(ROOT / "data/routerbench/router"))
     rule = head.router.meta.policy.rule()
-    assert rule.policy == "value" and rule == Rule("value", head.router.meta.policy.operating_point.value)
+    assert rule.name == "value" and rule == Policy.of("value", head.router.meta.policy.operating_point.param)
     rng = np.random.default_rng(1)
     feats = {b.name: rng.normal(size=b.d_in).astype(np.float32) for b in head.router.meta.transform.blocks}
     d = head.decide(EncodedPrompt(feats, 900, head.router.meta.encoder.name, "x"), None)
     net = {t: rule.param * d.probabilities[t] - d.expected_cost[t] for t in d.eligible}
     assert (d.policy, d.value, d.tolerance) == ("value", rule.param, None) and d.target == max(net, key=net.get)
     assert list(net.values()) == sorted(net.values(), reverse=True) and len(d.eligible) == 11
-    assert head.decide(EncodedPrompt(feats, 900, head.router.meta.encoder.name, "x"), Rule("tolerance", 1.0)).target \
-        == min(d.expected_cost, key=d.expected_cost.get)  # a request's own rule wins
+    assert head.decide(EncodedPrompt(feats, 900, head.router.meta.encoder.name, "x"), Policy.of("tolerance", 1.0)) \
+        .target == min(d.expected_cost, key=d.expected_cost.get)  # a request's own rule wins

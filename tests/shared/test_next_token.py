@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shared.encoder import Encoder
-from shared.policy import Rule
+from shared.policy import Policy
 from shared.features import (NEXT_TOKEN_DIMS, block_width, encoder_columns, hidden_poolings, next_token_stats,
                              parse_block, pool)
 from tests.shared.test_prefix import conversations
@@ -101,6 +101,6 @@ def test_an_artifact_reading_a_next_block_serves(smollm, tmp_path):
             assert all(g.features["h30_next"].shape == (NEXT_TOKEN_DIMS,) for g in got)
             assert np.allclose(np.stack([g.features["h30_next"] for g in got]), feats["h30_next"][:3], atol=2e-4)
         assert any(g.prefix is not None and g.prefix.hit for g in got) == bool(cache)
-    decision = RouterHeadReplica(artifact=str(tmp_path / "router")).decide(got[0], Rule("tolerance", 0.05))
+    decision = RouterHeadReplica(artifact=str(tmp_path / "router")).decide(got[0], Policy.of("tolerance", 0.05))
     assert decision.target in ("smollm2-135m", "gemma3-270m") and set(decision.probabilities) == {
         "smollm2-135m", "gemma3-270m"}

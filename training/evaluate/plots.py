@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from shared.policy import policy_names
+
 FILES = {"test": "cost_accuracy.png", "disagreement": "cost_accuracy_disagreement.png"}
 
 
 def plot(report: dict[str, Any], subset: str = "test") -> bytes:
     """PNG of one subset: every router (probabilistic: its tolerance sweep as a line, its
-    operating point as a dot; the prefill router's value-policy front dashed; fixed: a
+    operating point as a dot; the prefill router's front under each other policy (value) dashed; fixed: a
     square), every single model as a triangle, the oracle
     (star) and the zero-router hull (dashed: the upper convex hull of the single models, what
     mixing them at random reaches). Dotted guides: the best single model's accuracy (the
@@ -28,10 +30,11 @@ def plot(report: dict[str, Any], subset: str = "test") -> bytes:
             (line,) = ax.plot(r["sweep"]["cost"], r["sweep"]["accuracy"], "-", marker=".", ms=2.5, lw=1.2,
                               alpha=0.85, label=f"{name} (sweep)")
             ax.plot([r["cost"]], [r["accuracy"]], "o", color=line.get_color(), ms=6)
-            if name == "prefill-router" and r.get("value_policy"):
-                front = r["value_policy"]["frontier"]
-                ax.step(front["cost"], front["accuracy"], where="post", color=line.get_color(), ls="--", lw=1.4,
-                        label=f"{name}, value policy (Pareto front)")
+            for policy in policy_names()[1:] if name == "prefill-router" else ():
+                if r.get(f"{policy}_policy"):
+                    front = r[f"{policy}_policy"]["frontier"]
+                    ax.step(front["cost"], front["accuracy"], where="post", color=line.get_color(), ls="--", lw=1.4,
+                            label=f"{name}, {policy} policy (Pareto front)")
         else:
             ax.plot([r["cost"]], [r["accuracy"]], "s", ms=7, label=name)
     for name, s in refs["single"].items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from shared.policy import Policy, policy_names
 from training.evaluate.results import EvalReport
 from training.semantic_text import describe
 
@@ -26,11 +27,9 @@ def _pct(x) -> str:
 
 
 def _rule_label(policy: str, param: float, long: bool = False) -> str:
-    """A routing rule (shared.policy.Rule) in a table cell (``tol 0.05``, ``value 0.0955``) or
-    in prose (``long``: ``tolerance 0.05``, ``value policy at 0.0955 USD per correct answer``)."""
-    if policy == "tolerance":
-        return f"{'tolerance' if long else 'tol'} {param:.4g}"
-    return f"value policy at {param:.4g} USD per correct answer" if long else f"value {param:.4g}"
+    """A routing rule in a table cell (``tol 0.05``, ``value 0.0955``) or in prose (``long``:
+    ``tolerance 0.05``, ``value policy at 0.0955 USD per correct answer``): ``Policy.label``."""
+    return Policy.of(policy, param).label(long)
 
 
 def _candidates(op: dict[str, Any]) -> list[str]:
@@ -222,30 +221,32 @@ POLICY_COLUMNS = ("router", "policy", "P-AUCCC", "best gap closed along the swee
                   "best gap closed at >= threshold savings")
 
 
+def _frontiers(r: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A probabilistic router row's frontier per registered policy: the first policy's (tolerance)
+    is the row itself, every other one's is under ``<name>_policy``. Empty when one is missing."""
+    first, *others = policy_names()
+    fronts = [(first, r), *((name, r.get(f"{name}_policy")) for name in others)]
+    return fronts if r["kind"] == "probabilistic" and others and all(m for _, m in fronts) else []
+
+
 def _policy_rows(routers: dict[str, Any]) -> list[list[str]]:
-    """Per probabilistic router: its tolerance-policy frontier, then its value-policy one."""
-    rows = []
-    for name, r in routers.items():
-        if r["kind"] != "probabilistic" or not r.get("value_policy"):
-            continue
-        for policy, m in (("tolerance", r), ("value", r["value_policy"])):
-            rows.append([name, policy, _num(m["pauccc"]), _pct(m["max_gap_closed"]), *_new_cells(m)])
-    return rows
+    """Per probabilistic router: its frontier under each policy (tolerance, then value, ...)."""
+    return [[name, policy, _num(m["pauccc"]), _pct(m["max_gap_closed"]), *_new_cells(m)]
+            for name, r in routers.items() for policy, m in _frontiers(r)]
 
 
 def policy_lines(report: dict[str, Any]) -> list[str]:
-    """Markdown: each probabilistic router's frontier under the tolerance policy and under the
-    cost-aware value policy, on the same predictions (the artifact serves the one its operating
-    point names)."""
+    """Markdown: each probabilistic router's frontier under each registered policy (the tolerance
+    policy, the cost-aware value policy, ...), on the same predictions (the artifact serves the
+    one its operating point names)."""
     test = report["subsets"]["test"]
     if not _policy_rows(test["routers"]):
         return []
-    lines = ["## Tolerance or value policy (same predictions)", "",
-             "The tolerance policy takes the cheapest target within a tolerance of the best P(correct), whatever "
-             "the price difference. The value policy (`shared.policy.route_by_value`) takes the target with the "
-             "highest `value * P(correct) - cost`: a target 15 times dearer must be that much more likely to be "
-             "right. Each row sweeps its policy's parameter over the whole range, so these are frontier metrics, "
-             "not one operating point. The artifact serves the policy of its operating point (above).", ""]
+    names = policy_names()
+    summaries = " ".join(s for s in (Policy.named(n).summary for n in names) if s)
+    lines = [f"## {(', '.join(names[:-1]) + ' or ' + names[-1]).capitalize()} policy (same predictions)", "",
+             f"{summaries} Each row sweeps its policy's parameter over the whole range, so these are frontier "
+             "metrics, not one operating point. The artifact serves the policy of its operating point (above).", ""]
     for key, title in (("test", "Test split"), ("disagreement", "Disagreement queries (test)")):
         if key in report["subsets"]:
             lines += [f"{title}:", "", _md_table(_policy_rows(report["subsets"][key]["routers"]), POLICY_COLUMNS), ""]
@@ -253,11 +254,11 @@ def policy_lines(report: dict[str, Any]) -> list[str]:
                                  test["references"]["best_single"]["target"])
     tasks = [(t, parts["test"]["routers"].get("prefill-router")) for t, parts in report.get("by_task", {}).items()
              if "test" in parts]
-    rows = [[t, *(_reached(m.get("iso_accuracy_savings")) for m in (r, r["value_policy"]))]
-            for t, r in tasks if r and r.get("value_policy")]
+    rows = [[t, *(_reached(m.get("iso_accuracy_savings")) for _, m in _frontiers(r))]
+            for t, r in tasks if r and _frontiers(r)]
     if rows:
         lines += ["Prefill router per task (test), savings at the task's best-single accuracy:", "",
-                  _md_table(rows, ("task", "tolerance policy", "value policy")), ""]
+                  _md_table(rows, ("task", *(f"{n} policy" for n in names))), ""]
     return lines
 
 

@@ -5,17 +5,20 @@ calibration and disagreement.
 Conventions: ``n`` queries, ``T`` targets. ``Y`` is the ``(n, T)`` correctness matrix (0/1
 or a score in [0, 1]); NaN marks a missing label and is never read as 0. ``C`` is a cost
 matrix, ``(n, T)`` per query or ``(T,)`` per target. ``P`` is ``(n, T)`` predicted
-P(correct). The policy itself is :mod:`shared.policy` (re-exported here for the sweep's users).
+P(correct). The routing functions, :func:`routing_outcome` and the exact sweeps are
+:mod:`shared.routing` (re-exported here); the policies are :mod:`shared.policy`.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
 
 import numpy as np
 
-from shared.policy import cheapest_where, cost_matrix, probability_gaps, route_by_value, route_with_tolerance
+from shared.routing import (
+    Sweep, ValueSweep, cheapest_where, cost_matrix, route_by_value, route_with_tolerance, routing_outcome,
+    tolerance_sweep, value_sweep,
+)
 
 __all__ = [
     "route_with_tolerance", "route_by_value", "routing_outcome", "expected_outcome", "oracle_choice",
@@ -24,21 +27,6 @@ __all__ = [
     "single_model_hull", "hull_pauccc",
     "calibrate_operating_point", "disagreement_mask", "disagreement_share",
 ]
-
-
-def routing_outcome(Y: np.ndarray, C: np.ndarray, choice: np.ndarray) -> tuple[float, float]:
-    """``(accuracy, mean cost)`` of choosing target ``choice[i]`` for query ``i``.
-
-    accuracy = mean of ``Y[i, choice[i]]`` over queries whose chosen label is present
-    (a missing label is excluded, not counted as wrong; nan if none); cost = mean of
-    ``C[i, choice[i]]`` over all queries.
-    """
-    Y = np.asarray(Y, dtype=np.float64)
-    C = cost_matrix(C, Y.shape[0])
-    rows = np.arange(Y.shape[0])
-    picked = Y[rows, np.asarray(choice)]
-    acc = float(np.mean(picked[~np.isnan(picked)])) if (~np.isnan(picked)).any() else float("nan")
-    return acc, float(np.mean(C[rows, choice]))
 
 
 def _row_best(Y: np.ndarray) -> np.ndarray:
@@ -120,120 +108,6 @@ def gap_closed(router_acc: float, best_single_acc: float, oracle_acc: float) -> 
 def cost_savings(router_cost: float, most_expensive_cost: float) -> float:
     """``1 - router_cost / most_expensive_cost`` (nan when the latter is 0)."""
     return float("nan") if most_expensive_cost == 0 else float(1.0 - router_cost / most_expensive_cost)
-
-
-class Sweep(NamedTuple):
-    """A tolerance sweep: three aligned ``(k,)`` arrays, sorted by cost ascending."""
-
-    tolerance: np.ndarray
-    accuracy: np.ndarray
-    cost: np.ndarray
-
-
-def tolerance_sweep(P: np.ndarray, Y: np.ndarray, C: np.ndarray, C_route: np.ndarray | None = None) -> Sweep:
-    """Route with every distinct observed gap ``max_k P[i,k] - P[i,j]`` (rounded as in
-    :func:`route_with_tolerance`, 0 included) as the tolerance and record
-    :func:`routing_outcome`. Exact and ``O(nT log nT)``: gaps are visited in increasing
-    order and each row's choice is updated when a cheaper target becomes eligible.
-    Sorted by cost ascending, then tolerance descending.
-
-    ``C_route`` (``(T,)`` or ``(n, T)``, default ``C``) are the costs the policy decides
-    with (e.g. the price model known before answering); ``C`` are the costs recorded.
-    """
-    gaps = probability_gaps(P)
-    Y = np.asarray(Y, dtype=np.float64)
-    n, T = gaps.shape
-    C = cost_matrix(C, n)
-    Cr = C if C_route is None else cost_matrix(C_route, n)
-    order = np.argsort(gaps, axis=None, kind="stable")
-    g_sorted = gaps.ravel()[order]
-    cur = np.full(n, -1)
-    cost_sum, acc_sum, acc_cnt = 0.0, 0.0, 0
-    tols, accs, costs = [], [], []
-    for pos, flat in enumerate(order):
-        i, j = divmod(int(flat), T)
-        c = cur[i]
-        if c < 0 or (Cr[i, j], j) < (Cr[i, c], c):
-            if c >= 0:
-                cost_sum -= C[i, c]
-                if not np.isnan(Y[i, c]):
-                    acc_sum, acc_cnt = acc_sum - Y[i, c], acc_cnt - 1
-            cur[i] = j
-            cost_sum += C[i, j]
-            if not np.isnan(Y[i, j]):
-                acc_sum, acc_cnt = acc_sum + Y[i, j], acc_cnt + 1
-        if pos + 1 == len(order) or g_sorted[pos + 1] != g_sorted[pos]:
-            tols.append(g_sorted[pos])
-            accs.append(acc_sum / acc_cnt if acc_cnt else np.nan)
-            costs.append(cost_sum / n)
-    tols, accs, costs = np.array(tols), np.array(accs), np.array(costs)
-    idx = np.lexsort((-tols, costs))
-    return Sweep(tols[idx], accs[idx], costs[idx])
-
-
-class ValueSweep(NamedTuple):
-    """A value sweep (:func:`value_sweep`): three aligned ``(k,)`` arrays, sorted by cost ascending."""
-
-    value: np.ndarray
-    accuracy: np.ndarray
-    cost: np.ndarray
-
-
-def _value_breakpoints(P: np.ndarray, Cr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows and values ``w = (c_j - c_k) / (P_j - P_k)`` (``P_j > P_k``, ``c_j > c_k``): where a
-    query's :func:`route_by_value` choice can change. Sorted by value; ``(m,)`` each."""
-    dP = P[:, :, None] - P[:, None, :]
-    dC = Cr[:, :, None] - Cr[:, None, :]
-    ok = (dP > 0) & (dC > 0)
-    rows, w = np.nonzero(ok)[0], dC[ok] / dP[ok]
-    order = np.argsort(w, kind="stable")
-    return rows[order], w[order]
-
-
-def _choice_above(p: np.ndarray, c: np.ndarray, w: float) -> int:
-    """One query's :func:`route_by_value` choice just above value ``w`` (``p``, ``c``:
-    ``(T,)``): of the targets tied at ``w``, the most likely, then the cheaper, then index."""
-    s = w * p - c
-    tied = np.flatnonzero(s >= s.max() - 1e-12 * (np.abs(s).max() + 1.0))
-    return int(tied[np.lexsort((tied, c[tied], -p[tied]))[0]])
-
-
-def value_sweep(P: np.ndarray, Y: np.ndarray, C: np.ndarray, C_route: np.ndarray | None = None) -> ValueSweep:
-    """Every distinct routing of :func:`shared.policy.route_by_value` and its
-    :func:`routing_outcome`, from the cheapest targets to the most likely ones. Exact: a
-    query's choice is constant between its breakpoints ``(c_j - c_k) / (P_j - P_k)``, so the
-    sweep walks the sorted breakpoints of all queries, ``O(n T^2 log(n T))``. Each point's
-    ``value`` lies inside its routing's interval (half the first breakpoint, midway between
-    two, twice the last), so ``route_by_value(P, C_route, value)`` reproduces it. Sorted by
-    cost ascending, then value descending. ``C_route``: the costs the policy decides with,
-    as in :func:`tolerance_sweep`."""
-    probability_gaps(P)  # validates P
-    P, Y = np.asarray(P, dtype=np.float64), np.asarray(Y, dtype=np.float64)
-    n = P.shape[0]
-    C = cost_matrix(C, n)
-    Cr = C if C_route is None else cost_matrix(C_route, n)
-    cur = np.array([_choice_above(P[i], Cr[i], 0.0) for i in range(n)], dtype=int)
-    picked = Y[np.arange(n), cur]
-    cost_sum, acc_sum = float(C[np.arange(n), cur].sum()), float(np.nansum(picked))
-    acc_cnt = int((~np.isnan(picked)).sum())
-    bp_rows, bp_w = _value_breakpoints(P, Cr)
-    first = bp_w[0] / 2 if len(bp_w) else 1.0
-    values, accs, costs = [first], [acc_sum / acc_cnt if acc_cnt else np.nan], [cost_sum / max(n, 1)]
-    for pos, (i, w) in enumerate(zip(bp_rows, bp_w)):
-        old, new = cur[i], _choice_above(P[i], Cr[i], w)
-        if new != old:
-            cost_sum += C[i, new] - C[i, old]
-            for j, sign in ((old, -1), (new, 1)):
-                if not np.isnan(Y[i, j]):
-                    acc_sum, acc_cnt = acc_sum + sign * Y[i, j], acc_cnt + sign
-            cur[i] = new
-        if pos + 1 == len(bp_w) or bp_w[pos + 1] != w:
-            values.append(float(2 * w if pos + 1 == len(bp_w) else (w + bp_w[pos + 1]) / 2))
-            accs.append(acc_sum / acc_cnt if acc_cnt else np.nan)
-            costs.append(cost_sum / n)
-    values, accs, costs = np.array(values), np.array(accs), np.array(costs)
-    idx = np.lexsort((-values, costs))
-    return ValueSweep(values[idx], accs[idx], costs[idx])
 
 
 def pareto_front(costs: np.ndarray, accs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

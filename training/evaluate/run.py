@@ -3,7 +3,7 @@
 Every router (:mod:`training.evaluate.baselines`) is fitted on **train**, tuned / early-stopped on
 **val**, and scored on the held-out **test** split: on all of it, on the queries where the
 targets disagree, and per task (:mod:`training.evaluate.scoring`). The operating point
-(a routing rule: tolerance or value policy, by default whichever meets the target better)
+(a routing rule: a registered policy, by default whichever meets the target best)
 is calibrated on **val** from a target mean cost or accuracy, or is the artifact's default;
 a calibrated point is written back into the artifact (``shared.artifact.update_policy``).
 
@@ -31,7 +31,7 @@ from pydantic import Field, model_validator
 from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
 from shared.config import StrictConfig
 from shared.features import block_width, encoder_columns
-from shared.policy import PolicyName
+from shared.policy import Policy
 from training.loop import TrunkConfig
 from training.evaluate.baselines import RouterModel
 from training.dataset import RoutingData
@@ -51,15 +51,18 @@ NEEDS = {"random": (), "always-cheapest": ("train",), "always-best": ("train",),
 class OperatingPointConfig(StrictConfig):
     """How the routing rule is chosen on val; neither target: the artifact's default."""
 
-    policy: Literal["auto"] | PolicyName = Field(
-        "auto", description="Policy calibrated (shared.policy): 'auto' calibrates both and keeps the one that reaches "
-        "target_accuracy more cheaply, or is more accurate within target_cost, on val.")
+    policy: str = Field(
+        "auto", description="Policy calibrated (a registered shared.policy name, e.g. 'tolerance' or 'value'): 'auto' "
+        "calibrates every one and keeps the one that reaches target_accuracy most cheaply, or is most accurate "
+        "within target_cost, on val.")
     target_cost: float | None = Field(None, gt=0, description="Mean USD per query to stay within (best accuracy).")
     target_accuracy: float | Literal["best_single"] | None = Field(
         None, description="Accuracy to reach at the lowest cost; 'best_single': the best single model's val accuracy.")
 
     @model_validator(mode="after")
     def _one(self) -> "OperatingPointConfig":
+        if self.policy != "auto":
+            Policy.named(self.policy)
         if self.target_cost is not None and self.target_accuracy is not None:
             raise ValueError("give at most one of target_cost and target_accuracy")
         return self
@@ -319,8 +322,8 @@ def write_operating_point(cfg: EvalConfig, artifact, op: ChosenOperatingPoint) -
 
     if not (cfg.write_operating_point and op.status == "calibrated"):
         return False
-    point = OperatingPoint(**{k: getattr(op, k) for k in ("policy", "tolerance", "value", "target_cost",
-                                                          "target_accuracy", "val_accuracy", "val_cost")})
+    point = OperatingPoint(param=getattr(op, op.policy), **{k: getattr(op, k) for k in (
+        "policy", "target_cost", "target_accuracy", "val_accuracy", "val_cost")})
     update_policy(cfg.artifact, artifact.router.meta.policy.model_copy(update={"operating_point": point}))
     return True
 

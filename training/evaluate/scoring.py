@@ -1,7 +1,7 @@
 """Scoring for ``prefill-router evaluate`` (:mod:`training.evaluate.run` loads the inputs).
 
 Every router is fitted on **train** (tuned / early-stopped on **val**), its operating point
-(a ``shared.policy.Rule``: tolerance or value policy) chosen on **val**, and scored on
+(a ``shared.policy.Policy``: tolerance, value or any registered policy) chosen on **val**, and scored on
 **test**: on the whole split, on the queries where the targets disagree
 (``metrics.disagreement_mask``), and per task of the test split (each subset with its own
 references: best single model, oracle, most expensive target).
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from shared.policy import POLICIES, Rule
+from shared.policy import Policy, policy_names
 from training.evaluate import report_metrics as R
 from training.evaluate import routing_metrics as M
 from training.evaluate.baselines import RouterModel
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 PAPER_SAVINGS = 0.7431  # arXiv 2603.20895: 45.58% gap closed at 74.31% cost savings
-SWEEPS = {"tolerance": M.tolerance_sweep, "value": M.value_sweep}  # every routing of each shared.policy policy
 
 
 def decision_costs(router, data: RoutingData) -> np.ndarray:
@@ -98,25 +97,26 @@ def _pauccc(costs, accs, refs, interpolation: str) -> float:
                     refs["cheapest"]["accuracy"], interpolation)
 
 
-def score_probabilistic(P, Y, C_route, C, rule: Rule, refs: dict, targets: list[str], cfg) -> dict:
-    """Operating point (``rule``), whole tolerance sweep, P-AUCCC, per-target AUC / Brier of
-    predictions ``P``, and the value policy's frontier (``cfg``: ``pauccc_interpolation``,
-    ``savings_threshold``)."""
-    sweep = M.tolerance_sweep(P, Y, C, C_route)
+def score_probabilistic(P, Y, C_route, C, rule: Policy, refs: dict, targets: list[str], cfg) -> dict:
+    """Operating point (``rule``), whole sweep of the first policy (tolerance), P-AUCCC, per-target
+    AUC / Brier of predictions ``P``, and every other registered policy's frontier under
+    ``<name>_policy`` (``cfg``: ``pauccc_interpolation``, ``savings_threshold``)."""
+    first, *others = policy_names()
+    sweep = Policy.named(first).sweep(P, Y, C, C_route)
     acc, cost = M.routing_outcome(Y, C, rule.route(P, C_route))
     auc, br = masked_auc(Y, P), brier(Y, P)
     with np.errstate(invalid="ignore"):
         mean_auc = float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")
         mean_brier = float(np.nanmean(br)) if np.isfinite(br).any() else float("nan")
     return {
-        "kind": "probabilistic", "policy": rule.policy, "param": rule.param, **headline(acc, cost, refs),
+        "kind": "probabilistic", "policy": rule.name, "param": rule.param, **headline(acc, cost, refs),
         **frontier_metrics(sweep.cost, sweep.accuracy, refs, cfg),
         "cost_savings_at_best_single_accuracy": R.iso_accuracy_savings(  # vs the most expensive, not the best
             sweep.cost, sweep.accuracy, refs["best_single"]["accuracy"], refs["most_expensive"]["cost"], atol=0.0),
         "auc": dict(zip(targets, map(float, auc))), "brier": dict(zip(targets, map(float, br))),
         "mean_auc": mean_auc, "mean_brier": mean_brier,
-        "value_policy": value_policy_metrics(P, Y, C_route, C, refs, cfg),
-        "sweep": {k: getattr(sweep, k).tolist() for k in ("tolerance", "accuracy", "cost")},
+        **{f"{name}_policy": policy_metrics(name, P, Y, C_route, C, refs, cfg) for name in others},
+        "sweep": {k: np.asarray(v).tolist() for k, v in zip((first, "accuracy", "cost"), sweep)},
     }
 
 
@@ -129,20 +129,20 @@ def frontier_metrics(costs, accs, refs: dict, cfg) -> dict[str, float]:
             **point_metrics(costs, accs, refs, cfg.savings_threshold)}
 
 
-def value_policy_metrics(P, Y, C_route, C, refs: dict, cfg) -> dict[str, Any]:
-    """:func:`frontier_metrics` of predictions ``P`` under the cost-aware policy
-    (:func:`shared.policy.route_by_value`, swept exactly by ``routing_metrics.value_sweep``)
-    instead of the tolerance policy, and the sweep's Pareto corners (``frontier``: cost and
-    accuracy, for the plot). Same predictions, other policy."""
-    sweep = M.value_sweep(P, Y, C, C_route)
-    front = M.pareto_front(sweep.cost, sweep.accuracy)
-    return {**frontier_metrics(sweep.cost, sweep.accuracy, refs, cfg),
+def policy_metrics(name: str, P, Y, C_route, C, refs: dict, cfg) -> dict[str, Any]:
+    """:func:`frontier_metrics` of predictions ``P`` under the policy ``name`` (e.g. the cost-aware
+    value policy, swept exactly by ``Policy.sweep``) instead of the tolerance policy, and the
+    sweep's Pareto corners (``frontier``: cost and accuracy, for the plot). Same predictions,
+    other policy."""
+    _, accuracy, cost = Policy.named(name).sweep(P, Y, C, C_route)
+    front = M.pareto_front(cost, accuracy)
+    return {**frontier_metrics(cost, accuracy, refs, cfg),
             "frontier": {"cost": front[0].tolist(), "accuracy": front[1].tolist()}}
 
 
 def policy_points(models, preds, val: RoutingData | None, Cv, Crv, test: dict[str, np.ndarray],
                   refs: dict[str, Any]) -> dict[str, dict]:
-    """Per probabilistic router and policy (tolerance, value): the cheapest val operating point
+    """Per probabilistic router and registered policy: the cheapest val operating point
     that reaches the best single model's val accuracy (``calibrate_operating_point``), applied
     to the test rows (``test``: ``Y``, ``C``, ``C_route``): ``{"param", "accuracy", "cost",
     "savings_vs_best_single"}``, or None when no point reaches it on val. Empty without val."""
@@ -152,13 +152,14 @@ def policy_points(models, preds, val: RoutingData | None, Cv, Crv, test: dict[st
     out = {}
     for model in (m for m in models if m.probabilistic):
         Pv, Pt, row = preds[model.name]["val"], preds[model.name]["test"], {}
-        for policy in POLICIES:
+        for policy in policy_names():
             try:
-                param = M.calibrate_operating_point(SWEEPS[policy](Pv, val.Y, Cv, Crv), target_accuracy=target)
+                param = M.calibrate_operating_point(Policy.named(policy).sweep(Pv, val.Y, Cv, Crv),
+                                                    target_accuracy=target)
             except ValueError:
                 row[policy] = None
                 continue
-            acc, cost = M.routing_outcome(test["Y"], test["C"], Rule.of(policy, param).route(Pt, test["C_route"]))
+            acc, cost = M.routing_outcome(test["Y"], test["C"], Policy.of(policy, param).route(Pt, test["C_route"]))
             row[policy] = {"param": param, "accuracy": acc, "cost": cost,
                            "savings_vs_best_single": M.cost_savings(cost, best_cost)}
         out[model.name] = row
@@ -173,15 +174,15 @@ def score_fixed(W, Y, C, refs: dict, cfg) -> dict:
             **point_metrics([cost], [acc], refs, cfg.savings_threshold)}
 
 
-def op_rule(op: dict[str, Any]) -> Rule:
-    """The :class:`Rule` of a :func:`choose_operating_point` result."""
-    return Rule.of(op["policy"], op[op["policy"]])
+def op_rule(op: dict[str, Any]) -> Policy:
+    """The :class:`shared.policy.Policy` of a :func:`choose_operating_point` result."""
+    return Policy.of(op["policy"], op[op["policy"]])
 
 
 def _calibrate(policy: str, P, val: RoutingData, C_route, C, op, target_acc) -> dict[str, Any]:
     """One policy's point on the val sweep (``metrics.calibrate_operating_point``); an
     unreachable target falls back to the nearest point (the cheapest, or the most accurate)."""
-    sweep = SWEEPS[policy](P, val.Y, C, C_route)
+    sweep = Policy.named(policy).sweep(P, val.Y, C, C_route)
     try:
         param, status = M.calibrate_operating_point(sweep, op.target_cost, target_acc), "calibrated"
     except ValueError as exc:
@@ -189,7 +190,7 @@ def _calibrate(policy: str, P, val: RoutingData, C_route, C, op, target_acc) -> 
         k = 0 if op.target_cost is not None else int(np.lexsort((sweep.cost, -acc))[0])
         param, status = float(sweep[0][k]), "fallback"
         log.warning("operating point (%s policy): %s; using the nearest point (%.4g)", policy, exc, param)
-    acc, cost = M.routing_outcome(val.Y, C, Rule.of(policy, param).route(P, C_route))
+    acc, cost = M.routing_outcome(val.Y, C, Policy.of(policy, param).route(P, C_route))
     return {"policy": policy, "param": float(param), "status": status, "val_accuracy": acc, "val_cost": cost}
 
 
@@ -201,35 +202,31 @@ def _preference(cand: dict[str, Any], by_accuracy: bool) -> tuple:
     return (not ok, *((cost, acc) if by_accuracy == ok else (acc, cost)))
 
 
-def choose_operating_point(P, val: RoutingData | None, C_route, C, op, default: Rule) -> dict[str, Any]:
-    """The operating point on val: each policy of ``op.policy`` ('auto': tolerance and value)
+def choose_operating_point(P, val: RoutingData | None, C_route, C, op, default: Policy) -> dict[str, Any]:
+    """The operating point on val: each policy of ``op.policy`` ('auto': every registered one)
     calibrated to the target (:func:`_calibrate`), the best kept (:func:`_preference`; ties:
     tolerance) with every candidate under ``candidates``. No target: ``default`` (status
-    'default'); no val rows: ``default`` with a ``note``. Returns policy, tolerance / value
-    (the other None), status, targets, val accuracy / cost."""
+    'default'); no val rows: ``default`` with a ``note``. Returns policy, each policy's parameter
+    (None but the chosen one's: ``Policy.fields``), status, targets, val accuracy / cost."""
     target_acc = op.target_accuracy
     wanted = op.target_cost is not None or target_acc is not None
     out = {"target_cost": op.target_cost, "target_accuracy": target_acc if isinstance(target_acc, float) else None}
     if val is None or not len(val.query_ids):
         note = "no val rows: the artifact's default rule" + (" (the configured target is not calibrated)"
                                                               if wanted else "")
-        return {**_rule_fields(default), "status": "default", **out, "val_accuracy": None, "val_cost": None,
+        return {**default.fields(), "status": "default", **out, "val_accuracy": None, "val_cost": None,
                 "note": note}
     if not wanted:
         acc, cost = M.routing_outcome(val.Y, C, default.route(P, C_route))
-        return {**_rule_fields(default), "status": "default", **out, "val_accuracy": acc, "val_cost": cost}
+        return {**default.fields(), "status": "default", **out, "val_accuracy": acc, "val_cost": cost}
     if target_acc == "best_single":
         target_acc = M.best_single(val.Y, C)[1]
-    policies = POLICIES if op.policy == "auto" else (op.policy,)
+    policies = policy_names() if op.policy == "auto" else (op.policy,)
     cands = [_calibrate(p, P, val, C_route, C, op, target_acc) for p in policies]
     best = min(cands, key=lambda c: _preference(c, target_acc is not None))
-    return {**_rule_fields(Rule.of(best["policy"], best["param"])), "status": best["status"], **out,
+    return {**Policy.of(best["policy"], best["param"]).fields(), "status": best["status"], **out,
             "target_accuracy": None if target_acc is None else float(target_acc),
             "val_accuracy": best["val_accuracy"], "val_cost": best["val_cost"], "candidates": cands}
-
-
-def _rule_fields(rule: Rule) -> dict[str, Any]:
-    return {"policy": rule.policy, **{p: rule.param if p == rule.policy else None for p in POLICIES}}
 
 
 # -------------------------------------------------------------------------- evaluation
@@ -263,7 +260,7 @@ def score_subset(models, preds, operating, m: np.ndarray, test: dict[str, np.nda
                  cfg, detail: bool = True) -> dict[str, Any]:
     """``{"references", "routers"}`` on the test rows ``m`` (``(n_test,)`` bool). ``test``:
     the test split's ``Y``, ``C`` (outcome) and ``C_route`` (decision) arrays; ``detail=False``
-    drops each router's sweeps (tolerance points, value front) and operating point (the per-task rows)."""
+    drops each router's sweeps (tolerance points, other policies' fronts) and operating point (the per-task rows)."""
     Y, C, Cr = test["Y"][m], test["C"][m], test["C_route"][m]
     refs = references(Y, C, targets, cfg.savings_threshold)
     rows = {}
@@ -275,7 +272,8 @@ def score_subset(models, preds, operating, m: np.ndarray, test: dict[str, np.nda
                 row["operating_point"] = operating[model.name]
             else:
                 row.pop("sweep")
-                row["value_policy"].pop("frontier")
+                for name in policy_names()[1:]:
+                    row[f"{name}_policy"].pop("frontier")
         else:
             row = score_fixed(P, Y, C, refs, cfg)
         rows[model.name] = row

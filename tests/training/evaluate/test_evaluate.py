@@ -12,7 +12,7 @@ import pytest
 
 from shared.artifact import (ArtifactMeta, EncoderInfo, PolicyDefaults, TargetInfo, load_artifact, read_meta,
                              save_artifact)
-from shared.policy import Rule
+from shared.policy import Policy
 from shared.trunk import FeatureTransform
 from training.loop import TrunkConfig, build_ensemble, train_one
 from training.evaluate import routing_metrics as M
@@ -165,7 +165,7 @@ def test_numbers_are_consistent_with_metrics(evaluated):
     C_route = router.costs(te.n_tokens)
     C = np.where(np.isnan(te.cost), C_route, te.cost)
     ours = report.router("prefill-router")
-    acc, cost = M.routing_outcome(te.Y, C, Rule.of(ours.policy, ours.param).route(P, C_route))
+    acc, cost = M.routing_outcome(te.Y, C, Policy.of(ours.policy, ours.param).route(P, C_route))
     assert acc == pytest.approx(ours.accuracy) and cost == pytest.approx(ours.cost)
     best, oracle = M.best_single(te.Y, C)[1], M.oracle_accuracy(te.Y)
     assert ours.gap_closed == pytest.approx(M.gap_closed(acc, best, oracle))
@@ -181,7 +181,7 @@ def test_operating_point_written_and_artifact_still_loads(evaluated):
     assert op.status == "calibrated" and report.operating_point_written
     meta = read_meta(cfg.artifact)
     assert meta.policy.operating_point is not None
-    assert meta.policy.rule() == Rule.of(op.policy, op.param) and meta.policy.tolerance == 0.2
+    assert meta.policy.rule() == Policy.of(op.policy, op.param) and meta.policy.tolerance == 0.2
     # 'auto': both policies calibrated on val; the kept one reaches the target at the lower val cost
     reached = [c for c in op.candidates if c.status == "calibrated"]
     assert {c.policy for c in op.candidates} == {"tolerance", "value"} and reached
@@ -317,7 +317,7 @@ def test_cli_reads_datasets_and_keeps_default_tolerance(evaluated, tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["operating_point"]["status"] == "default" and not report["operating_point_written"]
     op = report["operating_point"]
-    assert Rule.of(op["policy"], op[op["policy"]]) == read_meta(cfg.artifact).policy.rule()
+    assert Policy.of(op["policy"], op[op["policy"]]) == read_meta(cfg.artifact).policy.rule()
     assert (Path(cfg.artifact) / "meta.json").read_bytes() == before
     assert set(report["subsets"]["test"]["routers"]) == {"prefill-router", "random", "always-cheapest", "task-best"}
     md = (tmp_path / "out" / "report.md").read_text()
@@ -354,7 +354,7 @@ def test_per_task_and_disagreement_rows(evaluated):
     tasks = np.array(TASKS(len(data.query_ids)))[data.split == "test"]
     P, C_route, C = _direct(cfg, te)
     ours = report.router("prefill-router")
-    rule = Rule.of(ours.policy, ours.param)
+    rule = Policy.of(ours.policy, ours.param)
     dis = M.disagreement_mask(te.Y)
     assert list(report.by_task) == ["alpha", "beta"]
     for task in ("alpha", "beta"):

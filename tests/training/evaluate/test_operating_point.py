@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from shared.policy import Rule
+from shared.policy import Policy
 from training.dataset import RoutingData
 from training.evaluate import routing_metrics as M
 from training.evaluate.scoring import choose_operating_point
@@ -30,11 +30,11 @@ def op(policy="auto", target_cost=None, target_accuracy=None):
 
 def test_auto_keeps_the_policy_that_reaches_the_target_cheaper():
     P, val, C = _val()
-    default = Rule("tolerance", 0.2)
+    default = Policy.of("tolerance", 0.2)
     got = choose_operating_point(P, val, C, C, op(target_accuracy="best_single"), default)
     assert {c["policy"] for c in got["candidates"]} == {"tolerance", "value"}
     for c in got["candidates"]:  # each candidate's val numbers are its rule's routing outcome
-        routed = M.routing_outcome(val.Y, C, Rule.of(c["policy"], c["param"]).route(P, C))
+        routed = M.routing_outcome(val.Y, C, Policy.of(c["policy"], c["param"]).route(P, C))
         assert (c["val_accuracy"], c["val_cost"]) == pytest.approx(routed)
     reached = [c for c in got["candidates"] if c["status"] == "calibrated"]
     assert reached and got["status"] == "calibrated" and got["target_accuracy"] == pytest.approx(val.Y[:, 0].mean())
@@ -51,7 +51,7 @@ def test_auto_keeps_the_policy_that_reaches_the_target_cheaper():
 
 def test_unreachable_targets_missing_val_and_no_target():
     P, val, C = _val()
-    default = Rule("value", 0.5)
+    default = Policy.of("value", 0.5)
     far = choose_operating_point(P, val, C, C, op(target_accuracy=1.01), default)
     assert far["status"] == "fallback" and far["val_accuracy"] == max(c["val_accuracy"] for c in far["candidates"])
     poor = choose_operating_point(P, val, C, C, op(target_cost=0.01), default)  # below the cheapest target

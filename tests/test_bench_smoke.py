@@ -64,6 +64,21 @@ def test_missing_fields_names_what_a_table_would_miss():
     assert missing_fields(doc, spec) == ["off.p50_ms", "load[1].rps", "by_task.b.n", "by_task.a.top1", "n"]
 
 
+RESULTS = {"capture_throughput": ["capture_throughput.json", "capture_throughput_routerbench.json"],
+           "encoder_combination": ["encoder_combination.json"], "fit_workers": ["fit_workers.json"],
+           "next_token_signal": ["next_token_smollm2.json", "next_token_qwen_sample600.json"],
+           "prefix_cache": ["prefix_cache_latency.json", "prefix_cache_latency_2026-12-02.json"],
+           "routing_headroom": ["routing_headroom.json"], "serve_load": ["serve_load.json", "serve_load_64tok.json"]}
+
+
+@pytest.mark.parametrize("name", sorted(RESULTS))
+def test_published_results_hold_what_their_tables_read(name):
+    """The committed bench/results/*.json behind bench/README.md's tables hold each bench's TABLE_FIELDS."""
+    for file in RESULTS[name]:
+        read_checked(bench(name), ROOT / "bench" / "results" / file)
+    assert {p.stem for p in (ROOT / "bench").glob("*.py")} == set(RESULTS)  # every bench is listed (and run below)
+
+
 # ----------------------------------------------------------------------------- RouterBench-like capture
 def write_routerbench_work(root: Path, n: int = 150, seed: int = 0) -> dict:
     """A tiny stand-in for ``runs/pipeline-routerbench``: activations (the RouterBench router's

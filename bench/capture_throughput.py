@@ -107,13 +107,14 @@ def run_pipeline(cfg) -> dict:
     from shared.ray_boot import ensure_ray
     from training.capture.run import run_capture
 
-    ensure_ray(log_to_driver=False)
+    started = ensure_ray(log_to_driver=False)  # a Ray this process runs already (the smoke test's) is kept
     try:
         t0 = time.perf_counter()
         summary = run_capture(cfg)
         seconds = time.perf_counter() - t0
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     return {"seconds": seconds, "tokens": summary["prompt_tokens"], "rows": summary["captured_rows"],
             "computed": summary["computed_tokens"], "min_shared_prefix": summary["min_shared_prefix"],
             "padding_waste": summary["padding_waste"], "truncated": summary["truncated_prompts"]}
@@ -164,6 +165,11 @@ def cpu_model() -> str:
 PATHS = (("shared", "(a) Ray Data capture pipeline, prefix sharing on"),
          ("off", "(a0) Ray Data capture pipeline, prefix sharing off"),
          ("naive", "(b) naive loop (batch 1, full depth, all hidden states)"))
+PATH_FIELDS = ("seconds", "tokens_per_s", "computed_share", "gflops")  # read by each path's table row
+# What the table (report, bench/README.md) reads of the JSON: key -> its sub-keys.
+TABLE_FIELDS = {"n": (), "source": (), "encoder": (), "matmul_gflops": (), "speedup": (),
+                "load_average_1m": ("before", "after"), "shared": (*PATH_FIELDS, "min_shared_prefix"),
+                "off": PATH_FIELDS, "naive": (*PATH_FIELDS, "tokens", "layers", "num_layers")}
 
 
 def report(res: dict) -> str:
@@ -175,10 +181,9 @@ def report(res: dict) -> str:
              "", "| path | seconds | prompt tokens/s | tokens computed | GFLOP/s | % of matmul | vs (b) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for key, name in PATHS:
-        r = res[key]
-        lines.append(f"| {name} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | {100 * r['computed_share']:.1f}% | "
-                     f"{r['gflops']:.1f} | {100 * r['gflops'] / res['matmul_gflops']:.0f}% | "
-                     f"**{r['tokens_per_s'] / n['tokens_per_s']:.2f}x** |")
+        seconds, rate, share, gflops = (res[key][f] for f in PATH_FIELDS)
+        lines.append(f"| {name} | {seconds:.1f} | {rate:.0f} | {100 * share:.1f}% | {gflops:.1f} | "
+                     f"{100 * gflops / res['matmul_gflops']:.0f}% | **{rate / n['tokens_per_s']:.2f}x** |")
     lines.append(f"\nprefix sharing on vs off: {res['shared']['tokens_per_s'] / res['off']['tokens_per_s']:.2f}x")
     return "\n".join(lines)
 

@@ -31,6 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+# The table's columns (markdown, bench/README.md), in order; what it reads of each row of the JSON.
+ROW_FIELDS = ("sources", "blocks", "n_components", "mean_pooled_auc", "mean_within_task_auc",
+              "first_target_within_task_auc")
+TABLE_FIELDS = {"rows": ROW_FIELDS, "args": ("targets",)}  # what the table reads of the JSON
+
 
 def parse_capture(spec: str) -> tuple[str, str, list[str]]:
     """``name=uri:block,block`` -> ``(name, uri, blocks)``."""
@@ -97,11 +102,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     from training.loop import TrunkConfig
 
     sources, Y, tasks, groups, targets = load(args)
+    trunk = TrunkConfig(**({"max_epochs": args.max_epochs} if args.max_epochs else {}))
     out = []
     for combo in track(combinations(list(sources)), description="cross-validating"):
         blocks = {f"{s}:{b}": x for s in combo for b, x in sources[s].items()}
         k = args.minilm_components if combo == ("minilm",) else args.n_components
-        auc = fold_scores(Y, tasks, fold_predictions(blocks, Y, groups, k, TrunkConfig(), args.folds, args.seeds,
+        auc = fold_scores(Y, tasks, fold_predictions(blocks, Y, groups, k, trunk, args.folds, args.seeds,
                                                      seed=args.seed))
         out.append({"sources": list(combo), "blocks": list(blocks), "n_components": k, "n_rows": int(len(Y)),
                     "mean_pooled_auc": float(np.nanmean(auc["pooled"])),
@@ -116,9 +122,9 @@ def markdown(rows: list[dict], first: str) -> str:
     lines = ["| sources | blocks | PCA per block | mean pooled AUC | mean within-task AUC | "
              f"{first} within-task |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {' + '.join(r['sources'])} | {', '.join(r['blocks'])} | {r['n_components']} | "
-                     f"{r['mean_pooled_auc']:.3f} | {r['mean_within_task_auc']:.3f} | "
-                     f"{r['first_target_within_task_auc']:.3f} |")
+        sources, blocks, k, pooled, within, first_within = (r[f] for f in ROW_FIELDS)
+        lines.append(f"| {' + '.join(sources)} | {', '.join(blocks)} | {k} | {pooled:.3f} | {within:.3f} | "
+                     f"{first_within:.3f} |")
     return "\n".join(lines)
 
 
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-epochs", type=int, default=None, help="epochs per member (default: TrunkConfig's, as tune)")
     p.add_argument("--out", default="bench/results/encoder_combination.json")
     args = p.parse_args(argv)
     args.targets = load_artifact(args.artifact).target_names

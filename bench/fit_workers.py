@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+ROW_FIELDS = ("workers", "seeds", "seconds", "best_val_loss")  # the table's columns (table, bench/README.md)
+TABLE_FIELDS = {"rows": ROW_FIELDS}  # what the table reads of the JSON
 
 
 def load_features(cfg_path: str):
@@ -50,8 +52,9 @@ def time_fit(cfg, arrays, workers: int, seeds: int, storage: str) -> dict:
 def table(rows: list[dict]) -> str:
     base = rows[0]["seconds"]
     lines = ["| workers | seeds | seconds | speed-up vs 1st row | best val loss |", "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['workers']} | {r['seeds']} | {r['seconds']:.1f} | {base / r['seconds']:.2f}x | "
-              f"{r['best_val_loss']:.4f} |" for r in rows]
+    for r in rows:
+        workers, seeds, seconds, loss = (r[f] for f in ROW_FIELDS)
+        lines.append(f"| {workers} | {seeds} | {seconds:.1f} | {base / seconds:.2f}x | {loss:.4f} |")
     return "\n".join(lines)
 
 
@@ -67,12 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     from shared.ray_boot import ensure_ray
 
     cfg, *arrays = load_features(args.config)
-    ensure_ray("local", num_cpus=max(args.workers), log_to_driver=False)
+    started = ensure_ray("local", num_cpus=max(args.workers), log_to_driver=False)  # or the Ray this process runs
     try:
         with tempfile.TemporaryDirectory(prefix="bench-fit-") as storage:
             rows = [time_fit(cfg, arrays, w, args.seeds, storage) for w in args.workers]
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs", "n_train": int(arrays[0].shape[0]), "features": int(arrays[0].shape[1]),
               "targets": cfg.targets, "rows": rows}

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 STATS = ("top1", "margin", "-entropy")
+# What the table (markdown, bench/README.md) reads of the JSON: key -> sub-keys ("*": every task).
+TABLE_FIELDS = {"column": (), "targets": (), "by_task": ("*.n", *(f"*.{s}" for s in STATS))}
 
 
 def signal_table(stats: np.ndarray, Y: np.ndarray, tasks: np.ndarray, targets: list[str]) -> dict:

@@ -28,6 +28,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+PATH_FIELDS = ("p50_ms", "p90_ms", "mean_ms")  # the columns of each path's table row, in order
+# What the table (report, bench/README.md) reads of the JSON: key -> its sub-keys (a row per path).
+TABLE_FIELDS = {"off": PATH_FIELDS, "on": PATH_FIELDS, "speedup_p50": (), "n": (), "system_tokens": (),
+                "prompt_tokens": ("min", "max", "mean"), "encoder": (), "layers": (), "threads": (),
+                "max_probability_gap": (), "cache": ()}
 
 RULES = ["Refunds are issued to the original payment method within five working days.",
          "Orders above fifty euros ship free of charge inside the European Union.",
@@ -66,7 +71,7 @@ async def time_decisions(encoders: dict, head, convs: list) -> tuple[dict[str, l
             t0 = time.perf_counter()
             decision = head.decide(await enc.encode(conv), None)
             times[name].append(time.perf_counter() - t0)
-            probs[name] = np.array(list(decision["probabilities"].values()))
+            probs[name] = np.array(list(decision.probabilities.values()))
         gap = max(gap, float(np.abs(probs["on"] - probs["off"]).max()))
     return times, gap
 
@@ -78,10 +83,11 @@ def summary(seconds: list[float]) -> dict[str, float]:
 
 
 def report(res: dict) -> str:
-    off, on = res["off"], res["on"]
-    rows = [f"| cache off (whole prompt) | {off['p50_ms']:.1f} | {off['p90_ms']:.1f} | {off['mean_ms']:.1f} | 1.00x |",
-            f"| cache hit (suffix only) | {on['p50_ms']:.1f} | {on['p90_ms']:.1f} | {on['mean_ms']:.1f} | "
-            f"**{res['speedup_p50']:.2f}x** |"]
+    def cells(path: str) -> str:
+        return " | ".join(f"{res[path][k]:.1f}" for k in PATH_FIELDS)
+
+    rows = [f"| cache off (whole prompt) | {cells('off')} | 1.00x |",
+            f"| cache hit (suffix only) | {cells('on')} | **{res['speedup_p50']:.2f}x** |"]
     return "\n".join([
         f"{res['n']} decisions per path, batch 1; system prompt {res['system_tokens']} tokens, prompts "
         f"{res['prompt_tokens']['min']}-{res['prompt_tokens']['max']} tokens (mean {res['prompt_tokens']['mean']:.0f}); "

@@ -35,6 +35,12 @@ import numpy as np
 
 SIGMAS = (4.0, 3.0, 2.0, 1.5, 1.2, 1.0, 0.8, 0.6)
 RHOS = (0.0, 0.5)
+# The columns of bench/README.md's two tables (markdown), per policy: each a pair of rho 0 / rho 0.5 rows
+POLICY_FIELDS = ("iso_accuracy_savings", "iso_reached_share", "best_gap_closed_at_savings", "pauccc")
+# What the tables read of the JSON: key -> sub-keys of each row (dotted: nested).
+TABLE_FIELDS = {"synthetic": ("rho", "sigma", "within_task_auc", *POLICY_FIELDS,
+                              *(f"value_policy.{f}" for f in POLICY_FIELDS)),
+                "measured": ("router", "within_task_auc", "iso_accuracy_savings")}
 
 
 def synthetic_proba(Y: np.ndarray, base_rate: np.ndarray, sigma: float, rho: float,
@@ -70,18 +76,20 @@ def load_split(work_dir: str, artifact: str, targets: list[str]):
 
 def sweep_quality(Y, C, C_route, tasks, base_rate, targets, draws: int, seed: int) -> list[dict]:
     """One row per (rho, sigma): mean over ``draws`` of the synthetic router's metrics."""
+    from shared.policy import Rule
     from training.evaluate.scoring import PAPER_SAVINGS, references, score_probabilistic
     from training.evaluate.uncertainty import within_group_auc
 
     cfg = SimpleNamespace(pauccc_interpolation="linear", savings_threshold=PAPER_SAVINGS)
     refs = references(Y, C, targets, cfg.savings_threshold)
+    rule = Rule.of("tolerance", 0.05)  # the operating point; the sweeps are over every tolerance and value
     rng, rows = np.random.default_rng(seed), []
     for rho in RHOS:
         for sigma in SIGMAS:
             runs = []
             for _ in range(draws):
                 P = synthetic_proba(Y, base_rate, sigma, rho, rng)
-                r = score_probabilistic(P, Y, C_route, C, 0.05, refs, targets, cfg)
+                r = score_probabilistic(P, Y, C_route, C, rule, refs, targets, cfg)
                 v = r["value_policy"]
                 runs.append([np.nanmean(within_group_auc(Y, P, tasks)), r["iso_accuracy_savings"],
                              r["best_gap_closed_at_savings"], r["pauccc"], v["iso_accuracy_savings"],
@@ -132,6 +140,23 @@ def measured(reports: list[str]) -> list[dict]:
                         **({"value_iso_accuracy_savings": test["value_policy"]["iso_accuracy_savings"]}
                            if test.get("value_policy") else {})})
     return out
+
+
+def markdown(rows: list[dict], value_policy: bool = False) -> str:
+    """bench/README.md's table of the tolerance policy (or the value policy): one line per sigma,
+    rho 0 and rho 0.5 side by side (savings count 0 where a draw does not reach GPT-4's accuracy)."""
+    by = {(r["rho"], r["sigma"]): r for r in rows}
+    name = "savings at GPT-4's accuracy" + (", value policy" if value_policy else "")
+    lines = [f"| within-task AUC (rho 0 / 0.5) | {name}, rho 0 (draws reaching it) | rho 0.5 | best gap closed at "
+             "≥ 74.31% savings, rho 0 | rho 0.5 | P-AUCCC, rho 0 | rho 0.5 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for sigma in sorted({r["sigma"] for r in rows}, reverse=True):
+        pair = [by[(rho, sigma)] for rho in RHOS]
+        (s0, r0, g0, p0), (s1, r1, g1, p1) = ([(r["value_policy"] if value_policy else r)[f] for f in POLICY_FIELDS]
+                                              for r in pair)
+        gap0, gap1 = (f"{100 * g:+.1f}%".replace("-", "−") for g in (g0, g1))
+        lines.append(f"| {pair[0]['within_task_auc']:.3f} / {pair[1]['within_task_auc']:.3f} | {100 * s0:.1f}% "
+                     f"({100 * r0:.0f}%) | {100 * s1:.1f}% ({100 * r1:.0f}%) | {gap0} | {gap1} | {p0:.4f} | {p1:.4f} |")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], points: list[dict], path: Path) -> None:
@@ -190,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "routing_headroom.json").write_text(json.dumps({"args": vars(args), "n_test": int(len(Y)),
                                                            "synthetic": rows, "measured": points}, indent=2) + "\n")
     plot(rows, points, out / "routing_headroom.png")
+    print(markdown(rows), markdown(rows, value_policy=True), sep="\n\n")
     print(f"written to {out}/routing_headroom.json and routing_headroom.png")
     return 0
 

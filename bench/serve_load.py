@@ -34,6 +34,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+# The table's columns (table, bench/README.md), in order: one row per concurrency level ...
+LOAD_FIELDS = ("concurrency", "requests", "rps", "p50_s", "p99_s", "overhead_p50_s", "overhead_share_p50", "targets")
+# ... and the line on the truncated encoder against the full forward.
+ENCODER_FIELDS = ("prompts", "mean_prompt_tokens", "depth", "num_layers", "truncated_s", "full_s", "speedup")
+TABLE_FIELDS = {"load": LOAD_FIELDS, "encoder": ENCODER_FIELDS}  # what the table reads of the JSON
 
 
 def free_port() -> int:
@@ -123,7 +128,7 @@ def run_app(args: argparse.Namespace, prompts: list) -> list[dict]:
         "target_timeout_s": 600, "encoder_batch": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005},
         "encoder": {"max_ongoing_requests": 64}, "target_defaults": {"max_ongoing_requests": 64, "num_cpus": 0.5},
         "ingress": {"max_ongoing_requests": 256, "num_cpus": 0.2}})
-    ensure_ray("local", num_cpus=args.num_cpus, log_to_driver=False)
+    started = ensure_ray("local", num_cpus=args.num_cpus, log_to_driver=False)  # or the Ray this process runs
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         deploy(cfg)
@@ -132,19 +137,21 @@ def run_app(args: argparse.Namespace, prompts: list) -> list[dict]:
         return [asyncio.run(load_level(url, prompts, c, args.max_tokens)) for c in args.concurrency]
     finally:
         serve.shutdown()
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
 def table(result: dict) -> str:
     lines = ["| concurrency | requests | req/s | p50 latency (s) | p99 latency (s) | overhead p50 (ms) | "
              "overhead share p50 | routed to |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["load"]:
-        lines.append(f"| {r['concurrency']} | {r['requests']} | {r['rps']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} "
-                     f"| {1000 * r['overhead_p50_s']:.0f} | {100 * r['overhead_share_p50']:.1f}% | {r['targets']} |")
-    e = result["encoder"]
-    lines += ["", f"Per decision, batch 1, {e['prompts']} prompts (mean {e['mean_prompt_tokens']:.0f} tokens): "
-              f"truncated encoder (depth {e['depth']} of {e['num_layers']}) {1000 * e['truncated_s']:.1f} ms, "
-              f"full forward with all hidden states {1000 * e['full_s']:.1f} ms: **{e['speedup']:.2f}x**."]
+        c, n, rps, p50, p99, overhead, share, targets = (r[f] for f in LOAD_FIELDS)
+        lines.append(f"| {c} | {n} | {rps:.2f} | {p50:.2f} | {p99:.2f} | {1000 * overhead:.0f} | {100 * share:.1f}% "
+                     f"| {targets} |")
+    prompts, tokens, depth, layers, trunc, full, speedup = (result["encoder"][f] for f in ENCODER_FIELDS)
+    lines += ["", f"Per decision, batch 1, {prompts} prompts (mean {tokens:.0f} tokens): "
+              f"truncated encoder (depth {depth} of {layers}) {1000 * trunc:.1f} ms, "
+              f"full forward with all hidden states {1000 * full:.1f} ms: **{speedup:.2f}x**."]
     return "\n".join(lines)
 
 

@@ -1,0 +1,228 @@
+"""Every bench/*.py runs end to end on a tiny input and writes the JSON fields its bench/README.md table reads.
+
+A refactor that breaks a bench (a renamed function, a typed object the bench still indexes as
+a dict) fails here instead of at the next published run. Each bench names what its table reads
+of its JSON in one constant, ``TABLE_FIELDS`` (``{key: sub-keys}``; a sub-key is dotted for a
+nested dict and ``*`` stands for every value of a dict; a list's items are checked one by one),
+which its table code reads too; each test also renders the table from the JSON read back.
+
+The three RouterBench benches read a capture, labels and a query table: a tiny synthetic one
+(``routerbench_work``) stands in for ``runs/pipeline-routerbench``. ``capture_throughput
+--routerbench`` reads ``../shared/data/routerbench`` and skips where it is absent. The benches
+that load models or start Ray are ``slow`` and share one module-scoped Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUTERBENCH = ROOT.parent / "shared" / "data" / "routerbench"  # bench/README.md: ../shared/data/routerbench
+RB_ARTIFACT = ROOT / "data" / "routerbench" / "router"
+TASKS = ("arc-challenge", "winogrande", "mbpp")
+
+
+def bench(name: str):
+    return importlib.import_module(f"bench.{name}")
+
+
+def missing_fields(doc: dict, spec: dict[str, tuple[str, ...]]) -> list[str]:
+    """The fields of ``spec`` (a bench's ``TABLE_FIELDS``) that ``doc`` lacks, as dotted paths."""
+    def walk(value, parts: list[str], where: str) -> list[str]:
+        if isinstance(value, list):
+            return [m for i, item in enumerate(value) for m in walk(item, parts, f"{where}[{i}]")]
+        if not parts:
+            return []
+        head, rest = parts[0], parts[1:]
+        if head == "*":
+            return [m for k, v in value.items() for m in walk(v, rest, f"{where}.{k}")] if value else [where + ".*"]
+        if not isinstance(value, dict) or head not in value:
+            return [f"{where}.{head}".lstrip(".")]
+        return walk(value[head], rest, f"{where}.{head}")
+
+    return [m for key, subs in spec.items() for sub in (subs or ("",))
+            for m in walk(doc, [key, *filter(None, sub.split("."))], "")]
+
+
+def read_checked(module, path: Path) -> dict:
+    doc = json.loads(Path(path).read_text())
+    assert missing_fields(doc, module.TABLE_FIELDS) == []
+    return doc
+
+
+def test_missing_fields_names_what_a_table_would_miss():
+    spec = {"off": ("p50_ms",), "load": ("rps",), "by_task": ("*.n", "*.top1"), "n": ()}
+    doc = {"off": {"p50_ms": 1.0}, "load": [{"rps": 1}, {"rps": 2}], "by_task": {"a": {"n": 1, "top1": {}}}, "n": 3}
+    assert missing_fields(doc, spec) == []
+    doc = {"off": {}, "load": [{"rps": 1}, {}], "by_task": {"a": {"n": 1}, "b": {"top1": {}}}}
+    assert missing_fields(doc, spec) == ["off.p50_ms", "load[1].rps", "by_task.b.n", "by_task.a.top1", "n"]
+
+
+RESULTS = {"capture_throughput": ["capture_throughput.json", "capture_throughput_routerbench.json"],
+           "encoder_combination": ["encoder_combination.json"], "fit_workers": ["fit_workers.json"],
+           "next_token_signal": ["next_token_smollm2.json", "next_token_qwen_sample600.json"],
+           "prefix_cache": ["prefix_cache_latency.json", "prefix_cache_latency_2026-12-02.json"],
+           "routing_headroom": ["routing_headroom.json"], "serve_load": ["serve_load.json", "serve_load_64tok.json"]}
+
+
+@pytest.mark.parametrize("name", sorted(RESULTS))
+def test_published_results_hold_what_their_tables_read(name):
+    """The committed bench/results/*.json behind bench/README.md's tables hold each bench's TABLE_FIELDS."""
+    for file in RESULTS[name]:
+        read_checked(bench(name), ROOT / "bench" / "results" / file)
+    assert {p.stem for p in (ROOT / "bench").glob("*.py")} == set(RESULTS)  # every bench is listed (and run below)
+
+
+# ----------------------------------------------------------------------------- RouterBench-like capture
+def write_routerbench_work(root: Path, n: int = 150, seed: int = 0) -> dict:
+    """A tiny stand-in for ``runs/pipeline-routerbench``: activations (the RouterBench router's
+    blocks ``h18_last``, ``h21_last`` and a ``h30_next`` block), labels of the router's 11 targets
+    and the query table (task, group, split, messages)."""
+    from shared import storage
+    from shared.artifact import load_artifact
+    from training.shards import check_manifest, shard_path, update_manifest
+
+    rng = np.random.default_rng(seed)
+    qids = [f"rb{i:04d}" for i in range(n)]
+    tasks = [TASKS[i % 3] for i in range(n)]
+    split = rng.choice(["train", "val", "test"], size=n, p=[0.6, 0.2, 0.2]).tolist()
+    hard = rng.normal(size=n)
+    acts = str(root / "activations")
+    cols = {"query_id": qids, "split": split, "n_tokens": rng.integers(50, 400, size=n).tolist()}
+    for block in ("h18_last", "h21_last"):
+        x = rng.normal(size=(n, 16)).astype(np.float32)
+        x[:, 0] += hard
+        cols[block] = pa.FixedShapeTensorArray.from_numpy_ndarray(x)
+    sure = 1 / (1 + np.exp(hard))
+    nxt = np.stack([sure, sure / 2, 1 - sure], 1).astype(np.float32)
+    cols["h30_next"] = pa.FixedShapeTensorArray.from_numpy_ndarray(nxt)
+    check_manifest(acts, {"encoder": {"name": "smollm2-135m", "sha256": None}, "synthetic": True})
+    update_manifest(acts, columns=["h18_last", "h21_last", "h30_next"])
+    storage.write_parquet(pa.table(cols), shard_path(acts, 0))
+    targets = load_artifact(str(RB_ARTIFACT)).target_names
+    for t, target in enumerate(targets):
+        correct = (rng.random(n) < 1 / (1 + np.exp(hard - 1 + 0.1 * t))).astype(float)
+        storage.write_parquet(pa.table({
+            "query_id": qids, "status": ["ok"] * n, "correct": correct.tolist(), "input_tokens": cols["n_tokens"],
+            "output_tokens": [8] * n, "cost": (np.asarray(cols["n_tokens"]) * 1e-6 / (t + 1)).tolist()}),
+            shard_path(str(root / "labels" / target), 0))
+    queries = str(root / "queries.parquet")
+    storage.write_parquet(pa.table({
+        "query_id": qids, "split": split, "task": tasks, "source": ["routerbench"] * n,
+        "group_id": [f"g{i // 2}" for i in range(n)],
+        "messages": [[{"role": "user", "content": f"{task} question {i}"}] for i, task in enumerate(tasks)]}), queries)
+    return {"root": str(root), "activations": acts, "labels": str(root / "labels"), "queries": queries}
+
+
+@pytest.fixture(scope="module")
+def routerbench_work(tmp_path_factory):
+    return write_routerbench_work(tmp_path_factory.mktemp("routerbench-work"))
+
+
+def test_routing_headroom_runs_on_a_tiny_capture(routerbench_work, tmp_path):
+    headroom = bench("routing_headroom")
+    out = tmp_path / "out"
+    assert headroom.main(["--work-dir", routerbench_work["root"], "--artifact", str(RB_ARTIFACT), "--draws", "1",
+                          "--reports", str(ROOT / "data" / "routerbench" / "eval" / "report.json"),
+                          "--out", str(out)]) == 0
+    doc = read_checked(headroom, out / "routing_headroom.json")
+    assert len(doc["synthetic"]) == len(headroom.SIGMAS) * len(headroom.RHOS) and doc["measured"]
+    assert (out / "routing_headroom.png").stat().st_size > 0
+    for value_policy in (False, True):
+        assert headroom.markdown(doc["synthetic"], value_policy).count("\n") == 1 + len(headroom.SIGMAS)
+
+
+def test_encoder_combination_runs_on_a_tiny_capture(routerbench_work, tmp_path):
+    combination = bench("encoder_combination")
+    w, out = routerbench_work, tmp_path / "combination.json"
+    assert combination.main(["--capture", f"a={w['activations']}:h18_last", "--capture",
+                             f"b={w['activations']}:h21_last", "--labels", w["labels"], "--queries", w["queries"],
+                             "--artifact", str(RB_ARTIFACT), "--n-components", "4", "--folds", "2", "--seeds", "1",
+                             "--max-epochs", "5", "--out", str(out)]) == 0
+    doc = read_checked(combination, out)
+    assert [r["sources"] for r in doc["rows"]] == [["a"], ["b"], ["a", "b"]]
+    assert combination.markdown(doc["rows"], doc["args"]["targets"][0]).count("\n") == 1 + 3
+
+
+def test_next_token_signal_samples_and_scores_a_tiny_capture(routerbench_work, tmp_path):
+    signal = bench("next_token_signal")
+    w, out = routerbench_work, tmp_path / "next.json"
+    assert signal.main(["sample", "--queries", w["queries"], "--per-task", "arc-challenge=5", "winogrande=3",
+                        "--out", str(tmp_path / "sample.parquet")]) == 0
+    assert signal.main(["score", "--activations", w["activations"], "--labels", w["labels"],
+                        "--queries", w["queries"], "--out", str(out)]) == 0
+    doc = read_checked(signal, out)
+    assert doc["column"] == "h30_next" and sorted(doc["by_task"]) == sorted(TASKS)
+    text = signal.markdown(doc["by_task"], doc["targets"], doc["targets"][0])
+    assert text.count("\n") == 1 + len(TASKS) * len(signal.STATS)
+
+
+# ----------------------------------------------------------------------------- real models and Ray
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local 2-CPU Ray for the benches that need one: each keeps a Ray it did not start."""
+    import ray
+
+    from shared.ray_boot import ensure_ray
+
+    ensure_ray("local", num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_prefix_cache_runs_on_a_short_system_prompt(tmp_path):
+    prefix = bench("prefix_cache")
+    out = tmp_path / "prefix.json"
+    assert prefix.main(["--system-tokens", "64", "--n", "2", "--json", str(out)]) == 0
+    doc = read_checked(prefix, out)
+    assert doc["n"] == 2 and doc["cache"]["hits"] == 2 and doc["max_probability_gap"] < 1e-4
+    assert "**" in prefix.report(doc)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["reference", "routerbench"])
+def test_capture_throughput_runs_on_three_queries(ray_local, tmp_path, source):
+    capture = bench("capture_throughput")
+    if source == "routerbench" and not any(ROUTERBENCH.glob("*.csv")):
+        pytest.skip(f"no RouterBench CSVs at {ROUTERBENCH} (bench/README.md: ../shared/data/routerbench)")
+    out = tmp_path / "capture.json"
+    args = ["--routerbench", str(ROUTERBENCH)] if source == "routerbench" else []
+    assert capture.main([*args, "--n", "3", "--json", str(out), "layers=[2]", "max_actors=1", "max_tokens=64"]) == 0
+    doc = read_checked(capture, out)
+    assert doc["n"] == 3 and doc["naive"]["layers"] == [2]
+    assert doc["shared"]["tokens"] == doc["off"]["tokens"] == doc["naive"]["tokens"] > 0
+    assert "prefix sharing on vs off" in capture.report(doc)
+
+
+@pytest.mark.slow
+def test_fit_workers_runs_on_a_tiny_capture(ray_local, tmp_path):
+    from tests.synthetic import TARGETS, write_synthetic
+
+    fit = bench("fit_workers")
+    data = write_synthetic(str(tmp_path), n=120, d=8)
+    config = tmp_path / "fit.yaml"
+    config.write_text(json.dumps({"activations": data["activations"], "labels": data["labels"], "targets": TARGETS,
+                                  "out": str(tmp_path / "router"), "blocks": ["h2_last"], "n_components": 4}))
+    out = tmp_path / "fit.json"
+    assert fit.main(["--config", str(config), "--seeds", "1", "--workers", "1", "--json", str(out)]) == 0
+    doc = read_checked(fit, out)
+    assert [r["workers"] for r in doc["rows"]] == [1] and doc["rows"][0]["seconds"] > 0
+    assert "1.00x" in fit.table(doc["rows"])
+
+
+@pytest.mark.slow
+def test_serve_load_runs_two_requests(ray_local, tmp_path):
+    serve_load = bench("serve_load")
+    out = tmp_path / "serve.json"
+    assert serve_load.main(["--n", "2", "--concurrency", "1", "--max-tokens", "2", "--targets", "smollm2-135m",
+                            "--json", str(out)]) == 0
+    doc = read_checked(serve_load, out)
+    assert [r["requests"] for r in doc["load"]] == [2] and doc["load"][0]["targets"] == {"smollm2-135m": 2}
+    assert "**" in serve_load.table(doc)

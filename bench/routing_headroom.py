@@ -76,13 +76,13 @@ def load_split(work_dir: str, artifact: str, targets: list[str]):
 
 def sweep_quality(Y, C, C_route, tasks, base_rate, targets, draws: int, seed: int) -> list[dict]:
     """One row per (rho, sigma): mean over ``draws`` of the synthetic router's metrics."""
-    from shared.policy import Rule
+    from shared.policy import Policy
     from training.evaluate.scoring import PAPER_SAVINGS, references, score_probabilistic
     from training.evaluate.uncertainty import within_group_auc
 
     cfg = SimpleNamespace(pauccc_interpolation="linear", savings_threshold=PAPER_SAVINGS)
     refs = references(Y, C, targets, cfg.savings_threshold)
-    rule = Rule.of("tolerance", 0.05)  # the operating point; the sweeps are over every tolerance and value
+    rule = Policy.of("tolerance", 0.05)  # the operating point; the sweeps are over every tolerance and value
     rng, rows = np.random.default_rng(seed), []
     for rho in RHOS:
         for sigma in SIGMAS:

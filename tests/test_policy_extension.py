@@ -21,6 +21,7 @@ from shared.routing import cheapest_where, cost_matrix, routing_outcome
 from tests.serving.test_ingress_logic import MSG, Handle, target
 from tests.shared.test_artifact import make_parts
 from training.evaluate.report import policy_lines
+from training.evaluate.results import ProbabilisticScores, jsonable
 from training.evaluate.scoring import choose_operating_point, policy_points, references, score_probabilistic
 from tests.training.evaluate.test_operating_point import _val, op
 
@@ -136,6 +137,8 @@ def test_evaluation_sweeps_and_calibrates_the_toy_policy(floor):
     row = score_probabilistic(P, val.Y, C, C, floor(chosen["floor"]), refs, val.targets, cfg)
     assert row["policy"] == "floor" and {"value_policy", "floor_policy"} <= set(row)
     assert set(row["floor_policy"]) >= {"pauccc", "max_gap_closed", "iso_accuracy_savings", "frontier"}
+    typed = ProbabilisticScores.model_validate(jsonable({**row, "kind": "probabilistic"}))  # report.json's model
+    assert typed.floor_policy.pauccc == pytest.approx(row["floor_policy"]["pauccc"])
     models = [SimpleNamespace(name="prefill-router", probabilistic=True)]
     points = policy_points(models, {"prefill-router": {"val": P, "test": P}}, val, C, C,
                            {"Y": val.Y, "C": C, "C_route": C}, refs)

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     from training.dataset import RoutingData
@@ -186,8 +186,10 @@ class FixedScores(Result):
 
 
 class ProbabilisticScores(Result):
-    """A router predicting P(correct) per target, at its operating point and along its sweeps."""
+    """A router predicting P(correct) per target, at its operating point and along its sweeps. A policy
+    registered after the two shipped ones adds its frontier as ``<name>_policy`` (the only extra keys)."""
 
+    model_config = ConfigDict(extra="allow")
     kind: Literal["probabilistic"]
     policy: str
     param: float
@@ -207,6 +209,18 @@ class ProbabilisticScores(Result):
     value_policy: Frontier | None = None
     sweep: Sweep | None = None  # not in the per-task rows
     operating_point: ChosenOperatingPoint | None = None  # not in the per-task rows
+
+
+    @model_validator(mode="after")
+    def _registered_policy_frontiers(self) -> "ProbabilisticScores":
+        from shared.policy import policy_names
+
+        extra = self.__pydantic_extra__ or {}
+        for key, value in extra.items():
+            if not (key.endswith("_policy") and key.removesuffix("_policy") in policy_names()):
+                raise ValueError(f"{key}: not a field of a router's scores, nor a registered policy's frontier")
+            extra[key] = Frontier.model_validate(value)
+        return self
 
 
 RouterScores = Annotated[FixedScores | ProbabilisticScores, Field(discriminator="kind")]

@@ -28,6 +28,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from shared import storage
 from shared.config import StrictConfig
+from shared.errors import MissingArtifact
 from shared.features import parse_block
 from shared.policy import PolicyName, Rule
 from shared.trunk import Ensemble, FeatureTransform, SharedTrunkNet
@@ -37,7 +38,7 @@ READABLE_VERSIONS = (1, 2)  # 1: before the value policy; its meta validates unc
 META_FILE, TRANSFORM_FILE, WEIGHTS_FILE = "meta.json", "transform.safetensors", "weights.safetensors"
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(MissingArtifact):
     """An artifact cannot be used: missing, corrupt, unknown schema or wrong encoder."""
 
 

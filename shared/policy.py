@@ -20,6 +20,8 @@ from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 
+from shared.errors import BadInput
+
 GAP_DECIMALS = 12
 
 
@@ -53,7 +55,7 @@ def within_tolerance(P: np.ndarray, tol: float) -> np.ndarray:
     """``(n, T)`` bool: target ``j`` is within ``tol`` of query ``i``'s best,
     ``max_k P[i, k] - P[i, j] <= tol`` (gaps rounded to 1e-12). ``tol`` must be >= 0."""
     if not tol >= 0:
-        raise ValueError(f"tolerance must be >= 0, got {tol}")
+        raise BadInput(f"tolerance must be >= 0, got {tol}")
     return probability_gaps(P) <= tol
 
 
@@ -81,7 +83,7 @@ def route_by_value(P: np.ndarray, costs: np.ndarray, value: float) -> np.ndarray
     """
     probability_gaps(P)  # validates P
     if not value >= 0:
-        raise ValueError(f"value must be >= 0, got {value}")
+        raise BadInput(f"value must be >= 0, got {value}")
     P = np.asarray(P, dtype=np.float64)
     costs = cost_matrix(costs, P.shape[0])
     score = P if np.isinf(value) else value * P - costs
@@ -106,9 +108,9 @@ class Rule(NamedTuple):
     def of(cls, policy: str, param: float) -> "Rule":
         """A checked rule: ValueError for an unknown policy or a negative / nan parameter."""
         if policy not in POLICIES:
-            raise ValueError(f"unknown routing policy {policy!r}; use one of {POLICIES}")
+            raise BadInput(f"unknown routing policy {policy!r}; use one of {POLICIES}")
         if not float(param) >= 0:
-            raise ValueError(f"the {policy} policy's parameter must be >= 0, got {param}")
+            raise BadInput(f"the {policy} policy's parameter must be >= 0, got {param}")
         return cls(policy, float(param))
 
     def route(self, P: np.ndarray, costs: np.ndarray) -> np.ndarray:

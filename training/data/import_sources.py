@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.errors import BadInput, MissingInput
 from training.queries import BadRecord, BuildReport, normalise, stable_hash
 from training.semantic_text import prompt_text
 
@@ -28,7 +29,7 @@ EXTENSIONS = {"routerbench": (".csv", ".pkl", ".pickle"), "long": (".parquet", "
 SOURCE = {"routerbench": "routerbench", "long": "import"}
 
 
-class MissingColumn(ValueError):
+class MissingColumn(BadInput):
     """An input file lacks a column the format needs."""
 
 
@@ -59,12 +60,12 @@ def input_files(item: str, fmt: str) -> list[Path]:
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS[fmt])
         if not found:
-            raise FileNotFoundError(f"no {'/'.join(EXTENSIONS[fmt])} files in folder {path}")
+            raise MissingInput(f"no {'/'.join(EXTENSIONS[fmt])} files in folder {path}")
         return found
     if not path.is_file():
-        raise FileNotFoundError(f"input {path} not found")
+        raise MissingInput(f"input {path} not found")
     if path.suffix.lower() not in EXTENSIONS[fmt]:
-        raise ValueError(f"{path}: the {fmt} format reads {', '.join(EXTENSIONS[fmt])} files")
+        raise BadInput(f"{path}: the {fmt} format reads {', '.join(EXTENSIONS[fmt])} files")
     return [path]
 
 
@@ -84,12 +85,12 @@ def staged_inputs(inputs: list[str], fmt: str, folder: Path) -> list[tuple[str, 
         fs, path = storage.filesystem(item)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"{item}: no such object or prefix")
+            raise MissingInput(f"{item}: no such object or prefix")
         found = [path] if info.type == pafs.FileType.File else sorted(
             f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=False))
             if f.type == pafs.FileType.File and Path(f.path).suffix.lower() in EXTENSIONS[fmt])
         if not found:
-            raise FileNotFoundError(f"no {'/'.join(EXTENSIONS[fmt])} files under {item}")
+            raise MissingInput(f"no {'/'.join(EXTENSIONS[fmt])} files under {item}")
         for key in found:
             uri = f"s3://{key}"
             local = folder / f"{len(out):04d}-{Path(key).name}"
@@ -111,11 +112,11 @@ def read_records(path: Path, trust_pickle: bool, limit: int | None) -> tuple[lis
     kind = path.suffix.lower()
     if kind in (".pkl", ".pickle"):
         if not trust_pickle:
-            raise ValueError(f"{path} is a pickle: unpickling runs code stored in the file, so it is read only "
+            raise BadInput(f"{path} is a pickle: unpickling runs code stored in the file, so it is read only "
                              "with trust_pickle=true (set it only for a file from a source you trust)")
         frame = pd.read_pickle(path)
         if not isinstance(frame, pd.DataFrame):
-            raise ValueError(f"{path} holds a {type(frame).__name__}, not a pandas DataFrame")
+            raise BadInput(f"{path} holds a {type(frame).__name__}, not a pandas DataFrame")
         frame = frame.head(limit) if limit else frame
     elif kind == ".csv":  # every cell as text: only an empty cell is missing ("NA" stays text)
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, nrows=limit)
@@ -129,7 +130,7 @@ def read_records(path: Path, trust_pickle: bool, limit: int | None) -> tuple[lis
         try:
             rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()][:limit]
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not JSON lines ({exc})") from exc
+            raise BadInput(f"{path}: not JSON lines ({exc})") from exc
         return list(dict.fromkeys(k for r in rows for k in r)), rows
     return [str(c) for c in frame.columns], frame.to_dict("records")
 
@@ -216,7 +217,7 @@ class Collector:
             try:
                 self.specs[name] = self.registry.get(name)
             except KeyError as exc:
-                raise ValueError(f"model {model!r} (registry name {name!r}) is not in the registry: add it there "
+                raise BadInput(f"model {model!r} (registry name {name!r}) is not in the registry: add it there "
                                  f"or map it with model_names ({exc.args[0]})") from None
             self.labels[name] = Counter()
         return name

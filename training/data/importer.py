@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 from shared import storage
-from shared.cli_utils import ConfigOption, Overrides
+from shared.errors import BadInput
 from training.data.import_config import ImportConfig
 from training.queries import QUERY_SCHEMA, assign_split, split_counts, table_hash
 from training.data.import_sources import (Collector, Obs, read_long, read_records, read_routerbench, sha256_file,
@@ -40,7 +40,7 @@ def query_table(col: Collector) -> pa.Table:
     rows = [{**q.row, "split": assign_split(q.row["group_id"], col.cfg.seed, col.cfg.splits),
              "meta": json.dumps({"source_ids": q.ids}, sort_keys=True)} for q in col.queries.values()]
     if not rows:
-        raise ValueError("no query could be imported (see the skipped rows)")
+        raise BadInput("no query could be imported (see the skipped rows)")
     return pa.Table.from_pylist(rows, schema=QUERY_SCHEMA)
 
 
@@ -113,7 +113,7 @@ def collect(cfg: ImportConfig) -> tuple[Collector, list[dict[str, Any]]]:
             sources.append({"path": name, "sha256": sha256_file(path), "rows_read": len(rows)})
     absent = [t for t in cfg.targets or [] if cfg.model_names.get(t, t) not in col.specs]
     if absent:
-        raise ValueError(f"targets {absent} have no rows in {[s['path'] for s in sources]}")
+        raise BadInput(f"targets {absent} have no rows in {[s['path'] for s in sources]}")
     return col, sources
 
 
@@ -174,10 +174,3 @@ def print_summary(report: dict[str, Any], summary: dict[str, Any]) -> None:
     console.print(f"skipped: {report['skipped'] or 'none'}" + "".join(f"\n  {e}" for e in report["examples"][:5]),
                   highlight=False)
 
-
-def _import_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
-    """Import published per-query correctness and cost (RouterBench or long format) as a query table and labels."""
-    from shared.cli_utils import friendly_errors
-    from shared.config import load_config
-
-    friendly_errors(lambda: run_import(load_config(ImportConfig, config, overrides or [])))

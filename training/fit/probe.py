@@ -23,8 +23,9 @@ import numpy as np
 from pydantic import Field
 
 from shared import storage
-from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
+from shared.cli_utils import config_command, console, run_cli
 from shared.config import StrictConfig
+from shared.errors import BadInput
 from shared.features import parse_block
 from training.dataset import RoutingData, load_routing_data
 
@@ -135,10 +136,10 @@ def run_probe(cfg: ProbeConfig, data: RoutingData | None = None) -> dict[str, An
     from rich.progress import track
 
     if "test" in cfg.splits:
-        raise ValueError("probes choose layers: they must not see the test split")
+        raise BadInput("probes choose layers: they must not see the test split")
     data = (data or load_routing_data(cfg.activations, cfg.labels, cfg.targets)).where(*cfg.splits)
     if len(data.query_ids) == 0:
-        raise ValueError(f"no rows in splits {cfg.splits}")
+        raise BadInput(f"no rows in splits {cfg.splits}")
     report = {b: probe_block(data.blocks[b], data.Y, data.targets, cfg)
               for b in track(list(data.blocks), description="probing layers")}
     selected = select_blocks(report, data.targets, cfg.n_blocks, cfg.depth_tolerance)
@@ -155,17 +156,6 @@ def run_probe(cfg: ProbeConfig, data: RoutingData | None = None) -> dict[str, An
     return out
 
 
-def _probe_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
-    """Score every captured layer with J, d_eff and a cross-validated probe AUC."""
-    from shared.config import load_config
-
-    friendly_errors(lambda: run_probe(load_config(ProbeConfig, config, overrides or [])))
-
-
 def main(argv: list[str] | None = None) -> int:
-    import typer
-
-    setup_logging()
-    app = typer.Typer(add_completion=False)
-    app.command()(_probe_command)
-    return run_app(app, argv, "prefill-router probe")
+    return run_cli("prefill-router probe", argv, config_command(
+        ProbeConfig, run_probe, "Score every captured layer with J, d_eff and a cross-validated probe AUC."))

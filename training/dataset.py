@@ -19,10 +19,20 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
 from shared import storage
+from shared.config import StrictConfig
 from shared.errors import BadInput
 from shared.features import block_columns
+
+
+class RoutingDataConfig(StrictConfig):
+    """Base of the configs of the stages that read a routing dataset (probe, tune, fit): where it lies."""
+
+    activations: str = Field(description="Activation dataset written by `prefill-router capture`.")
+    labels: str = Field(description="Labels dataset written by `prefill-router label`.")
+
 
 def tensor_column(table: pa.Table, name: str) -> np.ndarray:
     """A fixed-shape tensor (or list) column as a ``(n, d)`` float32 array."""

@@ -24,19 +24,16 @@ from pydantic import Field
 
 from shared import storage
 from shared.cli_utils import config_command, console, run_cli
-from shared.config import StrictConfig
 from shared.errors import BadInput
 from shared.features import parse_block
-from training.dataset import RoutingData, load_routing_data
+from training.dataset import RoutingData, RoutingDataConfig, load_routing_data
 
 log = logging.getLogger(__name__)
 
 
-class ProbeConfig(StrictConfig):
+class ProbeConfig(RoutingDataConfig):
     """Config of ``prefill-router probe``."""
 
-    activations: str = Field(description="Activation dataset written by `prefill-router capture`.")
-    labels: str = Field(description="Labels dataset written by `prefill-router label`.")
     targets: list[str] = Field(description="Targets to probe (label sub-directories).")
     out: str = Field("runs/probe", description="Output directory (local path) for probe.json and plots.")
     splits: list[str] = Field(default_factory=lambda: ["train", "val"], description="Splits used; never test.")
@@ -126,18 +123,30 @@ def plot_layers(report: dict[str, dict], targets: list[str], path: Path) -> None
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as a PNG (laid out tight) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def choice_rows(cfg: Any, data: RoutingData | None, chooser: str) -> RoutingData:
+    """The rows a choice (of layers, of the configuration) sees: ``cfg.splits``, which must not hold test."""
+    if "test" in cfg.splits:
+        raise BadInput(f"{chooser} must not see the test split")
+    return (data or load_routing_data(cfg.activations, cfg.labels, cfg.targets)).where(*cfg.splits)
 
 
 def run_probe(cfg: ProbeConfig, data: RoutingData | None = None) -> dict[str, Any]:
     """Probe every block; write ``probe.json`` and ``probe_layers.png`` under ``cfg.out``."""
     from rich.progress import track
 
-    if "test" in cfg.splits:
-        raise BadInput("probes choose layers: they must not see the test split")
-    data = (data or load_routing_data(cfg.activations, cfg.labels, cfg.targets)).where(*cfg.splits)
+    data = choice_rows(cfg, data, "probes choose layers: they")
     if len(data.query_ids) == 0:
         raise BadInput(f"no rows in splits {cfg.splits}")
     report = {b: probe_block(data.blocks[b], data.Y, data.targets, cfg)

@@ -17,21 +17,18 @@ from pydantic import Field
 
 from shared import storage
 from shared.cli_utils import config_command, console, run_cli
-from shared.config import StrictConfig
 from shared.errors import BadInput
 from shared.ray_boot import ensure_ray
 from shared.features import parse_block
-from training.dataset import RoutingData, load_routing_data
+from training.dataset import RoutingData, RoutingDataConfig, load_routing_data
 from training.fit.train_ray import TrainRunConfig
 
 log = logging.getLogger(__name__)
 
 
-class FitConfig(StrictConfig):
+class FitConfig(RoutingDataConfig):
     """Config of ``prefill-router fit``."""
 
-    activations: str = Field(description="Activation dataset written by `prefill-router capture`.")
-    labels: str = Field(description="Labels dataset written by `prefill-router label`.")
     targets: list[str] = Field(description="Targets, in the order of the router's outputs.")
     out: str = Field("runs/router", description="Artifact directory: local path or s3:// URI.")
     registry: str | None = Field(None, description="Model registry YAML (prices); default configs/models.yaml.")

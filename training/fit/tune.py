@@ -27,7 +27,8 @@ from shared.cli_utils import config_command, console, run_cli
 from shared.config import StrictConfig
 from shared.errors import BadInput
 from training.loop import TrunkConfig
-from training.dataset import RoutingData, load_routing_data
+from training.dataset import RoutingData, RoutingDataConfig
+from training.fit.probe import choice_rows, save_figure
 
 MINILM = "minilm"
 
@@ -40,11 +41,9 @@ class Candidate(StrictConfig):
     n_components: int = Field(gt=0, description="PCA components per block (fitted on the training folds only).")
 
 
-class TuneConfig(StrictConfig):
+class TuneConfig(RoutingDataConfig):
     """Config of ``prefill-router tune``."""
 
-    activations: str = Field(description="Activation dataset written by `prefill-router capture`.")
-    labels: str = Field(description="Labels dataset written by `prefill-router label`.")
     targets: list[str] = Field(description="Targets, in the order of the router's outputs.")
     queries: str | None = Field(None, description="Query table: folds grouped by group_id; needed for minilm.")
     probe_report: str | None = Field(None, description="probe.json for candidates whose blocks are 'probe'.")
@@ -166,18 +165,14 @@ def plot_tune(rows: list[dict[str, Any]], targets: list[str], path: Path) -> Non
     ax.set_xlabel(f"cross-validated AUC on train + val (bar: mean over {len(targets)} targets)")
     ax.invert_yaxis()
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_tune(cfg: TuneConfig, data: RoutingData | None = None) -> dict[str, Any]:
     """Score every candidate (and MiniLM when asked); write ``tune.json`` and ``tune.png``."""
     from rich.progress import track
 
-    if "test" in cfg.splits:
-        raise BadInput("tuning chooses the configuration: it must not see the test split")
-    data = (data or load_routing_data(cfg.activations, cfg.labels, cfg.targets)).where(*cfg.splits)
+    data = choice_rows(cfg, data, "tuning chooses the configuration: it")
     if len(data.query_ids) < cfg.folds:
         raise BadInput(f"{len(data.query_ids)} rows in splits {cfg.splits}: fewer than folds={cfg.folds}")
     groups = fold_groups(data, cfg.queries)

@@ -338,8 +338,8 @@ def validate_command(
 def main(argv: list[str] | None = None) -> int:
     from shared.cli_utils import run_cli
 
-    return run_cli("prefill-router k8s", argv, {"render": render_command, "render-rayservice": rayservice_command,
-                                                "validate": validate_command}, "KubeRay manifests under k8s/.", logs=False)
+    commands = {"render": render_command, "render-rayservice": rayservice_command, "validate": validate_command}
+    return run_cli("prefill-router k8s", argv, commands, "KubeRay manifests under k8s/.", logs=False)
 
 
 if __name__ == "__main__":

@@ -106,8 +106,8 @@ def command_app(commands: Callable[..., Any] | dict[str, Callable[..., Any]], he
         return app
     app = typer.Typer(help=help, no_args_is_help=True, add_completion=False)
 
-    def group() -> None:  # a group, even of one command (`label run`)
-        pass
+    def group() -> None:
+        """A callback makes the app a group, even of one command (`label run`); its help is ``help``."""
 
     group.__doc__ = help
     app.callback()(group)
@@ -118,7 +118,7 @@ def command_app(commands: Callable[..., Any] | dict[str, Callable[..., Any]], he
 
 def run_cli(prog_name: str, argv: list[str] | None, commands: Callable[..., Any] | dict[str, Callable[..., Any]],
             help: str | None = None, logs: bool = True) -> int:
-    """A sub-command's ``main(argv)``: logging (unless ``logs=False``), then :func:`command_app` run by :func:`run_app`."""
+    """A sub-command's ``main(argv)``: set up logging (unless ``logs=False``), run its :func:`command_app`."""
     if logs:
         setup_logging()
     return run_app(command_app(commands, help), argv, prog_name)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from shared.errors import MissingInput
+from shared.errors import BadInput, MissingInput
 
 
 def is_s3(uri: str) -> bool:
@@ -98,4 +98,7 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = filesystem(uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise MissingInput(f"not found: {uri}")
-    return pq.read_table(path, filesystem=fs, columns=columns)
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except pa.ArrowInvalid as exc:  # not Parquet, or without the columns asked for
+        raise BadInput(str(exc)) from exc

@@ -102,7 +102,8 @@ def load_routing_data(activations_uri: str, labels_uri: str, targets: Sequence[s
     names = list(blocks) if blocks else block_columns(table.schema.names)
     missing = [b for b in names if b not in table.column_names]
     if missing:
-        raise BadInput(f"activation columns {missing} not in {activations_uri}; it has {block_columns(table.schema.names)}")
+        raise BadInput(f"activation columns {missing} not in {activations_uri}; "
+                       f"it has {block_columns(table.schema.names)}")
     query_ids = np.asarray(table.column("query_id").to_pylist())
     labels = load_labels(labels_uri, targets, query_ids)
     n_tokens = np.asarray(table.column("n_tokens").to_pylist()) if "n_tokens" in table.column_names else np.zeros(0)

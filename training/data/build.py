@@ -205,10 +205,12 @@ def run_build(cfg: DataConfig) -> tuple[pa.Table, BuildReport]:
 
 def main(argv: list[str] | None = None) -> int:
     from shared.cli_utils import config_command, run_cli
-    from training.data.importer import ImportConfig, run_import
+    from training.data.import_config import ImportConfig
+    from training.data.importer import run_import
 
     return run_cli("prefill-router data", argv, {
-        "build": config_command(DataConfig, run_build, "Build the benchmark query table (Parquet) from offline sources."),
+        "build": config_command(DataConfig, run_build,
+                                "Build the benchmark query table (Parquet) from offline sources."),
         "import": config_command(ImportConfig, run_import, "Import published per-query correctness and cost "
                                  "(RouterBench or long format) as a query table and labels."),
     }, "Benchmark query tables.")

@@ -33,7 +33,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from cluster.demo_results import DemoSummary
-from shared.cli_utils import console, friendly_errors, run_app, setup_logging
+from shared.cli_utils import console, run_cli
+from shared.errors import MissingInput
 
 if TYPE_CHECKING:
     from training.evaluate.results import EvalReport
@@ -105,7 +106,7 @@ def pipeline_config(workdir: Path, quick: bool, reference_labels: Path | None,
         raw["targets"] = list(targets)
     if reference_labels is not None:
         if not reference_labels.is_dir() or not REFERENCE["queries"].is_file():
-            raise FileNotFoundError(f"reference labels {reference_labels} or query table {REFERENCE['queries']} "
+            raise MissingInput(f"reference labels {reference_labels} or query table {REFERENCE['queries']} "
                                     "not found (they are committed under data/)")
         sample = workdir / "queries.parquet"
         if not sample.is_file():
@@ -278,11 +279,8 @@ def _demo(
     names = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
     sub = ("quick" if quick else "full") + ("-label" if label else "")
     with exit_on_sigterm():
-        friendly_errors(lambda: run_demo((workdir / sub).resolve(), quick, ref, targets=names))
+        run_demo((workdir / sub).resolve(), quick, ref, targets=names)
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    app = typer.Typer(add_completion=False)
-    app.command()(_demo)
-    return run_app(app, argv, "prefill-router demo")
+    return run_cli("prefill-router demo", argv, _demo)

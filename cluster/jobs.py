@@ -39,6 +39,7 @@ from urllib.parse import urlparse
 import typer
 
 from shared.cli_utils import Overrides
+from shared.errors import BadInput
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -54,7 +55,7 @@ TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
-class SubmitError(ValueError):
+class SubmitError(BadInput):
     """The job cannot be submitted as asked; the message says why (exit 2)."""
 
 
@@ -208,25 +209,20 @@ def _run(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the logs until the job ends.")] = True,
 ) -> None:
     """Validate a pipeline config, submit it as a Ray job, follow its logs; exit 0 on success."""
-    from shared.cli_utils import console, err_console, friendly_errors
+    from shared.cli_utils import console, err_console
 
     overrides = overrides or []
-
-    def submit() -> tuple[Any, str]:
-        _, rel_config, warnings = validate_job(config, overrides)  # nothing is submitted if this raises
-        for line in warnings:
-            err_console.print(f"[yellow]warning:[/] {line}")
-        client = connect(address, state_file)
-        try:
-            job_id = client.submit_job(
-                entrypoint=entrypoint(python or default_python(client.get_address()), rel_config, overrides),
-                runtime_env=runtime_env(pip or [], env or [], pass_env, pass_secrets), submission_id=submission_id,
-                metadata={"tool": "prefill-router submit", "config": rel_config})
-        except RuntimeError as exc:  # the jobs API refused it (a used submission id, a bad runtime env)
-            raise SubmitError(f"the cluster refused the job: {str(exc).splitlines()[0]}") from exc
-        return client, job_id
-
-    client, job_id = friendly_errors(submit)
+    _, rel_config, warnings = validate_job(config, overrides)  # nothing is submitted if this raises
+    for line in warnings:
+        err_console.print(f"[yellow]warning:[/] {line}")
+    client = connect(address, state_file)
+    try:
+        job_id = client.submit_job(
+            entrypoint=entrypoint(python or default_python(client.get_address()), rel_config, overrides),
+            runtime_env=runtime_env(pip or [], env or [], pass_env, pass_secrets), submission_id=submission_id,
+            metadata={"tool": "prefill-router submit", "config": rel_config})
+    except RuntimeError as exc:  # the jobs API refused it (a used submission id, a bad runtime env)
+        raise SubmitError(f"the cluster refused the job: {str(exc).splitlines()[0]}") from exc
     console.print(f"[green]submitted[/] {job_id} to {client.get_address()}; "
                   f"status: prefill-router submit status {job_id}")
     if not wait:
@@ -243,10 +239,9 @@ def _run(
 def _status(job_id: Annotated[str, typer.Argument(help="Submission id.")], address: AddressOption = None,
             state_file: StateOption = DEFAULT_STATE_FILE) -> None:
     """Print a job's status; exit 1 when it FAILED or was STOPPED."""
-    from shared.cli_utils import console, friendly_errors
+    from shared.cli_utils import console
 
-    client = friendly_errors(lambda: connect(address, state_file))
-    info = friendly_errors(lambda: _call(client.get_job_info, job_id))
+    info = _call(connect(address, state_file).get_job_info, job_id)
     status = str(info.status).rsplit(".", 1)[-1]
     console.print(f"{job_id}: {status}" + (f" ({info.message})" if info.message else ""))
     raise typer.Exit(code=TERMINAL.get(status, 0))
@@ -257,21 +252,18 @@ def _logs(job_id: Annotated[str, typer.Argument(help="Submission id.")], address
           tail: Annotated[bool, typer.Option("--follow/--no-follow", help="Follow until the job ends.")] = False,
           ) -> None:
     """Print a job's logs (all so far, or follow them)."""
-    from shared.cli_utils import friendly_errors
-
-    client = friendly_errors(lambda: connect(address, state_file))
+    client = connect(address, state_file)
     if tail:
         raise typer.Exit(code=TERMINAL.get(follow(client, job_id), 0))
-    print(friendly_errors(lambda: _call(client.get_job_logs, job_id)), end="")
+    print(_call(client.get_job_logs, job_id), end="")
 
 
 def _stop(job_id: Annotated[str, typer.Argument(help="Submission id.")], address: AddressOption = None,
           state_file: StateOption = DEFAULT_STATE_FILE) -> None:
     """Ask a running job to stop."""
-    from shared.cli_utils import console, friendly_errors
+    from shared.cli_utils import console
 
-    client = friendly_errors(lambda: connect(address, state_file))
-    stopped = friendly_errors(lambda: _call(client.stop_job, job_id))
+    stopped = _call(connect(address, state_file).stop_job, job_id)
     console.print(f"{job_id}: stop requested" if stopped else f"{job_id}: not running (nothing to stop)")
 
 
@@ -283,20 +275,11 @@ def _call(fn, job_id: str) -> Any:
         raise SubmitError(f"job {job_id}: {str(exc).splitlines()[0]}") from exc
 
 
-def make_app() -> typer.Typer:
-    app = typer.Typer(help="The retraining pipeline as a Ray job.", no_args_is_help=True, add_completion=False)
-    app.command("run")(_run)
-    app.command("status")(_status)
-    app.command("logs")(_logs)
-    app.command("stop")(_stop)
-    return app
-
-
 def main(argv: list[str] | None = None) -> int:
-    from shared.cli_utils import run_app, setup_logging
+    from shared.cli_utils import run_cli
 
-    setup_logging()
-    return run_app(make_app(), argv, "prefill-router submit")
+    return run_cli("prefill-router submit", argv, {"run": _run, "status": _status, "logs": _logs, "stop": _stop},
+                   "The retraining pipeline as a Ray job.")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ from typing import Annotated, Any, Optional
 import typer
 import yaml
 
+from shared.errors import BadInput, MissingInput, UnknownName
+
 K8S_DIR = Path(__file__).resolve().parent.parent / "k8s"
 KUSTOMIZATION = "kustomization.yaml"
 SUPPORTED_KEYS = {"apiVersion", "kind", "resources", "patches", "labels", "namespace"}
@@ -49,7 +51,7 @@ CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "Clust
                   "StorageClass", "PriorityClass"}
 
 
-class KustomizeSubsetError(ValueError):
+class KustomizeSubsetError(BadInput):
     """The kustomization uses a feature this renderer does not implement, or a patch failed."""
 
 
@@ -95,7 +97,7 @@ def build(directory: str | Path) -> list[dict[str, Any]]:
     root = Path(directory)
     kpath = root / KUSTOMIZATION
     if not kpath.is_file():
-        raise FileNotFoundError(f"no {KUSTOMIZATION} in {root}")
+        raise MissingInput(f"no {KUSTOMIZATION} in {root}")
     spec = yaml.safe_load(kpath.read_text()) or {}
     unsupported = set(spec) - SUPPORTED_KEYS
     if unsupported:
@@ -132,7 +134,7 @@ def render_overlay(name: str) -> list[dict[str, Any]]:
     """Resources of ``k8s/overlays/<name>`` (``base`` renders ``k8s/base``)."""
     directory = K8S_DIR / "base" if name == "base" else K8S_DIR / "overlays" / name
     if not directory.is_dir():
-        raise KeyError(f"no overlay {name!r}; available: {', '.join(overlays())} (or base)")
+        raise UnknownName(f"no overlay {name!r}; available: {', '.join(overlays())} (or base)")
     return build(directory)
 
 
@@ -234,7 +236,7 @@ def rayservice_targets(cfg: Any) -> list[str]:
     if cfg.targets is not None:
         return list(cfg.targets)
     if storage.is_s3(cfg.artifact):
-        raise ValueError(f"the serve config's artifact {cfg.artifact} is remote: list `targets` in the serve "
+        raise BadInput(f"the serve config's artifact {cfg.artifact} is remote: list `targets` in the serve "
                          "config so the RayService can be rendered without reading it")
     return served_targets(cfg)
 
@@ -251,7 +253,7 @@ def render_rayservice(cfg: Any, name: str = RAYSERVICE_NAME, code_uri: str | Non
                                                  "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}
     clusters = [r for r in read_yaml_docs(cluster_file) if r.get("kind") == "RayCluster"]
     if len(clusters) != 1:
-        raise ValueError(f"{cluster_file} must hold exactly one RayCluster")
+        raise BadInput(f"{cluster_file} must hold exactly one RayCluster")
     return {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": {"name": name},
             "spec": {"upgradeStrategy": {"type": "NewCluster"},
                      "serveConfigV2": yaml.safe_dump(doc, sort_keys=False),
@@ -287,9 +289,7 @@ def render_command(
     overlay: Annotated[str, typer.Argument(help="k8s/overlays/<overlay> to render, or base.")],
 ) -> None:
     """Print an overlay's manifests as kustomize would (for machines without kubectl)."""
-    from shared.cli_utils import friendly_errors
-
-    print(friendly_errors(lambda: to_yaml(render_overlay(overlay))), end="")
+    print(to_yaml(render_overlay(overlay)), end="")
 
 
 def rayservice_command(
@@ -301,19 +301,16 @@ def rayservice_command(
 ) -> None:
     """Generate the RayService manifest from the serving config (serveConfigV2 is never hand-kept)."""
     from serving.config import ServeConfig
-    from shared.cli_utils import console, friendly_errors
+    from shared.cli_utils import console
     from shared.config import load_config
 
-    def go() -> None:
-        text = rayservice_yaml(render_rayservice(load_config(ServeConfig, serve_config), name, code_uri or None),
-                               serve_config)
-        if output:
-            output.write_text(text)
-            console.print(f"wrote {output}")
-        else:
-            print(text, end="")
-
-    friendly_errors(go)
+    text = rayservice_yaml(render_rayservice(load_config(ServeConfig, serve_config), name, code_uri or None),
+                           serve_config)
+    if output:
+        output.write_text(text)
+        console.print(f"wrote {output}")
+    else:
+        print(text, end="")
 
 
 def validate_command(
@@ -321,11 +318,11 @@ def validate_command(
     / "shared" / "kuberay-crds",
 ) -> None:
     """Validate every overlay's resources against the KubeRay CRD schemas; exit 1 on errors."""
-    from shared.cli_utils import console, err_console
+    from shared.cli_utils import console
+    from shared.errors import MissingInput
 
     if not crds.is_dir():
-        err_console.print(f"[bold red]error:[/] no CRD directory {crds}")
-        raise typer.Exit(code=2)
+        raise MissingInput(f"no CRD directory {crds}")
     schemas = load_crd_schemas(crds)
     bad = 0
     for overlay in ["base", *overlays()]:
@@ -338,18 +335,11 @@ def validate_command(
         raise typer.Exit(code=1)
 
 
-def make_app() -> typer.Typer:
-    app = typer.Typer(help="KubeRay manifests under k8s/.", no_args_is_help=True, add_completion=False)
-    app.command("render")(render_command)
-    app.command("render-rayservice")(rayservice_command)
-    app.command("validate")(validate_command)
-    return app
-
-
 def main(argv: list[str] | None = None) -> int:
-    from shared.cli_utils import run_app
+    from shared.cli_utils import run_cli
 
-    return run_app(make_app(), argv, "prefill-router k8s")
+    commands = {"render": render_command, "render-rayservice": rayservice_command, "validate": validate_command}
+    return run_cli("prefill-router k8s", argv, commands, "KubeRay manifests under k8s/.", logs=False)
 
 
 if __name__ == "__main__":

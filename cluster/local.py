@@ -292,9 +292,9 @@ def _load(config: str | None, overrides: list[str] | None) -> LocalClusterConfig
 
 def _start(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Start a private local Ray head and record it."""
-    from shared.cli_utils import console, friendly_errors
+    from shared.cli_utils import console
 
-    state = friendly_errors(lambda: start_head(_load(config, overrides)))
+    state = start_head(_load(config, overrides))
     console.print(f"[green]started[/] Ray {state.get('ray_version')}: GCS {state['gcs_address']}, "
                   f"dashboard {state['dashboard_url']}, temp dir {state['temp_dir']}")
     console.print("drivers need its environment: eval \"$(prefill-router cluster env)\"")
@@ -304,18 +304,15 @@ def _env(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Print `export` lines for a driver or `ray job` client of the recorded cluster."""
     import shlex
 
-    from shared.cli_utils import friendly_errors
-
-    cfg = friendly_errors(lambda: _load(config, overrides))
-    env = connect_env(friendly_errors(lambda: read_state(cfg.state_file)))
+    env = connect_env(read_state(_load(config, overrides).state_file))
     print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()))
 
 
 def _stop(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Stop the local Ray head that `cluster start` recorded (never any other)."""
-    from shared.cli_utils import console, friendly_errors
+    from shared.cli_utils import console
 
-    killed = friendly_errors(lambda: stop_head(_load(config, overrides)))
+    killed = stop_head(_load(config, overrides))
     console.print(f"[green]stopped[/] ({killed} process(es))" if killed else "already stopped; state removed")
 
 
@@ -327,10 +324,10 @@ def _status(
     """Health of the recorded local cluster; exits 1 when a check fails."""
     from rich.table import Table
 
-    from shared.cli_utils import console, friendly_errors
+    from shared.cli_utils import console
 
-    cfg = friendly_errors(lambda: _load(config, overrides))
-    rows = friendly_errors(lambda: health(cfg))
+    cfg = _load(config, overrides)
+    rows = health(cfg)
     if as_json:
         print(json.dumps([{"check": c, "ok": ok, "detail": d} for c, ok, d in rows]))
     else:
@@ -344,17 +341,8 @@ def _status(
         raise typer.Exit(code=1)
 
 
-def make_app() -> typer.Typer:
-    app = typer.Typer(help="A private local Ray head on this machine.", no_args_is_help=True, add_completion=False)
-    app.command("start")(_start)
-    app.command("stop")(_stop)
-    app.command("status")(_status)
-    app.command("env")(_env)
-    return app
-
-
 def main(argv: list[str] | None = None) -> int:
-    from shared.cli_utils import run_app, setup_logging
+    from shared.cli_utils import run_cli
 
-    setup_logging()
-    return run_app(make_app(), argv, "prefill-router cluster")
+    return run_cli("prefill-router cluster", argv, {"start": _start, "stop": _stop, "status": _status, "env": _env},
+                   "A private local Ray head on this machine.")

@@ -30,11 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared.errors import UserError
+
 OWNER = "prefill-router cluster start"
 MARKER = "prefill-router-cluster.json"
 
 
-class ClusterError(ValueError):
+class ClusterError(UserError, ValueError):
     """A cluster operation refused or failed; the message says why (the CLI exits 2)."""
 
 

@@ -16,7 +16,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from serving.config import ServeConfig, deployment_name, serve_config, target_user_config
-from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
+from shared.cli_utils import ConfigOption, Overrides, console, run_cli
+from shared.errors import ConfigError
 from shared.ray_boot import ensure_ray, resolve_target
 
 
@@ -29,7 +30,7 @@ def served_targets(cfg: ServeConfig) -> list[str]:
     served = routed if cfg.targets is None else list(
         dict.fromkeys([*(t for t in routed if t in cfg.targets), *cfg.targets]))
     if cfg.fallback_target and cfg.fallback_target not in served:
-        raise ValueError(f"fallback_target {cfg.fallback_target!r} is not among the served targets {served}")
+        raise ConfigError(f"fallback_target {cfg.fallback_target!r} is not among the served targets {served}")
     return served
 
 
@@ -174,7 +175,7 @@ def _run(config: ConfigOption = None, overrides: Overrides = None,
          address: Annotated[Optional[str], typer.Option("--address", help="Ray address (default: local).")] = None,
          ) -> None:
     """Run the routing app on Ray Serve until interrupted."""
-    friendly_errors(lambda: run_serve(_load(config, overrides), blocking=True, address=address))
+    run_serve(_load(config, overrides), blocking=True, address=address)
 
 
 def _build(config: ConfigOption = None, overrides: Overrides = None,
@@ -183,26 +184,14 @@ def _build(config: ConfigOption = None, overrides: Overrides = None,
     """Write the `serve deploy` / RayService serveConfigV2 document for this config."""
     import yaml
 
-    def go() -> None:
-        cfg = _load(config, overrides)
-        text = yaml.safe_dump(serve_config(cfg, served_targets(cfg)), sort_keys=False)
-        if output:
-            output.write_text(text)
-            console.print(f"wrote {output}")
-        else:
-            print(text)
-
-    friendly_errors(go)
-
-
-def _group() -> None:
-    """The Ray Serve routing application."""
+    cfg = _load(config, overrides)
+    text = yaml.safe_dump(serve_config(cfg, served_targets(cfg)), sort_keys=False)
+    if output:
+        output.write_text(text)
+        console.print(f"wrote {output}")
+    else:
+        print(text)
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    app = typer.Typer(add_completion=False, no_args_is_help=True)
-    app.callback()(_group)
-    app.command("run")(_run)
-    app.command("build")(_build)
-    return run_app(app, argv, "prefill-router serve")
+    return run_cli("prefill-router serve", argv, {"run": _run, "build": _build}, "The Ray Serve routing application.")

@@ -29,6 +29,7 @@ from pydantic import Field, SerializerFunctionWrapHandler, ValidationError, mode
 
 from shared import storage
 from shared.config import StrictConfig
+from shared.errors import MissingArtifact
 from shared.features import parse_block
 from shared.policy import Policy, policy_names
 from shared.trunk import Ensemble, FeatureTransform, SharedTrunkNet
@@ -38,7 +39,7 @@ READABLE_VERSIONS = (1, 2)  # 1: before the value policy; its meta validates unc
 META_FILE, TRANSFORM_FILE, WEIGHTS_FILE = "meta.json", "transform.safetensors", "weights.safetensors"
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(MissingArtifact):
     """An artifact cannot be used: missing, corrupt, unknown schema or wrong encoder."""
 
 

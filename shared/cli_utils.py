@@ -1,18 +1,22 @@
-"""Small helpers every sub-command uses: config options, error reporting, the console."""
+"""Small helpers every sub-command uses: its app and error boundary, config options, the console."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.text import Text
 
+from shared.errors import UserError
+
 PIPE_WIDTH = 10_000  # wider than any table: a table does not expand, so it keeps its natural width
 RULE_WIDTH = 80  # a rule fills the width: in a log or pipe it keeps a terminal's usual width
+T = TypeVar("T")
 
 
 class CliConsole(Console):
@@ -60,23 +64,64 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def friendly_errors(fn: Callable[[], object]) -> object:
-    """Run ``fn``; expected user errors print one red line and exit 2 instead of a traceback."""
-    from shared.config import ConfigError
+def user_errors(command: Callable[..., T]) -> Callable[..., T]:
+    """The error boundary of a CLI command: a :class:`UserError` prints one red line and exits 2.
 
-    expected: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, KeyError, ValueError)
-    try:
-        from shared.models import ModelLoadError
+    Any other exception is a bug and keeps its traceback. :func:`command_app` puts every
+    command inside this boundary; a command never needs to catch a user error itself.
+    """
 
-        expected += (ModelLoadError,)
-    except ImportError:  # pragma: no cover - shared.models always imports
-        pass
-    try:
-        return fn()
-    except expected as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        err_console.print(f"[bold red]error:[/] {escape(str(message))}")  # "[h6_mean]" is text, not markup
-        raise typer.Exit(code=2) from exc
+    @functools.wraps(command)
+    def boundary(*args: Any, **kwargs: Any) -> T:
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}")  # "[h6_mean]" is text, not markup
+            raise typer.Exit(code=2) from exc
+
+    return boundary
+
+
+def config_command(config_class: type, run: Callable[[Any], Any], doc: str) -> Callable[..., None]:
+    """A command ``[-c CONFIG] [key=value ...]`` that loads ``config_class`` and calls ``run`` with it."""
+
+    def command(config: ConfigOption = None, overrides: Overrides = None) -> None:
+        from shared.config import load_config
+
+        run(load_config(config_class, config, overrides or []))
+
+    command.__doc__ = doc
+    return command
+
+
+def command_app(commands: Callable[..., Any] | dict[str, Callable[..., Any]], help: str | None = None) -> typer.Typer:
+    """The typer app of a ``prefill-router`` sub-command, every command inside :func:`user_errors`.
+
+    ``commands`` is either one function (the sub-command is that command, e.g. ``fit``) or a
+    group ``{name: function}`` (e.g. ``cluster start|stop``) described by ``help``.
+    """
+    if callable(commands):
+        app = typer.Typer(add_completion=False)
+        app.command()(user_errors(commands))
+        return app
+    app = typer.Typer(help=help, no_args_is_help=True, add_completion=False)
+
+    def group() -> None:
+        """A callback makes the app a group, even of one command (`label run`); its help is ``help``."""
+
+    group.__doc__ = help
+    app.callback()(group)
+    for name, command in commands.items():
+        app.command(name)(user_errors(command))
+    return app
+
+
+def run_cli(prog_name: str, argv: list[str] | None, commands: Callable[..., Any] | dict[str, Callable[..., Any]],
+            help: str | None = None, logs: bool = True) -> int:
+    """A sub-command's ``main(argv)``: set up logging (unless ``logs=False``), run its :func:`command_app`."""
+    if logs:
+        setup_logging()
+    return run_app(command_app(commands, help), argv, prog_name)
 
 
 def run_app(app: typer.Typer, argv: list[str] | None, prog_name: str) -> int:

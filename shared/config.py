@@ -15,11 +15,9 @@ from typing import Any, Iterable, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from shared.errors import ConfigError
+
 C = TypeVar("C", bound="StrictConfig")
-
-
-class ConfigError(ValueError):
-    """A config file or override is malformed; the message says where."""
 
 
 class StrictConfig(BaseModel):

@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from shared.batching import length_buckets, pad_batch
+from shared.errors import BadInput
 from shared.features import block_name, block_width, encoder_columns, hidden_poolings, next_token_stats, pool
 
 
@@ -46,15 +47,15 @@ def resolve_layers(layers: Sequence[int] | str, num_layers: int, model_name: str
     if layers == "all":
         return list(range(num_layers + 1))
     if isinstance(layers, str):
-        raise ValueError(f"layers must be a list of ints or 'all', got {layers!r}")
+        raise BadInput(f"layers must be a list of ints or 'all', got {layers!r}")
     bad = [i for i in layers if not 0 <= int(i) <= num_layers]
     if bad:
-        raise ValueError(
+        raise BadInput(
             f"unknown layer(s) {bad}: {model_name} has {num_layers} decoder blocks; valid indices are "
             f"0 (embedding output) to {num_layers} (last block, final norm applied)"
         )
     if not layers:
-        raise ValueError("layers is empty: name at least one layer index")
+        raise BadInput("layers is empty: name at least one layer index")
     return sorted({int(i) for i in layers})
 
 
@@ -77,7 +78,7 @@ class Encoder:
                  max_tokens: int = 2048, batch_size: int = 8, max_batch_tokens: int | None = None,
                  padding_side: str = "right", min_shared_prefix: int | None = None):
         if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
+            raise BadInput(f"padding_side must be left or right, got {padding_side!r}")
         self.loaded, self.tokenizer, self.device = loaded, loaded.tokenizer, loaded.device
         self.num_layers, self.hidden_size = loaded.num_layers, loaded.hidden_size
         self.layers = resolve_layers(layers, self.num_layers, loaded.spec.name)
@@ -204,7 +205,7 @@ class Encoder:
         from shared.prefix import encode_group, prefix_groups, tokens_computed
 
         if any(len(x) == 0 for x in ids):
-            raise ValueError("cannot encode an empty prompt (0 tokens)")
+            raise BadInput("cannot encode an empty prompt (0 tokens)")
         lengths = [len(x) for x in ids]
         groups, singles = prefix_groups(ids, self.min_shared_prefix)
         out = {c: np.empty((len(ids), self.width(c)), dtype=np.float32) for c in self.columns}
@@ -248,7 +249,7 @@ def truncated_base(model: Any, depth: int) -> Any:
     full = model.model
     layers = full.layers
     if depth > len(layers):
-        raise ValueError(f"depth {depth} exceeds the model's {len(layers)} blocks")
+        raise BadInput(f"depth {depth} exceeds the model's {len(layers)} blocks")
     base = copy.copy(full)
     base._modules = dict(full._modules)  # own module table: the original keeps all its blocks
     base.layers = torch.nn.ModuleList(list(layers)[:depth])

@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable, Sequence
 
+from shared.errors import BadInput
+
 POOLINGS = ("last", "mean", "next")
 NEXT_TOKEN_DIMS = 3  # width of a ``next`` block: top-1 probability, top-1 minus top-2, entropy
 BLOCK_RE = re.compile(r"^h(\d+)_(" + "|".join(POOLINGS) + r")$")
@@ -28,7 +30,7 @@ def check_poolings(poolings: Sequence[str]) -> list[str]:
     """``poolings`` as a list; ``ValueError`` when empty or one is not in :data:`POOLINGS`."""
     bad = [p for p in poolings if p not in POOLINGS]
     if bad or not poolings:
-        raise ValueError(f"unknown pooling(s) {bad or list(poolings)}; choose from {POOLINGS}")
+        raise BadInput(f"unknown pooling(s) {bad or list(poolings)}; choose from {POOLINGS}")
     return list(poolings)
 
 
@@ -45,7 +47,7 @@ def encoder_columns(layers: Sequence[int], poolings: Sequence[str], num_layers: 
     check_poolings(poolings)
     nxt = "next" in poolings
     if nxt and num_layers not in layers:
-        raise ValueError(f"pooling 'next' reads the last layer: add {num_layers} (the model's last block) "
+        raise BadInput(f"pooling 'next' reads the last layer: add {num_layers} (the model's last block) "
                          f"to layers {sorted(layers)}")
     columns = [block_name(layer, p) for layer in layers for p in hidden_poolings(poolings)]
     return columns + ([block_name(num_layers, "next")] if nxt else [])
@@ -67,7 +69,7 @@ def parse_block(name: str) -> tuple[int, str]:
     """``'h12_last'`` -> ``(12, 'last')``; ``ValueError`` for anything else."""
     m = BLOCK_RE.match(name)
     if not m:
-        raise ValueError(f"not a feature block name: {name!r} (expected h<layer>_<{'|'.join(POOLINGS)}>)")
+        raise BadInput(f"not a feature block name: {name!r} (expected h<layer>_<{'|'.join(POOLINGS)}>)")
     return int(m.group(1)), m.group(2)
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from shared.cli_utils import console, friendly_errors, run_app, setup_logging
+from shared.cli_utils import console, run_cli
 from shared.registry import ModelRegistry, ModelSpec, load_registry
 
 RegistryOption = Annotated[Optional[str], typer.Option("--registry", help="Registry YAML (default configs/models.yaml).")]
@@ -57,7 +57,7 @@ def load_table(rows: list[dict]) -> Table:
 
 def _list(registry: RegistryOption = None) -> None:
     """Print the model registry."""
-    console.print(friendly_errors(lambda: registry_table(load_registry(registry))))
+    console.print(registry_table(load_registry(registry)))
 
 
 def _prepare(names: Annotated[Optional[list[str]], typer.Argument(help="Models (default: all non-opt-in).")] = None,
@@ -65,28 +65,12 @@ def _prepare(names: Annotated[Optional[list[str]], typer.Argument(help="Models (
     """Convert GGUF models to the cached bf16 copy, then time a load of each (from the cache)."""
     from shared.models import prepare_models
 
-    def run() -> None:
-        reg = load_registry(registry)
-        specs = [reg.get(n) for n in names] if names else [m for m in reg.models if not m.opt_in]
-        local = [s for s in specs if s.source != "openai"]
-        converted = prepare_models(local, print_conversion)
-        console.print(load_table([{**timed_load(s), "convert_s": converted.get(s.name)} for s in local]))
-
-    friendly_errors(run)
-
-
-def _group() -> None:
-    """The model registry."""
-
-
-def make_app() -> typer.Typer:
-    app = typer.Typer(help="The model registry.", no_args_is_help=True, add_completion=False)
-    app.callback()(_group)
-    app.command("list")(_list)
-    app.command("prepare")(_prepare)
-    return app
+    reg = load_registry(registry)
+    specs = [reg.get(n) for n in names] if names else [m for m in reg.models if not m.opt_in]
+    local = [s for s in specs if s.source != "openai"]
+    converted = prepare_models(local, print_conversion)
+    console.print(load_table([{**timed_load(s), "convert_s": converted.get(s.name)} for s in local]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    return run_app(make_app(), argv, "prefill-router models")
+    return run_cli("prefill-router models", argv, {"list": _list, "prepare": _prepare}, "The model registry.")

@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from shared.errors import ModelUnavailable
 from shared.progress import library_bars_on_terminal
 from shared.registry import CHAT_TEMPLATE_DIR, ModelSpec
 
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ModelUnavailable):
     """A model's weights cannot be found, verified or loaded; the message says how to fix it."""
 
 

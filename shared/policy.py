@@ -23,6 +23,7 @@ from typing import Annotated, Any, ClassVar, Mapping
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from shared.errors import BadInput
 from shared.routing import (
     Sweep, ValueSweep, route_by_value, route_with_tolerance, routing_outcome, tolerance_sweep, value_sweep,
     within_tolerance,
@@ -66,7 +67,7 @@ class Policy(BaseModel):
     def named(name: str) -> type["Policy"]:
         """The policy class registered as ``name`` (ValueError for an unknown one)."""
         if name not in REGISTRY:
-            raise ValueError(f"unknown routing policy {name!r}; use one of {policy_names()}")
+            raise BadInput(f"unknown routing policy {name!r}; use one of {policy_names()}")
         return REGISTRY[name]
 
     @staticmethod
@@ -89,7 +90,7 @@ class Policy(BaseModel):
         given = {key: v for key, v in params.items() if v is not None}
         if len(given) > 1:
             keys = list(given)
-            raise ValueError(f"give at most one of {', '.join(keys[:-1])} and {keys[-1]} (one routing policy)")
+            raise BadInput(f"give at most one of {', '.join(keys[:-1])} and {keys[-1]} (one routing policy)")
         for key, v in given.items():
             cls = Policy.named(key.removeprefix(prefix))
             return cls.from_request(v) if requested else cls(param=v)

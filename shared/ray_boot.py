@@ -44,18 +44,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from shared.errors import ClusterUnreachable
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT_S = 60.0  # connect to a GCS that answers TCP
 DEFAULT_START_TIMEOUT_S = 180.0  # start a new local Ray (2 busy CPUs: tens of seconds)
 PROBE_TIMEOUT_S = 5.0  # how long the GCS port may take to accept a TCP connection
-WATCHDOG_EXIT_CODE = 2  # what friendly_errors exits with for a user error
+WATCHDOG_EXIT_CODE = 2  # what a command exits with for a user error (shared.cli_utils.user_errors)
 LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 HINT = ("start one with `prefill-router cluster start` (then `eval \"$(prefill-router cluster env)\"`), "
         "or check the address (RAY_ADDRESS, --address or ray_address)")
 
 
-class RayConnectError(ConnectionError, ValueError):
+class RayConnectError(ClusterUnreachable, ValueError):
     """No Ray cluster answers at the address; the message says what to do (the CLIs exit 2)."""
 
 

@@ -27,6 +27,7 @@ from pydantic import Field, field_validator, model_validator
 
 from shared.backends import backend_class, backend_names, is_remote
 from shared.config import StrictConfig, load_config
+from shared.errors import BadInput, UnknownName
 
 DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "configs" / "models.yaml"
 CHAT_TEMPLATE_DIR = Path(__file__).resolve().parent / "chat_templates"
@@ -127,20 +128,20 @@ class ModelRegistry(StrictConfig):
             if spec.name == name:
                 return spec
         known = ", ".join(m.name for m in self.models)
-        raise KeyError(f"unknown model {name!r}; the registry knows: {known}")
+        raise UnknownName(f"unknown model {name!r}; the registry knows: {known}")
 
     def encoder(self, name: str) -> ModelSpec:
         """The entry ``name``, which must be an encoder (``KeyError`` if unknown, ``ValueError`` if a target only)."""
         spec = self.get(name)
         if not spec.is_encoder:
-            raise ValueError(f"model {name!r} is a {spec.role}, not an encoder")
+            raise BadInput(f"model {name!r} is a {spec.role}, not an encoder")
         return spec
 
     def target(self, name: str) -> ModelSpec:
         """The entry ``name``, which must be a target (``KeyError`` if unknown, ``ValueError`` if an encoder only)."""
         spec = self.get(name)
         if not spec.is_target:
-            raise ValueError(f"model {name!r} is an encoder only (role: encoder), not a target")
+            raise BadInput(f"model {name!r} is an encoder only (role: encoder), not a target")
         return spec
 
     def targets(self, include_opt_in: bool = False) -> list[ModelSpec]:

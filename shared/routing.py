@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from shared.errors import BadInput
+
 GAP_DECIMALS = 12
 
 
@@ -52,7 +54,7 @@ def within_tolerance(P: np.ndarray, tol: float) -> np.ndarray:
     """``(n, T)`` bool: target ``j`` is within ``tol`` of query ``i``'s best,
     ``max_k P[i, k] - P[i, j] <= tol`` (gaps rounded to 1e-12). ``tol`` must be >= 0."""
     if not tol >= 0:
-        raise ValueError(f"tolerance must be >= 0, got {tol}")
+        raise BadInput(f"tolerance must be >= 0, got {tol}")
     return probability_gaps(P) <= tol
 
 
@@ -80,7 +82,7 @@ def route_by_value(P: np.ndarray, costs: np.ndarray, value: float) -> np.ndarray
     """
     probability_gaps(P)  # validates P
     if not value >= 0:
-        raise ValueError(f"value must be >= 0, got {value}")
+        raise BadInput(f"value must be >= 0, got {value}")
     P = np.asarray(P, dtype=np.float64)
     costs = cost_matrix(costs, P.shape[0])
     score = P if np.isinf(value) else value * P - costs

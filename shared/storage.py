@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from shared.errors import BadInput, MissingInput
+
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
@@ -74,7 +76,7 @@ def read_bytes(uri: str) -> bytes:
         with fs.open_input_stream(path) as src:
             return src.read()
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"not found: {uri}") from exc
+        raise MissingInput(f"not found: {uri}") from exc
 
 
 def write_json(uri: str, obj: Any) -> None:
@@ -95,5 +97,8 @@ def write_parquet(table: pa.Table, uri: str) -> None:
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = filesystem(uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"not found: {uri}")
-    return pq.read_table(path, filesystem=fs, columns=columns)
+        raise MissingInput(f"not found: {uri}")
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except pa.ArrowInvalid as exc:  # not Parquet, or without the columns asked for
+        raise BadInput(str(exc)) from exc

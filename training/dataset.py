@@ -19,9 +19,20 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
 from shared import storage
+from shared.config import StrictConfig
+from shared.errors import BadInput
 from shared.features import block_columns
+
+
+class RoutingDataConfig(StrictConfig):
+    """Base of the configs of the stages that read a routing dataset (probe, tune, fit): where it lies."""
+
+    activations: str = Field(description="Activation dataset written by `prefill-router capture`.")
+    labels: str = Field(description="Labels dataset written by `prefill-router label`.")
+
 
 def tensor_column(table: pa.Table, name: str) -> np.ndarray:
     """A fixed-shape tensor (or list) column as a ``(n, d)`` float32 array."""
@@ -91,7 +102,8 @@ def load_routing_data(activations_uri: str, labels_uri: str, targets: Sequence[s
     names = list(blocks) if blocks else block_columns(table.schema.names)
     missing = [b for b in names if b not in table.column_names]
     if missing:
-        raise ValueError(f"activation columns {missing} not in {activations_uri}; it has {block_columns(table.schema.names)}")
+        raise BadInput(f"activation columns {missing} not in {activations_uri}; "
+                       f"it has {block_columns(table.schema.names)}")
     query_ids = np.asarray(table.column("query_id").to_pylist())
     labels = load_labels(labels_uri, targets, query_ids)
     n_tokens = np.asarray(table.column("n_tokens").to_pylist()) if "n_tokens" in table.column_names else np.zeros(0)

@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import Field
 
 from shared.config import StrictConfig
+from shared.errors import BadInput
 
 
 class SemanticTextConfig(StrictConfig):
@@ -58,7 +59,7 @@ def read_queries(queries_uri: str, query_ids: Sequence[str]) -> dict[str, list[s
     index = {q: i for i, q in enumerate(cols["query_id"])}
     missing = [q for q in query_ids if q not in index]
     if missing:
-        raise ValueError(f"{len(missing)} query ids are not in {queries_uri} (e.g. {missing[:3]})")
+        raise BadInput(f"{len(missing)} query ids are not in {queries_uri} (e.g. {missing[:3]})")
     rows = [index[q] for q in query_ids]
     def column(c: str) -> list[str]:
         return [""] * len(rows) if cols[c] is None else ["" if cols[c][i] is None else str(cols[c][i]) for i in rows]

@@ -19,12 +19,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from shared import storage
+from shared.errors import BadInput, MissingInput
 
 SHARD_RE = re.compile(r"^shard-(\d{5})\.parquet$")
 MANIFEST = "manifest.json"
 
 
-class ManifestMismatch(ValueError):
+class ManifestMismatch(BadInput):
     """The output directory holds shards made with other settings."""
 
 
@@ -118,5 +119,5 @@ def read_shards(out: str) -> pa.Table:
     """All finished shards of a job, concatenated in shard order."""
     shards = sorted(finished_shards(out))
     if not shards:
-        raise FileNotFoundError(f"no finished shards under {out}")
+        raise MissingInput(f"no finished shards under {out}")
     return pa.concat_tables([storage.read_parquet(shard_path(out, s)) for s in shards], promote_options="default")

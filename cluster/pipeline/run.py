@@ -226,10 +226,13 @@ def _run_command(config: ConfigOption = None, overrides: Overrides = None) -> No
     import typer
     from rich.markup import escape
 
-    from shared.cli_utils import err_console, friendly_errors
+    from shared.cli_utils import err_console
+    from shared.errors import UserError
 
     try:
-        summary = friendly_errors(lambda: run_pipeline(_load(config, overrides)))
+        summary = run_pipeline(_load(config, overrides))
+    except UserError:
+        raise  # one line and exit 2 at the command's boundary
     except RuntimeError as exc:
         err_console.print(f"[bold red]pipeline failed:[/] {escape(str(exc))}")
         raise typer.Exit(code=1) from exc
@@ -244,35 +247,16 @@ def _run_command(config: ConfigOption = None, overrides: Overrides = None) -> No
 
 def _check_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Validate a pipeline config (keys, paths, targets) without running anything."""
-    from shared.cli_utils import friendly_errors
-
-    def go() -> None:
-        cfg = _load(config, overrides)
-        check_pipeline(cfg)
-        console.print(f"[green]ok[/]: targets {cfg.targets}, work_dir {cfg.work_dir}, publish {cfg.publish.uri}")
-
-    friendly_errors(go)
-
-
-def _group() -> None:
-    """The retraining pipeline."""
-
-
-def make_app():
-    import typer
-
-    app = typer.Typer(help="The retraining pipeline.", no_args_is_help=True, add_completion=False)
-    app.callback()(_group)
-    app.command("run")(_run_command)
-    app.command("check")(_check_command)
-    return app
+    cfg = _load(config, overrides)
+    check_pipeline(cfg)
+    console.print(f"[green]ok[/]: targets {cfg.targets}, work_dir {cfg.work_dir}, publish {cfg.publish.uri}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shared.cli_utils import run_app, setup_logging
+    from shared.cli_utils import run_cli
 
-    setup_logging()
-    return run_app(make_app(), argv, "prefill-router pipeline")
+    return run_cli("prefill-router pipeline", argv, {"run": _run_command, "check": _check_command},
+                   "The retraining pipeline.")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from shared import storage
+from shared.errors import BadInput, MissingInput, UnknownName
 
 if TYPE_CHECKING:
     from cluster.pipeline.config import PipelineConfig
@@ -34,23 +35,23 @@ def check_pipeline(cfg: PipelineConfig, base: str | Path | None = None) -> None:
 
     base = Path(base or ".")
     if cfg.registry and not _local(cfg.registry, base).is_file():
-        raise FileNotFoundError(f"registry {cfg.registry} not found")
+        raise MissingInput(f"registry {cfg.registry} not found")
     registry = load_registry(_local(cfg.registry, base) if cfg.registry else None)
     if len(set(cfg.targets)) != len(cfg.targets):
-        raise ValueError(f"targets listed twice: {cfg.targets}")
+        raise BadInput(f"targets listed twice: {cfg.targets}")
     for field, name, lookup in [*(("targets", n, registry.target) for n in cfg.targets),
                                 ("capture.encoder", cfg.capture.encoder, registry.encoder)]:
         try:
             lookup(name)
         except KeyError as exc:
-            raise KeyError(f"{field}: {exc.args[0]}") from exc
+            raise UnknownName(f"{field}: {exc.args[0]}") from exc
         except ValueError as exc:
-            raise ValueError(f"{field}: {exc}") from exc
+            raise BadInput(f"{field}: {exc}") from exc
     if cfg.queries and not storage.is_s3(cfg.queries) and not _local(cfg.queries, base).is_file():
-        raise FileNotFoundError(f"queries: no query table at {cfg.queries} (looked at {_local(cfg.queries, base)}); "
+        raise MissingInput(f"queries: no query table at {cfg.queries} (looked at {_local(cfg.queries, base)}); "
                                 "build one with `prefill-router data build` or give `data:` to build it here")
     if cfg.labels and not storage.is_s3(cfg.labels) and not _local(cfg.labels, base).is_dir():
-        raise FileNotFoundError(f"labels: no labels directory at {cfg.labels} (looked at {_local(cfg.labels, base)})")
+        raise MissingInput(f"labels: no labels directory at {cfg.labels} (looked at {_local(cfg.labels, base)})")
     reload = cfg.publish.reload_serve_app
     if reload:
         from serving.config import ServeConfig

@@ -37,6 +37,7 @@ from pydantic import Field, model_validator
 
 from shared.cli_utils import ConfigOption, Overrides
 from shared.config import StrictConfig
+from shared.errors import BadInput
 from shared.features import NEXT_TOKEN_DIMS
 from shared.ray_boot import ensure_ray
 from training.capture.output import TensorShardWriter, read_features, rows_to_table
@@ -223,7 +224,7 @@ def _prepare_output(cfg: CaptureConfig, identity: dict[str, Any]) -> set[int]:
         check_manifest(cfg.out, identity)
         return finished_shards(cfg.out)
     except OSError as exc:
-        raise ValueError(f"cannot write capture output to {cfg.out!r}: {exc}") from exc
+        raise BadInput(f"cannot write capture output to {cfg.out!r}: {exc}") from exc
 
 
 def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool) -> dict[str, int]:
@@ -332,29 +333,16 @@ def print_summary(summary: dict[str, Any], out: str) -> None:
 # --------------------------------------------------------------------------- CLI
 def _capture_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Capture the encoder's prefill activations for a query table (Ray Data)."""
-    from shared.cli_utils import friendly_errors
     from shared.config import load_config
 
-    def run() -> None:
-        cfg = load_config(CaptureConfig, config, overrides or [])
-        print_summary(run_capture(cfg), cfg.out)
-
-    friendly_errors(run)
-
-
-def make_app():
-    import typer
-
-    app = typer.Typer(help="Capture the encoder's prefill activations (Ray Data).", add_completion=False)
-    app.command()(_capture_command)
-    return app
+    cfg = load_config(CaptureConfig, config, overrides or [])
+    print_summary(run_capture(cfg), cfg.out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shared.cli_utils import run_app, setup_logging
+    from shared.cli_utils import run_cli
 
-    setup_logging()
-    return run_app(make_app(), argv, "prefill-router capture")
+    return run_cli("prefill-router capture", argv, _capture_command)
 
 
 if __name__ == "__main__":

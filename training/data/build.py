@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from shared.cli_utils import ConfigOption, Overrides
 from shared.config import StrictConfig
+from shared.errors import BadInput
 from training.queries import (MC_LABELS, QUERY_SCHEMA, BadRecord, BuildReport, assign_split, is_number,
                               make_query, split_counts, stable_hash, table_hash)
 
@@ -125,7 +125,7 @@ def rg_records(cfg: RGTaskConfig, seed: int, report: BuildReport) -> Iterator[di
     try:
         dataset = reasoning_gym.create_dataset(cfg.task, size=cfg.n, seed=task_seed, **cfg.config)
     except Exception as exc:  # noqa: BLE001 - reasoning-gym raises many types for a bad config
-        raise ValueError(f"reasoning-gym task {cfg.task!r} with config {cfg.config}: {exc}") from exc
+        raise BadInput(f"reasoning-gym task {cfg.task!r} with config {cfg.config}: {exc}") from exc
     variant = cfg.task + (f"#{stable_hash(cfg.config, n=6)}" if cfg.config else "")
     for entry in dataset:
         question = (entry.get("question") or "").strip()
@@ -175,7 +175,7 @@ def build_queries(cfg: DataConfig, mmlu_file: Path | None = None) -> tuple[pa.Ta
             report.kept[row["source"]] += 1
             rows.append(row)
     if not rows:
-        raise ValueError("the query table is empty: enable at least one source with n > 0")
+        raise BadInput("the query table is empty: enable at least one source with n > 0")
     return pa.Table.from_pylist(rows, schema=QUERY_SCHEMA), report
 
 
@@ -203,32 +203,14 @@ def run_build(cfg: DataConfig) -> tuple[pa.Table, BuildReport]:
     return table, report
 
 
-def _build_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
-    """Build the benchmark query table (Parquet) from offline sources."""
-    from shared.cli_utils import friendly_errors
-    from shared.config import load_config
-
-    friendly_errors(lambda: run_build(load_config(DataConfig, config, overrides or [])))
-
-
-def _group() -> None:
-    """Benchmark query tables."""
-
-
-def make_app():
-    import typer
-
-    app = typer.Typer(help="Benchmark query tables.", no_args_is_help=True, add_completion=False)
-    app.callback()(_group)
-    app.command("build")(_build_command)
-    from training.data.importer import _import_command
-
-    app.command("import")(_import_command)
-    return app
-
-
 def main(argv: list[str] | None = None) -> int:
-    from shared.cli_utils import run_app, setup_logging
+    from shared.cli_utils import config_command, run_cli
+    from training.data.import_config import ImportConfig
+    from training.data.importer import run_import
 
-    setup_logging()
-    return run_app(make_app(), argv, "prefill-router data")
+    return run_cli("prefill-router data", argv, {
+        "build": config_command(DataConfig, run_build,
+                                "Build the benchmark query table (Parquet) from offline sources."),
+        "import": config_command(ImportConfig, run_import, "Import published per-query correctness and cost "
+                                 "(RouterBench or long format) as a query table and labels."),
+    }, "Benchmark query tables.")

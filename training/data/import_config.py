@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
@@ -27,8 +27,8 @@ ANSWER_TYPE_DEFAULTS = {"arc-challenge": "multiple_choice", "winogrande": "multi
 class ImportConfig(StrictConfig):
     """Config of ``prefill-router data import``."""
 
-    format: Literal["routerbench", "long"] = Field(
-        "routerbench", description="routerbench: a row per prompt, columns per model; long: a row per prompt x model.")
+    format: str = Field("routerbench", description="Input format, a class in training/data/import_formats.py: "
+                        "routerbench: a row per prompt, columns per model; long: a row per prompt x model.")
     inputs: list[str] = Field(description="Input files or folders, local or s3:// (a folder or prefix: its files "
                               "of the format's extensions).")
     output: str = Field("runs/import/queries.parquet", description="Query table to write (local or s3://).")
@@ -53,6 +53,15 @@ class ImportConfig(StrictConfig):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        from training.data.import_formats import FORMATS
+
+        if value not in FORMATS:
+            raise ValueError(f"unknown format {value!r}; known: {', '.join(FORMATS)}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "ImportConfig":

@@ -8,9 +8,10 @@ and pipeline run on it unchanged: the query table (:data:`QUERY_SCHEMA`; ``sourc
 and ``manifest.json`` (identity and ``summary``); ``<labels>/summary.json``; and
 ``<labels>/import-manifest.json`` (every source file with its sha256, and the counts).
 
-Readers: the RouterBench column scheme (CSV, or the published pickled DataFrame, read only
-with ``trust_pickle: true`` since unpickling runs code from the file) and a long format
-(Parquet, CSV or JSONL; one row per prompt x model). Queries are keyed on the prompt text;
+Formats (one class each in :mod:`training.data.import_formats`): the RouterBench column
+scheme (CSV, or the published pickled DataFrame, read only with ``trust_pickle: true`` since
+unpickling runs code from the file) and a long format (Parquet, CSV or JSONL; one row per
+prompt x model). :class:`Collector` merges their rows into queries. Queries are keyed on the prompt text;
 duplicates are merged (mean correctness, cost and tokens) and counted. An empty
 correctness cell is a ``status="missing"`` row (NaN downstream), never a wrong answer. The
 sources hold no reference answers, so ``label run`` cannot score these queries; token
@@ -20,19 +21,115 @@ counts a source lacks are estimated from the text (``chars_per_token``).
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from shared import storage
-from shared.cli_utils import ConfigOption, Overrides
+from shared.errors import BadInput
 from training.data.import_config import ImportConfig
-from training.queries import QUERY_SCHEMA, assign_split, split_counts, table_hash
-from training.data.import_sources import (Collector, Obs, read_long, read_records, read_routerbench, sha256_file,
-                                     staged_inputs)
+from training.data.import_formats import get_format
+from training.data.import_sources import number, sha256_file, staged_inputs
+from training.queries import (QUERY_SCHEMA, BadRecord, BuildReport, assign_split, normalise, split_counts, stable_hash,
+                              table_hash)
+from training.semantic_text import prompt_text
+
+
+# --------------------------------------------------------------------------- collecting
+@dataclass
+class Obs:
+    """One observation of a (query, target): a RouterBench cell or a long-format row."""
+
+    correct: float | None
+    cost: float
+    input_tokens: int
+    output_tokens: int
+    answer: str | None
+
+
+@dataclass
+class Query:
+    """A query being built: its row (without split and meta), source ids, observations per target."""
+
+    row: dict[str, Any]
+    ids: list[str] = field(default_factory=list)
+    obs: dict[str, list[Obs]] = field(default_factory=dict)
+
+
+class Collector:
+    """Merges source rows into queries keyed on the prompt text; counts what it merged or skipped."""
+
+    def __init__(self, cfg: ImportConfig, registry: Any):
+        self.cfg, self.registry, self.source = cfg, registry, get_format(cfg.format).source
+        self.queries: dict[str, Query] = {}
+        self.specs: dict[str, Any] = {}          # registry name -> ModelSpec
+        self.labels: dict[str, Counter] = {}     # registry name -> cell counts
+        self.merged: Counter = Counter()
+        self.report = BuildReport()
+
+    def target(self, model: str) -> str:
+        """The registry name of a source model; an unknown name is an error saying how to fix it."""
+        name = self.cfg.model_names.get(model, model)
+        if name not in self.specs:
+            try:
+                self.specs[name] = self.registry.get(name)
+            except KeyError as exc:
+                raise BadInput(f"model {model!r} (registry name {name!r}) is not in the registry: add it there "
+                                 f"or map it with model_names ({exc.args[0]})") from None
+            self.labels[name] = Counter()
+        return name
+
+    def query(self, messages: list[dict[str, str]], task: str, source_id: str | None) -> Query:
+        """The query of these messages, created on first sight (a repeat keeps the first task)."""
+        qid = stable_hash(self.source, messages)
+        q = self.queries.get(qid)
+        if q is None:
+            text = prompt_text(messages)
+            q = self.queries[qid] = Query(row={
+                "query_id": qid, "source": self.source, "task": task, "messages": messages, "reference": "",
+                "answer_type": self.cfg.answer_types.get(task, "exact"), "choices": [],
+                "group_id": stable_hash(self.source, normalise(text))})
+        elif q.row["task"] != task:
+            self.merged["task conflicts (first task kept)"] += 1
+        if source_id is not None and source_id not in q.ids:
+            q.ids.append(source_id)
+        return q
+
+    def observe(self, q: Query, target: str, correct: Any, cost: Any, answer: str | None,
+                tokens: tuple[float, float] | None = None) -> None:
+        """Record one (query, target) cell; never raises: bad cells are counted and kept as missing."""
+        counts = self.labels[target]
+        try:
+            value = number(correct, "correctness", 1.0)
+            counts["empty correctness cells" if value is None else "labelled cells"] += 1
+        except BadRecord as exc:
+            value = None
+            counts[f"bad correctness cells, kept as missing ({exc})"] += 1
+        per_char = 1.0 / self.cfg.chars_per_token
+        prompt = sum(len(m["content"]) for m in q.row["messages"])
+        n_in, n_out = tokens or (math.ceil(prompt * per_char), math.ceil(len(answer or "") * per_char))
+        try:
+            usd = number(cost, "cost")
+        except BadRecord as exc:
+            usd = None
+            counts[f"bad cost cells ({exc})"] += 1
+        if usd is None:
+            usd = self.specs[target].cost(n_in, n_out)
+            counts["costs from registry prices"] += 1
+        if q.obs.get(target):
+            self.merged[f"duplicate labels of {target}"] += 1
+        q.obs.setdefault(target, []).append(Obs(value, usd, int(n_in), int(n_out), answer))
+
+    def skip(self, path: Path, reason: str, detail: Any) -> None:
+        self.report.skip(self.source, reason, f"{path.name}: {str(detail)[:200]}")
+
+
 
 # --------------------------------------------------------------------------- tables
 def query_table(col: Collector) -> pa.Table:
@@ -40,7 +137,7 @@ def query_table(col: Collector) -> pa.Table:
     rows = [{**q.row, "split": assign_split(q.row["group_id"], col.cfg.seed, col.cfg.splits),
              "meta": json.dumps({"source_ids": q.ids}, sort_keys=True)} for q in col.queries.values()]
     if not rows:
-        raise ValueError("no query could be imported (see the skipped rows)")
+        raise BadInput("no query could be imported (see the skipped rows)")
     return pa.Table.from_pylist(rows, schema=QUERY_SCHEMA)
 
 
@@ -103,17 +200,17 @@ def collect(cfg: ImportConfig) -> tuple[Collector, list[dict[str, Any]]]:
     """Read every input file into a :class:`Collector`; returns it and each file's path, sha256 and rows read."""
     from shared.registry import load_registry
 
+    fmt = get_format(cfg.format)
     col = Collector(cfg, load_registry(cfg.registry))
-    reader = read_routerbench if cfg.format == "routerbench" else read_long
     sources = []
     with tempfile.TemporaryDirectory(prefix="pr-import-") as tmp:  # s3:// inputs are read from a local copy
-        for name, path in staged_inputs(cfg.inputs, cfg.format, Path(tmp)):
-            columns, rows = read_records(path, cfg.trust_pickle, cfg.limit)
-            reader(path, columns, rows, col)
+        for name, path in staged_inputs(cfg.inputs, fmt.name, fmt.extensions, Path(tmp)):
+            columns, rows = fmt.records(path, cfg)
+            fmt.read(path, columns, rows, col)
             sources.append({"path": name, "sha256": sha256_file(path), "rows_read": len(rows)})
     absent = [t for t in cfg.targets or [] if cfg.model_names.get(t, t) not in col.specs]
     if absent:
-        raise ValueError(f"targets {absent} have no rows in {[s['path'] for s in sources]}")
+        raise BadInput(f"targets {absent} have no rows in {[s['path'] for s in sources]}")
     return col, sources
 
 
@@ -174,10 +271,3 @@ def print_summary(report: dict[str, Any], summary: dict[str, Any]) -> None:
     console.print(f"skipped: {report['skipped'] or 'none'}" + "".join(f"\n  {e}" for e in report["examples"][:5]),
                   highlight=False)
 
-
-def _import_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
-    """Import published per-query correctness and cost (RouterBench or long format) as a query table and labels."""
-    from shared.cli_utils import friendly_errors
-    from shared.config import load_config
-
-    friendly_errors(lambda: run_import(load_config(ImportConfig, config, overrides or [])))

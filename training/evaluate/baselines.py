@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from shared.errors import BadInput
 from training.dataset import RoutingData
 
 from training.embedder import Embedder
@@ -108,7 +109,7 @@ class TaskBestRouter(RouterModel):
     def _meta(self, data: RoutingData) -> tuple[list[str], list[str]]:
         missing = [q for q in data.query_ids if q not in self.tasks]
         if missing:
-            raise ValueError(f"task-best: {len(missing)} query ids have no task (e.g. {missing[:3]})")
+            raise BadInput(f"task-best: {len(missing)} query ids have no task (e.g. {missing[:3]})")
         return [self.tasks[q][1] for q in data.query_ids], [self.tasks[q][0] for q in data.query_ids]
 
     def fit(self, train, train_text, val=None, val_text=None):
@@ -158,7 +159,7 @@ class ArtifactRouter(RouterModel):
         cols = self.router.block_names
         missing = sorted(c for c in cols if c not in data.blocks)
         if missing:
-            raise ValueError(f"the artifact needs activation columns {missing}; the data has {sorted(data.blocks)}")
+            raise BadInput(f"the artifact needs activation columns {missing}; the data has {sorted(data.blocks)}")
         return self.router.predict_proba({c: data.blocks[c] for c in cols})
 
 
@@ -229,7 +230,7 @@ class MLPRouter(SemanticRouter):
         from training.loop import build_ensemble, select_ensemble, train_one
 
         if val is None or not len(val.query_ids):
-            raise ValueError("MLPRouter needs a val split for early stopping")
+            raise BadInput("MLPRouter needs a val split for early stopping")
         self.transform = FeatureTransform.fit({"text": self.embed(train_text)}, n_components=self.n_components)
         Xtr = self.transform.transform({"text": self.embed(train_text)})
         Xva = self.transform.transform({"text": self.embed(val_text)})
@@ -278,7 +279,7 @@ class MFRouter(SemanticRouter):
         from training.loop import early_stopping
 
         if val is None or not len(val.query_ids):
-            raise ValueError("MFRouter needs a val split for early stopping")
+            raise BadInput("MFRouter needs a val split for early stopping")
         Xtr, Xva = (self.embed(t) for t in (train_text, val_text))
         out = early_stopping(lambda: mf_net(Xtr.shape[1], train.Y.shape[1], self.dim), (Xtr, train.Y, None),
                              (Xva, val.Y, None), self.seed, lr=self.lr, weight_decay=self.weight_decay,

@@ -15,6 +15,7 @@ import warnings
 
 import numpy as np
 
+from shared.errors import BadInput
 from shared.routing import (
     Sweep, ValueSweep, cheapest_where, cost_matrix, route_by_value, route_with_tolerance, routing_outcome,
     tolerance_sweep, value_sweep,
@@ -205,12 +206,12 @@ def calibrate_operating_point(sweep: Sweep, target_cost: float | None = None,
     if target_cost is not None:
         ok = np.flatnonzero(cost <= target_cost)
         if len(ok) == 0:
-            raise ValueError(f"no operating point costs <= {target_cost}; cheapest is {cost.min():.6g}")
+            raise BadInput(f"no operating point costs <= {target_cost}; cheapest is {cost.min():.6g}")
         best = ok[np.lexsort((cost[ok], -acc[ok]))[0]]
     else:
         ok = np.flatnonzero(acc >= target_accuracy)
         if len(ok) == 0:
-            raise ValueError(f"no operating point reaches accuracy {target_accuracy}; best is {acc.max():.6g}")
+            raise BadInput(f"no operating point reaches accuracy {target_accuracy}; best is {acc.max():.6g}")
         best = ok[np.lexsort((-acc[ok], cost[ok]))[0]]
     return float(tol[best])
 

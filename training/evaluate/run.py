@@ -28,8 +28,9 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from pydantic import Field, model_validator
 
-from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
+from shared.cli_utils import config_command, console, run_cli
 from shared.config import StrictConfig
+from shared.errors import BadInput
 from shared.features import block_width, encoder_columns
 from shared.policy import Policy
 from training.loop import TrunkConfig
@@ -123,7 +124,7 @@ def query_texts(queries_uri: str, query_ids: Sequence[str]) -> list[str]:
 
 def _queries(cfg: EvalConfig, who: str) -> str:
     if not cfg.queries:
-        raise ValueError(f"{who} needs the query table: set queries=<path to queries.parquet>")
+        raise BadInput(f"{who} needs the query table: set queries=<path to queries.parquet>")
     return cfg.queries
 
 
@@ -145,7 +146,7 @@ def check_activations(artifact, artifact_uri: str, activations_uri: str) -> None
     for key in ("name", "sha256", "revision"):
         want, got = getattr(meta.encoder, key), enc.get(key)
         if want is not None and got is not None and want != got:
-            raise ValueError(
+            raise BadInput(
                 f"the artifact {artifact_uri} was fitted on encoder {key}={want!r}, but {activations_uri} was "
                 f"captured with {key}={got!r}: its activations mean nothing to this router. Capture the table with "
                 f"the artifact's encoder (prefill-router capture encoder={meta.encoder.name} layers={meta.layers}) "
@@ -155,25 +156,25 @@ def check_activations(artifact, artifact_uri: str, activations_uri: str) -> None
     need = sorted(artifact.router.block_names)
     missing = [c for c in need if c not in have] if have else []
     if missing:
-        raise ValueError(f"the artifact {artifact_uri} reads layers/poolings {need} (hidden_states index 0 = "
+        raise BadInput(f"the artifact {artifact_uri} reads layers/poolings {need} (hidden_states index 0 = "
                          f"embeddings); {activations_uri} holds {sorted(have)}: capture layers {meta.layers} "
                          f"with poolings {meta.poolings}")
     width = ident.get("hidden_size")
     wrong = [b.name for b in (meta.transform.blocks if meta.transform else [])
              if width and b.d_in != block_width(b.name, width)]
     if wrong:
-        raise ValueError(f"the artifact {artifact_uri} expects blocks {wrong} of width "
+        raise BadInput(f"the artifact {artifact_uri} expects blocks {wrong} of width "
                          f"{[b.d_in for b in meta.transform.blocks]}, but {activations_uri} has hidden size {width}")
 
 
 def check_data(artifact, data: RoutingData) -> None:
     """Targets in the artifact's order, and each artifact block's width in the data."""
     if list(data.targets) != artifact.router.target_names:
-        raise ValueError(f"data targets {data.targets} differ from the artifact's {artifact.router.target_names}")
+        raise BadInput(f"data targets {data.targets} differ from the artifact's {artifact.router.target_names}")
     for b in artifact.router.meta.transform.blocks:
         col = data.blocks.get(b.name)
         if col is not None and col.shape[1] != b.d_in:
-            raise ValueError(f"the artifact's block {b.name} has width {b.d_in}, but the activations' "
+            raise BadInput(f"the artifact's block {b.name} has width {b.d_in}, but the activations' "
                              f"{b.name} has width {col.shape[1]}: another encoder?")
 
 
@@ -220,17 +221,17 @@ def prepare_rows(cfg: EvalConfig, artifact, data: RoutingData, texts=None, tasks
     if all_test:
         data = replace(data, split=np.full(len(data.query_ids), "test", dtype=object))
     elif cfg.train_data is not None:
-        raise ValueError("train_data is for a table scored all as test: set all_rows_test=true")
+        raise BadInput("train_data is for a table scored all as test: set all_rows_test=true")
     if all_test and cfg.train_data is not None:
         td = cfg.train_data
         extra = load_data(artifact, cfg.artifact, td.activations, td.labels).where("train", "val")
         overlap = set(extra.query_ids.tolist()) & set(data.query_ids.tolist())
         if overlap:
-            raise ValueError(f"{len(overlap)} test queries are also train / val rows of train_data "
+            raise BadInput(f"{len(overlap)} test queries are also train / val rows of train_data "
                              f"(e.g. {sorted(overlap)[:3]}): the baselines would see the test answers")
         extra_meta = _rows_meta(td.queries, extra.query_ids)
         if (meta is None) != (extra_meta is None):
-            raise ValueError("set both queries and train_data.queries, or neither")
+            raise BadInput("set both queries and train_data.queries, or neither")
         data = concat_data(data, extra)
         meta = None if meta is None else meta + extra_meta
     return EvalRows(data, meta, all_test)
@@ -328,25 +329,6 @@ def write_operating_point(cfg: EvalConfig, artifact, op: ChosenOperatingPoint) -
     return True
 
 
-def _evaluate_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
-    """Evaluate a router artifact against the oracle, single models and baselines."""
-    from shared.config import load_config
-
-    from shared.artifact import ArtifactError
-
-    def run() -> dict[str, Any]:
-        try:
-            return run_evaluation(load_config(EvalConfig, config, overrides or []))
-        except ArtifactError as exc:  # a user error (wrong path, corrupt artifact): one red line
-            raise ValueError(str(exc)) from exc
-
-    friendly_errors(run)
-
-
 def main(argv: list[str] | None = None) -> int:
-    import typer
-
-    setup_logging()
-    app = typer.Typer(add_completion=False)
-    app.command()(_evaluate_command)
-    return run_app(app, argv, "prefill-router evaluate")
+    return run_cli("prefill-router evaluate", argv, config_command(
+        EvalConfig, run_evaluation, "Evaluate a router artifact against the oracle, single models and baselines."))

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from shared.errors import BadInput
 from shared.policy import Policy, policy_names
 from training.evaluate import report_metrics as R
 from training.evaluate import routing_metrics as M
@@ -290,7 +291,7 @@ def evaluate_routers(artifact, models: Sequence[RouterModel], data: RoutingData,
     texts = np.asarray(list(texts), dtype=object)
     masks = {s: data.split == s for s in SPLITS}
     if not masks["test"].any():
-        raise ValueError("evaluation needs rows in the test split")
+        raise BadInput("evaluation needs rows in the test split")
     parts = {s: (data.subset(m), list(texts[m])) for s, m in masks.items() if m.any()}
     models = [artifact, *models]
     preds = fit_all(models, parts)

@@ -23,19 +23,17 @@ import numpy as np
 from pydantic import Field
 
 from shared import storage
-from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
-from shared.config import StrictConfig
+from shared.cli_utils import config_command, console, run_cli
+from shared.errors import BadInput
 from shared.features import parse_block
-from training.dataset import RoutingData, load_routing_data
+from training.dataset import RoutingData, RoutingDataConfig, load_routing_data
 
 log = logging.getLogger(__name__)
 
 
-class ProbeConfig(StrictConfig):
+class ProbeConfig(RoutingDataConfig):
     """Config of ``prefill-router probe``."""
 
-    activations: str = Field(description="Activation dataset written by `prefill-router capture`.")
-    labels: str = Field(description="Labels dataset written by `prefill-router label`.")
     targets: list[str] = Field(description="Targets to probe (label sub-directories).")
     out: str = Field("runs/probe", description="Output directory (local path) for probe.json and plots.")
     splits: list[str] = Field(default_factory=lambda: ["train", "val"], description="Splits used; never test.")
@@ -125,20 +123,32 @@ def plot_layers(report: dict[str, dict], targets: list[str], path: Path) -> None
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as a PNG (laid out tight) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def choice_rows(cfg: Any, data: RoutingData | None, chooser: str) -> RoutingData:
+    """The rows a choice (of layers, of the configuration) sees: ``cfg.splits``, which must not hold test."""
+    if "test" in cfg.splits:
+        raise BadInput(f"{chooser} must not see the test split")
+    return (data or load_routing_data(cfg.activations, cfg.labels, cfg.targets)).where(*cfg.splits)
 
 
 def run_probe(cfg: ProbeConfig, data: RoutingData | None = None) -> dict[str, Any]:
     """Probe every block; write ``probe.json`` and ``probe_layers.png`` under ``cfg.out``."""
     from rich.progress import track
 
-    if "test" in cfg.splits:
-        raise ValueError("probes choose layers: they must not see the test split")
-    data = (data or load_routing_data(cfg.activations, cfg.labels, cfg.targets)).where(*cfg.splits)
+    data = choice_rows(cfg, data, "probes choose layers: they")
     if len(data.query_ids) == 0:
-        raise ValueError(f"no rows in splits {cfg.splits}")
+        raise BadInput(f"no rows in splits {cfg.splits}")
     report = {b: probe_block(data.blocks[b], data.Y, data.targets, cfg)
               for b in track(list(data.blocks), description="probing layers")}
     selected = select_blocks(report, data.targets, cfg.n_blocks, cfg.depth_tolerance)
@@ -155,17 +165,6 @@ def run_probe(cfg: ProbeConfig, data: RoutingData | None = None) -> dict[str, An
     return out
 
 
-def _probe_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
-    """Score every captured layer with J, d_eff and a cross-validated probe AUC."""
-    from shared.config import load_config
-
-    friendly_errors(lambda: run_probe(load_config(ProbeConfig, config, overrides or [])))
-
-
 def main(argv: list[str] | None = None) -> int:
-    import typer
-
-    setup_logging()
-    app = typer.Typer(add_completion=False)
-    app.command()(_probe_command)
-    return run_app(app, argv, "prefill-router probe")
+    return run_cli("prefill-router probe", argv, config_command(
+        ProbeConfig, run_probe, "Score every captured layer with J, d_eff and a cross-validated probe AUC."))

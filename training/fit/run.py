@@ -16,21 +16,19 @@ import numpy as np
 from pydantic import Field
 
 from shared import storage
-from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
-from shared.config import StrictConfig
+from shared.cli_utils import config_command, console, run_cli
+from shared.errors import BadInput
 from shared.ray_boot import ensure_ray
 from shared.features import parse_block
-from training.dataset import RoutingData, load_routing_data
+from training.dataset import RoutingData, RoutingDataConfig, load_routing_data
 from training.fit.train_ray import TrainRunConfig
 
 log = logging.getLogger(__name__)
 
 
-class FitConfig(StrictConfig):
+class FitConfig(RoutingDataConfig):
     """Config of ``prefill-router fit``."""
 
-    activations: str = Field(description="Activation dataset written by `prefill-router capture`.")
-    labels: str = Field(description="Labels dataset written by `prefill-router label`.")
     targets: list[str] = Field(description="Targets, in the order of the router's outputs.")
     out: str = Field("runs/router", description="Artifact directory: local path or s3:// URI.")
     registry: str | None = Field(None, description="Model registry YAML (prices); default configs/models.yaml.")
@@ -66,7 +64,7 @@ def encoder_info(activations_uri: str) -> dict[str, Any]:
     if isinstance(enc, str):
         enc = {"name": enc}
     if not isinstance(enc, dict) or "name" not in enc:
-        raise ValueError(f"{activations_uri}/manifest.json does not name its encoder")
+        raise BadInput(f"{activations_uri}/manifest.json does not name its encoder")
     return {k: enc.get(k) for k in ("name", "sha256", "revision", "chat_template")}
 
 
@@ -113,7 +111,7 @@ def fit_features(cfg: FitConfig, data: RoutingData | None = None) -> tuple[Routi
     data = data or load_routing_data(cfg.activations, cfg.labels, cfg.targets, blocks)
     tr, va = data.where("train"), data.where("val")
     if len(tr.query_ids) == 0 or len(va.query_ids) == 0:
-        raise ValueError("fit needs rows in both the train and the val split")
+        raise BadInput("fit needs rows in both the train and the val split")
     transform = FeatureTransform.fit(tr.blocks, n_components=n_components)
     return data, transform, transform.transform(tr.blocks), transform.transform(va.blocks)
 
@@ -149,17 +147,6 @@ def run_fit(cfg: FitConfig, data: RoutingData | None = None) -> dict[str, Any]:
     return written.model_dump(mode="json")
 
 
-def _fit_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
-    """Fit SharedTrunkNet on Ray Train and write a router artifact."""
-    from shared.config import load_config
-
-    friendly_errors(lambda: run_fit(load_config(FitConfig, config, overrides or [])))
-
-
 def main(argv: list[str] | None = None) -> int:
-    import typer
-
-    setup_logging()
-    app = typer.Typer(add_completion=False)
-    app.command()(_fit_command)
-    return run_app(app, argv, "prefill-router fit")
+    return run_cli("prefill-router fit", argv, config_command(
+        FitConfig, run_fit, "Fit SharedTrunkNet on Ray Train and write a router artifact."))

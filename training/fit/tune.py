@@ -23,10 +23,12 @@ import numpy as np
 from pydantic import Field
 
 from shared import storage
-from shared.cli_utils import ConfigOption, Overrides, console, friendly_errors, run_app, setup_logging
+from shared.cli_utils import config_command, console, run_cli
 from shared.config import StrictConfig
+from shared.errors import BadInput
 from training.loop import TrunkConfig
-from training.dataset import RoutingData, load_routing_data
+from training.dataset import RoutingData, RoutingDataConfig
+from training.fit.probe import choice_rows, save_figure
 
 MINILM = "minilm"
 
@@ -39,11 +41,9 @@ class Candidate(StrictConfig):
     n_components: int = Field(gt=0, description="PCA components per block (fitted on the training folds only).")
 
 
-class TuneConfig(StrictConfig):
+class TuneConfig(RoutingDataConfig):
     """Config of ``prefill-router tune``."""
 
-    activations: str = Field(description="Activation dataset written by `prefill-router capture`.")
-    labels: str = Field(description="Labels dataset written by `prefill-router label`.")
     targets: list[str] = Field(description="Targets, in the order of the router's outputs.")
     queries: str | None = Field(None, description="Query table: folds grouped by group_id; needed for minilm.")
     probe_report: str | None = Field(None, description="probe.json for candidates whose blocks are 'probe'.")
@@ -111,7 +111,7 @@ def choose_candidate(rows: Sequence[dict[str, Any]], depth_tolerance: float = 0.
 
     rows = [r for r in rows if r["blocks"] != [MINILM] and np.isfinite(r["mean_auc"])]
     if not rows:
-        raise ValueError("no prefill candidate has a cross-validated AUC (too few rows, or a target "
+        raise BadInput("no prefill candidate has a cross-validated AUC (too few rows, or a target "
                          "with one class only in every fold?)")
     top = max(r["mean_auc"] for r in rows)
     near = [r for r in rows if r["mean_auc"] >= top - depth_tolerance]
@@ -131,7 +131,7 @@ def candidate_blocks(cand: Candidate, cfg: TuneConfig) -> list[str]:
     if cand.blocks != "probe":
         return list(cand.blocks)
     if not cfg.probe_report:
-        raise ValueError("a candidate uses blocks: probe, but probe_report is not set")
+        raise BadInput("a candidate uses blocks: probe, but probe_report is not set")
     return list(storage.read_json(cfg.probe_report)["selected"]["blocks"])
 
 
@@ -143,7 +143,7 @@ def minilm_block(data: RoutingData, queries: str | None) -> np.ndarray:
     from training.semantic_text import semantic_texts_for
 
     if not queries:
-        raise ValueError("minilm needs the query table: set queries=<path to queries.parquet>")
+        raise BadInput("minilm needs the query table: set queries=<path to queries.parquet>")
     texts, _ = semantic_texts_for(queries, list(data.query_ids), np.asarray(data.split) == "train")
     return MiniLMEmbedder()(texts)
 
@@ -165,20 +165,16 @@ def plot_tune(rows: list[dict[str, Any]], targets: list[str], path: Path) -> Non
     ax.set_xlabel(f"cross-validated AUC on train + val (bar: mean over {len(targets)} targets)")
     ax.invert_yaxis()
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_tune(cfg: TuneConfig, data: RoutingData | None = None) -> dict[str, Any]:
     """Score every candidate (and MiniLM when asked); write ``tune.json`` and ``tune.png``."""
     from rich.progress import track
 
-    if "test" in cfg.splits:
-        raise ValueError("tuning chooses the configuration: it must not see the test split")
-    data = (data or load_routing_data(cfg.activations, cfg.labels, cfg.targets)).where(*cfg.splits)
+    data = choice_rows(cfg, data, "tuning chooses the configuration: it")
     if len(data.query_ids) < cfg.folds:
-        raise ValueError(f"{len(data.query_ids)} rows in splits {cfg.splits}: fewer than folds={cfg.folds}")
+        raise BadInput(f"{len(data.query_ids)} rows in splits {cfg.splits}: fewer than folds={cfg.folds}")
     groups = fold_groups(data, cfg.queries)
     jobs = [(f"{'+'.join(names)} / {c.n_components}", names, c.n_components)
             for c, names in ((c, candidate_blocks(c, cfg)) for c in cfg.candidates)]
@@ -188,7 +184,7 @@ def run_tune(cfg: TuneConfig, data: RoutingData | None = None) -> dict[str, Any]
         jobs.append((f"{MINILM} / {cfg.minilm_components} (semantic)", [MINILM], cfg.minilm_components))
     missing = sorted({b for _, names, _ in jobs for b in names} - set(blocks))
     if missing:
-        raise ValueError(f"unknown blocks {missing}; the activations have {sorted(data.blocks)}")
+        raise BadInput(f"unknown blocks {missing}; the activations have {sorted(data.blocks)}")
     rows = []
     for label, names, k in track(jobs, description="cross-validating"):
         auc = cv_auc({b: blocks[b] for b in names}, data.Y, groups, k, cfg.trunk, cfg.folds, cfg.seeds,
@@ -220,17 +216,6 @@ def tune_table(rows: Sequence[dict[str, Any]]):
     return view
 
 
-def _tune_command(config: ConfigOption = None, overrides: Overrides = None) -> None:
-    """Compare block sets and PCA sizes by cross-validated AUC on train + val."""
-    from shared.config import load_config
-
-    friendly_errors(lambda: run_tune(load_config(TuneConfig, config, overrides or [])))
-
-
 def main(argv: list[str] | None = None) -> int:
-    import typer
-
-    setup_logging()
-    app = typer.Typer(add_completion=False)
-    app.command()(_tune_command)
-    return run_app(app, argv, "prefill-router tune")
+    return run_cli("prefill-router tune", argv, config_command(
+        TuneConfig, run_tune, "Compare block sets and PCA sizes by cross-validated AUC on train + val."))

@@ -36,6 +36,7 @@ from shared import storage
 from shared.backends import is_remote
 from shared.cli_utils import ConfigOption, Overrides
 from shared.config import StrictConfig
+from shared.errors import BadInput, MissingInput
 from shared.ray_boot import ensure_ray
 from shared.registry import ModelSpec
 from training import shards as sh
@@ -94,7 +95,7 @@ def select_queries(table: pa.Table, splits: list[str], limit: int | None) -> pa.
     chosen = table.filter(pc.is_in(table.column("split"), pa.array(splits)))
     chosen = chosen.slice(0, limit) if limit else chosen
     if chosen.num_rows == 0:
-        raise ValueError(f"no queries to label in splits {splits} of a {table.num_rows}-row table")
+        raise BadInput(f"no queries to label in splits {splits} of a {table.num_rows}-row table")
     return chosen
 
 
@@ -202,10 +203,10 @@ def resolve_targets(cfg: LabelConfig) -> list[ModelSpec]:
     registry = load_registry(cfg.registry)
     specs = [registry.target(n) for n in cfg.targets] if cfg.targets is not None else registry.targets()
     if not specs:
-        raise ValueError("no targets to label: name some with targets=[...]")
+        raise BadInput("no targets to label: name some with targets=[...]")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        raise ValueError(f"targets listed twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
+        raise BadInput(f"targets listed twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
     return specs
 
 
@@ -213,9 +214,9 @@ def check_paths(cfg: LabelConfig) -> None:
     from pathlib import Path
 
     if not storage.is_s3(cfg.out) and Path(cfg.out).expanduser().is_file():
-        raise ValueError(f"out={cfg.out} is a file; it must be a directory (or a new path)")
+        raise BadInput(f"out={cfg.out} is a file; it must be a directory (or a new path)")
     if not storage.exists(cfg.queries):
-        raise FileNotFoundError(f"query table {cfg.queries} not found; build it with `prefill-router data build`")
+        raise MissingInput(f"query table {cfg.queries} not found; build it with `prefill-router data build`")
 
 
 def plan_target(spec: ModelSpec, table: pa.Table, qhash: str, cfg: LabelConfig) -> tuple[pa.Table, LabelShardWriter]:
@@ -307,7 +308,7 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     table = select_queries(storage.read_parquet(cfg.queries), cfg.splits, cfg.limit)
     unscorable = sum(1 for r in table.column("reference").to_pylist() if not r)
     if unscorable:
-        raise ValueError(f"{unscorable} of {table.num_rows} queries in {cfg.queries} have no reference answer, so no "
+        raise BadInput(f"{unscorable} of {table.num_rows} queries in {cfg.queries} have no reference answer, so no "
                          "answer can be scored: an imported table (`data import`) comes with its labels; use them "
                          "(the pipeline's data_import stage, or `labels:`) instead of labelling")
     qhash = table_hash(table)
@@ -338,34 +339,20 @@ def _run_command(config: ConfigOption = None, overrides: Overrides = None) -> No
     """Label every target's correctness per query; re-run to resume or retry failures."""
     import typer
 
-    from shared.cli_utils import err_console, friendly_errors
+    from shared.cli_utils import err_console
     from shared.config import load_config
 
-    summary = friendly_errors(lambda: run_label(load_config(LabelConfig, config, overrides or [])))
+    summary = run_label(load_config(LabelConfig, config, overrides or []))
     failed = {t: s["failed"] + s["missing"] for t, s in summary["targets"].items() if s["failed"] + s["missing"]}
     if failed:
         err_console.print(f"[yellow]unfinished rows per target: {failed}; re-run the same command to retry them[/]")
         raise typer.Exit(code=1)
 
 
-def _group() -> None:
-    """Correctness labels per (query, target)."""
-
-
-def make_app():
-    import typer
-
-    app = typer.Typer(help="Correctness labels per (query, target).", no_args_is_help=True, add_completion=False)
-    app.callback()(_group)
-    app.command("run")(_run_command)
-    return app
-
-
 def main(argv: list[str] | None = None) -> int:
-    from shared.cli_utils import run_app, setup_logging
+    from shared.cli_utils import run_cli
 
-    setup_logging()
-    return run_app(make_app(), argv, "prefill-router label")
+    return run_cli("prefill-router label", argv, {"run": _run_command}, "Correctness labels per (query, target).")
 
 
 if __name__ == "__main__":

@@ -263,7 +263,7 @@ def test_routerbench_targets_are_opt_in_priced_and_never_fetched(registry):
     assert registry.get("gpt-4-1106-preview").cost(1e6, 1e6) == 40.0
 
 
-def test_cli_import_and_friendly_errors(tmp_path, capsys):
+def test_cli_import_and_its_one_line_errors(tmp_path, capsys):
     from training.data.build import main
 
     csv = write_csv(rb_frame(), tmp_path / "rb.csv")
@@ -330,3 +330,37 @@ def test_inputs_on_s3_are_read_like_local_files(tmp_path, moto_s3):
     assert remote["sources"][0]["sha256"] == plain["sources"][0]["sha256"]
     with pytest.raises(FileNotFoundError, match="no such object or prefix"):
         run_import(config(tmp_path, ["s3://bench/nothing-here"], name="none"))
+
+
+def test_a_format_is_one_registered_class(tmp_path):
+    """A new ImportFormat subclass is a `format` the config accepts and `data import` reads
+    (here: a JSON array of long rows); an unknown format is a config error naming the known ones."""
+    from shared.config import ConfigError, load_config
+    from training.data.import_formats import FORMATS, ImportFormat, Long
+
+    with pytest.raises(ConfigError, match="unknown format 'jsonarray'; known: routerbench, long"):
+        load_config(ImportConfig, None, [f"inputs=[{tmp_path}]", "format=jsonarray"])
+
+    class JsonArray(ImportFormat):
+        name, extensions, source = "jsonarray", (".json",), "import"
+
+        @classmethod
+        def records(cls, path, cfg):
+            rows = json.loads(path.read_text())
+            return list(rows[0]), rows
+
+        read = Long.read
+
+    try:
+        rows = [{"prompt": "p1", "model": "gpt-4-1106-preview", "correct": 1, "cost": 0.01, "task": "t1"},
+                {"prompt": "p1", "model": "mistralai/mistral-7b-chat", "correct": 0, "cost": 0.001, "task": "t1"}]
+        (tmp_path / "rows.json").write_text(json.dumps(rows))
+        (tmp_path / "ignored.csv").write_text("prompt\n")
+        cfg = config(tmp_path, [tmp_path], format="jsonarray", targets=None)  # a folder: only its .json files
+        result = run_import(cfg)
+        assert [s["path"] for s in result["sources"]] == [str(tmp_path / "rows.json")]
+        assert labels_of(cfg, "mistral-7b-chat")["correct"].tolist() == [0.0]
+        with pytest.raises(TypeError, match="two import formats are named 'jsonarray'"):
+            type("Again", (ImportFormat,), {"name": "jsonarray"})
+    finally:
+        del FORMATS["jsonarray"]

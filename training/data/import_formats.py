@@ -1,0 +1,125 @@
+"""The input formats of ``prefill-router data import``: one :class:`ImportFormat` subclass each.
+
+A subclass registers itself under its ``name`` (the import config's ``format``), so adding a
+format is one class in this file: its ``name``, file ``extensions``, the query table's
+``source`` of its queries, and :meth:`ImportFormat.read`, which turns a file's rows into
+queries and label cells through the importer's ``Collector`` (``col.target`` maps a source
+model to its registry name, ``col.query`` finds or creates the query of a prompt,
+``col.observe`` records a (query, target) cell, ``col.skip`` counts an unreadable row). A file
+that is not a CSV, pickled DataFrame, Parquet or JSONL table also overrides
+:meth:`ImportFormat.records`.
+
+- :class:`RouterBench`: RouterBench's column scheme (one row per prompt; ``<model>``,
+  ``<model>|total_cost``, ...) from a CSV or a trusted pickle.
+- :class:`Long`: one row per prompt x model (Parquet, CSV, JSONL or a trusted pickle).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from shared.errors import UnknownName
+from training.queries import BadRecord
+
+from training.data.import_sources import blank, messages_of, number, read_records, require, text_of
+
+FORMATS: dict[str, type[ImportFormat]] = {}  # name -> format, in definition order
+
+
+class ImportFormat:
+    """One input format; a subclass is registered under its ``name``."""
+
+    name: ClassVar[str]
+    extensions: ClassVar[tuple[str, ...]]  # lower-case file suffixes; a folder input reads its files with these
+    source: ClassVar[str]  # the query table's ``source`` of the queries it imports
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name in FORMATS:
+            raise TypeError(f"two import formats are named {cls.name!r}: {FORMATS[cls.name].__name__}, {cls.__name__}")
+        FORMATS[cls.name] = cls
+
+    @classmethod
+    def records(cls, path: Path, cfg: Any) -> tuple[list[str], list[dict[str, Any]]]:
+        """Column names and row dicts of one input file (``cfg``: the ImportConfig)."""
+        return read_records(path, cfg.trust_pickle, cfg.limit)
+
+    @classmethod
+    def read(cls, path: Path, columns: list[str], rows: list[dict[str, Any]], col: Any) -> None:
+        """Add one file's rows to the importer's Collector ``col`` (``col.cfg``: the ImportConfig)."""
+        raise NotImplementedError
+
+
+def get_format(name: str) -> type[ImportFormat]:
+    """The format registered as ``name``."""
+    if name not in FORMATS:
+        raise UnknownName(f"unknown import format {name!r}; known: {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+class RouterBench(ImportFormat):
+    """RouterBench rows: ``prompt``, ``eval_name``, per model ``<model>`` in {0, 1} and
+    ``<model>|total_cost``; optional ``sample_id`` and ``<model>|model_response``."""
+
+    name = "routerbench"
+    extensions = (".csv", ".pkl", ".pickle")
+    source = "routerbench"
+
+    @classmethod
+    def read(cls, path: Path, columns: list[str], rows: list[dict[str, Any]], col: Any) -> None:
+        models = col.cfg.targets if col.cfg.targets is not None else list(col.cfg.model_names)
+        require(path, columns, ["prompt", "eval_name"] + [c for m in models for c in (m, f"{m}|total_cost")])
+        names = {m: col.target(m) for m in models}
+        for i, rec in enumerate(rows):
+            try:
+                messages = [{"role": "user", "content": text_of(rec["prompt"], "prompt")}]
+                if blank(rec["eval_name"]):
+                    raise BadRecord("empty eval_name")
+            except BadRecord as exc:
+                col.skip(path, str(exc), f"row {i}: {rec.get('prompt')!r}")
+                continue
+            before = len(col.queries)
+            q = col.query(messages, str(rec["eval_name"]).strip(), None if blank(rec.get("sample_id"))
+                          else str(rec["sample_id"]))
+            col.merged["duplicate prompts merged"] += len(col.queries) == before
+            for model in models:
+                response = rec.get(f"{model}|model_response")
+                try:
+                    answer = None if blank(response) else text_of(response, "response")
+                except BadRecord:
+                    answer = str(response)
+                col.observe(q, names[model], rec[model], rec[f"{model}|total_cost"], answer)
+
+
+class Long(ImportFormat):
+    """Long rows: ``prompt`` or ``messages``, ``model``, ``correct``, ``cost`` and/or ``input_tokens`` +
+    ``output_tokens`` (no cost: registry prices); optional ``task`` and ``response``."""
+
+    name = "long"
+    extensions = (".parquet", ".csv", ".jsonl", ".pkl", ".pickle")
+    source = "import"
+
+    @classmethod
+    def read(cls, path: Path, columns: list[str], rows: list[dict[str, Any]], col: Any) -> None:
+        require(path, columns, (["prompt"] if "messages" not in columns else []) + ["model", "correct"])
+        tokens = "input_tokens" in columns and "output_tokens" in columns
+        if not tokens and "cost" not in columns:
+            require(path, columns, ["cost", "input_tokens", "output_tokens"])
+        for i, rec in enumerate(rows):
+            try:
+                model = "" if blank(rec["model"]) else str(rec["model"]).strip()
+                if not model:
+                    raise BadRecord("empty model")
+                if col.cfg.targets is not None and model not in col.cfg.targets:
+                    continue
+                messages = (messages_of(rec["messages"]) if not blank(rec.get("messages"))
+                            else [{"role": "user", "content": text_of(rec.get("prompt"), "prompt")}])
+                counts = [number(rec[c], c) for c in ("input_tokens", "output_tokens")] if tokens else [None]
+            except BadRecord as exc:
+                col.skip(path, str(exc), f"row {i}: {rec.get('prompt') or rec.get('messages')!r}")
+                continue
+            task = col.cfg.default_task if blank(rec.get("task")) else str(rec["task"]).strip()
+            answer = rec.get("response") if isinstance(rec.get("response"), str) else None
+            col.observe(col.query(messages, task, None), col.target(model), rec["correct"], rec.get("cost"), answer,
+                        None if None in counts else tuple(counts))

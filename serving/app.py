@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from serving.config import ServeConfig, deployment_name, serve_config, target_user_config
+from serving.config import ServeConfig, auth_token, deployment_name, serve_config, target_user_config
 from shared.cli_utils import ConfigOption, Overrides, console, run_cli
 from shared.errors import ConfigError
 from shared.ray_boot import ensure_ray, resolve_target
@@ -154,8 +154,14 @@ def run_serve(cfg: ServeConfig, blocking: bool = True, address: str | None = Non
     """Start (or update) the app on a Ray cluster and, with ``blocking``, serve until Ctrl-C."""
     from ray import serve
 
+    local = resolve_target(address).local
+    if local:  # the replicas inherit this environment: an unset token variable is known now, not after ~50 s
+        try:
+            auth_token(cfg.auth_token_env)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     ensure_ray(address)
-    if resolve_target(address).local:  # the replicas load on this machine: convert first, in view
+    if local:  # the replicas load on this machine: convert first, in view
         prepare_serving_models(cfg)
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
     deploy(cfg)

@@ -8,6 +8,7 @@ embeds that document as ``serveConfigV2``, so there is no hand-kept copy anywher
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -74,6 +75,10 @@ class IngressConfig(StrictConfig):
                                     "cancelled: it stops generating).")
     auth_token_env: str | None = Field(None, description="Env var with a bearer token the ingress requires; the app "
                                        "refuses to start if it names an unset variable.")
+    auth_probes: bool = Field(False, description="With auth_token_env set, /healthz, /readyz and /metrics need the "
+                              "bearer token too. False (the default): they stay open for liveness/readiness probes "
+                              "and Prometheus scrapers, and anyone who reaches the port learns the served targets' "
+                              "names and the request counts; set true where that port is reachable by others.")
     max_prompt_tokens: int = Field(4096, gt=0, description="Longer prompts are refused with 413 on every path.")
     max_body_bytes: int = Field(1 << 20, gt=0, description="Larger request bodies are refused with 413 unread.")
     fallback_target: str | None = Field(None, description="Answers routed requests (marked in a header) when the "
@@ -92,6 +97,18 @@ class IngressConfig(StrictConfig):
         ``default_<policy name>`` field set (shared.policy.Policy.pick checks there is at most one)."""
         names = {f"default_{n}" for n in policy_names()}
         return Policy.pick({k: v for k, v in self if k in names}, prefix="default_")
+
+
+def auth_token(name: str | None) -> str | None:
+    """The bearer token in env var ``name`` (None: no auth); ValueError when ``name`` is unset or empty."""
+    if not name:
+        return None
+    token = os.environ.get(name, "").strip()
+    if not token:
+        raise ValueError(f"auth_token_env is {name!r}, but {name} is unset or empty in the ingress replica's "
+                         f"environment: set it there (the Ray cluster's or pod's env) or set auth_token_env: "
+                         "null to serve without auth; refusing to start without the auth that was asked for")
+    return token
 
 
 class ServeConfig(IngressConfig):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from typing import Any
 
 from fastapi import HTTPException
@@ -38,15 +39,16 @@ class RouterUnavailable(RuntimeError):
 
 
 def counted(endpoint: str):
-    """Count each call of an endpoint method by HTTP status in ``self.metrics.requests``
-    (a request the client gave up on counts as 499)."""
+    """Count each call of an endpoint method by HTTP status in ``self.metrics.requests`` and time it
+    in ``self.metrics.duration`` (a request the client gave up on counts as 499). The request's
+    arrival is ``request.state.received`` (``time.perf_counter()``) for the method to read."""
 
     def wrap(fn):
         @functools.wraps(fn)
-        async def inner(self, *args, **kwargs):
-            status = 500
+        async def inner(self, request, *args, **kwargs):
+            status, request.state.received = 500, time.perf_counter()
             try:
-                response = await fn(self, *args, **kwargs)
+                response = await fn(self, request, *args, **kwargs)
                 status = response.status_code
                 return response
             except HTTPException as exc:
@@ -57,6 +59,8 @@ def counted(endpoint: str):
                 raise
             finally:
                 self.metrics.requests.labels(endpoint, str(status)).inc()
+                self.metrics.duration.labels(endpoint, str(status)).observe(
+                    time.perf_counter() - request.state.received)
 
         return inner
 

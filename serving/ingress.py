@@ -8,9 +8,11 @@ ingress deployment with :func:`make_fastapi_app`.
 
 Errors (JSON bodies with ``detail`` and an OpenAI-style ``error``): not JSON -> 415/400,
 text that is not valid Unicode (a lone surrogate, anywhere in the body) -> 400, bad fields
--> 422, unknown model -> 404, body over ``max_body_bytes`` or prompt over
+-> 422, a field the router cannot honour (``n`` over 1, ``tools``, ...: see ``serving.schemas``)
+-> 400 naming it, unknown model or path -> 404, wrong method -> 405, body over ``max_body_bytes`` or prompt over
 ``max_prompt_tokens`` (checked on every path, pinned requests included, before any target
-sees it) -> 413, missing/bad bearer token -> 401. A target that fails or times out is
+sees it) -> 413, missing/bad bearer token -> 401 (on /healthz, /readyz and /metrics too with
+``auth_probes``; by default they stay open for probes and scrapers). A target that fails or times out is
 cancelled and the next eligible one answers; a fault of the request itself is never
 retried elsewhere; 502 only when every target failed. When the encoder or router head
 fails, routed requests go to ``fallback_target`` (marked ``x-prefill-router-degraded``) or
@@ -24,15 +26,15 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import time
 from typing import Any, Callable
 
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.config import IngressConfig
+from serving.config import IngressConfig, auth_token
 from serving.faults import AllTargetsFailed, EncoderFailedOnPrompt, RouterUnavailable, bounded, counted
 from serving.messages import (
     EncodeFailed, PromptRejected, PromptTooLong, TargetAnswer, error_line, request_fault, surely_within,
@@ -70,19 +72,8 @@ class RouterIngress:
         cfg = IngressConfig.model_validate(config)
         if cfg.fallback_target and cfg.fallback_target not in self.targets:
             raise ValueError(f"fallback_target {cfg.fallback_target!r} is not served ({list(self.targets)})")
-        token = self._auth_token(cfg.auth_token_env)
+        token = auth_token(cfg.auth_token_env)
         self.cfg, self.token = cfg, token
-
-    @staticmethod
-    def _auth_token(name: str | None) -> str | None:
-        if not name:
-            return None
-        token = os.environ.get(name, "").strip()
-        if not token:
-            raise ValueError(f"auth_token_env is {name!r}, but {name} is unset or empty in the ingress replica's "
-                             f"environment: set it there (the Ray cluster's or pod's env) or set auth_token_env: "
-                             "null to serve without auth; refusing to start without the auth that was asked for")
-        return token
 
     # ------------------------------------------------------------------ request checks
     def check_auth(self, request: Request) -> None:
@@ -205,13 +196,16 @@ class RouterIngress:
         order = [first, *(decision.eligible if decision else []), *rest]
         return list(dict.fromkeys(t for t in order if t in self.targets))
 
-    async def answer(self, order: list[str], req: ChatCompletionRequest) -> tuple[str, TargetAnswer, list[str]]:
-        """Ask targets in order until one answers; returns (target, answer, failed targets)."""
+    async def answer(self, order: list[str], req: ChatCompletionRequest,
+                     received: float | None = None) -> tuple[str, TargetAnswer, list[str]]:
+        """Ask targets in order until one answers; returns (target, answer, failed targets). ``received``:
+        when the ingress got the request (its queue time is observed from it)."""
         failed: list[str] = []
         max_tokens = req.answer_tokens or self.cfg.default_max_tokens
         for name in order:
             start = time.perf_counter()
-            call = self.targets[name].generate.remote(req.plain_messages(), max_tokens, req.temperature or 0.0)
+            call = self.targets[name].generate.remote(req.plain_messages(), max_tokens, req.temperature or 0.0,
+                                                      req.sampling())
             try:
                 result = await bounded(call, self.cfg.target_timeout_s)
             except Exception as exc:  # noqa: BLE001 - a target failure means: try the next one
@@ -222,7 +216,9 @@ class RouterIngress:
                 self.metrics.errors.labels("timeout" if isinstance(exc, asyncio.TimeoutError) else "target").inc()
                 failed.append(name)
                 continue
-            self.metrics.target_latency.labels(name).observe(time.perf_counter() - start)
+            now = time.perf_counter()
+            self.metrics.target_latency.labels(name).observe(now - start)
+            self.metrics.observe_queue(name, received, now, result.work_s)
             for bad in failed:
                 self.metrics.fallbacks.labels(bad, name).inc()
             return name, result, failed
@@ -243,6 +239,9 @@ class RouterIngress:
     @counted("chat_completions")
     async def chat_completions(self, request: Request) -> Response:
         req = await self.parse(request, ChatCompletionRequest)
+        if refusal := req.refusal():
+            self.metrics.errors.labels("request").inc()
+            raise HTTPException(400, refusal)
         if not self.targets:
             raise HTTPException(400, DECISION_SERVICE)
         pinned, rule = self.plan(req)
@@ -254,9 +253,9 @@ class RouterIngress:
             decision, degraded = await self.decide_or_degrade(messages, rule)
         order = self.fallback_order(decision, pinned)
         if req.stream:
-            return await stream_response(self, order, req, decision, degraded)
+            return await stream_response(self, order, req, decision, degraded, request.state.received)
         try:
-            target, result, failed = await self.answer(order, req)
+            target, result, failed = await self.answer(order, req, request.state.received)
         except AllTargetsFailed as exc:
             raise HTTPException(502, str(exc)) from exc
         body = ChatCompletionResponse(
@@ -289,13 +288,20 @@ class RouterIngress:
         return JSONResponse({"object": "list", "data": [{"id": n, "object": "model", "owned_by": "prefill-router"}
                                                          for n in names]})
 
+    def check_probe_auth(self, request: Request) -> None:
+        """The bearer token on /healthz, /readyz and /metrics too, when ``auth_probes`` asks for it."""
+        if self.cfg.auth_probes:
+            self.check_auth(request)
+
     async def healthz(self, request: Request) -> Response:
         """Liveness: the ingress itself answers (use /readyz to know the app can answer)."""
+        self.check_probe_auth(request)
         return JSONResponse({"status": "ok", "targets": list(self.targets)})
 
     async def readyz(self, request: Request) -> Response:
         """Readiness: 200 only when the encoder, the router head and at least one target answer
         (a decision service, which serves no target: the encoder and the head)."""
+        self.check_probe_auth(request)
 
         async def ping(handle: Any) -> str:
             try:
@@ -312,6 +318,7 @@ class RouterIngress:
                             status_code=200 if ready else 503)
 
     async def prometheus(self, request: Request) -> Response:
+        self.check_probe_auth(request)
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
@@ -333,8 +340,9 @@ def _endpoint(name: str, get_ingress: Callable[[], RouterIngress]) -> Callable:
     return endpoint
 
 
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    """FastAPI's ``detail`` plus the OpenAI ``error`` object its clients read."""
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's ``detail`` plus the OpenAI ``error`` object its clients read (the router's own
+    errors, and Starlette's 404 of an unknown path and 405 of a wrong method)."""
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
     body = {"detail": exc.detail, "error": {"message": str(exc.detail), "type": kind, "code": exc.status_code}}
     return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
@@ -347,7 +355,7 @@ def make_fastapi_app(get_ingress: Callable[[], RouterIngress]) -> FastAPI:
     without Serve, any instance: ``make_fastapi_app(lambda: ingress)``.
     """
     app = FastAPI(title="prefill-router", version="1")
-    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     for method, path, name in ROUTES:
         app.add_api_route(path, _endpoint(name, get_ingress), methods=[method])
     return app

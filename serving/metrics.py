@@ -4,7 +4,9 @@ Each metric lives in a registry owned by the ingress replica, so one scrape of a
 sees its own counts; with several ingress replicas, scrape each (or use Ray's metrics
 export, which Serve's built-in request metrics already go through). The prefix-cache
 counters add up what each Encoder replica reports with every encoded prompt, so they
-cover every Encoder replica the ingress called.
+cover every Encoder replica the ingress called. ``request_duration_seconds`` is the
+end-to-end time a client sees (less the network); ``queue_seconds`` is the part of it
+before the target started work, which shows queueing that the target latency does not.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class RouterMetrics:
     errors: Counter
     overhead: Histogram
     target_latency: Histogram
+    duration: Histogram
+    queue: Histogram
     prefix: dict[str, Counter]
 
     @classmethod
@@ -45,6 +49,14 @@ class RouterMetrics:
                                buckets=LATENCY_BUCKETS, registry=reg),
             target_latency=Histogram("prefill_router_target_latency_seconds", "Target answer time.", ["target"],
                                      buckets=LATENCY_BUCKETS, registry=reg),
+            duration=Histogram("prefill_router_request_duration_seconds", "End-to-end time of a request in the "
+                               "ingress, from receiving it to its response starting (a stream: its first token), by "
+                               "endpoint and status code.", ["endpoint", "status"], buckets=LATENCY_BUCKETS,
+                               registry=reg),
+            queue=Histogram("prefill_router_queue_seconds", "Chat completions: from the ingress receiving the "
+                            "request to the answering target starting work on it (end-to-end time until the answer "
+                            "minus the target's own reported work time): routing, waiting for a replica and "
+                            "waiting inside it for the model.", ["target"], buckets=LATENCY_BUCKETS, registry=reg),
             prefix={name: Counter(f"prefill_router_prefix_cache_{name}", help, registry=reg) for name, help in (
                 ("hits", "Prompts whose prefix KV came from the Encoder's prefix cache."),
                 ("misses", "Prompts the prefix cache had no prefix for (with the cache on)."),
@@ -59,6 +71,11 @@ class RouterMetrics:
         self.prefix["hits" if use.hit else "misses"].inc()
         self.prefix["evictions"].inc(use.evicted)
         self.prefix["tokens_saved"].inc(use.tokens_saved)
+
+    def observe_queue(self, target: str, received: float | None, now: float, work_s: float | None) -> None:
+        """One answered chat request's queue time (nothing when the target reports no work time)."""
+        if received is not None and work_s is not None:
+            self.queue.labels(target).observe(max(0.0, now - received - work_s))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,8 +1,13 @@
 """OpenAI-compatible request and response bodies, plus the router's own ``/v1/route``.
 
 Requests are validated here so a malformed one becomes a 4xx with a reason before any
-model runs. Fields OpenAI clients commonly send but the router does not use (``top_p``,
-``n``, ``user``, ...) are accepted and ignored; a field of the wrong type is an error.
+model runs. No field that changes the answer is accepted and dropped: ``stop``, ``seed`` and
+``n: 1`` are honoured by every backend; a field the router cannot honour (``n`` over 1,
+``tools``, ``response_format`` other than text, ``logprobs``, a ``top_p`` under 1, a
+penalty, ...) or does not know is refused with a 400 naming it
+(:meth:`ChatCompletionRequest.refusal`), as vLLM does. Fields that change nothing in the
+answer (:data:`IGNORED_FIELDS`: ``user``, ``store``, ``metadata``, ...) are accepted and
+ignored; a field of the wrong type is a 422.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails
 
+from shared.backends import Sampling
 from shared.policy import Policy, policy_names
 
 ROUTER_MODEL = "router"
@@ -116,6 +122,18 @@ def _detail(error: Any, loc: tuple) -> InitErrorDetails:
     return InitErrorDetails(type=error["type"], loc=loc, input=error["input"], ctx=error.get("ctx", {}))
 
 
+#: OpenAI fields that change nothing in the answer: accepted and ignored.
+IGNORED_FIELDS = frozenset({"user", "store", "metadata", "service_tier", "parallel_tool_calls", "safety_identifier",
+                            "prompt_cache_key"})
+#: OpenAI fields accepted at their no-op value only (any other value changes the answer: 400).
+NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "top_p": (1, 1.0), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False,),
+    "response_format": ({"type": "text"},), "logit_bias": ({},), "tool_choice": ("none",), "tools": ([],),
+    "functions": ([],), "function_call": ("none",),
+}
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+
+
 class ChatCompletionRequest(RuleRequest):
     model_config = ConfigDict(extra="allow")
 
@@ -123,7 +141,13 @@ class ChatCompletionRequest(RuleRequest):
     messages: list[ChatMessage] = Field(description="The conversation; at least one non-empty message.")
     max_tokens: int | None = Field(None, gt=0, le=8192, description="Answer length cap (tokens).")
     max_completion_tokens: int | None = Field(None, gt=0, le=8192, description="Alias of max_tokens.")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy decoding.")
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False,
+                                      description="0 or absent: greedy decoding.")
+    n: int = Field(1, ge=1, description="Choices to return: 1 (more is refused with a 400 naming the field).")
+    stop: StrictStr | list[StrictStr] | None = Field(None, description="Up to 4 strings; the answer ends before "
+                                                     "the first one it would contain (finish_reason stop).")
+    seed: int | None = Field(None, description="Seed of the sampling (temperature > 0): the same seed, the same "
+                             "answer from a local target; passed on to an OpenAI-compatible one.")
     stream: StrictBool = Field(False, description="Server-sent events when true (a JSON boolean).")
     stream_options: StreamOptions | None = Field(None, description="Streaming options (include_usage).")
 
@@ -136,12 +160,36 @@ class ChatCompletionRequest(RuleRequest):
             raise ValueError("messages contain no text")
         return value
 
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: str | list[str] | None) -> list[str] | None:
+        stops = [value] if isinstance(value, str) else value
+        if stops is not None and (len(stops) > MAX_STOP or not all(stops)):
+            raise ValueError(f"stop takes at most {MAX_STOP} non-empty strings")
+        return stops or None
+
+    def refusal(self) -> str | None:
+        """Why the router cannot honour this request (the ingress answers 400), or None: ``n`` over 1,
+        a field that changes the answer at a value other than its no-op one, or an unknown field."""
+        if self.n > 1:
+            return f"n: {self.n} choices were asked for; this router returns one choice (n: 1)"
+        for key, value in (self.model_extra or {}).items():
+            if key in IGNORED_FIELDS or value is None or value in NEUTRAL_VALUES.get(key, ()):
+                continue
+            what = "is not supported" if key in NEUTRAL_VALUES else "is not a field this router knows"
+            return f"{key}: {what}; the router would have to ignore it, which changes the answer: leave it out"
+        return None
+
     def plain_messages(self) -> list[dict[str, str]]:
         return [{"role": m.role if m.role != "developer" else "system", "content": m.content} for m in self.messages]
 
     @property
     def answer_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def sampling(self) -> Sampling:
+        """The stop strings and seed every backend honours."""
+        return Sampling(tuple(self.stop or ()), self.seed)
 
 
 class RouteRequest(RuleRequest):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from typing import Any, AsyncIterator, Protocol
 
@@ -42,13 +43,15 @@ def sse(data: dict[str, Any] | str) -> str:
 
 
 async def stream_response(ingress: StreamingIngress, order: list[str], req: ChatCompletionRequest,
-                          decision: RouteDecision | None, degraded: str | None) -> StreamingResponse:
-    """Stream from the first target that yields; a target failing before its first token falls back."""
+                          decision: RouteDecision | None, degraded: str | None,
+                          received: float | None = None) -> StreamingResponse:
+    """Stream from the first target that yields; a target failing before its first token falls back.
+    ``received``: when the ingress got the request (the queue time is observed at the stream's end)."""
     max_tokens = req.answer_tokens or ingress.cfg.default_max_tokens
     failed: list[str] = []
     for name in order:
         gen = ingress.targets[name].options(stream=True).stream.remote(
-            req.plain_messages(), max_tokens, req.temperature or 0.0)
+            req.plain_messages(), max_tokens, req.temperature or 0.0, req.sampling())
         try:
             first = await asyncio.wait_for(gen.__anext__(), timeout=ingress.cfg.target_timeout_s)
         except BaseException as exc:
@@ -64,7 +67,7 @@ async def stream_response(ingress: StreamingIngress, order: list[str], req: Chat
         for bad in failed:
             ingress.metrics.fallbacks.labels(bad, name).inc()
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = sse_events(ingress, name, first, gen, decision, include_usage)
+        events = sse_events(ingress, name, first, gen, decision, include_usage, received)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers=ingress.headers(name, decision, failed, degraded))
     raise HTTPException(502, f"every target failed or timed out: {failed}")
@@ -76,7 +79,7 @@ def _cancel(gen: Any) -> None:
 
 
 async def sse_events(ingress: StreamingIngress, target: str, first: Any, gen: Any, decision: RouteDecision | None,
-                     include_usage: bool) -> AsyncIterator[str]:
+                     include_usage: bool, received: float | None = None) -> AsyncIterator[str]:
     """The ``data:`` events of one streamed answer (see the module docstring for the rules)."""
     cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     extra: dict[str, Any] = {"usage": None} if include_usage else {}
@@ -102,6 +105,7 @@ async def sse_events(ingress: StreamingIngress, target: str, first: Any, gen: An
     finally:
         if end is None:  # failed, timed out or the client went away: stop the target's generation
             _cancel(gen)
+    ingress.metrics.observe_queue(target, received, time.perf_counter(), end.work_s)
     yield sse(chunk(cid, target, {}, finish_reason=end.finish_reason, extra=extra))
     if include_usage:
         yield sse(usage_chunk(cid, target, end.prompt_tokens, end.completion_tokens))

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 
 from serving.config import TargetLiveConfig
 from serving.messages import StreamEnd, TargetAnswer
-from shared.backends import BackendOptions, make_backend
+from shared.backends import BackendOptions, Sampling, make_backend
 from shared.registry import ModelSpec
 
 
@@ -31,12 +31,13 @@ class TargetReplica:
         live = TargetLiveConfig.model_validate(user_config)
         self.backend.reconfigure(live.timeout_s)
 
-    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> TargetAnswer:
-        return await self.backend.generate(messages, max_tokens, temperature)
+    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                       sampling: Sampling = Sampling()) -> TargetAnswer:
+        return await self.backend.generate(messages, max_tokens, temperature, sampling)
 
-    async def stream(self, messages: list[dict[str, str]], max_tokens: int,
-                     temperature: float) -> AsyncIterator[str | StreamEnd]:
-        async for piece in self.backend.stream(messages, max_tokens, temperature):
+    async def stream(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                     sampling: Sampling = Sampling()) -> AsyncIterator[str | StreamEnd]:
+        async for piece in self.backend.stream(messages, max_tokens, temperature, sampling):
             yield piece
 
     def ready(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import logging
 import math
 import pkgutil
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Literal, Protocol, Sequence
 
@@ -45,6 +45,8 @@ class TargetAnswer:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
+    # the target's own time on it, from starting work (None: not measured); a measurement, not compared
+    work_s: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,46 @@ class StreamEnd:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    work_s: float | None = field(default=None, compare=False)  # as TargetAnswer.work_s
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What a chat request asks of the generation beyond its length and temperature: ``stop``
+    strings (the answer ends before the first one it would contain) and the sampling ``seed``."""
+
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+class StopCutter:
+    """Cuts a text that arrives in pieces before the first stop string: :meth:`feed` returns the
+    part that is surely before any stop string (a tail that could begin one is held back) and
+    sets :attr:`stopped` once one is found; :meth:`flush` returns what was held back at the end."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops, self.pending, self.stopped = tuple(stops), "", False
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        text = self.pending + piece
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, self.pending = True, ""
+            return text[:cut]
+        keep = min(self.hold, len(text))
+        self.pending = text[len(text) - keep:]
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+    def cut(self, text: str) -> str:
+        """The whole of ``text`` before the first stop string."""
+        return self.feed(text) + self.flush()
 
 
 class TargetRequestError(ValueError):
@@ -147,11 +189,12 @@ class TargetBackend(Protocol):
 
     spec: Any  # the registry entry (shared.registry.ModelSpec)
 
-    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> TargetAnswer:
-        """The whole answer."""
+    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                       sampling: Sampling = Sampling()) -> TargetAnswer:
+        """The whole answer (``sampling``: its stop strings and seed, honoured)."""
 
-    def stream(self, messages: list[dict[str, str]], max_tokens: int,
-               temperature: float) -> AsyncIterator[str | StreamEnd]:
+    def stream(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+               sampling: Sampling = Sampling()) -> AsyncIterator[str | StreamEnd]:
         """Text pieces as they come, then one :class:`StreamEnd`; closing it stops the work."""
 
     def cancel(self) -> int:

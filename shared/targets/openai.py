@@ -13,8 +13,8 @@ import os
 import time
 from typing import Any, AsyncIterator, Sequence
 
-from shared.backends import (BackendOptions, Completion, InFlight, StreamEnd, TargetAnswer, TargetRequestError,
-                             register_backend)
+from shared.backends import (BackendOptions, Completion, InFlight, Sampling, StreamEnd, TargetAnswer,
+                             TargetRequestError, register_backend)
 from shared.registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -39,11 +39,16 @@ def openai_client_kwargs(spec: ModelSpec, timeout_s: float) -> dict[str, Any]:
 
 
 def chat_body(spec: ModelSpec, messages: list[dict[str, str]], max_tokens: int, temperature: float,
-              stream: bool | None = None) -> dict[str, Any]:
+              stream: bool | None = None, sampling: Sampling = Sampling()) -> dict[str, Any]:
     """A ``/chat/completions`` request body. ``stream=None`` leaves the field out (the endpoint's
-    default, no streaming); a streamed request also asks for the usage in its last chunk."""
+    default, no streaming); a streamed request also asks for the usage in its last chunk. Stop
+    strings and a seed are passed on (the endpoint honours them)."""
     body: dict[str, Any] = {"model": spec.remote_model or spec.name, "messages": messages,
                             "max_tokens": max_tokens, "temperature": temperature}
+    if sampling.stop:
+        body["stop"] = list(sampling.stop)
+    if sampling.seed is not None:
+        body["seed"] = sampling.seed
     if stream is not None:
         body["stream"] = stream
     if stream:
@@ -122,21 +127,24 @@ class OpenAIBackend:
             raise TargetRequestError(resp.status_code, f"{self.spec.name} refused the request: {_detail(resp)}")
         resp.raise_for_status()
 
-    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> TargetAnswer:
+    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                       sampling: Sampling = Sampling()) -> TargetAnswer:
+        start = time.perf_counter()
         with self.inflight.track():
-            body = chat_body(self.spec, messages, max_tokens, temperature, False)
+            body = chat_body(self.spec, messages, max_tokens, temperature, False, sampling)
             resp = await self.client.post("/chat/completions", json=body)
             await self._check(resp)
         body = resp.json()
         usage = body.get("usage") or {}
         choice = body["choices"][0]
         return TargetAnswer(choice["message"]["content"], int(usage.get("prompt_tokens", 0)),
-                            int(usage.get("completion_tokens", 0)), choice.get("finish_reason") or "stop")
+                            int(usage.get("completion_tokens", 0)), choice.get("finish_reason") or "stop",
+                            time.perf_counter() - start)
 
-    async def stream(self, messages: list[dict[str, str]], max_tokens: int,
-                     temperature: float) -> AsyncIterator[str | StreamEnd]:
-        body = chat_body(self.spec, messages, max_tokens, temperature, True)
-        finish, usage = "stop", {}
+    async def stream(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                     sampling: Sampling = Sampling()) -> AsyncIterator[str | StreamEnd]:
+        body = chat_body(self.spec, messages, max_tokens, temperature, True, sampling)
+        finish, usage, start = "stop", {}, time.perf_counter()
         with self.inflight.track():
             async with self.client.stream("POST", "/chat/completions", json=body) as resp:
                 await self._check(resp)
@@ -151,7 +159,8 @@ class OpenAIBackend:
                         finish = choice.get("finish_reason") or finish
                         if piece := (choice.get("delta") or {}).get("content"):
                             yield piece
-        yield StreamEnd(finish, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+        yield StreamEnd(finish, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
+                        time.perf_counter() - start)
 
     def cancel(self) -> int:
         return self.inflight.cancel()

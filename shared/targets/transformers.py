@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
+import time
 from typing import Any, AsyncIterator, Sequence
 
-from shared.backends import (BackendOptions, Completion, InFlight, OptionScores, StreamEnd, TargetAnswer,
-                             answer_budget, logsumexp, register_backend)
+from shared.backends import (BackendOptions, Completion, InFlight, OptionScores, Sampling, StopCutter, StreamEnd,
+                             TargetAnswer, answer_budget, logsumexp, register_backend)
 from shared.registry import ModelSpec
 
 
@@ -28,7 +30,9 @@ class TransformersBackend:
     Serving: greedy or sampled generation, one request at a time. A request whose caller
     gives up (timeout, client gone: Serve cancels the call) or that :meth:`cancel` stops sets
     a stop event that the generation loop checks after every token, so the replica stops
-    computing within one decoding step; the next request waits until it has. A prompt over
+    computing within one decoding step; the next request waits until it has. Stop strings end
+    the generation (transformers' ``stop_strings``) and the answer is cut before the first one;
+    a seed seeds torch's generator before a sampled generation. A prompt over
     the model's context limit is refused before any compute, and ``max_tokens`` is capped at
     what the context has left, so memory is bounded for any input.
 
@@ -60,27 +64,34 @@ class TransformersBackend:
         budget = answer_budget(self.spec, int(batch["input_ids"].shape[1]), max_tokens)
         return {k: v.to(self.loaded.device) for k, v in batch.items()}, budget
 
-    def _gen_kwargs(self, max_tokens: int, temperature: float, stop: threading.Event) -> dict[str, Any]:
+    def _gen_kwargs(self, max_tokens: int, temperature: float, stop: threading.Event,
+                    sampling: Sampling) -> dict[str, Any]:
         from transformers import StoppingCriteriaList
 
         kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "pad_token_id": self.tok.pad_token_id,
                                   "stopping_criteria": StoppingCriteriaList([_Stop(stop)])}
         kwargs.update({"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False})
+        if sampling.stop:
+            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tok)
         return kwargs
 
-    def _generate_sync(self, inputs: dict[str, Any], kwargs: dict[str, Any],
-                       stop: threading.Event) -> tuple[StreamEnd, Any]:
+    def _generate_sync(self, inputs: dict[str, Any], kwargs: dict[str, Any], stop: threading.Event,
+                       seed: int | None = None) -> tuple[StreamEnd, Any]:
         """Run ``generate`` (in a worker thread); why it ended with the token counts, and the new tokens."""
         import torch
 
         self.stats["active"] += 1
+        start = time.perf_counter()
         try:
             n_in = int(inputs["input_ids"].shape[1])
+            if seed is not None and kwargs["do_sample"]:
+                torch.manual_seed(seed)  # under the model's lock: no other generation draws in between
             with torch.no_grad():
                 out = self.loaded.model.generate(**inputs, **kwargs)
             n_new = int(out.shape[1]) - n_in
             self.stats["tokens"] += n_new
-            return StreamEnd("length" if n_new >= kwargs["max_new_tokens"] else "stop", n_in, n_new), out[0, n_in:]
+            finish = "length" if n_new >= kwargs["max_new_tokens"] else "stop"
+            return StreamEnd(finish, n_in, n_new, time.perf_counter() - start), out[0, n_in:]
         finally:
             self.stats["active"] -= 1
             self.stats["cancelled" if stop.is_set() else "finished"] += 1
@@ -95,18 +106,23 @@ class TransformersBackend:
             await asyncio.wait([task])  # the model is free again before the next request takes the lock
             raise
 
-    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> TargetAnswer:
+    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                       sampling: Sampling = Sampling()) -> TargetAnswer:
         with self.inflight.track():
             async with self.lock:
                 stop = threading.Event()
                 inputs, budget = self._inputs(messages, max_tokens)
-                kwargs = self._gen_kwargs(budget, temperature, stop)
-                end, new = await self._until_done(asyncio.to_thread(self._generate_sync, inputs, kwargs, stop), stop)
+                kwargs = self._gen_kwargs(budget, temperature, stop, sampling)
+                call = asyncio.to_thread(self._generate_sync, inputs, kwargs, stop, sampling.seed)
+                end, new = await self._until_done(call, stop)
                 text = self.tok.decode(new, skip_special_tokens=True)
-        return TargetAnswer(text.strip(), end.prompt_tokens, end.completion_tokens, end.finish_reason)
+        cutter = StopCutter(sampling.stop)
+        text = cutter.cut(text)
+        finish = "stop" if cutter.stopped else end.finish_reason
+        return TargetAnswer(text.strip(), end.prompt_tokens, end.completion_tokens, finish, end.work_s)
 
-    async def stream(self, messages: list[dict[str, str]], max_tokens: int,
-                     temperature: float) -> AsyncIterator[str | StreamEnd]:
+    async def stream(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                     sampling: Sampling = Sampling()) -> AsyncIterator[str | StreamEnd]:
         from transformers import TextIteratorStreamer
 
         with self.inflight.track():
@@ -114,14 +130,18 @@ class TransformersBackend:
                 stop = threading.Event()
                 inputs, budget = self._inputs(messages, max_tokens)
                 streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True, timeout=120)
-                kwargs = {**self._gen_kwargs(budget, temperature, stop), "streamer": streamer}
-                task = asyncio.ensure_future(asyncio.to_thread(self._generate_sync, inputs, kwargs, stop))
-                sentinel = object()
+                kwargs = {**self._gen_kwargs(budget, temperature, stop, sampling), "streamer": streamer}
+                task = asyncio.ensure_future(
+                    asyncio.to_thread(self._generate_sync, inputs, kwargs, stop, sampling.seed))
+                sentinel, cutter = object(), StopCutter(sampling.stop)
                 try:
                     while (piece := await asyncio.to_thread(next, streamer, sentinel)) is not sentinel:
-                        if piece:
+                        if piece := cutter.feed(piece):
                             yield piece
-                    yield (await asyncio.shield(task))[0]
+                    if rest := cutter.flush():
+                        yield rest
+                    end = (await asyncio.shield(task))[0]
+                    yield dataclasses.replace(end, finish_reason="stop") if cutter.stopped else end
                 finally:  # the consumer went away (or failed): stop generating before releasing the model
                     stop.set()
                     await asyncio.wait([task])

@@ -7,10 +7,11 @@ installed, the registry's entries with ``backend: vllm`` run with ``transformers
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any, AsyncIterator, Sequence
 
-from shared.backends import (BackendOptions, Completion, InFlight, OptionScores, StreamEnd, TargetAnswer,
+from shared.backends import (BackendOptions, Completion, InFlight, OptionScores, Sampling, StreamEnd, TargetAnswer,
                              answer_budget, logsumexp, register_backend)
 from shared.registry import ModelSpec
 
@@ -52,13 +53,15 @@ class VLLMBackend:
         return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
 
     # ------------------------------------------------------------------ serving
-    async def _run(self, messages, max_tokens: int, temperature: float) -> AsyncIterator[Any]:
-        """vLLM's outputs as they grow; a closed or cancelled consumer aborts the request in the engine."""
+    async def _run(self, messages, max_tokens: int, temperature: float, sampling: Sampling) -> AsyncIterator[Any]:
+        """vLLM's outputs as they grow (stop strings and seed applied by the engine: the answer excludes
+        the stop string); a closed or cancelled consumer aborts the request in the engine."""
         from vllm import SamplingParams
 
         prompt = self._prompt(messages)
         n_in = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        params = SamplingParams(max_tokens=answer_budget(self.spec, n_in, max_tokens), temperature=temperature)
+        params = SamplingParams(max_tokens=answer_budget(self.spec, n_in, max_tokens), temperature=temperature,
+                                stop=list(sampling.stop) or None, seed=sampling.seed)
         request_id, done = uuid.uuid4().hex, False
         try:
             with self.inflight.track():
@@ -69,24 +72,26 @@ class VLLMBackend:
             if not done:
                 await self.engine.abort(request_id)
 
-    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> TargetAnswer:
-        final = None
-        async for final in self._run(messages, max_tokens, temperature):
+    async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                       sampling: Sampling = Sampling()) -> TargetAnswer:
+        final, start = None, time.perf_counter()
+        async for final in self._run(messages, max_tokens, temperature, sampling):
             pass
         comp = final.outputs[0]
         return TargetAnswer(comp.text.strip(), len(final.prompt_token_ids), len(comp.token_ids),
-                            comp.finish_reason or "stop")
+                            comp.finish_reason or "stop", time.perf_counter() - start)
 
-    async def stream(self, messages: list[dict[str, str]], max_tokens: int,
-                     temperature: float) -> AsyncIterator[str | StreamEnd]:
-        seen, final = 0, None
-        async for final in self._run(messages, max_tokens, temperature):
+    async def stream(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                     sampling: Sampling = Sampling()) -> AsyncIterator[str | StreamEnd]:
+        seen, final, start = 0, None, time.perf_counter()
+        async for final in self._run(messages, max_tokens, temperature, sampling):
             text = final.outputs[0].text
             if len(text) > seen:
                 yield text[seen:]
                 seen = len(text)
         comp = final.outputs[0]
-        yield StreamEnd(comp.finish_reason or "stop", len(final.prompt_token_ids), len(comp.token_ids))
+        yield StreamEnd(comp.finish_reason or "stop", len(final.prompt_token_ids), len(comp.token_ids),
+                        time.perf_counter() - start)
 
     def cancel(self) -> int:
         """Every running request is cancelled, and so aborted in the engine."""

@@ -35,12 +35,12 @@ class Handle:
 
 
 def target(name, fail=False, fail_mid_stream=False):
-    async def generate(messages, max_tokens, temperature):
+    async def generate(messages, max_tokens, temperature, sampling=None):
         if fail:
             raise RuntimeError(f"{name} is down")
         return TargetAnswer(f"{name} says hi", 3, 2, "length" if max_tokens <= 2 else "stop")
 
-    async def stream(messages, max_tokens, temperature):
+    async def stream(messages, max_tokens, temperature, sampling=None):
         if fail:
             raise RuntimeError(f"{name} is down")
         for piece in ("a", "b", "c"):
@@ -280,7 +280,7 @@ def test_a_request_fault_is_answered_not_retried_elsewhere():
     calls = []
 
     def refusing(name):
-        async def generate(messages, max_tokens, temperature):
+        async def generate(messages, max_tokens, temperature, sampling=None):
             calls.append(name)
             raise TargetRequestError(413, f"the prompt is over {name}'s context limit")
 

@@ -20,10 +20,10 @@ def echo(monkeypatch):
         def __init__(self, spec, options):
             self.spec, self.options, self.bounds = spec, options, []
 
-        async def generate(self, messages, max_tokens, temperature):
+        async def generate(self, messages, max_tokens, temperature, sampling):
             return TargetAnswer(messages[-1]["content"], 1, 1, "stop")
 
-        async def stream(self, messages, max_tokens, temperature):
+        async def stream(self, messages, max_tokens, temperature, sampling):
             yield messages[-1]["content"]
             yield StreamEnd("stop", 1, 1)
 

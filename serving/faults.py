@@ -67,12 +67,47 @@ def counted(endpoint: str):
     return wrap
 
 
-async def bounded(response: Any, timeout_s: float) -> Any:
-    """Await a handle call within ``timeout_s``; on timeout or cancellation cancel the call
-    itself, so the replica stops working on it."""
+WATCH_S = 0.2  # how often a call in flight checks that its deployment still has a live replica
+
+
+class ReplicasGone(RuntimeError):
+    """Every replica of the called deployment died while the call waited for one (Serve would hold the
+    call until the controller has started a replacement: tens of seconds for a model)."""
+
+
+def live_replicas(handle: Any) -> int | None:
+    """How many replicas a Serve ``DeploymentHandle``'s router can send calls to now; None where that
+    is not known (not a Serve handle, or one that has made no call yet). Serve's router drops a
+    replica from this set as soon as a call to it meets ``ActorDiedError`` (its actor is dead), and
+    adds its replacement only once the controller has it running."""
+    router = getattr(getattr(handle, "_router", None), "_asyncio_router", None)
+    replicas = getattr(getattr(router, "request_router", None), "curr_replicas", None)
+    return None if replicas is None else len(replicas)
+
+
+async def _unless_gone(call: asyncio.Future, handle: Any, name: str) -> Any:
+    """``call``'s result, or :class:`ReplicasGone` once ``handle`` has no live replica left."""
     try:
-        return await asyncio.wait_for(asyncio.ensure_future(response), timeout=timeout_s)
-    except (asyncio.TimeoutError, asyncio.CancelledError):
+        while not (await asyncio.wait([call], timeout=WATCH_S))[0]:
+            if live_replicas(handle) == 0:
+                raise ReplicasGone(f"{name}: every replica died; its replacement is not running yet")
+        return call.result()
+    except BaseException:
+        call.cancel()
+        raise
+
+
+async def bounded(response: Any, timeout_s: float, handle: Any = None, name: str = "deployment") -> Any:
+    """Await a handle call within ``timeout_s``; on timeout or cancellation cancel the call
+    itself, so the replica stops working on it. With the ``handle`` it was made on, a call whose
+    deployment had live replicas when it started and has none left (each died: SIGKILL, OOM, node
+    lost) fails at once with :class:`ReplicasGone` instead of waiting for a replacement; a
+    deployment scaled to zero (no replica at the start) is waited for, as Serve starts one."""
+    call = asyncio.ensure_future(response)
+    watched = _unless_gone(call, handle, name) if handle is not None and live_replicas(handle) else call
+    try:
+        return await asyncio.wait_for(watched, timeout=timeout_s)
+    except (asyncio.TimeoutError, asyncio.CancelledError, ReplicasGone):
         if hasattr(response, "cancel"):
             response.cancel()
         raise

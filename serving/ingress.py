@@ -14,8 +14,9 @@ text that is not valid Unicode (a lone surrogate, anywhere in the body) -> 400, 
 sees it) -> 413, missing/bad bearer token -> 401 (on /healthz, /readyz and /metrics too with
 ``auth_probes``; by default they stay open for probes and scrapers). A target that fails or times out is
 cancelled and the next eligible one answers; a fault of the request itself is never
-retried elsewhere; 502 only when every target failed. When the encoder or router head
-fails, routed requests go to ``fallback_target`` (marked ``x-prefill-router-degraded``) or
+retried elsewhere; a target whose replicas all died is passed over at once; 502 only when every target failed. When the encoder or router head
+fails (or has no live replica left: a dead replica's call fails at once rather than waiting for
+its replacement, :func:`serving.faults.bounded`), routed requests go to ``fallback_target`` (marked ``x-prefill-router-degraded``) or
 get a JSON 503. ``/healthz`` is liveness; ``/readyz`` is 200 only when the encoder, the
 head and at least one target answer.
 """
@@ -138,7 +139,8 @@ class RouterIngress:
         if surely_within(messages, limit):
             return
         try:
-            count = await bounded(self.encoder.count_tokens.remote(messages), self.cfg.route_timeout_s)
+            count = await bounded(self.encoder.count_tokens.remote(messages), self.cfg.route_timeout_s, self.encoder,
+                                  "encoder")
         except Exception as exc:  # noqa: BLE001 - the encoder is down or slow: the limit cannot be checked
             raise HTTPException(503, f"cannot check the prompt against the limit of {limit} tokens: the encoder "
                                      f"is unavailable ({type(exc).__name__}); retry shortly",
@@ -155,7 +157,8 @@ class RouterIngress:
         :class:`RouterUnavailable` when either deployment fails or times out)."""
         start = time.perf_counter()
         try:
-            encoded = await bounded(self.encoder.encode.remote(messages), self.cfg.route_timeout_s)
+            encoded = await bounded(self.encoder.encode.remote(messages), self.cfg.route_timeout_s, self.encoder,
+                                    "encoder")
             if isinstance(encoded, PromptTooLong):
                 raise HTTPException(413, encoded.reason)
             if isinstance(encoded, PromptRejected):
@@ -164,7 +167,8 @@ class RouterIngress:
             if isinstance(encoded, EncodeFailed):
                 raise EncoderFailedOnPrompt(encoded)
             self.metrics.count_prefix(encoded.prefix)
-            decision = await bounded(self.head.decide.remote(encoded, rule), self.cfg.route_timeout_s)
+            decision = await bounded(self.head.decide.remote(encoded, rule), self.cfg.route_timeout_s, self.head,
+                                     "router head")
         except HTTPException:
             raise
         except Exception as exc:  # noqa: BLE001 - a dead, failing or slow encoder/head: never a bare 500
@@ -207,7 +211,7 @@ class RouterIngress:
             call = self.targets[name].generate.remote(req.plain_messages(), max_tokens, req.temperature or 0.0,
                                                       req.sampling())
             try:
-                result = await bounded(call, self.cfg.target_timeout_s)
+                result = await bounded(call, self.cfg.target_timeout_s, self.targets[name], name)
             except Exception as exc:  # noqa: BLE001 - a target failure means: try the next one
                 if fault := request_fault(exc):
                     self.metrics.errors.labels("request").inc()
@@ -305,7 +309,7 @@ class RouterIngress:
 
         async def ping(handle: Any) -> str:
             try:
-                await bounded(handle.ready.remote(), self.cfg.ready_timeout_s)
+                await bounded(handle.ready.remote(), self.cfg.ready_timeout_s, handle)
             except Exception as exc:  # noqa: BLE001 - any failure is the answer
                 return f"not ready ({type(exc).__name__})"
             return "ok"

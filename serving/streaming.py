@@ -1,6 +1,6 @@
 """Server-sent events for ``stream: true`` chat completions, with OpenAI's semantics.
 
-A target that fails before its first token falls back to the next one; after the first
+A target that fails before its first token (or whose replicas all died) falls back to the next one; after the first
 token the stream has started, so a failure is reported in-band as an OpenAI-style
 ``error`` event (no internals: actor ids, pids and addresses stay in the log) and the
 stream ends without a ``finish_reason`` chunk. The last chunk's ``finish_reason`` is the
@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Protocol
 from fastapi import HTTPException
 from fastapi.responses import StreamingResponse
 
+from serving.faults import bounded
 from serving.messages import StreamEnd, request_fault
 from serving.schemas import ChatCompletionRequest, RouteDecision, chunk, usage_chunk
 
@@ -50,10 +51,11 @@ async def stream_response(ingress: StreamingIngress, order: list[str], req: Chat
     max_tokens = req.answer_tokens or ingress.cfg.default_max_tokens
     failed: list[str] = []
     for name in order:
-        gen = ingress.targets[name].options(stream=True).stream.remote(
+        gen_handle = ingress.targets[name].options(stream=True)
+        gen = gen_handle.stream.remote(
             req.plain_messages(), max_tokens, req.temperature or 0.0, req.sampling())
         try:
-            first = await asyncio.wait_for(gen.__anext__(), timeout=ingress.cfg.target_timeout_s)
+            first = await bounded(gen.__anext__(), ingress.cfg.target_timeout_s, gen_handle, name)
         except BaseException as exc:
             _cancel(gen)
             if isinstance(exc, asyncio.CancelledError):

@@ -85,12 +85,20 @@ def live_replicas(handle: Any) -> int | None:
     return None if replicas is None else len(replicas)
 
 
+_GONE: set[int] = set()  # id() of the handles whose replicas all died, until one is live again
+
+
+def _gone(handle: Any, name: str) -> ReplicasGone:
+    _GONE.add(id(handle))
+    return ReplicasGone(f"{name}: every replica died; its replacement is not running yet")
+
+
 async def _unless_gone(call: asyncio.Future, handle: Any, name: str) -> Any:
     """``call``'s result, or :class:`ReplicasGone` once ``handle`` has no live replica left."""
     try:
         while not (await asyncio.wait([call], timeout=WATCH_S))[0]:
             if live_replicas(handle) == 0:
-                raise ReplicasGone(f"{name}: every replica died; its replacement is not running yet")
+                raise _gone(handle, name)
         return call.result()
     except BaseException:
         call.cancel()
@@ -101,10 +109,18 @@ async def bounded(response: Any, timeout_s: float, handle: Any = None, name: str
     """Await a handle call within ``timeout_s``; on timeout or cancellation cancel the call
     itself, so the replica stops working on it. With the ``handle`` it was made on, a call whose
     deployment had live replicas when it started and has none left (each died: SIGKILL, OOM, node
-    lost) fails at once with :class:`ReplicasGone` instead of waiting for a replacement; a
-    deployment scaled to zero (no replica at the start) is waited for, as Serve starts one."""
+    lost) fails at once with :class:`ReplicasGone` instead of waiting for a replacement, and so
+    does every later call until a replica is live again; a deployment scaled to zero (no replica
+    at the start, none seen dying) is waited for, as Serve starts one."""
+    live = None if handle is None else live_replicas(handle)
+    if live:
+        _GONE.discard(id(handle))
+    elif live == 0 and id(handle) in _GONE:
+        if hasattr(response, "cancel"):
+            response.cancel()
+        raise _gone(handle, name)
     call = asyncio.ensure_future(response)
-    watched = _unless_gone(call, handle, name) if handle is not None and live_replicas(handle) else call
+    watched = _unless_gone(call, handle, name) if live else call
     try:
         return await asyncio.wait_for(watched, timeout=timeout_s)
     except (asyncio.TimeoutError, asyncio.CancelledError, ReplicasGone):

@@ -1,0 +1,190 @@
+"""What the serving probe found (issue 35, part 3), over real HTTP against the real Serve app.
+
+One small app: the real SmolLM2 target, the real encoder and router head, and an OpenAI-compatible
+loopback endpoint (``echo-endpoint``) that answers with the sampling fields it received; auth on,
+the probes behind it too (``auth_probes``), ``echo-endpoint`` the fallback target. The kill tests
+come last: they leave the app with replicas being replaced.
+"""
+
+import http.server
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import ray
+import yaml
+
+from tests.procs import free_port
+from tests.serving.serving_fixtures import metric, replica, router_artifact
+
+pytestmark = pytest.mark.slow
+APP = "prefill-router"
+TOKEN_ENV, TOKEN = "PR_TEST_PROBE_TOKEN", "probe-token"
+ECHO, SMOL = "echo-endpoint", "smollm2-135m"
+MSG = [{"role": "user", "content": "Name three colours of the rainbow, separated by commas."}]
+
+
+class EchoEndpoint:
+    """A loopback OpenAI-compatible endpoint whose answer is the JSON of the ``stop`` and ``seed`` it got."""
+
+    def __init__(self):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802 - the http.server hook name
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])) or b"{}")
+                text = json.dumps({"stop": body.get("stop"), "seed": body.get("seed")})
+                if body.get("stream"):
+                    delta = {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop"}]}
+                    data = f"data: {json.dumps(delta)}\n\ndata: [DONE]\n\n".encode()
+                    ctype = "text/event-stream"
+                else:
+                    data = json.dumps({"choices": [{"message": {"content": text}, "finish_reason": "stop"}],
+                                       "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
+                    ctype = "application/json"
+                self.send_response(200)
+                self.send_header("content-type", ctype)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from ray import serve
+
+    from serving.app import deploy
+    from serving.config import ServeConfig
+    from shared.config import read_yaml
+    from shared.ray_boot import ensure_ray
+    from shared.registry import DEFAULT_REGISTRY
+
+    tmp = tmp_path_factory.mktemp("probe")
+    echo = EchoEndpoint()
+    registry = read_yaml(DEFAULT_REGISTRY)
+    registry["models"].append({"name": ECHO, "role": "target", "backend": "openai", "source": "openai",
+                               "base_url": echo.url})
+    (tmp / "models.yaml").write_text(yaml.safe_dump(registry))
+    port = free_port()
+    cfg = {"artifact": router_artifact(tmp), "registry": str(tmp / "models.yaml"), "http_port": port,
+           "targets": [SMOL, ECHO], "fallback_target": ECHO, "auth_token_env": TOKEN_ENV, "auth_probes": True,
+           "default_max_tokens": 12, "target_timeout_s": 60, "route_timeout_s": 30,
+           "encoder_batch": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
+           "target_overrides": {ECHO: {"num_cpus": 0.05}}}
+    os.environ[TOKEN_ENV] = TOKEN  # before Ray starts: the replicas inherit it
+    ensure_ray("local", num_cpus=4, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deploy(ServeConfig.model_validate(cfg))
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                          headers={"authorization": f"Bearer {TOKEN}"})
+    yield client
+    client.close()
+    echo.close()
+    serve.shutdown()
+    ray.shutdown()
+
+
+def chat(client, **fields):
+    return client.post("/v1/chat/completions", json={"model": SMOL, "messages": MSG, **fields})
+
+
+def test_404_and_405_bodies_carry_the_openai_error(app):
+    for r, status in ((app.get("/v1/nope"), 404), (app.get("/v1/chat/completions"), 405)):
+        assert r.status_code == status
+        assert r.json()["error"]["code"] == status and r.json()["error"]["message"], r.text
+
+
+def test_with_auth_probes_healthz_readyz_and_metrics_need_the_token(app):
+    for path in ("/healthz", "/readyz", "/metrics"):
+        r = httpx.get(f"{app.base_url}{path}")
+        assert r.status_code == 401 and SMOL not in r.text, (path, r.text)
+        assert app.get(path).status_code == 200
+
+
+def test_nan_temperature_is_refused_as_not_finite(app):
+    body = json.dumps({"model": SMOL, "messages": MSG}).replace("}]", '}], "temperature": NaN', 1)
+    r = app.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "temperature" in r.text and "finite" in r.text and "2" not in r.json()["detail"]
+
+
+@pytest.mark.parametrize("fields, status, named", [
+    ({"n": 2}, 400, "n"), ({"n": 0}, 422, "n"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "required"},
+     400, "tools"),
+    ({"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"logprobs": True}, 400, "logprobs"), ({"top_p": 0.5}, 400, "top_p"), ({"frobnicate": 1}, 400, "frobnicate"),
+])
+def test_fields_the_router_cannot_honour_are_refused_naming_them(app, fields, status, named):
+    r = chat(app, **fields)
+    assert r.status_code == status and r.json()["detail"].startswith(named), r.text
+    assert chat(app, n=1, user="u1", top_p=1, response_format={"type": "text"}).status_code == 200
+
+
+def test_stop_cuts_the_answer_plain_and_streamed(app):
+    whole = chat(app).json()["choices"][0]["message"]["content"]
+    words = whole.split()
+    assert len(words) >= 3, whole
+    stop = words[2]
+    want = whole[:whole.find(stop)].strip()
+    got = chat(app, stop=[stop, "never-there"]).json()["choices"][0]
+    assert got["message"]["content"] == want and got["finish_reason"] == "stop", (whole, stop, got)
+    with app.stream("POST", "/v1/chat/completions",
+                    json={"model": SMOL, "messages": MSG, "stop": stop, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert text.strip() == want and events[-1]["choices"][0]["finish_reason"] == "stop", (whole, stop, text)
+
+
+def test_seed_makes_sampling_repeatable_and_both_pass_to_an_endpoint(app):
+    texts = [chat(app, temperature=1.5, seed=seed).json()["choices"][0]["message"]["content"]
+             for seed in (7, 7, 8, 9)]
+    assert texts[0] == texts[1] and len(set(texts[1:])) > 1, texts
+    echoed = chat(app, model=ECHO, stop=["="], seed=3).json()["choices"][0]["message"]["content"]
+    assert json.loads(echoed) == {"stop": ["="], "seed": 3}
+
+
+def test_metrics_show_end_to_end_duration_and_queue_time(app):
+    before = metric(app, f'prefill_router_queue_seconds_sum{{target="{SMOL}"}}')
+    with ThreadPoolExecutor(3) as pool:
+        assert all(r.status_code == 200 for r in pool.map(lambda _: chat(app), range(3)))
+    queued = metric(app, f'prefill_router_queue_seconds_sum{{target="{SMOL}"}}') - before
+    latency = metric(app, f'prefill_router_target_latency_seconds_sum{{target="{SMOL}"}}')
+    total = metric(app, 'prefill_router_request_duration_seconds_sum{endpoint="chat_completions",status="200"}')
+    assert metric(app, f'prefill_router_queue_seconds_count{{target="{SMOL}"}}') >= 3
+    assert queued > 0.05 and total >= latency > 0, (queued, latency, total)  # two of three waited for the model
+
+
+def test_a_killed_target_replica_is_passed_over_at_once(app):
+    os.kill(replica(APP, f"Target-{SMOL}").ready.remote().result(timeout_s=60)["pid"], signal.SIGKILL)
+    time.sleep(0.5)
+    start = time.monotonic()
+    r = chat(app)
+    took = time.monotonic() - start
+    assert r.status_code == 200 and r.headers["x-prefill-router-target"] == ECHO, r.text
+    assert r.headers["x-prefill-router-fallback-from"] == SMOL and took < 8, took
+
+
+def test_a_killed_encoder_degrades_at_once(app):
+    os.kill(replica(APP, "Encoder").ready.remote().result(timeout_s=60)["pid"], signal.SIGKILL)
+    time.sleep(0.5)
+    start = time.monotonic()
+    r = chat(app, model="router")
+    took = time.monotonic() - start
+    assert r.status_code == 200 and r.headers["x-prefill-router-degraded"].startswith("router unavailable"), r.text
+    assert took < 8, took  # route_timeout_s is 30

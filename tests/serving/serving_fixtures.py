@@ -62,33 +62,21 @@ def router_artifact(tmp: Path) -> str:
     return small_artifact(tmp / "router")
 
 
-class FlakyEndpoint:
-    """A loopback OpenAI-compatible endpoint whose streams die after two chunks (a real HTTP peer
-    that drops the connection mid-answer); non-streamed calls get a 500."""
+class LoopbackEndpoint:
+    """A real HTTP server on loopback for OpenAI-compatible stand-ins: :meth:`respond` answers
+    each POST (``handler``: the ``http.server`` request handler, ``body``: the decoded JSON body)."""
 
     def __init__(self):
         import http.server
         import threading
 
+        respond = self.respond
+
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def do_POST(self):  # noqa: N802 - the http.server hook name
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])) or b"{}")
-                if not body.get("stream"):
-                    self.send_error(500, "flaky endpoint")
-                    return
-                self.send_response(200)
-                self.send_header("content-type", "text/event-stream")
-                self.send_header("transfer-encoding", "chunked")
-                self.end_headers()
-                for word in ("Paris", " is"):
-                    delta = {"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
-                    data = f"data: {json.dumps(delta)}\n\n".encode()
-                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-                    self.wfile.flush()
-                time.sleep(0.3)
-                self.connection.shutdown(socket.SHUT_RDWR)  # no terminating chunk: a broken stream
+                respond(self, json.loads(self.rfile.read(int(self.headers["content-length"])) or b"{}"))
 
             def log_message(self, *args):
                 pass
@@ -97,9 +85,33 @@ class FlakyEndpoint:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def respond(self, handler: Any, body: dict) -> None:
+        raise NotImplementedError
+
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class FlakyEndpoint(LoopbackEndpoint):
+    """A loopback OpenAI-compatible endpoint whose streams die after two chunks (a real HTTP peer
+    that drops the connection mid-answer); non-streamed calls get a 500."""
+
+    def respond(self, handler: Any, body: dict) -> None:
+        if not body.get("stream"):
+            handler.send_error(500, "flaky endpoint")
+            return
+        handler.send_response(200)
+        handler.send_header("content-type", "text/event-stream")
+        handler.send_header("transfer-encoding", "chunked")
+        handler.end_headers()
+        for word in ("Paris", " is"):
+            delta = {"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+            data = f"data: {json.dumps(delta)}\n\n".encode()
+            handler.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            handler.wfile.flush()
+        time.sleep(0.3)
+        handler.connection.shutdown(socket.SHUT_RDWR)  # no terminating chunk: a broken stream
 
 
 def serving_registry(tmp: Path, port: int, flaky_url: str) -> str:

@@ -6,11 +6,9 @@ the probes behind it too (``auth_probes``), ``echo-endpoint`` the fallback targe
 come last: they leave the app with replicas being replaced.
 """
 
-import http.server
 import json
 import os
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +18,7 @@ import ray
 import yaml
 
 from tests.procs import free_port
-from tests.serving.serving_fixtures import metric, replica, router_artifact
+from tests.serving.serving_fixtures import LoopbackEndpoint, metric, replica, router_artifact
 
 pytestmark = pytest.mark.slow
 APP = "prefill-router"
@@ -29,40 +27,23 @@ ECHO, SMOL = "echo-endpoint", "smollm2-135m"
 MSG = [{"role": "user", "content": "Name three colours of the rainbow, separated by commas."}]
 
 
-class EchoEndpoint:
+class EchoEndpoint(LoopbackEndpoint):
     """A loopback OpenAI-compatible endpoint whose answer is the JSON of the ``stop`` and ``seed`` it got."""
 
-    def __init__(self):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):  # noqa: N802 - the http.server hook name
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])) or b"{}")
-                text = json.dumps({"stop": body.get("stop"), "seed": body.get("seed")})
-                if body.get("stream"):
-                    delta = {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop"}]}
-                    data = f"data: {json.dumps(delta)}\n\ndata: [DONE]\n\n".encode()
-                    ctype = "text/event-stream"
-                else:
-                    data = json.dumps({"choices": [{"message": {"content": text}, "finish_reason": "stop"}],
-                                       "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
-                    ctype = "application/json"
-                self.send_response(200)
-                self.send_header("content-type", ctype)
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def respond(self, handler, body):
+        text = json.dumps({"stop": body.get("stop"), "seed": body.get("seed")})
+        if body.get("stream"):
+            delta = {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop"}]}
+            data, ctype = f"data: {json.dumps(delta)}\n\ndata: [DONE]\n\n".encode(), "text/event-stream"
+        else:
+            data = json.dumps({"choices": [{"message": {"content": text}, "finish_reason": "stop"}],
+                               "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
+            ctype = "application/json"
+        handler.send_response(200)
+        handler.send_header("content-type", ctype)
+        handler.send_header("content-length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
 
 
 @pytest.fixture(scope="module")

@@ -115,9 +115,8 @@ async def bounded(response: Any, timeout_s: float, handle: Any = None, name: str
     live = None if handle is None else live_replicas(handle)
     if live:
         _GONE.discard(id(handle))
-    elif live == 0 and id(handle) in _GONE:
-        if hasattr(response, "cancel"):
-            response.cancel()
+    elif live == 0 and id(handle) in _GONE:  # not sent: cancel the call, or close an unstarted coroutine
+        getattr(response, "cancel", getattr(response, "close", lambda: None))()
         raise _gone(handle, name)
     call = asyncio.ensure_future(response)
     watched = _unless_gone(call, handle, name) if live else call

@@ -85,11 +85,12 @@ def live_replicas(handle: Any) -> int | None:
     return None if replicas is None else len(replicas)
 
 
-_GONE: set[int] = set()  # id() of the handles whose replicas all died, until one is live again
+GONE_HOLD_S = 30.0  # a deployment seen with every replica dead is passed over this long, or until one is live
+_GONE: dict[int, float] = {}  # id() of such a handle -> when it was seen so
 
 
 def _gone(handle: Any, name: str) -> ReplicasGone:
-    _GONE.add(id(handle))
+    _GONE[id(handle)] = time.monotonic()
     return ReplicasGone(f"{name}: every replica died; its replacement is not running yet")
 
 
@@ -110,12 +111,13 @@ async def bounded(response: Any, timeout_s: float, handle: Any = None, name: str
     itself, so the replica stops working on it. With the ``handle`` it was made on, a call whose
     deployment had live replicas when it started and has none left (each died: SIGKILL, OOM, node
     lost) fails at once with :class:`ReplicasGone` instead of waiting for a replacement, and so
-    does every later call until a replica is live again; a deployment scaled to zero (no replica
-    at the start, none seen dying) is waited for, as Serve starts one."""
+    does every later call until a replica is live again (at most ``GONE_HOLD_S``: a deployment that
+    scales to zero is then called again, so Serve starts a replica); a deployment scaled to zero
+    (no replica at the start, none seen dying lately) is waited for, as Serve starts one."""
     live = None if handle is None else live_replicas(handle)
     if live:
-        _GONE.discard(id(handle))
-    elif live == 0 and id(handle) in _GONE:  # not sent: cancel the call, or close an unstarted coroutine
+        _GONE.pop(id(handle), None)
+    elif live == 0 and time.monotonic() - _GONE.get(id(handle), -GONE_HOLD_S) < GONE_HOLD_S:  # not sent: cancel the call, or close an unstarted coroutine
         getattr(response, "cancel", getattr(response, "close", lambda: None))()
         raise _gone(handle, name)
     call = asyncio.ensure_future(response)

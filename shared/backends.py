@@ -6,7 +6,9 @@ A backend is one class in one module of ``shared/targets/``, registered by name 
 (importing them: their module level must stay light, with heavy libraries imported inside
 methods), so adding a backend edits no other file. A backend answers two callers:
 
-- serving (:class:`TargetBackend`): ``generate`` / ``stream`` one chat request, ``cancel`` what
+- serving (:class:`TargetBackend`): ``generate`` / ``stream`` one chat request (its
+  :class:`Sampling`: stop strings and seed, which every backend honours; :class:`StopCutter`
+  cuts text at a stop string; the answer reports the backend's own ``work_s``), ``cancel`` what
   runs, ``count_tokens``, ``reconfigure`` the call bound in place, ``close``. A cancelled call
   stops the backend's work; a fault of the request (over the context limit, refused upstream
   as invalid) is a :class:`TargetRequestError`.

@@ -56,6 +56,18 @@ def test_harmless_fields_and_no_op_values_are_accepted_and_stop_and_seed_reach_t
     assert seen == [Sampling(("=",), 5)]
 
 
+def test_an_endpoint_gets_stop_and_seed_passed_on_and_only_when_asked():
+    from shared.registry import ModelSpec
+    from shared.targets.openai import chat_body
+
+    spec = ModelSpec(name="e", role="target", backend="openai", source="openai", base_url="http://x/v1")
+    msgs = [{"role": "user", "content": "q"}]
+    assert chat_body(spec, msgs, 5, 0.7, False, Sampling(("=", "\n"), 3)) == {
+        "model": "e", "messages": msgs, "max_tokens": 5, "temperature": 0.7, "stream": False, "stop": ["=", "\n"],
+        "seed": 3}
+    assert "stop" not in chat_body(spec, msgs, 5, 0.0) and "seed" not in chat_body(spec, msgs, 5, 0.0)
+
+
 def test_nan_temperature_is_not_finite_rather_than_over_two():
     c, _ = client()
     r = c.post("/v1/chat/completions", content=b'{"model": "mid", "messages": [{"role": "user", "content": "hi"}], '

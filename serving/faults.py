@@ -117,7 +117,8 @@ async def bounded(response: Any, timeout_s: float, handle: Any = None, name: str
     live = None if handle is None else live_replicas(handle)
     if live:
         _GONE.pop(id(handle), None)
-    elif live == 0 and time.monotonic() - _GONE.get(id(handle), -GONE_HOLD_S) < GONE_HOLD_S:  # not sent: cancel the call, or close an unstarted coroutine
+    elif live == 0 and time.monotonic() - _GONE.get(id(handle), -GONE_HOLD_S) < GONE_HOLD_S:
+        # not sent: cancel the call, or close a coroutine that never ran
         getattr(response, "cancel", getattr(response, "close", lambda: None))()
         raise _gone(handle, name)
     call = asyncio.ensure_future(response)

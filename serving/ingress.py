@@ -9,16 +9,17 @@ ingress deployment with :func:`make_fastapi_app`.
 Errors (JSON bodies with ``detail`` and an OpenAI-style ``error``): not JSON -> 415/400,
 text that is not valid Unicode (a lone surrogate, anywhere in the body) -> 400, bad fields
 -> 422, a field the router cannot honour (``n`` over 1, ``tools``, ...: see ``serving.schemas``)
--> 400 naming it, unknown model or path -> 404, wrong method -> 405, body over ``max_body_bytes`` or prompt over
-``max_prompt_tokens`` (checked on every path, pinned requests included, before any target
-sees it) -> 413, missing/bad bearer token -> 401 (on /healthz, /readyz and /metrics too with
-``auth_probes``; by default they stay open for probes and scrapers). A target that fails or times out is
-cancelled and the next eligible one answers; a fault of the request itself is never
-retried elsewhere; a target whose replicas all died is passed over at once; 502 only when every target failed. When the encoder or router head
-fails (or has no live replica left: a dead replica's call fails at once rather than waiting for
-its replacement, :func:`serving.faults.bounded`), routed requests go to ``fallback_target`` (marked ``x-prefill-router-degraded``) or
-get a JSON 503. ``/healthz`` is liveness; ``/readyz`` is 200 only when the encoder, the
-head and at least one target answer.
+-> 400 naming it, unknown model or path -> 404, wrong method -> 405, body over
+``max_body_bytes`` or prompt over ``max_prompt_tokens`` (checked on every path, pinned requests
+included, before any target sees it) -> 413, missing/bad bearer token -> 401 (on /healthz,
+/readyz and /metrics too with ``auth_probes``; by default they stay open for probes and
+scrapers). A target that fails or times out is cancelled and the next eligible one answers; a
+fault of the request itself is never retried elsewhere; a target whose replicas all died is
+passed over at once; 502 only when every target failed. When the encoder or router head fails
+(or has no live replica left: its call fails at once rather than waiting for a replacement,
+:func:`serving.faults.bounded`), routed requests go to ``fallback_target`` (marked
+``x-prefill-router-degraded``) or get a JSON 503. ``/healthz`` is liveness; ``/readyz`` is 200
+only when the encoder, the head and at least one target answer.
 """
 
 from __future__ import annotations

@@ -132,6 +132,10 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "functions": ([],), "function_call": ("none",),
 }
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+#: Fields of a message that are ignored (``name``: the chat templates have no place for it); any
+#: other field of a message (``tool_calls``, ``audio``, ...) is refused unless null or empty, as
+#: an SDK echoes them back in an assistant message.
+MESSAGE_IGNORED = frozenset({"name"})
 
 
 class ChatCompletionRequest(RuleRequest):
@@ -173,6 +177,10 @@ class ChatCompletionRequest(RuleRequest):
         a field that changes the answer at a value other than its no-op one, or an unknown field."""
         if self.n > 1:
             return f"n: {self.n} choices were asked for; this router returns one choice (n: 1)"
+        for i, message in enumerate(self.messages):
+            for key, value in (message.model_extra or {}).items():
+                if key not in MESSAGE_IGNORED and value not in (None, [], ""):
+                    return f"messages.{i}.{key}: is not supported (the models get the text of each message only)"
         for key, value in (self.model_extra or {}).items():
             if key in IGNORED_FIELDS or value is None or value in NEUTRAL_VALUES.get(key, ()):
                 continue

@@ -32,7 +32,9 @@ def test_stop_cutter_cuts_before_the_first_stop_string_across_pieces(pieces, sto
     ({"tools": [{"type": "function"}], "tool_choice": "required"}, 400, "tools"),
     ({"response_format": {"type": "json_schema"}}, 400, "response_format"),
     ({"presence_penalty": 0.5}, 400, "presence_penalty"), ({"logit_bias": {"1": 5}}, 400, "logit_bias"),
-    ({"whatever": True}, 400, "whatever"), ({"stop": ["a"] * 5}, 422, "stop"), ({"stop": [""]}, 422, "stop"),
+    ({"whatever": True}, 400, "whatever"),
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}, *MSG]}, 400,
+     "messages.0.tool_calls"), ({"stop": ["a"] * 5}, 422, "stop"), ({"stop": [""]}, 422, "stop"),
 ])
 def test_a_field_that_would_be_dropped_is_refused_naming_it(fields, status, named):
     c, _ = client()
@@ -50,7 +52,9 @@ def test_harmless_fields_and_no_op_values_are_accepted_and_stop_and_seed_reach_t
 
     c, ingress = client()
     ingress.targets["mid"] = Handle(generate=generate)
-    body = {"model": "mid", "messages": MSG, "user": "u", "metadata": {"a": "b"}, "top_p": 1, "n": 1,
+    echoed = {"role": "assistant", "content": "hi", "refusal": None, "tool_calls": None, "annotations": [],
+              "name": "bot"}
+    body = {"model": "mid", "messages": [*MSG, echoed, *MSG], "user": "u", "metadata": {"a": "b"}, "top_p": 1, "n": 1,
             "logprobs": False, "response_format": {"type": "text"}, "tools": [], "stop": "=", "seed": 5}
     assert c.post("/v1/chat/completions", json=body).status_code == 200
     assert seen == [Sampling(("=",), 5)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Sequence
 
 from shared.backends import (BackendOptions, Completion, InFlight, OptionScores, Sampling, StreamEnd, TargetAnswer,
@@ -75,8 +76,9 @@ class VLLMBackend:
     async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
                        sampling: Sampling = Sampling()) -> TargetAnswer:
         final, start = None, time.perf_counter()
-        async for final in self._run(messages, max_tokens, temperature, sampling):
-            pass
+        async with aclosing(self._run(messages, max_tokens, temperature, sampling)) as outs:
+            async for final in outs:
+                pass
         comp = final.outputs[0]
         return TargetAnswer(comp.text.strip(), len(final.prompt_token_ids), len(comp.token_ids),
                             comp.finish_reason or "stop", time.perf_counter() - start)
@@ -84,11 +86,13 @@ class VLLMBackend:
     async def stream(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
                      sampling: Sampling = Sampling()) -> AsyncIterator[str | StreamEnd]:
         seen, final, start = 0, None, time.perf_counter()
-        async for final in self._run(messages, max_tokens, temperature, sampling):
-            text = final.outputs[0].text
-            if len(text) > seen:
-                yield text[seen:]
-                seen = len(text)
+        # closed with this stream (a client gone), not when collected later: the abort happens now
+        async with aclosing(self._run(messages, max_tokens, temperature, sampling)) as outs:
+            async for final in outs:
+                text = final.outputs[0].text
+                if len(text) > seen:
+                    yield text[seen:]
+                    seen = len(text)
         comp = final.outputs[0]
         yield StreamEnd(comp.finish_reason or "stop", len(final.prompt_token_ids), len(comp.token_ids),
                         time.perf_counter() - start)

@@ -7,28 +7,21 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from shared.config import StrictConfig
+from training.data.source_models import ROUTERBENCH_MODELS, ROUTERDC_MODELS  # noqa: F401 (re-exported)
 from training.queries import ANSWER_TYPES
 
 
-# RouterBench column name -> registry name (configs/models.yaml).
-ROUTERBENCH_MODELS: dict[str, str] = {
-    "gpt-4-1106-preview": "gpt-4-1106-preview", "gpt-3.5-turbo-1106": "gpt-3.5-turbo-1106",
-    "claude-v2": "claude-v2", "claude-v1": "claude-v1", "claude-instant-v1": "claude-instant-v1",
-    "meta/llama-2-70b-chat": "llama-2-70b-chat", "mistralai/mixtral-8x7b-chat": "mixtral-8x7b-chat",
-    "zero-one-ai/Yi-34B-Chat": "yi-34b-chat", "meta/code-llama-instruct-34b-chat": "code-llama-34b-chat",
-    "WizardLM/WizardLM-13B-V1.2": "wizardlm-13b-v1.2", "mistralai/mistral-7b-chat": "mistral-7b-chat",
-}
-
-
 ANSWER_TYPE_DEFAULTS = {"arc-challenge": "multiple_choice", "winogrande": "multiple_choice", "mbpp": "code",
-                        "mmlu": "multiple_choice", "hellaswag": "multiple_choice", "gsm8k": "numeric"}
+                        "mmlu": "multiple_choice", "hellaswag": "multiple_choice", "gsm8k": "numeric",
+                        "cmmlu": "multiple_choice", "arc_challenge": "multiple_choice", "humaneval": "code"}
 
 
 class ImportConfig(StrictConfig):
     """Config of ``prefill-router data import``."""
 
     format: str = Field("routerbench", description="Input format, a class in training/data/import_formats.py: "
-                        "routerbench: a row per prompt, columns per model; long: a row per prompt x model.")
+                        "routerbench: a row per prompt, columns per model; long: a row per prompt x model; "
+                        "routerdc: RouterDC's JSON lists of {question, scores}, the task from the file name.")
     inputs: list[str] = Field(description="Input files or folders, local or s3:// (a folder or prefix: its files "
                               "of the format's extensions).")
     output: str = Field("runs/import/queries.parquet", description="Query table to write (local or s3://).")
@@ -37,10 +30,14 @@ class ImportConfig(StrictConfig):
     splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.7, "val": 0.1, "test": 0.2},
                                      description="Split fractions of train, val and test; they sum to 1.")
     registry: str | None = Field(None, description="Registry YAML holding every target (None: configs/models.yaml).")
-    model_names: dict[str, str] = Field(default_factory=lambda: dict(ROUTERBENCH_MODELS),
-                                        description="Source model name -> registry name; unlisted names are kept.")
+    model_names: dict[str, str] | None = Field(None, description="Source model name -> registry name; unlisted "
+                                               "names are kept (None: the format's own map, e.g. RouterBench's 11 "
+                                               "or RouterDC's 7 models; long: RouterBench's).")
     targets: list[str] | None = Field(None, description="Source model names to import, each required in the input "
-                                      "(None: routerbench every model of model_names, long every model found).")
+                                      "(None: routerbench every model of model_names, long and routerdc every "
+                                      "model found).")
+    tasks: dict[str, str] = Field(default_factory=dict, description="routerdc: file name (without .json) -> task; "
+                                  "other files: the name less a _train/-test/... suffix, e.g. gsm8k-train -> gsm8k.")
     answer_types: dict[str, str] = Field(default_factory=lambda: dict(ANSWER_TYPE_DEFAULTS),
                                          description="answer_type recorded per task (other tasks: exact).")
     default_task: str = Field("general", min_length=1, description="Task of long-format rows without a task column.")
@@ -73,8 +70,15 @@ class ImportConfig(StrictConfig):
             problems.append(f"splits must be train, val and test, non-negative, summing to 1; got {self.splits}")
         if any(a not in ANSWER_TYPES for a in self.answer_types.values()):
             problems.append(f"answer_types {self.answer_types}: each must be one of {ANSWER_TYPES}")
-        if any(not n or "/" in n or n != n.strip() for n in self.model_names.values()):
-            problems.append(f"model_names {self.model_names}: registry names must be folder-safe (no '/')")
+        if any(not n or "/" in n or n != n.strip() for n in self.names.values()):
+            problems.append(f"model_names {self.names}: registry names must be folder-safe (no '/')")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def names(self) -> dict[str, str]:
+        """Source model name -> registry name: ``model_names``, or the format's default map."""
+        from training.data.import_formats import get_format
+
+        return self.model_names if self.model_names is not None else dict(get_format(self.format).model_names)

@@ -12,14 +12,19 @@ that is not a CSV, pickled DataFrame, Parquet or JSONL table also overrides
 - :class:`RouterBench`: RouterBench's column scheme (one row per prompt; ``<model>``,
   ``<model>|total_cost``, ...) from a CSV or a trusted pickle.
 - :class:`Long`: one row per prompt x model (Parquet, CSV, JSONL or a trusted pickle).
+- :class:`RouterDC`: RouterDC's JSON lists (``question``, ``scores`` {model: soft score}); the
+  task is the file's name (or the config's ``tasks`` map); ``cluster_id`` is ignored.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
-from shared.errors import UnknownName
+from shared.errors import BadInput, UnknownName
+from training.data.source_models import ROUTERBENCH_MODELS, ROUTERDC_MODELS
 from training.queries import BadRecord
 
 from training.data.import_sources import blank, messages_of, number, read_records, require, text_of
@@ -33,6 +38,7 @@ class ImportFormat:
     name: ClassVar[str]
     extensions: ClassVar[tuple[str, ...]]  # lower-case file suffixes; a folder input reads its files with these
     source: ClassVar[str]  # the query table's ``source`` of the queries it imports
+    model_names: ClassVar[dict[str, str]] = {}  # the config's default model_names (source -> registry name)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -65,10 +71,11 @@ class RouterBench(ImportFormat):
     name = "routerbench"
     extensions = (".csv", ".pkl", ".pickle")
     source = "routerbench"
+    model_names = ROUTERBENCH_MODELS
 
     @classmethod
     def read(cls, path: Path, columns: list[str], rows: list[dict[str, Any]], col: Any) -> None:
-        models = col.cfg.targets if col.cfg.targets is not None else list(col.cfg.model_names)
+        models = col.cfg.targets if col.cfg.targets is not None else list(col.cfg.names)
         require(path, columns, ["prompt", "eval_name"] + [c for m in models for c in (m, f"{m}|total_cost")])
         names = {m: col.target(m) for m in models}
         for i, rec in enumerate(rows):
@@ -99,6 +106,7 @@ class Long(ImportFormat):
     name = "long"
     extensions = (".parquet", ".csv", ".jsonl", ".pkl", ".pickle")
     source = "import"
+    model_names = ROUTERBENCH_MODELS  # RouterBench's own names map to the registry's
 
     @classmethod
     def read(cls, path: Path, columns: list[str], rows: list[dict[str, Any]], col: Any) -> None:
@@ -123,3 +131,56 @@ class Long(ImportFormat):
             answer = rec.get("response") if isinstance(rec.get("response"), str) else None
             col.observe(col.query(messages, task, None), col.target(model), rec["correct"], rec.get("cost"), answer,
                         None if None in counts else tuple(counts))
+
+
+class RouterDC(ImportFormat):
+    """RouterDC rows: a JSON list of ``{"question": str, "scores": {model: score in [0, 1]}}``,
+    one file per task (``mmlu_train.json`` -> ``mmlu``). Scores are soft (the probability of the
+    right answer, or the share of 10 samples that passed) and are kept as floats; a model absent
+    from a row's ``scores`` is a missing cell of that row, a score outside [0, 1] a bad cell."""
+
+    name = "routerdc"
+    extensions = (".json",)
+    source = "routerdc"
+    model_names = ROUTERDC_MODELS
+    SPLIT_SUFFIX = re.compile(r"[-_.](train|test|val|valid|dev)$", re.IGNORECASE)
+
+    @classmethod
+    def task_of(cls, path: Path, tasks: dict[str, str]) -> str:
+        """The task of a file: ``tasks[stem]``, else the lower-case stem less a split suffix."""
+        return tasks.get(path.stem) or cls.SPLIT_SUFFIX.sub("", path.stem).lower()
+
+    @classmethod
+    def records(cls, path: Path, cfg: Any) -> tuple[list[str], list[dict[str, Any]]]:
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadInput(f"{path}: not a JSON file ({exc})") from exc
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise BadInput(f"{path}: RouterDC files are a JSON list of objects, got a {type(rows).__name__}")
+        rows = rows[:cfg.limit] if cfg.limit else rows
+        return list(dict.fromkeys(k for r in rows for k in r)), rows
+
+    @classmethod
+    def read(cls, path: Path, columns: list[str], rows: list[dict[str, Any]], col: Any) -> None:
+        require(path, columns, ["question", "scores"])
+        task = cls.task_of(path, col.cfg.tasks)
+        seen = list(dict.fromkeys(m for r in rows if isinstance(r.get("scores"), dict) for m in r["scores"]))
+        models = col.cfg.targets if col.cfg.targets is not None else seen
+        names = {m: col.target(m) for m in models if m in seen}
+        for i, rec in enumerate(rows):
+            try:
+                question = rec.get("question")
+                if not isinstance(question, str) or not question.strip():  # taken as is: never parsed as a list
+                    raise BadRecord("empty question")
+                messages = [{"role": "user", "content": question}]
+                if not isinstance(rec.get("scores"), dict) or not rec["scores"]:
+                    raise BadRecord("no scores")
+            except BadRecord as exc:
+                col.skip(path, str(exc), f"row {i}: {str(rec.get('question'))[:80]!r}")
+                continue
+            before = len(col.queries)
+            q = col.query(messages, task, None)
+            col.merged["duplicate prompts merged"] += len(col.queries) == before
+            for model, name in names.items():
+                col.observe(q, name, rec["scores"].get(model), None, None)

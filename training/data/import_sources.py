@@ -99,7 +99,8 @@ def read_records(path: Path, trust_pickle: bool, limit: int | None) -> tuple[lis
         return table.column_names, table.to_pylist()
     else:
         try:
-            rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()][:limit]
+            # split on "\n" only: str.splitlines() also breaks at U+0085, U+2028, U+2029 inside a JSON string
+            rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").split("\n") if ln.strip()][:limit]
         except json.JSONDecodeError as exc:
             raise BadInput(f"{path}: not JSON lines ({exc})") from exc
         return list(dict.fromkeys(k for r in rows for k in r)), rows

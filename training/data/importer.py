@@ -75,7 +75,7 @@ class Collector:
 
     def target(self, model: str) -> str:
         """The registry name of a source model; an unknown name is an error saying how to fix it."""
-        name = self.cfg.model_names.get(model, model)
+        name = self.cfg.names.get(model, model)
         if name not in self.specs:
             try:
                 self.specs[name] = self.registry.get(name)
@@ -208,7 +208,7 @@ def collect(cfg: ImportConfig) -> tuple[Collector, list[dict[str, Any]]]:
             columns, rows = fmt.records(path, cfg)
             fmt.read(path, columns, rows, col)
             sources.append({"path": name, "sha256": sha256_file(path), "rows_read": len(rows)})
-    absent = [t for t in cfg.targets or [] if cfg.model_names.get(t, t) not in col.specs]
+    absent = [t for t in cfg.targets or [] if cfg.names.get(t, t) not in col.specs]
     if absent:
         raise BadInput(f"targets {absent} have no rows in {[s['path'] for s in sources]}")
     return col, sources
@@ -241,7 +241,7 @@ def run_import(cfg: ImportConfig) -> dict[str, Any]:
     storage.write_json(storage.join(cfg.labels, "summary.json"), summary)
     storage.write_json(storage.join(cfg.labels, "import-manifest.json"), {
         **imported, "files": sources, "counts": counts, "queries": cfg.output, "queries_hash": qhash,
-        "targets": {t: {"source_name": next((m for m, n in cfg.model_names.items() if n == t), t), **s}
+        "targets": {t: {"source_name": next((m for m, n in cfg.names.items() if n == t), t), **s}
                     for t, s in summary["targets"].items()}})
     report = {"output": cfg.output, "labels": cfg.labels, "table_hash": qhash, "splits": split_counts(table),
               "config": cfg.model_dump(mode="json"), "sources": sources, **counts,

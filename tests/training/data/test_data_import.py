@@ -253,7 +253,7 @@ def test_evaluation_scores_with_the_imported_cost(tmp_path):
 def test_routerbench_targets_are_opt_in_priced_and_never_fetched(registry):
     from shared.models import missing_weights
 
-    assert set(ImportConfig(inputs=["x"]).model_names) == set(ROUTERBENCH_MODELS) and len(ROUTERBENCH_MODELS) == 11
+    assert set(ImportConfig(inputs=["x"]).names) == set(ROUTERBENCH_MODELS) and len(ROUTERBENCH_MODELS) == 11
     default = {m.name for m in registry.targets()}
     for name in ROUTERBENCH_MODELS.values():
         spec = registry.get(name)
@@ -338,11 +338,11 @@ def test_a_format_is_one_registered_class(tmp_path):
     from shared.config import ConfigError, load_config
     from training.data.import_formats import FORMATS, ImportFormat, Long
 
-    with pytest.raises(ConfigError, match="unknown format 'jsonarray'; known: routerbench, long"):
+    with pytest.raises(ConfigError, match="unknown format 'jsonarray'; known: routerbench, long, routerdc"):
         load_config(ImportConfig, None, [f"inputs=[{tmp_path}]", "format=jsonarray"])
 
     class JsonArray(ImportFormat):
-        name, extensions, source = "jsonarray", (".json",), "import"
+        name, extensions, source, model_names = "jsonarray", (".json",), "import", Long.model_names
 
         @classmethod
         def records(cls, path, cfg):

@@ -195,6 +195,35 @@ def summarise_labels(labels: dict[str, pa.Table], rows: int) -> dict[str, Any]:
     return summary
 
 
+def merge_effect(col: Collector) -> dict[str, Any]:
+    """Per task with repeated prompts: how merging them moves each target's mean score.
+
+    A source may list one prompt several times (RouterDC counts each row); the query table keeps
+    one query with the mean of its rows' labels. Per task and target: ``rows`` mean = the mean over
+    every labelled row, ``merged`` mean = the mean over queries of their rows' mean; reported is
+    the largest ``|rows - merged|`` over targets, with both row and query counts.
+    """
+    out: dict[str, Any] = {}
+    for task in sorted({q.row["task"] for q in col.queries.values()}):
+        qs = [q for q in col.queries.values() if q.row["task"] == task]
+        rows = sum(max((len(o) for o in q.obs.values()), default=1) for q in qs)
+        if rows == len(qs):
+            continue
+        shift, worst = 0.0, None
+        for target in col.specs:
+            cells = [[o.correct for o in q.obs.get(target, []) if o.correct is not None] for q in qs]
+            cells = [c for c in cells if c]
+            if not cells:
+                continue
+            by_row = sum(map(sum, cells)) / sum(map(len, cells))
+            by_query = sum(sum(c) / len(c) for c in cells) / len(cells)
+            if abs(by_row - by_query) >= shift:
+                shift, worst = abs(by_row - by_query), target
+        out[task] = {"rows": rows, "queries": len(qs), "merged_rows": rows - len(qs),
+                     "largest_mean_shift": shift, "target": worst}
+    return out
+
+
 # --------------------------------------------------------------------------- driver
 def collect(cfg: ImportConfig) -> tuple[Collector, list[dict[str, Any]]]:
     """Read every input file into a :class:`Collector`; returns it and each file's path, sha256 and rows read."""
@@ -234,6 +263,7 @@ def run_import(cfg: ImportConfig) -> dict[str, Any]:
         write_target(cfg, t, part)
         sh.update_manifest(storage.join(cfg.labels, t), summary=summary["targets"][t], scorers={"imported": cfg.format})
     counts = {"rows_read": sum(s["rows_read"] for s in sources), "rows": table.num_rows, "merged": dict(col.merged),
+              "merge_effect": merge_effect(col),
               "skipped": dict(col.report.skipped), "cells": {t: dict(c) for t, c in col.labels.items()}}
     summary.update({"queries": cfg.output, "queries_hash": qhash, "query_rows": table.num_rows,
                     "fully_labelled_queries": summary.pop("queries"), "scorers": {"imported": cfg.format},
@@ -268,6 +298,10 @@ def print_summary(report: dict[str, Any], summary: dict[str, Any]) -> None:
     console.print(summary_view({**summary, "queries": summary["fully_labelled_queries"]},
                                f"labels {report['labels']} (imported: no latency)"))
     console.print(f"duplicates merged: {report['merged'] or 'none'}", highlight=False)
+    for task, e in report["merge_effect"].items():
+        console.print(f"  {task}: {e['rows']} rows kept as {e['queries']} queries ({e['merged_rows']} repeated prompts "
+                      f"merged, their labels averaged); a target's mean score on the task moves by at most "
+                      f"{e['largest_mean_shift']:.4f} ({e['target']}) against counting every row", highlight=False)
     console.print(f"skipped: {report['skipped'] or 'none'}" + "".join(f"\n  {e}" for e in report["examples"][:5]),
                   highlight=False)
 

@@ -98,8 +98,10 @@ class AlwaysBest(_OneTarget):
 class TaskBestRouter(RouterModel):
     """Reference, not a deployable router: it is told each query's task (``task`` /
     ``source`` of the query table) and sends the query to the target that was most accurate
-    on that task's train + val rows (ties: cheaper). It bounds what coarse, task-level
-    routing can gain; a router that sees only the prompt has to beat it per query."""
+    on that task's train + val rows (ties: cheaper). A task with fewer than ``min_rows`` fitting
+    rows, or one it never saw, goes to its source's pooled group when one was fitted (an MMLU
+    subject to ``mmlu``), else to the best single target of train + val. It bounds what coarse,
+    task-level routing can gain; a router that sees only the prompt has to beat it per query."""
 
     name, probabilistic = "task-best", False
 

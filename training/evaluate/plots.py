@@ -16,7 +16,13 @@ def plot(report: dict[str, Any], subset: str = "test") -> bytes:
     square), every single model as a triangle, the oracle
     (star) and the zero-router hull (dashed: the upper convex hull of the single models, what
     mixing them at random reaches). Dotted guides: the best single model's accuracy (the
-    iso-accuracy line) and the cost at ``savings_threshold`` savings vs the most expensive."""
+    iso-accuracy line) and the cost at ``savings_threshold`` savings vs the most expensive; on test,
+    a published pooled accuracy (``published``) as a solid line. When every target costs the same
+    (``references.equal_costs``), the accuracy markers of :mod:`training.evaluate.plot_accuracy` instead."""
+    from training.evaluate.plot_accuracy import PUBLISHED_COLORS, accuracy_plot
+
+    if report["subsets"][subset]["references"].get("equal_costs"):
+        return accuracy_plot(report, subset)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,6 +50,10 @@ def plot(report: dict[str, Any], subset: str = "test") -> bytes:
     ax.plot([refs["oracle"]["cost"]], [refs["oracle"]["accuracy"]], "k*", ms=12, label="oracle")
     best, dear = refs["best_single"], refs["most_expensive"]["cost"]
     ax.axhline(best["accuracy"], color="grey", ls=":", lw=0.9, label=f"best single accuracy ({best['target']})")
+    for i, p in enumerate((report.get("published") or []) if subset == "test" else []):
+        if p.get("accuracy") is not None:
+            ax.axhline(p["accuracy"], color=PUBLISHED_COLORS[i % len(PUBLISHED_COLORS)], ls="-", lw=1.3,
+                       label=f"published: {p['label']}")
     thr = report.get("savings_threshold")
     if thr is not None and dear:
         ax.axvline((1 - thr) * dear, color="grey", ls="-.", lw=0.9,

@@ -9,6 +9,10 @@ import math
 from typing import Any
 
 from shared.policy import Policy, policy_names
+from training.evaluate.cells import num as _num, pct as _pct
+from training.evaluate.report_accuracy import (accuracy_lines, accuracy_table, drop_cost_columns,
+                                               drop_cost_rows, equal_cost_policy_lines, equal_costs,
+                                               task_interval_lines)
 from training.evaluate.results import EvalReport
 from training.semantic_text import describe
 
@@ -20,10 +24,6 @@ MAX_TASK_COLUMNS = 8  # the within-task table shows one column per task up to th
 TASK_COLUMNS = ("task", "n", "best single", "oracle", "prefill-router accuracy", "gap closed", "cost savings",
                 "savings at best-single accuracy", "best gap closed at >= threshold savings", "best other router",
                 "prefill-router mean AUC")
-
-
-def _pct(x) -> str:
-    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.2f}%"
 
 
 def _rule_label(policy: str, param: float, long: bool = False) -> str:
@@ -40,10 +40,6 @@ def _candidates(op: dict[str, Any]) -> list[str]:
     each = "; ".join(f"{_rule_label(c['policy'], c['param'], long=True)} ({c['status']}): accuracy "
                      f"{_pct(c['val_accuracy'])}, mean cost {_num(c['val_cost'], '.3g')}" for c in cands)
     return [f"Policies calibrated on val: {each}. Kept: the {op['policy']} policy.", ""]
-
-
-def _num(x, fmt: str = ".4f") -> str:
-    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
 
 
 def _reached(x) -> str:
@@ -109,20 +105,30 @@ def task_rows(report: dict[str, Any], subset: str = "test") -> list[list[str]]:
 def markdown(report: dict[str, Any]) -> str:
     """The Markdown report: setup, test and disagreement tables, per-task tables, then ours
     beside the paper's numbers, the AUC margins and where the headroom is."""
-    test, dis = report["subsets"]["test"], report["subsets"].get("disagreement")
+    equal = equal_costs(report)
     parts = [
         *intro_lines(report),
-        "## Test split", "", _md_table(table_rows(test)), "",
-        *interval_lines(report),
-        "## Disagreement queries (test)", "", _md_table(table_rows(dis)) if dis else "No disagreement queries.", "",
+        "## Test split", "", *subset_lines(report, "test"),
+        *interval_lines(report), *task_interval_lines(report),
+        "## Disagreement queries (test)", "",
+        *(subset_lines(report, "disagreement") if "disagreement" in report["subsets"] else
+          ["No disagreement queries.", ""]),
         *task_lines(report),
-        *paper_lines(report),
-        *policy_lines(report),
+        *(drop_cost_rows(paper_lines(report)) if equal else paper_lines(report)),
+        *(equal_cost_policy_lines() if equal else policy_lines(report)),
         *margin_lines(report.get("auc_margin") or {}),
         *within_task_lines(report),
         *headroom_lines(report.get("headroom_by_task") or [], report["targets"]),
     ]
     return "\n".join(parts)
+
+
+def subset_lines(report: dict[str, Any], subset: str) -> list[str]:
+    """Markdown: a subset's tables. Equal costs: the accuracy table alone (pooled and task-averaged
+    accuracy, gap closed), the headline; else the cost table, then the accuracy table."""
+    if equal_costs(report):
+        return accuracy_lines(report, subset)
+    return [_md_table(table_rows(report["subsets"][subset])), "", *accuracy_lines(report, subset)]
 
 
 def intro_lines(report: dict[str, Any]) -> list[str]:
@@ -145,6 +151,7 @@ def intro_lines(report: dict[str, Any]) -> list[str]:
         + (f" Note: {op['note']}." if op.get("note") else ""), "", *_candidates(op),
         *([f"Skipped (not evaluated): {'; '.join(f'`{k}` {v}' for k, v in skipped.items())}.", ""] if skipped else []),
         *([describe(report["semantic_text"]), ""] if report.get("semantic_text") else []),
+        *([] if equal_costs(report) else [
         "Costs are mean USD per query (measured label cost). Gap closed = (acc − best single) / (oracle − best "
         "single); cost savings vs always using the most expensive target "
         f"({refs['most_expensive']['target']}); P-AUCCC over [cheapest, most expensive] cost "
@@ -152,9 +159,10 @@ def intro_lines(report: dict[str, Any]) -> list[str]:
         f"single model ({refs['best_single']['target']}) among the router's operating points at least as accurate "
         f"as it; best gap closed at >= threshold savings = the best gap closed among operating points at least "
         f"{_pct(thr)} cheaper than the most expensive target (zero router: random mixing of single models at that "
-        "budget).", "",
+        "budget).", ""]),
         *(["`task-best` is a reference, not a router: it is told each query's task and sends it to the target "
-           "most accurate on that task in train + val, so it bounds what routing by task alone can gain.", ""]
+           "most accurate on that task in train + val (a task it never saw: its source's pooled group if one was "
+           "fitted, else the best single target), so it bounds what routing by task alone can gain.", ""]
           if "task-best" in test["routers"] else []),
     ]
 
@@ -167,14 +175,17 @@ def interval_lines(report: dict[str, Any]) -> list[str]:
     refs = report["subsets"]["test"]["references"]
 
     def cell(key: str, points: bool = False) -> str:
-        v, lo, hi = (100 * x for x in iv[key])
-        return f"{v:+.2f} points [{lo:+.2f}, {hi:+.2f}]" if points else f"{v:.2f}% [{lo:.2f}%, {hi:.2f}%]"
+        v, lo, hi = iv[key]
+        if points:
+            return f"{_num(100 * v, '+.2f')} points [{_num(100 * lo, '+.2f')}, {_num(100 * hi, '+.2f')}]"
+        return f"{_pct(v)} [{_pct(lo)}, {_pct(hi)}]"
 
+    savings = "" if equal_costs(report) else (f"; cost savings vs {refs['most_expensive']['target']} "
+                                              f"{cell('cost_savings')}")
     return [f"The prefill router's operating point on test, with 95% bootstrap intervals over the test queries: "
             f"accuracy {cell('accuracy')}; accuracy minus {refs['best_single']['target']}'s "
-            f"{cell('accuracy_minus_best', points=True)}; cost savings vs {refs['most_expensive']['target']} "
-            f"{cell('cost_savings')}. A check of this router on held-out rows of the same tasks should land "
-            f"inside these intervals.", ""]
+            f"{cell('accuracy_minus_best', points=True)}{savings}. A check of this router on held-out rows of the "
+            "same tasks should land inside these intervals.", ""]
 
 
 def task_lines(report: dict[str, Any]) -> list[str]:
@@ -183,10 +194,13 @@ def task_lines(report: dict[str, Any]) -> list[str]:
         return ["No per-task rows (no query table with a `task` column).", ""]
     out = []
     for subset, title in (("test", "all test queries"), ("disagreement", "disagreement queries only")):
-        rows = task_rows(report, subset)
+        columns, rows = TASK_COLUMNS, task_rows(report, subset)
+        if equal_costs(report):
+            columns, rows = drop_cost_columns(columns, rows)
         out += [f"## Per task ({title})", "",
-                "Each task against its own best single model, oracle and most expensive target; routers at the "
-                "operating point chosen on val.", "", _md_table(rows, TASK_COLUMNS) if rows else "None.", ""]
+                f"Each task against its own best single model{' and' if equal_costs(report) else ','} oracle"
+                f"{'' if equal_costs(report) else ' and most expensive target'}; routers at the operating point "
+                "chosen on val.", "", _md_table(rows, columns) if rows else "None.", ""]
     return out
 
 
@@ -347,12 +361,15 @@ def _rich(title: str, columns, rows):
 
 def summary_table(report: dict[str, Any]):
     """The test table as a rich Table for the console."""
+    if equal_costs(report):
+        return accuracy_table(report)
     return _rich(f"router evaluation on test (n={report['n']['test']})", COLUMNS, table_rows(report["subsets"]["test"]))
 
 
 def task_table(report: dict[str, Any]):
     """The per-task rows (all test queries) as a rich Table for the console."""
-    return _rich("per task (test)", TASK_COLUMNS, task_rows(report, "test"))
+    columns, rows = TASK_COLUMNS, task_rows(report, "test")
+    return _rich("per task (test)", *(drop_cost_columns(columns, rows) if equal_costs(report) else (columns, rows)))
 
 
 def write_outputs(report: EvalReport, out: str) -> None:

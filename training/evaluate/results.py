@@ -87,10 +87,12 @@ class SingleModel(Result):
     cost: Metric
     iso_accuracy_savings: Metric = None
     best_gap_closed_at_savings: Metric = None
+    task_averaged_accuracy: Metric = None
 
 
 class TargetPoint(Result):
-    """A named target's accuracy and mean cost (best single, cheapest, most expensive)."""
+    """A named target's accuracy and mean cost (best single, cheapest, most expensive; under
+    ``best_single_task_averaged``, ``accuracy`` is the task-averaged one)."""
 
     target: str
     accuracy: Metric
@@ -105,6 +107,7 @@ class Oracle(Result):
     cost_savings: Metric
     iso_accuracy_savings: Metric = None
     best_gap_closed_at_savings: Metric = None
+    task_averaged_accuracy: Metric = None
 
 
 class References(Result):
@@ -119,6 +122,9 @@ class References(Result):
     hull: Curve
     zero_router_pauccc: Metric
     zero_router_gap_at_savings: Metric = None
+    equal_costs: bool | None = None  # every target costs the same per query: accuracy is the headline
+    n_tasks: int | None = None  # tasks of the task-averaged accuracy (None: no task column)
+    best_single_task_averaged: TargetPoint | None = None
 
 
 class Candidate(Result):
@@ -181,6 +187,8 @@ class FixedScores(Result):
     gap_closed: Metric
     cost_savings: Metric
     pauccc: Metric
+    task_averaged_accuracy: Metric = None  # RouterDC's metric (not in the per-task rows)
+    task_averaged_gap_closed: Metric = None
     iso_accuracy_savings: Metric = None
     best_gap_closed_at_savings: Metric = None
 
@@ -198,6 +206,8 @@ class ProbabilisticScores(Result):
     gap_closed: Metric
     cost_savings: Metric
     pauccc: Metric
+    task_averaged_accuracy: Metric = None  # RouterDC's metric (not in the per-task rows)
+    task_averaged_gap_closed: Metric = None
     max_gap_closed: Metric
     iso_accuracy_savings: Metric = None
     best_gap_closed_at_savings: Metric = None
@@ -265,6 +275,33 @@ class PointInterval(Result):
     cost_savings: list[Metric]
 
 
+class TaskAveragedInterval(Result):
+    """The artifact's operating point on test in task-averaged accuracy, and its differences from
+    the best single target (by task-averaged accuracy) and the task-aware reference: ``[value,
+    low, high]`` (95% bootstrap, queries redrawn within each task)."""
+
+    n_tasks: int
+    accuracy: list[Metric]
+    best_single: str
+    minus_best_single: list[Metric]
+    minus_task_best: list[Metric] | None = None
+
+
+class PublishedFigure(Result):
+    """A published result drawn as a fixed reference (a row of the report, a line on the plot);
+    figures are fractions (0.527 for 52.70%), measured on the publication's own split."""
+
+    label: str = Field(description="What the figure is, e.g. 'RouterDC (in distribution)'.")
+    task_averaged_accuracy: float | None = Field(None, ge=0, le=1, description="Its task-averaged accuracy.")
+    accuracy: float | None = Field(None, ge=0, le=1, description="Its pooled accuracy.")
+
+    @model_validator(mode="after")
+    def _a_figure(self) -> "PublishedFigure":
+        if self.task_averaged_accuracy is None and self.accuracy is None:
+            raise ValueError(f"published figure {self.label!r}: give task_averaged_accuracy or accuracy")
+        return self
+
+
 class Margin(Result):
     """Our mean-AUC margin over a baseline with its paired-bootstrap interval."""
 
@@ -301,6 +338,7 @@ class EvalReport(Result):
     savings_threshold: float | None = None
     policy_operating_points: PolicyPoints | None = None
     operating_point_interval: PointInterval | None = None
+    task_averaged_interval: TaskAveragedInterval | None = None
     auc_margin: dict[str, Margin] | None = None
     within_task_auc: dict[str, WithinTaskAuc] | None = None
     auc_margin_within_task: dict[str, Margin] | None = None
@@ -312,6 +350,7 @@ class EvalReport(Result):
     artifact: str | None = None
     config: dict[str, Any] | None = None
     paper: dict[str, float] | None = None
+    published: list[PublishedFigure] | None = None
 
     @classmethod
     def read(cls, uri: str) -> "EvalReport":

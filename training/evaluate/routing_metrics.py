@@ -26,7 +26,7 @@ __all__ = [
     "oracle_accuracy", "oracle_outcome", "single_model_points", "best_single", "gap_closed",
     "cost_savings", "Sweep", "tolerance_sweep", "ValueSweep", "value_sweep", "pareto_front", "pauccc",
     "single_model_hull", "hull_pauccc",
-    "calibrate_operating_point", "disagreement_mask", "disagreement_share",
+    "calibrate_operating_point", "disagreement_mask", "disagreement_share", "equal_costs",
 ]
 
 
@@ -232,3 +232,13 @@ def disagreement_share(Y: np.ndarray) -> float:
     Y = np.asarray(Y, dtype=np.float64)
     labelled = (~np.isnan(Y)).any(axis=1)
     return float(disagreement_mask(Y)[labelled].mean()) if labelled.any() else float("nan")
+
+
+def equal_costs(C: np.ndarray, rtol: float = 1e-9) -> bool:
+    """Every target costs the same on every query: ``|C_ij - C_i0| <= rtol * max |C|`` for all
+    ``i, j`` (``C``: ``(n, T)``). Then every routing costs the same and cost savings, P-AUCCC and
+    savings thresholds mean nothing: accuracy is the whole comparison."""
+    C = np.asarray(C, dtype=np.float64)
+    if C.ndim != 2 or not C.size:
+        return False
+    return bool(np.all(np.abs(C - C[:, :1]) <= rtol * np.max(np.abs(C))))

@@ -36,7 +36,7 @@ from shared.policy import Policy
 from training.loop import TrunkConfig
 from training.evaluate.baselines import RouterModel
 from training.dataset import RoutingData
-from training.evaluate.results import ChosenOperatingPoint, EvalReport, EvalRows, RowMeta
+from training.evaluate.results import ChosenOperatingPoint, EvalReport, EvalRows, PublishedFigure, RowMeta
 from training.evaluate.scoring import PAPER_SAVINGS, evaluate_routers
 from training.semantic_text import SemanticTextConfig, read_queries, semantic_texts
 
@@ -113,6 +113,9 @@ class EvalConfig(StrictConfig):
     task_min_rows: int = Field(50, gt=0, description="task-best: a task with fewer train+val rows is pooled "
                                "into its source (e.g. MMLU subjects into mmlu).")
     trunk: TrunkConfig = Field(default_factory=TrunkConfig, description="Semantic MLP network and optimiser.")
+    published: list[PublishedFigure] = Field(
+        default_factory=list, description="Published results to show as fixed references: a row of the report and "
+        "a horizontal line on the plot (e.g. {label: RouterDC, task_averaged_accuracy: 0.527}).")
     embedder: str | None = Field(None, description="Sentence-transformers model dir; default the packaged MiniLM.")
 
 
@@ -307,7 +310,8 @@ def run_evaluation(cfg: EvalConfig, data: RoutingData | None = None, texts: Sequ
     report = EvalReport.model_validate({
         **scores, "operating_point": op, "all_rows_test": rows.all_rows_test, "skipped_routers": skipped,
         "semantic_text": text_info, "operating_point_written": write_operating_point(cfg, artifact, op),
-        "artifact": cfg.artifact, "config": cfg.model_dump(mode="json"), "paper": PAPER})
+        "artifact": cfg.artifact, "config": cfg.model_dump(mode="json"), "paper": PAPER,
+        **({"published": cfg.published} if cfg.published else {})})
     write_outputs(report, cfg.out)
     clean = report.to_json()
     console.print(summary_table(clean))

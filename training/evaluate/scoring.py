@@ -21,9 +21,11 @@ import numpy as np
 
 from shared.errors import BadInput
 from shared.policy import Policy, policy_names
+from shared.routing import cost_matrix
 from training.evaluate import report_metrics as R
 from training.evaluate import routing_metrics as M
 from training.evaluate.baselines import RouterModel
+from training.evaluate.task_scoring import add_task_averaged, task_interval
 from training.metrics import brier, masked_auc
 from training.dataset import RoutingData
 
@@ -80,6 +82,7 @@ def references(Y: np.ndarray, C: np.ndarray, targets: list[str],
         "zero_router_pauccc": M.hull_pauccc(costs, accs),
         "zero_router_gap_at_savings": R.hull_gap_at_savings(hc, ha, best_acc, oracle_acc, float(costs[dear]),
                                                             savings_threshold),
+        "equal_costs": M.equal_costs(cost_matrix(C, len(Y))),
     }
     for row in [*refs["single"].values(), refs["oracle"]]:
         row.update(point_metrics([row["cost"]], [row["accuracy"]], refs, savings_threshold))
@@ -260,13 +263,15 @@ def fit_all(models: Sequence[RouterModel], parts: dict) -> dict[str, dict[str, n
 def score_subset(models, preds, operating, m: np.ndarray, test: dict[str, np.ndarray], targets: list[str],
                  cfg, detail: bool = True) -> dict[str, Any]:
     """``{"references", "routers"}`` on the test rows ``m`` (``(n_test,)`` bool). ``test``:
-    the test split's ``Y``, ``C`` (outcome) and ``C_route`` (decision) arrays; ``detail=False``
-    drops each router's sweeps (tolerance points, other policies' fronts) and operating point (the per-task rows)."""
+    the test split's ``Y``, ``C`` (outcome) and ``C_route`` (decision) arrays and ``task`` (None:
+    no task-averaged accuracy); ``detail=False`` drops each router's sweeps (tolerance points, other
+    policies' fronts), operating point and task-averaged accuracy (the per-task rows)."""
     Y, C, Cr = test["Y"][m], test["C"][m], test["C_route"][m]
     refs = references(Y, C, targets, cfg.savings_threshold)
-    rows = {}
+    rows, choices = {}, {}
     for model in models:
         P = preds[model.name]["test"][m]
+        choices[model.name] = op_rule(operating[model.name]).route(P, Cr) if model.probabilistic else P
         if model.probabilistic:
             row = score_probabilistic(P, Y, Cr, C, op_rule(operating[model.name]), refs, targets, cfg)
             if detail:
@@ -278,6 +283,8 @@ def score_subset(models, preds, operating, m: np.ndarray, test: dict[str, np.nda
         else:
             row = score_fixed(P, Y, C, refs, cfg)
         rows[model.name] = row
+    if detail and test.get("task") is not None:
+        add_task_averaged(refs, rows, Y, test["task"][m], choices, targets)
     return {"references": refs, "routers": rows}
 
 
@@ -301,7 +308,8 @@ def evaluate_routers(artifact, models: Sequence[RouterModel], data: RoutingData,
     operating = {m.name: choose_operating_point(preds[m.name].get("val"), val, Crv, Cv, cfg.operating_point, default)
                  for m in models if m.probabilistic}
     Yte = parts["test"][0].Y
-    test = {"Y": Yte, "C": C[masks["test"]], "C_route": C_route[masks["test"]]}
+    test_tasks = None if tasks is None else np.asarray(tasks, dtype=object)[masks["test"]]
+    test = {"Y": Yte, "C": C[masks["test"]], "C_route": C_route[masks["test"]], "task": test_tasks}
     dis = M.disagreement_mask(Yte)
     subsets = {"test": np.ones(len(Yte), bool)} | ({"disagreement": dis} if dis.any() else {})
     out = {k: score_subset(models, preds, operating, m, test, data.targets, cfg) for k, m in subsets.items()}
@@ -311,7 +319,6 @@ def evaluate_routers(artifact, models: Sequence[RouterModel], data: RoutingData,
             by_task[name] = {k: score_subset(models, preds, operating, tm & m, test, data.targets, cfg, detail=False)
                              for k, m in subsets.items() if (tm & m).any()}
     test_proba = {m.name: preds[m.name]["test"] for m in models if m.probabilistic}
-    test_tasks = None if tasks is None else np.asarray(tasks, dtype=object)[masks["test"]]
     n = {s: int(m.sum()) for s, m in masks.items()} | {"test_disagreement": int(dis.sum())}
     best = out["test"]["references"]["best_single"]["target"]
     return {"targets": list(data.targets), "n": n, "disagreement_share": M.disagreement_share(Yte),
@@ -320,6 +327,9 @@ def evaluate_routers(artifact, models: Sequence[RouterModel], data: RoutingData,
             "policy_operating_points": policy_points(models, preds, val, Cv, Crv, test, out["test"]["references"]),
             "operating_point_interval": point_interval(preds[artifact.name]["test"], test, operating[artifact.name],
                                                        out["test"]["references"], data.targets, cfg.bootstrap),
+            "task_averaged_interval": task_interval(
+                op_rule(operating[artifact.name]).route(preds[artifact.name]["test"], test["C_route"]), test,
+                out["test"]["references"], preds.get("task-best", {}).get("test"), data.targets, cfg.bootstrap),
             "auc_margin": auc_margins(Yte, test_proba, artifact.name, cfg.bootstrap),
             **within_task(Yte, test_proba, artifact.name, cfg.bootstrap, test_tasks, data.targets),
             "headroom_by_task": task_headroom(models, parts["test"][0], best)}

@@ -155,10 +155,11 @@ class Tolerance(Policy):
         return route_with_tolerance(P, costs, self.param)
 
     def candidates(self, p: np.ndarray, costs: np.ndarray) -> list[int]:
-        """The targets within the tolerance of the best, cheapest first."""
+        """The targets within the tolerance of the best, cheapest first; equally cheap ones by
+        higher ``p``, then index (the first is :meth:`route`'s choice)."""
         p, costs = np.asarray(p, dtype=np.float64), np.asarray(costs, dtype=np.float64)
         near = within_tolerance(p[None, :], self.param)[0]
-        return [int(i) for i in np.argsort(costs, kind="stable") if near[i]]
+        return [int(i) for i in np.lexsort((np.arange(len(p)), -p, costs)) if near[i]]
 
     @classmethod
     def sweep(cls, P: np.ndarray, Y: np.ndarray, C: np.ndarray, C_route: np.ndarray | None = None) -> Sweep:
@@ -170,7 +171,9 @@ class Tolerance(Policy):
 
     def explain(self, probabilities: Mapping[str, float], costs: Mapping[str, float], eligible: list[str]) -> str:
         best = max(probabilities.values())
-        return f"within {self.param:.2f} of the best ({best:.2f}): {', '.join(eligible)} -> cheapest {eligible[0]}"
+        tied = eligible[0] in costs and sum(costs.get(t) == costs[eligible[0]] for t in eligible) > 1
+        how = "most likely of the cheapest" if tied else "cheapest"
+        return f"within {self.param:.2f} of the best ({best:.2f}): {', '.join(eligible)} -> {how} {eligible[0]}"
 
 
 class Value(Policy):

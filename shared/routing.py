@@ -2,7 +2,8 @@
 built-in policies' routing functions, the outcome of a routing, and each policy's exact sweep.
 
 :func:`route_with_tolerance` picks, per query, the cheapest target whose predicted
-P(correct) is within ``tol`` of the best. Gaps are rounded to :data:`GAP_DECIMALS` so
+P(correct) is within ``tol`` of the best; equally cheap ones go to the higher P(correct), never
+to registry order (all targets may cost the same). Gaps are rounded to :data:`GAP_DECIMALS` so
 decimal tolerances behave as written. :func:`route_by_value` is the cost-aware alternative:
 the target with the highest expected net value ``value * P(correct) - cost``.
 
@@ -43,11 +44,16 @@ def cost_matrix(costs: np.ndarray, n: int) -> np.ndarray:
     return costs
 
 
-def cheapest_where(eligible: np.ndarray, costs: np.ndarray) -> np.ndarray:
-    """Per row, the index of the cheapest eligible column; ties go to the lower index
-    (``argmin`` returns the first minimum). ``eligible`` and ``costs`` are ``(n, T)``."""
+def cheapest_where(eligible: np.ndarray, costs: np.ndarray, P: np.ndarray | None = None) -> np.ndarray:
+    """Per row, the index of the cheapest eligible column: the smallest ``(costs[i, j], -P[i, j], j)``
+    over eligible ``j``. Equal costs go to the higher ``P`` (e.g. P(correct)), never to the
+    column order alone; only columns equal in both (or any tie when ``P`` is None) go to the
+    lower index. ``eligible``, ``costs`` and ``P`` are ``(n, T)``; a row needs one eligible column."""
     masked = np.where(eligible, costs, np.inf)
-    return np.argmin(masked, axis=1)
+    if P is None:
+        return np.argmin(masked, axis=1)
+    cheapest = eligible & (masked == masked.min(axis=1, keepdims=True))
+    return np.argmax(np.where(cheapest, np.asarray(P, dtype=np.float64), -np.inf), axis=1)
 
 
 def within_tolerance(P: np.ndarray, tol: float) -> np.ndarray:
@@ -60,20 +66,21 @@ def within_tolerance(P: np.ndarray, tol: float) -> np.ndarray:
 
 def route_with_tolerance(P: np.ndarray, costs: np.ndarray, tol: float) -> np.ndarray:
     """Chosen target per query: the cheapest target ``j`` with
-    ``max_k P[i, k] - P[i, j] <= tol`` (gaps rounded to 1e-12); ties by cost, then index.
+    ``max_k P[i, k] - P[i, j] <= tol`` (gaps rounded to 1e-12); among equally cheap ones the
+    higher ``P[i, j]``, then the lower index (:func:`cheapest_where`).
 
     ``P`` is ``(n, T)`` predicted P(correct); ``costs`` is ``(T,)`` or ``(n, T)``.
     ``tol = 0`` picks the (cheapest) most likely target; ``tol >= 1`` the cheapest.
     Returns int ``(n,)``.
     """
     eligible = within_tolerance(P, tol)
-    return cheapest_where(eligible, cost_matrix(costs, eligible.shape[0]))
+    return cheapest_where(eligible, cost_matrix(costs, eligible.shape[0]), P)
 
 
 def route_by_value(P: np.ndarray, costs: np.ndarray, value: float) -> np.ndarray:
     """Chosen target per query: ``argmax_j value * P[i, j] - costs[i, j]``, the highest
     expected net value when one correct answer is worth ``value`` (in the costs' unit);
-    ties (within 1e-12 of the row's scale) by cost, then index.
+    ties (within 1e-12 of the row's scale) by cost, then the higher ``P``, then index.
 
     ``P`` is ``(n, T)`` predicted P(correct); ``costs`` is ``(T,)`` or ``(n, T)``;
     ``value >= 0``. ``value = 0`` picks the cheapest target, ``value = inf`` the (cheapest)
@@ -88,7 +95,7 @@ def route_by_value(P: np.ndarray, costs: np.ndarray, value: float) -> np.ndarray
     score = P if np.isinf(value) else value * P - costs
     scale = np.abs(score).max(axis=1, keepdims=True) + 1.0
     best = score >= score.max(axis=1, keepdims=True) - 1e-12 * scale
-    return cheapest_where(best, costs)
+    return cheapest_where(best, costs, P)
 
 
 def routing_outcome(Y: np.ndarray, C: np.ndarray, choice: np.ndarray) -> tuple[float, float]:
@@ -118,14 +125,15 @@ def tolerance_sweep(P: np.ndarray, Y: np.ndarray, C: np.ndarray, C_route: np.nda
     """Route with every distinct observed gap ``max_k P[i,k] - P[i,j]`` (rounded as in
     :func:`route_with_tolerance`, 0 included) as the tolerance and record
     :func:`routing_outcome`. Exact and ``O(nT log nT)``: gaps are visited in increasing
-    order and each row's choice is updated when a cheaper target becomes eligible.
+    order and each row's choice is updated when a better target becomes eligible (smaller
+    ``(cost, -P, index)``, the per-query rule of :func:`route_with_tolerance`).
     Sorted by cost ascending, then tolerance descending.
 
     ``C_route`` (``(T,)`` or ``(n, T)``, default ``C``) are the costs the policy decides
     with (e.g. the price model known before answering); ``C`` are the costs recorded.
     """
     gaps = probability_gaps(P)
-    Y = np.asarray(Y, dtype=np.float64)
+    P, Y = np.asarray(P, dtype=np.float64), np.asarray(Y, dtype=np.float64)
     n, T = gaps.shape
     C = cost_matrix(C, n)
     Cr = C if C_route is None else cost_matrix(C_route, n)
@@ -137,7 +145,7 @@ def tolerance_sweep(P: np.ndarray, Y: np.ndarray, C: np.ndarray, C_route: np.nda
     for pos, flat in enumerate(order):
         i, j = divmod(int(flat), T)
         c = cur[i]
-        if c < 0 or (Cr[i, j], j) < (Cr[i, c], c):
+        if c < 0 or (Cr[i, j], -P[i, j], j) < (Cr[i, c], -P[i, c], c):
             if c >= 0:
                 cost_sum -= C[i, c]
                 if not np.isnan(Y[i, c]):

@@ -39,7 +39,7 @@ def floor():
             P = np.asarray(P, dtype=np.float64)
             ok = P >= self.param
             ok[~ok.any(axis=1)] = (P == P.max(axis=1, keepdims=True))[~ok.any(axis=1)]
-            return cheapest_where(ok, cost_matrix(costs, P.shape[0]))
+            return cheapest_where(ok, cost_matrix(costs, P.shape[0]), P)
 
         @classmethod
         def grid(cls, P, C_route):

@@ -53,3 +53,45 @@ def test_request_bounds_the_one_rule_check_and_the_flat_fields():
     assert Value(0.5).fields() == {"policy": "value", "tolerance": None, "value": 0.5}
     with pytest.raises(ValueError, match="already registered"):
         type("Again", (Policy,), {"__annotations__": {}, "name": "tolerance", "route": Tolerance.route})
+
+
+def test_equal_costs_fall_to_the_higher_p_never_to_registry_order():
+    """Among equally cheap eligible targets the higher P(correct) wins; differing costs still
+    pick the cheapest eligible target; the first candidate is the routed one."""
+    same = np.ones(3)
+    for p in ([0.50, 0.55, 0.58], [0.55, 0.58, 0.50], [0.58, 0.50, 0.55]):
+        P = np.array([p])
+        best = int(np.argmax(p))
+        assert route_with_tolerance(P, same, 0.1).tolist() == [best]
+        assert Tolerance(0.1).candidates(P[0], same)[0] == best
+        for value in (0.0, 1.0, np.inf):
+            assert route_by_value(P, same, value).tolist() == [best] == Value(value).route(P, same).tolist()
+    P = np.array([[0.50, 0.55, 0.58]])
+    assert route_with_tolerance(P, np.array([1.0, 2.0, 3.0]), 0.1).tolist() == [0]  # cheapest eligible
+    assert route_with_tolerance(P, np.array([3.0, 2.0, 1.0]), 0.05).tolist() == [2]
+    assert route_with_tolerance(P, np.array([1.0, 1.0, 3.0]), 0.1).tolist() == [1]  # cheapest two tie: higher P
+    assert Tolerance(0.1).candidates(P[0], np.array([1.0, 1.0, 3.0])) == [1, 0, 2]
+    assert route_with_tolerance(np.array([[0.5, 0.5]]), same[:2], 0.0).tolist() == [0]  # equal in both: index
+    assert "most likely of the cheapest" in Tolerance(0.1).explain({"a": 0.5, "b": 0.6}, {"a": 1, "b": 1}, ["b", "a"])
+
+
+@pytest.mark.parametrize("price", [np.ones(4), np.array([1.0, 1.0, 2.0, 2.0])])
+def test_sweeps_match_per_query_routing_when_costs_tie(price):
+    """The exact sweeps reproduce the per-query rule (cost, then higher P, then index) when
+    prices tie; with every price equal each sweep holds one routing: the most likely target."""
+    from shared.routing import routing_outcome, tolerance_sweep, value_sweep
+
+    rng = np.random.default_rng(5)
+    P, Y = rng.random((60, 4)), rng.random((60, 4))  # soft labels
+    C = price * rng.uniform(0.5, 1.5, (60, 1))       # per-query costs, tied across targets
+    for tol, acc, cost in zip(*tolerance_sweep(P, Y, C)):
+        assert (acc, cost) == pytest.approx(routing_outcome(Y, C, route_with_tolerance(P, C, tol)))
+    for value, acc, cost in zip(*value_sweep(P, Y, C)):
+        assert (acc, cost) == pytest.approx(routing_outcome(Y, C, route_by_value(P, C, value)))
+    for tol in (0.0, 0.05, 0.3, 1.0):  # a grid: every routing is a sweep point
+        routed = routing_outcome(Y, C, route_with_tolerance(P, C, tol))
+        assert any((a, c) == pytest.approx(routed) for _, a, c in zip(*tolerance_sweep(P, Y, C)))
+    if np.all(price == price[0]):
+        likeliest = routing_outcome(Y, C, np.argmax(P, axis=1))
+        for sweep in (tolerance_sweep(P, Y, C), value_sweep(P, Y, C)):
+            assert np.allclose(sweep.accuracy, likeliest[0]) and np.allclose(sweep.cost, likeliest[1])

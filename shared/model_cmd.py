@@ -9,9 +9,10 @@ import typer
 from rich.table import Table
 
 from shared.cli_utils import console, run_cli
-from shared.registry import ModelRegistry, ModelSpec, load_registry
+from shared.registry import ModelRegistry, ModelSpec, load_registry, registry_path
 
-RegistryOption = Annotated[Optional[str], typer.Option("--registry", help="Registry YAML (default configs/models.yaml).")]
+RegistryOption = Annotated[Optional[str], typer.Option(
+    "--registry", help="Registry YAML (default: ./configs/models.yaml if present, else the package's).")]
 
 
 def registry_table(registry: ModelRegistry) -> Table:
@@ -56,8 +57,10 @@ def load_table(rows: list[dict]) -> Table:
 
 
 def _list(registry: RegistryOption = None) -> None:
-    """Print the model registry."""
-    console.print(registry_table(load_registry(registry)))
+    """Print the model registry and the file it was read from."""
+    path = registry_path(registry).resolve()
+    console.print(registry_table(load_registry(path)))
+    console.print(f"registry read from {path}", highlight=False, soft_wrap=True)
 
 
 def _prepare(names: Annotated[Optional[list[str]], typer.Argument(help="Models (default: all non-opt-in).")] = None,

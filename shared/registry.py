@@ -1,8 +1,9 @@
 """The model registry: every encoder and target the router knows, with where its weights
 come from, what it costs and how long a prompt it takes.
 
-A registry is a YAML file (``configs/models.yaml`` by default) of :class:`ModelSpec`
-entries. Sources:
+A registry is a YAML file of :class:`ModelSpec` entries; by default (:func:`registry_path`)
+the working directory's ``configs/models.yaml`` when there is one, else the installed
+package's, and :func:`load_registry` logs which file it read. Sources:
 
 - ``pypi-gguf``: a GGUF file shipped inside an installed PyPI package (``package`` +
   ``gguf_file``), located with :func:`importlib.util.find_spec` without importing it.
@@ -20,6 +21,7 @@ entries. Sources:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +31,10 @@ from shared.backends import backend_class, backend_names, is_remote
 from shared.config import StrictConfig, load_config
 from shared.errors import BadInput, UnknownName
 
-DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "configs" / "models.yaml"
+log = logging.getLogger(__name__)
+
+LOCAL_REGISTRY = Path("configs") / "models.yaml"  # under the working directory, read first when present
+DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / LOCAL_REGISTRY  # the installed package's
 CHAT_TEMPLATE_DIR = Path(__file__).resolve().parent / "chat_templates"
 
 
@@ -151,6 +156,19 @@ class ModelRegistry(StrictConfig):
         return [m for m in self.models if m.is_encoder]
 
 
+def registry_path(path: str | Path | None = None) -> Path:
+    """The registry file :func:`load_registry` reads: ``path`` when given; else the working
+    directory's ``configs/models.yaml`` when it exists (a registry edited in a checkout is the
+    one read), else the installed package's (:data:`DEFAULT_REGISTRY`)."""
+    if path:
+        return Path(path)
+    local = Path.cwd() / LOCAL_REGISTRY
+    return local if local.is_file() else DEFAULT_REGISTRY
+
+
 def load_registry(path: str | Path | None = None, overrides: tuple[str, ...] = ()) -> ModelRegistry:
-    """Load the registry YAML (default ``configs/models.yaml``)."""
-    return load_config(ModelRegistry, path or DEFAULT_REGISTRY, overrides)
+    """Load the registry YAML (:func:`registry_path`; default ``configs/models.yaml`` of the
+    working directory, else the package's) and log, at INFO, which file was read."""
+    resolved = registry_path(path)
+    log.info("model registry: %s", resolved.resolve())
+    return load_config(ModelRegistry, resolved, overrides)

@@ -43,3 +43,35 @@ def test_bad_specs_are_rejected(change, message):
 def test_duplicate_names_rejected():
     with pytest.raises(ValidationError, match="duplicate"):
         ModelRegistry(models=[ModelSpec(**BASE), ModelSpec(**BASE)])
+
+
+def test_a_null_registry_is_the_working_directorys_then_the_packages(tmp_path, monkeypatch, caplog):
+    """``registry: null`` reads ``./configs/models.yaml`` when the working directory has one (a
+    checkout's edited registry), else the installed package's; either way the file is logged,
+    and ``models list`` names it."""
+    import logging
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from shared.registry import DEFAULT_REGISTRY, load_registry, registry_path
+    from tests.procs import ROOT
+
+    bare, checkout = tmp_path / "bare", tmp_path / "checkout"
+    (checkout / "configs").mkdir(parents=True)
+    bare.mkdir()
+    local = checkout / "configs" / "models.yaml"
+    local.write_text(yaml.safe_dump({"models": [{**BASE, "name": "only-here"}]}))
+    monkeypatch.chdir(checkout)
+    with caplog.at_level(logging.INFO, logger="shared.registry"):
+        assert [m.name for m in load_registry().models] == ["only-here"]
+    assert registry_path() == local and f"model registry: {local.resolve()}" in caplog.text
+    assert registry_path(DEFAULT_REGISTRY) == DEFAULT_REGISTRY  # a path given is the path read
+    monkeypatch.chdir(bare)
+    assert registry_path() == DEFAULT_REGISTRY and "only-here" not in {m.name for m in load_registry().models}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "models", "list"], cwd=checkout, env=env,
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "only-here" in out and f"registry read from {local.resolve()}" in out

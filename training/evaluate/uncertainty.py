@@ -7,8 +7,10 @@ queries come in tasks, the pooled AUC also rewards telling tasks apart, which an
 told the task does for free; :func:`within_group_auc` scores the ranking inside each task.
 
 A bootstrap replicate is a weighting of the rows (how often each was drawn), so every
-replicate's AUC comes from one sort of the scores (:func:`weighted_auc`), vectorised over
-replicates: a thousand replicates over sixty tasks cost a second, not minutes.
+replicate's AUC comes from one sort of the scores (:func:`training.metrics.weighted_auc`),
+vectorised over replicates: a thousand replicates over sixty tasks cost a second, not minutes.
+Soft labels (a score in [0, 1]) count as a positive with weight ``y`` and a negative with
+weight ``1 - y``, as everywhere in :mod:`training.metrics`; 0/1 labels are the usual AUC.
 """
 
 from __future__ import annotations
@@ -17,41 +19,22 @@ from typing import Any
 
 import numpy as np
 
+from training.metrics import weighted_auc
+
 
 def rank_auc(Y: np.ndarray, P: np.ndarray) -> np.ndarray:
     """``(T,)`` ROC AUC per column by the Mann-Whitney statistic (ties get average ranks):
     ``AUC = (sum of the positives' ranks - n1 (n1 + 1) / 2) / (n1 n0)`` over present labels
-    (``y >= 0.5`` positive); nan where a column has one class. Equals sklearn's
-    ``roc_auc_score`` (``training.metrics.masked_auc``) at a fraction of its overhead."""
+    (soft labels weighted, :func:`training.metrics.weighted_auc`); nan where a column has one
+    class. Equals ``training.metrics.masked_auc`` (up to float rounding) at a fraction of its overhead."""
     return weighted_mean_auc(Y, P, np.ones((1, len(Y))))[0]
 
 
-def weighted_auc(y: np.ndarray, p: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """``(B,)`` Mann-Whitney AUC of scores ``p`` ``(m,)`` against labels ``y`` ``(m,)`` (``y >= 0.5``
-    positive) under ``B`` row weightings ``W`` ``(B, m)`` (a bootstrap's draw counts; all ones:
-    the plain AUC). With ``w_i`` row ``i``'s weight,
-    ``AUC = sum_{i pos} w_i (sum_{j neg, p_j < p_i} w_j + 0.5 sum_{j neg, p_j = p_i} w_j) / (W_pos W_neg)``,
-    which is the rank formula on the data with row ``i`` repeated ``w_i`` times. NaN where a
-    weighting leaves one class."""
-    B = W.shape[0]
-    if len(p) == 0:
-        return np.full(B, np.nan)
-    order = np.argsort(p, kind="stable")
-    p, pos, W = p[order], y[order] >= 0.5, W[:, order]
-    starts = np.flatnonzero(np.r_[True, p[1:] != p[:-1]])  # runs of tied scores
-    neg_w = np.add.reduceat(W * ~pos, starts, axis=1)     # (B, distinct scores)
-    pos_w = np.add.reduceat(W * pos, starts, axis=1)
-    below = np.cumsum(neg_w, axis=1) - neg_w
-    u = (pos_w * (below + 0.5 * neg_w)).sum(axis=1)
-    n1, n0 = pos_w.sum(axis=1), neg_w.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where((n1 > 0) & (n0 > 0), u / (n1 * n0), np.nan)
-
-
 def weighted_mean_auc(Y: np.ndarray, P: np.ndarray, W: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
-    """``(B, T)`` AUC per target under each weighting ``W`` ``(B, n)`` (:func:`weighted_auc`) over
-    present labels; with ``groups`` ``(n,)``, within each group and averaged
-    ``sum_g n_g AUC^g / sum_g n_g`` over the groups where it is defined (``n_g``: the group's rows)."""
+    """``(B, T)`` AUC per target under each weighting ``W`` ``(B, n)``
+    (:func:`training.metrics.weighted_auc`) over present labels; with ``groups`` ``(n,)``, within
+    each group and averaged ``sum_g n_g AUC^g / sum_g n_g`` over the groups where it is defined
+    (``n_g``: the group's rows)."""
     Y, P = np.asarray(Y, dtype=np.float64), np.asarray(P, dtype=np.float64)
     masks = [np.ones(len(Y), bool)] if groups is None else [groups == g for g in np.unique(groups)]
     num, den = np.zeros((W.shape[0], Y.shape[1])), np.zeros((W.shape[0], Y.shape[1]))

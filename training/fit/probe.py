@@ -3,9 +3,11 @@
 For every captured block (layer x pooling) and every target, on the train + val splits
 only (never test), with missing labels masked:
 
-- Fisher separability J of correct vs incorrect activations (``metrics.fisher_separability``),
-- effective dimensionality d_eff of the block (``metrics.effective_dimensionality``),
-- cross-validated logistic-probe AUC (``metrics.probe_auc``).
+- Fisher separability J of correct vs incorrect activations (``separability.fisher_separability``;
+  it needs two classes, so a soft score counts as correct at ``y >= 0.5``),
+- effective dimensionality d_eff of the block (``separability.effective_dimensionality``),
+- cross-validated logistic-probe AUC (``separability.probe_auc``), fitted and scored on the soft
+  labels as they are (a score ``y`` weighs ``y`` as right and ``1 - y`` as wrong).
 
 Selection: per target the block with the best probe AUC, and, for the shared trunk, the
 ``n_blocks`` blocks with the best mean AUC over targets (``depth_tolerance`` > 0 prefers
@@ -27,8 +29,13 @@ from shared.cli_utils import config_command, console, run_cli
 from shared.errors import BadInput
 from shared.features import parse_block
 from training.dataset import RoutingData, RoutingDataConfig, load_routing_data
+from training.labels import RIGHT_AT
 
 log = logging.getLogger(__name__)
+
+
+LABEL_NOTE = ("the probe AUC is fitted and scored on the soft labels as they are; Fisher J and the folds' "
+              f"stratification count a label as right at y >= {RIGHT_AT}")
 
 
 class ProbeConfig(RoutingDataConfig):
@@ -59,20 +66,25 @@ def _probe_features(X: np.ndarray, dims: int | None, seed: int) -> np.ndarray:
 
 
 def probe_block(X: np.ndarray, Y: np.ndarray, targets: list[str], cfg: ProbeConfig) -> dict[str, Any]:
-    """Scores of one block ``X`` ``(n, d)`` against labels ``Y`` ``(n, T)`` (NaN = missing)."""
+    """Scores of one block ``X`` ``(n, d)`` against labels ``Y`` ``(n, T)`` in [0, 1] (NaN = missing):
+    per target J (thresholded at ``y >= 0.5``), the soft probe AUC (nan unless each side of the
+    threshold has ``folds`` rows), ``n``, ``positives`` (rows with ``y >= 0.5``) and ``mean_label``
+    (the mean soft score)."""
     from training.fit.separability import effective_dimensionality, fisher_separability, probe_auc
 
     Z = _probe_features(X, cfg.pca_dims, cfg.seed)
     per_target = {}
     for t, name in enumerate(targets):
         known = ~np.isnan(Y[:, t])
-        y = (Y[known, t] >= 0.5).astype(int)
-        enough = len(np.unique(y)) == 2 and min(np.bincount(y)) >= cfg.folds
+        y = Y[known, t]
+        right = (y >= RIGHT_AT).astype(int)
+        enough = len(np.unique(right)) == 2 and min(np.bincount(right)) >= cfg.folds
         per_target[name] = {
             "J": float(fisher_separability(X[known], y)),
             "auc": float(probe_auc(Z[known], y, folds=cfg.folds, seed=cfg.seed, C=cfg.C)) if enough else float("nan"),
             "n": int(known.sum()),
-            "positives": int(y.sum()),
+            "positives": int(right.sum()),
+            "mean_label": float(y.mean()) if len(y) else float("nan"),
         }
     return {"d_eff": float(effective_dimensionality(X)), "per_target": per_target}
 
@@ -117,7 +129,9 @@ def plot_layers(report: dict[str, dict], targets: list[str], path: Path) -> None
                          label=f"{t} ({pooling})")
             axes[2].plot(layers, [report[b]["per_target"][t]["auc"] for b in blocks], style, marker=".",
                          label=f"{t} ({pooling})")
-    for ax, title in zip(axes, ("Fisher separability J", "effective dimensionality d_eff", "probe AUC (CV)")):
+    titles = (f"Fisher separability J (right: y >= {RIGHT_AT})", "effective dimensionality d_eff",
+              "probe AUC (CV, soft labels)")
+    for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("layer (hidden_states index; 0 = embeddings)")
         ax.grid(alpha=0.3)
@@ -156,12 +170,14 @@ def run_probe(cfg: ProbeConfig, data: RoutingData | None = None) -> dict[str, An
         layer, pooling = parse_block(b)
         scores.update(layer=layer, pooling=pooling)
     out = {"config": cfg.model_dump(mode="json"), "n_rows": int(len(data.query_ids)), "blocks": report,
-           "selected": selected}
+           "selected": selected, "labels": LABEL_NOTE}
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     storage.write_json(str(Path(cfg.out) / "probe.json"), out)
     plot_layers(report, data.targets, Path(cfg.out) / "probe_layers.png")
     console.print(f"selected blocks {selected['blocks']}; best per target {selected['per_target']}; "
                   f"report in {cfg.out}/probe.json")
+    if not np.isin(data.Y[~np.isnan(data.Y)], (0.0, 1.0)).all():
+        console.print(f"soft labels: {LABEL_NOTE}", highlight=False)
     return out
 
 

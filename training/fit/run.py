@@ -84,11 +84,13 @@ def target_table(data: RoutingData, registry_path: str | None) -> list[dict[str,
 
 
 def val_metrics(P: np.ndarray, Y: np.ndarray, targets: list[str]) -> dict[str, Any]:
-    from training.metrics import brier, masked_auc
+    """Per-target val AUC, Brier and log-loss of ``P`` against ``Y`` ``(n, T)``, soft labels as they
+    are (:mod:`training.metrics`), and the mean AUC."""
+    from training.metrics import brier, log_loss, masked_auc
 
-    auc, br = masked_auc(Y, P), brier(Y, P)
+    auc, br, ll = masked_auc(Y, P), brier(Y, P), log_loss(Y, P)
     return {"val_auc": dict(zip(targets, map(float, auc))), "val_brier": dict(zip(targets, map(float, br))),
-            "val_mean_auc": float(np.nanmean(auc))}
+            "val_log_loss": dict(zip(targets, map(float, ll))), "val_mean_auc": float(np.nanmean(auc))}
 
 
 def run_name(cfg: FitConfig, Xtr: np.ndarray, Ytr: np.ndarray) -> str:

@@ -1,13 +1,15 @@
 """``prefill-router tune``: choose the trunk's blocks and PCA size by cross-validation on
 train + val (never test), with the semantic embedding scored the same way for reference.
 
-Each candidate (a block list and ``n_components``) is scored by :func:`cv_auc`: K folds
+Each candidate (a block list and ``n_components``) is scored by :func:`cv_scores`: K folds
 grouped by ``group_id`` (variants of one source item stay in one fold); in each fold the
 standardise->PCA transform is fitted on the training folds only, an ensemble of
 SharedTrunkNets is trained on 85% of them and early-stopped on the other 15%, and the
-per-target AUC is measured on the held-out fold. With ``minilm: true`` the MiniLM
-sentence embedding (the semantic baselines' input) goes through the same protocol, so
-the prefill-over-semantic margin is known before any test number is looked at.
+per-target AUC (with Brier and log-loss beside it) is measured on the held-out fold, on the
+soft labels as they are (no threshold: a score ``y`` counts ``y`` right, ``1 - y`` wrong).
+With ``minilm: true`` the MiniLM sentence embedding (the semantic baselines' input) goes
+through the same protocol, so the prefill-over-semantic margin is known before any test
+number is looked at.
 
 The chosen candidate (:func:`choose_candidate`) is the best mean CV AUC, or with
 ``depth_tolerance`` > 0 the shallowest near-best one, as ``probe`` chooses blocks.
@@ -16,6 +18,7 @@ Writes ``tune.json`` and ``tune.png`` (mean CV AUC per candidate, one bar per ta
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
@@ -89,18 +92,22 @@ def fold_predictions(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.nd
         yield held, build_ensemble(members).predict_proba(X[held])
 
 
-def cv_auc(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.ndarray, n_components: int,
-           trunk: TrunkConfig, folds: int = 5, seeds: int = 3, early_stop_share: float = 0.15,
-           seed: int = 0) -> np.ndarray:
-    """``(T,)`` cross-validated AUC of a SharedTrunkNet ensemble per target: the mean over folds
-    (NaN-skipping) of ``AUC_t = masked_auc(Y[held_f], P_f)``, with :func:`fold_predictions`'
-    folds (same arguments and shapes)."""
-    from training.metrics import masked_auc
+def cv_scores(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.ndarray, n_components: int,
+              trunk: TrunkConfig, folds: int = 5, seeds: int = 3, early_stop_share: float = 0.15,
+              seed: int = 0) -> dict[str, np.ndarray]:
+    """Cross-validated scores of a SharedTrunkNet ensemble per target, each ``(T,)``, the mean over
+    folds (NaN-skipping) of :func:`fold_predictions`' held-out predictions (same arguments and
+    shapes): ``auc`` (``masked_auc(Y[held_f], P_f)``), ``brier`` and ``log_loss``. All three read
+    soft labels as they are (:mod:`training.metrics`: a score ``y`` counts ``y`` right and
+    ``1 - y`` wrong; no threshold)."""
+    from training.metrics import brier, log_loss, masked_auc
 
-    per_fold = [masked_auc(Y[held], P) for held, P in
+    per_fold = [(masked_auc(Y[held], P), brier(Y[held], P), log_loss(Y[held], P)) for held, P in
                 fold_predictions(blocks, Y, groups, n_components, trunk, folds, seeds, early_stop_share, seed)]
-    with np.errstate(invalid="ignore"):
-        return np.nanmean(np.asarray(per_fold, dtype=np.float64), axis=0)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a target with no score in any fold -> nan
+        means = np.nanmean(np.asarray(per_fold, dtype=np.float64), axis=0)  # (3, T)
+    return dict(zip(("auc", "brier", "log_loss"), means))
 
 
 def choose_candidate(rows: Sequence[dict[str, Any]], depth_tolerance: float = 0.0) -> dict[str, Any]:
@@ -187,10 +194,11 @@ def run_tune(cfg: TuneConfig, data: RoutingData | None = None) -> dict[str, Any]
         raise BadInput(f"unknown blocks {missing}; the activations have {sorted(data.blocks)}")
     rows = []
     for label, names, k in track(jobs, description="cross-validating"):
-        auc = cv_auc({b: blocks[b] for b in names}, data.Y, groups, k, cfg.trunk, cfg.folds, cfg.seeds,
-                     cfg.early_stop_share, cfg.seed)
-        rows.append({"label": label, "blocks": names, "n_components": k, "mean_auc": float(np.nanmean(auc)),
-                     "auc": dict(zip(data.targets, map(float, auc)))})
+        scores = cv_scores({b: blocks[b] for b in names}, data.Y, groups, k, cfg.trunk, cfg.folds, cfg.seeds,
+                           cfg.early_stop_share, cfg.seed)
+        rows.append({"label": label, "blocks": names, "n_components": k,
+                     **{f"mean_{name}": _nanmean(v) for name, v in scores.items()},
+                     **{name: dict(zip(data.targets, map(float, v))) for name, v in scores.items()}})
     best = choose_candidate(rows, cfg.depth_tolerance)
     out = {"config": cfg.model_dump(mode="json"), "n_rows": int(len(data.query_ids)), "candidates": rows,
            "best": best}
@@ -203,16 +211,26 @@ def run_tune(cfg: TuneConfig, data: RoutingData | None = None) -> dict[str, Any]
     return out
 
 
+def _nanmean(values: np.ndarray) -> float:
+    """``np.nanmean`` of ``values``; nan, without a warning, when all are NaN."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(values))
+
+
 def tune_table(rows: Sequence[dict[str, Any]]):
+    """Per candidate: mean CV AUC (the choice), mean Brier and log-loss, and each target's AUC."""
     from rich.table import Table
 
-    view = Table(title="cross-validated AUC (train + val)")
+    view = Table(title="cross-validated AUC (train + val; soft labels as they are)")
     view.add_column("candidate")
-    view.add_column("mean AUC", justify="right")
+    for col in ("mean AUC", "Brier", "log-loss"):
+        view.add_column(col, justify="right")
     for t in rows[0]["auc"]:
         view.add_column(t, justify="right")
     for r in rows:
-        view.add_row(r["label"], f"{r['mean_auc']:.4f}", *(f"{a:.4f}" for a in r["auc"].values()))
+        view.add_row(r["label"], f"{r['mean_auc']:.4f}", f"{r['mean_brier']:.4f}", f"{r['mean_log_loss']:.4f}",
+                     *(f"{a:.4f}" for a in r["auc"].values()))
     return view
 
 

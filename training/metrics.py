@@ -50,8 +50,10 @@ def masked_auc(y_true: np.ndarray, p: np.ndarray):
     """Soft ROC AUC over present labels: sklearn's weighted ``roc_auc_score`` over
     :func:`soft_rows` (row ``i`` a positive with weight ``y_i``, a negative with ``1 - y_i``), i.e.
     ``AUC = sum_{i,j} y_i (1 - y_j) ([p_i > p_j] + 0.5 [p_i = p_j]) / (sum_i y_i sum_j (1 - y_j))``;
-    with 0/1 labels exactly the plain ROC AUC. ``(n,)`` inputs give a float, ``(n, T)`` a ``(T,)``
-    array; nan for a target whose present labels are all 0 or all 1."""
+    with 0/1 labels exactly the plain ROC AUC. A soft label's own uncertainty caps it below 1 (even
+    ``p = y`` ties each row's two halves), so soft and thresholded AUCs are not comparable figures.
+    ``(n,)`` inputs give a float, ``(n, T)`` a ``(T,)`` array; nan for a target whose present labels
+    are all 0 or all 1."""
     y, p = np.asarray(y_true, dtype=np.float64), np.asarray(p, dtype=np.float64)
     if y.ndim == 1:
         return _auc_1d(y, p)

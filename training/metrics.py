@@ -42,3 +42,16 @@ def brier(y_true: np.ndarray, p: np.ndarray):
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN column -> nan
         out = np.nanmean(sq, axis=0)
     return float(out) if y.ndim == 1 else out
+
+
+# ----------------------------------------------------------------- the best single target
+BEST_SINGLE_TIE_BREAK = ("the higher accuracy first; among equal accuracies the lower mean cost; then the earlier "
+                         "target in the targets' order")
+
+
+def best_target(accs, costs) -> int:
+    """Index of the best single target by :data:`BEST_SINGLE_TIE_BREAK`, from each target's
+    accuracy ``(T,)`` (nan: no label, ranks last) and mean cost ``(T,)``. Equal accuracies are
+    compared exactly: a tie is the same share of right answers."""
+    accs, costs = np.asarray(accs, dtype=np.float64), np.asarray(costs, dtype=np.float64)
+    return int(np.lexsort((np.arange(len(accs)), costs, -np.nan_to_num(accs, nan=-np.inf)))[0])

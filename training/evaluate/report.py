@@ -15,7 +15,7 @@ from training.evaluate.report_accuracy import (accuracy_lines, accuracy_table, d
                                                task_interval_lines)
 from training.evaluate.report_cells import (ARTIFACT, COLUMNS, columns, fronts, md_table as _md_table,
                                             new_cells as _new_cells, reached as _reached, rich_table as _rich,
-                                            rule_label as _rule_label, ties)
+                                            rule_label as _rule_label, tie_note)
 from training.evaluate.report_policy import policy_lines
 from training.evaluate.results import EvalReport
 from training.metrics import BEST_SINGLE_TIE_BREAK
@@ -103,11 +103,10 @@ def task_rows(report: dict[str, Any], subset: str = "test") -> list[list[str]]:
         others = [(r["accuracy"], k) for k, r in routers.items() if k != "prefill-router" and r["accuracy"] is not None
                   and math.isfinite(r["accuracy"])]
         other = max(others) if others else None
-        best, tied = refs["best_single"], ties(refs)
+        best = refs["best_single"]
         front = fronts(ours).get(ours["policy"])
         iso, gap = _new_cells(front) if front else ("—", "—")
-        rows.append([task, str(refs["n"]), f"{best['target']} {_pct(best['accuracy'])}"
-                     + (f" (tied with {', '.join(tied)}; the cheaper kept)" if tied else ""),
+        rows.append([task, str(refs["n"]), f"{best['target']} {_pct(best['accuracy'])}{tie_note(refs)}",
                      _pct(refs["oracle"]["accuracy"]), _pct(ours["accuracy"]), _pct(ours["gap_closed"]),
                      _pct(ours["cost_savings"]), f"{iso} (vs {best['target']})", gap,
                      f"{other[1]} {_pct(other[0])}" if other else "—", _num(ours.get("mean_auc"), ".3f")])
@@ -156,7 +155,7 @@ def intro_lines(report: dict[str, Any]) -> list[str]:
     thr = report.get("savings_threshold", PAPER["cost_savings"])
     refs = test["references"]
     skipped, known = report.get("skipped_routers") or {}, report.get("artifact_baselines") or {}
-    best, tied = refs["best_single"], ties(refs)
+    best = refs["best_single"]
     return [
         "# Router evaluation", "",
         f"Artifact `{report.get('artifact', '?')}`; targets {', '.join(report['targets'])}. Rows: train {n['train']}, "
@@ -187,9 +186,8 @@ def intro_lines(report: dict[str, Any]) -> list[str]:
         "own policy.", ""]),
         f"The best single model, the reference of gap closed and of the savings at its accuracy (on the whole split, "
         f"in each subset and in each task), is ranked by {BEST_SINGLE_TIE_BREAK}; so at a tie the reference is the "
-        f"cheapest of the most accurate targets. Test: {best['target']} "
-        + (f"(tied with {', '.join(tied)} at {_pct(best['accuracy'])}; kept as the cheaper)." if tied else "(no tie).")
-        + f" {oracle_rows(refs)}", "",
+        f"cheapest of the most accurate targets. Test: {best['target']}{tie_note(refs) or ' (no tie)'}. "
+        f"{oracle_rows(refs)}", "",
         *(["`task-best` is a reference, not a router: it is told each query's task and sends it to the target "
            "most accurate on that task in train + val (a task it never saw: its source's pooled group if one was "
            "fitted, else the best single target), so it bounds what routing by task alone can gain.", ""]

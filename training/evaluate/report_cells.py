@@ -44,6 +44,17 @@ def ties(refs: dict[str, Any]) -> list[str]:
     return [t for t, s in refs["single"].items() if t != best["target"] and s["accuracy"] == best["accuracy"]]
 
 
+def tie_note(refs: dict[str, Any]) -> str:
+    """`` (tied with X at 68.75%; kept as the cheaper)`` when other targets are as accurate as the
+    best single model (the tie-break's second key, or its third when they cost the same); else ""."""
+    tied, best = ties(refs), refs["best_single"]
+    if not tied:
+        return ""
+    dearer = all(refs["single"][t]["cost"] > best["cost"] for t in tied)
+    kept = "kept as the cheaper" if dearer else "kept as the first of the cheapest in the targets' order"
+    return f" (tied with {', '.join(tied)} at {pct(best['accuracy'])}; {kept})"
+
+
 def fronts(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """A probabilistic router's frontier metrics per registered policy it has: the first policy's
     (tolerance) are the row's own keys, every other one's under ``<name>_policy``."""

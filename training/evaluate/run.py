@@ -266,10 +266,11 @@ def from_artifact(artifact, data: RoutingData, skipped: dict[str, str]) -> tuple
 
     names, preset, sources = artifact.router.target_names, {}, {}
     if "always-cheapest" in skipped:
-        j = int(np.argmin(decision_costs(artifact.router, data).mean(axis=0)))
+        mean = decision_costs(artifact.router, data).mean(axis=0)
+        j, tied = int(np.argmin(mean)), int(np.isclose(mean, mean.min(), rtol=1e-9, atol=0).sum())
         preset["always-cheapest"] = j
         sources["always-cheapest"] = (f"{names[j]}, the target with the lowest mean cost on these rows under the "
-                                      "artifact's prices")
+                                      "artifact's prices" + (f" (the first of {tied} tied)" if tied > 1 else ""))
     if "always-best" in skipped:
         best = artifact.router.meta.training_metrics.get("best_single") or {}
         if best.get("target") in names:

@@ -67,14 +67,18 @@ def test_each_policy_has_its_own_row_with_its_own_sweep():
 
 
 def test_savings_name_their_reference_and_ties_are_said():
-    from training.evaluate.report import columns, task_rows, ties
+    from training.evaluate.report import task_rows
+    from training.evaluate.report_cells import columns, tie_note, ties
 
     refs = _refs()
-    assert ties(refs) == ["gpt-4"] and ties(_refs("gpt-4", tied=False)) == []
+    assert ties(refs) == ["gpt-4"] and ties(_refs("gpt-4", tied=False)) == [] == tie_note(_refs("gpt-4", False)).split()
     assert "savings at best-single accuracy (gpt-3.5)" in columns(refs)
     report = {"by_task": {"mbpp": {"test": {"references": refs, "routers": {"prefill-router": OURS}}}}}
     row = task_rows(report)[0]
-    assert row[2] == "gpt-3.5 68.75% (tied with gpt-4; the cheaper kept)"
+    assert row[2] == "gpt-3.5 68.75% (tied with gpt-4 at 68.75%; kept as the cheaper)"
+    same = _refs()
+    same["single"]["gpt-4"]["cost"] = same["best_single"]["cost"]  # equal prices: the order decides
+    assert tie_note(same).endswith("kept as the first of the cheapest in the targets' order)")
     assert row[7] == "-1338.86% (vs gpt-3.5)"  # the operating point's (value) sweep, against the tied cheaper model
 
 

@@ -92,8 +92,9 @@ def summary_view(summary: dict[str, Any], title: str) -> Any:
         view.add_row(target, str(s["rows"]), str(s["failed"]), str(s["missing"]), f"{s['accuracy']:.3f}",
                      f"{s['right_share']:.3f}", f"{s['mean_cost']:.2e}", f"{s['mean_output_tokens']:.1f}",
                      "-" if s["mean_latency_s"] is None else f"{s['mean_latency_s']:.3f}")
-    view.caption = (f"oracle accuracy {summary['oracle_accuracy']:.3f}, targets disagree on "
-                    f"{summary['disagreement_share']:.1%} of {summary['queries']} fully labelled queries")
+    view.caption = (f"oracle accuracy {summary['oracle_accuracy']:.3f} over the {summary['queries']} queries every "
+                    f"target labelled (only those; `evaluate`'s oracle also counts a partly labelled query, on its "
+                    f"present labels), targets disagree on {summary['disagreement_share']:.1%} of them")
     return view
 
 

@@ -108,3 +108,16 @@ def log_loss(y_true: np.ndarray, p: np.ndarray, eps: float = 1e-15):
     y, p = np.asarray(y_true, dtype=np.float64), np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
     y0 = np.nan_to_num(y)
     return _masked_mean(-(y0 * np.log(p) + (1.0 - y0) * np.log1p(-p)), y)
+
+
+# ----------------------------------------------------------------- the best single target
+BEST_SINGLE_TIE_BREAK = ("the higher accuracy first; among equal accuracies the lower mean cost; then the earlier "
+                         "target in the targets' order")
+
+
+def best_target(accs, costs) -> int:
+    """Index of the best single target by :data:`BEST_SINGLE_TIE_BREAK`, from each target's
+    accuracy ``(T,)`` (nan: no label, ranks last) and mean cost ``(T,)``. Equal accuracies are
+    compared exactly: a tie is the same share of right answers."""
+    accs, costs = np.asarray(accs, dtype=np.float64), np.asarray(costs, dtype=np.float64)
+    return int(np.lexsort((np.arange(len(accs)), costs, -np.nan_to_num(accs, nan=-np.inf)))[0])

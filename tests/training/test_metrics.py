@@ -153,6 +153,9 @@ def test_oracle_and_best_single():
     assert m.best_single(Y, C) == (1, pytest.approx(0.5), pytest.approx(2.0))
     # tie in accuracy -> the cheaper one
     assert m.best_single(np.array([[1, 1], [0, 0]]), np.array([5.0, 4.0]))[0] == 1
+    # the rule itself: accuracy, then the lower cost, then the earlier target; no label ranks last
+    assert q.best_target([0.5, 0.7, 0.7, 0.7], [1.0, 3.0, 2.0, 2.0]) == 2
+    assert q.best_target([NAN, 0.1], [0.0, 9.0]) == 1
 
 
 def test_gap_closed_and_cost_savings():

@@ -53,10 +53,17 @@ def _mean_costs(data: RoutingData) -> np.ndarray:
 
 
 class _OneTarget(RouterModel):
+    """Always one target: ``index``, chosen by ``fit`` on train or given (a target known without
+    train rows, e.g. from the router artifact's prices or its recorded best single model)."""
+
     probabilistic = False
-    index: int = 0
+
+    def __init__(self, index: int | None = None):
+        self.index = index
 
     def choice_weights(self, data: RoutingData, text: Sequence[str]) -> np.ndarray:
+        if self.index is None:
+            raise BadInput(f"{self.name}: no target (neither fitted on train rows nor given)")
         W = np.zeros((len(data.query_ids), len(data.targets)))
         W[:, self.index] = 1.0
         return W

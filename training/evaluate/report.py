@@ -8,28 +8,25 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from shared.policy import Policy, policy_names
+from shared.policy import policy_names
 from training.evaluate.cells import num as _num, pct as _pct
 from training.evaluate.report_accuracy import (accuracy_lines, accuracy_table, drop_cost_columns,
                                                drop_cost_rows, equal_cost_policy_lines, equal_costs,
                                                task_interval_lines)
+from training.evaluate.report_cells import (ARTIFACT, COLUMNS, columns, fronts, md_table as _md_table,
+                                            new_cells as _new_cells, reached as _reached, rich_table as _rich,
+                                            rule_label as _rule_label, tie_note)
+from training.evaluate.report_policy import policy_lines
 from training.evaluate.results import EvalReport
+from training.metrics import BEST_SINGLE_TIE_BREAK
 from training.semantic_text import describe
 
 # arXiv 2603.20895 (abstract / introduction; the AUCs from a secondary source).
 PAPER = {"gap_closed": 0.4558, "cost_savings": 0.7431, "mean_auc_prefill": 0.856, "mean_auc_prompt_only": 0.804}
-COLUMNS = ("router", "accuracy", "mean cost", "gap closed", "cost savings", "P-AUCCC", "mean AUC",
-           "savings at best-single accuracy", "best gap closed at >= threshold savings")
 MAX_TASK_COLUMNS = 8  # the within-task table shows one column per task up to this many tasks
 TASK_COLUMNS = ("task", "n", "best single", "oracle", "prefill-router accuracy", "gap closed", "cost savings",
                 "savings at best-single accuracy", "best gap closed at >= threshold savings", "best other router",
                 "prefill-router mean AUC")
-
-
-def _rule_label(policy: str, param: float, long: bool = False) -> str:
-    """A routing rule in a table cell (``tol 0.05``, ``value 0.0955``) or in prose (``long``:
-    ``tolerance 0.05``, ``value policy at 0.0955 USD per correct answer``): ``Policy.label``."""
-    return Policy.of(policy, param).label(long)
 
 
 def _candidates(op: dict[str, Any]) -> list[str]:
@@ -42,24 +39,41 @@ def _candidates(op: dict[str, Any]) -> list[str]:
     return [f"Policies calibrated on val: {each}. Kept: the {op['policy']} policy.", ""]
 
 
-def _reached(x) -> str:
-    """An iso-accuracy saving: "not reached" when no operating point is as accurate."""
-    return "not reached" if x is None or (isinstance(x, float) and not math.isfinite(x)) else _pct(x)
-
-
-def _new_cells(r: dict[str, Any]) -> list[str]:
-    """Savings at best-single accuracy ("not reached"), best gap closed at the savings
-    threshold ("no point": no operating point saves that much)."""
-    gap = r.get("best_gap_closed_at_savings")
-    return [_reached(r.get("iso_accuracy_savings")), "no point" if _pct(gap) == "—" else _pct(gap)]
+def _policy_rows(name: str, r: dict[str, Any]) -> list[list[str]]:
+    """A probabilistic router's rows, one per policy, each with its own sweep's frontier cells:
+    the operating point's policy first (marked), then each other policy at its val-calibrated
+    parameter (``candidate_points``), or with its sweep alone when it was not calibrated."""
+    points, front = r.get("candidate_points") or {}, fronts(r)
+    cands = {c["policy"]: c for c in (r.get("operating_point") or {}).get("candidates") or []}
+    rows = []
+    for policy in [r["policy"], *(p for p in policy_names() if p != r["policy"] and p in front)]:
+        if policy == r["policy"]:
+            point = r
+            mark = "artifact's operating point" if name == ARTIFACT else "operating point"
+            label = f"{name} ({_rule_label(policy, r['param'])}) ◀ {mark}"
+        elif policy in points or policy in cands:  # an older report has the candidate, not its test point
+            point, c = points.get(policy), points.get(policy) or cands[policy]
+            label = (f"{name} ({_rule_label(policy, c['param'])}; {c['status']} on val, not kept"
+                     + ("" if point else "; test point not in this report") + ")")
+        else:
+            point, label = None, f"{name} ({policy} policy: sweep only, not calibrated)"
+        cells = ([_pct(point["accuracy"]), _num(point["cost"], ".3g"), _pct(point["gap_closed"]),
+                  _pct(point["cost_savings"])] if point else ["—"] * 4)
+        m = front.get(policy)
+        rows.append([label, *cells, _num(m["pauccc"]) if m else "—", _num(r.get("mean_auc")),
+                     *(_new_cells(m) if m else ["—", "—"])])
+    return rows
 
 
 def table_rows(subset: dict[str, Any]) -> list[list[str]]:
-    """One row per router, then the single models and the oracle (formatted cells)."""
+    """One row per router (per policy for a probabilistic one: :func:`_policy_rows`), then the
+    single models and the oracle (formatted cells)."""
     refs, rows = subset["references"], []
     for name, r in subset["routers"].items():
-        label = name if r["kind"] == "fixed" else f"{name} ({_rule_label(r['policy'], r['param'])})"
-        rows.append([label, _pct(r["accuracy"]), _num(r["cost"], ".3g"), _pct(r["gap_closed"]),
+        if r["kind"] != "fixed":
+            rows += _policy_rows(name, r)
+            continue
+        rows.append([name, _pct(r["accuracy"]), _num(r["cost"], ".3g"), _pct(r["gap_closed"]),
                      _pct(r["cost_savings"]), _num(r["pauccc"]), _num(r.get("mean_auc")), *_new_cells(r)])
     dear, best = refs["most_expensive"]["cost"], refs["best_single"]
     for name, s in refs["single"].items():
@@ -76,11 +90,6 @@ def table_rows(subset: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _md_table(rows: list[list[str]], columns=COLUMNS) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def task_rows(report: dict[str, Any], subset: str = "test") -> list[list[str]]:
     """One row per task of the test split (``subset``: ``test`` or ``disagreement``, each
     against that task's own references): the prefill router at its operating point and the
@@ -95,11 +104,19 @@ def task_rows(report: dict[str, Any], subset: str = "test") -> list[list[str]]:
                   and math.isfinite(r["accuracy"])]
         other = max(others) if others else None
         best = refs["best_single"]
-        rows.append([task, str(refs["n"]), f"{best['target']} {_pct(best['accuracy'])}",
+        front = fronts(ours).get(ours["policy"])
+        iso, gap = _new_cells(front) if front else ("—", "—")
+        rows.append([task, str(refs["n"]), f"{best['target']} {_pct(best['accuracy'])}{tie_note(refs)}",
                      _pct(refs["oracle"]["accuracy"]), _pct(ours["accuracy"]), _pct(ours["gap_closed"]),
-                     _pct(ours["cost_savings"]), *_new_cells(ours),
+                     _pct(ours["cost_savings"]), f"{iso} (vs {best['target']})", gap,
                      f"{other[1]} {_pct(other[0])}" if other else "—", _num(ours.get("mean_auc"), ".3f")])
     return rows
+
+
+def task_columns(report: dict[str, Any]) -> tuple[str, ...]:
+    """The per-task table's columns, the frontier ones naming the operating point's policy."""
+    policy = report["subsets"]["test"]["routers"][ARTIFACT]["policy"]
+    return tuple(f"{c} ({policy} sweep)" if c in COLUMNS[-2:] else c for c in TASK_COLUMNS)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -128,7 +145,8 @@ def subset_lines(report: dict[str, Any], subset: str) -> list[str]:
     accuracy, gap closed), the headline; else the cost table, then the accuracy table."""
     if equal_costs(report):
         return accuracy_lines(report, subset)
-    return [_md_table(table_rows(report["subsets"][subset])), "", *accuracy_lines(report, subset)]
+    sub = report["subsets"][subset]
+    return [_md_table(table_rows(sub), columns(sub["references"])), "", *accuracy_lines(report, subset)]
 
 
 def intro_lines(report: dict[str, Any]) -> list[str]:
@@ -136,7 +154,8 @@ def intro_lines(report: dict[str, Any]) -> list[str]:
     n, op, test = report["n"], report["operating_point"], report["subsets"]["test"]
     thr = report.get("savings_threshold", PAPER["cost_savings"])
     refs = test["references"]
-    skipped = report.get("skipped_routers") or {}
+    skipped, known = report.get("skipped_routers") or {}, report.get("artifact_baselines") or {}
+    best = refs["best_single"]
     return [
         "# Router evaluation", "",
         f"Artifact `{report.get('artifact', '?')}`; targets {', '.join(report['targets'])}. Rows: train {n['train']}, "
@@ -150,6 +169,8 @@ def intro_lines(report: dict[str, Any]) -> list[str]:
         f"mean cost {_num(op['val_cost'], '.3g')}. Baselines are calibrated the same way on val."
         + (f" Note: {op['note']}." if op.get("note") else ""), "", *_candidates(op),
         *([f"Skipped (not evaluated): {'; '.join(f'`{k}` {v}' for k, v in skipped.items())}.", ""] if skipped else []),
+        *([f"From the artifact (no train rows): {'; '.join(f'`{k}` always takes {v}' for k, v in known.items())}.",
+           ""] if known else []),
         *([describe(report["semantic_text"]), ""] if report.get("semantic_text") else []),
         *([] if equal_costs(report) else [
         "Costs are mean USD per query (measured label cost). Gap closed = (acc − best single) / (oracle − best "
@@ -159,12 +180,29 @@ def intro_lines(report: dict[str, Any]) -> list[str]:
         f"single model ({refs['best_single']['target']}) among the router's operating points at least as accurate "
         f"as it; best gap closed at >= threshold savings = the best gap closed among operating points at least "
         f"{_pct(thr)} cheaper than the most expensive target (zero router: random mixing of single models at that "
-        "budget).", ""]),
+        "budget). A probabilistic router has one row per routing policy, on the same predictions: its operating "
+        "point's policy (marked ◀), then each other policy at the parameter calibrated on val for the same target "
+        "(not kept), or its sweep alone when none was calibrated; each row's P-AUCCC and frontier columns sweep its "
+        "own policy.", ""]),
+        f"The best single model, the reference of gap closed and of the savings at its accuracy (on the whole split, "
+        f"in each subset and in each task), is ranked by {BEST_SINGLE_TIE_BREAK}; so at a tie the reference is the "
+        f"cheapest of the most accurate targets. Test: {best['target']}{tie_note(refs) or ' (no tie)'}. "
+        f"{oracle_rows(refs)}", "",
         *(["`task-best` is a reference, not a router: it is told each query's task and sends it to the target "
            "most accurate on that task in train + val (a task it never saw: its source's pooled group if one was "
            "fitted, else the best single target), so it bounds what routing by task alone can gain.", ""]
           if "task-best" in test["routers"] else []),
     ]
+
+
+def oracle_rows(refs: dict[str, Any]) -> str:
+    """Which rows the oracle and the accuracies count (``training.evaluate.routing_metrics``)."""
+    full = refs.get("n_all_labelled")
+    return (f"Oracle = per query the best label among the targets that have one, averaged over those of the "
+            f"{refs['n']} rows with at least one label: a missing label is skipped, never counted wrong (a single "
+            "model counts its labelled rows, a router the rows whose chosen target is labelled)"
+            + (f"; {full} of the {refs['n']} rows are labelled by every target, the only ones `data import`'s "
+               "oracle counts." if full is not None else "."))
 
 
 def interval_lines(report: dict[str, Any]) -> list[str]:
@@ -194,13 +232,15 @@ def task_lines(report: dict[str, Any]) -> list[str]:
         return ["No per-task rows (no query table with a `task` column).", ""]
     out = []
     for subset, title in (("test", "all test queries"), ("disagreement", "disagreement queries only")):
-        columns, rows = TASK_COLUMNS, task_rows(report, subset)
+        header, rows = task_columns(report), task_rows(report, subset)
         if equal_costs(report):
-            columns, rows = drop_cost_columns(columns, rows)
+            header, rows = drop_cost_columns(header, rows)
         out += [f"## Per task ({title})", "",
                 f"Each task against its own best single model{' and' if equal_costs(report) else ','} oracle"
                 f"{'' if equal_costs(report) else ' and most expensive target'}; routers at the operating point "
-                "chosen on val.", "", _md_table(rows, columns) if rows else "None.", ""]
+                "chosen on val, the frontier columns on its policy's sweep; the savings are at the accuracy of the "
+                "task's own best single model (named; ties broken as above).", "",
+                _md_table(rows, header) if rows else "None.", ""]
     return out
 
 
@@ -211,85 +251,26 @@ def paper_lines(report: dict[str, Any]) -> list[str]:
     thr = report.get("savings_threshold", PAPER["cost_savings"])
     semantic = [r.get("mean_auc") for k, r in test["routers"].items()
                 if r["kind"] == "probabilistic" and k != "prefill-router" and r.get("mean_auc") is not None]
-    best = test["references"]["best_single"]["target"]
+    best, sweep = test["references"]["best_single"]["target"], f"{policy_names()[0]} sweep"
     return [
         "## Against the paper (arXiv 2603.20895)", "",
-        "| metric | paper | ours (test) |", "|---|---|---|",
-        f"| gap closed (best point along the sweep) | up to {_pct(PAPER['gap_closed'])} | "
+        f"| metric | paper | ours (test; sweeps: the {sweep}, the other policies' in the tables above) |",
+        "|---|---|---|",
+        f"| gap closed (best point along the {sweep}) | up to {_pct(PAPER['gap_closed'])} | "
         f"{_pct(ours['max_gap_closed'])} |",
         f"| gap closed at the operating point | — | {_pct(ours['gap_closed'])} |",
-        f"| best gap closed at >= {_pct(thr)} savings vs most expensive | {_pct(PAPER['gap_closed'])} at "
-        f"{_pct(PAPER['cost_savings'])} | {_pct(ours.get('best_gap_closed_at_savings'))} (zero router "
+        f"| best gap closed at >= {_pct(thr)} savings vs most expensive ({sweep}) | {_pct(PAPER['gap_closed'])} "
+        f"at {_pct(PAPER['cost_savings'])} | {_pct(ours.get('best_gap_closed_at_savings'))} (zero router "
         f"{_pct(test['references'].get('zero_router_gap_at_savings'))}) |",
         f"| cost savings vs most expensive | {_pct(PAPER['cost_savings'])} | {_pct(ours['cost_savings'])} at the "
-        f"operating point; {_pct(ours['cost_savings_at_best_single_accuracy'])} at the best single model's accuracy |",
-        f"| cost savings vs the best single model ({best}) at its accuracy | — | "
+        f"operating point; {_pct(ours['cost_savings_at_best_single_accuracy'])} at the best single model's "
+        f"({best}'s) accuracy ({sweep}) |",
+        f"| cost savings vs the best single model ({best}) at its accuracy ({sweep}) | — | "
         f"{_reached(ours.get('iso_accuracy_savings'))} |",
         f"| mean per-target AUC, prefill router | ~{PAPER['mean_auc_prefill']} | {_num(ours['mean_auc'], '.3f')} |",
         f"| mean AUC, best prompt-only baseline | ~{PAPER['mean_auc_prompt_only']} | "
         f"{_num(max(semantic), '.3f') if semantic else '—'} |", "",
     ]
-
-
-POLICY_COLUMNS = ("router", "policy", "P-AUCCC", "best gap closed along the sweep", "savings at best-single accuracy",
-                  "best gap closed at >= threshold savings")
-
-
-def _frontiers(r: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """A probabilistic router row's frontier per registered policy: the first policy's (tolerance)
-    is the row itself, every other one's is under ``<name>_policy``. Empty when one is missing."""
-    first, *others = policy_names()
-    fronts = [(first, r), *((name, r.get(f"{name}_policy")) for name in others)]
-    return fronts if r["kind"] == "probabilistic" and others and all(m for _, m in fronts) else []
-
-
-def _policy_rows(routers: dict[str, Any]) -> list[list[str]]:
-    """Per probabilistic router: its frontier under each policy (tolerance, then value, ...)."""
-    return [[name, policy, _num(m["pauccc"]), _pct(m["max_gap_closed"]), *_new_cells(m)]
-            for name, r in routers.items() for policy, m in _frontiers(r)]
-
-
-def policy_lines(report: dict[str, Any]) -> list[str]:
-    """Markdown: each probabilistic router's frontier under each registered policy (the tolerance
-    policy, the cost-aware value policy, ...), on the same predictions (the artifact serves the
-    one its operating point names)."""
-    test = report["subsets"]["test"]
-    if not _policy_rows(test["routers"]):
-        return []
-    names = policy_names()
-    summaries = " ".join(s for s in (Policy.named(n).summary for n in names) if s)
-    lines = [f"## {(', '.join(names[:-1]) + ' or ' + names[-1]).capitalize()} policy (same predictions)", "",
-             f"{summaries} Each row sweeps its policy's parameter over the whole range, so these are frontier "
-             "metrics, not one operating point. The artifact serves the policy of its operating point (above).", ""]
-    for key, title in (("test", "Test split"), ("disagreement", "Disagreement queries (test)")):
-        if key in report["subsets"]:
-            lines += [f"{title}:", "", _md_table(_policy_rows(report["subsets"][key]["routers"]), POLICY_COLUMNS), ""]
-    lines += _policy_point_lines(report.get("policy_operating_points") or {},
-                                 test["references"]["best_single"]["target"])
-    tasks = [(t, parts["test"]["routers"].get("prefill-router")) for t, parts in report.get("by_task", {}).items()
-             if "test" in parts]
-    rows = [[t, *(_reached(m.get("iso_accuracy_savings")) for _, m in _frontiers(r))]
-            for t, r in tasks if r and _frontiers(r)]
-    if rows:
-        lines += ["Prefill router per task (test), savings at the task's best-single accuracy:", "",
-                  _md_table(rows, ("task", *(f"{n} policy" for n in names))), ""]
-    return lines
-
-
-def _policy_point_lines(points: dict[str, Any], best: str) -> list[str]:
-    """Markdown: each router's val-chosen operating point per policy, applied to test."""
-    if not points.get("routers"):
-        return []
-    lines = [f"Operating point chosen on val (the cheapest point reaching the best single model's val accuracy, "
-             f"{_pct(points['target_val_accuracy'])}), applied to test:", "",
-             f"| router | policy | parameter | test accuracy | mean cost | savings vs {best} |",
-             "|---|---|---:|---:|---:|---:|"]
-    for name, row in points["routers"].items():
-        for policy, p in row.items():
-            cells = ["not reached on val", "", "", ""] if p is None else [
-                _num(p["param"], ".4g"), _pct(p["accuracy"]), _num(p["cost"], ".3g"), _pct(p["savings_vs_best_single"])]
-            lines.append("| " + " | ".join([name, policy, *cells]) + " |")
-    return lines + [""]
 
 
 def margin_lines(margins: dict[str, dict], what: str = "Mean per-target AUC margin of the prefill router over "
@@ -348,28 +329,19 @@ def headroom_lines(rows: list[dict], targets: list[str]) -> list[str]:
     return lines + [""]
 
 
-def _rich(title: str, columns, rows):
-    from rich.table import Table
-
-    view = Table(title=title)
-    for i, col in enumerate(columns):
-        view.add_column(col, justify="left" if i == 0 else "right")
-    for row in rows:
-        view.add_row(*row)
-    return view
-
-
 def summary_table(report: dict[str, Any]):
-    """The test table as a rich Table for the console."""
-    if equal_costs(report):
-        return accuracy_table(report)
-    return _rich(f"router evaluation on test (n={report['n']['test']})", COLUMNS, table_rows(report["subsets"]["test"]))
+    """The test table as a rich Table for the console, its caption the rows the oracle counts."""
+    refs = report["subsets"]["test"]["references"]
+    view = accuracy_table(report) if equal_costs(report) else _rich(
+        f"router evaluation on test (n={report['n']['test']})", columns(refs), table_rows(report["subsets"]["test"]))
+    view.caption = oracle_rows(refs)
+    return view
 
 
 def task_table(report: dict[str, Any]):
     """The per-task rows (all test queries) as a rich Table for the console."""
-    columns, rows = TASK_COLUMNS, task_rows(report, "test")
-    return _rich("per task (test)", *(drop_cost_columns(columns, rows) if equal_costs(report) else (columns, rows)))
+    header, rows = task_columns(report), task_rows(report, "test")
+    return _rich("per task (test)", *(drop_cost_columns(header, rows) if equal_costs(report) else (header, rows)))
 
 
 def write_outputs(report: EvalReport, out: str) -> None:

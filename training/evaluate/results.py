@@ -114,6 +114,7 @@ class References(Result):
     """What the routers of a subset are measured against."""
 
     n: int
+    n_all_labelled: int | None = None  # rows every target labelled (the others count on their present labels)
     single: dict[str, SingleModel]
     best_single: TargetPoint
     cheapest: TargetPoint
@@ -158,6 +159,17 @@ class ChosenOperatingPoint(Result):
     def param(self) -> float:
         """The chosen policy's parameter."""
         return getattr(self, self.policy)
+
+
+class CandidatePoint(Result):
+    """A policy calibrated on val for the operating point, routed with its parameter on the subset."""
+
+    param: float
+    status: Literal["calibrated", "fallback"]
+    accuracy: Metric
+    cost: Metric
+    gap_closed: Metric
+    cost_savings: Metric
 
 
 class Sweep(Result):
@@ -219,6 +231,7 @@ class ProbabilisticScores(Result):
     value_policy: Frontier | None = None
     sweep: Sweep | None = None  # not in the per-task rows
     operating_point: ChosenOperatingPoint | None = None  # not in the per-task rows
+    candidate_points: dict[str, CandidatePoint] | None = None  # per policy calibrated on val; not per task
 
 
     @model_validator(mode="after")
@@ -345,6 +358,7 @@ class EvalReport(Result):
     headroom_by_task: list[HeadroomRow] | None = None
     all_rows_test: bool | None = None
     skipped_routers: dict[str, str] | None = None
+    artifact_baselines: dict[str, str] | None = None  # baseline -> where its target came from (no train rows)
     semantic_text: dict[str, Any] | None = None
     operating_point_written: bool | None = None
     artifact: str | None = None

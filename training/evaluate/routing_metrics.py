@@ -20,10 +20,11 @@ from shared.routing import (
     Sweep, ValueSweep, cheapest_where, cost_matrix, route_by_value, route_with_tolerance, routing_outcome,
     tolerance_sweep, value_sweep,
 )
+from training.metrics import BEST_SINGLE_TIE_BREAK, best_target
 
 __all__ = [
     "route_with_tolerance", "route_by_value", "routing_outcome", "expected_outcome", "oracle_choice",
-    "oracle_accuracy", "oracle_outcome", "single_model_points", "best_single", "gap_closed",
+    "oracle_accuracy", "oracle_outcome", "single_model_points", "best_single", "BEST_SINGLE_TIE_BREAK", "gap_closed",
     "cost_savings", "Sweep", "tolerance_sweep", "ValueSweep", "value_sweep", "pareto_front", "pauccc",
     "single_model_hull", "hull_pauccc",
     "calibrate_operating_point", "disagreement_mask", "disagreement_share", "equal_costs",
@@ -91,11 +92,12 @@ def single_model_points(Y: np.ndarray, C: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def best_single(Y: np.ndarray, C: np.ndarray) -> tuple[int, float, float]:
-    """``(index, accuracy, mean cost)`` of the most accurate single target; ties by lower
-    cost, then lower index."""
+    """``(index, accuracy, mean cost)`` of the best single target, by :data:`BEST_SINGLE_TIE_BREAK`:
+    the highest accuracy (a target with no label ranks last); among equal accuracies the
+    lowest mean cost; then the lowest index. So at a tie the reference a router is measured
+    against is the cheapest of the most accurate targets (the hardest to save money on)."""
     accs, costs = single_model_points(Y, C)
-    order = np.lexsort((np.arange(len(accs)), costs, -np.nan_to_num(accs, nan=-np.inf)))
-    j = int(order[0])
+    j = best_target(accs, costs)
     return j, float(accs[j]), float(costs[j])
 
 

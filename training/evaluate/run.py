@@ -10,7 +10,8 @@ a calibrated point is written back into the artifact (``shared.artifact.update_p
 A foreign artifact on a fresh table (e.g. a router shipped for RouterBench, scored on a newly
 imported slice): with ``all_rows_test`` (automatic when the table has no train rows) every
 row is scored as test; baselines that need train (or val) rows are skipped and the report says
-so, unless ``train_data`` names a dataset whose train / val rows they are fitted on. The
+so, unless ``train_data`` names a dataset whose train / val rows they are fitted on
+(always-cheapest and always-best take their target from the artifact: :func:`from_artifact`). The
 artifact's encoder, layers and widths are checked against the activations first.
 
 Semantic baselines embed the text of :mod:`training.semantic_text` (``semantic_text``).
@@ -248,15 +249,46 @@ def runnable(routers: Sequence[str], data: RoutingData) -> tuple[list[str], dict
         lacking = [s for s in NEEDS[name] if s not in present]
         if lacking:
             skipped[name] = f"needs {' and '.join(lacking)} rows (none given)"
-            log.warning("skipping %s: %s", name, skipped[name])
         else:
             run.append(name)
     return run, skipped
 
 
-def build_routers(cfg: EvalConfig, names: Sequence[str], embedder=None, tasks=None) -> list[RouterModel]:
+def from_artifact(artifact, data: RoutingData, skipped: dict[str, str]) -> tuple[dict[str, int], dict[str, str]]:
+    """``always-cheapest`` / ``always-best`` skipped for want of train rows, from what the artifact
+    knows of its targets instead: ``({router: target index}, {router: where its target came from})``,
+    each found one removed from ``skipped``. always-cheapest: the lowest mean price-model cost on
+    these rows (the artifact's prices and median answer lengths over the prompts' tokens: what
+    routing knows before any answer; equal: the first target); always-best: the best single target
+    the artifact recorded on its train rows at fit (``training_metrics.best_single``; an older
+    artifact has none, and always-best stays skipped)."""
+    from training.evaluate.scoring import decision_costs
+
+    names, preset, sources = artifact.router.target_names, {}, {}
+    if "always-cheapest" in skipped:
+        mean = decision_costs(artifact.router, data).mean(axis=0)
+        j, tied = int(np.argmin(mean)), int(np.isclose(mean, mean.min(), rtol=1e-9, atol=0).sum())
+        preset["always-cheapest"] = j
+        sources["always-cheapest"] = (f"{names[j]}, the target with the lowest mean cost on these rows under the "
+                                      "artifact's prices" + (f" (the first of {tied} tied)" if tied > 1 else ""))
+    if "always-best" in skipped:
+        best = artifact.router.meta.training_metrics.get("best_single") or {}
+        if best.get("target") in names:
+            preset["always-best"] = names.index(best["target"])
+            sources["always-best"] = (f"{best['target']}, the best single target on the artifact's "
+                                      f"{best.get('n', '?')} {best.get('rows', 'train')} rows (recorded at fit)")
+        else:
+            skipped["always-best"] += "; the artifact records no best single target (fitted before fit recorded one)"
+    for name in preset:
+        del skipped[name]
+    return preset, sources
+
+
+def build_routers(cfg: EvalConfig, names: Sequence[str], embedder=None, tasks=None,
+                  preset: dict[str, int] | None = None) -> list[RouterModel]:
     """The baselines ``names`` (semantic ones share one embedder, so texts embed once);
-    ``tasks``: ``{query_id: (source, task)}`` for task-best."""
+    ``tasks``: ``{query_id: (source, task)}`` for task-best; ``preset``: the target of
+    always-cheapest / always-best when known without train rows (:func:`from_artifact`)."""
     from training.evaluate import baselines as B
 
     if any(r in SEMANTIC for r in names) and embedder is None:
@@ -265,8 +297,8 @@ def build_routers(cfg: EvalConfig, names: Sequence[str], embedder=None, tasks=No
         embedder = MiniLMEmbedder(cfg.embedder)
     make = {
         "random": lambda: B.RandomRouter(),
-        "always-cheapest": lambda: B.AlwaysCheapest(),
-        "always-best": lambda: B.AlwaysBest(),
+        "always-cheapest": lambda: B.AlwaysCheapest((preset or {}).get("always-cheapest")),
+        "always-best": lambda: B.AlwaysBest((preset or {}).get("always-best")),
         "knn-minilm": lambda: B.KNNRouter(embedder, cfg.knn_ks),
         "mlp-minilm": lambda: B.MLPRouter(embedder, seeds=cfg.mlp_seeds, keep=cfg.mlp_seeds,
                                           n_components=cfg.n_components, trunk=cfg.trunk),
@@ -303,12 +335,18 @@ def run_evaluation(cfg: EvalConfig, data: RoutingData | None = None, texts: Sequ
     rows = prepare_rows(cfg, artifact, data, texts, tasks)
     data, meta = rows.data, rows.meta
     names, skipped = runnable(cfg.routers, data)
+    preset, sources = from_artifact(artifact, data, skipped)
+    names = [n for n in cfg.routers if n in names or n in preset]
+    for name, why in {**skipped, **sources}.items():
+        log.warning("%s %s: %s", name, "from the artifact" if name in sources else "skipped", why)
     texts, text_info, task_of = baseline_inputs(cfg, names, data, meta)
     row_tasks = meta.task if meta is not None and any(meta.task) else None
-    scores = evaluate_routers(artifact, build_routers(cfg, names, embedder, task_of), data, texts, cfg, row_tasks)
+    models = build_routers(cfg, names, embedder, task_of, preset)
+    scores = evaluate_routers(artifact, models, data, texts, cfg, row_tasks)
     op = ChosenOperatingPoint.model_validate(scores["operating_point"])
     report = EvalReport.model_validate({
         **scores, "operating_point": op, "all_rows_test": rows.all_rows_test, "skipped_routers": skipped,
+        "artifact_baselines": sources,
         "semantic_text": text_info, "operating_point_written": write_operating_point(cfg, artifact, op),
         "artifact": cfg.artifact, "config": cfg.model_dump(mode="json"), "paper": PAPER,
         **({"published": cfg.published} if cfg.published else {})})

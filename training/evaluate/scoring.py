@@ -25,6 +25,7 @@ from shared.routing import cost_matrix
 from training.evaluate import report_metrics as R
 from training.evaluate import routing_metrics as M
 from training.evaluate.baselines import RouterModel
+from training.evaluate.policy_scoring import candidate_points, headline, policy_points
 from training.evaluate.task_scoring import add_task_averaged, task_interval
 from training.metrics import brier, masked_auc
 from training.dataset import RoutingData
@@ -72,6 +73,7 @@ def references(Y: np.ndarray, C: np.ndarray, targets: list[str],
     hc, ha = M.single_model_hull(costs, accs)
     refs = {
         "n": int(Y.shape[0]),
+        "n_all_labelled": int((~np.isnan(Y)).all(axis=1).sum()),
         "single": {t: {"accuracy": float(a), "cost": float(c)} for t, a, c in zip(targets, accs, costs)},
         "best_single": {"target": targets[best], "accuracy": best_acc, "cost": best_cost},
         "cheapest": {"target": targets[cheap], "accuracy": float(accs[cheap]), "cost": float(costs[cheap])},
@@ -87,13 +89,6 @@ def references(Y: np.ndarray, C: np.ndarray, targets: list[str],
     for row in [*refs["single"].values(), refs["oracle"]]:
         row.update(point_metrics([row["cost"]], [row["accuracy"]], refs, savings_threshold))
     return refs
-
-
-def headline(acc: float, cost: float, refs: dict[str, Any]) -> dict[str, float]:
-    """Accuracy, cost, gap closed and cost savings of one operating point."""
-    return {"accuracy": acc, "cost": cost,
-            "gap_closed": M.gap_closed(acc, refs["best_single"]["accuracy"], refs["oracle"]["accuracy"]),
-            "cost_savings": M.cost_savings(cost, refs["most_expensive"]["cost"])}
 
 
 def _pauccc(costs, accs, refs, interpolation: str) -> float:
@@ -142,32 +137,6 @@ def policy_metrics(name: str, P, Y, C_route, C, refs: dict, cfg) -> dict[str, An
     front = M.pareto_front(cost, accuracy)
     return {**frontier_metrics(cost, accuracy, refs, cfg),
             "frontier": {"cost": front[0].tolist(), "accuracy": front[1].tolist()}}
-
-
-def policy_points(models, preds, val: RoutingData | None, Cv, Crv, test: dict[str, np.ndarray],
-                  refs: dict[str, Any]) -> dict[str, dict]:
-    """Per probabilistic router and registered policy: the cheapest val operating point
-    that reaches the best single model's val accuracy (``calibrate_operating_point``), applied
-    to the test rows (``test``: ``Y``, ``C``, ``C_route``): ``{"param", "accuracy", "cost",
-    "savings_vs_best_single"}``, or None when no point reaches it on val. Empty without val."""
-    if val is None or not len(val.query_ids):
-        return {}
-    target, best_cost = M.best_single(val.Y, Cv)[1], refs["best_single"]["cost"]
-    out = {}
-    for model in (m for m in models if m.probabilistic):
-        Pv, Pt, row = preds[model.name]["val"], preds[model.name]["test"], {}
-        for policy in policy_names():
-            try:
-                param = M.calibrate_operating_point(Policy.named(policy).sweep(Pv, val.Y, Cv, Crv),
-                                                    target_accuracy=target)
-            except ValueError:
-                row[policy] = None
-                continue
-            acc, cost = M.routing_outcome(test["Y"], test["C"], Policy.of(policy, param).route(Pt, test["C_route"]))
-            row[policy] = {"param": param, "accuracy": acc, "cost": cost,
-                           "savings_vs_best_single": M.cost_savings(cost, best_cost)}
-        out[model.name] = row
-    return {"target_val_accuracy": target, "routers": out}
 
 
 def score_fixed(W, Y, C, refs: dict, cfg) -> dict:
@@ -276,6 +245,7 @@ def score_subset(models, preds, operating, m: np.ndarray, test: dict[str, np.nda
             row = score_probabilistic(P, Y, Cr, C, op_rule(operating[model.name]), refs, targets, cfg)
             if detail:
                 row["operating_point"] = operating[model.name]
+                row["candidate_points"] = candidate_points(P, Y, Cr, C, operating[model.name], refs)
             else:
                 row.pop("sweep")
                 for name in policy_names()[1:]:

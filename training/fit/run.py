@@ -10,6 +10,7 @@ target table (registry prices, median answer length on train) and validation met
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,22 @@ def val_metrics(P: np.ndarray, Y: np.ndarray, targets: list[str]) -> dict[str, A
             "val_log_loss": dict(zip(targets, map(float, ll))), "val_mean_auc": float(np.nanmean(auc))}
 
 
+def best_single_record(train: RoutingData) -> dict[str, Any]:
+    """The best single target on the train rows, as ``evaluate``'s ``always-best`` picks it
+    (``training.metrics.best_target`` on each target's accuracy and mean label cost; ties: the
+    cheaper): ``{"target", "accuracy", "mean_cost", "rows": "train", "n"}``. Kept in the
+    artifact's training metrics, so an evaluation on a table without train rows still has its
+    ``always-best``."""
+    from training.metrics import best_target
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a target with no label: nan
+        accs, costs = np.nanmean(train.Y, axis=0), np.nanmean(train.cost, axis=0)
+    j = best_target(accs, np.nan_to_num(costs, nan=np.inf))
+    return {"target": train.targets[j], "accuracy": float(accs[j]), "mean_cost": float(costs[j]), "rows": "train",
+            "n": int(len(train.query_ids))}
+
+
 def run_name(cfg: FitConfig, Xtr: np.ndarray, Ytr: np.ndarray) -> str:
     """``<train.name>-<hash of the features, labels and training settings>``: Ray Train resumes
     a run of the same name, so only a run on identical inputs may share its checkpoint."""
@@ -133,7 +150,8 @@ def run_fit(cfg: FitConfig, data: RoutingData | None = None) -> dict[str, Any]:
     metrics = {**val_metrics(ensemble.predict_proba(Xva), va.Y, data.targets),
                "members_val_loss": {str(m.seed): m.val_loss for m in members},
                "kept_seeds": [m.seed for m in kept], "n_train": int(len(tr.query_ids)), "n_val": int(len(va.query_ids)),
-               "features": dict(zip(("n_components", "chosen_by"), chosen_features(cfg)[1:]))}
+               "features": dict(zip(("n_components", "chosen_by"), chosen_features(cfg)[1:])),
+               "best_single": best_single_record(tr)}
     blocks = transform.names
     meta = ArtifactMeta(
         encoder=encoder_info(cfg.activations) if cfg.activations else {"name": "unknown"},

@@ -40,7 +40,8 @@ def test_foreign_artifact_on_an_all_test_table_skips_the_trained_baselines(evalu
     assert report.all_rows_test and report.n.test == len(fresh.query_ids)
     assert report.n.train == report.n.val == 0
     assert set(report.subsets["test"].routers) == {"prefill-router", "random"}
-    assert report.skipped_routers == {"always-best": "needs train rows (none given)",
+    assert report.skipped_routers == {"always-best": "needs train rows (none given); the artifact records no best "
+                                                     "single target (fitted before fit recorded one)",
                                          "knn-minilm": "needs train rows (none given)",
                                          "mlp-minilm": "needs train and val rows (none given)",
                                          "task-best": "needs train rows (none given)"}
@@ -54,6 +55,36 @@ def test_foreign_artifact_on_an_all_test_table_skips_the_trained_baselines(evalu
     full = run_evaluation(ecfg.model_copy(update={**whole, "all_rows_test": True, "routers": ["random"],
                                                   "out": str(tmp_path / "out2")}))
     assert full.n.test == len(data.query_ids) and full.n.train == 0
+
+
+def test_always_cheapest_and_always_best_come_from_the_artifact_on_an_all_test_table(evaluated, tmp_path):
+    import json
+
+    from shared.artifact import copy_artifact
+    from training.evaluate.baselines import AlwaysBest
+    from training.fit.run import best_single_record
+
+    data, cfg, _ = evaluated
+    train = data.where("train")
+    record = best_single_record(train)  # what fit now keeps in the artifact: always-best's own choice on train
+    assert record["target"] == data.targets[AlwaysBest().fit(train, []).index] and record["n"] == len(train.query_ids)
+    uri = str(tmp_path / "router")
+    copy_artifact(cfg.artifact, uri)
+    meta = json.loads((tmp_path / "router" / "meta.json").read_text())
+    meta["training_metrics"]["best_single"] = {**record, "target": "mid"}  # not the test rows' best: read, not refitted
+    (tmp_path / "router" / "meta.json").write_text(json.dumps(meta))
+    fresh = _fresh(data)
+    ecfg = EvalConfig(artifact=uri, out=str(tmp_path / "out"), bootstrap=0, **write_datasets(fresh, tmp_path),
+                      routers=["random", "always-cheapest", "always-best", "knn-minilm"])
+    report = run_evaluation(ecfg)
+    assert report.skipped_routers == {"knn-minilm": "needs train rows (none given)"}
+    refs = report.subsets["test"].references
+    assert report.router("always-best").accuracy == pytest.approx(refs.single["mid"].accuracy)
+    assert report.router("always-cheapest").cost == pytest.approx(refs.single["small"].cost)  # the lowest prices
+    assert set(report.artifact_baselines) == {"always-cheapest", "always-best"}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "From the artifact (no train rows): `always-cheapest` always takes small" in md
+    assert f"`always-best` always takes mid, the best single target on the artifact's {len(train.query_ids)} train" in md
 
 
 def test_foreign_artifact_with_train_data_fits_the_baselines(evaluated, tmp_path):
@@ -71,6 +102,8 @@ def test_foreign_artifact_with_train_data_fits_the_baselines(evaluated, tmp_path
     ours, then = (r.router("prefill-router") for r in (report, before))
     for key in ("policy", "param", "accuracy", "cost", "gap_closed", "mean_auc"):  # same val calibration and rows
         assert getattr(ours, key) == pytest.approx(getattr(then, key)), key
+    kept = ours.candidate_points[ours.policy]  # every calibrated policy on test; the kept one is the row itself
+    assert set(ours.candidate_points) == {"tolerance", "value"} and (kept.param, kept.accuracy) == (ours.param, ours.accuracy)
     assert set(report.subsets["test"].routers) == {"prefill-router", "random", "always-best", "knn-minilm",
                                                          "task-best"}
     with pytest.raises(ValueError, match="also train / val rows of train_data"):

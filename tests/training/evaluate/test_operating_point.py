@@ -71,3 +71,23 @@ def test_sweep_with_separate_decision_costs_matches_direct_routing():
     for tol, acc, cost in zip(*sweep):
         assert (acc, cost) == pytest.approx(M.routing_outcome(Y, C, M.route_with_tolerance(P, C_route, tol)))
     assert M.tolerance_sweep(P, Y, C, None).cost.tolist() == M.tolerance_sweep(P, Y, C).cost.tolist()
+
+
+def test_each_calibrated_policy_is_scored_with_its_own_parameter_on_other_rows():
+    from training.evaluate.policy_scoring import candidate_points, headline
+    from training.evaluate.scoring import references
+
+    P, val, C = _val()
+    got = choose_operating_point(P, val, C, C, op(target_accuracy="best_single"), Policy.of("tolerance", 0.2))
+    P2, test, C2 = _val(seed=1)  # the test rows
+    test.Y[0, 1] = test.Y[3, :2] = np.nan
+    refs = references(test.Y, C2, test.targets)
+    assert refs["n_all_labelled"] == len(test.Y) - 2  # rows 0 and 3 lack a label
+    points = candidate_points(P2, test.Y, C2, C2, got, refs)
+    assert set(points) == {"tolerance", "value"}
+    for c in got["candidates"]:
+        acc, cost = M.routing_outcome(test.Y, C2, Policy.of(c["policy"], c["param"]).route(P2, C2))
+        assert points[c["policy"]] == pytest.approx({"param": c["param"], "status": c["status"],
+                                                     **headline(acc, cost, refs)})
+    none = choose_operating_point(P, val, C, C, op(), Policy.of("tolerance", 0.2))  # not calibrated: no candidates
+    assert candidate_points(P2, test.Y, C2, C2, none, refs) == {}

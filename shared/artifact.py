@@ -225,16 +225,25 @@ def save_artifact(uri: str, meta: ArtifactMeta, transform: FeatureTransform, ens
     return final
 
 
-def update_policy(uri: str, policy: PolicyDefaults) -> ArtifactMeta:
-    """Replace the artifact's policy (e.g. a calibrated operating point) by rewriting
-    ``meta.json`` only; the safetensors files and their checksums are untouched, so the
-    artifact still loads. Returns the new meta."""
-    meta = read_meta(uri)
-    policy = PolicyDefaults.model_validate(policy)
-    new = ArtifactMeta.model_validate({**meta.model_dump(), "policy": policy.model_dump(),
-                                       "schema_version": SCHEMA_VERSION})
+def update_meta(uri: str, policy: PolicyDefaults | None = None,
+                training_metrics: dict[str, Any] | None = None) -> ArtifactMeta:
+    """Replace the artifact's policy (e.g. a calibrated operating point) and/or its training
+    metrics (e.g. evaluate's task-level references) by rewriting ``meta.json`` only; the
+    safetensors files and their checksums are untouched, so the artifact still loads.
+    Returns the new meta."""
+    meta = read_meta(uri).model_dump()
+    if policy is not None:
+        meta["policy"] = PolicyDefaults.model_validate(policy).model_dump()
+    if training_metrics is not None:
+        meta["training_metrics"] = training_metrics
+    new = ArtifactMeta.model_validate({**meta, "schema_version": SCHEMA_VERSION})
     storage.write_bytes(storage.join(uri, META_FILE), (new.model_dump_json(indent=2) + "\n").encode())
     return new
+
+
+def update_policy(uri: str, policy: PolicyDefaults) -> ArtifactMeta:
+    """Replace the artifact's policy only (:func:`update_meta`)."""
+    return update_meta(uri, policy=policy)
 
 
 def _read(uri: str, name: str) -> bytes:

@@ -113,7 +113,7 @@ class TaskBestRouter(RouterModel):
     name, probabilistic = "task-best", False
 
     def __init__(self, tasks: dict[str, tuple[str, str]], min_rows: int = 50):
-        self.tasks, self.min_rows, self.choice = tasks, min_rows, {}
+        self.tasks, self.min_rows, self.choice, self.from_artifact = tasks, min_rows, {}, False
 
     def _meta(self, data: RoutingData) -> tuple[list[str], list[str]]:
         missing = [q for q in data.query_ids if q not in self.tasks]
@@ -135,6 +135,21 @@ class TaskBestRouter(RouterModel):
         self.default = best_single(Y, costs)[0]
         self.choice = {g: best_single(Y[groups == g], costs[groups == g])[0] for g in np.unique(groups)}
         return self
+
+    def record(self, names: Sequence[str]) -> dict:
+        """What it learnt, by target name (JSON): written into the router artifact by evaluate, so a
+        table without train rows (a held-out check) is scored against the same task-level choices."""
+        return {"groups": {str(g): names[i] for g, i in self.choice.items()}, "default": names[self.default],
+                "big": sorted(map(str, self.big)), "min_rows": self.min_rows}
+
+    @classmethod
+    def from_record(cls, tasks: dict[str, tuple[str, str]], record: dict, names: Sequence[str]) -> "TaskBestRouter":
+        """A fitted router from :meth:`record` (``names``: the targets' order of the rows scored)."""
+        out = cls(tasks, int(record.get("min_rows", 50)))
+        out.big, out.default = set(record["big"]), list(names).index(record["default"])
+        out.choice = {g: list(names).index(t) for g, t in record["groups"].items()}
+        out.from_artifact = True
+        return out
 
     def groups(self, data: RoutingData) -> np.ndarray:
         """``(n,)`` the fitted routing group of each row (a small or unseen task: its source)."""

@@ -5,13 +5,14 @@ Every router (:mod:`training.evaluate.baselines`) is fitted on **train**, tuned 
 targets disagree, and per task (:mod:`training.evaluate.scoring`). The operating point
 (a routing rule: a registered policy, by default whichever meets the target best)
 is calibrated on **val** from a target mean cost or accuracy, or is the artifact's default;
-a calibrated point is written back into the artifact (``shared.artifact.update_policy``).
+a calibrated point is written back into the artifact (``shared.artifact.update_meta``).
 
 A foreign artifact on a fresh table (e.g. a router shipped for RouterBench, scored on a newly
 imported slice): with ``all_rows_test`` (automatic when the table has no train rows) every
 row is scored as test; baselines that need train (or val) rows are skipped and the report says
 so, unless ``train_data`` names a dataset whose train / val rows they are fitted on
-(always-cheapest and always-best take their target from the artifact: :func:`from_artifact`). The
+(always-cheapest, always-best and task-best take their targets from the artifact:
+:mod:`training.evaluate.artifact_refs`). The
 artifact's encoder, layers and widths are checked against the activations first.
 
 Semantic baselines embed the text of :mod:`training.semantic_text` (``semantic_text``).
@@ -35,6 +36,7 @@ from shared.errors import BadInput
 from shared.features import block_width, encoder_columns
 from shared.policy import Policy
 from training.loop import TrunkConfig
+from training.evaluate.artifact_refs import from_artifact, write_back
 from training.evaluate.baselines import RouterModel
 from training.dataset import RoutingData
 from training.evaluate.results import ChosenOperatingPoint, EvalReport, EvalRows, PublishedFigure, RowMeta
@@ -254,41 +256,12 @@ def runnable(routers: Sequence[str], data: RoutingData) -> tuple[list[str], dict
     return run, skipped
 
 
-def from_artifact(artifact, data: RoutingData, skipped: dict[str, str]) -> tuple[dict[str, int], dict[str, str]]:
-    """``always-cheapest`` / ``always-best`` skipped for want of train rows, from what the artifact
-    knows of its targets instead: ``({router: target index}, {router: where its target came from})``,
-    each found one removed from ``skipped``. always-cheapest: the lowest mean price-model cost on
-    these rows (the artifact's prices and median answer lengths over the prompts' tokens: what
-    routing knows before any answer; equal: the first target); always-best: the best single target
-    the artifact recorded on its train rows at fit (``training_metrics.best_single``; an older
-    artifact has none, and always-best stays skipped)."""
-    from training.evaluate.scoring import decision_costs
-
-    names, preset, sources = artifact.router.target_names, {}, {}
-    if "always-cheapest" in skipped:
-        mean = decision_costs(artifact.router, data).mean(axis=0)
-        j, tied = int(np.argmin(mean)), int(np.isclose(mean, mean.min(), rtol=1e-9, atol=0).sum())
-        preset["always-cheapest"] = j
-        sources["always-cheapest"] = (f"{names[j]}, the target with the lowest mean cost on these rows under the "
-                                      "artifact's prices" + (f" (the first of {tied} tied)" if tied > 1 else ""))
-    if "always-best" in skipped:
-        best = artifact.router.meta.training_metrics.get("best_single") or {}
-        if best.get("target") in names:
-            preset["always-best"] = names.index(best["target"])
-            sources["always-best"] = (f"{best['target']}, the best single target on the artifact's "
-                                      f"{best.get('n', '?')} {best.get('rows', 'train')} rows (recorded at fit)")
-        else:
-            skipped["always-best"] += "; the artifact records no best single target (fitted before fit recorded one)"
-    for name in preset:
-        del skipped[name]
-    return preset, sources
-
-
 def build_routers(cfg: EvalConfig, names: Sequence[str], embedder=None, tasks=None,
-                  preset: dict[str, int] | None = None) -> list[RouterModel]:
+                  preset: dict[str, Any] | None = None) -> list[RouterModel]:
     """The baselines ``names`` (semantic ones share one embedder, so texts embed once);
     ``tasks``: ``{query_id: (source, task)}`` for task-best; ``preset``: the target of
-    always-cheapest / always-best when known without train rows (:func:`from_artifact`)."""
+    always-cheapest / always-best, and task-best's ``(record, target names)``, when known
+    without train rows (:func:`training.evaluate.artifact_refs.from_artifact`)."""
     from training.evaluate import baselines as B
 
     if any(r in SEMANTIC for r in names) and embedder is None:
@@ -303,7 +276,8 @@ def build_routers(cfg: EvalConfig, names: Sequence[str], embedder=None, tasks=No
         "mlp-minilm": lambda: B.MLPRouter(embedder, seeds=cfg.mlp_seeds, keep=cfg.mlp_seeds,
                                           n_components=cfg.n_components, trunk=cfg.trunk),
         "mf-minilm": lambda: B.MFRouter(embedder, dim=cfg.mf_dim),
-        "task-best": lambda: B.TaskBestRouter(tasks, cfg.task_min_rows),
+        "task-best": lambda: (B.TaskBestRouter.from_record(tasks, *preset["task-best"])
+                              if "task-best" in (preset or {}) else B.TaskBestRouter(tasks, cfg.task_min_rows)),
     }
     return [make[name]() for name in names]
 
@@ -335,7 +309,7 @@ def run_evaluation(cfg: EvalConfig, data: RoutingData | None = None, texts: Sequ
     rows = prepare_rows(cfg, artifact, data, texts, tasks)
     data, meta = rows.data, rows.meta
     names, skipped = runnable(cfg.routers, data)
-    preset, sources = from_artifact(artifact, data, skipped)
+    preset, sources = from_artifact(artifact, data, skipped, meta)
     names = [n for n in cfg.routers if n in names or n in preset]
     for name, why in {**skipped, **sources}.items():
         log.warning("%s %s: %s", name, "from the artifact" if name in sources else "skipped", why)
@@ -347,7 +321,7 @@ def run_evaluation(cfg: EvalConfig, data: RoutingData | None = None, texts: Sequ
     report = EvalReport.model_validate({
         **scores, "operating_point": op, "all_rows_test": rows.all_rows_test, "skipped_routers": skipped,
         "artifact_baselines": sources,
-        "semantic_text": text_info, "operating_point_written": write_operating_point(cfg, artifact, op),
+        "semantic_text": text_info, "operating_point_written": write_back(cfg, artifact, op, models),
         "artifact": cfg.artifact, "config": cfg.model_dump(mode="json"), "paper": PAPER,
         **({"published": cfg.published} if cfg.published else {})})
     write_outputs(report, cfg.out)
@@ -357,18 +331,6 @@ def run_evaluation(cfg: EvalConfig, data: RoutingData | None = None, texts: Sequ
         console.print(task_table(clean))
     console.print(f"report written to {cfg.out}/report.json, report.md, cost_accuracy*.png")
     return report
-
-
-def write_operating_point(cfg: EvalConfig, artifact, op: ChosenOperatingPoint) -> bool:
-    """Write a calibrated operating point into the artifact (when configured); True if written."""
-    from shared.artifact import OperatingPoint, update_policy
-
-    if not (cfg.write_operating_point and op.status == "calibrated"):
-        return False
-    point = OperatingPoint(param=getattr(op, op.policy), **{k: getattr(op, k) for k in (
-        "policy", "target_cost", "target_accuracy", "val_accuracy", "val_cost")})
-    update_policy(cfg.artifact, artifact.router.meta.policy.model_copy(update={"operating_point": point}))
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:

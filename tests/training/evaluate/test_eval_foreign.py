@@ -44,7 +44,9 @@ def test_foreign_artifact_on_an_all_test_table_skips_the_trained_baselines(evalu
                                                      "single target (fitted before fit recorded one)",
                                          "knn-minilm": "needs train rows (none given)",
                                          "mlp-minilm": "needs train and val rows (none given)",
-                                         "task-best": "needs train rows (none given)"}
+                                         "task-best": "needs train rows (none given); the artifact records no "
+                                                      "task-level choices (evaluate records them when it scores "
+                                                      "task-best with train rows)"}
     op = report.operating_point
     assert op.status == "default" and "no val rows" in op.note and not report.operating_point_written
     assert set(report.by_task) == {"task0", "task1"} and report.semantic_text is None

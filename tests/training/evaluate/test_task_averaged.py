@@ -80,6 +80,11 @@ def test_task_best_sends_a_task_it_never_saw_to_the_best_single_target():
     assert router.choice == {"t1": 0, "t2": 2} and router.default == 1
     W = router.choice_weights(data([6, 7, 8, 0]), [])
     assert W.argmax(axis=1).tolist() == [1, 1, 2, 0]  # unseen tasks (same source or not): the best single
+    # the record evaluate writes into the artifact gives the same choices without any train rows
+    record = json.loads(json.dumps(router.record(["m0", "m1", "m2"])))
+    assert record == {"groups": {"t1": "m0", "t2": "m2"}, "default": "m1", "big": ["t1", "t2"], "min_rows": 2}
+    again = TaskBestRouter.from_record(tasks, record, ["m0", "m1", "m2"])
+    assert again.from_artifact and np.array_equal(again.choice_weights(data([6, 7, 8, 0]), []), W)
 
 
 def test_published_figures_are_checked():

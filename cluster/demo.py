@@ -203,6 +203,8 @@ def summary_table(summary: DemoSummary, report: EvalReport) -> Table:
     view.add_row("gap closed", f"{m['gap_closed']:.1%}" if "gap_closed" in m else "n/a (oracle = best single)")
     view.add_row("cost savings vs most expensive", f"{m['cost_savings']:.1%}")
     view.add_row("mean AUC", f"{m.get('mean_auc', float('nan')):.3f}")
+    for name, line in summary.shipped.items():
+        view.add_row(f"shipped router, {name}", line)
     for key, path in summary.files.items():
         view.add_row(key, path)
     return view
@@ -212,6 +214,7 @@ def run_demo(workdir: Path, quick: bool, reference_labels: Path | None = None, n
              targets: list[str] | None = None) -> DemoSummary:
     """Run every demo step; returns (and writes ``workdir/demo-summary.json``) the summary."""
     from cluster.demo_chat import pick_prompts, serve_and_chat
+    from cluster.demo_results import shipped_results
     from shared import storage
     from training.evaluate.report import summary_table as eval_table
     from training.evaluate.results import EvalReport
@@ -253,7 +256,8 @@ def run_demo(workdir: Path, quick: bool, reference_labels: Path | None = None, n
              "summary": str(workdir / "demo-summary.json")}
     summary = DemoSummary(workdir=str(workdir), quick=quick, reference_labels=str(reference_labels or ""),
                           seconds={k: round(v, 1) for k, v in seconds.items()}, files=files,
-                          stages=pipe["stages"], serve=served, test_metrics=pipe["stages"]["evaluate"]["metrics"])
+                          stages=pipe["stages"], serve=served, test_metrics=pipe["stages"]["evaluate"]["metrics"],
+                          shipped=shipped_results(Path(__file__).resolve().parents[1]))
     storage.write_json(str(workdir / "demo-summary.json"), summary.model_dump())
     console.print(summary_table(summary, report))
     return summary

@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# The shipped routers on real targets, whose committed reports the demo's summary quotes.
+SHIPPED = {"RouterBench (11 production LLMs)": "data/routerbench/eval/report.json",
+           "RouterDC (7 open 7B-8B models)": "data/routerdc/eval/report.json"}
 
 
 class ServeResult(BaseModel):
@@ -35,3 +40,34 @@ class DemoSummary(BaseModel):
     stages: dict[str, dict[str, Any]] = Field(description="Each pipeline stage's result (pipeline-summary.json).")
     serve: ServeResult = Field(description="The Serve app and the chat requests sent through it.")
     test_metrics: dict[str, float] = Field(description="The router's headline numbers on the test split.")
+    shipped: dict[str, str] = Field(default_factory=dict, description="What the shipped routers reach on real "
+                                    "targets, read from their committed reports (benchmark -> one line).")
+
+
+def shipped_line(report: Any) -> str:
+    """One line of what a shipped router reaches on its test split (an :class:`EvalReport`):
+    accuracy and savings against the best single model where prices differ; task-averaged
+    accuracy against the best single model, the task-aware reference and a published figure
+    where every target costs the same."""
+    test = report.subsets["test"]
+    ours, refs = test.routers["prefill-router"], test.references
+    if not refs.equal_costs:
+        best = refs.best_single
+        return (f"router {ours.accuracy:.2%} at {ours.cost_savings:.1%} lower cost than {refs.most_expensive.target}; "
+                f"best single {best.target} {best.accuracy:.2%}, oracle {refs.oracle.accuracy:.2%}")
+    best, task = refs.best_single_task_averaged, test.routers.get("task-best")
+    line = (f"router {ours.task_averaged_accuracy:.2%} task-averaged; best single {best.target} {best.accuracy:.2%}"
+            + (f", task-aware {task.task_averaged_accuracy:.2%}" if task is not None else ""))
+    return line + "".join(f", {p.label} {p.task_averaged_accuracy:.2%}" for p in report.published or []
+                          if p.task_averaged_accuracy is not None)
+
+
+def shipped_results(root: Path) -> dict[str, str]:
+    """``{benchmark: line}`` from the committed reports under ``root`` (absent ones say so)."""
+    from training.evaluate.results import EvalReport
+
+    out = {}
+    for name, rel in SHIPPED.items():
+        path = root / rel
+        out[name] = shipped_line(EvalReport.read(str(path))) if path.is_file() else f"no report at {rel}"
+    return out

@@ -20,6 +20,7 @@ CONFIG_SCHEMAS: dict[str, str] = {
     "label-quick.yaml": "training.label.run:LabelConfig",
     "cluster-local.yaml": "cluster.local:LocalClusterConfig",
     "evaluate.yaml": "training.evaluate.run:EvalConfig",
+    "evaluate-routerdc.yaml": "training.evaluate.run:EvalConfig",
     "capture.yaml": "training.capture.run:CaptureConfig",
     "capture-quick.yaml": "training.capture.run:CaptureConfig",
     "capture-ref.yaml": "training.capture.run:CaptureConfig",

@@ -192,3 +192,22 @@ def test_summary_table_reads_the_report_model():
     ours, refs = report.router("prefill-router"), report.subsets["test"].references
     assert f"{ours.accuracy:.1%} / {refs.best_single.accuracy:.1%} ({refs.best_single.target})" in text
     assert str(report.n.test) in text and "time: pipeline" in text and "61 s" in text
+
+
+def test_demo_summary_quotes_the_shipped_routers_on_real_targets(tmp_path):
+    """The summary's lines for RouterBench (cost routing) and RouterDC (equal prices: task-averaged
+    accuracy) are read from the committed reports; a missing report is named, not invented."""
+    from cluster.demo_results import SHIPPED, shipped_results
+    from training.evaluate.results import EvalReport
+    from tests.procs import ROOT
+
+    lines = shipped_results(ROOT)
+    bench, dc = (EvalReport.read(str(ROOT / p)) for p in SHIPPED.values())
+    rb_line, dc_line = lines.values()
+    ours = bench.router("prefill-router")
+    assert f"{ours.accuracy:.2%}" in rb_line and f"{ours.cost_savings:.1%} lower cost than gpt-4" in rb_line
+    test = dc.subsets["test"]
+    assert test.references.equal_costs and "cost" not in dc_line
+    assert f"router {test.routers['prefill-router'].task_averaged_accuracy:.2%} task-averaged" in dc_line
+    assert f"task-aware {test.routers['task-best'].task_averaged_accuracy:.2%}" in dc_line and "52.70%" in dc_line
+    assert set(shipped_results(tmp_path).values()) == {f"no report at {p}" for p in SHIPPED.values()}

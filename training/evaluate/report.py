@@ -235,11 +235,13 @@ def task_lines(report: dict[str, Any]) -> list[str]:
         header, rows = task_columns(report), task_rows(report, subset)
         if equal_costs(report):
             header, rows = drop_cost_columns(header, rows)
+        tail = ("routers at the operating point chosen on val (ties for best single broken as above)."
+                if equal_costs(report) else "routers at the operating point chosen on val, the frontier columns on "
+                "its policy's sweep; the savings are at the accuracy of the task's own best single model (named; "
+                "ties broken as above).")
         out += [f"## Per task ({title})", "",
                 f"Each task against its own best single model{' and' if equal_costs(report) else ','} oracle"
-                f"{'' if equal_costs(report) else ' and most expensive target'}; routers at the operating point "
-                "chosen on val, the frontier columns on its policy's sweep; the savings are at the accuracy of the "
-                "task's own best single model (named; ties broken as above).", "",
+                f"{'' if equal_costs(report) else ' and most expensive target'}; {tail}", "",
                 _md_table(rows, header) if rows else "None.", ""]
     return out
 

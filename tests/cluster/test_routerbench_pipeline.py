@@ -31,19 +31,6 @@ def slice_files(out: Path, start: int, stop: int) -> Path:
     return out
 
 
-@pytest.fixture
-def local_ray():
-    """One local Ray for the pipeline and the held-out capture (neither then starts its own)."""
-    import ray
-
-    from shared.ray_boot import ensure_ray
-
-    started = ensure_ray("local", num_cpus=2, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_routerbench_pipeline_then_a_held_out_check(tmp_path, caplog, local_ray):

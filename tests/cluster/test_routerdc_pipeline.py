@@ -30,18 +30,6 @@ def slice_files(out: Path, names, start: int, stop: int) -> Path:
     return out
 
 
-@pytest.fixture
-def local_ray():
-    import ray
-
-    from shared.ray_boot import ensure_ray
-
-    started = ensure_ray("local", num_cpus=2, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_routerdc_pipeline_then_an_unseen_task(tmp_path, local_ray):

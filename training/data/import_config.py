@@ -7,7 +7,6 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from shared.config import StrictConfig
-from training.data.source_models import ROUTERBENCH_MODELS, ROUTERDC_MODELS  # noqa: F401 (re-exported)
 from training.queries import ANSWER_TYPES
 
 

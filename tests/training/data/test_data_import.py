@@ -13,7 +13,8 @@ import pytest
 
 from shared.registry import load_registry
 from training.queries import QUERY_SCHEMA
-from training.data.import_config import ROUTERBENCH_MODELS, ImportConfig
+from training.data.import_config import ImportConfig
+from training.data.source_models import ROUTERBENCH_MODELS
 from training.data.importer import run_import
 from training.data.import_sources import MissingColumn
 from tests.procs import ROOT

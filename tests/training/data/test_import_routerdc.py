@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from shared.config import ConfigError, load_config
-from training.data.import_config import ROUTERDC_MODELS, ImportConfig
+from training.data.import_config import ImportConfig
+from training.data.source_models import ROUTERDC_MODELS
 from training.data.importer import run_import
 from training.data.import_sources import MissingColumn
 from tests.procs import ROOT

@@ -21,6 +21,13 @@ EQUAL_COSTS = ("All targets cost the same per query here, so every routing costs
                "P-AUCCC columns are left out, and accuracy (pooled and task-averaged) is the headline.")
 UNAVAILABLE = ("Task-averaged accuracy (RouterDC's metric): unavailable, the evaluation was given no query table "
                "with a `task` column.")
+PREDATES = ("Task-averaged accuracy (RouterDC's metric): not in this report, which was evaluated before the metric "
+            "existed; `prefill-router evaluate` with the config under `config` in report.json adds it.")
+
+
+def unavailable(report: dict[str, Any]) -> str:
+    """Why a report has no task-averaged accuracy: no tasks given, or an older report (per-task rows, no count)."""
+    return PREDATES if report.get("by_task") else UNAVAILABLE
 
 
 def equal_costs(report: dict[str, Any]) -> bool:
@@ -87,7 +94,7 @@ def accuracy_lines(report: dict[str, Any], subset: str = "test") -> list[str]:
     one line says the task-averaged accuracy is unavailable)."""
     equal, tasks = equal_costs(report), has_tasks(report)
     if not equal and not tasks:
-        return [UNAVAILABLE, ""] if subset == "test" else []
+        return [unavailable(report), ""] if subset == "test" else []
     table = [*_md(ACCURACY_COLUMNS, accuracy_rows(report, subset)), ""]
     if subset != "test":
         return table if equal else [f"Pooled and task-averaged accuracy ({subset} queries):", "", *table]
@@ -95,7 +102,7 @@ def accuracy_lines(report: dict[str, Any], subset: str = "test") -> list[str]:
     what = (f"Task-averaged accuracy (RouterDC's metric) is the mean score of the chosen target within each of the "
             f"{n_tasks} tasks, then the unweighted mean over tasks; pooled accuracy weighs every query alike. Each "
             "gap closed is (router − best single) / (oracle − best single) in its own metric (against the best "
-            "single target by that metric)." if tasks else UNAVAILABLE)
+            "single target by that metric)." if tasks else unavailable(report))
     return [*([EQUAL_COSTS, ""] if equal else []), what, "", *table]
 
 

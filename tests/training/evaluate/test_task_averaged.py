@@ -217,3 +217,17 @@ def test_without_tasks_the_metric_is_said_to_be_unavailable():
     md = markdown(report.to_json())
     assert UNAVAILABLE in md and "| — | " in md
     assert "| prefill-router (tol 0) ◀ artifact's operating point | " in md
+
+
+def test_a_report_from_before_the_metric_says_so():
+    """A committed report evaluated before task-averaged accuracy existed (per-task rows, no task
+    count) says to re-run evaluate, not that it had no tasks."""
+    from tests.procs import ROOT
+    from training.evaluate.report import markdown
+    from training.evaluate.report_accuracy import PREDATES, UNAVAILABLE
+    from training.evaluate.results import EvalReport
+
+    report = EvalReport.read(str(ROOT / "data" / "routerbench-qwen" / "eval" / "report.json")).to_json()
+    assert report["by_task"] and report["subsets"]["test"]["references"].get("n_tasks") is None
+    md = markdown(report)
+    assert PREDATES in md and UNAVAILABLE not in md

@@ -74,5 +74,6 @@ def test_routerbench_pipeline_then_a_held_out_check(tmp_path, caplog, local_ray)
                                      out=str(fresh / "eval"), routers=["random", "always-best", "task-best"],
                                      bootstrap=50))
     assert held.n.test == 24 and held.n.train == 0 and held.all_rows_test
-    assert "task-best" in held.skipped_routers, "a baseline that needs train rows is skipped, with its reason"
+    assert not held.skipped_routers, "always-best and task-best come from what the artifact recorded"
+    assert "recorded at evaluate" in held.artifact_baselines["task-best"]
     assert (fresh / "eval" / "report.json").is_file()

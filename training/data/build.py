@@ -212,5 +212,5 @@ def main(argv: list[str] | None = None) -> int:
         "build": config_command(DataConfig, run_build,
                                 "Build the benchmark query table (Parquet) from offline sources."),
         "import": config_command(ImportConfig, run_import, "Import published per-query correctness and cost "
-                                 "(RouterBench or long format) as a query table and labels."),
+                                 "(RouterBench, RouterDC or a long format) as a query table and labels."),
     }, "Benchmark query tables.")

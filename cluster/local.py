@@ -20,6 +20,7 @@ loopback ports).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -75,9 +76,21 @@ class LocalClusterConfig(StrictConfig):
 # --------------------------------------------------------------------------- helpers
 def free_port() -> int:
     """A TCP port free right now on 127.0.0.1 (another process could still take it)."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int, avoid: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """``n`` distinct TCP ports free right now on 127.0.0.1, none in ``avoid``: the sockets are held
+    open together, so the OS cannot hand the same port out twice (one at a time it can, and Ray
+    then refuses two components on one port)."""
+    with contextlib.ExitStack() as stack:
+        found: list[int] = []
+        while len(found) < n:
+            s = stack.enter_context(socket.socket())
+            s.bind((LOOPBACK, 0))
+            if s.getsockname()[1] not in avoid:
+                found.append(s.getsockname()[1])
+        return found
 
 
 def port_free(port: int) -> bool:
@@ -127,13 +140,15 @@ def http_get(url: str, token_path: str | None, timeout: float) -> Any:
 # --------------------------------------------------------------------------- start / stop / health
 def _ports(cfg: LocalClusterConfig) -> dict[str, int]:
     """The head's ports: each configured one (refused if taken) or a free one for 0/None."""
-    ports = {}
-    for name in ("port", "dashboard_port", "client_server_port", "dashboard_agent_port"):
-        port = getattr(cfg, name) or free_port()
-        if getattr(cfg, name) and not port_free(port):
+    names = ("port", "dashboard_port", "client_server_port", "dashboard_agent_port")
+    given = {name: getattr(cfg, name) for name in names if getattr(cfg, name)}
+    if len(set(given.values())) < len(given):
+        raise ClusterError(f"two of the head's ports are the same ({given}); give each its own, or 0 for a free one")
+    for name, port in given.items():
+        if not port_free(port):
             raise ClusterError(f"{name} {port} is already in use; choose another ({name}=0 picks a free one)")
-        ports[name] = port
-    return ports
+    picked = iter(free_ports(len(names) - len(given), avoid=set(given.values())))
+    return {name: given.get(name) or next(picked) for name in names}
 
 
 def _temp_dir(cfg: LocalClusterConfig) -> tuple[Path, bool]:

@@ -84,3 +84,27 @@ def test_pipeline_ref_keeps_the_settings_of_the_stage_by_stage_configs():
     skip = {"storage_path"}
     assert fit.train.model_dump(exclude=skip) == ref.fit.train.model_dump(exclude=skip)
     assert fit.tolerance == ref.fit.tolerance
+
+
+def test_the_heads_free_ports_are_distinct_and_given_ones_checked():
+    """Ports left at 0 are picked together, so no two components get one port (picked one at a
+    time, the dashboard once drew the GCS's port and `ray start` failed); a configured port is
+    kept, never re-picked, and two equal ones are refused."""
+    import socket
+
+    from cluster.local import ClusterError, LocalClusterConfig, _ports, free_ports
+
+    for _ in range(20):
+        picked = free_ports(4)
+        assert len(set(picked)) == 4
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        kept = s.getsockname()[1]
+    ports = _ports(LocalClusterConfig(port=kept, dashboard_port=0))
+    assert ports["port"] == kept and len(set(ports.values())) == 4
+    with pytest.raises(ClusterError, match="two of the head's ports are the same"):
+        _ports(LocalClusterConfig(port=kept, dashboard_port=kept))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        with pytest.raises(ClusterError, match="already in use"):
+            _ports(LocalClusterConfig(port=s.getsockname()[1], dashboard_port=0))

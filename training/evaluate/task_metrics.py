@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["one_hot", "task_averaged", "task_averaged_rows", "task_averaged_singles", "task_averaged_oracle",
-           "best_task_averaged", "task_count"]
+           "task_count"]
 
 
 def one_hot(choice: np.ndarray, n_targets: int) -> np.ndarray:
@@ -80,13 +80,6 @@ def task_averaged_oracle(Y: np.ndarray, tasks: np.ndarray) -> float:
     labelled = (~np.isnan(Y)).any(axis=1)
     best = np.where(labelled, np.where(np.isnan(Y), -np.inf, Y).max(axis=1, initial=-np.inf), np.nan)
     return float(task_averaged_rows(best, tasks)[0])
-
-
-def best_task_averaged(singles: np.ndarray, costs: np.ndarray) -> int:
-    """Index of the best single target by task-averaged accuracy ``singles`` ``(T,)``; ties: lower
-    mean cost ``costs`` ``(T,)``, then lower index (as :func:`training.evaluate.routing_metrics.best_single`)."""
-    singles = np.nan_to_num(np.asarray(singles, dtype=np.float64), nan=-np.inf)
-    return int(np.lexsort((np.arange(len(singles)), np.asarray(costs, dtype=np.float64), -singles))[0])
 
 
 def task_count(Y: np.ndarray, tasks: np.ndarray) -> int:

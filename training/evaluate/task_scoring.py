@@ -15,6 +15,7 @@ import numpy as np
 
 from training.evaluate import routing_metrics as M
 from training.evaluate import task_metrics as TM
+from training.metrics import best_target
 
 TASK_BEST = "task-best"
 
@@ -38,7 +39,7 @@ def add_task_averaged(refs: dict[str, Any], rows: dict[str, dict], Y: np.ndarray
     singles = TM.task_averaged_singles(Y, tasks)
     oracle = TM.task_averaged_oracle(Y, tasks)
     costs = np.array([refs["single"][t]["cost"] for t in targets], dtype=np.float64)
-    best = TM.best_task_averaged(singles, costs)
+    best = best_target(singles, costs)  # the tie-break of every best single: then cheaper, then index
     for t, acc in zip(targets, singles):
         refs["single"][t]["task_averaged_accuracy"] = float(acc)
     refs["oracle"]["task_averaged_accuracy"] = oracle

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from shared.policy import Policy
+from training.metrics import best_target
 from training.dataset import RoutingData
 from training.evaluate import task_metrics as TM
 from training.evaluate.baselines import KNNRouter, RandomRouter, RouterModel, TaskBestRouter
@@ -36,7 +37,7 @@ def test_task_averaged_accuracy_by_hand():
     np.testing.assert_allclose(TM.task_averaged_singles(Y, TASKS), [0.5, 1.125 / 3])
     # oracle rows: 1, 1, .25, 1, .75 -> a 1, b .625, c .75
     assert TM.task_averaged_oracle(Y, TASKS) == pytest.approx(2.375 / 3)
-    assert TM.task_count(Y, TASKS) == 3 and TM.best_task_averaged([0.5, 0.5, 0.4], [2.0, 1.0, 0.0]) == 1
+    assert TM.task_count(Y, TASKS) == 3 and best_target([0.5, 0.5, 0.4], [2.0, 1.0, 0.0]) == 1
 
 
 def test_a_task_without_a_chosen_label_counts_in_no_mean():

@@ -64,7 +64,7 @@ def fold_scores(Y: np.ndarray, tasks: np.ndarray, folds) -> dict[str, np.ndarray
     """``{'pooled', 'within'}``: ``(T,)`` AUCs per target, each the NaN-skipping mean over
     ``folds`` (pairs ``(held, P)``, ``P`` ``(len(held), T)``) of the fold's pooled AUC
     (:func:`training.metrics.masked_auc`) and within-task AUC (``tasks`` ``(n,)``)."""
-    from training.evaluate.uncertainty import within_group_auc
+    from training.metrics import within_group_auc
     from training.metrics import masked_auc
 
     pooled, within = [], []

@@ -35,7 +35,7 @@ TABLE_FIELDS = {"column": (), "targets": (), "by_task": ("*.n", *(f"*.{s}" for s
 def signal_table(stats: np.ndarray, Y: np.ndarray, tasks: np.ndarray, targets: list[str]) -> dict:
     """``{task: {stat: {target: AUC}}}``: ``stats`` ``(n, 3)`` (top1, margin, entropy), ``Y``
     ``(n, T)`` correctness (NaN = missing), ``tasks`` ``(n,)``; entropy is negated (sure = high)."""
-    from training.evaluate.uncertainty import within_group_auc
+    from training.metrics import within_group_auc
 
     scores = stats * np.array([1.0, 1.0, -1.0])
     out: dict = {}

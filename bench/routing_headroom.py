@@ -78,7 +78,7 @@ def sweep_quality(Y, C, C_route, tasks, base_rate, targets, draws: int, seed: in
     """One row per (rho, sigma): mean over ``draws`` of the synthetic router's metrics."""
     from shared.policy import Policy
     from training.evaluate.scoring import PAPER_SAVINGS, references, score_probabilistic
-    from training.evaluate.uncertainty import within_group_auc
+    from training.metrics import within_group_auc
 
     cfg = SimpleNamespace(pauccc_interpolation="linear", savings_threshold=PAPER_SAVINGS)
     refs = references(Y, C, targets, cfg.savings_threshold)

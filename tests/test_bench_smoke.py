@@ -66,6 +66,7 @@ def test_missing_fields_names_what_a_table_would_miss():
 
 RESULTS = {"capture_throughput": ["capture_throughput.json", "capture_throughput_routerbench.json"],
            "encoder_combination": ["encoder_combination.json"], "fit_workers": ["fit_workers.json"],
+           "objectives": ["objectives_routerdc.json", "objectives_routerbench.json"],
            "next_token_signal": ["next_token_smollm2.json", "next_token_qwen_sample600.json"],
            "prefix_cache": ["prefix_cache_latency.json", "prefix_cache_latency_2026-12-02.json"],
            "routing_headroom": ["routing_headroom.json"], "serve_load": ["serve_load.json", "serve_load_64tok.json"]}
@@ -148,6 +149,21 @@ def test_encoder_combination_runs_on_a_tiny_capture(routerbench_work, tmp_path):
     doc = read_checked(combination, out)
     assert [r["sources"] for r in doc["rows"]] == [["a"], ["b"], ["a", "b"]]
     assert combination.markdown(doc["rows"], doc["args"]["targets"][0]).count("\n") == 1 + 3
+
+
+def test_objectives_runs_on_a_tiny_capture(routerbench_work, tmp_path):
+    objectives = bench("objectives")
+    w, out = routerbench_work, tmp_path / "objectives.json"
+    assert objectives.main(["--activations", w["activations"], "--labels", w["labels"], "--queries", w["queries"],
+                            "--artifact", str(RB_ARTIFACT), "--blocks", "h18_last", "h18_last,h21_last",
+                            "--objectives", "bce", "listwise:2:0.1", "--n-components", "4", "--folds", "2",
+                            "--seeds", "1", "--max-epochs", "5", "--out", str(out)]) == 0
+    doc = read_checked(objectives, out)
+    assert [(r["blocks"], r["objective"]) for r in doc["rows"]] == [
+        ("h18_last", "bce"), ("h18_last", "listwise x2 t0.1"), ("h18_last+h21_last", "bce"),
+        ("h18_last+h21_last", "listwise x2 t0.1")]
+    assert all(0 <= r["pairwise_auc"] <= 1 for r in doc["rows"]) and 0 <= doc["reference"]["pairwise_auc"] <= 1
+    assert objectives.markdown(doc).count("\n") == 1 + 4 + 1
 
 
 def test_next_token_signal_samples_and_scores_a_tiny_capture(routerbench_work, tmp_path):

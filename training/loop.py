@@ -1,8 +1,8 @@
 """The early-stopping training loop, one for every network training fits.
 
-- :func:`early_stopping`: Adam on :func:`shared.trunk.masked_bce_loss` over shuffled
-  minibatches, stopped once the validation loss has not improved by ``min_delta`` for
-  ``patience`` epochs; returns the best epoch's weights. SharedTrunkNet
+- :func:`early_stopping`: Adam on a loss (default :func:`shared.trunk.masked_bce_loss`; the
+  trunk's :mod:`training.objectives` choice) over shuffled minibatches, stopped once the
+  validation loss has not improved by ``min_delta`` for ``patience`` epochs; returns the best epoch's weights. SharedTrunkNet
   (:func:`train_one`) and the matrix-factorisation baseline both train through it.
 - :class:`TrunkConfig`: SharedTrunkNet's architecture and loop settings.
 - :func:`train_one`, :func:`select_ensemble`, :func:`build_ensemble`: one seed of
@@ -24,6 +24,7 @@ from pydantic import Field
 
 from shared.config import StrictConfig
 from shared.trunk import Ensemble, SharedTrunkNet, masked_bce_loss
+from training.objectives import ObjectiveConfig, objective
 
 
 class TrunkConfig(StrictConfig):
@@ -37,6 +38,8 @@ class TrunkConfig(StrictConfig):
     max_epochs: int = Field(150, gt=0, description="Upper bound on epochs.")
     patience: int = Field(15, gt=0, description="Epochs without validation improvement before stopping.")
     min_delta: float = Field(1e-6, ge=0, description="Smallest validation-loss drop that counts as improvement.")
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig,
+                                       description="Loss: the masked BCE, or it plus a ranking term.")
 
 
 @dataclass
@@ -59,8 +62,9 @@ def _tensors(X, Y, M):
 
 def early_stopping(make_net: Callable[[], torch.nn.Module], train: tuple, val: tuple, seed: int, *,
                    lr: float, weight_decay: float, batch_size: int, max_epochs: int, patience: int,
-                   min_delta: float) -> LoopResult:
-    """Train ``make_net()`` with Adam on the masked BCE, early-stopped on the validation loss.
+                   min_delta: float, loss: Callable = masked_bce_loss) -> LoopResult:
+    """Train ``make_net()`` with Adam on ``loss(logits, y, mask)`` (default the masked BCE),
+    early-stopped on the same loss over the validation rows.
 
     ``train`` and ``val`` are ``(X, Y, M)`` with ``X (n, d)``, ``Y (n, T)`` (NaN = missing)
     and ``M (n, T)`` or None. Minibatch order comes from ``numpy.default_rng(seed)``, the
@@ -81,13 +85,13 @@ def early_stopping(make_net: Callable[[], torch.nn.Module], train: tuple, val: t
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 opt.zero_grad()
-                masked_bce_loss(net(Xtr[idx]), Ytr[idx], Mtr[idx]).backward()
+                loss(net(Xtr[idx]), Ytr[idx], Mtr[idx]).backward()
                 opt.step()
             net.eval()
             with torch.no_grad():
-                loss = float(masked_bce_loss(net(Xva), Yva, Mva))
-            if loss < best - min_delta:
-                best, best_state, best_epoch, stale = loss, copy.deepcopy(net.state_dict()), epoch, 0
+                val_loss = float(loss(net(Xva), Yva, Mva))
+            if val_loss < best - min_delta:
+                best, best_state, best_epoch, stale = val_loss, copy.deepcopy(net.state_dict()), epoch, 0
             else:
                 stale += 1
                 if stale >= patience:
@@ -115,14 +119,14 @@ class TrainResult:
 
 
 def train_one(Xtr, Ytr, Mtr, Xva, Yva, Mva, seed: int, cfg: TrunkConfig | None = None) -> TrainResult:
-    """One SharedTrunkNet through :func:`early_stopping` (``patience`` epochs without a
-    ``min_delta`` improvement of the validation loss). Returns the best epoch's weights."""
+    """One SharedTrunkNet through :func:`early_stopping` on ``cfg.objective`` (``patience`` epochs
+    without a ``min_delta`` improvement of the validation loss). Returns the best epoch's weights."""
     cfg = cfg or TrunkConfig()
     d_in, n_targets = np.shape(Xtr)[1], np.shape(Ytr)[1]
     out = early_stopping(lambda: SharedTrunkNet(d_in, n_targets, cfg.hidden, cfg.dropout),
                          (Xtr, Ytr, Mtr), (Xva, Yva, Mva), seed, lr=cfg.lr, weight_decay=cfg.weight_decay,
                          batch_size=cfg.batch_size, max_epochs=cfg.max_epochs, patience=cfg.patience,
-                         min_delta=cfg.min_delta)
+                         min_delta=cfg.min_delta, loss=objective(cfg.objective))
     return TrainResult(seed, out.val_loss, out.best_epoch, out.epochs_run, out.state_dict, out.net.spec())
 
 

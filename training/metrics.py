@@ -84,6 +84,36 @@ def weighted_auc(y: np.ndarray, p: np.ndarray, W: np.ndarray) -> np.ndarray:
         return np.where((n1 > 0) & (n0 > 0), u / (n1 * n0), np.nan)
 
 
+def weighted_mean_auc(Y: np.ndarray, P: np.ndarray, W: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """``(B, T)`` AUC per target under each weighting ``W`` ``(B, n)``
+    (:func:`weighted_auc`) over present labels; with ``groups`` ``(n,)``, within
+    each group and averaged ``sum_g n_g AUC^g / sum_g n_g`` over the groups where it is defined
+    (``n_g``: the group's rows)."""
+    Y, P = np.asarray(Y, dtype=np.float64), np.asarray(P, dtype=np.float64)
+    masks = [np.ones(len(Y), bool)] if groups is None else [groups == g for g in np.unique(groups)]
+    num, den = np.zeros((W.shape[0], Y.shape[1])), np.zeros((W.shape[0], Y.shape[1]))
+    for m in masks:
+        size = m.sum()
+        for t in range(Y.shape[1]):
+            keep = m & ~np.isnan(Y[:, t])
+            auc = weighted_auc(Y[keep, t], P[keep, t], W[:, keep])
+            ok = np.isfinite(auc)
+            num[ok, t] += size * auc[ok]
+            den[ok, t] += size
+    with np.errstate(invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def within_group_auc(Y: np.ndarray, P: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """``(T,)`` within-group AUC per target: ``AUC_t = sum_g n_g AUC_t^g / sum_g n_g`` over the
+    groups ``g`` (e.g. tasks) where target ``t`` has both classes, ``n_g`` the group's rows.
+
+    ``Y``, ``P``: ``(n, T)``; ``groups``: ``(n,)``. Ranking *across* groups does not count:
+    a router that only tells tasks apart scores 0.5 here, however high its pooled AUC.
+    NaN for a target with one class in every group."""
+    return weighted_mean_auc(Y, P, np.ones((1, len(Y))), np.asarray(groups, dtype=object))[0]
+
+
 def _masked_mean(values: np.ndarray, y: np.ndarray):
     """Mean of ``values`` over present labels per column (``(n,)`` -> float, ``(n, T)`` -> ``(T,)``)."""
     masked = np.where(np.isnan(y), np.nan, values)
@@ -108,6 +138,30 @@ def log_loss(y_true: np.ndarray, p: np.ndarray, eps: float = 1e-15):
     y, p = np.asarray(y_true, dtype=np.float64), np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
     y0 = np.nan_to_num(y)
     return _masked_mean(-(y0 * np.log(p) + (1.0 - y0) * np.log1p(-p)), y)
+
+
+def pairwise_terms(y_true: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per query ``i``, ``(hits_i, weight_i)``, each ``(n,)``, over its pairs of targets ``a < b``
+    with both labels present: ``d_iab = y_ia - y_ib``, ``weight_i = sum_ab |d_iab|``, ``hits_i =
+    sum_ab |d_iab| ([sign(p_ia - p_ib) = sign(d_iab)] + 0.5 [p_ia = p_ib])``. A pair whose labels
+    agree weighs 0; a soft label's margin weighs its pair (0/1 labels: each differing pair 1)."""
+    y, p = np.asarray(y_true, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    a, b = np.triu_indices(y.shape[1], k=1)
+    d, dp = y[:, a] - y[:, b], p[:, a] - p[:, b]  # (n, pairs)
+    w = np.nan_to_num(np.abs(d))  # a missing label: weight 0
+    hit = np.where(dp * d > 0, 1.0, np.where(dp == 0, 0.5, 0.0))
+    return (w * hit).sum(axis=1), w.sum(axis=1)
+
+
+def pairwise_auc(y_true: np.ndarray, p: np.ndarray) -> float:
+    """How often the better of two targets is ranked higher: ``sum_i hits_i / sum_i weight_i`` of
+    :func:`pairwise_terms` over each query's pairs of targets whose labels differ. It reads what a
+    routing decision needs, which target is better for this query, where the per-target AUC reads
+    which queries a target gets right; a per-query shift of ``p`` leaves it unchanged. ``(n, T)``
+    inputs; nan when no pair differs; 0.5 for a ``p`` constant within each query."""
+    hits, weight = pairwise_terms(y_true, p)
+    total = weight.sum()
+    return float(hits.sum() / total) if total > 0 else float("nan")
 
 
 # ----------------------------------------------------------------- the best single target

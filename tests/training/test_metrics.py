@@ -284,7 +284,8 @@ def test_bootstrap_operating_point_matches_the_point_and_brackets_it():
 
 
 def test_weighted_auc_is_the_auc_of_the_resampled_rows():
-    from training.evaluate.uncertainty import rank_auc, weighted_auc
+    from training.evaluate.uncertainty import rank_auc
+    from training.metrics import weighted_auc
 
     rng = np.random.default_rng(2)
     y, p = (rng.random(60) < 0.4).astype(float), np.round(rng.random(60), 1)  # ties
@@ -297,7 +298,8 @@ def test_weighted_auc_is_the_auc_of_the_resampled_rows():
 
 
 def test_within_group_auc_ignores_ranking_across_groups():
-    from training.evaluate.uncertainty import paired_bootstrap_auc_margin, rank_auc, within_group_auc
+    from training.evaluate.uncertainty import paired_bootstrap_auc_margin, rank_auc
+    from training.metrics import within_group_auc
 
     rng = np.random.default_rng(1)
     groups = np.array(["easy"] * 300 + ["hard"] * 200, dtype=object)

@@ -16,6 +16,7 @@ from training.evaluate.report_accuracy import (accuracy_lines, accuracy_table, d
 from training.evaluate.report_cells import (ARTIFACT, COLUMNS, columns, fronts, md_table as _md_table,
                                             new_cells as _new_cells, reached as _reached, rich_table as _rich,
                                             rule_label as _rule_label, tie_note)
+from training.evaluate.pairwise import pairwise_lines
 from training.evaluate.report_policy import policy_lines
 from training.evaluate.results import EvalReport
 from training.metrics import BEST_SINGLE_TIE_BREAK
@@ -134,7 +135,7 @@ def markdown(report: dict[str, Any]) -> str:
         *(drop_cost_rows(paper_lines(report)) if equal else paper_lines(report)),
         *(equal_cost_policy_lines() if equal else policy_lines(report)),
         *margin_lines(report.get("auc_margin") or {}),
-        *within_task_lines(report),
+        *within_task_lines(report), *pairwise_lines(report, MAX_TASK_COLUMNS),
         *headroom_lines(report.get("headroom_by_task") or [], report["targets"]),
     ]
     return "\n".join(parts)

@@ -329,6 +329,13 @@ class WithinTaskAuc(Result):
     auc: dict[str, Metric]
 
 
+class PairwiseAuc(Result):
+    """A router's pairwise AUC on test (:mod:`training.evaluate.pairwise`), pooled and per task."""
+
+    mean: Metric
+    by_task: dict[str, Metric] = Field(default_factory=dict)
+
+
 class HeadroomRow(Result):
     """One task group's share of the test headroom over the best single target."""
 
@@ -355,6 +362,8 @@ class EvalReport(Result):
     auc_margin: dict[str, Margin] | None = None
     within_task_auc: dict[str, WithinTaskAuc] | None = None
     auc_margin_within_task: dict[str, Margin] | None = None
+    pairwise_auc: dict[str, PairwiseAuc] | None = None
+    pairwise_margin: dict[str, Margin] | None = None
     headroom_by_task: list[HeadroomRow] | None = None
     all_rows_test: bool | None = None
     skipped_routers: dict[str, str] | None = None

@@ -25,6 +25,7 @@ from shared.routing import cost_matrix
 from training.evaluate import report_metrics as R
 from training.evaluate import routing_metrics as M
 from training.evaluate.baselines import RouterModel
+from training.evaluate.pairwise import pairwise_scores
 from training.evaluate.policy_scoring import candidate_points, headline, policy_points
 from training.evaluate.task_scoring import add_task_averaged, task_interval
 from training.metrics import brier, masked_auc
@@ -214,18 +215,15 @@ def _fit_predict(model: RouterModel, parts: dict[str, tuple[RoutingData, list[st
 
 
 def fit_all(models: Sequence[RouterModel], parts: dict) -> dict[str, dict[str, np.ndarray]]:
-    """``{name: {"val": (n_val, T), "test": (n_test, T)}}`` predictions, with a progress bar."""
-    from rich.progress import Progress
-
-    from shared.cli_utils import console
+    """``{name: {"val": (n_val, T), "test": (n_test, T)}}`` predictions, with progress (a bar on a
+    terminal, a log line per router in a log or a pipe)."""
+    from shared.progress import Progress
 
     preds = {}
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("routers", total=len(models))
+    with Progress(len(models), "evaluate: fitting routers", "routers") as progress:
         for model in models:
-            progress.update(task, description=f"fitting {model.name}")
             preds[model.name] = _fit_predict(model, parts)
-            progress.advance(task)
+            progress.update(1, detail=model.name)
     return preds
 
 
@@ -302,6 +300,7 @@ def evaluate_routers(artifact, models: Sequence[RouterModel], data: RoutingData,
                 out["test"]["references"], preds.get("task-best", {}).get("test"), data.targets, cfg.bootstrap),
             "auc_margin": auc_margins(Yte, test_proba, artifact.name, cfg.bootstrap),
             **within_task(Yte, test_proba, artifact.name, cfg.bootstrap, test_tasks, data.targets),
+            **pairwise_scores(Yte, test_proba, artifact.name, cfg.bootstrap, test_tasks),
             "headroom_by_task": task_headroom(models, parts["test"][0], best)}
 
 
@@ -347,10 +346,10 @@ def auc_margins(Y: np.ndarray, proba: dict[str, np.ndarray], ours: str, n_boot: 
 def within_task(Y: np.ndarray, proba: dict[str, np.ndarray], ours: str, n_boot: int,
                 tasks: np.ndarray | None, targets: Sequence[str]) -> dict[str, Any]:
     """Each probabilistic router's AUC ranked inside each task only
-    (:func:`training.evaluate.uncertainty.within_group_auc`) and our margin on it:
+    (:func:`training.metrics.within_group_auc`) and our margin on it:
     ``{"within_task_auc": {router: {"mean_auc", "auc": {target: AUC}}}, "auc_margin_within_task":
     {baseline: margin}}``. Empty without task labels or with one task (that is the pooled AUC)."""
-    from training.evaluate.uncertainty import within_group_auc
+    from training.metrics import within_group_auc
 
     if tasks is None or len(set(tasks)) < 2:
         return {}

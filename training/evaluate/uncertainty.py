@@ -4,7 +4,7 @@ A test split of a few hundred queries moves a per-target AUC by a few hundredths
 one draw to the next, so a margin between two routers is reported with a paired
 bootstrap interval: both routers are rescored on the same resampled queries. Where
 queries come in tasks, the pooled AUC also rewards telling tasks apart, which any router
-told the task does for free; :func:`within_group_auc` scores the ranking inside each task.
+told the task does for free; :func:`training.metrics.within_group_auc` scores the ranking inside each task.
 
 A bootstrap replicate is a weighting of the rows (how often each was drawn), so every
 replicate's AUC comes from one sort of the scores (:func:`training.metrics.weighted_auc`),
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from training.metrics import weighted_auc
+from training.metrics import pairwise_terms, weighted_mean_auc
 
 
 def rank_auc(Y: np.ndarray, P: np.ndarray) -> np.ndarray:
@@ -28,36 +28,6 @@ def rank_auc(Y: np.ndarray, P: np.ndarray) -> np.ndarray:
     (soft labels weighted, :func:`training.metrics.weighted_auc`); nan where a column has one
     class. Equals ``training.metrics.masked_auc`` (up to float rounding) at a fraction of its overhead."""
     return weighted_mean_auc(Y, P, np.ones((1, len(Y))))[0]
-
-
-def weighted_mean_auc(Y: np.ndarray, P: np.ndarray, W: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
-    """``(B, T)`` AUC per target under each weighting ``W`` ``(B, n)``
-    (:func:`training.metrics.weighted_auc`) over present labels; with ``groups`` ``(n,)``, within
-    each group and averaged ``sum_g n_g AUC^g / sum_g n_g`` over the groups where it is defined
-    (``n_g``: the group's rows)."""
-    Y, P = np.asarray(Y, dtype=np.float64), np.asarray(P, dtype=np.float64)
-    masks = [np.ones(len(Y), bool)] if groups is None else [groups == g for g in np.unique(groups)]
-    num, den = np.zeros((W.shape[0], Y.shape[1])), np.zeros((W.shape[0], Y.shape[1]))
-    for m in masks:
-        size = m.sum()
-        for t in range(Y.shape[1]):
-            keep = m & ~np.isnan(Y[:, t])
-            auc = weighted_auc(Y[keep, t], P[keep, t], W[:, keep])
-            ok = np.isfinite(auc)
-            num[ok, t] += size * auc[ok]
-            den[ok, t] += size
-    with np.errstate(invalid="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
-
-
-def within_group_auc(Y: np.ndarray, P: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """``(T,)`` within-group AUC per target: ``AUC_t = sum_g n_g AUC_t^g / sum_g n_g`` over the
-    groups ``g`` (e.g. tasks) where target ``t`` has both classes, ``n_g`` the group's rows.
-
-    ``Y``, ``P``: ``(n, T)``; ``groups``: ``(n,)``. Ranking *across* groups does not count:
-    a router that only tells tasks apart scores 0.5 here, however high its pooled AUC.
-    NaN for a target with one class in every group."""
-    return weighted_mean_auc(Y, P, np.ones((1, len(Y))), np.asarray(groups, dtype=object))[0]
 
 
 def _resample(rng: np.random.Generator, members: list[np.ndarray] | None, n: int) -> np.ndarray:
@@ -119,6 +89,27 @@ def paired_bootstrap_auc_margin(Y: np.ndarray, P: np.ndarray, Q: np.ndarray, n_b
     members = None if groups is None else [np.flatnonzero(groups == g) for g in np.unique(groups)]
     W = _weights(len(Y), n_boot, seed, members)
     m = _margins(weighted_mean_auc(Y, P, W, groups), weighted_mean_auc(Y, Q, W, groups))
+    reps = m[1:][np.isfinite(m[1:])]
+    lo, hi = _interval(reps, level)
+    return {"margin": float(m[0]), "low": lo, "high": hi,
+            "p_le_zero": float(np.mean(reps <= 0)) if len(reps) else float("nan")}
+
+
+def paired_bootstrap_pairwise_margin(Y: np.ndarray, P: np.ndarray, Q: np.ndarray, n_boot: int = 1000,
+                                     level: float = 0.95, seed: int = 0, groups: np.ndarray | None = None
+                                     ) -> dict[str, float]:
+    """Margin ``m = pairwise AUC(P) - pairwise AUC(Q)`` (:func:`training.metrics.pairwise_auc`) with a
+    percentile bootstrap interval: a replicate reweights the queries by their draw counts ``w``,
+    ``AUC = sum_i w_i hits_i / sum_i w_i weight_i`` (:func:`training.metrics.pairwise_terms`), both
+    routers on the same draws, stratified by ``groups`` ``(n,)`` when given. ``Y``, ``P``, ``Q``:
+    ``(n, T)``. Returns ``{"margin", "low", "high", "p_le_zero"}`` as
+    :func:`paired_bootstrap_auc_margin`."""
+    groups = None if groups is None else np.asarray(groups, dtype=object)
+    members = None if groups is None else [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    W = _weights(len(Y), n_boot, seed, members)
+    (hp, wp), (hq, wq) = pairwise_terms(Y, P), pairwise_terms(Y, Q)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = (W @ hp) / (W @ wp) - (W @ hq) / (W @ wq)
     reps = m[1:][np.isfinite(m[1:])]
     lo, hi = _interval(reps, level)
     return {"margin": float(m[0]), "low": lo, "high": hi,

@@ -158,13 +158,16 @@ def choice_rows(cfg: Any, data: RoutingData | None, chooser: str) -> RoutingData
 
 def run_probe(cfg: ProbeConfig, data: RoutingData | None = None) -> dict[str, Any]:
     """Probe every block; write ``probe.json`` and ``probe_layers.png`` under ``cfg.out``."""
-    from rich.progress import track
+    from shared.progress import Progress
 
     data = choice_rows(cfg, data, "probes choose layers: they")
     if len(data.query_ids) == 0:
         raise BadInput(f"no rows in splits {cfg.splits}")
-    report = {b: probe_block(data.blocks[b], data.Y, data.targets, cfg)
-              for b in track(list(data.blocks), description="probing layers")}
+    report = {}
+    with Progress(len(data.blocks), "probe: probing layers", "blocks") as progress:
+        for b in data.blocks:
+            report[b] = probe_block(data.blocks[b], data.Y, data.targets, cfg)
+            progress.update(1, detail=b)
     selected = select_blocks(report, data.targets, cfg.n_blocks, cfg.depth_tolerance)
     for b, scores in report.items():
         layer, pooling = parse_block(b)

@@ -23,6 +23,7 @@ from shared.ray_boot import ensure_ray
 from shared.features import parse_block
 from training.dataset import RoutingData, RoutingDataConfig, load_routing_data
 from training.fit.train_ray import TrainRunConfig
+from training.objectives import ObjectiveConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,8 @@ class FitConfig(RoutingDataConfig):
     out: str = Field("runs/router", description="Artifact directory: local path or s3:// URI.")
     registry: str | None = Field(None, description="Model registry YAML (prices); default configs/models.yaml.")
     blocks: list[str] | None = Field(None, description="Activation columns to use, e.g. [h12_last, h20_mean].")
-    tune_report: str | None = Field(None, description="tune.json whose chosen blocks and n_components are used "
-                                                      "when blocks is unset (`prefill-router tune`).")
+    tune_report: str | None = Field(None, description="tune.json whose chosen blocks, n_components and training "
+                                                      "objective are used when blocks is unset (`prefill-router tune`).")
     probe_report: str | None = Field(None, description="probe.json whose selected blocks are used when neither "
                                                        "blocks nor tune_report is set.")
     n_components: int = Field(128, gt=0, description="PCA components per block (fitted on train only); "
@@ -56,6 +57,16 @@ def chosen_features(cfg: FitConfig) -> tuple[list[str] | None, int, str]:
     if cfg.probe_report:
         return list(storage.read_json(cfg.probe_report)["selected"]["blocks"]), cfg.n_components, "probe"
     return None, cfg.n_components, "all"
+
+
+def chosen_objective(cfg: FitConfig) -> ObjectiveConfig:
+    """The training objective: the tune report's choice when its blocks are used (see
+    :func:`chosen_features`), else ``train.trunk.objective``."""
+    if not cfg.blocks and cfg.tune_report:
+        best = storage.read_json(cfg.tune_report)["best"]
+        if best.get("objective"):
+            return ObjectiveConfig.model_validate(best["objective"])
+    return cfg.train.trunk.objective
 
 
 def encoder_info(activations_uri: str) -> dict[str, Any]:
@@ -110,15 +121,16 @@ def best_single_record(train: RoutingData) -> dict[str, Any]:
             "n": int(len(train.query_ids))}
 
 
-def run_name(cfg: FitConfig, Xtr: np.ndarray, Ytr: np.ndarray) -> str:
-    """``<train.name>-<hash of the features, labels and training settings>``: Ray Train resumes
-    a run of the same name, so only a run on identical inputs may share its checkpoint."""
+def run_name(train: TrainRunConfig, Xtr: np.ndarray, Ytr: np.ndarray) -> str:
+    """``<train.name>-<hash of the features, labels and training settings>`` (``train``: the
+    settings as run, the objective included): Ray Train resumes a run of the same name, so only a
+    run on identical inputs may share its checkpoint."""
     import hashlib
 
     h = hashlib.sha256(np.ascontiguousarray(Xtr, np.float32).tobytes())
     h.update(np.nan_to_num(np.asarray(Ytr, np.float32), nan=-1).tobytes())
-    h.update(cfg.train.model_dump_json(exclude={"name", "storage_path", "num_workers", "max_failures"}).encode())
-    return f"{cfg.train.name}-{h.hexdigest()[:10]}"
+    h.update(train.model_dump_json(exclude={"name", "storage_path", "num_workers", "max_failures"}).encode())
+    return f"{train.name}-{h.hexdigest()[:10]}"
 
 
 def fit_features(cfg: FitConfig, data: RoutingData | None = None) -> tuple[RoutingData, Any, np.ndarray, np.ndarray]:
@@ -144,13 +156,16 @@ def run_fit(cfg: FitConfig, data: RoutingData | None = None) -> dict[str, Any]:
     data, transform, Xtr, Xva = fit_features(cfg, data)
     tr, va = data.where("train"), data.where("val")
     ensure_ray(cfg.ray_address, log_to_driver=False)
-    members, _ = train_ensemble(Xtr, tr.Y, Xva, va.Y, cfg.train.model_copy(update={"name": run_name(cfg, Xtr, tr.Y)}))
+    obj = chosen_objective(cfg)
+    run = cfg.train.model_copy(update={"trunk": cfg.train.trunk.model_copy(update={"objective": obj})})
+    members, _ = train_ensemble(Xtr, tr.Y, Xva, va.Y, run.model_copy(update={"name": run_name(run, Xtr, tr.Y)}))
     kept = select_ensemble(members, min(cfg.train.keep, len(members)))
     ensemble = build_ensemble(kept)
     metrics = {**val_metrics(ensemble.predict_proba(Xva), va.Y, data.targets),
                "members_val_loss": {str(m.seed): m.val_loss for m in members},
                "kept_seeds": [m.seed for m in kept], "n_train": int(len(tr.query_ids)), "n_val": int(len(va.query_ids)),
                "features": dict(zip(("n_components", "chosen_by"), chosen_features(cfg)[1:])),
+               "objective": obj.model_dump(),
                "best_single": best_single_record(tr)}
     blocks = transform.names
     meta = ArtifactMeta(

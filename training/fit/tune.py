@@ -11,9 +11,15 @@ With ``minilm: true`` the MiniLM sentence embedding (the semantic baselines' inp
 through the same protocol, so the prefill-over-semantic margin is known before any test
 number is looked at.
 
-The chosen candidate (:func:`choose_candidate`) is the best mean CV AUC, or with
-``depth_tolerance`` > 0 the shallowest near-best one, as ``probe`` chooses blocks.
-Writes ``tune.json`` and ``tune.png`` (mean CV AUC per candidate, one bar per target).
+A candidate may also name its training objective (:mod:`training.objectives`: the masked BCE,
+or it plus a ranking term), and every candidate is also scored on what a routing decision
+needs: the pairwise AUC (:func:`training.metrics.pairwise_auc`, is the better of two targets
+ranked higher) and, with the query table's tasks, the within-task AUC.
+
+The chosen candidate (:func:`choose_candidate`) is the best mean of ``choose_by`` (default the
+mean CV AUC), or with ``depth_tolerance`` > 0 the shallowest near-best one, as ``probe``
+chooses blocks. Writes ``tune.json`` and ``tune.png`` (mean CV AUC per candidate, one bar per
+target).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from shared.errors import BadInput
 from training.loop import TrunkConfig
 from training.dataset import RoutingData, RoutingDataConfig
 from training.fit.probe import choice_rows, save_figure
+from training.objectives import ObjectiveConfig
 
 MINILM = "minilm"
 
@@ -42,6 +49,8 @@ class Candidate(StrictConfig):
     blocks: list[str] | Literal["probe"] = Field(
         description="Activation columns, 'probe' (the probe report's selection) or [minilm] (sentence embedding).")
     n_components: int = Field(gt=0, description="PCA components per block (fitted on the training folds only).")
+    objective: ObjectiveConfig | None = Field(None, description="Training objective of this candidate; "
+                                                                "None: trunk.objective.")
 
 
 class TuneConfig(RoutingDataConfig):
@@ -59,6 +68,9 @@ class TuneConfig(RoutingDataConfig):
     seeds: int = Field(3, gt=0, description="Ensemble members per fold (all kept).")
     early_stop_share: float = Field(0.15, gt=0, lt=1, description="Share of the training folds for early stopping.")
     trunk: TrunkConfig = Field(default_factory=TrunkConfig, description="SharedTrunkNet network and optimiser.")
+    choose_by: Literal["mean_auc", "pairwise_auc", "mean_within_task_auc"] = Field(
+        "mean_auc", description="The score the choice maximises: the mean per-target CV AUC, the pairwise AUC "
+        "(which of two targets is better for a query), or the mean within-task AUC (needs queries).")
     depth_tolerance: float = Field(
         0.0, ge=0, description="Prefer a shallower encoder: among candidates whose mean CV AUC is within this of "
         "the best, choose the one whose deepest layer is shallowest (then the best AUC), as probe does.")
@@ -94,35 +106,43 @@ def fold_predictions(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.nd
 
 def cv_scores(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.ndarray, n_components: int,
               trunk: TrunkConfig, folds: int = 5, seeds: int = 3, early_stop_share: float = 0.15,
-              seed: int = 0) -> dict[str, np.ndarray]:
-    """Cross-validated scores of a SharedTrunkNet ensemble per target, each ``(T,)``, the mean over
-    folds (NaN-skipping) of :func:`fold_predictions`' held-out predictions (same arguments and
-    shapes): ``auc`` (``masked_auc(Y[held_f], P_f)``), ``brier`` and ``log_loss``. All three read
-    soft labels as they are (:mod:`training.metrics`: a score ``y`` counts ``y`` right and
-    ``1 - y`` wrong; no threshold)."""
-    from training.metrics import brier, log_loss, masked_auc
+              seed: int = 0, tasks: np.ndarray | None = None) -> dict[str, Any]:
+    """Cross-validated scores of a SharedTrunkNet ensemble, each the mean over folds (NaN-skipping)
+    of :func:`fold_predictions`' held-out predictions (same arguments and shapes). Per target,
+    ``(T,)``: ``auc`` (``masked_auc(Y[held_f], P_f)``), ``brier``, ``log_loss`` and, with
+    ``tasks`` ``(n,)``, ``within_task_auc`` (:func:`training.metrics.within_group_auc`); and
+    ``pairwise_auc``, a float (:func:`training.metrics.pairwise_auc`). All read soft labels as
+    they are (:mod:`training.metrics`: a score ``y`` counts ``y`` right and ``1 - y`` wrong)."""
+    from training.metrics import brier, log_loss, masked_auc, pairwise_auc, within_group_auc
 
-    per_fold = [(masked_auc(Y[held], P), brier(Y[held], P), log_loss(Y[held], P)) for held, P in
-                fold_predictions(blocks, Y, groups, n_components, trunk, folds, seeds, early_stop_share, seed)]
+    per_fold, pairwise = [], []
+    for held, P in fold_predictions(blocks, Y, groups, n_components, trunk, folds, seeds, early_stop_share, seed):
+        Yh = Y[held]
+        within = within_group_auc(Yh, P, tasks[held]) if tasks is not None else np.full(Y.shape[1], np.nan)
+        per_fold.append((masked_auc(Yh, P), brier(Yh, P), log_loss(Yh, P), within))
+        pairwise.append(pairwise_auc(Yh, P))
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a target with no score in any fold -> nan
-        means = np.nanmean(np.asarray(per_fold, dtype=np.float64), axis=0)  # (3, T)
-    return dict(zip(("auc", "brier", "log_loss"), means))
+        means = np.nanmean(np.asarray(per_fold, dtype=np.float64), axis=0)  # (4, T)
+    names = ("auc", "brier", "log_loss") + (("within_task_auc",) if tasks is not None else ())
+    return {**dict(zip(names, means)), "pairwise_auc": _nanmean(np.asarray(pairwise))}
 
 
-def choose_candidate(rows: Sequence[dict[str, Any]], depth_tolerance: float = 0.0) -> dict[str, Any]:
-    """The chosen row: among rows with ``mean_auc >= max(mean_auc) - depth_tolerance``, the
-    smallest deepest layer (``max`` of the blocks' layer indices), then the highest ``mean_auc``.
-    MiniLM rows and rows whose ``mean_auc`` is NaN (no fold had both classes) are never chosen."""
+def choose_candidate(rows: Sequence[dict[str, Any]], depth_tolerance: float = 0.0,
+                     key: str = "mean_auc") -> dict[str, Any]:
+    """The chosen row: among rows with ``row[key] >= max(row[key]) - depth_tolerance``, the
+    smallest deepest layer (``max`` of the blocks' layer indices), then the highest ``row[key]``.
+    MiniLM rows and rows whose ``row[key]`` is NaN or absent (no fold had both classes; no tasks)
+    are never chosen."""
     from shared.features import parse_block
 
-    rows = [r for r in rows if r["blocks"] != [MINILM] and np.isfinite(r["mean_auc"])]
+    rows = [r for r in rows if r["blocks"] != [MINILM] and np.isfinite(r.get(key, np.nan))]
     if not rows:
-        raise BadInput("no prefill candidate has a cross-validated AUC (too few rows, or a target "
-                         "with one class only in every fold?)")
-    top = max(r["mean_auc"] for r in rows)
-    near = [r for r in rows if r["mean_auc"] >= top - depth_tolerance]
-    return min(near, key=lambda r: (max(parse_block(b)[0] for b in r["blocks"]), -r["mean_auc"]))
+        raise BadInput(f"no prefill candidate has a cross-validated {key} (too few rows, a target with one "
+                       "class only in every fold, or within-task AUC without the query table's tasks?)")
+    top = max(r[key] for r in rows)
+    near = [r for r in rows if r[key] >= top - depth_tolerance]
+    return min(near, key=lambda r: (max(parse_block(b)[0] for b in r["blocks"]), -r[key]))
 
 
 def fold_groups(data: RoutingData, queries: str | None) -> np.ndarray:
@@ -132,6 +152,16 @@ def fold_groups(data: RoutingData, queries: str | None) -> np.ndarray:
     table = storage.read_parquet(queries, columns=["query_id", "group_id"])
     gid = dict(zip(table.column("query_id").to_pylist(), table.column("group_id").to_pylist()))
     return np.array([gid.get(q) or q for q in data.query_ids], dtype=object)
+
+
+def row_tasks(data: RoutingData, queries: str | None) -> np.ndarray | None:
+    """``(n,)`` each row's ``task`` from the query table; None without one, or with one task."""
+    if not queries:
+        return None
+    table = storage.read_parquet(queries, columns=["query_id", "task"])
+    task = dict(zip(table.column("query_id").to_pylist(), table.column("task").to_pylist()))
+    out = np.array([str(task.get(q)) for q in data.query_ids], dtype=object)
+    return out if len(set(out)) > 1 else None
 
 
 def candidate_blocks(cand: Candidate, cfg: TuneConfig) -> list[str]:
@@ -175,39 +205,59 @@ def plot_tune(rows: list[dict[str, Any]], targets: list[str], path: Path) -> Non
     save_figure(fig, path)
 
 
+def tune_jobs(cfg: TuneConfig, data: RoutingData) -> tuple[list[tuple], dict[str, np.ndarray]]:
+    """``(jobs, blocks)``: one ``(label, block names, n_components, objective)`` per candidate (and
+    MiniLM when asked, with the trunk's objective), and every block they read, by name."""
+    def label(names: list[str], k: int, obj: ObjectiveConfig) -> str:
+        return f"{'+'.join(names)} / {k}" + ("" if obj.kind == "bce" else f" / {obj.label()}")
+
+    jobs = []
+    for c in cfg.candidates:
+        names, obj = candidate_blocks(c, cfg), c.objective or cfg.trunk.objective
+        jobs.append((label(names, c.n_components, obj), names, c.n_components, obj))
+    blocks = dict(data.blocks)
+    if cfg.minilm:
+        blocks[MINILM] = minilm_block(data, cfg.queries)
+        jobs.append((f"{MINILM} / {cfg.minilm_components} (semantic)", [MINILM], cfg.minilm_components,
+                     cfg.trunk.objective))
+    missing = sorted({b for _, names, _, _ in jobs for b in names} - set(blocks))
+    if missing:
+        raise BadInput(f"unknown blocks {missing}; the activations have {sorted(data.blocks)}")
+    return jobs, blocks
+
+
 def run_tune(cfg: TuneConfig, data: RoutingData | None = None) -> dict[str, Any]:
     """Score every candidate (and MiniLM when asked); write ``tune.json`` and ``tune.png``."""
-    from rich.progress import track
+    from shared.progress import Progress
 
     data = choice_rows(cfg, data, "tuning chooses the configuration: it")
     if len(data.query_ids) < cfg.folds:
         raise BadInput(f"{len(data.query_ids)} rows in splits {cfg.splits}: fewer than folds={cfg.folds}")
-    groups = fold_groups(data, cfg.queries)
-    jobs = [(f"{'+'.join(names)} / {c.n_components}", names, c.n_components)
-            for c, names in ((c, candidate_blocks(c, cfg)) for c in cfg.candidates)]
-    blocks = dict(data.blocks)
-    if cfg.minilm:
-        blocks[MINILM] = minilm_block(data, cfg.queries)
-        jobs.append((f"{MINILM} / {cfg.minilm_components} (semantic)", [MINILM], cfg.minilm_components))
-    missing = sorted({b for _, names, _ in jobs for b in names} - set(blocks))
-    if missing:
-        raise BadInput(f"unknown blocks {missing}; the activations have {sorted(data.blocks)}")
+    groups, tasks = fold_groups(data, cfg.queries), row_tasks(data, cfg.queries)
+    if cfg.choose_by == "mean_within_task_auc" and tasks is None:
+        raise BadInput("choose_by: mean_within_task_auc needs the query table's tasks (queries=..., two tasks "
+                       "or more)")
+    jobs, blocks = tune_jobs(cfg, data)
     rows = []
-    for label, names, k in track(jobs, description="cross-validating"):
-        scores = cv_scores({b: blocks[b] for b in names}, data.Y, groups, k, cfg.trunk, cfg.folds, cfg.seeds,
-                           cfg.early_stop_share, cfg.seed)
-        rows.append({"label": label, "blocks": names, "n_components": k,
-                     **{f"mean_{name}": _nanmean(v) for name, v in scores.items()},
-                     **{name: dict(zip(data.targets, map(float, v))) for name, v in scores.items()}})
-    best = choose_candidate(rows, cfg.depth_tolerance)
+    with Progress(len(jobs), "tune: cross-validating", "candidates") as progress:
+        for label, names, k, obj in jobs:
+            trunk = cfg.trunk.model_copy(update={"objective": obj})
+            scores = cv_scores({b: blocks[b] for b in names}, data.Y, groups, k, trunk, cfg.folds, cfg.seeds,
+                               cfg.early_stop_share, cfg.seed, tasks)
+            pairwise = scores.pop("pairwise_auc")
+            rows.append({"label": label, "blocks": names, "n_components": k, "objective": obj.model_dump(),
+                         "pairwise_auc": pairwise, **{f"mean_{name}": _nanmean(v) for name, v in scores.items()},
+                         **{name: dict(zip(data.targets, map(float, v))) for name, v in scores.items()}})
+            progress.update(1, detail=f"{label}: mean AUC {rows[-1]['mean_auc']:.4f}, pairwise AUC {pairwise:.4f}")
+    best = choose_candidate(rows, cfg.depth_tolerance, cfg.choose_by)
     out = {"config": cfg.model_dump(mode="json"), "n_rows": int(len(data.query_ids)), "candidates": rows,
            "best": best}
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     storage.write_json(str(Path(cfg.out) / "tune.json"), out)
     plot_tune(rows, data.targets, Path(cfg.out) / "tune.png")
     console.print(tune_table(rows))
-    console.print(f"chosen (depth tolerance {cfg.depth_tolerance}): {best['label']} (mean CV AUC "
-                  f"{best['mean_auc']:.4f}); report in {cfg.out}/tune.json")
+    console.print(f"chosen by {cfg.choose_by} (depth tolerance {cfg.depth_tolerance}): {best['label']} "
+                  f"({cfg.choose_by} {best[cfg.choose_by]:.4f}); report in {cfg.out}/tune.json")
     return out
 
 
@@ -219,18 +269,21 @@ def _nanmean(values: np.ndarray) -> float:
 
 
 def tune_table(rows: Sequence[dict[str, Any]]):
-    """Per candidate: mean CV AUC (the choice), mean Brier and log-loss, and each target's AUC."""
+    """Per candidate: mean CV AUC, pairwise and mean within-task AUC (where scored), mean Brier and
+    log-loss, and each target's AUC."""
     from rich.table import Table
 
-    view = Table(title="cross-validated AUC (train + val; soft labels as they are)")
+    view = Table(title="cross-validated scores (train + val; soft labels as they are)")
     view.add_column("candidate")
-    for col in ("mean AUC", "Brier", "log-loss"):
+    within = any("mean_within_task_auc" in r for r in rows)
+    for col in ("mean AUC", "pairwise AUC", *(["within-task AUC"] if within else []), "Brier", "log-loss"):
         view.add_column(col, justify="right")
     for t in rows[0]["auc"]:
         view.add_column(t, justify="right")
     for r in rows:
-        view.add_row(r["label"], f"{r['mean_auc']:.4f}", f"{r['mean_brier']:.4f}", f"{r['mean_log_loss']:.4f}",
-                     *(f"{a:.4f}" for a in r["auc"].values()))
+        view.add_row(r["label"], f"{r['mean_auc']:.4f}", f"{r['pairwise_auc']:.4f}",
+                     *([f"{r.get('mean_within_task_auc', float('nan')):.4f}"] if within else []),
+                     f"{r['mean_brier']:.4f}", f"{r['mean_log_loss']:.4f}", *(f"{a:.4f}" for a in r["auc"].values()))
     return view
 
 

@@ -133,6 +133,9 @@ def test_report_files_and_keys(evaluated):
     for name, m in margins.items():
         assert m["margin"] == pytest.approx(inside["prefill-router"]["mean_auc"] - inside[name]["mean_auc"])
         assert m["low"] <= m["margin"] <= m["high"]
+    pairwise = out["pairwise_auc"]  # which target is better for a query, pooled and per task
+    assert set(pairwise) == set(inside) and set(pairwise["prefill-router"]["by_task"]) == {"alpha", "beta"}
+    assert set(out["pairwise_margin"]) == set(margins) and "## Which target is better (pairwise AUC, test)" in md
     for name in ("cost_accuracy.png", "cost_accuracy_disagreement.png"):
         png = Path(cfg.out) / name
         assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -87,20 +87,22 @@ def test_select_blocks_depth_tolerance_prefers_shallower_near_ties():
 
 
 def test_fit_run_name_changes_with_inputs_so_resume_never_mixes_configs():
-    """Ray Train resumes a run by name: a different feature size or trunk must not resume an old run."""
+    """Ray Train resumes a run by name: a different feature size, trunk or objective must not resume an old run."""
     from training.fit.run import run_name
+    from training.objectives import ObjectiveConfig
 
-    cfg = FitConfig(activations="a", labels="l", targets=["t"])
+    train = FitConfig(activations="a", labels="l", targets=["t"]).train
     X, Y = np.ones((10, 4), np.float32), np.zeros((10, 1))
-    name = run_name(cfg, X, Y)
-    assert name.startswith(cfg.train.name + "-") and name == run_name(cfg, X.copy(), Y.copy())
-    assert run_name(cfg, np.ones((10, 8), np.float32), Y) != name
+    name = run_name(train, X, Y)
+    assert name.startswith(train.name + "-") and name == run_name(train, X.copy(), Y.copy())
+    assert run_name(train, np.ones((10, 8), np.float32), Y) != name
     Y2 = Y.copy()
     Y2[0, 0] = np.nan
-    assert run_name(cfg, X, Y2) != name
-    wider = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seeds": 3})})
-    assert run_name(wider, X, Y) != name
-    assert run_name(cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": 1})}), X, Y) == name
+    assert run_name(train, X, Y2) != name
+    assert run_name(train.model_copy(update={"seeds": 3}), X, Y) != name
+    ranked = train.trunk.model_copy(update={"objective": ObjectiveConfig(kind="listwise")})
+    assert run_name(train.model_copy(update={"trunk": ranked}), X, Y) != name
+    assert run_name(train.model_copy(update={"num_workers": 1}), X, Y) == name
 
 
 def test_tune_ranks_the_informative_block_first_without_test_rows(synth, tmp_path):
@@ -112,10 +114,14 @@ def test_tune_ranks_the_informative_block_first_without_test_rows(synth, tmp_pat
     cfg = TuneConfig(activations=synth["activations"], labels=synth["labels"], targets=synth["targets"],
                      probe_report=str(probe), out=str(tmp_path / "tune"), folds=3, seeds=1,
                      trunk=TrunkConfig(hidden=[16], dropout=[0.1], lr=1e-2, batch_size=64, max_epochs=40, patience=5),
-                     candidates=[{"blocks": ["h0_last"], "n_components": 24}, {"blocks": "probe", "n_components": 24}])
+                     candidates=[{"blocks": ["h0_last"], "n_components": 24}, {"blocks": "probe", "n_components": 24},
+                                 {"blocks": "probe", "n_components": 24, "objective": {"kind": "pairwise"}}])
     report = run_tune(cfg)
-    noise, signal = report["candidates"]
-    assert signal["blocks"] == ["h2_last"] and report["best"]["label"] == signal["label"]
+    noise, signal, ranked = report["candidates"]
+    assert signal["blocks"] == ["h2_last"] and report["best"]["label"] in (signal["label"], ranked["label"])
+    assert ranked["label"] == "h2_last / 24 / pairwise x1" and ranked["objective"]["kind"] == "pairwise"
+    assert signal["objective"]["kind"] == "bce" and "mean_within_task_auc" not in signal  # no query table: no tasks
+    assert min(signal["pairwise_auc"], ranked["pairwise_auc"]) > noise["pairwise_auc"] + 0.05
     for t in synth["targets"]:
         assert signal["auc"][t] > 0.75 and noise["auc"][t] < 0.65
     n_test = int(np.sum(load_routing_data(synth["activations"], synth["labels"], synth["targets"]).split == "test"))
@@ -154,3 +160,27 @@ def test_fit_takes_blocks_then_the_tune_choice_then_the_probe_selection(tmp_path
     assert chosen_features(both.model_copy(update={"blocks": ["h3_last"]})) == (["h3_last"], 128, "config")
     assert chosen_features(both.model_copy(update={"tune_report": None})) == (["h21_last"], 128, "probe")
     assert chosen_features(FitConfig(**base)) == (None, 128, "all")
+
+
+def test_fit_trains_with_the_objective_tune_chose(tmp_path):
+    from training.fit.run import chosen_objective
+
+    chosen = {"kind": "listwise", "weight": 5.0, "temperature": 0.05}
+    (tmp_path / "tune.json").write_text(json.dumps({"best": {"blocks": ["h6_mean"], "n_components": 32,
+                                                             "objective": chosen}}))
+    (tmp_path / "old.json").write_text(json.dumps({"best": {"blocks": ["h6_mean"], "n_components": 32}}))
+    cfg = FitConfig(activations="a", labels="l", targets=["t"], tune_report=str(tmp_path / "tune.json"))
+    assert chosen_objective(cfg).model_dump() == chosen
+    assert chosen_objective(cfg.model_copy(update={"blocks": ["h3_last"]})).kind == "bce"  # config blocks: config trunk
+    assert chosen_objective(cfg.model_copy(update={"tune_report": str(tmp_path / "old.json")})).kind == "bce"
+
+
+def test_choose_candidate_by_another_score():
+    from training.fit.tune import choose_candidate
+
+    rows = [{"blocks": ["h6_last"], "mean_auc": 0.73, "pairwise_auc": 0.60},
+            {"blocks": ["h9_last"], "mean_auc": 0.70, "pairwise_auc": 0.66}, {"blocks": ["h3_last"], "mean_auc": 0.72}]
+    assert choose_candidate(rows)["blocks"] == ["h6_last"]
+    assert choose_candidate(rows, key="pairwise_auc")["blocks"] == ["h9_last"]  # a row without the score: never
+    with pytest.raises(ValueError, match="mean_within_task_auc"):
+        choose_candidate(rows, key="mean_within_task_auc")

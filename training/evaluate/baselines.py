@@ -19,6 +19,8 @@ one of the two prediction methods.
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Sequence
 
 import numpy as np
@@ -114,6 +116,7 @@ class TaskBestRouter(RouterModel):
 
     def __init__(self, tasks: dict[str, tuple[str, str]], min_rows: int = 50):
         self.tasks, self.min_rows, self.choice, self.from_artifact = tasks, min_rows, {}, False
+        self.means: dict[str, np.ndarray] = {}  # group -> (T,) mean score per target on train + val
 
     def _meta(self, data: RoutingData) -> tuple[list[str], list[str]]:
         missing = [q for q in data.query_ids if q not in self.tasks]
@@ -134,13 +137,17 @@ class TaskBestRouter(RouterModel):
         costs = np.where(np.isnan(cost), np.nanmean(cost, axis=0), cost)
         self.default = best_single(Y, costs)[0]
         self.choice = {g: best_single(Y[groups == g], costs[groups == g])[0] for g in np.unique(groups)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a target never labelled in a group: nan
+            self.means = {"": np.nanmean(Y, axis=0)} | {g: np.nanmean(Y[groups == g], axis=0) for g in self.choice}
         return self
 
     def record(self, names: Sequence[str]) -> dict:
         """What it learnt, by target name (JSON): written into the router artifact by evaluate, so a
         table without train rows (a held-out check) is scored against the same task-level choices."""
+        means = {str(g): {t: _finite(m[j]) for j, t in enumerate(names)} for g, m in self.means.items()}
         return {"groups": {str(g): names[i] for g, i in self.choice.items()}, "default": names[self.default],
-                "big": sorted(map(str, self.big)), "min_rows": self.min_rows}
+                "big": sorted(map(str, self.big)), "min_rows": self.min_rows, "means": means}
 
     @classmethod
     def from_record(cls, tasks: dict[str, tuple[str, str]], record: dict, names: Sequence[str]) -> "TaskBestRouter":
@@ -148,6 +155,8 @@ class TaskBestRouter(RouterModel):
         out = cls(tasks, int(record.get("min_rows", 50)))
         out.big, out.default = set(record["big"]), list(names).index(record["default"])
         out.choice = {g: list(names).index(t) for g, t in record["groups"].items()}
+        out.means = {g: np.array([np.nan if m.get(t) is None else m[t] for t in names], dtype=np.float64)
+                     for g, m in record.get("means", {}).items()}  # absent in records before the pairwise AUC
         out.from_artifact = True
         return out
 
@@ -157,11 +166,26 @@ class TaskBestRouter(RouterModel):
 
         return task_groups(*self._meta(data), self.big)
 
+    def scores(self, data: RoutingData) -> np.ndarray | None:
+        """``(n, T)`` each row's group mean score per target on train + val (an unseen group: the
+        pooled mean): the task-aware reference as a scorer, for the pairwise AUC. None when the
+        fitted record holds no means."""
+        if not self.means:
+            return None
+        pooled = np.nan_to_num(self.means[""], nan=0.0)
+        rows = np.stack([self.means.get(g, pooled) for g in self.groups(data)])
+        return np.where(np.isnan(rows), pooled, rows)
+
     def choice_weights(self, data, text):
         W = np.zeros((len(data.query_ids), len(data.targets)))
         for i, g in enumerate(self.groups(data)):
             W[i, self.choice.get(g, self.default)] = 1.0
         return W
+
+
+def _finite(x: float) -> float | None:
+    """``x`` as a float, None (JSON null) for nan."""
+    return float(x) if np.isfinite(x) else None
 
 
 class ArtifactRouter(RouterModel):

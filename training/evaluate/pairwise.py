@@ -5,7 +5,9 @@ The per-target AUC reads which queries a target gets right, which a router mostl
 hard a query is; a routing decision needs which target is better for *this* query. For each test
 query and each pair of targets whose labels differ, the pairwise AUC
 (:func:`training.metrics.pairwise_auc`) asks whether the router ranks the better one higher
-(soft labels weigh a pair by their difference; 0.5 is no knowledge).
+(soft labels weigh a pair by their difference; 0.5 is no knowledge). The task-aware reference
+(``task-best``) is scored too, by its per-task mean scores: a router that ranks targets no better
+than knowing the task does not beat it.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def pairwise_lines(report: dict[str, Any], max_tasks: int = 8) -> list[str]:
     lines = ["## Which target is better (pairwise AUC, test)", "",
              "For each test query and each pair of targets whose labels differ, does the router rank the better "
              "one higher (a soft label's margin weighs the pair; 0.5 is no knowledge)? This is the routing "
-             "decision; the per-target AUC above mostly reads how hard a query is.", "",
+             "decision; the per-target AUC above mostly reads how hard a query is. `task-best` is scored by each "
+             "task's mean score per target on train + val: ranking no better than it is knowing only the task.", "",
              "| " + " | ".join(["router", "pairwise AUC", *tasks]) + " |", "|---|---:|" + "---:|" * len(tasks)]
     for name, row in table.items():
         lines.append("| " + " | ".join([name, num(row["mean"], ".3f"),

@@ -300,8 +300,20 @@ def evaluate_routers(artifact, models: Sequence[RouterModel], data: RoutingData,
                 out["test"]["references"], preds.get("task-best", {}).get("test"), data.targets, cfg.bootstrap),
             "auc_margin": auc_margins(Yte, test_proba, artifact.name, cfg.bootstrap),
             **within_task(Yte, test_proba, artifact.name, cfg.bootstrap, test_tasks, data.targets),
-            **pairwise_scores(Yte, test_proba, artifact.name, cfg.bootstrap, test_tasks),
+            **pairwise_scores(Yte, test_proba | task_scores(models, parts["test"][0]), artifact.name, cfg.bootstrap,
+                              test_tasks),
             "headroom_by_task": task_headroom(models, parts["test"][0], best)}
+
+
+def task_scores(models: Sequence[RouterModel], test: RoutingData) -> dict[str, np.ndarray]:
+    """``{"task-best": (n, T)}``: the task-aware reference's per-task mean scores on ``test`` as a scorer
+    (:meth:`training.evaluate.baselines.TaskBestRouter.scores`), for the pairwise AUC; empty when it
+    is not evaluated or its record holds no means."""
+    from training.evaluate.baselines import TaskBestRouter
+
+    ref = next((m for m in models if isinstance(m, TaskBestRouter)), None)
+    scores = None if ref is None else ref.scores(test)
+    return {} if scores is None else {ref.name: scores}
 
 
 def task_headroom(models: Sequence[RouterModel], test: RoutingData, best: str) -> list[dict]:

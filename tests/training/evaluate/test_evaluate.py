@@ -324,7 +324,10 @@ def test_cli_reads_datasets_and_keeps_default_tolerance(evaluated, tmp_path):
     after = json.loads((Path(cfg.artifact) / "meta.json").read_text())
     task_best = after["training_metrics"].pop("task_best")  # task-best's choices, for held-out checks
     assert set(task_best["groups"]) == {"task0", "task1"} and after == json.loads(before)  # nothing else moved
+    assert set(task_best["means"]) == {"", "task0", "task1"}  # task-best scores by them in the pairwise AUC
     assert set(report["subsets"]["test"]["routers"]) == {"prefill-router", "random", "always-cheapest", "task-best"}
+    assert set(report["pairwise_auc"]) == {"prefill-router", "task-best"} and set(report["pairwise_margin"]) == {
+        "task-best"}
     md = (tmp_path / "out" / "report.md").read_text()
     assert "`task-best` is a reference" in md and "## Where the headroom is" in md
     shares = [r["headroom_share"] for r in report["headroom_by_task"]]

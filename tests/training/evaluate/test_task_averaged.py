@@ -83,9 +83,15 @@ def test_task_best_sends_a_task_it_never_saw_to_the_best_single_target():
     assert W.argmax(axis=1).tolist() == [1, 1, 2, 0]  # unseen tasks (same source or not): the best single
     # the record evaluate writes into the artifact gives the same choices without any train rows
     record = json.loads(json.dumps(router.record(["m0", "m1", "m2"])))
+    means = record.pop("means")  # each group's mean score per target ("" pooled): task-best as a scorer
     assert record == {"groups": {"t1": "m0", "t2": "m2"}, "default": "m1", "big": ["t1", "t2"], "min_rows": 2}
-    again = TaskBestRouter.from_record(tasks, record, ["m0", "m1", "m2"])
+    assert means == {"": {"m0": 0.5, "m1": 0.6, "m2": 0.5}, "t1": {"m0": 1.0, "m1": 0.6, "m2": 0.0},
+                     "t2": {"m0": 0.0, "m1": 0.6, "m2": 1.0}}
+    again = TaskBestRouter.from_record(tasks, record | {"means": means}, ["m0", "m1", "m2"])
     assert again.from_artifact and np.array_equal(again.choice_weights(data([6, 7, 8, 0]), []), W)
+    # scores: an unseen task gets the pooled means; an older record without means scores nothing
+    assert again.scores(data([6, 8])).tolist() == [[0.5, 0.6, 0.5], [0.0, 0.6, 1.0]]
+    assert TaskBestRouter.from_record(tasks, record, ["m0", "m1", "m2"]).scores(data([6])) is None
 
 
 def test_published_figures_are_checked():

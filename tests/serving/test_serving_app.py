@@ -16,7 +16,6 @@ import pytest
 import yaml
 
 from cluster.demo_chat import wait_ready
-from tests.procs import free_port
 from tests.serving.serving_fixtures import (ROUTER_ERRORS, TOKENS, FlakyEndpoint, kill_encoder_during, metric,
                                            replica, router_artifact, serving_registry, surrogate_round)
 
@@ -32,7 +31,7 @@ COUNTING = [{"role": "user", "content": "Write the numbers from 1 to 500 in word
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, serve_ray):
+def app(tmp_path_factory, serve_port):
     from ray import serve
 
     from serving.app import deploy
@@ -40,7 +39,7 @@ def app(tmp_path_factory, serve_ray):
 
     tmp = tmp_path_factory.mktemp("serve")
     artifact = router_artifact(tmp)
-    port = free_port()
+    port = serve_port
     flaky = FlakyEndpoint()
     cfg = {"artifact": artifact, "registry": serving_registry(tmp, port, flaky.url), "http_port": port,
            "max_prompt_tokens": 200, "default_max_tokens": 12, "target_timeout_s": 90, "route_timeout_s": 5,
@@ -51,7 +50,6 @@ def app(tmp_path_factory, serve_ray):
            "endpoints": {BROKEN: "broken-endpoint"},
            "target_overrides": {"smol-remote": {"num_cpus": 0.1}, "flaky-endpoint": {"num_cpus": 0.05},
                                 BROKEN: {"num_cpus": 0.05}}}
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy(ServeConfig.model_validate(cfg))
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=180)
 
@@ -61,7 +59,7 @@ def app(tmp_path_factory, serve_ray):
     yield {"client": client, "artifact": artifact, "tmp": tmp, "redeploy": redeploy, "cfg": cfg, "port": port}
     client.close()
     flaky.close()
-    serve.shutdown()
+    serve.delete(APP)  # Serve itself runs on for the next module (conftest.py)
 
 
 def test_health_models_and_route(app):

@@ -16,7 +16,6 @@ import httpx
 import pytest
 import yaml
 
-from tests.procs import free_port
 from tests.serving.serving_fixtures import TOKENS, LoopbackEndpoint, metric, replica, router_artifact
 
 pytestmark = pytest.mark.slow
@@ -47,7 +46,7 @@ class EchoEndpoint(LoopbackEndpoint):
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, serve_ray):
+def app(tmp_path_factory, serve_port):
     from ray import serve
 
     from serving.app import deploy
@@ -61,20 +60,19 @@ def app(tmp_path_factory, serve_ray):
     registry["models"].append({"name": ECHO, "role": "target", "backend": "openai", "source": "openai",
                                "base_url": echo.url})
     (tmp / "models.yaml").write_text(yaml.safe_dump(registry))
-    port = free_port()
+    port = serve_port
     cfg = {"artifact": router_artifact(tmp), "registry": str(tmp / "models.yaml"), "http_port": port,
            "targets": [SMOL, ECHO], "fallback_target": ECHO, "auth_token_env": TOKEN_ENV, "auth_probes": True,
            "default_max_tokens": 12, "target_timeout_s": 60, "route_timeout_s": 30,
            "encoder_batch": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
            "target_overrides": {ECHO: {"num_cpus": 0.05}}}
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy(ServeConfig.model_validate(cfg))
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
                           headers={"authorization": f"Bearer {TOKEN}"})
     yield client
     client.close()
     echo.close()
-    serve.shutdown()
+    serve.delete(APP)  # Serve itself runs on for the next module (conftest.py)
 
 
 def chat(client, **fields):

@@ -1,4 +1,4 @@
-"""Test-wide settings: Ray stays local and quiet; session-scoped SmolLM2 and Gemma-3 loads; a module's loopback S3."""
+"""Test-wide settings: Ray stays local and quiet; session-scoped SmolLM2 and Gemma-3 loads."""
 
 from __future__ import annotations
 
@@ -13,9 +13,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="pr-ray-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Ray Train's controller polls its workers every 2 s, so each fit ended up to 2 s after its workers did (a
-# dozen fits in the suite). Ray Train passes the setting on from the driver to its controller and workers.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 @pytest.fixture(scope="session")
@@ -41,28 +38,39 @@ def gemma(registry):
     return load_causal_lm(registry.get("gemma3-270m"), device="cpu")
 
 
-@pytest.fixture
-def session_smollm(monkeypatch, smollm):
-    """``load_causal_lm`` gives the session's SmolLM2 above for SmolLM2 on its device, so in-process Encoder
-    replicas read it instead of loading a copy each (an Encoder never modifies the model it reads); any
-    other model, device or dtype still loads."""
-    import shared.models
+@pytest.fixture(scope="module")
+def moto_s3():
+    """A loopback moto S3 server; its env is set before any Ray starts, so every Ray process has it.
 
-    load = shared.models.load_causal_lm
+    Yields the env (``AWS_ENDPOINT_URL`` and credentials); restores the old values after.
+    """
+    from moto.server import ThreadedMotoServer
 
-    def load_once(spec, device=None, *args, **kwargs):
-        same_device = (device or shared.models.default_device()) == smollm.device
-        if spec == smollm.spec and same_device and not (args or kwargs):
-            return smollm
-        return load(spec, device, *args, **kwargs)
+    from tests.procs import free_port
 
-    monkeypatch.setattr(shared.models, "load_causal_lm", load_once)
-    return smollm
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    server.stop()
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
-def moto_s3():
-    """A loopback moto S3 server for one module (``tests.procs.moto_env``)."""
-    from tests.procs import moto_env
+def ray_cluster(moto_s3):
+    """A local 2-CPU Ray for one test module (after moto's env is set, so workers reach S3)."""
+    import ray
 
-    yield from moto_env()
+    from shared.ray_boot import ensure_ray
+
+    ensure_ray("local", num_cpus=2, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -1,4 +1,4 @@
-"""Process helpers for the tests: free loopback ports, a job killed half way, a loopback S3, a local Ray."""
+"""Process helpers for the tests: free loopback ports, a job killed half way."""
 
 from __future__ import annotations
 
@@ -35,38 +35,3 @@ def kill_after_first_shard(module_args: list[str], shard_dir: Path, timeout_s: f
             os.killpg(proc.pid, signal.SIGKILL)  # the group of the driver this helper started
         proc.wait(timeout=30)
     return {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("shard-*.parquet")}
-
-
-def moto_env():
-    """A loopback moto S3 server with its env (``AWS_ENDPOINT_URL`` and credentials) set; the old values
-    are restored after. A generator for fixtures of any scope: set it before any Ray starts, so every
-    Ray process has it."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    server.stop()
-    for key, value in old.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-def local_ray(num_cpus: int = 2):
-    """A local Ray for a group of tests (a fixture's body): started unless this process has one, shut
-    down after only if started here. Yields the GCS address."""
-    import ray
-
-    from shared.ray_boot import ensure_ray
-
-    started = ensure_ray("local", num_cpus=num_cpus, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()

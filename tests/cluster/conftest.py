@@ -2,11 +2,15 @@
 
 import pytest
 
-from tests.procs import local_ray as start_local_ray
 
-
-@pytest.fixture(scope="package")
+@pytest.fixture
 def local_ray():
-    """One local Ray for the package's in-process pipelines (RouterBench, RouterDC) and the held-out
-    captures after them (none of them then starts its own): one start for both modules."""
-    yield from start_local_ray(num_cpus=2)
+    """One local Ray for a pipeline and the held-out capture after it (neither then starts its own)."""
+    import ray
+
+    from shared.ray_boot import ensure_ray
+
+    started = ensure_ray("local", num_cpus=2, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()

@@ -19,9 +19,6 @@ from tests.procs import ROOT as REPO_ROOT
 
 REFERENCE = REPO_ROOT / "data" / "router"
 ROUTER_ERRORS = 'prefill_router_errors_total{kind="router"}'  # encoder or head failures, never a client's fault
-# The bearer tokens of the two Serve apps (test_serving_app, test_serving_probe), by env var; set before
-# their Ray starts (tests/serving/conftest.py), so the replicas inherit them.
-TOKENS = {"PR_TEST_SERVE_TOKEN": "s3cret-token", "PR_TEST_PROBE_TOKEN": "probe-token"}
 
 
 def small_artifact(out: Path, n_queries: int = 24) -> str:

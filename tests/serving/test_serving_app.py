@@ -13,33 +13,37 @@ import time
 
 import httpx
 import pytest
+import ray
 import yaml
 
 from cluster.demo_chat import wait_ready
-from tests.serving.serving_fixtures import (ROUTER_ERRORS, TOKENS, FlakyEndpoint, kill_encoder_during, metric,
-                                           replica, router_artifact, serving_registry, surrogate_round)
+from tests.procs import free_port
+from tests.serving.serving_fixtures import (ROUTER_ERRORS, FlakyEndpoint, kill_encoder_during, metric, replica,
+                                           router_artifact, serving_registry, surrogate_round)
 
 pytestmark = pytest.mark.slow
 MSG = [{"role": "user", "content": "What is the capital of France? Answer with one word."}]
 
 
 APP = "prefill-router"
-TOKEN_ENV = "PR_TEST_SERVE_TOKEN"
-TOKEN = TOKENS[TOKEN_ENV]
+TOKEN_ENV, TOKEN = "PR_TEST_SERVE_TOKEN", "s3cret-token"
 BROKEN = "gpt-4-1106-preview"  # served through the registry's broken-endpoint
 COUNTING = [{"role": "user", "content": "Write the numbers from 1 to 500 in words, one per line, without stopping."}]
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, serve_port):
+def app(tmp_path_factory):
+    import os
+
     from ray import serve
 
     from serving.app import deploy
     from serving.config import ServeConfig
+    from shared.ray_boot import ensure_ray
 
     tmp = tmp_path_factory.mktemp("serve")
     artifact = router_artifact(tmp)
-    port = serve_port
+    port = free_port()
     flaky = FlakyEndpoint()
     cfg = {"artifact": artifact, "registry": serving_registry(tmp, port, flaky.url), "http_port": port,
            "max_prompt_tokens": 200, "default_max_tokens": 12, "target_timeout_s": 90, "route_timeout_s": 5,
@@ -50,6 +54,9 @@ def app(tmp_path_factory, serve_port):
            "endpoints": {BROKEN: "broken-endpoint"},
            "target_overrides": {"smol-remote": {"num_cpus": 0.1}, "flaky-endpoint": {"num_cpus": 0.05},
                                 BROKEN: {"num_cpus": 0.05}}}
+    os.environ[TOKEN_ENV] = TOKEN  # before Ray starts: the replicas inherit it (the auth tests use it)
+    ensure_ray("local", num_cpus=4, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy(ServeConfig.model_validate(cfg))
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=180)
 
@@ -59,7 +66,8 @@ def app(tmp_path_factory, serve_port):
     yield {"client": client, "artifact": artifact, "tmp": tmp, "redeploy": redeploy, "cfg": cfg, "port": port}
     client.close()
     flaky.close()
-    serve.delete(APP)  # Serve itself runs on for the next module (conftest.py)
+    serve.shutdown()
+    ray.shutdown()
 
 
 def test_health_models_and_route(app):

@@ -14,14 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import ray
 import yaml
 
-from tests.serving.serving_fixtures import TOKENS, LoopbackEndpoint, metric, replica, router_artifact
+from tests.procs import free_port
+from tests.serving.serving_fixtures import LoopbackEndpoint, metric, replica, router_artifact
 
 pytestmark = pytest.mark.slow
 APP = "prefill-router"
-TOKEN_ENV = "PR_TEST_PROBE_TOKEN"
-TOKEN = TOKENS[TOKEN_ENV]
+TOKEN_ENV, TOKEN = "PR_TEST_PROBE_TOKEN", "probe-token"
 ECHO, SMOL = "echo-endpoint", "smollm2-135m"
 MSG = [{"role": "user", "content": "Name three colours of the rainbow, separated by commas."}]
 
@@ -46,12 +47,13 @@ class EchoEndpoint(LoopbackEndpoint):
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, serve_port):
+def app(tmp_path_factory):
     from ray import serve
 
     from serving.app import deploy
     from serving.config import ServeConfig
     from shared.config import read_yaml
+    from shared.ray_boot import ensure_ray
     from shared.registry import DEFAULT_REGISTRY
 
     tmp = tmp_path_factory.mktemp("probe")
@@ -60,19 +62,23 @@ def app(tmp_path_factory, serve_port):
     registry["models"].append({"name": ECHO, "role": "target", "backend": "openai", "source": "openai",
                                "base_url": echo.url})
     (tmp / "models.yaml").write_text(yaml.safe_dump(registry))
-    port = serve_port
+    port = free_port()
     cfg = {"artifact": router_artifact(tmp), "registry": str(tmp / "models.yaml"), "http_port": port,
            "targets": [SMOL, ECHO], "fallback_target": ECHO, "auth_token_env": TOKEN_ENV, "auth_probes": True,
            "default_max_tokens": 12, "target_timeout_s": 60, "route_timeout_s": 30,
            "encoder_batch": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
            "target_overrides": {ECHO: {"num_cpus": 0.05}}}
+    os.environ[TOKEN_ENV] = TOKEN  # before Ray starts: the replicas inherit it
+    ensure_ray("local", num_cpus=4, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy(ServeConfig.model_validate(cfg))
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
                           headers={"authorization": f"Bearer {TOKEN}"})
     yield client
     client.close()
     echo.close()
-    serve.delete(APP)  # Serve itself runs on for the next module (conftest.py)
+    serve.shutdown()
+    ray.shutdown()
 
 
 def chat(client, **fields):

@@ -42,16 +42,9 @@ def full_logits(lm, ids):
         return lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
 
 
-@pytest.fixture(scope="module")
-def full_stats(smollm) -> np.ndarray:
-    """The next-token stats of the full model's last-position logits, prompt by prompt (batch 1, no padding)."""
-    ids, _ = Encoder(smollm, [30], ("next",)).tokenize(conversations())
-    return next_token_stats(torch.stack([full_logits(smollm, x) for x in ids])).numpy()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_next_block_equals_the_models_own_last_logits(smollm, full_stats, side):
+def test_next_block_equals_the_models_own_last_logits(smollm, side):
     """Padded batches (both sides) and the prefix-shared path give the stats of the full model's
     last-position logits, prompt by prompt."""
     convs = conversations()
@@ -59,7 +52,8 @@ def test_next_block_equals_the_models_own_last_logits(smollm, full_stats, side):
     got = enc.encode(convs)
     assert enc.columns == ["h6_last", "h30_last", "h30_next"]
     assert got.features["h30_next"].shape == (len(convs), NEXT_TOKEN_DIMS)
-    want = full_stats
+    ids, _ = enc.tokenize(convs)
+    want = next_token_stats(torch.stack([full_logits(smollm, x) for x in ids])).numpy()
     assert np.allclose(got.features["h30_next"], want, atol=2e-4)
     shared = Encoder(smollm, [30], ("next",), batch_size=8, min_shared_prefix=32, padding_side=side).encode(convs)
     assert shared.stats["prefix_groups"] >= 1
@@ -74,7 +68,6 @@ def test_next_needs_the_last_layer_on_a_real_encoder(smollm):
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("session_smollm")  # the Encoder replicas below read this SmolLM2 too
 def test_an_artifact_reading_a_next_block_serves(smollm, tmp_path):
     """Fit -> artifact -> the serving replicas' plain classes: the Encoder replica computes the
     3-wide h30_next block the artifact names (with the cache on, too), and the head routes on it."""

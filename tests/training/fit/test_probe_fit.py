@@ -44,12 +44,20 @@ def test_probe_finds_the_informative_layer_without_test_rows(synth, tmp_path):
 
 
 @pytest.mark.slow
-def test_fit_on_ray_train_writes_a_loadable_artifact(synth, tmp_path, ray_cluster):
-    cfg = FitConfig(activations=synth["activations"], labels=synth["labels"], targets=synth["targets"],
-                    out=str(tmp_path / "router"), blocks=["h2_last", "h1_mean"], n_components=8,
-                    train={"seeds": 2, "keep": 1, "num_workers": 2, "storage_path": str(tmp_path / "ckpt"),
-                           "trunk": {"max_epochs": 100, "patience": 10, "batch_size": 64}})
-    meta = run_fit(cfg)
+def test_fit_on_ray_train_writes_a_loadable_artifact(synth, tmp_path):
+    import ray
+
+    from shared.ray_boot import ensure_ray
+
+    ensure_ray("local", num_cpus=2, log_to_driver=False)
+    try:
+        cfg = FitConfig(activations=synth["activations"], labels=synth["labels"], targets=synth["targets"],
+                        out=str(tmp_path / "router"), blocks=["h2_last", "h1_mean"], n_components=8,
+                        train={"seeds": 2, "keep": 1, "num_workers": 2, "storage_path": str(tmp_path / "ckpt"),
+                               "trunk": {"max_epochs": 100, "patience": 10, "batch_size": 64}})
+        meta = run_fit(cfg)
+    finally:
+        ray.shutdown()
     assert meta["layers"] == [1, 2] and meta["pooling"] == {"h2_last": "last", "h1_mean": "mean"}
     assert meta["encoder"]["name"] == "smollm2-135m" and meta["trunk"]["n_members"] == 1
     assert [t["name"] for t in meta["targets"]] == synth["targets"]

@@ -1,11 +1,21 @@
-"""SharedTrunkNet seed ensemble on a real local Ray cluster with Ray Train (2 CPU workers); the Ray is the
-package's (tests/training/conftest.py)."""
+"""SharedTrunkNet seed ensemble on a real local Ray cluster with Ray Train (2 CPU workers)."""
 
 import numpy as np
 import pytest
 
 from training.metrics import masked_auc
 from training.fit.train_ray import TrainRunConfig, train_ensemble
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from shared.ray_boot import ensure_ray
+
+    ensure_ray("local", num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 def problem(seed=0, n=600, d=24):

@@ -61,6 +61,30 @@ def test_missing_weights_looks_without_loading(tmp_path: Path):
     assert missing_weights(loose, tmp_path) is None
 
 
+def test_gguf_read_once_parses_each_file_once_then_puts_gguf_back(tmp_path: Path):
+    """What a conversion runs in: one reader per file, one tensor-name table per architecture; after
+    the block, gguf's own class and function again (a fresh parse per call)."""
+    import gguf
+
+    from shared.models import gguf_read_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.name", "tiny")
+    writer.add_tensor("blk.0.attn_q.weight", torch.ones(4, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with gguf_read_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first and first.fields["general.name"].contents() == "tiny"
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+
+
 def test_openai_endpoint_has_no_weights():
     spec = ModelSpec(name="api", role="target", source="openai", backend="openai", base_url="http://127.0.0.1:1")
     with pytest.raises(ModelLoadError, match="no local weights"):

@@ -38,6 +38,25 @@ def gemma(registry):
     return load_causal_lm(registry.get("gemma3-270m"), device="cpu")
 
 
+@pytest.fixture
+def session_smollm(monkeypatch, smollm):
+    """``load_causal_lm`` gives the session's SmolLM2 above for SmolLM2 on its device, so in-process Encoder
+    replicas read it instead of loading a copy each (an Encoder never modifies the model it reads); any
+    other model, device or dtype still loads."""
+    import shared.models
+
+    load = shared.models.load_causal_lm
+
+    def load_once(spec, device=None, *args, **kwargs):
+        same_device = (device or shared.models.default_device()) == smollm.device
+        if spec == smollm.spec and same_device and not (args or kwargs):
+            return smollm
+        return load(spec, device, *args, **kwargs)
+
+    monkeypatch.setattr(shared.models, "load_causal_lm", load_once)
+    return smollm
+
+
 @pytest.fixture(scope="module")
 def moto_s3():
     """A loopback moto S3 server; its env is set before any Ray starts, so every Ray process has it.

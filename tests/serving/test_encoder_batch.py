@@ -11,7 +11,7 @@ from serving.messages import EncodedPrompt, EncodeFailed, PromptRejected, Prompt
 from serving.replicas import EncoderReplica
 from tests.serving.serving_fixtures import router_artifact
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("session_smollm")]  # replicas read the session's SmolLM2
 GOOD = [[{"role": "user", "content": "What is the capital of France?"}],
         [{"role": "user", "content": "Spell cat backwards, then count its letters."}]]
 BAD = [{"role": "user", "content": "a\ud800b"}]  # a lone surrogate: no tokenizer reads it

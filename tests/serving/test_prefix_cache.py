@@ -73,6 +73,7 @@ def test_metrics_count_prefix_uses():
 
 # --------------------------------------------------------------------------- real encoder
 @pytest.mark.slow
+@pytest.mark.usefixtures("session_smollm")  # each replica reads the session's SmolLM2
 @pytest.mark.parametrize("batch", [False, True])
 def test_system_prompt_hits_equal_the_full_forward(artifact, batch):
     asyncio.run(check_system_prompt_hits_equal_the_full_forward(artifact, batch))
@@ -100,6 +101,7 @@ async def check_system_prompt_hits_equal_the_full_forward(artifact, batch):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("session_smollm")  # each replica reads the session's SmolLM2
 def test_cache_off_is_the_plain_forward_byte_for_byte(artifact):
     asyncio.run(check_cache_off_is_the_plain_forward_byte_for_byte(artifact))
 
@@ -122,6 +124,7 @@ async def check_cache_off_is_the_plain_forward_byte_for_byte(artifact):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("session_smollm")  # each replica reads the session's SmolLM2
 def test_a_prefix_seen_twice_is_cached_at_a_block_boundary(artifact):
     asyncio.run(check_a_prefix_seen_twice_is_cached_at_a_block_boundary(artifact))
 
@@ -137,6 +140,7 @@ async def check_a_prefix_seen_twice_is_cached_at_a_block_boundary(artifact):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("session_smollm")  # each replica reads the session's SmolLM2
 def test_memory_bound_evicts_and_limit_still_refuses(artifact):
     asyncio.run(check_memory_bound_evicts_and_limit_still_refuses(artifact))
 

@@ -68,6 +68,7 @@ def test_next_needs_the_last_layer_on_a_real_encoder(smollm):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("session_smollm")  # the Encoder replicas below read this SmolLM2 too
 def test_an_artifact_reading_a_next_block_serves(smollm, tmp_path):
     """Fit -> artifact -> the serving replicas' plain classes: the Encoder replica computes the
     3-wide h30_next block the artifact names (with the cache on, too), and the head routes on it."""

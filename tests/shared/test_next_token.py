@@ -42,9 +42,16 @@ def full_logits(lm, ids):
         return lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
 
 
+@pytest.fixture(scope="module")
+def full_stats(smollm) -> np.ndarray:
+    """The next-token stats of the full model's last-position logits, prompt by prompt (batch 1, no padding)."""
+    ids, _ = Encoder(smollm, [30], ("next",)).tokenize(conversations())
+    return next_token_stats(torch.stack([full_logits(smollm, x) for x in ids])).numpy()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_next_block_equals_the_models_own_last_logits(smollm, side):
+def test_next_block_equals_the_models_own_last_logits(smollm, full_stats, side):
     """Padded batches (both sides) and the prefix-shared path give the stats of the full model's
     last-position logits, prompt by prompt."""
     convs = conversations()
@@ -52,8 +59,7 @@ def test_next_block_equals_the_models_own_last_logits(smollm, side):
     got = enc.encode(convs)
     assert enc.columns == ["h6_last", "h30_last", "h30_next"]
     assert got.features["h30_next"].shape == (len(convs), NEXT_TOKEN_DIMS)
-    ids, _ = enc.tokenize(convs)
-    want = next_token_stats(torch.stack([full_logits(smollm, x) for x in ids])).numpy()
+    want = full_stats
     assert np.allclose(got.features["h30_next"], want, atol=2e-4)
     shared = Encoder(smollm, [30], ("next",), batch_size=8, min_shared_prefix=32, padding_side=side).encode(convs)
     assert shared.stats["prefix_groups"] >= 1

@@ -133,7 +133,7 @@ def test_a_port_that_is_not_a_ray_gcs_ends_the_driver_within_the_bound(tmp_path)
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         script = ("import ray, sys\nfrom shared.ray_boot import ensure_ray\n"
-                  "ensure_ray(sys.argv[1], connect_timeout_s=10)\nprint('connected?!')")
+                  "ensure_ray(sys.argv[1], connect_timeout_s=4)\nprint('connected?!')")
         t0 = time.monotonic()
         driver = run(["-c", script, f"127.0.0.1:{port}"], env, DRIVER_S)
         seconds = time.monotonic() - t0
@@ -141,6 +141,6 @@ def test_a_port_that_is_not_a_ray_gcs_ends_the_driver_within_the_bound(tmp_path)
         http.kill()
         http.wait(timeout=10)
     assert driver.returncode == 2, driver.stdout + driver.stderr[-3000:]
-    assert "within 10 s" in driver.stderr and "prefill-router cluster start" in driver.stderr
+    assert "within 4 s" in driver.stderr and "prefill-router cluster start" in driver.stderr
     assert "connected?!" not in driver.stdout
     assert seconds < 45

@@ -218,3 +218,34 @@ def ensure_ray(address: str | None = None, *, connect_timeout_s: float = DEFAULT
     with watchdog(bound, message):
         ray.init(address=target.address, **init_kwargs)
     return True
+
+
+GCS_CALL_TIMEOUT_S = 60.0  # a GCS query on a connected cluster answers in milliseconds
+
+
+def cluster_gpus(timeout_s: float = GCS_CALL_TIMEOUT_S) -> float:
+    """The connected cluster's total GPUs, or :class:`ClusterUnreachable` after ``timeout_s``.
+
+    ``ray.cluster_resources()`` has no timeout: with a GCS that went away it waits forever.
+    The call runs in a daemon thread; when it does not answer in time the command stops with
+    an error that says what to check instead of hanging."""
+    import ray
+
+    result: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            result["gpus"] = float(ray.cluster_resources().get("GPU", 0))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller below
+            result["error"] = exc
+
+    thread = threading.Thread(target=ask, name="ray-cluster-resources", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if "error" in result:
+        raise result["error"]
+    if "gpus" not in result:
+        raise ClusterUnreachable(f"the Ray cluster did not say what resources it has within {timeout_s:.0f} s "
+                                 "(its GCS may have stopped); check `ray status` on the head, or restart it "
+                                 "with `prefill-router cluster start`")
+    return result["gpus"]

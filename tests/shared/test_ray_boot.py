@@ -61,3 +61,23 @@ def test_nothing_listening_is_a_clear_value_error_within_seconds(monkeypatch):
         ensure_ray(address, connect_timeout_s=2)
     assert isinstance(info.value, ValueError) and isinstance(info.value, ConnectionError)
     assert time.monotonic() - t0 < 10 and not ray.is_initialized()
+
+
+def test_cluster_gpus_stops_with_a_clear_error_when_the_gcs_never_answers(monkeypatch):
+    """``ray.cluster_resources()`` has no timeout; a GCS that went away must not hang a job."""
+    import threading
+
+    import ray
+
+    from shared.errors import ClusterUnreachable
+
+    never = threading.Event()
+    monkeypatch.setattr(ray, "cluster_resources", lambda: never.wait())  # blocks like a lost GCS
+    start = time.monotonic()
+    with pytest.raises(ClusterUnreachable, match="did not say what resources it has within 0 s"):
+        ray_boot.cluster_gpus(timeout_s=0.3)
+    assert time.monotonic() - start < 5
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    assert ray_boot.cluster_gpus() == 1.0
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert ray_boot.cluster_gpus() == 0.0

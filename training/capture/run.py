@@ -206,10 +206,10 @@ def native_tensor_format() -> Any:
 
 
 def _use_gpu(cfg: CaptureConfig) -> bool:
-    import ray
+    from shared.ray_boot import cluster_gpus
 
     if cfg.num_gpus == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
+        return cluster_gpus() > 0
     return cfg.num_gpus > 0
 
 

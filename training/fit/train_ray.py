@@ -121,11 +121,12 @@ def train_ensemble(Xtr: np.ndarray, Ytr: np.ndarray, Xva: np.ndarray, Yva: np.nd
     ``X*`` are ``(n, d)`` float32 features, ``Y*`` ``(n, T)`` labels with NaN for missing.
     Needs ``ray.init`` to have been called (or a cluster address in ``RAY_ADDRESS``).
     """
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    from shared.ray_boot import cluster_gpus
+
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() > 0
     storage_path, storage_fs = _storage(cfg.storage_path)
     arrays = {"Xtr": np.array(Xtr, np.float32), "Ytr": np.asarray(Ytr, np.float32),
               "Xva": np.asarray(Xva, np.float32), "Yva": np.asarray(Yva, np.float32)}

@@ -263,9 +263,10 @@ def stream_labels(jobs: dict[str, tuple[ModelSpec, pa.Table]], writers: dict[str
     import ray
 
     from shared.progress import Progress
+    from shared.ray_boot import cluster_gpus
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() > 0
     ds = build_pipeline(jobs, cfg, use_gpu)
     total = sum(pending.num_rows for _, pending in jobs.values())
     failed = 0

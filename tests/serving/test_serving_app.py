@@ -326,7 +326,9 @@ def hardened(app):
     """The app updated for production: a bearer token, a short target timeout and a fallback_target.
     Ingress settings travel in user_config: applied in place, no replica (no model) restarts."""
     before = pids()
-    app["redeploy"](auth_token_env=TOKEN_ENV, target_timeout_s=5, fallback_target="smollm2-135m")
+    # 10 s: the counting request (1,500 tokens) outlasts it on both targets, while a fallback's one-line
+    # answer queued behind six others still fits on a busy 2-CPU machine (5 s gave those a 502 there)
+    app["redeploy"](auth_token_env=TOKEN_ENV, target_timeout_s=10, fallback_target="smollm2-135m")
     wait_ready(f"http://127.0.0.1:{app['port']}", 240)
     return {**app, "auth": {"authorization": f"bearer {TOKEN}"}, "pids_before": before}
 

@@ -12,6 +12,8 @@ after a kill, is tested in tests/training/label; here the job's stages are impor
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
@@ -182,35 +184,51 @@ def imported(work) -> list[str]:
     return ["data=null", f"data_import={{format: long, inputs: [{table}]}}"]
 
 
+@pytest.fixture(scope="module")
+def submitted(head, work, imported) -> dict:
+    """The first submission (to a fresh work_dir, published locally), run once for the module by
+    whichever test needs it first; what it printed and wrote is kept as it was then, so each test
+    reads the same thing in any order, alone (``-k``) or after the others."""
+    published = work.parent / "published"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["submit", "run", SMALL, f"work_dir={work}", f"publish.uri={published}", *imported,
+                     "--state-file", head.state_file])
+    read = lambda p: json.loads(p.read_text()) if p.is_file() else None  # noqa: E731
+    return {"code": code, "out": out.getvalue(), "published": published, "work": work,
+            "summary": read(work / "pipeline-summary.json"), "tuned": read(work / "tune" / "tune.json")}
+
+
+def first_run_ok(submitted: dict) -> None:
+    """Fail (never skip) a test whose setup, the first submission, failed."""
+    assert submitted["code"] == 0, submitted["out"][-3000:]
+
+
 @pytest.mark.timeout(1800)
-def test_submit_runs_the_pipeline_and_publishes_locally(head, work, imported, capsys):
+def test_submit_runs_the_pipeline_and_publishes_locally(submitted):
     from shared.artifact import load_artifact
 
-    published = work.parent / "published"
-    code = main(["submit", "run", SMALL, f"work_dir={work}", f"publish.uri={published}", *imported,
-                 "--state-file", head.state_file])
-    out = capsys.readouterr().out
-    assert code == 0, out[-3000:]
+    first_run_ok(submitted)
+    published, out = submitted["published"], submitted["out"]
     assert "pipeline 8/8: publish" in out and "SUCCEEDED" in out
     assert (published / "meta.json").is_file()
     router = load_artifact(str(published))
     assert router.target_names == ["smollm2-135m", "gemma3-270m"]
-    tuned = json.loads((work / "tune" / "tune.json").read_text())["best"]  # fit took tune's choice
+    tuned = submitted["tuned"]["best"]  # fit took tune's choice
     assert sorted(router.meta.pooling) == sorted(tuned["blocks"])
     assert router.meta.training_metrics["features"] == {"n_components": tuned["n_components"], "chosen_by": "tune"}
     record = json.loads((published / "publish.json").read_text())
     assert record["baseline"] is None and record["artifact"] == str(published)
-    summary = json.loads((work / "pipeline-summary.json").read_text())
+    summary = submitted["summary"]
     assert summary["stages"]["data"]["rows"] == 40 and summary["stages"]["publish"]["published"]
-    assert summary["stages"]["label"]["reused"] == str(work / "labels")  # imported: nothing generated
+    assert summary["stages"]["label"]["reused"] == str(submitted["work"] / "labels")  # imported: nothing generated
 
 
 @pytest.mark.timeout(900)
-def test_resubmit_resumes_and_publishes_to_s3(head, work, imported, moto_s3, capsys):
+def test_resubmit_resumes_and_publishes_to_s3(head, work, imported, moto_s3, submitted, capsys):
     import boto3
 
-    if not (work / "pipeline-summary.json").is_file():
-        pytest.skip("needs the work_dir of the previous test")
+    first_run_ok(submitted)
     s3 = boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"])
     s3.create_bucket(Bucket="routers")
     job = ["--state-file", head.state_file]
@@ -232,15 +250,14 @@ def test_resubmit_resumes_and_publishes_to_s3(head, work, imported, moto_s3, cap
         s3.head_object(Bucket="routers", Key=f"{key}/{name}")
 
 
-def test_publish_compares_with_the_published_artifact(work, imported, tmp_path):
+def test_publish_compares_with_the_published_artifact(work, imported, submitted, tmp_path):
     """In process, on the work_dir above: the published artifact is re-scored on the same test split."""
     from shared.config import load_config
     from cluster.pipeline.config import PipelineConfig
     from cluster.pipeline.publish import PublishConfig, publish
 
-    published = work.parent / "published"
-    if not (published / "meta.json").is_file():
-        pytest.skip("needs the artifact published by the end-to-end test")
+    first_run_ok(submitted)
+    published = submitted["published"]
     cfg = load_config(PipelineConfig, SMALL, [f"work_dir={work}", *imported])
     new = json.loads((work / "stages" / "evaluate.json").read_text())["result"]["metrics"]
     pub = PublishConfig(uri=str(tmp_path / "next"), baseline=str(published), metric="accuracy")

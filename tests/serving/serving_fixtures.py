@@ -183,3 +183,9 @@ def surrogate_round(client: Any, n_good: int = 7) -> tuple[Any, list[Any]]:
         good = [pool.submit(client.post, "/v1/route", json={"messages": [
             {"role": "user", "content": f"What is {i} plus {i}?"}]}) for i in range(n_good)]
         return bad_f.result(), [f.result() for f in good]
+
+
+def replica_pids(app: str, names: tuple[str, ...] = ("Encoder", "Target-smollm2-135m", "Target-gemma3-270m")
+                 ) -> dict[str, int]:
+    """The process of each model replica of ``app`` (the Encoder, the local targets)."""
+    return {n: replica(app, n).ready.remote().result(timeout_s=60)["pid"] for n in names}

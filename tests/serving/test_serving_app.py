@@ -19,12 +19,11 @@ import yaml
 from cluster.demo_chat import wait_ready
 from tests.procs import free_port
 from tests.serving.serving_fixtures import (ROUTER_ERRORS, FlakyEndpoint, kill_encoder_during, metric, replica,
-                                           router_artifact, serving_registry, surrogate_round)
+                                           replica_pids, router_artifact, serving_registry, surrogate_round)
 
 pytestmark = pytest.mark.slow
 MSG = [{"role": "user", "content": "What is the capital of France? Answer with one word."}]
-
-
+LONG = [{"role": "user", "content": "word " * 400}]
 APP = "prefill-router"
 TOKEN_ENV, TOKEN = "PR_TEST_SERVE_TOKEN", "s3cret-token"
 BROKEN = "gpt-4-1106-preview"  # served through the registry's broken-endpoint
@@ -128,9 +127,6 @@ def test_streaming_sse(app):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-LONG = [{"role": "user", "content": "word " * 400}]
-
-
 @pytest.mark.parametrize("body, status, ctype", [
     (b"{oops", 400, "application/json"),
     (json.dumps({"model": "router", "messages": []}).encode(), 422, "application/json"),
@@ -162,10 +158,15 @@ def test_a_lone_surrogate_is_a_400_of_its_own_and_never_fails_its_batch_mates(ap
 
 
 def test_metrics_count_requests_and_decisions(app):
-    text = app["client"].get("/metrics").text
-    assert 'prefill_router_requests_total{endpoint="chat_completions",status="200"}' in text
-    assert "prefill_router_decisions_total" in text and "prefill_router_overhead_seconds_count" in text
-    assert 'prefill_router_requests_total{endpoint="chat_completions",status="413"} 2.0' in text
+    c = app["client"]  # counter deltas of this test's own requests: it passes alone and in any order
+    ok, too_long = (f'prefill_router_requests_total{{endpoint="chat_completions",status="{s}"}}' for s in (200, 413))
+    overhead = "prefill_router_overhead_seconds_count"
+    before = {name: metric(c, name) for name in (ok, too_long, overhead)}
+    assert c.post("/v1/chat/completions", json={"model": "router", "messages": MSG}).status_code == 200
+    for model in ("router", "smollm2-135m"):  # the limit holds on routed and pinned requests alike
+        assert c.post("/v1/chat/completions", json={"model": model, "messages": LONG}).status_code == 413
+    assert metric(c, ok) == before[ok] + 1 and metric(c, too_long) == before[too_long] + 2
+    assert metric(c, overhead) > before[overhead] and "prefill_router_decisions_total" in c.get("/metrics").text
 
 
 def test_official_openai_client_sees_length_and_usage(app):
@@ -235,6 +236,8 @@ def test_client_disconnect_stops_the_target_and_counts_499(app):
     """D1/D7: a client that gives up cancels the generation in the target replica."""
     target = replica(APP, "Target-smollm2-135m")
     before = target.stats.remote().result(timeout_s=30)
+    disconnected = 'prefill_router_requests_total{endpoint="chat_completions",status="499"}'
+    counted = metric(app["client"], disconnected)
     body = {"model": "smollm2-135m", "messages": COUNTING, "max_tokens": 1500}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"http://127.0.0.1:{app['port']}/v1/chat/completions", json=body, timeout=6)
@@ -244,9 +247,8 @@ def test_client_disconnect_stops_the_target_and_counts_499(app):
     assert now["active"] == 0 and now["cancelled"] == before["cancelled"] + 1, (before, now)
     time.sleep(2)
     assert target.stats.remote().result(timeout_s=30) == now  # nothing computes any more
-    text = app["client"].get("/metrics").text
-    assert 'prefill_router_requests_total{endpoint="chat_completions",status="499"} 1.0' in text
-    assert 'status="500"' not in text
+    assert metric(app["client"], disconnected) == counted + 1
+    assert 'status="500"' not in app["client"].get("/metrics").text
 
 
 def test_huge_prompts_are_refused_before_any_target(app):
@@ -315,26 +317,19 @@ def test_encoder_killed_mid_request_gives_json_503_then_recovers(app):
     assert c.post("/v1/chat/completions", json={"model": "router", "messages": MSG}).status_code == 200
 
 
-def pids() -> dict[str, int]:
-    """The process of each model replica (Encoder, local targets)."""
-    names = ("Encoder", "Target-smollm2-135m", "Target-gemma3-270m")
-    return {n: replica(APP, n).ready.remote().result(timeout_s=60)["pid"] for n in names}
-
-
 @pytest.fixture(scope="module")
 def hardened(app):
     """The app updated for production: a bearer token, a short target timeout and a fallback_target.
     Ingress settings travel in user_config: applied in place, no replica (no model) restarts."""
-    before = pids()
-    # 10 s: the counting request (1,500 tokens) outlasts it on both targets, while a fallback's one-line
-    # answer queued behind six others still fits on a busy 2-CPU machine (5 s gave those a 502 there)
+    before = replica_pids(APP)
+    # 10 s: a 1,500-token answer outlasts it; a fallback's one line queued behind six others fits (5 s did not)
     app["redeploy"](auth_token_env=TOKEN_ENV, target_timeout_s=10, fallback_target="smollm2-135m")
     wait_ready(f"http://127.0.0.1:{app['port']}", 240)
     return {**app, "auth": {"authorization": f"bearer {TOKEN}"}, "pids_before": before}
 
 
 def test_ingress_settings_change_in_place(hardened):
-    assert pids() == hardened["pids_before"]
+    assert replica_pids(APP) == hardened["pids_before"]
 
 
 def test_auth_is_required_and_the_bearer_scheme_case_insensitive(hardened):

@@ -18,6 +18,10 @@ import yaml
 from tests.procs import ROOT as REPO_ROOT
 
 REFERENCE = REPO_ROOT / "data" / "router"
+TOKEN_ENV, TOKEN = "PR_TEST_SERVE_TOKEN", "s3cret-token"  # the hardened app's bearer token
+# the app hardened for production, applied in place: auth, a short target timeout and a fallback target.
+# 10 s: a 1,500-token answer outlasts it; a fallback's one line queued behind six others fits (5 s did not)
+HARDENED = {"auth_token_env": TOKEN_ENV, "target_timeout_s": 10, "fallback_target": "smollm2-135m"}
 ROUTER_ERRORS = 'prefill_router_errors_total{kind="router"}'  # encoder or head failures, never a client's fault
 
 
@@ -189,3 +193,37 @@ def replica_pids(app: str, names: tuple[str, ...] = ("Encoder", "Target-smollm2-
                  ) -> dict[str, int]:
     """The process of each model replica of ``app`` (the Encoder, the local targets)."""
     return {n: replica(app, n).ready.remote().result(timeout_s=60)["pid"] for n in names}
+
+
+class Deployed:
+    """What the test app last deployed: its config plus ``changes`` and an ``artifact`` (None: the config's).
+    ``ensure`` redeploys only when a test needs another state than the running one, so each test sets up
+    what it needs and passes alone and in any order, at no cost in the module's own order."""
+
+    def __init__(self, cfg: dict, port: int):
+        self.cfg, self.port = cfg, port
+        self.key = self._key(None, {})
+
+    def _key(self, artifact: str | None, changes: dict) -> tuple[str, str]:
+        return (artifact or self.cfg["artifact"], repr(sorted(changes.items())))
+
+    def running(self, artifact: str | None = None, **changes: Any) -> bool:
+        return self.key == self._key(artifact, changes)
+
+    def redeploy(self, artifact: str | None = None, **changes: Any) -> None:
+        from serving.app import deploy
+        from serving.config import ServeConfig
+
+        self.key = self._key(artifact, changes)  # first: a deploy that fails leaves another state too
+        deploy(ServeConfig.model_validate({**self.cfg, **changes}), artifact=artifact)
+
+    def ensure(self, artifact: str | None = None, **changes: Any) -> None:
+        from cluster.demo_chat import wait_ready
+
+        if not self.running(artifact, **changes):
+            self.redeploy(artifact, **changes)
+            wait_ready(f"http://127.0.0.1:{self.port}", 240)
+
+    def changed_elsewhere(self) -> None:
+        """Something other than :meth:`redeploy` changed the app (a publish): the next ``ensure`` redeploys."""
+        self.key = ("", "")

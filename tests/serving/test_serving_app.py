@@ -1,10 +1,9 @@
 """The Serve app on a real local Ray cluster with the real SmolLM2 and Gemma models, over real HTTP.
 
-One app, deployed once, then updated in place (artifacts reloaded; auth, a short target
-timeout and a fallback target switched on: no replica restarts) and last redeployed as a
-decision service. The ``smol-remote`` target is an OpenAI-compatible endpoint: this same app
-serving SmolLM2 on loopback; ``gpt-4-1106-preview`` is served through an endpoint that
-refuses connections (``endpoints``, as a RouterBench target behind the user's own gateway).
+One app, deployed once. Each test asks for the state it needs (``app``: as deployed; ``hardened``: auth, a
+short target timeout and a fallback target, applied in place) and :class:`Deployed` redeploys only when an
+earlier test left another one, so each test passes alone and in any order. ``smol-remote`` is this app itself
+on loopback; ``gpt-4-1106-preview`` goes through an endpoint that refuses connections (``endpoints``).
 """
 
 import json
@@ -18,26 +17,24 @@ import yaml
 
 from cluster.demo_chat import wait_ready
 from tests.procs import free_port
-from tests.serving.serving_fixtures import (ROUTER_ERRORS, FlakyEndpoint, kill_encoder_during, metric, replica,
-                                           replica_pids, router_artifact, serving_registry, surrogate_round)
+from tests.serving.serving_fixtures import (HARDENED, ROUTER_ERRORS, TOKEN, TOKEN_ENV, Deployed, FlakyEndpoint,
+                                           kill_encoder_during, metric, replica, replica_pids, router_artifact,
+                                           serving_registry, surrogate_round)
 
 pytestmark = pytest.mark.slow
 MSG = [{"role": "user", "content": "What is the capital of France? Answer with one word."}]
 LONG = [{"role": "user", "content": "word " * 400}]
 APP = "prefill-router"
-TOKEN_ENV, TOKEN = "PR_TEST_SERVE_TOKEN", "s3cret-token"
 BROKEN = "gpt-4-1106-preview"  # served through the registry's broken-endpoint
 COUNTING = [{"role": "user", "content": "Write the numbers from 1 to 500 in words, one per line, without stopping."}]
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def served(tmp_path_factory):
     import os
 
     from ray import serve
 
-    from serving.app import deploy
-    from serving.config import ServeConfig
     from shared.ray_boot import ensure_ray
 
     tmp = tmp_path_factory.mktemp("serve")
@@ -56,17 +53,22 @@ def app(tmp_path_factory):
     os.environ[TOKEN_ENV] = TOKEN  # before Ray starts: the replicas inherit it (the auth tests use it)
     ensure_ray("local", num_cpus=4, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    deploy(ServeConfig.model_validate(cfg))
+    deployed = Deployed(cfg, port)
+    deployed.redeploy()
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=180)
-
-    def redeploy(artifact=None, **changes):
-        deploy(ServeConfig.model_validate({**cfg, **changes}), artifact=artifact)
-
-    yield {"client": client, "artifact": artifact, "tmp": tmp, "redeploy": redeploy, "cfg": cfg, "port": port}
+    yield {"client": client, "artifact": artifact, "tmp": tmp, "redeploy": deployed.redeploy, "ensure": deployed.ensure,
+           "deployed": deployed, "cfg": cfg, "port": port}
     client.close()
     flaky.close()
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture
+def app(served):
+    """The app as first deployed (redeployed first if an earlier test changed it)."""
+    served["ensure"]()
+    return served
 
 
 def test_health_models_and_route(app):
@@ -302,6 +304,7 @@ def test_publish_reloads_the_running_app(app):
     assert "{run_id}" not in record["artifact"] and record["artifact"].startswith(str(app["tmp"] / "published"))
     assert c.post("/v1/route", json={"messages": MSG}).json()["artifact"] == record["artifact"]
     assert json.loads((app["tmp"] / "current.json").read_text())["artifact"] == record["artifact"]
+    app["deployed"].changed_elsewhere()  # publish redeployed it with the published copy
 
 
 def test_encoder_killed_mid_request_gives_json_503_then_recovers(app):
@@ -317,19 +320,19 @@ def test_encoder_killed_mid_request_gives_json_503_then_recovers(app):
     assert c.post("/v1/chat/completions", json={"model": "router", "messages": MSG}).status_code == 200
 
 
-@pytest.fixture(scope="module")
-def hardened(app):
-    """The app updated for production: a bearer token, a short target timeout and a fallback_target.
-    Ingress settings travel in user_config: applied in place, no replica (no model) restarts."""
+@pytest.fixture
+def hardened(served):
+    """The app updated for production (:data:`HARDENED`): a bearer token, a short target timeout and a fallback."""
+    served["ensure"](**HARDENED)
+    return {**served, "auth": {"authorization": f"bearer {TOKEN}"}}
+
+
+def test_ingress_settings_change_in_place(served):
+    """Ingress settings travel in user_config: applied in place, no replica (no model) restarts."""
+    served["ensure"]()
     before = replica_pids(APP)
-    # 10 s: a 1,500-token answer outlasts it; a fallback's one line queued behind six others fits (5 s did not)
-    app["redeploy"](auth_token_env=TOKEN_ENV, target_timeout_s=10, fallback_target="smollm2-135m")
-    wait_ready(f"http://127.0.0.1:{app['port']}", 240)
-    return {**app, "auth": {"authorization": f"bearer {TOKEN}"}, "pids_before": before}
-
-
-def test_ingress_settings_change_in_place(hardened):
-    assert replica_pids(APP) == hardened["pids_before"]
+    served["ensure"](**HARDENED)
+    assert replica_pids(APP) == before
 
 
 def test_auth_is_required_and_the_bearer_scheme_case_insensitive(hardened):

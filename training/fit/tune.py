@@ -39,6 +39,7 @@ from training.loop import TrunkConfig
 from training.dataset import RoutingData, RoutingDataConfig
 from training.fit.probe import choice_rows, save_figure
 from training.objectives import ObjectiveConfig
+from training.pooled import PoolConfig, ensemble_proba, fit_inputs, take, train_pooled_one
 
 MINILM = "minilm"
 
@@ -79,7 +80,8 @@ class TuneConfig(RoutingDataConfig):
 
 def fold_predictions(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.ndarray, n_components: int,
                      trunk: TrunkConfig, folds: int = 5, seeds: int = 3, early_stop_share: float = 0.15,
-                     seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                     seed: int = 0, tokens: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                     pool: PoolConfig | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per fold ``f`` (GroupKFold over ``groups``): ``(held_f, P_f)``, the held-out row indices and
     ``(len(held_f), T)`` predictions of a SharedTrunkNet ensemble that never saw them.
 
@@ -87,6 +89,10 @@ def fold_predictions(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.nd
     standardise->PCA transform is fitted on the training folds only; ``seeds`` members are
     trained on a ``1 - early_stop_share`` part of them and early-stopped on the rest;
     ``P_f = mean_s sigmoid(net_s(X[held_f]))``.
+
+    ``tokens``: ``{attn block: (states (n, W, D), mask (n, W))}``; with any, the members are
+    :class:`shared.pooling.PooledTrunkNet` (``pool``'s settings) over the vector blocks and these, their token
+    transforms fitted on the same training rows (:func:`training.pooled.fit_inputs`), on the same folds.
     """
     from sklearn.model_selection import GroupKFold
 
@@ -98,6 +104,12 @@ def fold_predictions(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.nd
         perm = np.random.default_rng(seed + k).permutation(fit_idx)
         cut = max(1, int(round((1 - early_stop_share) * len(perm))))
         tr, es = perm[:cut], perm[cut:]
+        if tokens:
+            inputs = fit_inputs(blocks, tokens, tr, n_components, pool or PoolConfig(), seed)
+            members = [train_pooled_one((take(inputs, tr), Y[tr]), (take(inputs, es), Y[es]), seed + s, trunk,
+                                        pool or PoolConfig()) for s in range(seeds)]
+            yield held, ensemble_proba(members, take(inputs, held))
+            continue
         transform = FeatureTransform.fit({b: x[tr] for b, x in blocks.items()}, n_components=n_components, seed=seed)
         X = transform.transform(blocks)
         members = [train_one(X[tr], Y[tr], None, X[es], Y[es], None, seed=seed + s, cfg=trunk) for s in range(seeds)]

@@ -29,11 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.objectives import scores, task_means  # noqa: E402
-
+ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ("mean_pooled_auc", "mean_within_task_auc", "pairwise_auc", "task_averaged_accuracy", "iso_accuracy_savings")
+TABLE_FIELDS = {"rows": ("blocks",) + FIELDS + ("within_task_auc_by_task",), "reference": FIELDS,
+                "equal_costs": (), "tasks": ()}
 
 
 def per_task_within(Y: np.ndarray, P: np.ndarray, tasks: np.ndarray) -> dict[str, float]:
@@ -50,6 +49,7 @@ def per_task_within(Y: np.ndarray, P: np.ndarray, tasks: np.ndarray) -> dict[str
 
 
 def run(args: argparse.Namespace) -> dict:
+    from bench.objectives import scores, task_means
     from shared.features import is_attn, parse_block
     from training.dataset import load_routing_data
     from training.evaluate.routing_metrics import equal_costs
@@ -105,6 +105,8 @@ def markdown(doc: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     from shared.artifact import load_artifact
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

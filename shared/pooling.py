@@ -65,16 +65,30 @@ class TokenTransform:
     components: np.ndarray
 
     @classmethod
-    def fit(cls, tokens: np.ndarray, k: int, seed: int = 0, max_tokens: int = 200_000) -> "TokenTransform":
-        """Fit on training tokens ``(N, D)`` (real tokens only; a seeded sample of ``max_tokens`` when more)."""
-        x = np.asarray(tokens, dtype=np.float64)
+    def fit(cls, tokens: np.ndarray, k: int, seed: int = 0, max_tokens: int = 200_000,
+            chunk: int = 16_384) -> "TokenTransform":
+        """Fit on training tokens ``(N, D)`` (real tokens only; a seeded sample of ``max_tokens`` when more):
+        per-dimension mean and std, then the top ``k`` eigenvectors of the standardised tokens' covariance
+        (accumulated in float64 over chunks: ``O(N D^2)``, no ``N x D`` SVD)."""
+        x = np.asarray(tokens)
         if len(x) > max_tokens:
-            x = x[np.random.default_rng(seed).choice(len(x), max_tokens, replace=False)]
-        mean, scale = x.mean(axis=0), x.std(axis=0)
+            x = x[np.sort(np.random.default_rng(seed).choice(len(x), max_tokens, replace=False))]
+        n, d = x.shape
+        total, sq = np.zeros(d), np.zeros(d)
+        for i in range(0, n, chunk):
+            c = x[i:i + chunk].astype(np.float64)
+            total += c.sum(axis=0)
+            sq += (c * c).sum(axis=0)
+        mean = total / n
+        scale = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
         scale = np.where(scale > 1e-8, scale, 1.0)
-        z = (x - mean) / scale
-        _, _, vt = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
-        return cls(mean, scale, vt[:min(k, len(vt))])
+        cov = np.zeros((d, d))
+        for i in range(0, n, chunk):
+            z = ((x[i:i + chunk].astype(np.float64) - mean) / scale).astype(np.float32)
+            cov += (z.T @ z).astype(np.float64)
+        evals, evecs = np.linalg.eigh(cov / n)
+        top = np.argsort(evals)[::-1][:min(k, d)]
+        return cls(mean, scale, np.ascontiguousarray(evecs[:, top].T))
 
     @property
     def k(self) -> int:

@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> dict:
         ids, states, mask = read_token_windows(args.activations, parse_block(b)[0], args.window, list(data.query_ids))
         tokens[b] = (states, mask)
         logging.info("%s: %d rows, window %d, %.1f real tokens per row", b, len(ids), mask.shape[1], mask.sum(1).mean())
-    pool = PoolConfig(n_components=args.token_components, n_queries=args.n_queries, window=args.window)
+    pool = PoolConfig(n_components=args.token_components, n_queries=args.n_queries, window=args.window,
+                      position_bias=args.position_bias, lr_scale=args.pool_lr_scale)
     trunk = TrunkConfig(**({"max_epochs": args.max_epochs} if args.max_epochs else {}))
     rows, helds = [], None
     for names in sets:
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-components", type=int, default=64, help="PCA components per vector block")
     p.add_argument("--token-components", type=int, default=64, help="PCA components per token (attn blocks)")
     p.add_argument("--n-queries", type=int, default=1, help="learned queries per attn block")
+    p.add_argument("--position-bias", action="store_true", help="learned bias per distance from the last token")
+    p.add_argument("--pool-lr-scale", type=float, default=1.0, help="the pooling's learning rate over the trunk's")
     p.add_argument("--window", type=int, default=None, help="last tokens pooled (default: the capture's)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seeds", type=int, default=3)

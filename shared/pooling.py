@@ -117,14 +117,17 @@ class AttentionPool(torch.nn.Module):
     """``(B, W, k)`` token vectors ``z`` and mask -> ``(B, q * k)``.
 
     Query ``j`` (a learned ``k``-vector ``u_j``) weighs token ``t`` by
-    ``a_tj = softmax_t(z_t . u_j / sqrt(k))`` over the real tokens only, and pools
-    ``p_j = sum_t a_tj z_t``; the output is ``[p_1, ..., p_q]``. ``u_j = 0`` is mean pooling,
-    so mean pooling is the starting point the training moves away from (queries start small)."""
+    ``a_tj = softmax_t(z_t . u_j / sqrt(k) + b_j[r_t])`` over the real tokens only, with ``r_t`` the
+    token's distance from the prompt's last real token (0 = last; ``b`` a learned ``(q, window)`` bias,
+    all zero with ``window=0``: content only), and pools ``p_j = sum_t a_tj z_t``; the output is
+    ``[p_1, ..., p_q]``. ``u_j = 0, b_j = 0`` is mean pooling, so mean pooling is the starting point the
+    training moves away from (queries start small, biases at 0); a large ``b_j[0]`` is ``last`` pooling."""
 
-    def __init__(self, k: int, n_queries: int = 1):
+    def __init__(self, k: int, n_queries: int = 1, window: int = 0):
         super().__init__()
-        self.k, self.n_queries = int(k), int(n_queries)
+        self.k, self.n_queries, self.window = int(k), int(n_queries), int(window)
         self.queries = torch.nn.Parameter(0.01 * torch.randn(self.n_queries, self.k))
+        self.bias = torch.nn.Parameter(torch.zeros(self.n_queries, max(self.window, 1)), requires_grad=window > 0)
 
     @property
     def d_out(self) -> int:
@@ -135,6 +138,9 @@ class AttentionPool(torch.nn.Module):
         mask = mask.bool()
         z = z.masked_fill(~mask.unsqueeze(-1), 0.0)
         scores = (z @ self.queries.T) / self.k ** 0.5
+        if self.window:
+            from_end = (mask.sum(dim=1, keepdim=True) - 1 - torch.arange(mask.shape[1], device=mask.device)).clamp(0)
+            scores = scores + self.bias.T[from_end.clamp(max=self.window - 1)]
         scores = scores.masked_fill(~mask.unsqueeze(-1), torch.finfo(scores.dtype).min)
         return torch.softmax(scores, dim=1) * mask.unsqueeze(-1).to(scores.dtype)
 
@@ -150,10 +156,12 @@ class PooledTrunkNet(torch.nn.Module):
     vectors ``(B, W, k_i)`` and mask; the trunk reads ``[x, pool_1(z_1, m_1), ..., pool_a(z_a, m_a)]``."""
 
     def __init__(self, d_dense: int, token_dims: Sequence[int], n_targets: int, n_queries: int = 1,
-                 hidden: Sequence[int] = (256, 128), dropout: Sequence[float] = (0.3, 0.2)):
+                 hidden: Sequence[int] = (256, 128), dropout: Sequence[float] = (0.3, 0.2), window: int = 0,
+                 pool_lr_scale: float = 1.0):
         super().__init__()
         self.d_dense, self.token_dims, self.n_queries = int(d_dense), [int(k) for k in token_dims], int(n_queries)
-        self.pools = torch.nn.ModuleList(AttentionPool(k, self.n_queries) for k in self.token_dims)
+        self.window, self.pool_lr_scale = int(window), float(pool_lr_scale)
+        self.pools = torch.nn.ModuleList(AttentionPool(k, self.n_queries, self.window) for k in self.token_dims)
         self.trunk = SharedTrunkNet(self.d_dense + sum(p.d_out for p in self.pools), n_targets, hidden, dropout)
 
     def forward(self, x: torch.Tensor, *tokens: torch.Tensor) -> torch.Tensor:
@@ -162,7 +170,15 @@ class PooledTrunkNet(torch.nn.Module):
         pooled = [p(tokens[2 * i], tokens[2 * i + 1]) for i, p in enumerate(self.pools)]
         return self.trunk(torch.cat([x[:, :self.d_dense], *pooled], dim=1))
 
+    def param_groups(self, lr: float) -> list[dict]:
+        """Adam parameter groups: the trunk at ``lr``, the pooling (queries, position biases) at
+        ``lr * pool_lr_scale`` (Adam moves a parameter about ``lr`` per step, and a few hundred steps at the
+        trunk's rate leave the attention near uniform)."""
+        return [{"params": list(self.trunk.parameters()), "lr": lr},
+                {"params": [p for p in self.pools.parameters() if p.requires_grad], "lr": lr * self.pool_lr_scale}]
+
     def spec(self) -> dict:
         t = self.trunk.spec()
         return {"d_dense": self.d_dense, "token_dims": self.token_dims, "n_targets": t["n_targets"],
-                "n_queries": self.n_queries, "hidden": t["hidden"], "dropout": t["dropout"]}
+                "n_queries": self.n_queries, "hidden": t["hidden"], "dropout": t["dropout"], "window": self.window,
+                "pool_lr_scale": self.pool_lr_scale}

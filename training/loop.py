@@ -81,7 +81,8 @@ def early_stopping(make_net: Callable[[], torch.nn.Module], train: tuple, val: t
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = make_net()
-        opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+        groups = net.param_groups(lr) if hasattr(net, "param_groups") else net.parameters()  # per-group rates
+        opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
         best, best_state, best_epoch, stale, epoch = float("inf"), None, -1, 0, 0
         for epoch in range(max_epochs):
             net.train()

@@ -34,6 +34,10 @@ class PoolConfig(StrictConfig):
                                                 "concatenated).")
     window: int | None = Field(None, gt=0, description="Last prompt tokens pooled; None: the capture's "
                                                        "token_window.")
+    position_bias: bool = Field(False, description="Add a learned bias per distance from the last token to each "
+                                                   "query's scores (can learn last-token pooling); False: content only.")
+    lr_scale: float = Field(1.0, gt=0, description="The pooling's learning rate over the trunk's (Adam moves each "
+                                                   "weight about lr per step).")
     fit_tokens: int = Field(200_000, gt=0, description="Most training tokens (a seeded sample) the token "
                                                        "standardise->PCA is fitted on.")
 
@@ -62,7 +66,9 @@ def train_pooled_one(train: tuple, val: tuple, seed: int, trunk: TrunkConfig, po
     ``train``/``val`` are ``(inputs, Y)`` with ``inputs`` as :func:`fit_inputs` returns (their rows)."""
     (xtr, ytr), (xva, yva) = train, val
     d_dense, dims, n_t = xtr[0].shape[1], [z.shape[2] for z in xtr[1::2]], ytr.shape[1]
-    out = early_stopping(lambda: PooledTrunkNet(d_dense, dims, n_t, pool.n_queries, trunk.hidden, trunk.dropout),
+    window = xtr[1].shape[1] if pool.position_bias else 0
+    out = early_stopping(lambda: PooledTrunkNet(d_dense, dims, n_t, pool.n_queries, trunk.hidden, trunk.dropout,
+                                                window, pool.lr_scale),
                          (xtr, ytr, None), (xva, yva, None), seed, lr=trunk.lr, weight_decay=trunk.weight_decay,
                          batch_size=trunk.batch_size, max_epochs=trunk.max_epochs, patience=trunk.patience,
                          min_delta=trunk.min_delta, loss=objective(trunk.objective))

@@ -107,3 +107,20 @@ def test_pooled_net_takes_dense_features_beside_tokens():
     with pytest.raises(ValueError, match="pairs"):
         net(x, torch.randn(2, 7, 4))
     assert PooledTrunkNet(**net.spec()).spec() == net.spec()
+
+
+def test_position_bias_can_express_last_token_pooling_and_the_pooling_gets_its_own_rate():
+    torch.manual_seed(0)
+    pool = AttentionPool(k=4, n_queries=1, window=6)
+    z = torch.randn(2, 6, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6]).bool()
+    with torch.no_grad():
+        pool.queries.zero_()
+        torch.testing.assert_close(pool(z, mask)[0], z[0, :3].mean(dim=0))  # zero bias: mean pooling
+        pool.bias[0, 0] = 50.0  # distance 0 from the last real token
+    torch.testing.assert_close(pool(z, mask), torch.stack([z[0, 2], z[1, 5]]), atol=1e-6, rtol=1e-5)
+    assert not AttentionPool(k=4).bias.requires_grad  # window 0: content only
+    net = PooledTrunkNet(0, [4], 1, window=6, pool_lr_scale=30, hidden=[8], dropout=[0.0])
+    trunk, pools = net.param_groups(1e-3)
+    assert pools["lr"] == pytest.approx(3e-2) and trunk["lr"] == 1e-3
+    assert {id(p) for p in pools["params"]} == {id(net.pools[0].queries), id(net.pools[0].bias)}

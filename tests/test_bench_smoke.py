@@ -68,7 +68,7 @@ RESULTS = {"capture_throughput": ["capture_throughput.json", "capture_throughput
            "encoder_combination": ["encoder_combination.json"], "fit_workers": ["fit_workers.json"],
            "objectives": ["objectives_routerdc.json", "objectives_routerbench.json"],
            "pooling": ["pooling_routerdc.json", "pooling_routerbench.json", "pooling_routerbench_q4.json",
-                       "pooling_routerbench_v2.json"],
+                       "pooling_routerbench_v2.json", "pooling_routerdc_v2.json"],
            "next_token_signal": ["next_token_smollm2.json", "next_token_qwen_sample600.json"],
            "prefix_cache": ["prefix_cache_latency.json", "prefix_cache_latency_2026-12-02.json"],
            "routing_headroom": ["routing_headroom.json"], "serve_load": ["serve_load.json", "serve_load_64tok.json"]}

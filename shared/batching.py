@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
+TOKENS, PREFIX = "_tokens", "_prefix"  # reserved keys of a forward's feature dict (token states, prefix state)
+
 
 def pad_batch(batch: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[Any, Any]:
     """Token-id lists to ``(input_ids, mask)`` long tensors ``(B, longest)``, padded on ``side``."""
@@ -54,3 +56,15 @@ def padding_waste(lengths: Sequence[int], buckets: Iterable[Sequence[int]]) -> f
         real += sum(lens)
         padded += len(lens) * max(lens)
     return 1.0 - real / padded if padded else 0.0
+
+
+
+def window_states(states: dict[int, Any], mask: Any, layers: Sequence[int], window: int) -> list[dict[int, Any]]:
+    """Per row of a batch, ``{layer: (t, D)}``: the states of its last ``t = min(real tokens, window)`` real
+    tokens (``mask`` ``(B, T)``, 1 = token; padding on either side is never read), as fp16 on the CPU."""
+    out = []
+    for row in range(mask.shape[0]):
+        real = mask[row].bool().nonzero().flatten()[-window:]
+        out.append({layer: states[layer][row, real].half().cpu() for layer in layers})
+    return out
+

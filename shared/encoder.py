@@ -27,6 +27,13 @@ Prefix sharing (``min_shared_prefix`` > 0, off by default): prompts of one ``enc
 call that share their first ``min_shared_prefix`` or more tokens run that prefix once and
 then only their suffixes (:mod:`shared.prefix`); the features equal the full forward's
 up to float reassociation. Unshared prompts go the length-bucket way above.
+
+Token states (``token_layers``, off by default): the encoder also returns, per prompt, the
+hidden states of its last ``token_window`` real tokens at each token layer (the input of an
+``h{layer}_attn`` block, :mod:`shared.pooling`), as fp16 ``(t, D)`` arrays, ``t <= token_window``.
+A prefix-shared prompt returns only its suffix's (last ``token_window``) states and refers to
+its prefix (``Encoded.prefix_keys``), whose last ``token_window`` states are returned once per
+prefix (``Encoded.prefixes``); :func:`shared.pooling.assemble_window` rebuilds the window.
 """
 
 from __future__ import annotations
@@ -37,9 +44,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from shared.batching import length_buckets, pad_batch
+from shared.batching import PREFIX, TOKENS, length_buckets, pad_batch, window_states
 from shared.errors import BadInput
 from shared.features import block_name, block_width, encoder_columns, hidden_poolings, next_token_stats, pool
+
 
 
 def resolve_layers(layers: Sequence[int] | str, num_layers: int, model_name: str = "encoder") -> list[int]:
@@ -69,6 +77,9 @@ class Encoded:
     padded: np.ndarray  # padded length of the forward batch each prompt ran in
     stats: dict[str, float] = field(default_factory=dict)
     computed: np.ndarray | None = None  # tokens computed per prompt (a shared prefix counts on one prompt)
+    tokens: list[dict[int, np.ndarray]] | None = None  # per prompt {token layer: (t, D) fp16}, its own last tokens
+    prefix_keys: list[str] | None = None  # per prompt: the key of the prefix its window continues, or ""
+    prefixes: dict[str, dict[int, np.ndarray]] | None = None  # {prefix key: {token layer: (t, D) fp16}}
 
 
 class Encoder:
@@ -76,7 +87,8 @@ class Encoder:
 
     def __init__(self, loaded: Any, layers: Sequence[int] | str, poolings: Sequence[str] = ("last",),
                  max_tokens: int = 2048, batch_size: int = 8, max_batch_tokens: int | None = None,
-                 padding_side: str = "right", min_shared_prefix: int | None = None):
+                 padding_side: str = "right", min_shared_prefix: int | None = None,
+                 token_layers: Sequence[int] = (), token_window: int = 256):
         if padding_side not in ("left", "right"):
             raise BadInput(f"padding_side must be left or right, got {padding_side!r}")
         self.loaded, self.tokenizer, self.device = loaded, loaded.tokenizer, loaded.device
@@ -89,7 +101,12 @@ class Encoder:
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.max_batch_tokens, self.padding_side = max_batch_tokens, padding_side
         self.min_shared_prefix = min_shared_prefix or 0
-        self.depth = max(self.layers)
+        self.token_layers = resolve_layers(list(token_layers), self.num_layers, loaded.spec.name) if token_layers \
+            else []
+        if token_window <= 0:
+            raise BadInput(f"token_window must be positive, got {token_window}")
+        self.token_window = int(token_window)
+        self.depth = max(self.layers + self.token_layers)
         self.base = truncated_base(loaded.model, self.depth)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
@@ -156,6 +173,8 @@ class Encoder:
         with torch.inference_mode():
             states = self._run(input_ids, mask, position_ids)
             feats = {block_name(layer, p): pool(states[layer], mask, p) for layer in self.layers for p in self.poolings}
+            if self.token_layers:
+                feats[TOKENS] = window_states(states, mask, self.token_layers, self.token_window)
         return self.with_next_token(feats)
 
     def _run(self, input_ids: Any, mask: Any, position_ids: Any, cache: Any = None) -> dict[int, Any]:
@@ -173,10 +192,10 @@ class Encoder:
             return hook
 
         targets = {0: self.base.embed_tokens}
-        targets.update({i: self.base.layers[i - 1] for i in self.layers if i >= 1})
+        targets.update({i: self.base.layers[i - 1] for i in self.layers + self.token_layers if i >= 1})
         if self.depth == self.num_layers:
             targets[self.depth] = self.base.norm  # index L: HF's normed last hidden state
-        handles = [targets[i].register_forward_hook(tap(i)) for i in self.layers]
+        handles = [targets[i].register_forward_hook(tap(i)) for i in sorted(set(self.layers + self.token_layers))]
         try:
             extend = {"cache": cache, "use_cache": True} if cache is not None else {"use_cache": False}
             self.base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **extend)
@@ -210,9 +229,18 @@ class Encoder:
         groups, singles = prefix_groups(ids, self.min_shared_prefix)
         out = {c: np.empty((len(ids), self.width(c)), dtype=np.float32) for c in self.columns}
         padded = np.zeros(len(ids), dtype=np.int32)
+        tokens: list[Any] = [None] * len(ids)
+        keys, prefixes = [""] * len(ids), {}
 
         def store(rows: list[int], feats: dict[str, Any], width: int) -> None:
             padded[rows] = width
+            for row, states in zip(rows, feats.pop(TOKENS, [None] * len(rows))):
+                tokens[row] = states and {layer: t.numpy() for layer, t in states.items()}
+            if PREFIX in feats:
+                state = feats.pop(PREFIX)
+                prefixes[state.key] = {layer: t.numpy() for layer, t in state.tokens.items()}
+                for row in rows:
+                    keys[row] = state.key
             for col, tensor in feats.items():
                 out[col][rows] = tensor.float().cpu().numpy()
 
@@ -226,14 +254,16 @@ class Encoder:
         stats = {"forward_passes": passes, "padding_waste": 1.0 - sum(lengths) / width if width else 0.0,
                  "tokens": float(sum(lengths)), "computed_tokens": float(computed.sum()),
                  "prefix_groups": len(groups)}
+        self.last_tokens = (tokens, keys, prefixes) if self.token_layers else None
         return out, padded, computed, stats
 
     def encode(self, conversations: Sequence[list[dict[str, str]]]) -> Encoded:
         """Chat-template, tokenize, bucket and encode a list of conversations."""
         ids, truncated = self.tokenize(conversations)
         features, padded, computed, stats = self.encode_rows(ids)
+        tokens, keys, prefixes = self.last_tokens or (None, None, None)
         return Encoded(features, np.array([len(x) for x in ids], dtype=np.int32), truncated, padded, stats,
-                       computed.astype(np.int32))
+                       computed.astype(np.int32), tokens, keys, prefixes)
 
 
 def truncated_base(model: Any, depth: int) -> Any:

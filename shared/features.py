@@ -9,7 +9,11 @@ the poolings, over a batch :func:`pad_batch` made from token ids.
 
 ``next`` is the one pooling that is not a hidden state: the encoder's own next-token
 distribution after the prompt (its LM head over the last layer's ``last`` state), summarised
-by :func:`next_token_stats` in :data:`NEXT_TOKEN_DIMS` numbers. It exists only for the last
+by :func:`next_token_stats` in :data:`NEXT_TOKEN_DIMS` numbers.
+
+``attn`` (:data:`ATTN`) names a block that is not captured as a vector: ``h{layer}_attn`` is pooled by a
+learned attention over the per-token states of layer ``layer`` (:mod:`shared.pooling`), trained with the
+router; capture keeps those states with ``token_layers``. It exists only for the last
 layer ``L`` (``h{L}_next``): how sure the encoder is of the first token of its own answer
 (on a multiple-choice prompt, the letter), a prefill-only signal of how hard the prompt is.
 """
@@ -22,8 +26,9 @@ from typing import Any, Iterable, Sequence
 from shared.errors import BadInput
 
 POOLINGS = ("last", "mean", "next")
+ATTN = "attn"  # a learned pooling over the per-token states of a layer (shared.pooling), not a captured column
 NEXT_TOKEN_DIMS = 3  # width of a ``next`` block: top-1 probability, top-1 minus top-2, entropy
-BLOCK_RE = re.compile(r"^h(\d+)_(" + "|".join(POOLINGS) + r")$")
+BLOCK_RE = re.compile(r"^h(\d+)_(" + "|".join(POOLINGS + (ATTN,)) + r")$")
 
 
 def check_poolings(poolings: Sequence[str]) -> list[str]:
@@ -69,13 +74,18 @@ def parse_block(name: str) -> tuple[int, str]:
     """``'h12_last'`` -> ``(12, 'last')``; ``ValueError`` for anything else."""
     m = BLOCK_RE.match(name)
     if not m:
-        raise BadInput(f"not a feature block name: {name!r} (expected h<layer>_<{'|'.join(POOLINGS)}>)")
+        raise BadInput(f"not a feature block name: {name!r} (expected h<layer>_<{'|'.join(POOLINGS + (ATTN,))}>)")
     return int(m.group(1)), m.group(2)
 
 
 def block_columns(names: Iterable[str]) -> list[str]:
     """The block names among ``names`` (e.g. a Parquet schema's), in layer, then pooling order."""
     return sorted((n for n in names if BLOCK_RE.match(n)), key=parse_block)
+
+
+def is_attn(name: str) -> bool:
+    """Whether block ``name`` is a learned token pooling (``h{layer}_attn``)."""
+    return bool(BLOCK_RE.match(name)) and parse_block(name)[1] == ATTN
 
 
 def pool(hidden: Any, mask: Any, pooling: str) -> Any:

@@ -18,6 +18,10 @@ convention is :mod:`shared.encoder`'s: layer ``L`` (the last block) is read afte
 final norm, which is applied per token, so its prefix sum is a sum of normed states like
 the full forward's; every other layer is the raw residual stream. Suffix batches are
 always right-padded (the pad sits after each suffix, never between prefix and suffix).
+
+Token states (the encoder's ``token_layers``): the prefix's last ``token_window`` states are
+kept once (:attr:`PrefixState.tokens`, keyed by :func:`prefix_key`), each suffix returns its own
+last ``token_window``; the window of a prompt is the prefix's tail followed by its suffix's.
 """
 
 from __future__ import annotations
@@ -99,11 +103,21 @@ def tokens_computed(lengths: Sequence[int], groups: Sequence[PrefixGroup]) -> np
 # --------------------------------------------------------------------------- forward
 @dataclass
 class PrefixState:
-    """A prefix run once: its length, KV cache (batch 1) and per-layer hidden-state sums (``mean`` only)."""
+    """A prefix run once: its length, KV cache (batch 1), per-layer hidden-state sums (``mean`` only) and,
+    with token layers, its key and the states of its last ``token_window`` tokens ``{layer: (t, D)}`` fp16."""
 
     length: int
     cache: Any
     sums: dict[int, Any]
+    key: str = ""
+    tokens: dict[int, Any] | None = None
+
+
+def prefix_key(ids: Sequence[int]) -> str:
+    """A stable name of a token-id prefix: the first 16 hex digits of the SHA-256 of its ids."""
+    import hashlib
+
+    return hashlib.sha256(np.asarray(list(ids), dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def run_prefix(encoder: Any, ids: Sequence[int]) -> PrefixState:
@@ -119,7 +133,8 @@ def run_prefix(encoder: Any, ids: Sequence[int]) -> PrefixState:
         states = encoder._run(input_ids, mask, positions, cache=cache)
         sums = {layer: states[layer][0].float().sum(dim=0) for layer in encoder.layers} \
             if "mean" in encoder.poolings else {}
-    return PrefixState(len(ids), cache, sums)
+        tokens = {layer: states[layer][0, -encoder.token_window:].half().cpu() for layer in encoder.token_layers}
+    return PrefixState(len(ids), cache, sums, prefix_key(ids) if tokens else "", tokens or None)
 
 
 def expand_cache(cache: Any, batch: int) -> Any:
@@ -143,7 +158,7 @@ def forward_suffixes(encoder: Any, state: PrefixState, suffixes: Sequence[Sequen
     """Features ``{column: (B, D) float32}`` of ``prefix + suffix`` for each suffix, computing only the suffixes."""
     import torch
 
-    from shared.batching import pad_batch
+    from shared.batching import PREFIX, TOKENS, pad_batch, window_states
     from shared.features import block_name, pool
 
     batch, p = len(suffixes), state.length
@@ -164,6 +179,8 @@ def forward_suffixes(encoder: Any, state: PrefixState, suffixes: Sequence[Sequen
                     summed = hidden.float().masked_fill(~smask.bool().unsqueeze(-1), 0.0).sum(dim=1)
                     value = (summed + state.sums[layer]) / total
                 out[block_name(layer, pooling)] = value
+        if encoder.token_layers:
+            out[TOKENS], out[PREFIX] = window_states(states, smask, encoder.token_layers, encoder.token_window), state
     return encoder.with_next_token(out)
 
 

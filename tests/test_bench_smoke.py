@@ -67,6 +67,8 @@ def test_missing_fields_names_what_a_table_would_miss():
 RESULTS = {"capture_throughput": ["capture_throughput.json", "capture_throughput_routerbench.json"],
            "encoder_combination": ["encoder_combination.json"], "fit_workers": ["fit_workers.json"],
            "objectives": ["objectives_routerdc.json", "objectives_routerbench.json"],
+           "pooling": ["pooling_routerdc.json", "pooling_routerbench.json", "pooling_routerbench_q4.json",
+                       "pooling_routerbench_v2.json", "pooling_routerdc_v2.json"],
            "next_token_signal": ["next_token_smollm2.json", "next_token_qwen_sample600.json"],
            "prefix_cache": ["prefix_cache_latency.json", "prefix_cache_latency_2026-12-02.json"],
            "routing_headroom": ["routing_headroom.json"], "serve_load": ["serve_load.json", "serve_load_64tok.json"]}
@@ -164,6 +166,35 @@ def test_objectives_runs_on_a_tiny_capture(routerbench_work, tmp_path):
         ("h18_last+h21_last", "listwise x2 t0.1")]
     assert all(0 <= r["pairwise_auc"] <= 1 for r in doc["rows"]) and 0 <= doc["reference"]["pairwise_auc"] <= 1
     assert objectives.markdown(doc).count("\n") == 1 + 4 + 1
+
+
+def test_pooling_runs_on_a_tiny_capture_with_token_states(routerbench_work, tmp_path):
+    """The tiny capture plus layer-18 token states (``t18``; the last one is ``h18_last``)."""
+    from shared import storage
+    from training.capture.output import rows_to_table
+    from training.shards import check_manifest, read_shards, shard_path
+
+    pooling, w = bench("pooling"), routerbench_work
+    table, rng = read_shards(w["activations"]), np.random.default_rng(1)
+    last = table.column("h18_last").combine_chunks().to_numpy_ndarray()
+    rows = []
+    for i, qid in enumerate(table.column("query_id").to_pylist()):
+        t = int(rng.integers(3, 9))
+        states = np.concatenate([rng.normal(size=(t - 1, 16)), last[i:i + 1]]).astype(np.float16)
+        rows.append({"query_id": qid, "split": table.column("split")[i].as_py(), "n_tokens": t, "truncated": False,
+                     "h18_last": last[i], "t18": states.tobytes(), "n_states": t, "prefix_key": ""})
+    acts = str(tmp_path / "tokens")
+    check_manifest(acts, {"hidden_size": 16, "token_layers": [18], "token_window": 8})
+    storage.write_parquet(rows_to_table(rows, ["h18_last"], [18]), shard_path(acts, 0))
+    out = tmp_path / "pooling.json"
+    assert pooling.main(["--activations", acts, "--labels", w["labels"], "--queries", w["queries"],
+                         "--artifact", str(RB_ARTIFACT), "--blocks", "h18_last", "h18_attn", "h18_attn,h18_last",
+                         "--n-components", "4", "--token-components", "4", "--folds", "2", "--seeds", "1",
+                         "--max-epochs", "5", "--out", str(out)]) == 0
+    doc = read_checked(pooling, out)
+    assert [r["blocks"] for r in doc["rows"]] == ["h18_last", "h18_attn", "h18_attn+h18_last"]
+    assert set(doc["rows"][1]["within_task_auc_by_task"]) == set(TASKS) == set(doc["tasks"])
+    assert pooling.markdown(doc).count("\n") == 1 + 3 + 1
 
 
 def test_next_token_signal_samples_and_scores_a_tiny_capture(routerbench_work, tmp_path):

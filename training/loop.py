@@ -54,7 +54,10 @@ class LoopResult:
 
 
 def _tensors(X, Y, M):
-    X = torch.as_tensor(np.asarray(X, dtype=np.float32))
+    """``X`` an array ``(n, d)`` or a tuple of arrays with ``n`` rows each (a network of several inputs, e.g.
+    :class:`shared.pooling.PooledTrunkNet`'s): float arrays become float32 tensors, bool arrays stay bool."""
+    X = tuple(torch.as_tensor(x if np.asarray(x).dtype == bool else np.asarray(x, dtype=np.float32))
+              for x in (X if isinstance(X, tuple) else (X,)))
     Y = torch.as_tensor(np.asarray(Y, dtype=np.float32))
     M = ~torch.isnan(Y) if M is None else torch.as_tensor(np.asarray(M, dtype=bool))
     return X, Y, M
@@ -67,7 +70,8 @@ def early_stopping(make_net: Callable[[], torch.nn.Module], train: tuple, val: t
     early-stopped on the same loss over the validation rows.
 
     ``train`` and ``val`` are ``(X, Y, M)`` with ``X (n, d)``, ``Y (n, T)`` (NaN = missing)
-    and ``M (n, T)`` or None. Minibatch order comes from ``numpy.default_rng(seed)``, the
+    and ``M (n, T)`` or None (``X`` may be a tuple of such arrays: the network's inputs, ``net(*X)``).
+    Minibatch order comes from ``numpy.default_rng(seed)``, the
     initial weights from ``torch.manual_seed(seed)`` inside ``fork_rng``: the result
     depends only on the inputs and ``seed``, and the global torch RNG is left untouched.
     """
@@ -77,19 +81,20 @@ def early_stopping(make_net: Callable[[], torch.nn.Module], train: tuple, val: t
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = make_net()
-        opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+        groups = net.param_groups(lr) if hasattr(net, "param_groups") else net.parameters()  # per-group rates
+        opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
         best, best_state, best_epoch, stale, epoch = float("inf"), None, -1, 0, 0
         for epoch in range(max_epochs):
             net.train()
-            order = torch.as_tensor(rng.permutation(Xtr.shape[0]))
+            order = torch.as_tensor(rng.permutation(Xtr[0].shape[0]))
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 opt.zero_grad()
-                loss(net(Xtr[idx]), Ytr[idx], Mtr[idx]).backward()
+                loss(net(*(x[idx] for x in Xtr)), Ytr[idx], Mtr[idx]).backward()
                 opt.step()
             net.eval()
             with torch.no_grad():
-                val_loss = float(loss(net(Xva), Yva, Mva))
+                val_loss = float(loss(net(*Xva), Yva, Mva))
             if val_loss < best - min_delta:
                 best, best_state, best_epoch, stale = val_loss, copy.deepcopy(net.state_dict()), epoch, 0
             else:

@@ -23,9 +23,9 @@ class TensorShardWriter(ShardWriter):
     are dropped. Duplicates of a query (a retried task) replace the earlier row.
     """
 
-    def __init__(self, out: str, expected: dict[int, int], tensor_columns: list[str]):
+    def __init__(self, out: str, expected: dict[int, int], tensor_columns: list[str], token_layers=()):
         super().__init__(out, expected, key="query_id")
-        self.tensor_columns = tensor_columns
+        self.tensor_columns, self.token_layers = tensor_columns, list(token_layers)
 
     def add(self, batch: dict[str, np.ndarray]) -> list[int]:  # type: ignore[override]
         done = []
@@ -44,12 +44,13 @@ class TensorShardWriter(ShardWriter):
         from training.shards import shard_path
 
         rows = sorted(self.buffers.pop(shard).values(), key=lambda r: int(r["_row"]))
-        storage.write_parquet(rows_to_table(rows, self.tensor_columns), shard_path(self.out, shard))
+        storage.write_parquet(rows_to_table(rows, self.tensor_columns, self.token_layers), shard_path(self.out, shard))
         self.written.append(shard)
 
 
-def rows_to_table(rows: list[dict[str, Any]], tensor_columns: list[str]) -> pa.Table:
-    """Output table: scalar columns, then one ``pa.FixedShapeTensorArray`` per vector column."""
+def rows_to_table(rows: list[dict[str, Any]], tensor_columns: list[str], token_layers=()) -> pa.Table:
+    """Output table: scalar columns, then one ``pa.FixedShapeTensorArray`` per vector column, then the token
+    states' columns of ``token_layers`` (:mod:`training.capture.tokens`)."""
     cols: dict[str, pa.Array] = {
         "query_id": pa.array([str(r["query_id"]) for r in rows], pa.string()),
         "split": pa.array([str(r["split"]) for r in rows], pa.string()),
@@ -59,6 +60,10 @@ def rows_to_table(rows: list[dict[str, Any]], tensor_columns: list[str]) -> pa.T
     for col in tensor_columns:
         stacked = np.ascontiguousarray(np.stack([np.asarray(r[col]) for r in rows]))
         cols[col] = pa.FixedShapeTensorArray.from_numpy_ndarray(stacked)
+    if token_layers:
+        from training.capture.tokens import token_table_columns
+
+        cols.update(token_table_columns(rows, list(token_layers)))
     return pa.table(cols)
 
 

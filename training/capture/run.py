@@ -20,6 +20,10 @@ many leading tokens or more run the prefix once, then only their suffixes
 setting is not part of the shards' identity). Pending rows are sorted by prompt within
 each shard so that such prompts share a batch.
 
+Token states (``token_layers``, :mod:`training.capture.tokens`): the fp16 states of each prompt's last
+``token_window`` tokens at one or two layers, a shared prefix's stored once; the size estimate is printed
+before any actor starts and a capture above ``token_limit_gb`` is refused.
+
 Layer indices: 0 is the embedding output, ``i`` the output of block ``i``; the last
 block ``L`` has the final norm applied (HF ``hidden_states`` convention).
 """
@@ -42,6 +46,7 @@ from shared.features import NEXT_TOKEN_DIMS
 from shared.ray_boot import ensure_ray
 from training.capture.output import TensorShardWriter, read_features, rows_to_table
 from training.capture.plan import EncoderPlan, encoder_plan
+from training.capture.tokens import plan_tokens, write_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +93,12 @@ class CaptureConfig(StrictConfig):
                               "sorted by prompt within each shard so such prompts meet. 0 or None: off.")
     ray_address: str | None = Field(None, description="Ray cluster address; None: RAY_ADDRESS or a local cluster.")
     progress: bool = Field(True, description="Show a progress bar.")
+    token_layers: list[int] = Field(
+        default_factory=list, max_length=2, description="Layers (at most 2) whose per-token states are kept for "
+        "h<layer>_attn blocks: the last token_window tokens of each prompt, fp16. Empty: none.")
+    token_window: int = Field(256, gt=0, description="Prompt tokens (the last ones) whose states token_layers keep.")
+    token_limit_gb: float = Field(8.0, gt=0, description="Refuse a capture whose token states would exceed this "
+                                  "many GiB (estimated on the driver before it starts).")
     artifact: str | None = Field(None, description="A router artifact: capture exactly its encoder, layers and "
                                  "poolings (a held-out check of a shipped router); they replace the config's, "
                                  "with a warning naming what was replaced.")
@@ -105,7 +116,8 @@ class CaptureUDF:
 
     def __init__(self, encoder: str, registry: str | None, layers: list[int], poolings: list[str], dtype: str,
                  max_tokens: int, batch_size: int, max_batch_tokens: int | None, padding_side: str,
-                 num_cpus: float, use_gpu: bool, min_shared_prefix: int | None = None):
+                 num_cpus: float, use_gpu: bool, min_shared_prefix: int | None = None,
+                 token_layers: list[int] | None = None, token_window: int = 256):
         import torch
 
         from shared.encoder import Encoder
@@ -116,8 +128,9 @@ class CaptureUDF:
         self.encoder = Encoder.from_registry(encoder, layers, registry_path=registry, device=device,
                                              poolings=poolings, max_tokens=max_tokens, batch_size=batch_size,
                                              max_batch_tokens=max_batch_tokens, padding_side=padding_side,
-                                             min_shared_prefix=min_shared_prefix)
-        self.dtype = np.dtype(dtype)
+                                             min_shared_prefix=min_shared_prefix,
+                                             token_layers=token_layers or [], token_window=token_window)
+        self.dtype, self.token_layers = np.dtype(dtype), token_layers or []
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         conversations = [json.loads(m) for m in batch["messages_json"]]
@@ -126,6 +139,10 @@ class CaptureUDF:
         out.update(n_tokens=result.n_tokens, truncated=result.truncated, _padded=result.padded,
                    _computed=result.computed)
         out.update({col: arr.astype(self.dtype) for col, arr in result.features.items()})
+        if self.token_layers:
+            from training.capture.tokens import udf_columns
+
+            out.update(udf_columns(result, self.token_layers))
         return out
 
 
@@ -171,7 +188,8 @@ def build_pipeline(pending: pa.Table, cfg: CaptureConfig, plan: EncoderPlan, use
             encoder=cfg.encoder, registry=cfg.registry, layers=plan.layers, poolings=list(cfg.poolings),
             dtype=cfg.dtype, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
             max_batch_tokens=cfg.max_batch_tokens, padding_side=cfg.padding_side, num_cpus=cfg.num_cpus,
-            use_gpu=use_gpu, min_shared_prefix=cfg.min_shared_prefix),
+            use_gpu=use_gpu, min_shared_prefix=cfg.min_shared_prefix, token_layers=cfg.token_layers,
+            token_window=cfg.token_window),
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
         batch_size=cfg.bucket_window,
         batch_format="numpy",
@@ -227,7 +245,7 @@ def _prepare_output(cfg: CaptureConfig, identity: dict[str, Any]) -> set[int]:
         raise BadInput(f"cannot write capture output to {cfg.out!r}: {exc}") from exc
 
 
-def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool) -> dict[str, int]:
+def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool, on_batch: Any = None) -> dict[str, int]:
     """Drive the pipeline: feed result batches to the writer, with progress over queries."""
     from shared.progress import Progress
 
@@ -240,6 +258,8 @@ def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool) -> dict[
             counts["computed"] += int(batch["_computed"].sum())
             counts["padded"] += int(batch["_padded"].sum())
             counts["truncated"] += int(batch["truncated"].sum())
+            if on_batch:
+                on_batch(batch)  # token states: the prefixes' files, before the shard that refers to them
             writer.add(batch)
             progress.update(n, f"{counts['tokens']} prompt tokens, "
                                f"{100 * counts['computed'] / max(1, counts['tokens']):.0f}% of them computed")
@@ -274,19 +294,25 @@ def run_capture(cfg: CaptureConfig) -> dict[str, Any]:
     cfg = for_artifact(cfg)
     table = storage.read_parquet(cfg.queries)
     plan = encoder_plan(cfg)
+    tokens = plan_tokens(cfg, plan, table)
     identity = plan.identity(cfg, table_hash(table), table.num_rows)
+    if tokens:
+        identity.update(token_layers=tokens["layers"], token_window=cfg.token_window, token_dtype="float16")
     done_before = _prepare_output(cfg, identity)
     pending = pending_table(table, cfg.shard_size, done_before, by_prompt=bool(cfg.min_shared_prefix))
     expected = {int(s): int(c) for s, c in zip(*np.unique(shard_ids(table.num_rows, cfg.shard_size),
                                                           return_counts=True)) if int(s) not in done_before}
     counts = dict.fromkeys(COUNTS, 0)
-    writer = TensorShardWriter(cfg.out, expected, plan.columns)
+    writer = TensorShardWriter(cfg.out, expected, plan.columns, tokens.get("layers", []))
+    written: set[str] = set()
+    on_batch = (lambda b: write_prefixes(cfg.out, b, tokens["layers"], plan.hidden_size, written)) if tokens else None
     use_gpu = False
     if pending.num_rows:
         started = ensure_ray(cfg.ray_address, log_to_driver=False)
         try:
             use_gpu = _use_gpu(cfg)
-            counts = _stream(build_pipeline(pending, cfg, plan, use_gpu), writer, pending.num_rows, cfg.progress)
+            counts = _stream(build_pipeline(pending, cfg, plan, use_gpu), writer, pending.num_rows, cfg.progress,
+                             on_batch)
         finally:
             if started:
                 import ray
@@ -304,6 +330,7 @@ def run_capture(cfg: CaptureConfig) -> dict[str, Any]:
         "padding_waste": 1 - counts["tokens"] / counts["padded"] if counts["padded"] else 0.0,
         "seconds": round(seconds, 3), "tokens_per_s": round(counts["tokens"] / seconds, 1) if seconds else 0.0,
         "device": "gpu" if use_gpu else "cpu", "columns": plan.columns,
+        **({"token_states_gb_estimate": round(tokens["gb"], 3), "prefix_files": len(written)} if tokens else {}),
     }
     update_manifest(cfg.out, chat_template=plan.chat_template, columns=plan.columns,
                     column_format=f"arrow.fixed_shape_tensor, shape [hidden_size] (h<L>_next: [{NEXT_TOKEN_DIMS}]), "

@@ -156,6 +156,17 @@ def choice_rows(cfg: Any, data: RoutingData | None, chooser: str) -> RoutingData
     return (data or load_routing_data(cfg.activations, cfg.labels, cfg.targets)).where(*cfg.splits)
 
 
+ATTN_NOTE = ("not probed: J, d_eff and the probe AUC read one fixed vector per prompt, and a learned token "
+             "pooling has none before it is trained; tune (or bench/pooling.py) scores it by cross-validated AUC")
+
+
+def attn_note(activations: str) -> dict[str, str]:
+    """``{h{layer}_attn: why it is not probed}`` for every token layer the capture kept (none: ``{}``)."""
+    uri = storage.join(activations, "manifest.json")
+    layers = (storage.read_json(uri).get("identity") or {}).get("token_layers", []) if storage.exists(uri) else []
+    return {f"h{layer}_attn": ATTN_NOTE for layer in layers}
+
+
 def run_probe(cfg: ProbeConfig, data: RoutingData | None = None) -> dict[str, Any]:
     """Probe every block; write ``probe.json`` and ``probe_layers.png`` under ``cfg.out``."""
     from shared.progress import Progress
@@ -173,7 +184,7 @@ def run_probe(cfg: ProbeConfig, data: RoutingData | None = None) -> dict[str, An
         layer, pooling = parse_block(b)
         scores.update(layer=layer, pooling=pooling)
     out = {"config": cfg.model_dump(mode="json"), "n_rows": int(len(data.query_ids)), "blocks": report,
-           "selected": selected, "labels": LABEL_NOTE}
+           "selected": selected, "labels": LABEL_NOTE, "attn_blocks": attn_note(cfg.activations)}
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     storage.write_json(str(Path(cfg.out) / "probe.json"), out)
     plot_layers(report, data.targets, Path(cfg.out) / "probe_layers.png")

@@ -20,7 +20,7 @@ from shared import storage
 from shared.cli_utils import config_command, console, run_cli
 from shared.errors import BadInput
 from shared.ray_boot import ensure_ray
-from shared.features import parse_block
+from shared.features import is_attn, parse_block
 from training.dataset import RoutingData, RoutingDataConfig, load_routing_data
 from training.fit.train_ray import TrainRunConfig
 from training.objectives import ObjectiveConfig
@@ -138,7 +138,12 @@ def fit_features(cfg: FitConfig, data: RoutingData | None = None) -> tuple[Routi
     on train only, and the ``(n, d)`` train and val features the trunk is trained on."""
     from shared.trunk import FeatureTransform
 
-    blocks, n_components, _ = chosen_features(cfg)
+    blocks, n_components, source = chosen_features(cfg)
+    attn = [b for b in blocks or [] if is_attn(b)]
+    if attn:
+        raise BadInput(f"blocks {blocks} (from {source}) include learned token pooling {attn}: tune and "
+                       "bench/pooling.py cross-validate it, but the router artifact and serving do not carry it "
+                       "yet; set blocks=[...] without h<layer>_attn blocks, or leave attn candidates out of tune")
     data = data or load_routing_data(cfg.activations, cfg.labels, cfg.targets, blocks)
     tr, va = data.where("train"), data.where("val")
     if len(tr.query_ids) == 0 or len(va.query_ids) == 0:

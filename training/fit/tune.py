@@ -11,6 +11,10 @@ With ``minilm: true`` the MiniLM sentence embedding (the semantic baselines' inp
 through the same protocol, so the prefill-over-semantic margin is known before any test
 number is looked at.
 
+A candidate may name ``h{layer}_attn`` blocks (:mod:`shared.pooling`): attention pooling over the
+capture's token states of that layer (``token_layers``), trained end to end with the trunk on the same
+folds (``pool`` sets the token PCA size, queries and window); ``n_components`` still sizes the vector blocks.
+
 A candidate may also name its training objective (:mod:`training.objectives`: the masked BCE,
 or it plus a ranking term), and every candidate is also scored on what a routing decision
 needs: the pairwise AUC (:func:`training.metrics.pairwise_auc`, is the better of two targets
@@ -35,10 +39,12 @@ from shared import storage
 from shared.cli_utils import config_command, console, run_cli
 from shared.config import StrictConfig
 from shared.errors import BadInput
+from shared.features import is_attn
 from training.loop import TrunkConfig
 from training.dataset import RoutingData, RoutingDataConfig
 from training.fit.probe import choice_rows, save_figure
 from training.objectives import ObjectiveConfig
+from training.pooled import PoolConfig, ensemble_proba, fit_inputs, take, train_pooled_one
 
 MINILM = "minilm"
 
@@ -68,6 +74,8 @@ class TuneConfig(RoutingDataConfig):
     seeds: int = Field(3, gt=0, description="Ensemble members per fold (all kept).")
     early_stop_share: float = Field(0.15, gt=0, lt=1, description="Share of the training folds for early stopping.")
     trunk: TrunkConfig = Field(default_factory=TrunkConfig, description="SharedTrunkNet network and optimiser.")
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="How candidates' h<layer>_attn blocks pool "
+                             "the capture's token states (token_layers); not read without attn blocks.")
     choose_by: Literal["mean_auc", "pairwise_auc", "mean_within_task_auc"] = Field(
         "mean_auc", description="The score the choice maximises: the mean per-target CV AUC, the pairwise AUC "
         "(which of two targets is better for a query), or the mean within-task AUC (needs queries).")
@@ -79,7 +87,8 @@ class TuneConfig(RoutingDataConfig):
 
 def fold_predictions(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.ndarray, n_components: int,
                      trunk: TrunkConfig, folds: int = 5, seeds: int = 3, early_stop_share: float = 0.15,
-                     seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                     seed: int = 0, tokens: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                     pool: PoolConfig | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per fold ``f`` (GroupKFold over ``groups``): ``(held_f, P_f)``, the held-out row indices and
     ``(len(held_f), T)`` predictions of a SharedTrunkNet ensemble that never saw them.
 
@@ -87,6 +96,10 @@ def fold_predictions(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.nd
     standardise->PCA transform is fitted on the training folds only; ``seeds`` members are
     trained on a ``1 - early_stop_share`` part of them and early-stopped on the rest;
     ``P_f = mean_s sigmoid(net_s(X[held_f]))``.
+
+    ``tokens``: ``{attn block: (states (n, W, D), mask (n, W))}``; with any, the members are
+    :class:`shared.pooling.PooledTrunkNet` (``pool``'s settings) over the vector blocks and these, their token
+    transforms fitted on the same training rows (:func:`training.pooled.fit_inputs`), on the same folds.
     """
     from sklearn.model_selection import GroupKFold
 
@@ -98,6 +111,12 @@ def fold_predictions(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.nd
         perm = np.random.default_rng(seed + k).permutation(fit_idx)
         cut = max(1, int(round((1 - early_stop_share) * len(perm))))
         tr, es = perm[:cut], perm[cut:]
+        if tokens:
+            inputs = fit_inputs(blocks, tokens, tr, n_components, pool or PoolConfig(), seed)
+            members = [train_pooled_one((take(inputs, tr), Y[tr]), (take(inputs, es), Y[es]), seed + s, trunk,
+                                        pool or PoolConfig()) for s in range(seeds)]
+            yield held, ensemble_proba(members, take(inputs, held))
+            continue
         transform = FeatureTransform.fit({b: x[tr] for b, x in blocks.items()}, n_components=n_components, seed=seed)
         X = transform.transform(blocks)
         members = [train_one(X[tr], Y[tr], None, X[es], Y[es], None, seed=seed + s, cfg=trunk) for s in range(seeds)]
@@ -106,17 +125,20 @@ def fold_predictions(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.nd
 
 def cv_scores(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.ndarray, n_components: int,
               trunk: TrunkConfig, folds: int = 5, seeds: int = 3, early_stop_share: float = 0.15,
-              seed: int = 0, tasks: np.ndarray | None = None) -> dict[str, Any]:
+              seed: int = 0, tasks: np.ndarray | None = None, tokens: dict | None = None,
+              pool: PoolConfig | None = None) -> dict[str, Any]:
     """Cross-validated scores of a SharedTrunkNet ensemble, each the mean over folds (NaN-skipping)
     of :func:`fold_predictions`' held-out predictions (same arguments and shapes). Per target,
     ``(T,)``: ``auc`` (``masked_auc(Y[held_f], P_f)``), ``brier``, ``log_loss`` and, with
     ``tasks`` ``(n,)``, ``within_task_auc`` (:func:`training.metrics.within_group_auc`); and
     ``pairwise_auc``, a float (:func:`training.metrics.pairwise_auc`). All read soft labels as
-    they are (:mod:`training.metrics`: a score ``y`` counts ``y`` right and ``1 - y`` wrong)."""
+    they are (:mod:`training.metrics`: a score ``y`` counts ``y`` right and ``1 - y`` wrong). ``tokens``, ``pool``:
+    attn blocks, as :func:`fold_predictions` takes them."""
     from training.metrics import brier, log_loss, masked_auc, pairwise_auc, within_group_auc
 
     per_fold, pairwise = [], []
-    for held, P in fold_predictions(blocks, Y, groups, n_components, trunk, folds, seeds, early_stop_share, seed):
+    for held, P in fold_predictions(blocks, Y, groups, n_components, trunk, folds, seeds, early_stop_share, seed,
+                                    tokens, pool):
         Yh = Y[held]
         within = within_group_auc(Yh, P, tasks[held]) if tasks is not None else np.full(Y.shape[1], np.nan)
         per_fold.append((masked_auc(Yh, P), brier(Yh, P), log_loss(Yh, P), within))
@@ -220,10 +242,21 @@ def tune_jobs(cfg: TuneConfig, data: RoutingData) -> tuple[list[tuple], dict[str
         blocks[MINILM] = minilm_block(data, cfg.queries)
         jobs.append((f"{MINILM} / {cfg.minilm_components} (semantic)", [MINILM], cfg.minilm_components,
                      cfg.trunk.objective))
-    missing = sorted({b for _, names, _, _ in jobs for b in names} - set(blocks))
+    missing = sorted({b for _, names, _, _ in jobs for b in names if not is_attn(b)} - set(blocks))
     if missing:
         raise BadInput(f"unknown blocks {missing}; the activations have {sorted(data.blocks)}")
     return jobs, blocks
+
+
+def token_blocks(cfg: TuneConfig, data: RoutingData, jobs: list[tuple]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{attn block: (states (n, W, D), mask (n, W))}`` for the rows of ``data``, for every attn block a job
+    names (:func:`training.token_states.read_token_windows`; the capture must have kept that layer's tokens)."""
+    from shared.features import parse_block
+    from training.token_states import read_token_windows
+
+    names = sorted({b for _, job_blocks, _, _ in jobs for b in job_blocks if is_attn(b)})
+    return {b: read_token_windows(cfg.activations, parse_block(b)[0], cfg.pool.window, list(data.query_ids))[1:]
+            for b in names}
 
 
 def run_tune(cfg: TuneConfig, data: RoutingData | None = None) -> dict[str, Any]:
@@ -238,12 +271,14 @@ def run_tune(cfg: TuneConfig, data: RoutingData | None = None) -> dict[str, Any]
         raise BadInput("choose_by: mean_within_task_auc needs the query table's tasks (queries=..., two tasks "
                        "or more)")
     jobs, blocks = tune_jobs(cfg, data)
+    tokens = token_blocks(cfg, data, jobs)
     rows = []
     with Progress(len(jobs), "tune: cross-validating", "candidates") as progress:
         for label, names, k, obj in jobs:
             trunk = cfg.trunk.model_copy(update={"objective": obj})
-            scores = cv_scores({b: blocks[b] for b in names}, data.Y, groups, k, trunk, cfg.folds, cfg.seeds,
-                               cfg.early_stop_share, cfg.seed, tasks)
+            attn = {b: tokens[b] for b in names if is_attn(b)}
+            scores = cv_scores({b: blocks[b] for b in names if not is_attn(b)}, data.Y, groups, k, trunk, cfg.folds,
+                               cfg.seeds, cfg.early_stop_share, cfg.seed, tasks, attn or None, cfg.pool)
             pairwise = scores.pop("pairwise_auc")
             rows.append({"label": label, "blocks": names, "n_components": k, "objective": obj.model_dump(),
                          "pairwise_auc": pairwise, **{f"mean_{name}": _nanmean(v) for name, v in scores.items()},

@@ -1,0 +1,53 @@
+"""Reading the per-token states a capture keeps (``token_layers``; written by :mod:`training.capture.tokens`),
+shared by every stage that trains or scores an ``h{layer}_attn`` block (:mod:`shared.pooling`).
+
+A shard row holds column ``t{layer}`` (fp16 bytes of the prompt's own last token states), ``n_states`` and
+``prefix_key``; a prefix-shared row's window continues the states in ``<out>/prefixes/<key>.parquet``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.errors import BadInput
+
+PREFIX_DIR = "prefixes"
+
+
+def token_column(layer: int) -> str:
+    """The shard column of token layer ``layer``: ``t{layer}``."""
+    return f"t{int(layer)}"
+
+
+def read_token_windows(out: str, layer: int, window: int | None = None,
+                       query_ids: list[str] | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(query ids, states (n, W, D) fp16, mask (n, W) bool)`` of token layer ``layer`` over the finished
+    shards (``query_ids``: those rows, in that order), each row's window reassembled from its own states and
+    its prefix's; ``window`` defaults to the capture's ``token_window`` (a smaller one keeps the last tokens)."""
+    from shared import storage
+    from shared.pooling import assemble_window, pad_windows
+    from training.shards import read_shards
+
+    manifest = storage.read_json(storage.join(out, "manifest.json"))["identity"]
+    if layer not in manifest.get("token_layers", []):
+        raise BadInput(f"{out} has no token states of layer {layer} (token_layers: "
+                       f"{manifest.get('token_layers', [])}); capture with token_layers=[{layer}]")
+    window, hidden = window or manifest["token_window"], manifest["hidden_size"]
+    col = token_column(layer)
+    table = read_shards(out).select(["query_id", col, "n_states", "prefix_key"])
+    ids = table.column("query_id").to_pylist()
+    index = {q: i for i, q in enumerate(ids)}
+    rows = range(len(ids)) if query_ids is None else [index[q] for q in query_ids]
+    blobs, keys = table.column(col).to_pylist(), table.column("prefix_key").to_pylist()
+    prefixes: dict[str, np.ndarray] = {}
+    windows = []
+    for i in rows:
+        own = np.frombuffer(blobs[i], dtype=np.float16).reshape(-1, hidden)
+        key = keys[i]
+        if key and len(own) < window and key not in prefixes:
+            p = storage.read_parquet(storage.join(out, PREFIX_DIR, f"{key}.parquet"))
+            at = p.column("layer").to_pylist().index(layer)
+            prefixes[key] = np.frombuffer(p.column("states")[at].as_py(), dtype=np.float16).reshape(-1, hidden)
+        windows.append(assemble_window(own, prefixes.get(key) if key else None, window))
+    states, mask = pad_windows(windows, window)
+    return [ids[i] for i in rows], states, mask

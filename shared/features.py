@@ -9,13 +9,13 @@ the poolings, over a batch :func:`pad_batch` made from token ids.
 
 ``next`` is the one pooling that is not a hidden state: the encoder's own next-token
 distribution after the prompt (its LM head over the last layer's ``last`` state), summarised
-by :func:`next_token_stats` in :data:`NEXT_TOKEN_DIMS` numbers.
+by :func:`next_token_stats` in :data:`NEXT_TOKEN_DIMS` numbers. It exists only for the last
+layer ``L`` (``h{L}_next``): how sure the encoder is of the first token of its own answer
+(on a multiple-choice prompt, the letter), a prefill-only signal of how hard the prompt is.
 
 ``attn`` (:data:`ATTN`) names a block that is not captured as a vector: ``h{layer}_attn`` is pooled by a
 learned attention over the per-token states of layer ``layer`` (:mod:`shared.pooling`), trained with the
-router; capture keeps those states with ``token_layers``. It exists only for the last
-layer ``L`` (``h{L}_next``): how sure the encoder is of the first token of its own answer
-(on a multiple-choice prompt, the letter), a prefill-only signal of how hard the prompt is.
+router; capture keeps those states with ``token_layers``.
 """
 
 from __future__ import annotations

@@ -125,8 +125,6 @@ def markdown(doc: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shared.artifact import load_artifact
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--activations", required=True)
@@ -137,12 +135,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--objectives", nargs="+", default=["bce", "pairwise:1", "listwise:5:0.05", "residual:5"],
                    help="kind[:weight[:temperature]] each")
     p.add_argument("--n-components", type=int, default=64, help="PCA components per block")
+    add_cv_args(p, "bench/results/objectives.json")
+    return run_and_write(p.parse_args(argv), run, markdown)
+
+
+def add_cv_args(p: argparse.ArgumentParser, out: str) -> None:
+    """The flags of a cross-validated bench scored as tune scores a candidate, and its JSON's path."""
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-epochs", type=int, default=None, help="epochs per member (default: TrunkConfig's, as tune)")
-    p.add_argument("--out", default="bench/results/objectives.json")
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=out)
+
+
+def run_and_write(args: argparse.Namespace, run, markdown) -> int:
+    """Run the bench on the artifact's targets (in its order), write ``args.out`` (JSON), print its table."""
+    from shared.artifact import load_artifact
+
     args.targets = load_artifact(args.artifact).target_names
     doc = {"args": vars(args), **run(args)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ Prints a markdown table and writes the JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -108,7 +107,7 @@ def markdown(doc: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from shared.artifact import load_artifact
+    from bench.objectives import add_cv_args, run_and_write
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -123,18 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--position-bias", action="store_true", help="learned bias per distance from the last token")
     p.add_argument("--pool-lr-scale", type=float, default=1.0, help="the pooling's learning rate over the trunk's")
     p.add_argument("--window", type=int, default=None, help="last tokens pooled (default: the capture's)")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-epochs", type=int, default=None, help="epochs per member (default: TrunkConfig's, as tune)")
-    p.add_argument("--out", default="bench/results/pooling.json")
-    args = p.parse_args(argv)
-    args.targets = load_artifact(args.artifact).target_names
-    doc = {"args": vars(args), **run(args)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1))
-    print(markdown(doc))
-    return 0
+    add_cv_args(p, "bench/results/pooling.json")
+    return run_and_write(p.parse_args(argv), run, markdown)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ class EncoderReplica:
         self.registry, self.max_prompt_tokens, self.device = registry, max_prompt_tokens, device
         self.cache_config = PrefixCacheConfig.model_validate(prefix_cache or {})
         self.artifact, self.encoder, self.name, self.cache = None, None, None, None
+        self.in_flight = 0  # requests waiting for a batch or in its forward pass (ready() reports it)
         if artifact:
             self.reconfigure({"artifact": artifact})
 
@@ -149,12 +150,17 @@ class EncoderReplica:
         return (await self.encode_many([messages]))[0]
 
     async def encode(self, messages: list[dict[str, str]]) -> Encoded:
-        return await self.encode_one(messages)
+        self.in_flight += 1
+        try:
+            return await self.encode_one(messages)
+        finally:
+            self.in_flight -= 1
 
     def ready(self) -> dict[str, Any]:
-        """Answers once the artifact's encoder is loaded (the ingress's readiness check); with the
-        prefix cache on, also its entries, bytes and counters."""
+        """Answers once the artifact's encoder is loaded (the ingress's readiness check): also the
+        requests in this replica now (``in_flight``) and, with the prefix cache on, its counters."""
         return {"encoder": self.name, "artifact": self.artifact, "pid": os.getpid(),
+                "in_flight": self.in_flight,
                 "prefix_cache": self.cache.stats() if self.cache is not None else None}
 
 

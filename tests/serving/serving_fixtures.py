@@ -159,9 +159,13 @@ def kill_encoder_during(client: Any, app_name: str, body: dict, headers: dict | 
         time.sleep(0.25 * i)
         return client.post("/v1/chat/completions", json=body, headers=headers or {})
 
+    encoder = replica(app_name, "Encoder")
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(send, i) for i in range(n)]
-        time.sleep(0.2)  # request 0 waits in the encoder's batch window (batch_wait_timeout_s) right now
+        deadline = time.monotonic() + 30
+        while not encoder.ready.remote().result(timeout_s=10)["in_flight"]:  # a request is inside it now
+            assert time.monotonic() < deadline, "no request reached the encoder within 30 s"
+            time.sleep(0.02)
         os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
         ready = client.get("/readyz").status_code

@@ -394,7 +394,7 @@ def test_decision_service_serves_no_target(app):
     assert c.get("/readyz").status_code == 200
 
 
-def test_auth_token_env_naming_an_unset_variable_refuses_to_start(app):
-    """D2: no silent start without auth. (Last: it leaves the app failed.)"""
+def test_auth_token_env_naming_an_unset_variable_refuses_to_start(served):
+    """D2: no silent start without auth. From any state; it leaves the app failed (the next ensure redeploys)."""
     with pytest.raises(RuntimeError, match="PR_UNSET_TOKEN_VARIABLE is unset"):
-        app["redeploy"](targets=[], auth_token_env="PR_UNSET_TOKEN_VARIABLE")
+        served["redeploy"](targets=[], auth_token_env="PR_UNSET_TOKEN_VARIABLE")

@@ -58,7 +58,6 @@ def padding_waste(lengths: Sequence[int], buckets: Iterable[Sequence[int]]) -> f
     return 1.0 - real / padded if padded else 0.0
 
 
-
 def window_states(states: dict[int, Any], mask: Any, layers: Sequence[int], window: int) -> list[dict[int, Any]]:
     """Per row of a batch, ``{layer: (t, D)}``: the states of its last ``t = min(real tokens, window)`` real
     tokens (``mask`` ``(B, T)``, 1 = token; padding on either side is never read), as fp16 on the CPU."""
@@ -67,4 +66,3 @@ def window_states(states: dict[int, Any], mask: Any, layers: Sequence[int], wind
         real = mask[row].bool().nonzero().flatten()[-window:]
         out.append({layer: states[layer][row, real].half().cpu() for layer in layers})
     return out
-

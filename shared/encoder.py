@@ -49,7 +49,6 @@ from shared.errors import BadInput
 from shared.features import block_name, block_width, encoder_columns, hidden_poolings, next_token_stats, pool
 
 
-
 def resolve_layers(layers: Sequence[int] | str, num_layers: int, model_name: str = "encoder") -> list[int]:
     """Sorted unique layer indices; ``"all"`` is ``0..L``. Raises ValueError on an index out of range."""
     if layers == "all":
@@ -221,6 +220,11 @@ class Encoder:
         whole in length buckets. ``padded`` of a prefix-shared row is its bucket's
         attention context (prefix + longest suffix).
         """
+        return self._encode_rows(ids)[:4]
+
+    def _encode_rows(self, ids: Sequence[Sequence[int]]) -> tuple[Any, ...]:
+        """:meth:`encode_rows`' four results plus the token states, ``(tokens, prefix keys, prefixes)``
+        as :class:`Encoded` holds them, or ``(None, None, None)`` without ``token_layers``."""
         from shared.prefix import encode_group, prefix_groups, tokens_computed
 
         if any(len(x) == 0 for x in ids):
@@ -254,14 +258,13 @@ class Encoder:
         stats = {"forward_passes": passes, "padding_waste": 1.0 - sum(lengths) / width if width else 0.0,
                  "tokens": float(sum(lengths)), "computed_tokens": float(computed.sum()),
                  "prefix_groups": len(groups)}
-        self.last_tokens = (tokens, keys, prefixes) if self.token_layers else None
-        return out, padded, computed, stats
+        token_part = (tokens, keys, prefixes) if self.token_layers else (None, None, None)
+        return (out, padded, computed, stats, *token_part)
 
     def encode(self, conversations: Sequence[list[dict[str, str]]]) -> Encoded:
         """Chat-template, tokenize, bucket and encode a list of conversations."""
         ids, truncated = self.tokenize(conversations)
-        features, padded, computed, stats = self.encode_rows(ids)
-        tokens, keys, prefixes = self.last_tokens or (None, None, None)
+        features, padded, computed, stats, tokens, keys, prefixes = self._encode_rows(ids)
         return Encoded(features, np.array([len(x) for x in ids], dtype=np.int32), truncated, padded, stats,
                        computed.astype(np.int32), tokens, keys, prefixes)
 

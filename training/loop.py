@@ -53,11 +53,15 @@ class LoopResult:
     state_dict: dict = field(repr=False)
 
 
+def input_tensor(x) -> torch.Tensor:
+    """One network input as a tensor: a bool array (a mask) stays bool, anything else becomes float32."""
+    return torch.as_tensor(x if np.asarray(x).dtype == bool else np.asarray(x, dtype=np.float32))
+
+
 def _tensors(X, Y, M):
     """``X`` an array ``(n, d)`` or a tuple of arrays with ``n`` rows each (a network of several inputs, e.g.
-    :class:`shared.pooling.PooledTrunkNet`'s): float arrays become float32 tensors, bool arrays stay bool."""
-    X = tuple(torch.as_tensor(x if np.asarray(x).dtype == bool else np.asarray(x, dtype=np.float32))
-              for x in (X if isinstance(X, tuple) else (X,)))
+    :class:`shared.pooling.PooledTrunkNet`'s), each through :func:`input_tensor`."""
+    X = tuple(input_tensor(x) for x in (X if isinstance(X, tuple) else (X,)))
     Y = torch.as_tensor(np.asarray(Y, dtype=np.float32))
     M = ~torch.isnan(Y) if M is None else torch.as_tensor(np.asarray(M, dtype=bool))
     return X, Y, M

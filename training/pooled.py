@@ -20,7 +20,7 @@ from pydantic import Field
 
 from shared.config import StrictConfig
 from shared.pooling import PooledTrunkNet, TokenTransform
-from training.loop import TrainResult, TrunkConfig, early_stopping
+from training.loop import TrainResult, TrunkConfig, early_stopping, input_tensor
 from training.objectives import objective
 
 Tokens = tuple[np.ndarray, np.ndarray]  # (states (n, W, D), mask (n, W))
@@ -87,8 +87,7 @@ def ensemble_proba(results: Sequence[TrainResult], inputs: tuple[np.ndarray, ...
     nets = [build_pooled(r) for r in results]
     n, out = len(inputs[0]), []
     for i in range(0, n, chunk):
-        x = [torch.as_tensor(a[i:i + chunk] if a.dtype == bool else np.asarray(a[i:i + chunk], dtype=np.float32))
-             for a in inputs]
+        x = [input_tensor(a[i:i + chunk]) for a in inputs]
         out.append(torch.stack([torch.sigmoid(net(*x)) for net in nets]).mean(dim=0).double().numpy())
     return np.concatenate(out, axis=0)
 

@@ -112,9 +112,10 @@ def fold_predictions(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.nd
         cut = max(1, int(round((1 - early_stop_share) * len(perm))))
         tr, es = perm[:cut], perm[cut:]
         if tokens:
-            inputs = fit_inputs(blocks, tokens, tr, n_components, pool or PoolConfig(), seed)
-            members = [train_pooled_one((take(inputs, tr), Y[tr]), (take(inputs, es), Y[es]), seed + s, trunk,
-                                        pool or PoolConfig()) for s in range(seeds)]
+            pool = pool or PoolConfig()
+            inputs = fit_inputs(blocks, tokens, tr, n_components, pool, seed)
+            members = [train_pooled_one((take(inputs, tr), Y[tr]), (take(inputs, es), Y[es]), seed + s, trunk, pool)
+                       for s in range(seeds)]
             yield held, ensemble_proba(members, take(inputs, held))
             continue
         transform = FeatureTransform.fit({b: x[tr] for b, x in blocks.items()}, n_components=n_components, seed=seed)

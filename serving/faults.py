@@ -85,8 +85,29 @@ def live_replicas(handle: Any) -> int | None:
     return None if replicas is None else len(replicas)
 
 
+def min_replicas(handle: Any) -> int | None:
+    """The autoscaling floor of the deployment a Serve ``DeploymentHandle`` calls, as its router last
+    heard it from the controller; None where that is not known."""
+    router = getattr(getattr(handle, "_router", None), "_asyncio_router", None)
+    scaling = getattr(getattr(router, "_metrics_manager", None), "autoscaling_config", None)
+    return getattr(scaling, "min_replicas", None)
+
+
 GONE_HOLD_S = 30.0  # a deployment seen with every replica dead is passed over this long, or until one is live
 _GONE: dict[int, float] = {}  # id() of such a handle -> when it was seen so
+_SEEN_LIVE: set[int] = set()  # id() of each handle that has had a live replica
+
+
+def _down(handle: Any, live: int | None) -> bool:
+    """Whether a call on ``handle`` should fail at once: it has no live replica, and either it was seen
+    with every replica dead within ``GONE_HOLD_S``, or it had live replicas before and its deployment
+    cannot scale to zero (its floor is 1 or more: no replica means they died, and Serve's controller may
+    have dropped the dead one before the call, so no call ever meets the death)."""
+    if live != 0:
+        return False
+    if time.monotonic() - _GONE.get(id(handle), -GONE_HOLD_S) < GONE_HOLD_S:
+        return True
+    return id(handle) in _SEEN_LIVE and (min_replicas(handle) or 0) >= 1
 
 
 def _gone(handle: Any, name: str) -> ReplicasGone:
@@ -112,12 +133,15 @@ async def bounded(response: Any, timeout_s: float, handle: Any = None, name: str
     deployment had live replicas when it started and has none left (each died: SIGKILL, OOM, node
     lost) fails at once with :class:`ReplicasGone` instead of waiting for a replacement, and so
     does every later call until a replica is live again (at most ``GONE_HOLD_S``: a deployment that
-    scales to zero is then called again, so Serve starts a replica); a deployment scaled to zero
-    (no replica at the start, none seen dying lately) is waited for, as Serve starts one."""
+    scales to zero is then called again, so Serve starts a replica). A call that finds no live
+    replica fails at once too when the handle had live replicas before and the deployment's floor is
+    1 or more (the controller dropped the dead replica before any call met it); a deployment scaled
+    to zero (floor 0, none seen dying lately) is waited for, as Serve starts one."""
     live = None if handle is None else live_replicas(handle)
     if live:
         _GONE.pop(id(handle), None)
-    elif live == 0 and time.monotonic() - _GONE.get(id(handle), -GONE_HOLD_S) < GONE_HOLD_S:
+        _SEEN_LIVE.add(id(handle))
+    elif _down(handle, live):
         # not sent: cancel the call, or close a coroutine that never ran
         getattr(response, "cancel", getattr(response, "close", lambda: None))()
         raise _gone(handle, name)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from serving.faults import ReplicasGone, bounded, live_replicas
+from serving.faults import ReplicasGone, bounded, live_replicas, min_replicas
 from serving.messages import TargetAnswer
 from shared.backends import Sampling, StopCutter
 from shared.errors import ConfigError
@@ -111,11 +111,35 @@ def test_request_duration_and_queue_time_are_in_metrics():
     assert sample['prefill_router_request_duration_seconds_count{endpoint="route",status="413"}'] == 1
 
 
-def serve_like(n_replicas):
-    """A stand-in with the attributes of a Serve handle's router that :func:`live_replicas` reads."""
+def serve_like(n_replicas, floor=1):
+    """A stand-in with the attributes of a Serve handle's router that :func:`live_replicas` and
+    :func:`min_replicas` read."""
     router = SimpleNamespace(request_router=SimpleNamespace(curr_replicas={f"r{i}": object()
-                                                                          for i in range(n_replicas)}))
+                                                                          for i in range(n_replicas)}),
+                             _metrics_manager=SimpleNamespace(autoscaling_config=SimpleNamespace(min_replicas=floor)))
     return SimpleNamespace(_router=SimpleNamespace(_asyncio_router=router))
+
+
+@pytest.mark.parametrize("floor", [1, 0])
+def test_a_replica_dropped_before_the_call_fails_at_once_unless_the_deployment_scales_to_zero(floor):
+    """The controller can drop a dead replica before any call meets its death: a handle that had live
+    replicas and finds none, with a floor of 1, is down; with a floor of 0 it scaled to zero."""
+    async def run():
+        handle = serve_like(1, floor)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result("ok")
+        assert await bounded(done, 1, handle, "t") == "ok"
+        handle._router._asyncio_router.request_router.curr_replicas.clear()
+        start = time.monotonic()
+        try:
+            await bounded(asyncio.get_running_loop().create_future(), 0.5, handle, "t")
+        except (ReplicasGone, asyncio.TimeoutError) as exc:
+            return type(exc), time.monotonic() - start
+
+    kind, took = asyncio.run(run())
+    assert kind is (ReplicasGone if floor else asyncio.TimeoutError)
+    assert took < (0.1 if floor else 1.0)
+    assert min_replicas(serve_like(1, 3)) == 3 and min_replicas(Handle()) is None
 
 
 def test_a_call_whose_replicas_all_die_fails_at_once_but_scale_from_zero_is_waited_for():

@@ -162,8 +162,18 @@ def test_a_killed_target_replica_is_passed_over_at_once(app):
 
 
 def test_a_killed_encoder_degrades_at_once(app):
-    os.kill(replica(APP, "Encoder").ready.remote().result(timeout_s=60)["pid"], signal.SIGKILL)
-    time.sleep(0.5)
+    """Here the controller has dropped the dead replica before the request (so no call meets its death:
+    the CI run that had the ingress wait 10 s for the replacement); the encoder-kill tests of
+    test_serving_app.py send requests into the dying replica instead."""
+    from serving.faults import live_replicas
+
+    encoder = replica(APP, "Encoder")
+    os.kill(encoder.ready.remote().result(timeout_s=60)["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while live_replicas(encoder) != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live_replicas(encoder) == 0, "Serve's controller never dropped the killed Encoder replica"
+    time.sleep(0.3)  # the ingress's handle hears it too
     start = time.monotonic()
     r = chat(app, model="router")
     took = time.monotonic() - start

@@ -233,15 +233,30 @@ def test_prefix_cache_runs_on_a_short_system_prompt(tmp_path):
     assert "**" in prefix.report(doc)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("source", ["reference", "routerbench"])
-def test_capture_throughput_runs_on_three_queries(ray_local, tmp_path, source):
+def test_capture_throughput_reads_routerbench_prompts_as_a_query_table(tmp_path):
+    """``--routerbench`` only changes where the queries come from (the capture that follows is the one
+    the next test runs): a seeded sample, in file order, one user message each."""
+    import pyarrow.parquet as pq
+
     capture = bench("capture_throughput")
-    if source == "routerbench" and not any(ROUTERBENCH.glob("*.csv")):
+    if not any(ROUTERBENCH.glob("*.csv")):
         pytest.skip(f"no RouterBench CSVs at {ROUTERBENCH} (bench/README.md: ../shared/data/routerbench)")
+    path = tmp_path / "queries.parquet"
+    assert capture.routerbench_queries(ROUTERBENCH, 5, 0, path) == 5
+    table = pq.read_table(path).to_pylist()
+    order = [(q.rsplit("-", 1)[0], int(q.rsplit("-", 1)[1])) for q in (r["query_id"] for r in table)]
+    assert order == sorted(order)
+    assert all(len(r["messages"]) == 1 and r["messages"][0]["role"] == "user" and r["messages"][0]["content"]
+               for r in table)
+    assert capture.routerbench_queries(ROUTERBENCH, 5, 0, tmp_path / "again.parquet") == 5
+    assert pq.read_table(tmp_path / "again.parquet").equals(pq.read_table(path))
+
+
+@pytest.mark.slow
+def test_capture_throughput_runs_on_three_queries(ray_local, tmp_path):
+    capture = bench("capture_throughput")
     out = tmp_path / "capture.json"
-    args = ["--routerbench", str(ROUTERBENCH)] if source == "routerbench" else []
-    assert capture.main([*args, "--n", "3", "--json", str(out), "layers=[2]", "max_actors=1", "max_tokens=64"]) == 0
+    assert capture.main(["--n", "3", "--json", str(out), "layers=[2]", "max_actors=1", "max_tokens=64"]) == 0
     doc = read_checked(capture, out)
     assert doc["n"] == 3 and doc["naive"]["layers"] == [2]
     assert doc["shared"]["tokens"] == doc["off"]["tokens"] == doc["naive"]["tokens"] > 0

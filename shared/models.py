@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -165,13 +166,26 @@ def gguf_read_once() -> Iterator[None]:
             setattr(gguf, name, value)
 
 
+def in_ray_worker() -> bool:
+    """Whether this process is a Ray worker (an actor, a task, a replica), not a driver or a CLI."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    return ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
 def _convert_gguf(spec: ModelSpec, dest: Path, cache: Path) -> None:
     """Dequantize the GGUF into a bf16 safetensors directory, atomically."""
     gguf = resolve_gguf(spec, cache)  # a missing file fails before the heavy imports
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    log.info("converting %s (%s) to bf16 safetensors at %s", spec.name, gguf.name, dest)
+    if in_ray_worker():  # a node's first use, inside a stage or a request: say so where operators look
+        log.warning("converting %s (%s) to bf16 safetensors at %s on this node, whose model cache has no copy "
+                    "(once per node; bake the cache into the image or share PREFILL_ROUTER_CACHE to skip it)",
+                    spec.name, gguf.name, dest)
+    else:
+        log.info("converting %s (%s) to bf16 safetensors at %s", spec.name, gguf.name, dest)
     with library_bars_on_terminal(), gguf_read_once():  # the GGUF reader's bars and save_pretrained's, too
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(

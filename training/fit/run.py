@@ -20,6 +20,7 @@ from shared import storage
 from shared.cli_utils import config_command, console, run_cli
 from shared.errors import BadInput
 from shared.ray_boot import ensure_ray
+from shared.reach import require_reachable
 from shared.features import is_attn, parse_block
 from training.dataset import RoutingData, RoutingDataConfig, load_routing_data
 from training.fit.train_ray import TrainRunConfig
@@ -161,6 +162,7 @@ def run_fit(cfg: FitConfig, data: RoutingData | None = None) -> dict[str, Any]:
     data, transform, Xtr, Xva = fit_features(cfg, data)
     tr, va = data.where("train"), data.where("val")
     ensure_ray(cfg.ray_address, log_to_driver=False)
+    require_reachable(cfg.train.storage_path, "train.storage_path")  # Ray Train workers write checkpoints there
     obj = chosen_objective(cfg)
     run = cfg.train.model_copy(update={"trunk": cfg.train.trunk.model_copy(update={"objective": obj})})
     members, _ = train_ensemble(Xtr, tr.Y, Xva, va.Y, run.model_copy(update={"name": run_name(run, Xtr, tr.Y)}))

@@ -55,15 +55,22 @@ def nodes(moto_s3) -> Iterator[dict]:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": str(root / "head"),
                                                             "include_dashboard": False})
     caches = {"warm": cache_root(), "cold": root / "cold-cache"}
-    for name, cache in caches.items():
-        cluster.add_node(num_cpus=WORKER_CPUS, resources={name: 1}, temp_dir=str(root / name),
-                         env_vars={"PREFILL_ROUTER_CACHE": str(cache)})
+    state = {"address": cluster.address, "caches": caches, "root": root, "cluster": cluster, "node": {}}
+    for name in caches:
+        add_worker(state, name)
     ensure_ray(cluster.address, log_to_driver=False)
     wait_nodes(ray, 3)
-    yield {"address": cluster.address, "caches": caches, "root": root}
+    yield state
     ray.shutdown()
     cluster.shutdown()
     shutil.rmtree(root, ignore_errors=True)
+
+
+def add_worker(state: dict, name: str) -> None:
+    """Start worker node ``name`` (custom resource ``name``, its model cache, a temp dir of its own)."""
+    state["node"][name] = state["cluster"].add_node(
+        num_cpus=WORKER_CPUS, resources={name: 1}, temp_dir=str(state["root"] / name),
+        env_vars={"PREFILL_ROUTER_CACHE": str(state["caches"][name])})
 
 
 def can_unshare() -> bool:

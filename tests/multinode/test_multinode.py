@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from shared import storage
 from shared.config import load_config
 from shared.errors import ConfigError
 from tests.multinode.conftest import ONE_PER_NODE, own_disk_node
@@ -231,3 +232,53 @@ def test_a_worker_node_killed_mid_stage_loses_and_repeats_nothing(nodes, more_qu
     assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids)), f"{stage}: lost or repeated queries"
     how = f"rerun after {type(result['error']).__name__}" if "error" in result else "finished on its own"
     print(f"{stage}: node killed after {before} of 12 shards; {how}, {took:.1f} s after the kill")
+
+
+def test_a_worker_node_killed_during_fit_resumes_from_the_last_s3_checkpoint(nodes, bucket):
+    """Six seeds on two Ray Train workers (one per node, three rounds). Once the first round's checkpoint
+    is in S3, the ``cold`` node's raylet is killed and a replacement node joins (as KubeRay replaces a
+    pod): training restarts from that checkpoint, trains only the seeds it lacks, and returns all six."""
+    import threading
+
+    import ray
+
+    from tests.multinode.conftest import add_worker, wait_nodes
+    from training.fit.train_ray import MEMBERS_FILE, TrainRunConfig, train_ensemble
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 8)).astype(np.float32)  # seconds per seed, so the kill lands mid-run
+    Y = (rng.random((3000, 2)) < 1 / (1 + np.exp(-X[:, :2]))).astype(np.float32)
+    cfg = TrainRunConfig(seeds=6, keep=6, num_workers=2, cpus_per_worker=ONE_PER_NODE, max_failures=2,
+                         storage_path=f"{bucket}/kill-fit", name="kill",
+                         trunk={"hidden": [64], "dropout": [0.1], "max_epochs": 60, "patience": 60, "batch_size": 32})
+    result: dict = {}
+    driver = threading.Thread(target=lambda: result.update(out=train_ensemble(X[:2400], Y[:2400], X[2400:], Y[2400:],
+                                                                              cfg)), daemon=True)
+    driver.start()
+    fs, root = storage.filesystem(f"{bucket}/kill-fit/kill")
+    deadline = time.monotonic() + 240
+
+    def checkpointed() -> bool:
+        from pyarrow import fs as pafs
+
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        except FileNotFoundError:
+            return False
+        return any("checkpoint_" in i.path and i.path.endswith(MEMBERS_FILE) for i in infos)
+
+    while not checkpointed() and driver.is_alive():
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.1)
+    time.sleep(1.0)  # the checkpoint's files are uploaded; Ray Train registers it as reported
+    assert driver.is_alive(), "fit ended before the node could be killed"
+    killed = time.monotonic()
+    nodes["cluster"].remove_node(nodes["node"]["cold"], allow_graceful=False)
+    add_worker(nodes, "cold")
+    wait_nodes(ray, 3)
+    driver.join(400)
+    assert not driver.is_alive(), "fit hung after the node died"
+    members, metrics = result["out"]
+    assert sorted(m.seed for m in members) == list(range(6))
+    assert metrics["round"] < 2, f"a fresh run needs 3 rounds; the resumed one ran {metrics['round'] + 1}"
+    print(f"fit: resumed from the S3 checkpoint, done {time.monotonic() - killed:.1f} s after the kill")

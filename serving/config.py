@@ -28,6 +28,8 @@ class DeploymentOptions(StrictConfig):
     max_ongoing_requests: int = Field(16, gt=0, description="Requests a replica accepts at once.")
     num_cpus: float = Field(0.5, ge=0, description="CPUs per replica (Serve's default of 1 is too much for small models).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions share a GPU).")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica: pins "
+                                        "replicas to the nodes that offer them (e.g. a node group's label).")
 
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments of ``Deployment.options``."""
@@ -39,7 +41,8 @@ class DeploymentOptions(StrictConfig):
                 "target_ongoing_requests": self.target_ongoing_requests,
             },
             "max_ongoing_requests": self.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                                  **({"resources": dict(self.resources)} if self.resources else {})},
         }
 
 

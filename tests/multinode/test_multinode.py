@@ -258,20 +258,27 @@ def test_a_worker_node_killed_during_fit_resumes_from_the_last_s3_checkpoint(nod
     fs, root = storage.filesystem(f"{bucket}/kill-fit/kill")
     deadline = time.monotonic() + 240
 
-    def checkpointed() -> bool:
+    def members_checkpointed() -> int:
+        """Members in the newest checkpoint Ray Train has registered (its snapshot file is written then)."""
+        import io
+
+        import torch
         from pyarrow import fs as pafs
 
         try:
             infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
         except FileNotFoundError:
-            return False
-        return any("checkpoint_" in i.path and i.path.endswith(MEMBERS_FILE) for i in infos)
+            return 0
+        if not any(i.path.endswith("checkpoint_manager_snapshot.json") for i in infos):
+            return 0
+        files = sorted(i.path for i in infos if "checkpoint_" in i.path and i.path.endswith(MEMBERS_FILE))
+        with fs.open_input_file(files[-1]) as fh:
+            return len(torch.load(io.BytesIO(fh.read()), weights_only=False))
 
-    while not checkpointed() and driver.is_alive():
+    while not (done := members_checkpointed()) and driver.is_alive():
         assert time.monotonic() < deadline, "no checkpoint within 240 s"
         time.sleep(0.1)
-    time.sleep(1.0)  # the checkpoint's files are uploaded; Ray Train registers it as reported
-    assert driver.is_alive(), "fit ended before the node could be killed"
+    assert driver.is_alive() and done < 6, f"fit ended ({done} members checkpointed) before the node could be killed"
     killed = time.monotonic()
     nodes["cluster"].remove_node(nodes["node"]["cold"], allow_graceful=False)
     add_worker(nodes, "cold")
@@ -280,5 +287,7 @@ def test_a_worker_node_killed_during_fit_resumes_from_the_last_s3_checkpoint(nod
     assert not driver.is_alive(), "fit hung after the node died"
     members, metrics = result["out"]
     assert sorted(m.seed for m in members) == list(range(6))
-    assert metrics["round"] < 2, f"a fresh run needs 3 rounds; the resumed one ran {metrics['round'] + 1}"
-    print(f"fit: resumed from the S3 checkpoint, done {time.monotonic() - killed:.1f} s after the kill")
+    resumed_rounds = -(-(6 - done) // 2)  # the seeds the checkpoint lacked, two per round
+    assert metrics["round"] + 1 <= resumed_rounds < 3, (done, metrics)
+    print(f"fit: {done} of 6 members checkpointed at the kill; resumed from S3, done "
+          f"{time.monotonic() - killed:.1f} s after the kill")

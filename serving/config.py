@@ -26,6 +26,8 @@ class DeploymentOptions(StrictConfig):
     max_replicas: int = Field(1, ge=1, description="Autoscaling ceiling.")
     target_ongoing_requests: float = Field(2.0, gt=0, description="Autoscaling target of in-flight requests per replica.")
     max_ongoing_requests: int = Field(16, gt=0, description="Requests a replica accepts at once.")
+    upscale_delay_s: float = Field(30.0, ge=0, description="Load above target this long before a replica is added.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Load below target this long before one is removed.")
     num_cpus: float = Field(0.5, ge=0, description="CPUs per replica (Serve's default of 1 is too much for small models).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions share a GPU).")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per replica: pins "
@@ -39,6 +41,8 @@ class DeploymentOptions(StrictConfig):
                 "initial_replicas": max(self.min_replicas, 1),
                 "max_replicas": self.max_replicas,
                 "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
             },
             "max_ongoing_requests": self.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,

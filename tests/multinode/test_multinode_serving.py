@@ -85,3 +85,67 @@ def test_the_encoders_node_dies_mid_traffic_requests_fall_back_and_readyz_recove
     finally:
         client.close()
         serve.shutdown()
+
+
+def replicas(deployment: str) -> int:
+    """RUNNING replicas of ``deployment``, as Serve's status reports them."""
+    from ray import serve
+
+    states = serve.status().applications["prefill-router"].deployments[deployment].replica_states
+    return int(states.get("RUNNING", 0))
+
+
+def test_the_encoder_and_a_target_scale_out_under_load_and_back_in_after_it(nodes, tmp_path):
+    """Bounded load (routing decisions for the Encoder, answers for the target): both go from one
+    replica to two, on the worker nodes, then back to one once the load stops."""
+    import threading
+
+    from ray import serve
+
+    from serving.app import deploy
+    from serving.config import ServeConfig
+    from tests.serving.serving_fixtures import router_artifact
+
+    port = free_port()
+    scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
+               "downscale_delay_s": 5, "num_cpus": 0.5}
+    cfg = ServeConfig.model_validate({
+        "artifact": router_artifact(tmp_path), "http_port": port, "targets": [SMOL], "default_max_tokens": 24,
+        "target_timeout_s": 120, "route_timeout_s": 60, "encoder": scaling, "target_defaults": scaling,
+        "encoder_batch": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}})
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=180)
+    stop, names = threading.Event(), ("Encoder", f"Target-{SMOL}")
+    try:
+        deploy(cfg)
+        poll(client, 200, 240)
+        assert [replicas(n) for n in names] == [1, 1]
+
+        def load(path: str, body: dict) -> None:
+            while not stop.is_set():
+                client.post(path, json=body)
+
+        route, chat = {"messages": MSG}, {"model": SMOL, "messages": MSG}
+        threads = [threading.Thread(target=load, args=a, daemon=True)
+                   for a in [("/v1/route", route)] * 6 + [("/v1/chat/completions", chat)] * 4]
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        up: dict[str, float] = {}
+        while len(up) < len(names):
+            assert time.monotonic() - start < 180, f"no scale-out within 180 s: {[replicas(n) for n in names]}"
+            up.update({n: time.monotonic() - start for n in names if n not in up and replicas(n) == 2})
+            time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(200)
+        stopped, down = time.monotonic(), {}
+        while len(down) < len(names):
+            assert time.monotonic() - stopped < 180, f"no scale-in within 180 s: {[replicas(n) for n in names]}"
+            down.update({n: time.monotonic() - stopped for n in names if n not in down and replicas(n) == 1})
+            time.sleep(0.5)
+        print("autoscaling: " + ", ".join(f"{n} 1->2 in {up[n]:.1f} s, 2->1 in {down[n]:.1f} s" for n in names))
+    finally:
+        stop.set()
+        client.close()
+        serve.shutdown()

@@ -80,16 +80,19 @@ def live_replicas(handle: Any) -> int | None:
     is not known (not a Serve handle, or one that has made no call yet). Serve's router drops a
     replica from this set as soon as a call to it meets ``ActorDiedError`` (its actor is dead), and
     adds its replacement only once the controller has it running."""
-    router = getattr(getattr(handle, "_router", None), "_asyncio_router", None)
-    replicas = getattr(getattr(router, "request_router", None), "curr_replicas", None)
+    replicas = getattr(getattr(_asyncio_router(handle), "request_router", None), "curr_replicas", None)
     return None if replicas is None else len(replicas)
+
+
+def _asyncio_router(handle: Any) -> Any:
+    """The Serve ``DeploymentHandle``'s own router (Ray 2.60's private ``AsyncioRouter``), or None."""
+    return getattr(getattr(handle, "_router", None), "_asyncio_router", None)
 
 
 def min_replicas(handle: Any) -> int | None:
     """The autoscaling floor of the deployment a Serve ``DeploymentHandle`` calls, as its router last
     heard it from the controller; None where that is not known."""
-    router = getattr(getattr(handle, "_router", None), "_asyncio_router", None)
-    scaling = getattr(getattr(router, "_metrics_manager", None), "autoscaling_config", None)
+    scaling = getattr(getattr(_asyncio_router(handle), "_metrics_manager", None), "autoscaling_config", None)
     return getattr(scaling, "min_replicas", None)
 
 

@@ -47,9 +47,11 @@ def working_nodes() -> list[dict[str, Any]]:
             and (n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0)]
 
 
-def blind_nodes(path: str, nodes: list[dict[str, Any]], timeout_s: float = REACH_TIMEOUT_S) -> dict[str, str]:
-    """``{node: why}`` for each node of ``nodes`` that does not see a marker the driver writes under
-    the local directory ``path`` (created if missing; the marker is removed after)."""
+def blind_nodes(path: str, nodes: list[dict[str, Any]],
+                timeout_s: float = REACH_TIMEOUT_S) -> tuple[list[str], list[str]]:
+    """``(unseeing, silent)``: the nodes of ``nodes`` that do not see a marker the driver writes under the
+    local directory ``path`` (created if missing; the marker is removed after), and those that did not
+    answer within ``timeout_s``."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -64,14 +66,10 @@ def blind_nodes(path: str, nodes: list[dict[str, Any]], timeout_s: float = REACH
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker), token)
             for n in nodes}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-        blind = {}
-        for node, ref in refs.items():
-            if ref not in ready:
-                ray.cancel(ref, force=True)
-                blind[node] = f"did not answer within {timeout_s:.0f} s"
-            elif not ray.get(ref):
-                blind[node] = f"does not see {root}"
-        return blind
+        for ref in set(refs.values()) - set(ready):
+            ray.cancel(ref, force=True)
+        silent = [node for node, ref in refs.items() if ref not in ready]
+        return [node for node, ref in refs.items() if ref in ready and not ray.get(ref)], silent
     finally:
         marker.unlink(missing_ok=True)
 
@@ -87,17 +85,18 @@ def require_reachable(uri: str, what: str, timeout_s: float = REACH_TIMEOUT_S) -
     if len(nodes) <= 1:
         return
     try:
-        blind = blind_nodes(uri, nodes, timeout_s)
+        unseeing, silent = blind_nodes(uri, nodes, timeout_s)
     except OSError as exc:
         raise ConfigError(f"{what}={uri!r}: cannot write a marker there to check that every node reaches it "
                           f"({exc})") from exc
-    if blind:
-        lines = "; ".join(f"{node} {why}" for node, why in blind.items())
-        timed_out = all("did not answer" in why for why in blind.values())
-        if timed_out:
-            raise ClusterUnreachable(f"{what}={uri!r}: no answer from {lines} while checking that every node "
-                                     "reaches the path; check `ray status`")
-        raise ConfigError(f"{what}={uri!r} is a local path, and {len(blind)} of the cluster's {len(nodes)} nodes "
-                          f"cannot see it ({lines}): what their workers write there never reaches this driver. "
-                          "Use an s3:// URI, or a path every node mounts (a shared volume on KubeRay)")
+    lines = "; ".join([f"{node} does not see {Path(uri).resolve()}" for node in unseeing]
+                      + [f"{node} did not answer within {timeout_s:.0f} s" for node in silent])
+    if unseeing:
+        raise ConfigError(f"{what}={uri!r} is a local path, and {len(unseeing) + len(silent)} of the cluster's "
+                          f"{len(nodes)} nodes cannot see it ({lines}): what their workers write there never "
+                          "reaches this driver. Use an s3:// URI, or a path every node mounts (a shared volume "
+                          "on KubeRay)")
+    if silent:
+        raise ClusterUnreachable(f"{what}={uri!r}: no answer from {lines} while checking that every node "
+                                 "reaches the path; check `ray status`")
     log.info("%s=%s is reached by all %d nodes", what, uri, len(nodes))

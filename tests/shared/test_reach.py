@@ -20,11 +20,11 @@ def test_remote_uris_and_one_node_need_no_marker(monkeypatch):
 
 def test_a_blind_node_is_a_config_error_and_silence_is_a_cluster_error(monkeypatch, tmp_path):
     monkeypatch.setattr(reach, "working_nodes", lambda: TWO)
-    monkeypatch.setattr(reach, "blind_nodes", lambda path, nodes, t: {"10.0.0.2 (bbbbbbbb)": f"does not see {path}"})
+    monkeypatch.setattr(reach, "blind_nodes", lambda path, nodes, t: (["10.0.0.2 (bbbbbbbb)"], []))
     with pytest.raises(ConfigError, match=r"1 of the cluster's 2 nodes cannot see it \(10.0.0.2 .*Use an s3:// URI"):
         reach.require_reachable(str(tmp_path), "out")
-    monkeypatch.setattr(reach, "blind_nodes", lambda path, nodes, t: {"10.0.0.2 (bbbbbbbb)": "did not answer within 60 s"})
+    monkeypatch.setattr(reach, "blind_nodes", lambda path, nodes, t: ([], ["10.0.0.2 (bbbbbbbb)"]))
     with pytest.raises(ClusterUnreachable, match="no answer from 10.0.0.2"):
         reach.require_reachable(str(tmp_path), "train.storage_path")
-    monkeypatch.setattr(reach, "blind_nodes", lambda path, nodes, t: {})
+    monkeypatch.setattr(reach, "blind_nodes", lambda path, nodes, t: ([], []))
     reach.require_reachable(str(tmp_path), "out")

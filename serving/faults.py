@@ -77,9 +77,9 @@ class ReplicasGone(RuntimeError):
 
 def live_replicas(handle: Any) -> int | None:
     """How many replicas a Serve ``DeploymentHandle``'s router can send calls to now; None where that
-    is not known (not a Serve handle, or one that has made no call yet). Serve's router drops a
-    replica from this set as soon as a call to it meets ``ActorDiedError`` (its actor is dead), and
-    adds its replacement only once the controller has it running."""
+    is not known (not a Serve handle, or one whose router has not started). Serve's router drops a
+    replica from this set as soon as a call to it meets ``ActorDiedError`` (its actor is dead) or the
+    controller reports it gone, and adds its replacement only once the controller has it running."""
     replicas = getattr(getattr(_asyncio_router(handle), "request_router", None), "curr_replicas", None)
     return None if replicas is None else len(replicas)
 
@@ -96,33 +96,56 @@ def min_replicas(handle: Any) -> int | None:
     return getattr(scaling, "min_replicas", None)
 
 
+def seen_live(handle: Any) -> bool:
+    """Whether the handle's router has ever heard of a running replica of its deployment (Serve's own
+    flag, set by the first non-empty replica set the controller sends it)."""
+    populated = getattr(_asyncio_router(handle), "running_replicas_populated", None)
+    return bool(populated()) if callable(populated) else False
+
+
+def warm(handle: Any) -> None:
+    """Start a Serve ``DeploymentHandle``'s router now rather than at its first call, so it hears the
+    controller's replica set while the replicas are up: a deployment whose replicas all died before
+    its first call is then known dead (:func:`seen_live`), not taken for one scaling up from zero.
+    Anything that is not an uninitialised Serve handle is left alone."""
+    if getattr(handle, "is_initialized", True) is False:
+        handle._init()
+
+
 GONE_HOLD_S = 30.0  # a deployment seen with every replica dead is passed over this long, or until one is live
-_GONE: dict[int, float] = {}  # id() of such a handle -> when it was seen so
-_SEEN_LIVE: set[int] = set()  # id() of each handle that has had a live replica
+_GONE: dict[Any, float] = {}  # deployment (see _key) -> when every replica of it was seen dead
+
+
+def _key(handle: Any) -> Any:
+    """What :data:`_GONE` remembers a deployment by: its Serve deployment id, which the handles that
+    ``.options()`` makes (one per streamed call) share; the object itself for anything else."""
+    return getattr(handle, "deployment_id", None) or id(handle)
 
 
 def _down(handle: Any, live: int | None) -> bool:
     """Whether a call on ``handle`` should fail at once: it has no live replica, and either it was seen
-    with every replica dead within ``GONE_HOLD_S``, or it had live replicas before and its deployment
-    cannot scale to zero (its floor is 1 or more: no replica means they died, and Serve's controller may
-    have dropped the dead one before the call, so no call ever meets the death)."""
+    with every replica dead within ``GONE_HOLD_S``, or its router has heard of running replicas before
+    and the deployment cannot scale to zero (its floor is 1 or more: no replica means they died, and
+    Serve's controller may have dropped the dead one before the call, so no call ever meets the death)."""
     if live != 0:
         return False
-    if time.monotonic() - _GONE.get(id(handle), -GONE_HOLD_S) < GONE_HOLD_S:
+    if time.monotonic() - _GONE.get(_key(handle), -GONE_HOLD_S) < GONE_HOLD_S:
         return True
-    return id(handle) in _SEEN_LIVE and (min_replicas(handle) or 0) >= 1
+    return seen_live(handle) and (min_replicas(handle) or 0) >= 1
 
 
 def _gone(handle: Any, name: str) -> ReplicasGone:
-    _GONE[id(handle)] = time.monotonic()
+    _GONE[_key(handle)] = time.monotonic()
     return ReplicasGone(f"{name}: every replica died; its replacement is not running yet")
 
 
-async def _unless_gone(call: asyncio.Future, handle: Any, name: str) -> Any:
-    """``call``'s result, or :class:`ReplicasGone` once ``handle`` has no live replica left."""
+async def _unless_gone(call: asyncio.Future, handle: Any, name: str, had_live: bool) -> Any:
+    """``call``'s result, or :class:`ReplicasGone` once ``handle`` has no live replica left and either
+    had some when the call started (``had_live``) or is down (:func:`_down`)."""
     try:
         while not (await asyncio.wait([call], timeout=WATCH_S))[0]:
-            if live_replicas(handle) == 0:
+            live = live_replicas(handle)
+            if live == 0 and (had_live or _down(handle, live)):
                 raise _gone(handle, name)
         return call.result()
     except BaseException:
@@ -137,19 +160,19 @@ async def bounded(response: Any, timeout_s: float, handle: Any = None, name: str
     lost) fails at once with :class:`ReplicasGone` instead of waiting for a replacement, and so
     does every later call until a replica is live again (at most ``GONE_HOLD_S``: a deployment that
     scales to zero is then called again, so Serve starts a replica). A call that finds no live
-    replica fails at once too when the handle had live replicas before and the deployment's floor is
-    1 or more (the controller dropped the dead replica before any call met it); a deployment scaled
-    to zero (floor 0, none seen dying lately) is waited for, as Serve starts one."""
+    replica fails at once too (or as soon as its router learns it) when the router has heard of
+    running replicas before and the deployment's floor is 1 or more (the controller dropped the dead
+    replica before any call met it); a deployment scaled to zero (floor 0, none seen dying lately) is
+    waited for, as Serve starts one."""
     live = None if handle is None else live_replicas(handle)
     if live:
-        _GONE.pop(id(handle), None)
-        _SEEN_LIVE.add(id(handle))
+        _GONE.pop(_key(handle), None)
     elif _down(handle, live):
         # not sent: cancel the call, or close a coroutine that never ran
         getattr(response, "cancel", getattr(response, "close", lambda: None))()
         raise _gone(handle, name)
     call = asyncio.ensure_future(response)
-    watched = _unless_gone(call, handle, name) if live else call
+    watched = call if handle is None else _unless_gone(call, handle, name, bool(live))
     try:
         return await asyncio.wait_for(watched, timeout=timeout_s)
     except (asyncio.TimeoutError, asyncio.CancelledError, ReplicasGone):

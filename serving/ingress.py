@@ -37,7 +37,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.config import IngressConfig, auth_token
-from serving.faults import AllTargetsFailed, EncoderFailedOnPrompt, RouterUnavailable, bounded, counted
+from serving.faults import AllTargetsFailed, EncoderFailedOnPrompt, RouterUnavailable, bounded, counted, warm
 from serving.messages import (
     EncodeFailed, PromptRejected, PromptTooLong, TargetAnswer, error_line, request_fault, surely_within,
 )
@@ -65,6 +65,8 @@ class RouterIngress:
 
     def __init__(self, encoder: Any, head: Any, targets: dict[str, Any], config: dict[str, Any] | None = None):
         self.encoder, self.head, self.targets = encoder, head, dict(targets)
+        for handle in (encoder, head, *self.targets.values()):
+            warm(handle)  # each router hears its replicas now: one that dies before its first call is known dead
         self.metrics = RouterMetrics.create()
         self.reconfigure(config or {})
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from serving.faults import ReplicasGone, bounded, live_replicas, min_replicas
+from serving.faults import _GONE, ReplicasGone, _key, bounded, live_replicas, min_replicas, warm
 from serving.messages import TargetAnswer
 from shared.backends import Sampling, StopCutter
 from shared.errors import ConfigError
@@ -111,12 +111,15 @@ def test_request_duration_and_queue_time_are_in_metrics():
     assert sample['prefill_router_request_duration_seconds_count{endpoint="route",status="413"}'] == 1
 
 
-def serve_like(n_replicas, floor=1):
-    """A stand-in with the attributes of a Serve handle's router that :func:`live_replicas` and
-    :func:`min_replicas` read."""
+def serve_like(n_replicas, floor=1, populated=None):
+    """A stand-in with the attributes of a Serve handle's router that :func:`live_replicas`,
+    :func:`min_replicas` and :func:`seen_live` read (``populated``: whether the router has heard of a
+    running replica; by default, whether it starts with one)."""
+    seen = n_replicas > 0 if populated is None else populated
     router = SimpleNamespace(request_router=SimpleNamespace(curr_replicas={f"r{i}": object()
                                                                           for i in range(n_replicas)}),
-                             _metrics_manager=SimpleNamespace(autoscaling_config=SimpleNamespace(min_replicas=floor)))
+                             _metrics_manager=SimpleNamespace(autoscaling_config=SimpleNamespace(min_replicas=floor)),
+                             running_replicas_populated=lambda: seen)
     return SimpleNamespace(_router=SimpleNamespace(_asyncio_router=router))
 
 
@@ -158,6 +161,32 @@ def test_a_call_whose_replicas_all_die_fails_at_once_but_scale_from_zero_is_wait
     gone_after, cancelled = asyncio.run(run())
     assert gone_after < 1.5 and cancelled
     assert live_replicas(Handle()) is None and live_replicas(serve_like(2)) == 2
+
+
+def test_a_dead_deployment_is_remembered_by_deployment_not_by_handle_object():
+    """Streaming makes a new handle per call (``.options(stream=True)``) sharing the deployment: the
+    hold after its replicas died applies to all of them, and never to another deployment's handle."""
+    async def run():
+        dead = serve_like(0, populated=False)
+        dead.deployment_id = ("app", "Target-a")
+        copy, other = serve_like(0, populated=False), serve_like(0, populated=False)
+        copy.deployment_id, other.deployment_id = ("app", "Target-a"), ("app", "Target-b")
+        _GONE[_key(dead)] = time.monotonic()
+        with pytest.raises(ReplicasGone):
+            await bounded(asyncio.get_running_loop().create_future(), 0.5, copy, "a")
+        with pytest.raises(asyncio.TimeoutError):  # never heard of a replica, floor 1: still starting
+            await bounded(asyncio.get_running_loop().create_future(), 0.3, other, "b")
+
+    asyncio.run(run())
+
+
+def test_warm_starts_an_uninitialised_serve_handle_and_leaves_the_rest():
+    started = []
+    cold = SimpleNamespace(is_initialized=False, _init=lambda: started.append("cold"))
+    hot = SimpleNamespace(is_initialized=True, _init=lambda: started.append("hot"))
+    for handle in (cold, hot, object()):
+        warm(handle)
+    assert started == ["cold"]
 
 
 def dying_handle():

@@ -177,5 +177,6 @@ def test_a_killed_encoder_degrades_at_once(app):
     start = time.monotonic()
     r = chat(app, model="router")
     took = time.monotonic() - start
-    assert r.status_code == 200 and r.headers["x-prefill-router-degraded"].startswith("router unavailable"), r.text
-    assert took < 8, took  # route_timeout_s is 30
+    seen = (r.status_code, dict(r.headers), r.text, f"{took:.2f}s")
+    assert r.status_code == 200 and r.headers.get("x-prefill-router-degraded", "").startswith("router unavailable"), seen
+    assert took < 8, seen  # route_timeout_s is 30

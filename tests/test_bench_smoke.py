@@ -253,6 +253,7 @@ def test_capture_throughput_reads_routerbench_prompts_as_a_query_table(tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.system
 def test_capture_throughput_runs_on_three_queries(ray_local, tmp_path):
     capture = bench("capture_throughput")
     out = tmp_path / "capture.json"
@@ -264,6 +265,7 @@ def test_capture_throughput_runs_on_three_queries(ray_local, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.system
 def test_fit_workers_runs_on_a_tiny_capture(ray_local, tmp_path):
     from tests.synthetic import TARGETS, write_synthetic
 
@@ -280,6 +282,7 @@ def test_fit_workers_runs_on_a_tiny_capture(ray_local, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.system
 def test_serve_load_runs_two_requests(ray_local, tmp_path):
     serve_load = bench("serve_load")
     out = tmp_path / "serve.json"

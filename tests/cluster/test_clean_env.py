@@ -22,7 +22,7 @@ import pytest
 
 from tests.procs import ROOT, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 START_S, DRIVER_S, STOP_S, DEMO_STAGE_S = 150, 90, 60, 120
 DRIVER = """

@@ -18,7 +18,8 @@ from tests.procs import ROOT
 
 SHARED = ROOT.parent / "shared" / "data" / "routerbench"
 FILES = ("arc_challenge_train.csv", "mbpp_train.csv", "winograde_train.csv")
-pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"RouterBench data not at {SHARED}")
+pytestmark = [pytest.mark.system,
+              pytest.mark.skipif(not SHARED.is_dir(), reason=f"RouterBench data not at {SHARED}")]
 
 TINY_TRUNK = "{hidden: [32], dropout: [0.1], max_epochs: 30, patience: 6, batch_size: 64}"
 

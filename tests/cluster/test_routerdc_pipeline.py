@@ -16,7 +16,8 @@ from tests.procs import ROOT
 
 SHARED = ROOT.parent / "shared" / "data" / "routerdc"
 SEEN = ("mmlu_train.json", "gsm8k-train.json", "cmmlu_train.json", "arc_challenge_train.json")
-pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"RouterDC data not at {SHARED}")
+pytestmark = [pytest.mark.system,
+              pytest.mark.skipif(not SHARED.is_dir(), reason=f"RouterDC data not at {SHARED}")]
 
 TINY_TRUNK = "{hidden: [32], dropout: [0.1], max_epochs: 30, patience: 6, batch_size: 64}"
 

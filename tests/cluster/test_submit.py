@@ -25,7 +25,7 @@ from tests.procs import free_port
 from tests.procs import ROOT
 
 SMALL = str(ROOT / "configs" / "pipeline-small.yaml")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 
 def logged_traffic(path: Path) -> Path:

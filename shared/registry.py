@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -67,6 +67,9 @@ class ModelSpec(StrictConfig):
     price_input_per_m: float = Field(0.0, ge=0, description="USD per 1M input tokens.")
     price_output_per_m: float = Field(0.0, ge=0, description="USD per 1M output tokens.")
     context_limit: int = Field(2048, gt=0, description="Longest prompt + answer, in tokens.")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the backend's "
+                                        "engine, for a backend that has one (vllm: vLLM's engine arguments, e.g. "
+                                        "max_model_len, gpu_memory_utilization, tensor_parallel_size, enforce_eager).")
     opt_in: bool = Field(False, description="Left out unless asked for by name (unlicensed or large models).")
     license: str | None = Field(None, description="Licence of the weights, for the model table.")
 
@@ -96,6 +99,8 @@ class ModelSpec(StrictConfig):
         if (self.source == "openai") != is_remote(self.backend):
             remote = " or ".join(n for n in backend_names() if is_remote(n))
             raise ValueError(f"model {self.name!r}: source openai and backend {remote} go together")
+        if self.engine_args and not getattr(backend_class(self.backend), "takes_engine_args", False):
+            raise ValueError(f"model {self.name!r}: backend {self.backend!r} takes no engine_args")
         if self.chat_template and not (CHAT_TEMPLATE_DIR / f"{self.chat_template}.jinja").is_file():
             raise ValueError(f"model {self.name!r}: no chat template {self.chat_template!r} in {CHAT_TEMPLATE_DIR}")
         return self

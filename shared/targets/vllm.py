@@ -25,6 +25,7 @@ class VLLMBackend:
     whatever the mode asks)."""
 
     fallback = "transformers"
+    takes_engine_args = True  # the registry entry's engine_args are vLLM's engine arguments
 
     @classmethod
     def available(cls) -> bool:
@@ -35,11 +36,14 @@ class VLLMBackend:
 
     def __init__(self, spec: ModelSpec, options: BackendOptions | None = None,
                  engine_kwargs: dict[str, Any] | None = None):
+        """``engine_kwargs``: vLLM's engine arguments; by default the registry entry's ``engine_args``."""
         from shared.models import ensure_local, load_tokenizer
 
         self.spec, self.options = spec, options or BackendOptions()
+        engine_kwargs = dict(spec.engine_args) if engine_kwargs is None else engine_kwargs
         self.tokenizer = self.tok = load_tokenizer(spec)
         self.inflight = InFlight()
+        self.counts = {"finished": 0, "cancelled": 0, "tokens": 0}
         if self.options.purpose == "serving":
             from vllm import AsyncEngineArgs, AsyncLLMEngine  # noqa: PLC0415 - optional GPU dependency
 
@@ -63,15 +67,26 @@ class VLLMBackend:
         n_in = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         params = SamplingParams(max_tokens=answer_budget(self.spec, n_in, max_tokens), temperature=temperature,
                                 stop=list(sampling.stop) or None, seed=sampling.seed)
-        request_id, done = uuid.uuid4().hex, False
+        request_id, done, out = uuid.uuid4().hex, False, None
         try:
             with self.inflight.track():
                 async for out in self.engine.generate(prompt, params, request_id=request_id):
                     done = out.finished
                     yield out
         finally:
+            self.counts["finished" if done else "cancelled"] += 1
+            self.counts["tokens"] += len(out.outputs[0].token_ids) if out is not None and out.outputs else 0
             if not done:
                 await self.engine.abort(request_id)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Requests running now (``active``), finished, cancelled (each aborted in the engine), tokens
+        generated, and the requests vLLM's engine still holds (``engine_unfinished``: 0 once every
+        cancelled one was aborted there)."""
+        engine = getattr(self, "engine", None)  # the serving engine; labelling has none
+        unfinished = engine.get_num_unfinished_requests() if engine is not None else 0
+        return {"active": len(self.inflight.tasks), **self.counts, "engine_unfinished": unfinished}
 
     async def generate(self, messages: list[dict[str, str]], max_tokens: int, temperature: float,
                        sampling: Sampling = Sampling()) -> TargetAnswer:

@@ -97,6 +97,25 @@ class LoopbackEndpoint:
         self.server.server_close()
 
 
+class EchoEndpoint(LoopbackEndpoint):
+    """A loopback OpenAI-compatible endpoint whose answer is the JSON of the ``stop`` and ``seed`` it got."""
+
+    def respond(self, handler, body):
+        text = json.dumps({"stop": body.get("stop"), "seed": body.get("seed")})
+        if body.get("stream"):
+            delta = {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop"}]}
+            data, ctype = f"data: {json.dumps(delta)}\n\ndata: [DONE]\n\n".encode(), "text/event-stream"
+        else:
+            data = json.dumps({"choices": [{"message": {"content": text}, "finish_reason": "stop"}],
+                               "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
+            ctype = "application/json"
+        handler.send_response(200)
+        handler.send_header("content-type", ctype)
+        handler.send_header("content-length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+
 class FlakyEndpoint(LoopbackEndpoint):
     """A loopback OpenAI-compatible endpoint whose streams die after two chunks (a real HTTP peer
     that drops the connection mid-answer); non-streamed calls get a 500."""

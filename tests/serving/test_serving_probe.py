@@ -18,32 +18,13 @@ import ray
 import yaml
 
 from tests.procs import free_port
-from tests.serving.serving_fixtures import LoopbackEndpoint, metric, replica, router_artifact
+from tests.serving.serving_fixtures import EchoEndpoint, metric, replica, router_artifact
 
 pytestmark = pytest.mark.slow
 APP = "prefill-router"
 TOKEN_ENV, TOKEN = "PR_TEST_PROBE_TOKEN", "probe-token"
 ECHO, SMOL = "echo-endpoint", "smollm2-135m"
 MSG = [{"role": "user", "content": "Name three colours of the rainbow, separated by commas."}]
-
-
-class EchoEndpoint(LoopbackEndpoint):
-    """A loopback OpenAI-compatible endpoint whose answer is the JSON of the ``stop`` and ``seed`` it got."""
-
-    def respond(self, handler, body):
-        text = json.dumps({"stop": body.get("stop"), "seed": body.get("seed")})
-        if body.get("stream"):
-            delta = {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop"}]}
-            data, ctype = f"data: {json.dumps(delta)}\n\ndata: [DONE]\n\n".encode(), "text/event-stream"
-        else:
-            data = json.dumps({"choices": [{"message": {"content": text}, "finish_reason": "stop"}],
-                               "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
-            ctype = "application/json"
-        handler.send_response(200)
-        handler.send_header("content-type", ctype)
-        handler.send_header("content-length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
 
 
 @pytest.fixture(scope="module")

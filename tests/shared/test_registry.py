@@ -33,11 +33,17 @@ def test_cost_uses_per_million_prices():
         ({"chat_template": "no-such-template"}, "no chat template"),
         ({"price_input_per_m": -1}, "greater than or equal"),
         ({"colour": "red"}, "Extra inputs"),
+        ({"engine_args": {"max_model_len": 2048}}, "takes no engine_args"),  # transformers has no engine
     ],
 )
 def test_bad_specs_are_rejected(change, message):
     with pytest.raises(ValidationError, match=message):
         ModelSpec(**{**BASE, **change})
+
+
+def test_engine_args_belong_to_a_backend_with_an_engine():
+    spec = ModelSpec(**{**BASE, "backend": "vllm", "engine_args": {"max_model_len": 2048, "enforce_eager": True}})
+    assert spec.engine_args == {"max_model_len": 2048, "enforce_eager": True}
 
 
 def test_duplicate_names_rejected():

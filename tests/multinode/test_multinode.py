@@ -103,36 +103,40 @@ def test_capture_and_label_on_two_worker_nodes_through_s3(nodes, bucket, queries
 
 
 def test_an_actor_on_a_node_with_an_empty_model_cache_converts_there_once(nodes, queries, smollm):
-    """The capture actor itself, pinned to the ``cold`` node: the first one converts SmolLM2 into that
-    node's cache and says so in its log; a second one there loads the copy; both encode as the warm
-    node's actor does."""
+    """The capture actor itself, pinned to a node that joins with an empty model cache of its own (the
+    ``cold`` node's may be filled meanwhile by an earlier stage's actor still converting there): the
+    first one converts SmolLM2 into that node's cache and says so in its log; a second one there loads
+    the copy; both encode as the warm node's actor does."""
     import json
 
     import ray
 
     from shared.models import converted_dir, is_converted
+    from tests.multinode.conftest import add_worker, wait_nodes
     from training.capture.run import CaptureUDF
 
     messages = pq.read_table(queries).column("messages").to_pylist()[:2]
     batch = {"messages_json": np.array([json.dumps(m) for m in messages]), "query_id": np.array(["a", "b"]),
              "split": np.array(["train"] * 2), "_shard": np.zeros(2, int), "_row": np.arange(2)}
     args = ("smollm2-135m", None, LAYERS, ["last"], "float32", 2048, 2, None, "right", 1.0, False)
-    cold = nodes["caches"]["cold"]
-    was_cold = not is_converted(smollm.spec, cold)  # an earlier stage's actor there may have converted it
-
-    def conversions() -> int:
-        return sum(p.read_text(errors="replace").count("converting smollm2-135m")
-                   for p in (nodes["root"] / "cold" / "session_latest" / "logs").glob("worker-*"))
-
-    before = conversions()
+    fresh = nodes["caches"]["fresh"] = nodes["root"] / "fresh-cache"
+    add_worker(nodes, "fresh")
+    wait_nodes(ray, 4)
     udf = ray.remote(CaptureUDF)
     out = {}
-    for i, node in enumerate(("cold", "cold", "warm")):
-        actor = udf.options(num_cpus=1, resources={node: 0.01}).remote(*args)
-        out[i] = ray.get(actor.__call__.remote(batch), timeout=300)
-        ray.kill(actor)
-    assert (converted_dir(smollm.spec, cold) / "model.safetensors").is_file()
-    assert conversions() - before == int(was_cold), "one conversion on the cold node, logged there"
+    try:
+        assert not is_converted(smollm.spec, fresh)
+        for i, node in enumerate(("fresh", "fresh", "warm")):
+            actor = udf.options(num_cpus=1, resources={node: 0.01}).remote(*args)
+            out[i] = ray.get(actor.__call__.remote(batch), timeout=300)
+            ray.kill(actor)
+        logs = (nodes["root"] / "fresh" / "session_latest" / "logs").glob("worker-*")
+        conversions = sum(p.read_text(errors="replace").count("converting smollm2-135m") for p in logs)
+    finally:
+        nodes["cluster"].remove_node(nodes["node"].pop("fresh"), allow_graceful=False)
+        wait_nodes(ray, 3)
+    assert (converted_dir(smollm.spec, fresh) / "model.safetensors").is_file()
+    assert conversions == 1, "one conversion on the fresh node, logged there"
     for i in (0, 1):
         np.testing.assert_allclose(out[i]["h6_last"], out[2]["h6_last"], rtol=1e-5, atol=1e-5)
 

@@ -3,7 +3,8 @@
 One small app: the real SmolLM2 target, the real encoder and router head, and an OpenAI-compatible
 loopback endpoint (``echo-endpoint``) that answers with the sampling fields it received; auth on,
 the probes behind it too (``auth_probes``), ``echo-endpoint`` the fallback target. The kill tests
-come last: they leave the app with replicas being replaced.
+leave the app with replicas being replaced; every test starts once they are back (``whole``), so
+the tests pass alone and in any order.
 """
 
 import json
@@ -60,6 +61,25 @@ def app(tmp_path_factory):
     echo.close()
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def whole(app):
+    """Each test starts with every model replica up: a kill test before it (in any order) leaves Serve
+    replacing one. A call to a deployment waits for its replacement; one sent to the dead replica
+    fails and is sent again."""
+    deadline = time.monotonic() + 180
+    for name in ("Encoder", f"Target-{SMOL}"):
+        while True:
+            try:
+                replica(APP, name).ready.remote().result(timeout_s=max(1.0, deadline - time.monotonic()))
+                break
+            except Exception:  # noqa: BLE001 - the dead replica answered: ask again until the deadline
+                assert time.monotonic() < deadline, f"{name} has no live replica after 180 s"
+                time.sleep(0.5)
+    while app.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "/readyz never said 200"
+        time.sleep(0.2)
 
 
 def chat(client, **fields):

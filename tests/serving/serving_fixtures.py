@@ -11,7 +11,8 @@ import json
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import yaml
@@ -114,6 +115,55 @@ class EchoEndpoint(LoopbackEndpoint):
         handler.send_header("content-length", str(len(data)))
         handler.end_headers()
         handler.wfile.write(data)
+
+
+@contextmanager
+def echo_app(tmp: Path, models: list[dict], cfg: dict, env: dict[str, str] | None = None,
+             headers: dict[str, str] | None = None, deploy_timeout_s: float = 600) -> Iterator[Any]:
+    """The real Serve app on loopback with an :class:`EchoEndpoint` target (``echo-endpoint``) besides
+    the default registry plus ``models``; ``cfg``: the ServeConfig fields beyond the artifact, registry
+    and port; ``env``: set before Ray starts (its replicas inherit it). Yields an httpx client."""
+    import os
+
+    import httpx
+    from ray import serve
+
+    from serving.app import deploy
+    from serving.config import ServeConfig
+    from shared.config import read_yaml
+    from shared.ray_boot import ensure_ray
+    from shared.registry import DEFAULT_REGISTRY
+    from tests.procs import free_port
+
+    echo = EchoEndpoint()
+    registry = read_yaml(DEFAULT_REGISTRY)
+    registry["models"] += [*models, {"name": "echo-endpoint", "role": "target", "backend": "openai",
+                                     "source": "openai", "base_url": echo.url}]
+    (tmp / "models.yaml").write_text(yaml.safe_dump(registry))
+    port = free_port()
+    os.environ.update(env or {})
+    ensure_ray("local", num_cpus=4, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deploy(ServeConfig.model_validate({"artifact": router_artifact(tmp), "registry": str(tmp / "models.yaml"),
+                                       "http_port": port, **cfg}), timeout_s=deploy_timeout_s)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=180, headers=headers or {})
+    try:
+        yield client
+    finally:
+        client.close()
+        echo.close()
+        serve.shutdown()
+
+
+def passed_over_at_once(send: Any, dead: str, fallback: str = "echo-endpoint") -> None:
+    """The request ``send()`` makes just after every replica of target ``dead`` was killed is answered
+    by ``fallback`` within 8 s (not after Serve has started a replacement)."""
+    time.sleep(0.5)
+    start = time.monotonic()
+    r = send()
+    took = time.monotonic() - start
+    assert r.status_code == 200 and r.headers["x-prefill-router-target"] == fallback, r.text
+    assert r.headers["x-prefill-router-fallback-from"] == dead and took < 8, took
 
 
 class FlakyEndpoint(LoopbackEndpoint):

@@ -47,12 +47,12 @@ class VLLMBackend:
         if self.options.purpose == "serving":
             from vllm import AsyncEngineArgs, AsyncLLMEngine  # noqa: PLC0415 - optional GPU dependency
 
-            args = AsyncEngineArgs(model=ensure_local(spec), **(engine_kwargs or {}))
+            args = AsyncEngineArgs(model=ensure_local(spec), **engine_kwargs)
             self.engine = AsyncLLMEngine.from_engine_args(args)
         else:
             from vllm import LLM  # noqa: PLC0415 - optional GPU dependency
 
-            self.llm = LLM(model=ensure_local(spec), **(engine_kwargs or {}))
+            self.llm = LLM(model=ensure_local(spec), **engine_kwargs)
 
     def _prompt(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)

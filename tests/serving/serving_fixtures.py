@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import socket
 import time
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np

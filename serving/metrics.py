@@ -31,6 +31,7 @@ class RouterMetrics:
     target_latency: Histogram
     duration: Histogram
     queue: Histogram
+    log_dropped: Counter
     prefix: dict[str, Counter]
 
     @classmethod
@@ -57,6 +58,9 @@ class RouterMetrics:
                             "request to the answering target starting work on it (end-to-end time until the answer "
                             "minus the target's own reported work time): routing, waiting for a replica and "
                             "waiting inside it for the model.", ["target"], buckets=LATENCY_BUCKETS, registry=reg),
+            log_dropped=Counter("prefill_router_log_dropped", "Decision-log records dropped (never written), by "
+                                 "kind (decisions, feedback) and reason (queue_full, write_failed).", ["kind", "reason"],
+                                 registry=reg),
             prefix={name: Counter(f"prefill_router_prefix_cache_{name}", help, registry=reg) for name, help in (
                 ("hits", "Prompts whose prefix KV came from the Encoder's prefix cache."),
                 ("misses", "Prompts the prefix cache had no prefix for (with the cache on)."),

@@ -241,6 +241,27 @@ class RouteDecision(BaseModel):
         return dict([*items[:at], *params.items(), *items[at:]])
 
 
+class FeedbackRequest(BaseModel):
+    """``POST /v1/feedback``: a client's score of one answer, by its id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: StrictStr = Field(min_length=1, max_length=200, description="The answer's `id` (or its "
+                                  "`x-prefill-router-request-id` header).")
+    score: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="1 right or helpful, 0 wrong.")
+    thumbs: Literal["up", "down"] | None = Field(None, description="Instead of a score: up is 1, down is 0.")
+    comment: StrictStr | None = Field(None, max_length=4000, description="Free text, kept as sent.")
+
+    @model_validator(mode="after")
+    def _one_score(self) -> "FeedbackRequest":
+        if (self.score is None) == (self.thumbs is None):
+            raise ValueError("give exactly one of score (a number in [0, 1]) and thumbs ('up' or 'down')")
+        return self
+
+    def value(self) -> float:
+        return self.score if self.score is not None else float(self.thumbs == "up")
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0

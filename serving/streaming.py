@@ -7,7 +7,8 @@ stream ends without a ``finish_reason`` chunk. The last chunk's ``finish_reason`
 target's (``length`` when ``max_tokens`` cut the answer). With
 ``stream_options.include_usage`` every chunk carries ``usage: null`` and a last chunk
 with no choices carries the token usage. A client that goes away cancels the target's
-generation.
+generation. The request's decision-log record is written when the stream ends (cut short: status
+499, or the in-band error), with the text that was sent.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from typing import Any, AsyncIterator, Protocol
 
 from fastapi import HTTPException
 from fastapi.responses import StreamingResponse
 
+from serving.decision_log import Trail, finish
 from serving.faults import bounded
 from serving.messages import StreamEnd, request_fault
 from serving.schemas import ChatCompletionRequest, RouteDecision, chunk, usage_chunk
@@ -33,6 +34,7 @@ class StreamingIngress(Protocol):
     cfg: Any
     metrics: Any
     targets: dict[str, Any]
+    request_log: Any
 
     def headers(self, *args: Any, **kwargs: Any) -> dict[str, str]: ...
 
@@ -45,9 +47,10 @@ def sse(data: dict[str, Any] | str) -> str:
 
 async def stream_response(ingress: StreamingIngress, order: list[str], req: ChatCompletionRequest,
                           decision: RouteDecision | None, degraded: str | None,
-                          received: float | None = None) -> StreamingResponse:
+                          received: float | None, trail: Trail) -> StreamingResponse:
     """Stream from the first target that yields; a target failing before its first token falls back.
-    ``received``: when the ingress got the request (the queue time is observed at the stream's end)."""
+    ``received``: when the ingress got the request (the queue time is observed at the stream's end);
+    ``trail``: the request's log record, finished when the stream ends."""
     max_tokens = req.answer_tokens or ingress.cfg.default_max_tokens
     failed: list[str] = []
     for name in order:
@@ -69,7 +72,8 @@ async def stream_response(ingress: StreamingIngress, order: list[str], req: Chat
         for bad in failed:
             ingress.metrics.fallbacks.labels(bad, name).inc()
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = sse_events(ingress, name, first, gen, decision, include_usage, received)
+        trail.streaming, trail.fields["fallback_from"], trail.fields["degraded"] = True, list(failed), degraded
+        events = sse_events(ingress, name, first, gen, decision, include_usage, received, trail)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers=ingress.headers(name, decision, failed, degraded))
     raise HTTPException(502, f"every target failed or timed out: {failed}")
@@ -81,17 +85,18 @@ def _cancel(gen: Any) -> None:
 
 
 async def sse_events(ingress: StreamingIngress, target: str, first: Any, gen: Any, decision: RouteDecision | None,
-                     include_usage: bool, received: float | None = None) -> AsyncIterator[str]:
+                     include_usage: bool, received: float | None, trail: Trail) -> AsyncIterator[str]:
     """The ``data:`` events of one streamed answer (see the module docstring for the rules)."""
-    cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    cid = trail.request_id
     extra: dict[str, Any] = {"usage": None} if include_usage else {}
     head = {**extra, "route": decision.model_dump(mode="json")} if decision else extra
-    yield sse(chunk(cid, target, {"role": "assistant", "content": ""}, extra=head))
-    end, item = None, first
+    end, item, sent, status, error_text = None, first, [], 499, "the client went away mid-stream"
     try:
+        yield sse(chunk(cid, target, {"role": "assistant", "content": ""}, extra=head))
         while not isinstance(item, StreamEnd):
             if item:
                 yield sse(chunk(cid, target, {"content": item}, extra=extra))
+                sent.append(item)
             item = await asyncio.wait_for(gen.__anext__(), timeout=ingress.cfg.target_timeout_s)
         end = item
     except StopAsyncIteration:
@@ -101,12 +106,17 @@ async def sse_events(ingress: StreamingIngress, target: str, first: Any, gen: An
         ingress.metrics.errors.labels("stream").inc()
         error = {"message": f"target {target} failed mid-stream; the answer is incomplete",
                  "type": "server_error", "code": "target_failed"}
+        status, error_text = 200, error["message"]
         yield sse({"error": error})
         yield sse("[DONE]")
         return
     finally:
         if end is None:  # failed, timed out or the client went away: stop the target's generation
             _cancel(gen)
+        done = end or StreamEnd(None, None, None)  # cut short: no counts from the target
+        trail.answered(target, trail.fields["fallback_from"], trail.fields["degraded"], "".join(sent), done,
+                       ingress.request_log.keep_responses)
+        finish(ingress, trail, 200 if end else status, None if end else error_text)
     ingress.metrics.observe_queue(target, received, time.perf_counter(), end.work_s)
     yield sse(chunk(cid, target, {}, finish_reason=end.finish_reason, extra=extra))
     if include_usage:

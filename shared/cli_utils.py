@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import signal
 import sys
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
@@ -141,3 +143,14 @@ def run_app(app: typer.Typer, argv: list[str] | None, prog_name: str) -> int:
             return exc.exit_code
         raise
     return result if isinstance(result, int) else 0
+
+
+@contextlib.contextmanager
+def exit_on_sigterm():
+    """Turn SIGTERM into ``SystemExit(143)`` while a command runs, so a killed command still runs
+    its ``finally`` blocks (Serve shut down and its replicas drained, a private Ray head stopped)."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

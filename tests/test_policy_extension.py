@@ -12,7 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import Field
 
-from serving.ingress import RouterIngress, make_fastapi_app
+from serving.http_app import make_fastapi_app
+from serving.ingress import RouterIngress
 from serving.messages import EncodedPrompt, TokenCount
 from serving.replicas import RouterHeadReplica
 from shared.artifact import OperatingPoint, copy_artifact, load_artifact, read_meta, save_artifact, update_policy
@@ -93,7 +94,9 @@ def test_a_request_names_the_toy_policy_and_the_router_head_routes_by_it(served,
         assert r.status_code == 200, r.text
         d = r.json()
         assert (d["policy"], d["floor"], d["tolerance"], d["value"], d["target"]) == ("floor", level, None, None, want)
-        assert list(d)[4:8] == ["policy", "tolerance", "value", "floor"]  # every policy's key after "policy"
+        keys = list(d)
+        at = keys.index("policy")
+        assert keys[0] == "id" and keys[at:at + 4] == ["policy", "tolerance", "value", "floor"]  # every policy's key
     r = c.post("/v1/chat/completions", json={"model": "router", "messages": MSG, "floor": 0.45})
     assert r.status_code == 200 and r.json()["route"]["policy"] == "floor"
     assert r.json()["model"] == names[int(floor(0.45).route(P, costs)[0])]

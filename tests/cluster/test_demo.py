@@ -141,7 +141,7 @@ def test_why_explains_the_policy_and_a_fallback():
 def test_sigterm_becomes_system_exit_while_the_demo_runs():
     import signal
 
-    from cluster.demo import exit_on_sigterm
+    from shared.cli_utils import exit_on_sigterm
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stopped, exit_on_sigterm():

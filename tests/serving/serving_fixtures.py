@@ -122,7 +122,8 @@ def echo_app(tmp: Path, models: list[dict], cfg: dict, env: dict[str, str] | Non
              headers: dict[str, str] | None = None, deploy_timeout_s: float = 600) -> Iterator[Any]:
     """The real Serve app on loopback with an :class:`EchoEndpoint` target (``echo-endpoint``) besides
     the default registry plus ``models``; ``cfg``: the ServeConfig fields beyond the artifact, registry
-    and port; ``env``: set before Ray starts (its replicas inherit it). Yields an httpx client."""
+    and port; ``env``: set before Ray starts (its replicas inherit it). Yields an httpx client, whose
+    ``deploy_with(**changes)`` deploys the app again with those config fields changed."""
     import os
 
     import httpx
@@ -144,9 +145,11 @@ def echo_app(tmp: Path, models: list[dict], cfg: dict, env: dict[str, str] | Non
     os.environ.update(env or {})
     ensure_ray("local", num_cpus=4, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    deploy(ServeConfig.model_validate({"artifact": router_artifact(tmp), "registry": str(tmp / "models.yaml"),
-                                       "http_port": port, **cfg}), timeout_s=deploy_timeout_s)
+    base = {"artifact": router_artifact(tmp), "registry": str(tmp / "models.yaml"), "http_port": port, **cfg}
+    deploy(ServeConfig.model_validate(base), timeout_s=deploy_timeout_s)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=180, headers=headers or {})
+    # the app again with some fields changed (the ingress's settings: in place, no replica restarted)
+    client.deploy_with = lambda **changes: deploy(ServeConfig.model_validate({**base, **changes}))
     try:
         yield client
     finally:

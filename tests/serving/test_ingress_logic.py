@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.ingress import RouterIngress, make_fastapi_app
+from serving.http_app import make_fastapi_app
+from serving.ingress import RouterIngress
 from serving.messages import EncodedPrompt, EncodeFailed, PromptRejected, PromptTooLong, StreamEnd, TargetAnswer, TokenCount
 from serving.schemas import RouteDecision
 from shared.policy import Policy

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from datetime import date, datetime, timezone
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
@@ -15,14 +17,40 @@ ANSWER_TYPE_DEFAULTS = {"arc-challenge": "multiple_choice", "winogrande": "multi
                         "cmmlu": "multiple_choice", "arc_challenge": "multiple_choice", "humaneval": "code"}
 
 
+LOG_ONLY = ("since", "until", "label_sources")  # options only format=decision-log reads
+
+
+def unix_time(value: Any) -> Any:
+    """A config time as unix seconds: a number, a numeric string, or an ISO 8601 date or date/time
+    (``2025-06-01``, ``2025-06-01T12:00:00+02:00``; without a zone: UTC). Other values are left to pydantic."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            try:
+                value = datetime.fromisoformat(value.strip())
+            except ValueError:
+                raise ValueError(f"{value!r} is neither unix seconds nor an ISO 8601 date or date/time") from None
+    if isinstance(value, datetime):
+        value = (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    elif isinstance(value, date):
+        value = datetime(value.year, value.month, value.day, tzinfo=timezone.utc).timestamp()
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and not math.isfinite(value)):
+        raise ValueError(f"{value!r} is not a time")
+    return float(value) if isinstance(value, (int, float)) else value
+
+
 class ImportConfig(StrictConfig):
     """Config of ``prefill-router data import``."""
 
-    format: str = Field("routerbench", description="Input format, a class in training/data/import_formats.py: "
+    format: str = Field("routerbench", description="Input format, a class registered in "
+                        "training/data/import_formats.py: "
                         "routerbench: a row per prompt, columns per model; long: a row per prompt x model; "
-                        "routerdc: RouterDC's JSON lists of {question, scores}, the task from the file name.")
+                        "routerdc: RouterDC's JSON lists of {question, scores}, the task from the file name; "
+                        "decision-log: the Serve app's decision log with its feedback and judge scores.")
     inputs: list[str] = Field(description="Input files or folders, local or s3:// (a folder or prefix: its files "
-                              "of the format's extensions).")
+                              "of the format's extensions; decision-log: the log's URI, the folder holding "
+                              "decisions/ and feedback/).")
     output: str = Field("runs/import/queries.parquet", description="Query table to write (local or s3://).")
     labels: str = Field("runs/import/labels", description="Label folder to write, one sub-folder per target.")
     seed: int = Field(0, description="Seed of the split assignment.")
@@ -31,19 +59,37 @@ class ImportConfig(StrictConfig):
     registry: str | None = Field(None, description="Registry YAML holding every target (None: configs/models.yaml).")
     model_names: dict[str, str] | None = Field(None, description="Source model name -> registry name; unlisted "
                                                "names are kept (None: the format's own map, e.g. RouterBench's 11 "
-                                               "or RouterDC's 7 models; long: RouterBench's).")
+                                               "or RouterDC's 7 models; long: RouterBench's; decision-log: none, "
+                                               "its targets are registry names).")
     targets: list[str] | None = Field(None, description="Source model names to import, each required in the input "
-                                      "(None: routerbench every model of model_names, long and routerdc every "
-                                      "model found).")
+                                      "(None: routerbench every model of model_names, long, routerdc and "
+                                      "decision-log every model found).")
     tasks: dict[str, str] = Field(default_factory=dict, description="routerdc: file name (without .json) -> task; "
                                   "other files: the name less a _train/-test/... suffix, e.g. gsm8k-train -> gsm8k.")
     answer_types: dict[str, str] = Field(default_factory=lambda: dict(ANSWER_TYPE_DEFAULTS),
                                          description="answer_type recorded per task (other tasks: exact).")
-    default_task: str = Field("general", min_length=1, description="Task of long-format rows without a task column.")
+    default_task: str = Field("general", min_length=1, description="Task of long-format rows without a task column "
+                              "and of every decision-log query.")
     chars_per_token: float = Field(4.0, gt=0, description="Characters per token where token counts are estimated.")
     shard_size: int = Field(256, gt=0, description="Queries per label shard (as label run).")
-    limit: int | None = Field(None, gt=0, description="Read at most N rows of each input file (smoke runs).")
+    limit: int | None = Field(None, gt=0, description="Read at most N rows of each input file (decision-log: N "
+                              "decisions of each log; smoke runs).")
     trust_pickle: bool = Field(False, description="Read pickle inputs; unpickling runs code stored in the file.")
+    since: float | None = Field(None, description="decision-log: import the decisions logged at or after this time, "
+                                "unix seconds or an ISO 8601 date or date/time (no zone: UTC); feedback is read "
+                                "from this time on (None: from the log's start). Refused by other formats.")
+    until: float | None = Field(None, description="decision-log: import the decisions logged before this time "
+                                "(same forms as since; None: to the log's end); feedback after it still counts. "
+                                "Refused by other formats.")
+    label_sources: list[str] = Field(default_factory=lambda: ["user", "judge"], description="decision-log: where a "
+                                     "decision's label comes from, first match wins: `user` (POST /v1/feedback), "
+                                     "`judge` (any other source) or one judge's name; the label is the mean score "
+                                     "of the first entry that scored the decision. Refused by other formats.")
+
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _unix_time(cls, value: Any) -> Any:
+        return unix_time(value)
 
     @field_validator("inputs", mode="before")
     @classmethod
@@ -69,6 +115,15 @@ class ImportConfig(StrictConfig):
             problems.append(f"splits must be train, val and test, non-negative, summing to 1; got {self.splits}")
         if any(a not in ANSWER_TYPES for a in self.answer_types.values()):
             problems.append(f"answer_types {self.answer_types}: each must be one of {ANSWER_TYPES}")
+        log_only = [k for k in LOG_ONLY if getattr(self, k) != type(self).model_fields[k].get_default(
+            call_default_factory=True)]
+        if self.format != "decision-log" and log_only:
+            problems.append(f"{', '.join(log_only)}: only format=decision-log reads them, not format={self.format}")
+        if self.since is not None and self.until is not None and self.since >= self.until:
+            problems.append(f"since ({self.since}) must be before until ({self.until})")
+        if not self.label_sources or len(set(self.label_sources)) != len(self.label_sources) or not all(
+                s.strip() for s in self.label_sources):
+            problems.append(f"label_sources {self.label_sources}: name at least one source, each once")
         if any(not n or "/" in n or n != n.strip() for n in self.names.values()):
             problems.append(f"model_names {self.names}: registry names must be folder-safe (no '/')")
         if problems:

@@ -7,19 +7,28 @@ queries and label cells through the importer's ``Collector`` (``col.target`` map
 model to its registry name, ``col.query`` finds or creates the query of a prompt,
 ``col.observe`` records a (query, target) cell, ``col.skip`` counts an unreadable row). A file
 that is not a CSV, pickled DataFrame, Parquet or JSONL table also overrides
-:meth:`ImportFormat.records`.
+:meth:`ImportFormat.records`; an input that is not a set of files overrides
+:meth:`ImportFormat.collect`, which reads every input into the Collector.
 
 - :class:`RouterBench`: RouterBench's column scheme (one row per prompt; ``<model>``,
   ``<model>|total_cost``, ...) from a CSV or a trusted pickle.
 - :class:`Long`: one row per prompt x model (Parquet, CSV, JSONL or a trusted pickle).
 - :class:`RouterDC`: RouterDC's JSON lists (``question``, ``scores`` {model: soft score}); the
   task is the file's name (or the config's ``tasks`` map); ``cluster_id`` is ignored.
+- :class:`~training.data.import_log.DecisionLog` (``format=decision-log``, in
+  :mod:`training.data.import_log`): the Serve app's decision log (``shared.decision_log``, local
+  or ``s3://``) with its feedback: each answered chat request whose prompt was kept is a query;
+  a decision with feedback is one (query, target) cell labelled by the mean of its ``user``
+  scores, else of its judges' (``label_sources``), costed at its ``expected_cost``, with its
+  ``propensity`` kept; a decision without feedback is masked. ``since``/``until`` pick a window.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import tempfile
+from importlib import import_module
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,7 +36,8 @@ from shared.errors import BadInput, UnknownName
 from training.data.source_models import ROUTERBENCH_MODELS, ROUTERDC_MODELS
 from training.queries import BadRecord
 
-from training.data.import_sources import blank, messages_of, number, read_records, require, text_of
+from training.data.import_sources import (blank, messages_of, number, read_records, require, sha256_file,
+                                          staged_inputs, text_of)
 
 FORMATS: dict[str, type[ImportFormat]] = {}  # name -> format, in definition order
 
@@ -39,6 +49,7 @@ class ImportFormat:
     extensions: ClassVar[tuple[str, ...]]  # lower-case file suffixes; a folder input reads its files with these
     source: ClassVar[str]  # the query table's ``source`` of the queries it imports
     model_names: ClassVar[dict[str, str]] = {}  # the config's default model_names (source -> registry name)
+    keeps_propensity: ClassVar[bool] = False  # label folders get <target>/propensity.parquet (importer.py)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -55,6 +66,18 @@ class ImportFormat:
     def read(cls, path: Path, columns: list[str], rows: list[dict[str, Any]], col: Any) -> None:
         """Add one file's rows to the importer's Collector ``col`` (``col.cfg``: the ImportConfig)."""
         raise NotImplementedError
+
+    @classmethod
+    def collect(cls, col: Any) -> list[dict[str, Any]]:
+        """Read every input of ``col.cfg`` into ``col``; returns each source's ``path``, ``sha256`` and ``rows_read``
+        (the import manifest's files). Here: every input file, ``s3://`` ones from a local copy."""
+        cfg, sources = col.cfg, []
+        with tempfile.TemporaryDirectory(prefix="pr-import-") as tmp:
+            for name, path in staged_inputs(cfg.inputs, cls.name, cls.extensions, Path(tmp)):
+                columns, rows = cls.records(path, cfg)
+                cls.read(path, columns, rows, col)
+                sources.append({"path": name, "sha256": sha256_file(path), "rows_read": len(rows)})
+        return sources
 
 
 def get_format(name: str) -> type[ImportFormat]:
@@ -184,3 +207,7 @@ class RouterDC(ImportFormat):
             col.merged["duplicate prompts merged"] += len(col.queries) == before
             for model, name in names.items():
                 col.observe(q, name, rec["scores"].get(model), None, None)
+
+
+# format=decision-log lives in its own module (it reads logs, not files); importing it registers it.
+import_module("training.data.import_log")

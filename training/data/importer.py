@@ -10,8 +10,10 @@ and ``manifest.json`` (identity and ``summary``); ``<labels>/summary.json``; and
 
 Formats (one class each in :mod:`training.data.import_formats`): the RouterBench column
 scheme (CSV, or the published pickled DataFrame, read only with ``trust_pickle: true`` since
-unpickling runs code from the file) and a long format (Parquet, CSV or JSONL; one row per
-prompt x model). :class:`Collector` merges their rows into queries. Queries are keyed on the prompt text;
+unpickling runs code from the file), a long format (Parquet, CSV or JSONL; one row per
+prompt x model), RouterDC's JSON lists and the Serve app's decision log (whose label folders
+also get ``<target>/propensity.parquet``: :data:`PROPENSITY_SCHEMA`). :class:`Collector` merges
+their rows into queries. Queries are keyed on the prompt text;
 duplicates are merged (mean correctness, cost and tokens) and counted. An empty
 correctness cell is a ``status="missing"`` row (NaN downstream), never a wrong answer. The
 sources hold no reference answers, so ``label run`` cannot score these queries; token
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from shared import storage
 from shared.errors import BadInput
 from training.data.import_config import ImportConfig
 from training.data.import_formats import get_format
-from training.data.import_sources import number, sha256_file, staged_inputs
+from training.data.import_sources import number
 from training.queries import (QUERY_SCHEMA, BadRecord, BuildReport, assign_split, normalise, split_counts, stable_hash,
                               table_hash)
 from training.semantic_text import prompt_text
@@ -51,6 +52,7 @@ class Obs:
     input_tokens: int
     output_tokens: int
     answer: str | None
+    propensity: float | None = None  # decision-log: P(this target | the router's decision)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Collector:
         self.specs: dict[str, Any] = {}          # registry name -> ModelSpec
         self.labels: dict[str, Counter] = {}     # registry name -> cell counts
         self.merged: Counter = Counter()
+        self.counts: dict[str, Any] = {}         # a format's own counts: the report's entry named by the format
         self.report = BuildReport()
 
     def target(self, model: str) -> str:
@@ -102,7 +105,7 @@ class Collector:
         return q
 
     def observe(self, q: Query, target: str, correct: Any, cost: Any, answer: str | None,
-                tokens: tuple[float, float] | None = None) -> None:
+                tokens: tuple[float, float] | None = None, propensity: float | None = None) -> None:
         """Record one (query, target) cell; never raises: bad cells are counted and kept as missing."""
         counts = self.labels[target]
         try:
@@ -124,14 +127,26 @@ class Collector:
             counts["costs from registry prices"] += 1
         if q.obs.get(target):
             self.merged[f"duplicate labels of {target}"] += 1
-        q.obs.setdefault(target, []).append(Obs(value, usd, int(n_in), int(n_out), answer))
+        q.obs.setdefault(target, []).append(Obs(value, usd, int(n_in), int(n_out), answer, propensity))
 
-    def skip(self, path: Path, reason: str, detail: Any) -> None:
+    def skip(self, path: Path, reason: str, detail: Any, quiet: bool = False) -> None:
+        """Count a skipped row; ``quiet``: after the first of its reason, only counted (no log line, no example)."""
+        key = f"{self.source}: {reason}"
+        if quiet and self.report.skipped[key]:
+            self.report.skipped[key] += 1
+            return
         self.report.skip(self.source, reason, f"{path.name}: {str(detail)[:200]}")
 
 
 
 # --------------------------------------------------------------------------- tables
+PROPENSITY_FILE = "propensity.parquet"
+# A labelled (query, target) cell of a decision log: the mean over its labelled decisions of the
+# propensity P(target | decision) (null when none had one: pinned or degraded requests), and how many.
+PROPENSITY_SCHEMA = pa.schema([("query_id", pa.string()), ("split", pa.string()), ("target", pa.string()),
+                               ("propensity", pa.float64()), ("decisions", pa.int64())])
+
+
 def query_table(col: Collector) -> pa.Table:
     """The query table: queries in first-seen order, each split by a seeded hash of its group."""
     rows = [{**q.row, "split": assign_split(q.row["group_id"], col.cfg.seed, col.cfg.splits),
@@ -147,24 +162,31 @@ def merge(obs: list[Obs]) -> dict[str, Any]:
         return {"status": "missing", "error": "no row for this prompt and model in the source"}
     known = [o for o in obs if o.correct is not None] or obs
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    kept = [o.propensity for o in known if o.propensity is not None]
     out = {"answer": next((o.answer for o in known if o.answer), None), "cost": mean([o.cost for o in known]),
            "input_tokens": round(mean([o.input_tokens for o in known])),
-           "output_tokens": round(mean([o.output_tokens for o in known]))}
+           "output_tokens": round(mean([o.output_tokens for o in known])),
+           "propensity": mean(kept) if kept else None, "observations": len(known)}
     if known[0].correct is None:
         return {**out, "status": "missing", "error": "empty correctness cell in the source"}
     return {**out, "status": "ok", "error": None, "correct": mean([o.correct for o in known])}
 
 
-def label_table(col: Collector, table: pa.Table, target: str) -> pa.Table:
-    """One target's label rows (``LABEL_SCHEMA``): one per query, in query-table order."""
-    from training.labels import LABEL_SCHEMA
-
+def label_rows(col: Collector, table: pa.Table, target: str) -> list[dict[str, Any]]:
+    """One target's label rows: one per query, in query-table order (``LABEL_SCHEMA``'s fields, and
+    ``propensity`` and ``observations`` for :func:`propensity_table`)."""
     rows = []
     for qid, split in zip(table.column("query_id").to_pylist(), table.column("split").to_pylist()):
         obs = col.queries[qid].obs.get(target, [])
         col.labels[target]["conflicting duplicate labels (averaged)"] += len({o.correct for o in obs} - {None}) > 1
         rows.append({"query_id": qid, "split": split, "target": target, "latency_s": None, **merge(obs)})
-    return pa.Table.from_pylist(rows, schema=LABEL_SCHEMA)
+    return rows
+
+
+def propensity_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """:data:`PROPENSITY_SCHEMA` rows of a target's labelled cells (``status == "ok"``), from :func:`label_rows`."""
+    return pa.Table.from_pylist([{**r, "decisions": r["observations"]} for r in rows if r["status"] == "ok"],
+                                schema=PROPENSITY_SCHEMA)
 
 
 def write_target(cfg: ImportConfig, target: str, labels: pa.Table) -> None:
@@ -226,17 +248,11 @@ def merge_effect(col: Collector) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- driver
 def collect(cfg: ImportConfig) -> tuple[Collector, list[dict[str, Any]]]:
-    """Read every input file into a :class:`Collector`; returns it and each file's path, sha256 and rows read."""
+    """Read every input into a :class:`Collector`; returns it and each source's path, sha256 and rows read."""
     from shared.registry import load_registry
 
-    fmt = get_format(cfg.format)
     col = Collector(cfg, load_registry(cfg.registry))
-    sources = []
-    with tempfile.TemporaryDirectory(prefix="pr-import-") as tmp:  # s3:// inputs are read from a local copy
-        for name, path in staged_inputs(cfg.inputs, fmt.name, fmt.extensions, Path(tmp)):
-            columns, rows = fmt.records(path, cfg)
-            fmt.read(path, columns, rows, col)
-            sources.append({"path": name, "sha256": sha256_file(path), "rows_read": len(rows)})
+    sources = get_format(cfg.format).collect(col)
     absent = [t for t in cfg.targets or [] if cfg.names.get(t, t) not in col.specs]
     if absent:
         raise BadInput(f"targets {absent} have no rows in {[s['path'] for s in sources]}")
@@ -247,11 +263,13 @@ def run_import(cfg: ImportConfig) -> dict[str, Any]:
     """Import; write the table, its report, the label folders and the import manifest; print a summary."""
     from shared.models import model_fingerprint
     from training import shards as sh
+    from training.labels import LABEL_SCHEMA
 
     col, sources = collect(cfg)
     table = query_table(col)
     qhash = table_hash(table)
-    labels = {t: label_table(col, table, t) for t in col.specs}
+    rows = {t: label_rows(col, table, t) for t in col.specs}
+    labels = {t: pa.Table.from_pylist(r, schema=LABEL_SCHEMA) for t, r in rows.items()}
     imported = {"format": cfg.format, "files": [s["sha256"] for s in sources]}
     for t, spec in col.specs.items():  # a label folder made from other inputs is refused before any write
         sh.check_manifest(storage.join(cfg.labels, t), {
@@ -261,10 +279,13 @@ def run_import(cfg: ImportConfig) -> dict[str, Any]:
     storage.write_parquet(table, cfg.output)
     for t, part in labels.items():
         write_target(cfg, t, part)
+        if get_format(cfg.format).keeps_propensity:
+            storage.write_parquet(propensity_table(rows[t]), storage.join(cfg.labels, t, PROPENSITY_FILE))
         sh.update_manifest(storage.join(cfg.labels, t), summary=summary["targets"][t], scorers={"imported": cfg.format})
     counts = {"rows_read": sum(s["rows_read"] for s in sources), "rows": table.num_rows, "merged": dict(col.merged),
               "merge_effect": merge_effect(col),
-              "skipped": dict(col.report.skipped), "cells": {t: dict(c) for t, c in col.labels.items()}}
+              "skipped": dict(col.report.skipped), "cells": {t: dict(c) for t, c in col.labels.items()},
+              **({cfg.format.replace("-", "_"): col.counts} if col.counts else {})}
     summary.update({"queries": cfg.output, "queries_hash": qhash, "query_rows": table.num_rows,
                     "fully_labelled_queries": summary.pop("queries"), "scorers": {"imported": cfg.format},
                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -302,6 +323,9 @@ def print_summary(report: dict[str, Any], summary: dict[str, Any]) -> None:
         console.print(f"  {task}: {e['rows']} rows kept as {e['queries']} queries ({e['merged_rows']} repeated prompts "
                       f"merged, their labels averaged); a target's mean score on the task moves by at most "
                       f"{e['largest_mean_shift']:.4f} ({e['target']}) against counting every row", highlight=False)
+    own = report.get(report["config"]["format"].replace("-", "_"))  # a format's own counts
+    if own:
+        console.print(f"{report['config']['format']}: {own}", highlight=False)
     console.print(f"skipped: {report['skipped'] or 'none'}" + "".join(f"\n  {e}" for e in report["examples"][:5]),
                   highlight=False)
 

@@ -33,6 +33,7 @@ CONFIG_SCHEMAS: dict[str, str] = {
     "pipeline-ref.yaml": "cluster.pipeline.config:PipelineConfig",
     "pipeline-routerbench.yaml": "cluster.pipeline.config:PipelineConfig",
     "pipeline-routerdc.yaml": "cluster.pipeline.config:PipelineConfig",
+    "pipeline-from-logs.yaml": "cluster.pipeline.config:PipelineConfig",
     "demo.yaml": "cluster.pipeline.config:PipelineConfig",
     "demo-quick.yaml": "cluster.pipeline.config:PipelineConfig",
     "serve-local.yaml": "serving.config:ServeConfig",

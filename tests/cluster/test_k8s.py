@@ -207,3 +207,28 @@ def test_rayservice_pods_are_ready_only_when_the_app_answers():
         assert probe["httpGet"] == {"path": "/readyz", "port": port}
     plain = by_kind(k8s.render_overlay("base"))["RayCluster"]["spec"]["headGroupSpec"]["template"]["spec"]
     assert "readinessProbe" not in plain["containers"][0]  # the retraining cluster serves no app
+
+
+def test_the_learning_loop_schedules_the_from_logs_rayjob(schemas):
+    """k8s/loop: the base's retraining RayJob on configs/pipeline-from-logs.yaml, and a CronJob whose
+    account may do exactly what its command does (delete and create that RayJob, by that name)."""
+    resources = k8s.build(k8s.K8S_DIR / "loop")
+    kinds = by_kind(resources)
+    assert set(kinds) == {"RayJob", "ServiceAccount", "Role", "RoleBinding", "CronJob"}
+    job = kinds["RayJob"]
+    assert k8s.validate_resource(job, schemas) == []
+    name, entry = job["metadata"]["name"], job["spec"]["entrypoint"]
+    config = entry.split("--config ")[1].split()[0]
+    assert config == "configs/pipeline-from-logs.yaml" and (ROOT / config).is_file()
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    cron = kinds["CronJob"]["spec"]
+    assert len(cron["schedule"].split()) == 5 and cron["concurrencyPolicy"] == "Forbid"
+    pod = cron["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == kinds["ServiceAccount"]["metadata"]["name"]
+    assert kinds["RoleBinding"]["roleRef"]["name"] == kinds["Role"]["metadata"]["name"]
+    (rule,) = kinds["Role"]["rules"]
+    assert rule["resources"] == ["rayjobs"] and {"create", "delete"} <= set(rule["verbs"])
+    command = " ".join(pod["containers"][0]["command"])
+    assert f"kubectl delete rayjob {name}" in command and "kubectl create -f /manifests/rayjob.yaml" in command
+    assert pod["volumes"][0]["configMap"]["name"] == name  # the ConfigMap the kustomization says to create
+    assert f"configmap {name}" in (k8s.K8S_DIR / "loop" / "kustomization.yaml").read_text()

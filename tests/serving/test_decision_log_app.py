@@ -3,7 +3,7 @@
 One small app: the real encoder and router head on the artifact; its two targets served through a
 loopback OpenAI-compatible endpoint (``echo-endpoint``: the log is under test, not the answers), plus
 ``down-endpoint`` (nothing listens there) for fallbacks; the log in a local folder. S3 is a loopback moto
-server, set before Ray starts.
+server, set before Ray starts. The buffer written when the app stops (SIGTERM): test_serve_sigterm.py.
 """
 
 import json
@@ -144,17 +144,3 @@ def test_exploration_respects_its_cost_cap_and_logs_its_propensity(app):
         assert not row["explored"] and row["target"] == row["chosen"] and row["propensity"] == 1.0
     pinned = logged(app, [chat(app, model=GEMMA).json()["id"]])
     assert not next(iter(pinned.values()))["explored"]
-
-
-def test_stopping_the_app_writes_the_buffered_records(app):
-    """Serve stops the ingress replica gracefully (as on SIGTERM or a scale-down): its ``__del__`` writes
-    the records still buffered (the part would otherwise wait part_s = 1 hour)."""
-    from ray import serve
-
-    uri = app.log_uri + "-held"
-    app.deploy_with(decision_log={"uri": uri, "part_s": 3600})
-    ids = [chat(app).json()["id"] for _ in range(3)]
-    assert read_log(uri, "decisions").num_rows == 0
-    serve.delete(APP)
-    assert sorted(read_log(uri, "decisions").column("request_id").to_pylist()) == sorted(ids)
-    app.deploy_with()

@@ -99,6 +99,9 @@ class CaptureConfig(StrictConfig):
     token_window: int = Field(256, gt=0, description="Prompt tokens (the last ones) whose states token_layers keep.")
     token_limit_gb: float = Field(8.0, gt=0, description="Refuse a capture whose token states would exceed this "
                                   "many GiB (estimated on the driver before it starts).")
+    reuse: list[str] = Field(default_factory=list, description="Earlier capture outputs (local or s3://) whose "
+                             "rows of the same prompts are copied instead of encoded again, where they were "
+                             "made the same way (training/capture/reuse.py); not with token_layers.")
     artifact: str | None = Field(None, description="A router artifact: capture exactly its encoder, layers and "
                                  "poolings (a held-out check of a shipped router); they replace the config's, "
                                  "with a warning naming what was replaced.")
@@ -284,6 +287,24 @@ def for_artifact(cfg: CaptureConfig) -> CaptureConfig:
     return cfg.model_copy(update=wanted)
 
 
+def copy_reused(cfg: CaptureConfig, identity: dict[str, Any], columns: list[str], pending: Any,
+                writer: TensorShardWriter, token_states: bool) -> tuple[int, Any]:
+    """Write the pending rows that ``cfg.reuse`` already holds; ``(rows reused, rows still pending)``."""
+    from training.capture.reuse import reuse_rows, usable_sources
+
+    if not cfg.reuse or not pending.num_rows:
+        return 0, pending
+    if token_states:
+        log.warning("capture.reuse is ignored with token_layers: token states are always encoded")
+        return 0, pending
+    batch, rest = reuse_rows(pending, usable_sources(cfg.reuse, identity, columns), columns)
+    if batch is not None:
+        writer.add(batch)
+        log.info("capture: %d of %d pending prompts copied from %s", pending.num_rows - rest.num_rows,
+                 pending.num_rows, cfg.reuse)
+    return pending.num_rows - rest.num_rows, rest
+
+
 def run_capture(cfg: CaptureConfig) -> dict[str, Any]:
     """Capture every pending shard; returns (and stores in the manifest) the run summary."""
     from shared import storage
@@ -304,6 +325,7 @@ def run_capture(cfg: CaptureConfig) -> dict[str, Any]:
                                                           return_counts=True)) if int(s) not in done_before}
     counts = dict.fromkeys(COUNTS, 0)
     writer = TensorShardWriter(cfg.out, expected, plan.columns, tokens.get("layers", []))
+    reused, pending = copy_reused(cfg, identity, plan.columns, pending, writer, bool(tokens))
     written: set[str] = set()
     on_batch = (lambda b: write_prefixes(cfg.out, b, tokens["layers"], plan.hidden_size, written)) if tokens else None
     use_gpu = False
@@ -322,7 +344,8 @@ def run_capture(cfg: CaptureConfig) -> dict[str, Any]:
         raise RuntimeError(f"capture ended with incomplete shards {writer.incomplete}; re-run to finish them")
     seconds = time.perf_counter() - start
     summary = {
-        "rows": table.num_rows, "captured_rows": counts["rows"], "shards_skipped": len(done_before),
+        "rows": table.num_rows, "captured_rows": counts["rows"], "reused_rows": reused,
+        "shards_skipped": len(done_before),
         "shards_written": len(writer.written), "prompt_tokens": counts["tokens"],
         "computed_tokens": counts["computed"], "min_shared_prefix": cfg.min_shared_prefix or 0,
         "computed_share": round(counts["computed"] / counts["tokens"], 4) if counts["tokens"] else 0.0,

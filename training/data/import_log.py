@@ -6,11 +6,12 @@
 decision of another).
 
 - Decisions: those logged at ``since <= time < until`` (config; unset: the whole log), at most
-  ``limit`` per log. A ``chat`` request answered with status 200 by a target, whose ``messages``
-  the log kept, is a query: its messages as logged, the task ``default_task``, and its
-  ``meta.source_ids`` the request ids. The same messages twice are one query (counted in
-  ``merged``, as the other formats merge repeated prompts). Other decisions are skipped and
-  counted by reason: ``route endpoint``, ``status not 200``, ``no target``, ``no prompt kept``,
+  ``limit`` per log. A ``chat`` request answered with status 200 by a target, or a ``route``
+  decision (a decision service: the client called the target it named, and its feedback scores
+  that target's answer), whose ``messages`` the log kept, is a query: its messages as logged, the
+  task ``default_task``, and its ``meta.source_ids`` the request ids. The same messages twice are
+  one query (counted in ``merged``, as the other formats merge repeated prompts). Other decisions
+  are skipped and counted by reason: ``status not 200``, ``no target``, ``no prompt kept``,
   an unreadable ``messages``, ``target not in targets`` (where ``targets`` is set) and a
   ``duplicate request id`` (the first is kept).
 - Labels: feedback logged from ``since`` on (a score comes after its answer, so none before can
@@ -119,7 +120,7 @@ def prompt_of(rec: dict[str, Any], targets: list[str] | None, repeat: bool) -> l
     """The messages of a decision that makes a query; :class:`BadRecord` with the reason it does not."""
     if repeat:
         raise BadRecord("duplicate request id (first kept)")
-    if rec["endpoint"] != "chat":
+    if rec["endpoint"] not in ("chat", "route"):
         raise BadRecord(f"{rec['endpoint']} endpoint")
     if rec["status"] != 200:
         raise BadRecord("status not 200")

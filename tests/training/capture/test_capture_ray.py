@@ -150,3 +150,37 @@ def test_resume_after_kill(ray_cluster, moto_s3, queries):
     assert summary["shards_skipped"] == 1 and summary["captured_rows"] == 14 and not rewritten
     table = check_output(out, queries, columns=SHALLOW_COLUMNS)
     assert table.num_rows == 16 and len(set(table.column("query_id").to_pylist())) == 16
+
+
+def test_reuse_copies_the_prompts_an_earlier_capture_holds_and_encodes_only_the_new(ray_cluster, queries, tmp_path,
+                                                                                      caplog):
+    """A second query table: 8 prompts of the first (another order, other ids) and 4 new ones. With the first
+    capture in ``reuse`` only the 4 are encoded and the 8 are its vectors exactly; a source made another way
+    (float32) is skipped with a warning naming why."""
+    first = str(tmp_path / "first")
+    run_capture(capture_cfg(queries, first, *SHALLOW))
+    table = pq.read_table(queries)
+    old = table.slice(0, 8)
+    new = table.slice(8, 4).to_pylist()
+    for row in new:
+        row["messages"] = [{**m, "content": m["content"] + " Answer briefly."} for m in row["messages"]]
+    rows = [*reversed(old.to_pylist()), *new]
+    for i, row in enumerate(rows):
+        row["query_id"] = f"second-{i}"
+    second_q = tmp_path / "second.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), second_q)
+    second = str(tmp_path / "second")
+    summary = run_capture(capture_cfg(second_q, second, *SHALLOW, f"reuse=[{first}]"))
+    assert (summary["reused_rows"], summary["captured_rows"]) == (8, 4)
+    ids1, h1 = read_features(first, "h6_mean")
+    ids2, h2 = read_features(second, "h6_mean")
+    by_id = dict(zip(ids1, h1))
+    for i, row in enumerate(reversed(old.to_pylist())):
+        np.testing.assert_array_equal(h2[ids2.index(f"second-{i}")], by_id[row["query_id"]])
+    assert ids2 == [f"second-{i}" for i in range(12)]
+
+    other = str(tmp_path / "third")
+    with caplog.at_level("WARNING", logger="training.capture.reuse"):
+        again = run_capture(capture_cfg(second_q, other, *SHALLOW, "dtype=float32", f"reuse=[{first}]"))
+    assert again["reused_rows"] == 0 and again["captured_rows"] == 12
+    assert any("another dtype" in r.message for r in caplog.records)

@@ -63,7 +63,7 @@ def scenario() -> tuple[list[DecisionRecord], list[FeedbackRecord]]:
              expected_cost=None, chosen=None, propensity=None),                # pinned: registry prices
         chat("r6", "Broken", A, 5, status=502, error="upstream", response=None),
         chat("r7", None, A, 6),                                                # prompt not kept
-        chat("r8", "Which target?", A, 7, endpoint="route", response=None),
+        chat("r8", "Which target?", A, 7, endpoint="route", response=None, status=503),
         chat("r9", "Nobody answered", None, 86_400),                          # the next day's folder
     ]
     feedback = [score("r1", 1.0), score("r1", 0.0, t=101), score("r1", 1.0, "judge-a"),
@@ -134,13 +134,25 @@ def test_summary_counts_decisions_skipped_and_feedback(tmp_path, log):
     result = run_import(config(tmp_path, [log]))
     assert result["decision_log"] == {
         "decisions read": 9, "decisions labelled": 4, "decisions unlabelled (masked)": 1,
-        "decisions skipped": {"status not 200": 1, "no prompt kept": 1, "route endpoint": 1, "no target": 1},
+        "decisions skipped": {"status not 200": 2, "no prompt kept": 1, "no target": 1},
         "feedback rows": 9, "feedback used": 6, "feedback unmatched": 1, "feedback on skipped decisions": 1,
         "feedback passed over (label_sources)": 1, "labelled cells": {A: 1, B: 2}}
-    assert result["skipped"] == {"decision-log: status not 200": 1, "decision-log: no prompt kept": 1,
-                                 "decision-log: route endpoint": 1, "decision-log: no target": 1}
+    assert result["skipped"] == {"decision-log: status not 200": 2, "decision-log: no prompt kept": 1,
+                                 "decision-log: no target": 1}
     assert result["rows_read"] == 9 and result["rows"] == 3
     assert result["cells"][A]["labelled cells"] == 2 and result["cells"][B]["costs from registry prices"] == 1
+
+
+def test_a_decision_services_route_decision_with_feedback_labels_the_target_it_named(tmp_path):
+    """/v1/route answers nothing itself: the client called the target it named and scored that answer."""
+    decisions = [chat("d1", "Pick for me", B, 0, endpoint="route", response=None, propensity=0.5),
+                 chat("d2", "Pick again", A, 1, endpoint="route", response=None)]
+    cfg = config(tmp_path, [write_log(str(tmp_path / "log"), decisions, [score("d1", 1.0)])])
+    result = run_import(cfg)
+    assert result["rows"] == 2 and result["decision_log"]["decisions labelled"] == 1
+    labels = ok_labels(cfg)
+    assert labels[B]["Pick for me"]["correct"] == 1.0 and labels[B]["Pick for me"]["cost"] == pytest.approx(COST[B])
+    assert "Pick again" not in labels.get(A, {})
 
 
 def test_propensity_is_kept_per_labelled_cell(tmp_path, log):

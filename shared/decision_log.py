@@ -7,14 +7,17 @@ A log lives under one URI (local or ``s3://``)::
 
 Each part is written whole (atomic on local disk and S3), so a reader never sees half a part.
 A decision row is a :class:`DecisionRecord`; a feedback row a :class:`FeedbackRecord`; the
-Arrow schemas below are the files' schemas, and :func:`read_log` reads every part of a kind.
+Arrow schemas below are the files' schemas, and :func:`read_log` reads every part of a kind (a
+column added since an older part was written reads as nulls there).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
+from datetime import date, datetime, timezone
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -98,7 +101,7 @@ class FeedbackRecord(LogRecord):
     KIND: ClassVar[str] = FEEDBACK
     SCHEMA: ClassVar[pa.Schema] = pa.schema([
         ("request_id", pa.string()), ("time", pa.float64()), ("score", pa.float64()), ("source", pa.string()),
-        ("comment", pa.string()),
+        ("comment", pa.string()), ("cost", pa.float64()),
     ])
 
     request_id: str = Field(description="The answer's `id`.")
@@ -106,6 +109,8 @@ class FeedbackRecord(LogRecord):
     score: float = Field(ge=0, le=1, description="1 right or helpful, 0 wrong; soft values allowed.")
     source: str = Field("user", description="Who scored: `user` (the API) or a judge's name.")
     comment: str | None = Field(None, description="Free text, kept as sent.")
+    cost: float | None = Field(None, ge=0, description="USD the score cost: a judge's call at the registry's prices "
+                               "(none for a user's score).")
 
 
 RECORDS: dict[str, type[LogRecord]] = {DECISIONS: DecisionRecord, FEEDBACK: FeedbackRecord}
@@ -130,13 +135,21 @@ def list_parts(uri: str, kind: str) -> list[str]:
     return [f"s3://{n}" if storage.is_s3(uri) else n for n in sorted(names, key=lambda n: n.rsplit("/", 1)[-1])]
 
 
+def conform(part: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A part as ``schema``: a column added since the part was written (older parts) reads as nulls."""
+    for name in schema.names:
+        if name not in part.column_names:
+            part = part.append_column(name, pa.nulls(part.num_rows, schema.field(name).type))
+    return part.select(schema.names).cast(schema)
+
+
 def read_log(uri: str, kind: str, since: float | None = None, until: float | None = None) -> pa.Table:
     """Every record of ``kind`` (``decisions`` or ``feedback``) under ``uri``, with ``since <= time < until``."""
     import pyarrow.compute as pc
 
     schema = RECORDS[kind].SCHEMA
-    parts = [storage.read_parquet(p) for p in list_parts(uri, kind)]
-    table = pa.concat_tables([p.select(schema.names).cast(schema) for p in parts]) if parts else schema.empty_table()
+    parts = [conform(storage.read_parquet(p), schema) for p in list_parts(uri, kind)]
+    table = pa.concat_tables(parts) if parts else schema.empty_table()
     if since is not None:
         table = table.filter(pc.greater_equal(table["time"], since))
     if until is not None:
@@ -148,3 +161,36 @@ def per_target(cell: Any) -> dict[str, float]:
     """A map cell read back by pyarrow (a list of (key, value) pairs) as a dict."""
     return dict(cell) if cell else {}
 
+
+def unix_time(value: Any) -> Any:
+    """A config time as unix seconds: a number, a numeric string, or an ISO 8601 date or date/time
+    (``2025-06-01``, ``2025-06-01T12:00:00+02:00``; without a zone: UTC). Other values are left to pydantic."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            try:
+                value = datetime.fromisoformat(value.strip())
+            except ValueError:
+                raise ValueError(f"{value!r} is neither unix seconds nor an ISO 8601 date or date/time") from None
+    if isinstance(value, datetime):
+        value = (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    elif isinstance(value, date):
+        value = datetime(value.year, value.month, value.day, tzinfo=timezone.utc).timestamp()
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and not math.isfinite(value)):
+        raise ValueError(f"{value!r} is not a time")
+    return float(value) if isinstance(value, (int, float)) else value
+
+
+def logged_messages(text: str | None) -> list[dict[str, str]]:
+    """A decision record's ``messages`` (JSON text) as chat messages; ValueError when unreadable or empty."""
+    try:
+        value = json.loads(text or "")
+    except json.JSONDecodeError:
+        raise ValueError("messages is not JSON") from None
+    if not isinstance(value, list) or not value or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in value):
+        raise ValueError("messages is not a non-empty list of {role, content}")
+    if not any(m["content"].strip() for m in value):
+        raise ValueError("empty messages")
+    return [{"role": str(m["role"]), "content": m["content"]} for m in value]

@@ -24,6 +24,12 @@ LABEL_SCHEMA = pa.schema([
     ("latency_s", pa.float64()), ("cost", pa.float64()), ("status", pa.string()), ("error", pa.string()),
 ])
 
+PROPENSITY_FILE = "propensity.parquet"
+# A labelled (query, target) cell of a decision log: the mean over its labelled decisions of the
+# propensity P(target | decision) (null when none had one: pinned or degraded requests), and how many.
+PROPENSITY_SCHEMA = pa.schema([("query_id", pa.string()), ("split", pa.string()), ("target", pa.string()),
+                               ("propensity", pa.float64()), ("decisions", pa.int64())])
+
 # A float score counts as "right" at or above this (reasoning-gym gives partial credit).
 RIGHT_AT = 0.5
 

@@ -9,14 +9,17 @@
   SharedTrunkNet (callable from a Ray Train worker), and the ensemble kept from several.
 
 Shapes: ``X`` is ``(n, d)``, ``Y`` ``(n, T)`` in [0, 1] with NaN for a missing label, a
-mask ``M`` ``(n, T)`` with 1 = label present (None: derived from NaN).
+mask ``M`` ``(n, T)`` with 1 = label present (None: derived from NaN). ``M`` may instead be float
+weights per cell (0 = missing), e.g. inverse propensities (:func:`propensity_weights`): the masked
+BCE is then ``sum(M * bce) / sum(M)``, so a cell of weight 10 counts ten times one of weight 1;
+the ranking terms of :mod:`training.objectives` read only which cells are present.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +45,30 @@ class TrunkConfig(StrictConfig):
                                        description="Loss: the masked BCE, or it plus a ranking term.")
 
 
+PropensityWeighting = Literal["none", "ips", "clipped"]
+
+
+def propensity_weights(Y: np.ndarray, propensity: np.ndarray | None, mode: PropensityWeighting = "none",
+                       clip: float = 10.0) -> np.ndarray | None:
+    """``(n, T)`` loss weights of the labelled cells of ``Y`` ``(n, T)`` from their propensities
+    P(target | decision) (``(n, T)``, NaN where a cell has none, e.g. a pinned request: weight 1):
+    ``ips``: ``1 / p``; ``clipped``: ``min(1 / p, clip)``; a missing label: 0. The weighted BCE then
+    estimates the loss over every (query, target) cell, not just those the logging router chose
+    (explored cells are rare and weigh more). ``none`` (or no propensities): None, the plain mask."""
+    if mode == "none" or propensity is None:
+        return None
+    if mode not in ("ips", "clipped"):
+        raise ValueError(f"unknown propensity weighting {mode!r}; known: none, ips, clipped")
+    p = np.asarray(propensity, dtype=np.float64)
+    if (p[~np.isnan(p)] <= 0).any():
+        raise ValueError("a propensity <= 0 cannot weight a logged cell")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(np.isnan(p), 1.0, 1.0 / p)
+    if mode == "clipped":
+        w = np.minimum(w, clip)
+    return np.where(np.isnan(np.asarray(Y, dtype=np.float64)), 0.0, w).astype(np.float32)
+
+
 @dataclass
 class LoopResult:
     """What :func:`early_stopping` found: the network with its best weights loaded."""
@@ -63,8 +90,10 @@ def _tensors(X, Y, M):
     :class:`shared.pooling.PooledTrunkNet`'s), each through :func:`input_tensor`."""
     X = tuple(input_tensor(x) for x in (X if isinstance(X, tuple) else (X,)))
     Y = torch.as_tensor(np.asarray(Y, dtype=np.float32))
-    M = ~torch.isnan(Y) if M is None else torch.as_tensor(np.asarray(M, dtype=bool))
-    return X, Y, M
+    if M is None:
+        return X, Y, ~torch.isnan(Y)
+    M = np.asarray(M)
+    return X, Y, torch.as_tensor(M if M.dtype == bool else M.astype(np.float32))  # float: weights per cell
 
 
 def early_stopping(make_net: Callable[[], torch.nn.Module], train: tuple, val: tuple, seed: int, *,
@@ -74,7 +103,8 @@ def early_stopping(make_net: Callable[[], torch.nn.Module], train: tuple, val: t
     early-stopped on the same loss over the validation rows.
 
     ``train`` and ``val`` are ``(X, Y, M)`` with ``X (n, d)``, ``Y (n, T)`` (NaN = missing)
-    and ``M (n, T)`` or None (``X`` may be a tuple of such arrays: the network's inputs, ``net(*X)``).
+    and ``M (n, T)`` or None: a bool mask, or float weights per cell (0 = missing; the loss weighs each
+    cell's BCE by it) (``X`` may be a tuple of such arrays: the network's inputs, ``net(*X)``).
     Minibatch order comes from ``numpy.default_rng(seed)``, the
     initial weights from ``torch.manual_seed(seed)`` inside ``fork_rng``: the result
     depends only on the inputs and ``seed``, and the global torch RNG is left untouched.

@@ -16,7 +16,7 @@ import typer
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("training.data.build", "Build the query table from offline sources, or import one with its labels."),
     "models": ("shared.model_cmd", "List the model registry; download/convert and time model loads."),
-    "label": ("training.label.run", "Label every target's correctness per query (Ray Data)."),
+    "label": ("training.label.run", "Label every target's correctness per query; judge logged answers (Ray Data)."),
     "capture": ("training.capture.run", "Capture the encoder's prefill activations (Ray Data)."),
     "probe": ("training.fit.probe", "Layer probes: Fisher J, d_eff and linear-probe AUC per layer."),
     "tune": ("training.fit.tune", "Choose the trunk's blocks and PCA size by cross-validation on train + val."),

@@ -18,6 +18,7 @@ CONFIG_SCHEMAS: dict[str, str] = {
     "import-routerbench.yaml": "training.data.import_config:ImportConfig",
     "label.yaml": "training.label.run:LabelConfig",
     "label-quick.yaml": "training.label.run:LabelConfig",
+    "judge.yaml": "training.label.judge:JudgeConfig",
     "cluster-local.yaml": "cluster.local:LocalClusterConfig",
     "evaluate.yaml": "training.evaluate.run:EvalConfig",
     "evaluate-routerdc.yaml": "training.evaluate.run:EvalConfig",

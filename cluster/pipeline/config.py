@@ -18,6 +18,7 @@ from training.evaluate.run import EvalConfig
 from training.fit.probe import ProbeConfig
 from training.fit.run import FitConfig
 from training.fit.tune import TuneConfig
+from training.label.judge import JudgeConfig
 from training.label.run import LabelConfig
 
 
@@ -47,6 +48,8 @@ def wiring(raw: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, di
         wired["data"] = {"output": queries}
     if raw.get("data_import") is not None:
         wired["data_import"] = {"output": queries, "labels": labels, "registry": raw.get("registry")}
+    if raw.get("judge") is not None:
+        wired["judge"] = common
     if raw.get("tune") is not None:
         wired["fit"]["tune_report"] = storage.join(work, "tune", "tune.json")
     defaults = {"label": {"progress": False}, "capture": {"progress": False},
@@ -64,6 +67,9 @@ class PipelineConfig(StrictConfig):
     ray_address: str | None = Field(None, description="Ray address; None: RAY_ADDRESS (in a Ray job) or a local Ray.")
     queries: str | None = Field(None, description="An existing query table (local or s3://), instead of `data`.")
     data: DataConfig | None = Field(None, description="Build the query table (its `output` is wired).")
+    judge: JudgeConfig | None = Field(
+        None, description="Judge the logged answers that have no feedback first (`prefill-router label judge`), "
+        "so the import finds their verdicts; its `log` must be one of data_import.inputs (format decision-log).")
     data_import: ImportConfig | None = Field(
         None, description="Import the query table and every target's labels from tables people already have "
         "(RouterBench, a long format; `prefill-router data import`); its outputs are wired and nothing is labelled.")
@@ -95,8 +101,11 @@ class PipelineConfig(StrictConfig):
         if raw.get("tune") is not None and (raw.get("fit") or {}).get("blocks"):
             raise ValueError("fit.blocks is set, so the tune stage's choice would be ignored: remove one of them")
         wired, defaults = wiring(raw)
-        for stage in ("data", "data_import", "label", "capture", "probe", "tune", "fit", "evaluate"):
-            if stage in ("data", "data_import", "tune") and raw.get(stage) is None:
+        judged = (raw.get("judge") or {}).get("log")
+        if judged and judged not in ((raw.get("data_import") or {}).get("inputs") or []):
+            raise ValueError(f"judge.log {judged!r} is not among data_import.inputs: the verdicts would not be imported")
+        for stage in ("judge", "data", "data_import", "label", "capture", "probe", "tune", "fit", "evaluate"):
+            if stage in ("judge", "data", "data_import", "tune") and raw.get(stage) is None:
                 continue
             section = dict(raw.get(stage) or {})
             clash = sorted(k for k, v in wired.get(stage, {}).items() if k in section and section[k] != v)

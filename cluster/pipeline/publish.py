@@ -3,8 +3,11 @@
 The new artifact's evaluation metric (``metric``, on this run's test split) is compared
 with the currently published artifact's, evaluated on **the same** data: the baseline is
 re-scored by ``training.evaluate.run`` (no baselines, no operating point written), so the
-two numbers are comparable. :func:`publish_decision` is the rule (a pure function):
-publish when nothing is published yet, or when ``new >= current - max_regression``.
+two numbers are comparable. On labels imported from a decision log, ``dr_accuracy`` (or
+``ips_accuracy`` / ``snips_accuracy``) compares the off-policy estimates of the two routers'
+accuracy on the same logged test rows, with the same propensities, clipping and bootstrap.
+:func:`publish_decision` is the rule (a pure function): publish when nothing is published yet,
+or when ``new >= current - max_regression``.
 
 Publishing copies the artifact to ``uri`` (local or ``s3://``) with
 :func:`shared.artifact.copy_artifact` (``meta.json`` last, so a half-copied artifact has
@@ -33,7 +36,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METRICS = ("gap_closed", "max_gap_closed", "pauccc", "accuracy", "cost_savings", "mean_auc")
+METRICS = ("gap_closed", "max_gap_closed", "pauccc", "accuracy", "cost_savings", "mean_auc",
+           "dr_accuracy", "ips_accuracy", "snips_accuracy")
+# Off-policy estimates (labels from a decision log: report.json's off_policy): <estimator>_accuracy.
+OFF_POLICY_METRICS = {m: m.removesuffix("_accuracy") for m in METRICS if m.endswith("_accuracy") and m != "accuracy"}
 ROUTER_NAME = "prefill-router"  # training.evaluate.baselines.ArtifactRouter.name in the evaluation report
 
 
@@ -58,8 +64,12 @@ class PublishConfig(StrictConfig):
                                                   "updated on publish, its artifact is the next baseline.")
     baseline: str | None = Field(None, description="Artifact to beat; None: the pointer's artifact, else the "
                                                    "artifact already at `uri` (when it has no {run_id}).")
-    metric: Literal[METRICS] = Field("gap_closed", description="Test-split metric compared (higher is better).")
-    max_regression: float = Field(0.0, ge=0, description="Publish when new >= current - max_regression.")
+    metric: Literal[METRICS] = Field("gap_closed", description="Test-split metric compared (higher is better). "
+                                     "On labels from a decision log: dr_accuracy (or ips_ / snips_accuracy), the "
+                                     "off-policy estimate of the router's accuracy on the logged test traffic; the "
+                                     "classical ones count observed cells only there.")
+    max_regression: float = Field(0.0, description="Publish when new >= current - max_regression (negative: the "
+                                  "new artifact must beat the published one by at least that much).")
     force: bool = Field(False, description="Publish even when worse, or when the baseline cannot be evaluated.")
     reload_serve_app: ReloadServeConfig | None = Field(None, description="Reload a running Serve app after "
                                                                          "publishing.")
@@ -77,6 +87,8 @@ def publish_decision(new: float | None, current: float | None, max_regression: f
         return False, f"the new artifact's metric is undefined (nan); the published one scores {current:.4f}"
     if new >= current - max_regression:
         return True, f"new {new:.4f} >= published {current:.4f} - max_regression {max_regression:g}"
+    if max_regression < 0:
+        return False, f"new {new:.4f} is not better than published {current:.4f} by at least {-max_regression:g}"
     return False, f"new {new:.4f} is worse than published {current:.4f} by more than {max_regression:g}"
 
 
@@ -96,9 +108,16 @@ def resolve_baseline(pub: PublishConfig) -> str | None:
 
 
 def artifact_test_metrics(report: EvalReport) -> dict[str, float]:
-    """The artifact's headline numbers on the test split of an evaluation report (an undefined one left out)."""
+    """The artifact's headline numbers on the test split of an evaluation report (an undefined one left out),
+    and, when the report has off-policy estimates (a decision log's labels), ``<estimator>_accuracy``."""
     row = report.router(ROUTER_NAME)
-    return {m: float(getattr(row, m)) for m in METRICS if getattr(row, m, None) is not None}
+    out = {m: float(getattr(row, m)) for m in METRICS if getattr(row, m, None) is not None}
+    ours = report.off_policy.routers.get(ROUTER_NAME) if report.off_policy else None
+    for metric, est in OFF_POLICY_METRICS.items():
+        value = None if ours is None else getattr(ours.accuracy, est)
+        if value and value[0] is not None and math.isfinite(value[0]):
+            out[metric] = float(value[0])
+    return out
 
 
 def baseline_metrics(eval_cfg: Any, baseline: str, out: str) -> dict[str, float]:
@@ -133,6 +152,10 @@ def publish(pub: PublishConfig, artifact: str, new: dict[str, float], eval_cfg: 
 
     if not pub.uri:
         return {"published": False, "reason": "publish.uri is not set"}
+    if pub.metric in OFF_POLICY_METRICS and pub.metric not in new and not pub.force:
+        return {"published": False, "metric": pub.metric,
+                "reason": f"{pub.metric} is an off-policy estimate, and this evaluation has none (its labels carry "
+                          "no propensities: not a decision-log import) or it is undefined (no logged test row)"}
     run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     dest = pub.uri.replace("{run_id}", run_id)
     baseline = resolve_baseline(pub)

@@ -1,6 +1,7 @@
 """``prefill-router pipeline run``: retraining end to end, resumable, one stage after another.
 
-Stages: **data** (build the query table, import one with its labels, or use an existing one) -> **label** ->
+Stages: **judge** (only with a ``judge`` section: logged answers without feedback get a judge's verdict) ->
+**data** (build the query table, import one with its labels, or use an existing one) -> **label** ->
 **capture** -> **probe** -> **tune** (only when the config has a ``tune`` section: the
 blocks and PCA size are then chosen by cross-validation, and fit uses that choice) ->
 **fit** -> **evaluate** -> **publish** (``cluster/pipeline/publish.py``).
@@ -61,9 +62,26 @@ def stage_data(cfg: PipelineConfig, results: dict) -> dict[str, Any]:
             "skipped_records": sum(report.skipped.values())}
 
 
+def stage_judge(cfg: PipelineConfig, results: dict) -> dict[str, Any]:
+    """Judge the logged answers without a verdict of this judge (resumes by its own parts)."""
+    from training.label.judge_run import run_judge
+
+    summary = run_judge(cfg.judge)
+    return {k: summary[k] for k in ("judged", "unparsable", "cost_usd")}
+
+
+def log_fingerprint(cfg: PipelineConfig) -> str | None:
+    """A decision log's parts (names): a log that has grown since is a new input, never stale labels."""
+    from shared.decision_log import DECISIONS, FEEDBACK, list_parts
+
+    if cfg.data_import is None or cfg.data_import.format != "decision-log":
+        return None
+    return stage_key([list_parts(uri, kind) for uri in cfg.data_import.inputs for kind in (DECISIONS, FEEDBACK)])
+
+
 def data_key(cfg: PipelineConfig, keys: dict[str, str]) -> str:
     if cfg.data_import is not None:
-        return stage_key(cfg.data_import.model_dump(mode="json"))
+        return stage_key(cfg.data_import.model_dump(mode="json"), log_fingerprint(cfg))
     return stage_key(cfg.queries if cfg.data is None else cfg.data.model_dump(mode="json"))
 
 
@@ -98,11 +116,13 @@ def reuse_labels(cfg: PipelineConfig, labels: str | None = None) -> dict[str, An
         raise RuntimeError(f"labels {labels} have no {missing}; label them or drop them from targets")
     ids = np.asarray(storage.read_parquet(cfg.label.queries).column("query_id").to_pylist())
     y = load_labels(labels, cfg.targets, ids)["Y"]
-    covered = ~np.isnan(y).any(axis=1)
-    if not covered.any():
-        raise RuntimeError(f"labels {labels} label none of the {len(ids)} queries in {cfg.label.queries}")
+    unlabelled = [t for i, t in enumerate(cfg.targets) if np.isnan(y[:, i]).all()]
+    if unlabelled:  # a decision log labels one target per query: no query need have them all
+        raise RuntimeError(f"labels {labels} label none of the {len(ids)} queries in {cfg.label.queries} for "
+                           f"{unlabelled}; label them or drop them from targets")
     acc = {t: round(float(np.nanmean(y[:, i])), 4) for i, t in enumerate(cfg.targets)}
-    return {"reused": labels, "queries": int(covered.sum()), "accuracy": acc, "skipped": True}
+    return {"reused": labels, "queries": int((~np.isnan(y).any(axis=1)).sum()),
+            "partly_labelled": int((~np.isnan(y).all(axis=1)).sum()), "accuracy": acc, "skipped": True}
 
 
 def stage_capture(cfg: PipelineConfig, results: dict) -> dict[str, Any]:
@@ -163,6 +183,7 @@ def _fit_output(cfg: PipelineConfig) -> str:
 # The pipeline, in order: each stage, its work, its key (a hash of its config and of the keys or outputs of the
 # stages it reads) and the output that shows it finished. Label and capture resume by their finished shards.
 STAGES = (
+    Stage("judge", stage_judge, when=lambda cfg: cfg.judge is not None),
     Stage("data", stage_data, key=data_key, output=data_output),
     Stage("label", stage_label),
     Stage("capture", stage_capture),

@@ -108,3 +108,19 @@ def test_the_heads_free_ports_are_distinct_and_given_ones_checked():
         s.bind(("127.0.0.1", 0))
         with pytest.raises(ClusterError, match="already in use"):
             _ports(LocalClusterConfig(port=s.getsockname()[1], dashboard_port=0))
+
+
+def test_the_from_logs_pipeline_judges_first_and_only_a_log_it_imports(tmp_path):
+    from cluster.pipeline.config import PipelineConfig
+    from cluster.pipeline.run import STAGES
+
+    base = [f"work_dir={tmp_path}", f"data_import.inputs=[{tmp_path / 'log'}]"]
+    cfg = load_config(PipelineConfig, CONFIG_DIR / "pipeline-from-logs.yaml",
+                      [*base, f"judge={{log: {tmp_path / 'log'}, judge: smollm2-135m}}"])
+    assert [s.name for s in STAGES if s.when(cfg)][:2] == ["judge", "data"]
+    assert cfg.judge.registry == cfg.registry and cfg.judge.ray_address == cfg.ray_address  # wired
+    with pytest.raises(ConfigError, match="not among data_import.inputs"):
+        load_config(PipelineConfig, CONFIG_DIR / "pipeline-from-logs.yaml",
+                    [*base, f"judge={{log: {tmp_path / 'other'}, judge: smollm2-135m}}"])
+    plain = load_config(PipelineConfig, CONFIG_DIR / "pipeline-from-logs.yaml", base)
+    assert "judge" not in [s.name for s in STAGES if s.when(plain)]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-from datetime import date, datetime, timezone
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
 from shared.config import StrictConfig
+from shared.decision_log import unix_time
 from training.queries import ANSWER_TYPES
 
 
@@ -18,26 +17,6 @@ ANSWER_TYPE_DEFAULTS = {"arc-challenge": "multiple_choice", "winogrande": "multi
 
 
 LOG_ONLY = ("since", "until", "label_sources")  # options only format=decision-log reads
-
-
-def unix_time(value: Any) -> Any:
-    """A config time as unix seconds: a number, a numeric string, or an ISO 8601 date or date/time
-    (``2025-06-01``, ``2025-06-01T12:00:00+02:00``; without a zone: UTC). Other values are left to pydantic."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            try:
-                value = datetime.fromisoformat(value.strip())
-            except ValueError:
-                raise ValueError(f"{value!r} is neither unix seconds nor an ISO 8601 date or date/time") from None
-    if isinstance(value, datetime):
-        value = (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
-    elif isinstance(value, date):
-        value = datetime(value.year, value.month, value.day, tzinfo=timezone.utc).timestamp()
-    if isinstance(value, bool) or (isinstance(value, (int, float)) and not math.isfinite(value)):
-        raise ValueError(f"{value!r} is not a time")
-    return float(value) if isinstance(value, (int, float)) else value
 
 
 class ImportConfig(StrictConfig):

@@ -37,6 +37,7 @@ from shared.errors import BadInput
 from training.data.import_config import ImportConfig
 from training.data.import_formats import get_format
 from training.data.import_sources import number
+from training.labels import PROPENSITY_FILE, PROPENSITY_SCHEMA
 from training.queries import (QUERY_SCHEMA, BadRecord, BuildReport, assign_split, normalise, split_counts, stable_hash,
                               table_hash)
 from training.semantic_text import prompt_text
@@ -140,11 +141,6 @@ class Collector:
 
 
 # --------------------------------------------------------------------------- tables
-PROPENSITY_FILE = "propensity.parquet"
-# A labelled (query, target) cell of a decision log: the mean over its labelled decisions of the
-# propensity P(target | decision) (null when none had one: pinned or degraded requests), and how many.
-PROPENSITY_SCHEMA = pa.schema([("query_id", pa.string()), ("split", pa.string()), ("target", pa.string()),
-                               ("propensity", pa.float64()), ("decisions", pa.int64())])
 
 
 def query_table(col: Collector) -> pa.Table:

@@ -16,6 +16,7 @@ from training.evaluate.report_accuracy import (accuracy_lines, accuracy_table, d
 from training.evaluate.report_cells import (ARTIFACT, COLUMNS, columns, fronts, md_table as _md_table,
                                             new_cells as _new_cells, reached as _reached, rich_table as _rich,
                                             rule_label as _rule_label, tie_note)
+from training.evaluate.off_policy_eval import off_policy_lines
 from training.evaluate.pairwise import pairwise_lines
 from training.evaluate.report_policy import policy_lines
 from training.evaluate.results import EvalReport
@@ -125,8 +126,9 @@ def markdown(report: dict[str, Any]) -> str:
     beside the paper's numbers, the AUC margins and where the headroom is."""
     equal = equal_costs(report)
     parts = [
-        *intro_lines(report),
-        "## Test split", "", *subset_lines(report, "test"),
+        *intro_lines(report), *off_policy_lines(report),
+        "## Test split" + (" (observed cells only: replay, see the off-policy estimates)" if report.get("off_policy")
+                           else ""), "", *subset_lines(report, "test"),
         *interval_lines(report), *task_interval_lines(report),
         "## Disagreement queries (test)", "",
         *(subset_lines(report, "disagreement") if "disagreement" in report["subsets"] else

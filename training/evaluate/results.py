@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from training.evaluate.off_policy_eval import OffPolicyReport
+
 if TYPE_CHECKING:
     from training.dataset import RoutingData
 
@@ -365,6 +367,7 @@ class EvalReport(Result):
     pairwise_auc: dict[str, PairwiseAuc] | None = None
     pairwise_margin: dict[str, Margin] | None = None
     headroom_by_task: list[HeadroomRow] | None = None
+    off_policy: OffPolicyReport | None = None  # labels from a decision log (training.evaluate.off_policy_eval)
     all_rows_test: bool | None = None
     skipped_routers: dict[str, str] | None = None
     artifact_baselines: dict[str, str] | None = None  # baseline -> where its target came from (no train rows)

@@ -38,6 +38,7 @@ from shared.policy import Policy
 from training.loop import TrunkConfig
 from training.evaluate.artifact_refs import from_artifact, write_back
 from training.evaluate.baselines import RouterModel
+from training.evaluate.off_policy_eval import OffPolicyConfig
 from training.dataset import RoutingData
 from training.evaluate.results import ChosenOperatingPoint, EvalReport, EvalRows, PublishedFigure, RowMeta
 from training.evaluate.scoring import PAPER_SAVINGS, evaluate_routers
@@ -120,6 +121,9 @@ class EvalConfig(StrictConfig):
         default_factory=list, description="Published results to show as fixed references: a row of the report and "
         "a horizontal line on the plot (e.g. {label: RouterDC, task_averaged_accuracy: 0.527}).")
     embedder: str | None = Field(None, description="Sentence-transformers model dir; default the packaged MiniLM.")
+    off_policy: OffPolicyConfig = Field(
+        default_factory=OffPolicyConfig, description="Labels from a decision log (with propensities): the "
+        "off-policy (IPS / SNIPS / DR) estimates of every router's accuracy and cost on test, and their clipping.")
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -196,13 +200,21 @@ def load_data(artifact, artifact_uri: str, activations: str, labels: str) -> Rou
 
 
 def concat_data(a: RoutingData, b: RoutingData) -> RoutingData:
-    """Rows of ``a`` then ``b`` (same targets and blocks); ``n_tokens`` kept only when both have it."""
+    """Rows of ``a`` then ``b`` (same targets and blocks); ``n_tokens`` kept only when both have it;
+    propensities (a decision log's) kept when either has them, the other's rows without (NaN, 0 decisions)."""
     both = len(a.n_tokens) == len(a.query_ids) and len(b.n_tokens) == len(b.query_ids)
+    logged = {}
+    if a.logged or b.logged:
+        def part(d: RoutingData, key: str, fill: float) -> np.ndarray:
+            return getattr(d, key) if d.logged else np.full(d.Y.shape, fill)
+
+        logged = {k: np.concatenate([part(a, k, fill), part(b, k, fill)])
+                  for k, fill in (("propensity", np.nan), ("decisions", 0.0))}
     return replace(a, query_ids=np.concatenate([a.query_ids, b.query_ids]), split=np.concatenate([a.split, b.split]),
                    blocks={k: np.concatenate([a.blocks[k], b.blocks[k]]) for k in a.blocks},
                    **{k: np.concatenate([getattr(a, k), getattr(b, k)])
                       for k in ("Y", "cost", "input_tokens", "output_tokens")},
-                   n_tokens=np.concatenate([a.n_tokens, b.n_tokens]) if both else np.zeros(0))
+                   n_tokens=np.concatenate([a.n_tokens, b.n_tokens]) if both else np.zeros(0), **logged)
 
 
 def _rows_meta(uri: str | None, ids, texts=None, tasks=None) -> RowMeta | None:
@@ -327,6 +339,10 @@ def run_evaluation(cfg: EvalConfig, data: RoutingData | None = None, texts: Sequ
     write_outputs(report, cfg.out)
     clean = report.to_json()
     console.print(summary_table(clean))
+    if report.off_policy is not None:
+        from training.evaluate.off_policy_eval import off_policy_table
+
+        console.print(off_policy_table(clean))
     if 0 < len(report.by_task) <= 30:  # more: report.md has them
         console.print(task_table(clean))
     console.print(f"report written to {cfg.out}/report.json, report.md, cost_accuracy*.png")

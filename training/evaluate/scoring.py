@@ -279,7 +279,7 @@ def evaluate_routers(artifact, models: Sequence[RouterModel], data: RoutingData,
     test_tasks = None if tasks is None else np.asarray(tasks, dtype=object)[masks["test"]]
     test = {"Y": Yte, "C": C[masks["test"]], "C_route": C_route[masks["test"]], "task": test_tasks}
     dis = M.disagreement_mask(Yte)
-    subsets = {"test": np.ones(len(Yte), bool)} | ({"disagreement": dis} if dis.any() else {})
+    subsets = {"test": np.ones(len(Yte), bool)} | ({"disagreement": dis} if dis.any() and not data.logged else {})
     out = {k: score_subset(models, preds, operating, m, test, data.targets, cfg) for k, m in subsets.items()}
     by_task = {}
     if tasks is not None:
@@ -293,16 +293,35 @@ def evaluate_routers(artifact, models: Sequence[RouterModel], data: RoutingData,
             "operating_point": operating[artifact.name], "subsets": out, "by_task": by_task,
             "savings_threshold": cfg.savings_threshold,
             "policy_operating_points": policy_points(models, preds, val, Cv, Crv, test, out["test"]["references"]),
-            "operating_point_interval": point_interval(preds[artifact.name]["test"], test, operating[artifact.name],
-                                                       out["test"]["references"], data.targets, cfg.bootstrap),
-            "task_averaged_interval": task_interval(
-                op_rule(operating[artifact.name]).route(preds[artifact.name]["test"], test["C_route"]), test,
-                out["test"]["references"], preds.get("task-best", {}).get("test"), data.targets, cfg.bootstrap),
+            **intervals(models, preds, operating, test, parts["test"][0], out["test"]["references"], cfg),
             "auc_margin": auc_margins(Yte, test_proba, artifact.name, cfg.bootstrap),
             **within_task(Yte, test_proba, artifact.name, cfg.bootstrap, test_tasks, data.targets),
             **pairwise_scores(Yte, test_proba | task_scores(models, parts["test"][0]), artifact.name, cfg.bootstrap,
                               test_tasks),
             "headroom_by_task": task_headroom(models, parts["test"][0], best)}
+
+
+def intervals(models: Sequence[RouterModel], preds: dict, operating: dict, test: dict[str, np.ndarray],
+              test_data: RoutingData, refs: dict[str, Any], cfg) -> dict[str, Any]:
+    """The artifact's operating point on test with bootstrap intervals (pooled and task-averaged); on labels
+    from a decision log (``test_data.logged``) instead every router's off-policy estimates
+    (:func:`training.evaluate.off_policy_eval.score_off_policy`), the replay intervals skipped."""
+    ours = models[0].name
+    P = preds[ours]["test"]
+    if not test_data.logged:
+        return {"operating_point_interval": point_interval(P, test, operating[ours], refs, test_data.targets,
+                                                           cfg.bootstrap),
+                "task_averaged_interval": task_interval(
+                    op_rule(operating[ours]).route(P, test["C_route"]), test, refs,
+                    preds.get("task-best", {}).get("test"), test_data.targets, cfg.bootstrap)}
+    from training.evaluate.off_policy_eval import score_off_policy
+
+    choices = {m.name: op_rule(operating[m.name]).route(preds[m.name]["test"], test["C_route"])
+               if m.probabilistic else preds[m.name]["test"] for m in models}
+    proba = {m.name: preds[m.name]["test"] for m in models if m.probabilistic}
+    return {"operating_point_interval": None, "task_averaged_interval": None,
+            "off_policy": score_off_policy(choices, proba, ours, test_data, test["C_route"],
+                                           cfg.off_policy.max_weight, cfg.bootstrap)}
 
 
 def task_scores(models: Sequence[RouterModel], test: RoutingData) -> dict[str, np.ndarray]:

@@ -56,6 +56,17 @@ def _interval(reps: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def bootstrap_weights(n: int, n_boot: int, seed: int = 0) -> np.ndarray:
+    """``(n_boot + 1, n)`` row weights of a plain (unstratified) bootstrap: row 0 all ones (the full
+    sample), then each replicate's draw counts. Public name of :func:`_weights` for other modules."""
+    return _weights(n, n_boot, seed)
+
+
+def percentile_interval(reps: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the finite replicates (NaN if none)."""
+    return _interval(np.asarray(reps, dtype=np.float64), level)
+
+
 def _margins(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``(B,)`` mean over targets of ``a - b`` (``(B, T)``), over targets finite in both; NaN if none."""
     both = np.isfinite(a) & np.isfinite(b)

@@ -122,16 +122,36 @@ def best_single_record(train: RoutingData) -> dict[str, Any]:
             "n": int(len(train.query_ids))}
 
 
-def run_name(train: TrainRunConfig, Xtr: np.ndarray, Ytr: np.ndarray) -> str:
-    """``<train.name>-<hash of the features, labels and training settings>`` (``train``: the
-    settings as run, the objective included): Ray Train resumes a run of the same name, so only a
+def run_name(train: TrainRunConfig, Xtr: np.ndarray, Ytr: np.ndarray, Wtr: np.ndarray | None = None) -> str:
+    """``<train.name>-<hash of the features, labels, loss weights and training settings>`` (``train``:
+    the settings as run, the objective included; the propensity settings enter through the weights
+    ``Wtr``, so an unweighted run keeps its name): Ray Train resumes a run of the same name, so only a
     run on identical inputs may share its checkpoint."""
     import hashlib
 
     h = hashlib.sha256(np.ascontiguousarray(Xtr, np.float32).tobytes())
     h.update(np.nan_to_num(np.asarray(Ytr, np.float32), nan=-1).tobytes())
-    h.update(train.model_dump_json(exclude={"name", "storage_path", "num_workers", "max_failures"}).encode())
+    if Wtr is not None:
+        h.update(np.ascontiguousarray(Wtr, np.float32).tobytes())
+    h.update(train.model_dump_json(exclude={"name", "storage_path", "num_workers", "max_failures",
+                                            "propensity_weighting", "propensity_clip"}).encode())
     return f"{train.name}-{h.hexdigest()[:10]}"
+
+
+def loss_weights(cfg: TrainRunConfig, tr: RoutingData, va: RoutingData) -> tuple[np.ndarray | None, ...]:
+    """``(Wtr, Wva)``: the train and val cells' loss weights under ``cfg.propensity_weighting``
+    (:func:`training.loop.propensity_weights`); ``(None, None)`` for ``none``. Refuses weighting on
+    labels without propensities (not a decision-log import)."""
+    from training.loop import propensity_weights
+
+    if cfg.propensity_weighting == "none":
+        return None, None
+    if not tr.logged:
+        raise BadInput(f"train.propensity_weighting={cfg.propensity_weighting}, but the labels carry no propensities "
+                       "(<labels>/<target>/propensity.parquet: `data import format=decision-log` writes them); "
+                       "set train.propensity_weighting=none")
+    return tuple(propensity_weights(d.Y, d.propensity, cfg.propensity_weighting, cfg.propensity_clip)
+                 for d in (tr, va))
 
 
 def fit_features(cfg: FitConfig, data: RoutingData | None = None) -> tuple[RoutingData, Any, np.ndarray, np.ndarray]:
@@ -165,7 +185,9 @@ def run_fit(cfg: FitConfig, data: RoutingData | None = None) -> dict[str, Any]:
     require_reachable(cfg.train.storage_path, "train.storage_path")  # Ray Train workers write checkpoints there
     obj = chosen_objective(cfg)
     run = cfg.train.model_copy(update={"trunk": cfg.train.trunk.model_copy(update={"objective": obj})})
-    members, _ = train_ensemble(Xtr, tr.Y, Xva, va.Y, run.model_copy(update={"name": run_name(run, Xtr, tr.Y)}))
+    Wtr, Wva = loss_weights(cfg.train, tr, va)
+    members, _ = train_ensemble(Xtr, tr.Y, Xva, va.Y, run.model_copy(update={"name": run_name(run, Xtr, tr.Y, Wtr)}),
+                                Wtr, Wva)
     kept = select_ensemble(members, min(cfg.train.keep, len(members)))
     ensemble = build_ensemble(kept)
     metrics = {**val_metrics(ensemble.predict_proba(Xva), va.Y, data.targets),
@@ -173,6 +195,8 @@ def run_fit(cfg: FitConfig, data: RoutingData | None = None) -> dict[str, Any]:
                "kept_seeds": [m.seed for m in kept], "n_train": int(len(tr.query_ids)), "n_val": int(len(va.query_ids)),
                "features": dict(zip(("n_components", "chosen_by"), chosen_features(cfg)[1:])),
                "objective": obj.model_dump(),
+               **({"propensity_weighting": {"mode": cfg.train.propensity_weighting,
+                                            "clip": cfg.train.propensity_clip}} if Wtr is not None else {}),
                "best_single": best_single_record(tr)}
     blocks = transform.names
     meta = ArtifactMeta(

@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import Field
 
 from shared.config import StrictConfig
-from training.loop import TrainResult, TrunkConfig, train_one
+from training.loop import PropensityWeighting, TrainResult, TrunkConfig, train_one
 
 MEMBERS_FILE = "members.pt"
 
@@ -42,6 +42,14 @@ class TrainRunConfig(StrictConfig):
     name: str = Field("shared-trunk", description="Run name; the same name resumes from the last checkpoint.")
     max_failures: int = Field(1, ge=-1, description="Worker failures to recover from (-1: unlimited).")
     trunk: TrunkConfig = Field(default_factory=TrunkConfig, description="Network and optimiser settings.")
+    propensity_weighting: PropensityWeighting = Field(
+        "none", description="Labels from a decision log (with propensities): weigh each labelled cell's BCE by "
+        "1/propensity, so the rarely explored targets' cells count as much as the router's usual choices. none: "
+        "unweighted; ips: 1/p; clipped: min(1/p, propensity_clip). Cells without a propensity (pinned requests) "
+        "weigh 1; the validation loss (early stopping, member choice) is weighted alike. Refused on labels "
+        "without propensities.")
+    propensity_clip: float = Field(10.0, ge=1, description="clipped: the largest weight a cell gets (bounds the "
+                                   "variance a rare exploration adds).")
 
 
 def _load_members(checkpoint: Any) -> dict[int, dict]:
@@ -93,8 +101,8 @@ def ensemble_loop(config: dict[str, Any]) -> None:
         idx = round_ * world + rank
         mine = None
         if idx < len(pending):
-            res = train_one(arrays["Xtr"], arrays["Ytr"], None, arrays["Xva"], arrays["Yva"], None,
-                            seed=pending[idx], cfg=trunk)
+            res = train_one(arrays["Xtr"], arrays["Ytr"], arrays.get("Wtr"), arrays["Xva"], arrays["Yva"],
+                            arrays.get("Wva"), seed=pending[idx], cfg=trunk)
             mine = dataclasses.asdict(res)
         for member in _gather(mine):
             if member is not None:
@@ -112,13 +120,15 @@ def _storage(path: str) -> tuple[str, Any]:
 
 
 def train_ensemble(Xtr: np.ndarray, Ytr: np.ndarray, Xva: np.ndarray, Yva: np.ndarray,
-                   cfg: TrainRunConfig) -> tuple[list[TrainResult], dict[str, Any]]:
+                   cfg: TrainRunConfig, Wtr: np.ndarray | None = None,
+                   Wva: np.ndarray | None = None) -> tuple[list[TrainResult], dict[str, Any]]:
     """Train ``cfg.seeds`` members on Ray Train.
 
     Returns every member (best validation loss first) and the last reported metrics
     (``round``: rounds run by this call minus one, ``members``, ``best_val_loss``).
 
-    ``X*`` are ``(n, d)`` float32 features, ``Y*`` ``(n, T)`` labels with NaN for missing.
+    ``X*`` are ``(n, d)`` float32 features, ``Y*`` ``(n, T)`` labels with NaN for missing, ``W*``
+    ``(n, T)`` loss weights per cell (0 = missing; :func:`training.loop.propensity_weights`) or None.
     Needs ``ray.init`` to have been called (or a cluster address in ``RAY_ADDRESS``).
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -129,7 +139,8 @@ def train_ensemble(Xtr: np.ndarray, Ytr: np.ndarray, Xva: np.ndarray, Yva: np.nd
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() > 0
     storage_path, storage_fs = _storage(cfg.storage_path)
     arrays = {"Xtr": np.array(Xtr, np.float32), "Ytr": np.asarray(Ytr, np.float32),
-              "Xva": np.asarray(Xva, np.float32), "Yva": np.asarray(Yva, np.float32)}
+              "Xva": np.asarray(Xva, np.float32), "Yva": np.asarray(Yva, np.float32),
+              **{k: np.asarray(w, np.float32) for k, w in (("Wtr", Wtr), ("Wva", Wva)) if w is not None}}
     trainer = TorchTrainer(
         ensemble_loop,
         train_loop_config={"seeds": list(range(cfg.seeds)), "arrays": arrays,

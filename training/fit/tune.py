@@ -40,7 +40,7 @@ from shared.cli_utils import config_command, console, run_cli
 from shared.config import StrictConfig
 from shared.errors import BadInput
 from shared.features import is_attn
-from training.loop import TrunkConfig
+from training.loop import PropensityWeighting, TrunkConfig
 from training.dataset import RoutingData, RoutingDataConfig
 from training.fit.probe import choice_rows, save_figure
 from training.objectives import ObjectiveConfig
@@ -83,12 +83,19 @@ class TuneConfig(RoutingDataConfig):
         0.0, ge=0, description="Prefer a shallower encoder: among candidates whose mean CV AUC is within this of "
         "the best, choose the one whose deepest layer is shallowest (then the best AUC), as probe does.")
     seed: int = Field(0, description="Seed of the fold split and the early-stopping split.")
+    propensity_weighting: PropensityWeighting = Field(
+        "none", description="As fit's train.propensity_weighting (labels from a decision log): the members of "
+        "every fold weigh each labelled cell's BCE by 1/propensity (none, ips, or clipped at propensity_clip); set "
+        "it as fit's. The held-out scores (AUC, Brier, ...) stay unweighted, over the observed cells. Not with "
+        "h<layer>_attn candidates.")
+    propensity_clip: float = Field(10.0, ge=1, description="clipped: the largest weight a cell gets.")
 
 
 def fold_predictions(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.ndarray, n_components: int,
                      trunk: TrunkConfig, folds: int = 5, seeds: int = 3, early_stop_share: float = 0.15,
                      seed: int = 0, tokens: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                     pool: PoolConfig | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                     pool: PoolConfig | None = None,
+                     weights: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per fold ``f`` (GroupKFold over ``groups``): ``(held_f, P_f)``, the held-out row indices and
     ``(len(held_f), T)`` predictions of a SharedTrunkNet ensemble that never saw them.
 
@@ -100,6 +107,9 @@ def fold_predictions(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.nd
     ``tokens``: ``{attn block: (states (n, W, D), mask (n, W))}``; with any, the members are
     :class:`shared.pooling.PooledTrunkNet` (``pool``'s settings) over the vector blocks and these, their token
     transforms fitted on the same training rows (:func:`training.pooled.fit_inputs`), on the same folds.
+
+    ``weights``: ``(n, T)`` loss weights per cell (:func:`training.loop.propensity_weights`; 0 = missing)
+    for the members' BCE and early stopping; not with ``tokens``.
     """
     from sklearn.model_selection import GroupKFold
 
@@ -107,6 +117,9 @@ def fold_predictions(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.nd
 
     from training.loop import build_ensemble, train_one
 
+    if tokens and weights is not None:
+        raise BadInput("propensity weighting is not implemented for h<layer>_attn candidates (training/pooled.py)")
+    W = (lambda rows: None) if weights is None else (lambda rows: weights[rows])  # noqa: E731
     for k, (fit_idx, held) in enumerate(GroupKFold(n_splits=folds).split(Y, groups=groups)):
         perm = np.random.default_rng(seed + k).permutation(fit_idx)
         cut = max(1, int(round((1 - early_stop_share) * len(perm))))
@@ -120,26 +133,28 @@ def fold_predictions(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.nd
             continue
         transform = FeatureTransform.fit({b: x[tr] for b, x in blocks.items()}, n_components=n_components, seed=seed)
         X = transform.transform(blocks)
-        members = [train_one(X[tr], Y[tr], None, X[es], Y[es], None, seed=seed + s, cfg=trunk) for s in range(seeds)]
+        members = [train_one(X[tr], Y[tr], W(tr), X[es], Y[es], W(es), seed=seed + s, cfg=trunk)
+                   for s in range(seeds)]
         yield held, build_ensemble(members).predict_proba(X[held])
 
 
 def cv_scores(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.ndarray, n_components: int,
               trunk: TrunkConfig, folds: int = 5, seeds: int = 3, early_stop_share: float = 0.15,
               seed: int = 0, tasks: np.ndarray | None = None, tokens: dict | None = None,
-              pool: PoolConfig | None = None) -> dict[str, Any]:
+              pool: PoolConfig | None = None, weights: np.ndarray | None = None) -> dict[str, Any]:
     """Cross-validated scores of a SharedTrunkNet ensemble, each the mean over folds (NaN-skipping)
     of :func:`fold_predictions`' held-out predictions (same arguments and shapes). Per target,
     ``(T,)``: ``auc`` (``masked_auc(Y[held_f], P_f)``), ``brier``, ``log_loss`` and, with
     ``tasks`` ``(n,)``, ``within_task_auc`` (:func:`training.metrics.within_group_auc`); and
     ``pairwise_auc``, a float (:func:`training.metrics.pairwise_auc`). All read soft labels as
     they are (:mod:`training.metrics`: a score ``y`` counts ``y`` right and ``1 - y`` wrong). ``tokens``, ``pool``:
-    attn blocks, as :func:`fold_predictions` takes them."""
+    attn blocks, ``weights`` the members' loss weights, as :func:`fold_predictions` takes them (the scores
+    are unweighted)."""
     from training.metrics import brier, log_loss, masked_auc, pairwise_auc, within_group_auc
 
     per_fold, pairwise = [], []
     for held, P in fold_predictions(blocks, Y, groups, n_components, trunk, folds, seeds, early_stop_share, seed,
-                                    tokens, pool):
+                                    tokens, pool, weights):
         Yh = Y[held]
         within = within_group_auc(Yh, P, tasks[held]) if tasks is not None else np.full(Y.shape[1], np.nan)
         per_fold.append((masked_auc(Yh, P), brier(Yh, P), log_loss(Yh, P), within))
@@ -260,6 +275,16 @@ def token_blocks(cfg: TuneConfig, data: RoutingData, jobs: list[tuple]) -> dict[
             for b in names}
 
 
+def tune_weights(cfg: TuneConfig, data: RoutingData) -> np.ndarray | None:
+    """``(n, T)`` loss weights of ``cfg.propensity_weighting`` (None: none); refused without propensities."""
+    from training.loop import propensity_weights
+
+    if cfg.propensity_weighting != "none" and not data.logged:
+        raise BadInput(f"propensity_weighting={cfg.propensity_weighting}, but the labels carry no propensities "
+                       "(not a decision-log import); set propensity_weighting=none")
+    return propensity_weights(data.Y, data.propensity, cfg.propensity_weighting, cfg.propensity_clip)
+
+
 def run_tune(cfg: TuneConfig, data: RoutingData | None = None) -> dict[str, Any]:
     """Score every candidate (and MiniLM when asked); write ``tune.json`` and ``tune.png``."""
     from shared.progress import Progress
@@ -273,13 +298,14 @@ def run_tune(cfg: TuneConfig, data: RoutingData | None = None) -> dict[str, Any]
                        "or more)")
     jobs, blocks = tune_jobs(cfg, data)
     tokens = token_blocks(cfg, data, jobs)
+    weights = tune_weights(cfg, data)
     rows = []
     with Progress(len(jobs), "tune: cross-validating", "candidates") as progress:
         for label, names, k, obj in jobs:
             trunk = cfg.trunk.model_copy(update={"objective": obj})
             attn = {b: tokens[b] for b in names if is_attn(b)}
             scores = cv_scores({b: blocks[b] for b in names if not is_attn(b)}, data.Y, groups, k, trunk, cfg.folds,
-                               cfg.seeds, cfg.early_stop_share, cfg.seed, tasks, attn or None, cfg.pool)
+                               cfg.seeds, cfg.early_stop_share, cfg.seed, tasks, attn or None, cfg.pool, weights)
             pairwise = scores.pop("pairwise_auc")
             rows.append({"label": label, "blocks": names, "n_components": k, "objective": obj.model_dump(),
                          "pairwise_auc": pairwise, **{f"mean_{name}": _nanmean(v) for name, v in scores.items()},

@@ -125,8 +125,14 @@ class Scorer:
 def make_scorer(spec: ModelSpec, options: ScoringOptions, http: OpenAIOptions | None = None,
                 torch_threads: int | None = None, device: str | None = None) -> Scorer:
     """The scorer for a registry entry (vllm falls back to transformers where vLLM is not installed)."""
+    return Scorer(label_backend(spec, http, torch_threads, device), options)
+
+
+def label_backend(spec: ModelSpec, http: OpenAIOptions | None = None, torch_threads: int | None = None,
+                  device: str | None = None) -> Any:
+    """The labelling backend of a registry entry (``complete``, ``option_scores``), with ``http``'s retries."""
     http = http or OpenAIOptions()
     settings = BackendOptions(purpose="labelling", timeout_s=http.timeout_s, max_retries=http.max_retries,
                               backoff_s=http.backoff_s, backoff_max_s=http.backoff_max_s,
                               requests_per_s=http.requests_per_s, device=device, torch_threads=torch_threads)
-    return Scorer(make_backend(spec, settings), options)
+    return make_backend(spec, settings)

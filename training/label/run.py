@@ -29,7 +29,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 from pydantic import Field
 
 from shared import storage
@@ -41,21 +40,12 @@ from shared.ray_boot import ensure_ray
 from shared.registry import ModelSpec
 from training import shards as sh
 from training.label.backends import OpenAIOptions, ScoringOptions
+from training.label.pool import PoolConfig
 from training.labels import FAILED_DIR, LABEL_SCHEMA, read_target
 
 log = logging.getLogger(__name__)
 UDF_SCHEMA = LABEL_SCHEMA.append(pa.field("_shard", pa.int64()))
 INPUT_COLUMNS = ["query_id", "split", "messages", "answer_type", "reference", "choices", "meta"]
-
-
-class PoolConfig(StrictConfig):
-    """One target's actor pool."""
-
-    min_actors: int = Field(1, ge=1, description="Actors started up front.")
-    max_actors: int = Field(1, ge=1, description="Most actors the pool scales to.")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor when it runs on CPU.")
-    num_gpus: float = Field(1.0, gt=0, description="GPUs per actor when the cluster has GPUs.")
-    torch_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor (None: num_cpus).")
 
 
 class LabelConfig(StrictConfig):
@@ -119,12 +109,6 @@ def label_rows(spec: ModelSpec, scorer: Any, rows: list[dict[str, Any]]) -> list
     return out
 
 
-def _delete(uri: str) -> None:
-    fs, path = storage.filesystem(uri)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_file(path)
-
-
 class LabelShardWriter(sh.ShardWriter):
     """A :class:`ShardWriter` that keeps shards with failed rows out of the finished set."""
 
@@ -141,7 +125,7 @@ class LabelShardWriter(sh.ShardWriter):
             self.failed.append(shard)
             return
         storage.write_parquet(table, sh.shard_path(self.out, shard))
-        _delete(failed_uri)
+        storage.delete(failed_uri)
         self.written.append(shard)
 
 
@@ -352,8 +336,10 @@ def _run_command(config: ConfigOption = None, overrides: Overrides = None) -> No
 
 def main(argv: list[str] | None = None) -> int:
     from shared.cli_utils import run_cli
+    from training.label.judge_run import judge_command
 
-    return run_cli("prefill-router label", argv, {"run": _run_command}, "Correctness labels per (query, target).")
+    return run_cli("prefill-router label", argv, {"run": _run_command, "judge": judge_command},
+                   "Correctness labels per (query, target); an LLM judge's scores of logged answers.")
 
 
 if __name__ == "__main__":

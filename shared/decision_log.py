@@ -182,12 +182,15 @@ def unix_time(value: Any) -> Any:
     return float(value) if isinstance(value, (int, float)) else value
 
 
-def logged_messages(text: str | None) -> list[dict[str, str]]:
-    """A decision record's ``messages`` (JSON text) as chat messages; ValueError when unreadable or empty."""
-    try:
-        value = json.loads(text or "")
-    except json.JSONDecodeError:
-        raise ValueError("messages is not JSON") from None
+def logged_messages(value: Any) -> list[dict[str, str]]:
+    """Chat messages from a record's ``messages`` (its JSON text, or the list itself); ValueError when
+    unreadable or empty."""
+    if isinstance(value, str) or value is None:
+        try:
+            value = json.loads(value or "")
+        except json.JSONDecodeError:
+            raise ValueError("messages is not JSON") from None
+    value = value.tolist() if hasattr(value, "tolist") else value
     if not isinstance(value, list) or not value or not all(
             isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in value):
         raise ValueError("messages is not a non-empty list of {role, content}")

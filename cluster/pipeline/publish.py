@@ -152,13 +152,13 @@ def publish(pub: PublishConfig, artifact: str, new: dict[str, float], eval_cfg: 
 
     if not pub.uri:
         return {"published": False, "reason": "publish.uri is not set"}
-    if pub.metric in OFF_POLICY_METRICS and pub.metric not in new and not pub.force:
-        return {"published": False, "metric": pub.metric,
-                "reason": f"{pub.metric} is an off-policy estimate, and this evaluation has none (its labels carry "
-                          "no propensities: not a decision-log import) or it is undefined (no logged test row)"}
     run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     dest = pub.uri.replace("{run_id}", run_id)
     baseline = resolve_baseline(pub)
+    if baseline and pub.metric in OFF_POLICY_METRICS and pub.metric not in new and not pub.force:
+        return {"published": False, "metric": pub.metric, "baseline": baseline,
+                "reason": f"{pub.metric} is an off-policy estimate, and this evaluation has none (its labels carry "
+                          "no propensities: not a decision-log import) or it is undefined (no logged test row)"}
     current: dict[str, float] | None = None
     if baseline:
         console.print(f"comparing with the published artifact {baseline} on this run's test split")

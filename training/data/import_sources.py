@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import BadInput, MissingInput
+from shared.decision_log import logged_messages
 from training.queries import BadRecord
 
 
@@ -156,15 +157,7 @@ def text_of(value: Any, what: str) -> str:
 
 def messages_of(value: Any) -> list[dict[str, str]]:
     """A long-format ``messages`` cell (a list of {role, content}, or its JSON) as chat messages."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise BadRecord("messages is not JSON") from None
-    value = value.tolist() if hasattr(value, "tolist") else value
-    if not isinstance(value, list) or not value or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in value):
-        raise BadRecord("messages is not a non-empty list of {role, content}")
-    if not any(m["content"].strip() for m in value):
-        raise BadRecord("empty messages")
-    return [{"role": str(m["role"]), "content": m["content"]} for m in value]
+    try:
+        return logged_messages(value)
+    except ValueError as exc:
+        raise BadRecord(str(exc)) from None

@@ -81,6 +81,9 @@ class JudgeConfig(StrictConfig):
     max_new_tokens: int = Field(32, gt=0, description="Greedy tokens the judge may write per verdict.")
     skip_scored: bool = Field(True, description="Do not judge a request that already has a score from this judge "
                               "(source judge:<judge>) in the log, whatever its template.")
+    skip_user_scored: bool = Field(True, description="Do not judge a request a user already scored (POST "
+                                   "/v1/feedback): the judge fills in where feedback is missing, and the import "
+                                   "prefers the user's score anyway (label_sources).")
     shard_size: int = Field(256, gt=0, description="Decisions per shard, one feedback part each (the unit of resume).")
     batch_size: int = Field(8, gt=0, description="Decisions per actor call (one Ray Data block each).")
     openai: OpenAIOptions = Field(default_factory=OpenAIOptions, description="HTTP settings of an openai judge.")

@@ -136,9 +136,10 @@ def carried_rows(side: str, shard: int, members: set[str]) -> list[dict[str, Any
 
 
 def scored_requests(cfg: JudgeConfig) -> set[str]:
-    """Request ids this judge already scored in the log (any template)."""
+    """Request ids this judge (``skip_scored``; any template) or a user (``skip_user_scored``) already scored."""
+    sources = [s for s, skip in ((cfg.source, cfg.skip_scored), ("user", cfg.skip_user_scored)) if skip]
     feedback = read_log(cfg.log, FEEDBACK, cfg.since)
-    mine = feedback.filter(pc.equal(feedback.column("source"), cfg.source))
+    mine = feedback.filter(pc.is_in(feedback.column("source"), pa.array(sources, pa.string())))
     return set(mine.column("request_id").to_pylist())
 
 
@@ -147,7 +148,8 @@ def plan_run(cfg: JudgeConfig, shards: list[list[dict[str, Any]]], side: str,
     """The rows still to judge, a writer primed with the carried verdicts, and the counts of shards and skips."""
     parts = {i: shard_part_uri(cfg.log, id_hash, i, members) for i, members in enumerate(shards)}
     done = {i for i, uri in parts.items() if storage.exists(uri)}
-    scored = scored_requests(cfg) if cfg.skip_scored and len(done) < len(parts) else set()
+    skip = cfg.skip_scored or cfg.skip_user_scored
+    scored = scored_requests(cfg) if skip and len(done) < len(parts) else set()
     writer, pending, already = JudgeShardWriter(cfg, side, parts), [], 0
     for i in sorted(set(parts) - done):
         carried = carried_rows(side, i, {m["request_id"] for m in shards[i]})

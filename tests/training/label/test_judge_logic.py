@@ -168,7 +168,7 @@ def test_shards_resume_failed_calls_and_keep_unparsable_out(tmp_path):
     assert pending.num_rows == 0 and planned["skipped"] == 2
 
 
-def test_skip_scored_leaves_this_judges_requests_out(tmp_path):
+def test_skip_scored_leaves_this_judges_and_the_users_requests_out(tmp_path):
     log = write_decisions(str(tmp_path / "log"), [decision(r, i) for i, r in enumerate("abc")])
     scores = [FeedbackRecord(request_id="a", time=T0, score=1.0, source="judge:smollm2-135m"),
               FeedbackRecord(request_id="b", time=T0, score=1.0, source="user"),          # not this judge
@@ -176,8 +176,11 @@ def test_skip_scored_leaves_this_judges_requests_out(tmp_path):
     storage.write_parquet(FeedbackRecord.table(scores), part_uri(log, FEEDBACK, T0, "w1", 0))
     shards, _ = plan_shards(read_log(log, DECISIONS), 1)
     pending, writer, planned = plan_run(cfg_for(log, "shard_size=1"), shards, str(tmp_path / "side"), "id1")
+    assert pending.column("request_id").to_pylist() == ["c"] and planned["already scored"] == 2  # a: this judge, b: a user
+    assert writer.written == [0, 1]                      # nothing left to judge in shards 0 and 1: empty parts, done
+    pending, _, planned = plan_run(cfg_for(log, "shard_size=1", "skip_user_scored=false"), shards,
+                                   str(tmp_path / "side3"), "id3")
     assert pending.column("request_id").to_pylist() == ["b", "c"] and planned["already scored"] == 1
-    assert writer.written == [0]                         # nothing left to judge in shard 0: an empty part, done
-    pending, _, planned = plan_run(cfg_for(log, "shard_size=1", "skip_scored=false"), shards,
+    pending, _, planned = plan_run(cfg_for(log, "shard_size=1", "skip_scored=false", "skip_user_scored=false"), shards,
                                    str(tmp_path / "side2"), "id2")
     assert pending.column("request_id").to_pylist() == ["a", "b", "c"] and planned["already scored"] == 0

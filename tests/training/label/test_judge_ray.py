@@ -12,7 +12,7 @@ from shared.decision_log import DECISIONS, FEEDBACK, DecisionRecord, list_parts,
 from training.label.judge import JudgeConfig
 from training.label.judge_run import run_judge
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]  # a whole `label judge` run: the second stage of .ci/run
 
 T0 = 1_750_000_000.0
 QA = [("What is 2 + 2?", "4"), ("What is the capital of France?", "Paris"), ("Is ice cold?", "Yes, ice is cold."),

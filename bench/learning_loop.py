@@ -218,7 +218,7 @@ def run_epsilon(epsilon: float, args: argparse.Namespace, data: dict, rows: dict
         points.append({"epsilon": epsilon, "logged": start + len(rows["replay"][start:start + args.every]),
                        "published": pub["artifact"], "explored_share": explored_share(log),
                        **held_out(pub["artifact"], data, home / f"held-{i:03d}")})
-        print(json.dumps({k: points[-1][k] for k in FIELDS}), flush=True)
+        print(json.dumps({k: v for k, v in points[-1].items() if k in FIELDS}), flush=True)  # progress
     serve.shutdown()
     (home / "points.json").write_text(json.dumps(points, indent=1))
     return points

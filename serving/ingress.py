@@ -312,9 +312,10 @@ class RouterIngress:
         if pinned:
             raise HTTPException(422, f"model: /v1/route decides among the targets; use 'router' or "
                                      f"'router:<tolerance>', not the target {pinned!r}")
-        trail.plan(req.model, req.plain_messages(), self.request_log.keep_prompts)
+        messages = req.plain_messages()
+        trail.plan(req.model, messages, self.request_log.keep_prompts)
         try:
-            decision = await self.decide(req.plain_messages(), rule)
+            decision = await self.decide(messages, rule)
         except RouterUnavailable as exc:  # a decision service without its router: 503, not a bare 500
             raise exc.http() from exc
         decision = self.explored(decision, trail, self.targets or decision.probabilities)

@@ -88,7 +88,8 @@ class ExplorationConfig(StrictConfig):
     """Epsilon-greedy exploration, so that targets the policy rarely picks still get labels."""
 
     epsilon: float = Field(0.0, ge=0, le=1, description="Probability that a routed request goes to another "
-                           "eligible target instead of the policy's choice; 0: never (pinned requests: never).")
+                           "target the router scored (served, within max_cost_ratio) instead of the policy's choice; 0: never "
+                           "(pinned requests: never).")
     max_cost_ratio: float | None = Field(1.0, gt=0, description="Only targets whose expected cost is at most this "
                                          "times the policy's choice's are explored; None: no cap.")
     seed: int | None = Field(None, description="Seed of the exploration draws (tests); None: from the OS.")

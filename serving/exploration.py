@@ -2,8 +2,11 @@
 
 Production observes only the target that answered, so a target the policy rarely chooses
 never gets labels. With probability ``epsilon`` a routed request goes instead to one of the
-*candidates*: the decision's other eligible targets (the policy never forbids them) that are
-served and whose expected cost is at most ``max_cost_ratio`` times the choice's, uniformly.
+*candidates*, uniformly: every other target the decision scored that is served and whose expected
+cost is at most ``max_cost_ratio`` times the choice's. The candidates are not limited to the
+policy's ``eligible`` band (the targets within the tolerance of the best): that band is the
+policy's preference, which at tolerance 0 (accuracy routing, equal prices) is the choice alone,
+and what the router believes worse is what exploration must label. The cost cap is the guard.
 The propensity is the probability of the target that was sent, given the decision::
 
     candidates C (|C| = k >= 1):  P(chosen) = 1 - epsilon,  P(c) = epsilon / k  for c in C
@@ -31,9 +34,11 @@ class Explored:
 
 
 def candidates(decision: RouteDecision, served: Collection[str], max_cost_ratio: float | None) -> list[str]:
-    """The decision's eligible targets other than its choice, served, within the cost cap (eligible order)."""
+    """The targets the decision scored other than its choice, served, within the cost cap (the eligible ones
+    first, in their order, then the rest in the decision's order)."""
     cap = None if max_cost_ratio is None else max_cost_ratio * decision.expected_cost.get(decision.target, 0.0)
-    return [t for t in dict.fromkeys(decision.eligible) if t != decision.target and t in served
+    scored = dict.fromkeys([*decision.eligible, *decision.probabilities])
+    return [t for t in scored if t != decision.target and t in served
             and (cap is None or decision.expected_cost.get(t, float("inf")) <= cap)]
 
 

@@ -74,12 +74,15 @@ DECISION = RouteDecision(target="mid", probabilities={"cheap": 0.5, "mid": 0.6, 
                          policy="tolerance", prompt_tokens=3)
 
 
-def test_exploration_keeps_to_eligible_served_targets_under_the_cost_cap():
+def test_exploration_keeps_to_served_targets_under_the_cost_cap():
     assert candidates(DECISION, {"cheap", "mid", "big"}, 1.0) == ["cheap"]
     assert candidates(DECISION, {"cheap", "mid", "big"}, None) == ["cheap", "big"]
     assert candidates(DECISION, {"mid", "big"}, None) == ["big"]  # cheap is not served
-    narrow = DECISION.model_copy(update={"eligible": ["mid"]})
-    assert candidates(narrow, {"cheap", "mid", "big"}, None) == []  # the policy allows mid only
+    narrow = DECISION.model_copy(update={"eligible": ["mid"]})  # tolerance 0: the band is the choice alone
+    assert candidates(narrow, {"cheap", "mid", "big"}, None) == ["cheap", "big"]  # still explored
+    assert candidates(narrow, {"cheap", "mid", "big"}, 1.0) == ["cheap"]
+    alike = DECISION.model_copy(update={"eligible": ["mid"], "expected_cost": dict.fromkeys(["cheap", "mid", "big"], 0.0)})
+    assert candidates(alike, {"cheap", "mid", "big"}, 1.0) == ["cheap", "big"]  # equal prices: every target
     off = explore(DECISION, {"cheap", "mid", "big"}, ExplorationConfig(epsilon=0), random.Random(0))
     assert (off.target, off.explored, off.propensity) == ("mid", False, 1.0)
 

@@ -129,9 +129,12 @@ def test_a_storage_outage_drops_and_counts_records_and_fails_no_request(app):
 
 
 def test_exploration_respects_its_cost_cap_and_logs_its_propensity(app):
-    """Every target is eligible (tolerance 1); epsilon 1 explores every routed request where the cap allows."""
+    """Epsilon 1 explores every routed request where the cap allows, whatever the policy's tolerance band
+    (tolerance 0: the band is the choice alone, as with equal prices)."""
     app.deploy_with(default_tolerance=1.0, exploration={"epsilon": 1.0, "max_cost_ratio": None})
-    free = [chat(app) for _ in range(4)]
+    free = [chat(app) for _ in range(2)]
+    app.deploy_with(default_tolerance=0.0, exploration={"epsilon": 1.0, "max_cost_ratio": None})
+    free += [chat(app) for _ in range(2)]
     app.deploy_with(default_tolerance=1.0, exploration={"epsilon": 1.0, "max_cost_ratio": 1e-9})
     capped = [chat(app) for _ in range(4)]
     rows = logged(app, [r.json()["id"] for r in free + capped])

@@ -1,13 +1,16 @@
 """Learning from traffic, replayed: a router that starts from 10% of the labels retrains on its own log.
 
     .venv/bin/python bench/learning_loop.py --replay 800 --every 200 --epsilon 0 0.2
+    .venv/bin/python bench/learning_loop.py --benchmark routerdc --replay 1600 --every 400 --epsilon 0 0.2
 
 For real, on a private local Ray head (``cluster.local``), through HTTP, Serve and Ray jobs:
 
-1. RouterBench is imported (``configs/import-routerbench.yaml``: 2,225 queries, 11 targets, splits
-   0.7/0.1/0.2 with seed 0, as the shipped router's pipeline) and every prompt is captured once
-   with the shipped router's encoder layers (``data/routerbench/router``) into a *bank* that every
-   retraining reuses (``capture.reuse``): a retraining encodes nothing.
+1. The benchmark is imported as its shipped router's pipeline imports it (RouterBench:
+   ``configs/import-routerbench.yaml``, 2,225 queries, 11 targets; RouterDC: the ``data_import`` of
+   ``configs/pipeline-routerdc.yaml``, 5,935 queries, 7 targets priced alike, soft scores; both split
+   0.7/0.1/0.2 with seed 0) and every prompt is captured once with the shipped router's encoder
+   layers and poolings (``data/<benchmark>/router``) into a *bank* that every retraining reuses
+   (``capture.reuse``): a retraining encodes nothing.
 2. The train and val rows, shuffled (``--seed``), are the traffic: the first ``--seed-share`` of
    them are labelled in full (written as a log of their own: every target observed, with the
    benchmark's label as feedback), the next ``--replay`` are replayed. The test rows are the
@@ -21,9 +24,11 @@ For real, on a private local Ray head (``cluster.local``), through HTTP, Serve a
    capture (copied from the bank), fit, evaluate off-policy on held logged rows, publish if the
    gate passes (``dr_accuracy``), and reload the running app in place.
 4. After each retraining, the published router is scored on the held-out rows with their full
-   labels (``training.evaluate``): accuracy and mean cost at its operating point; beside it the
-   router trained on every train label (the shipped ``data/routerbench/router``: the ceiling) and
-   the best single model, on the same rows.
+   labels (``training.evaluate``): accuracy and mean cost at its operating point (and, where the rows
+   have tasks, RouterDC's task-averaged accuracy); beside it the router trained on every train label
+   (the shipped ``data/<benchmark>/router``: the ceiling) and the best single model, on the same rows.
+   With RouterDC the feedback is the soft score of the named model, and the headline is the
+   task-averaged accuracy (the targets cost alike).
 
 Writes ``--json`` and a PNG (``--plot``), and prints a Markdown table (bench/README.md).
 """
@@ -42,7 +47,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-CEILING = ROOT / "data" / "routerbench" / "router"
+# per benchmark: the import (a config file, and the section of it that is the ImportConfig), the shipped
+# router (the ceiling, and the encoder blocks every retraining uses), fit overrides, and its name on plots
+BENCHMARKS = {
+    "routerbench": {"import": ("configs/import-routerbench.yaml", None), "ceiling": "data/routerbench/router",
+                    "fit": [], "title": "RouterBench", "headline": "accuracy"},
+    "routerdc": {"import": ("configs/pipeline-routerdc.yaml", "data_import"), "ceiling": "data/routerdc/router",
+                 "fit": ["fit.tolerance=0.0"], "title": "RouterDC",  # priced alike: argmax, as its shipped router
+                 "headline": "task_averaged_accuracy"},  # RouterDC's metric
+}
 FIELDS = ("epsilon", "logged", "published", "accuracy", "cost", "explored_share", "candidate_accuracy",
           "candidate_cost")
 # what the table (bench/README.md) reads of the JSON
@@ -50,25 +63,39 @@ TABLE_FIELDS = {"points": FIELDS, "ceiling": ("accuracy", "cost", "n", "best_sin
                                               "best_single.cost")}
 
 
-def prepare(work: Path, limit: int | None = None) -> dict:
-    """Import RouterBench (``limit``: its first rows of each file, for a smoke run) and capture every
+def ceiling(benchmark: str) -> Path:
+    return ROOT / BENCHMARKS[benchmark]["ceiling"]
+
+
+def import_config(benchmark: str, data: Path, limit: int | None):
+    """The benchmark's ImportConfig as its shipped pipeline has it, writing under ``data``."""
+    import yaml
+
+    from training.data.import_config import ImportConfig
+
+    path, section = BENCHMARKS[benchmark]["import"]
+    raw = yaml.safe_load((ROOT / path).read_text())
+    raw = dict(raw[section]) if section else raw
+    raw.update(output=str(data / "queries.parquet"), labels=str(data / "labels"), limit=limit or None)
+    return ImportConfig.model_validate(raw)
+
+
+def prepare(work: Path, benchmark: str, limit: int | None = None) -> dict:
+    """Import the benchmark (``limit``: its first rows of each file, for a smoke run) and capture every
     prompt once (both resumable)."""
     from shared.config import load_config
     from training.capture.run import CaptureConfig, run_capture
-    from training.data.import_config import ImportConfig
     from training.data.importer import run_import
 
-    data = work / "routerbench"
-    cfg = load_config(ImportConfig, ROOT / "configs" / "import-routerbench.yaml",
-                      [f"output={data / 'queries.parquet'}", f"labels={data / 'labels'}",
-                       f"limit={limit if limit else 'null'}"])
+    data = work / benchmark
+    cfg = import_config(benchmark, data, limit)
     if not (data / "labels" / "import-manifest.json").is_file():
         run_import(cfg)
     bank = work / "bank"
     run_capture(load_config(CaptureConfig, None, [
-        f"queries={cfg.output}", f"out={bank}", f"artifact={CEILING}", "shard_size=256", "batch_size=8",
+        f"queries={cfg.output}", f"out={bank}", f"artifact={ceiling(benchmark)}", "shard_size=256", "batch_size=8",
         "max_batch_tokens=8192", "min_shared_prefix=64", "max_actors=2", "progress=false"]))
-    return {"queries": cfg.output, "labels": cfg.labels, "bank": str(bank)}
+    return {"queries": cfg.output, "labels": cfg.labels, "bank": str(bank), "benchmark": benchmark}
 
 
 def traffic(queries: str, labels: str, seed: int, seed_share: float, replay: int) -> dict:
@@ -110,17 +137,18 @@ def write_seed_log(uri: Path, seed_rows: list[dict], label: dict) -> None:
     storage.write_parquet(FeedbackRecord.table(feedback), part_uri(str(uri), "feedback", now, "seed", 1))
 
 
-def retrain(state_file: Path, run: Path, logs: list[Path], bank: str, serve_yaml: Path | None) -> dict:
+def retrain(state_file: Path, run: Path, logs: list[Path], data: dict, serve_yaml: Path | None) -> dict:
     """The from-logs pipeline as a Ray job (``prefill-router submit run``); the published pointer after it."""
     from shared.artifact import read_meta
 
-    meta = read_meta(str(CEILING))
-    blocks = sorted(meta.pooling)
+    meta = read_meta(str(ceiling(data["benchmark"])))
+    blocks, poolings = sorted(meta.pooling), sorted(set(meta.pooling.values()))
     overrides = [
         f"work_dir={run}", f"targets=[{', '.join(t.name for t in meta.targets)}]",
-        f"data_import.inputs=[{', '.join(map(str, logs))}]", f"capture.reuse=[{bank}]",
-        f"capture.layers=[{', '.join(map(str, meta.layers))}]", "capture.poolings=[last]",
+        f"data_import.inputs=[{', '.join(map(str, logs))}]", f"capture.reuse=[{data['bank']}]",
+        f"capture.layers=[{', '.join(map(str, meta.layers))}]", f"capture.poolings=[{', '.join(poolings)}]",
         f"fit.blocks=[{', '.join(blocks)}]", "fit.n_components=64", "fit.train.seeds=3", "fit.train.keep=3",
+        *BENCHMARKS[data["benchmark"]]["fit"],
         "evaluate.routers=[]", f"publish.uri={run.parent / 'published'}/{{run_id}}",
         f"publish.pointer={run.parent / 'pointer.json'}", "publish.metric=dr_accuracy", "publish.refused_exit_code=0",
         f"publish.reload_serve_app={'null' if serve_yaml is None else '{serve_config: ' + str(serve_yaml) + '}'}",
@@ -143,9 +171,17 @@ def held_out(artifact: str, data: dict, out: Path) -> dict:
                                          "routers=[]", "write_operating_point=false", f"out={out}"])
     report = run_evaluation(cfg)
     row, refs = report.router("prefill-router"), report.subsets["test"].references
-    return {"accuracy": float(row.accuracy), "cost": float(row.cost), "n": refs.n,
-            "best_single": {"name": refs.best_single.target, "accuracy": float(refs.best_single.accuracy),
-                            "cost": float(refs.best_single.cost)}}
+    out = {"accuracy": float(row.accuracy), "cost": float(row.cost), "n": refs.n,
+           "best_single": {"name": refs.best_single.target, "accuracy": float(refs.best_single.accuracy),
+                           "cost": float(refs.best_single.cost)}}
+    if row.task_averaged_accuracy is not None:  # the rows have tasks: RouterDC's metric
+        out["task_averaged_accuracy"] = float(row.task_averaged_accuracy)
+    if BENCHMARKS[data["benchmark"]]["headline"] == "task_averaged_accuracy":  # the best single by that metric
+        name = refs.best_single_task_averaged.target
+        single = refs.single[name]
+        out["best_single"] = {"name": name, "accuracy": float(single.accuracy), "cost": float(single.cost),
+                              "task_averaged_accuracy": float(single.task_averaged_accuracy)}
+    return out
 
 
 def serve_config(path: Path, artifact: str, log: Path, epsilon: float, port: int, seed: int) -> Path:
@@ -200,7 +236,7 @@ def run_epsilon(epsilon: float, args: argparse.Namespace, data: dict, rows: dict
         return json.loads((home / "points.json").read_text())
     seed_log, log = Path(args.work) / "seed-log", home / "log"
     write_seed_log(seed_log, rows["seed"], rows["label"])
-    first = retrain(state_file, home / "run-000", [seed_log], data["bank"], None)
+    first = retrain(state_file, home / "run-000", [seed_log], data, None)
     port = free_port()
     serve_yaml = serve_config(home / "serve.yaml", first["artifact"], log, epsilon, port, args.seed)
     from ray import serve
@@ -214,11 +250,11 @@ def run_epsilon(epsilon: float, args: argparse.Namespace, data: dict, rows: dict
     for i, start in enumerate(range(0, len(rows["replay"]), args.every), 1):
         replay(url, rows["replay"][start:start + args.every], rows["label"])
         time.sleep(2.5)  # the log's last part (part_s 1 s) is written
-        pub = retrain(state_file, home / f"run-{i:03d}", [seed_log, log], data["bank"], serve_yaml)
+        pub = retrain(state_file, home / f"run-{i:03d}", [seed_log, log], data, serve_yaml)
         points.append({"epsilon": epsilon, "logged": start + len(rows["replay"][start:start + args.every]),
                        "published": pub["artifact"], "explored_share": explored_share(log),
                        **held_out(pub["artifact"], data, home / f"held-{i:03d}")})
-        print(json.dumps({k: v for k, v in points[-1].items() if k in FIELDS}), flush=True)  # progress
+        print(json.dumps({k: v for k, v in points[-1].items() if k in (*FIELDS, "task_averaged_accuracy")}), flush=True)
     serve.shutdown()
     (home / "points.json").write_text(json.dumps(points, indent=1))
     return points
@@ -233,6 +269,21 @@ def add_candidates(points: list[dict], work: Path, data: dict) -> None:
         home = work / f"eps-{point['epsilon']:g}"
         scored = held_out(str(home / f"run-{i:03d}" / "router"), data, home / f"candidate-{i:03d}")
         point.update(candidate_accuracy=scored["accuracy"], candidate_cost=scored["cost"])
+        if "task_averaged_accuracy" in scored:
+            point["candidate_task_averaged_accuracy"] = scored["task_averaged_accuracy"]
+
+
+def headline(result: dict) -> tuple[str, str]:
+    """The accuracy the curve is drawn in: the benchmark's own (RouterDC: task-averaged)."""
+    key = BENCHMARKS[result["args"].get("benchmark", "routerbench")]["headline"]
+    return key, key.replace("task_averaged_", "task-averaged ")
+
+
+def equal_costs(result: dict) -> bool:
+    """Every target costs alike (RouterDC): no cost panel or columns, whose axis would have zero width."""
+    costs = [result["ceiling"]["cost"], result["ceiling"]["best_single"]["cost"]]
+    costs += [p[k] for p in result["points"] for k in ("cost", "candidate_cost")]
+    return max(costs) - min(costs) <= 1e-12 * max(1.0, max(costs))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -241,54 +292,84 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (acc, cost) = plt.subplots(1, 2, figsize=(11, 4.2))
+    key, what = headline(result)
+    flat = equal_costs(result)
+    fig, axes = plt.subplots(1, 1 if flat else 2, figsize=(8 if flat else 11, 4.8), squeeze=False)
+    acc, cost = axes[0][0], None if flat else axes[0][1]
     for eps in sorted({p["epsilon"] for p in result["points"]}):
         pts = [p for p in result["points"] if p["epsilon"] == eps]
-        line = acc.plot([p["logged"] for p in pts], [100 * p["accuracy"] for p in pts], marker="o",
-                        label=f"epsilon {eps:g}: served")[0]
-        acc.plot([p["logged"] for p in pts], [100 * p["candidate_accuracy"] for p in pts], marker="x", ls=":",
-                 color=line.get_color(), label=f"epsilon {eps:g}: each retraining's router")
-        cost.plot([p["logged"] for p in pts], [p["cost"] for p in pts], marker="o", label=f"epsilon {eps:g}: served")
-        cost.plot([p["logged"] for p in pts], [p["candidate_cost"] for p in pts], marker="x", ls=":",
-                  color=line.get_color())
-    for ax, key, scale in ((acc, "accuracy", 100), (cost, "cost", 1)):
-        ax.axhline(scale * result["ceiling"][key], color="black", ls="--", label="trained on every train label")
-        ax.axhline(scale * result["ceiling"]["best_single"][key], color="grey", ls=":",
-                   label=f"best single ({result['ceiling']['best_single']['name']})")
+        x = [p["logged"] for p in pts]
+        line = acc.plot(x, [100 * p[key] for p in pts], marker="o", label=f"epsilon {eps:g}: served")[0]
+        acc.plot(x, [100 * p[f"candidate_{key}"] for p in pts], marker="x", ls=":", color=line.get_color(),
+                 label=f"epsilon {eps:g}: each retraining's router")
+        if cost is not None:
+            cost.plot(x, [p["cost"] for p in pts], marker="o", label=f"epsilon {eps:g}: served")
+            cost.plot(x, [p["candidate_cost"] for p in pts], marker="x", ls=":", color=line.get_color())
+    best = result["ceiling"]["best_single"]
+    for ax, k, scale in ((acc, key, 100), (cost, "cost", 1)):
+        if ax is None:
+            continue
+        ax.axhline(scale * result["ceiling"][k], color="black", ls="--", label="trained on every train label")
+        ax.axhline(scale * best[k], color="grey", ls=":", label=f"best single ({best['name']})")
         ax.set_xlabel("logged requests (with feedback)")
-    acc.set_ylabel(f"held-out accuracy, % ({result['ceiling']['n']} RouterBench test queries)")
-    cost.set_ylabel("held-out mean cost per query (USD)")
-    acc.legend(fontsize=8)
-    fig.suptitle("A router retrained on its own decision log (start: 10% of the labels)")
+    title = BENCHMARKS[result["args"].get("benchmark", "routerbench")]["title"]
+    acc.set_ylabel(f"held-out {what}, %\n({result['ceiling']['n']} {title} test queries)")
+    if cost is not None:
+        cost.set_ylabel("held-out mean cost per query (USD)")
+    if flat:  # one panel: room under the curves for the legend, clear of the best single's line
+        low, high = acc.get_ylim()
+        acc.set_ylim(low - 0.45 * (high - low), high)
+        acc.legend(fontsize=8, loc="lower center", ncol=2)
+    else:
+        acc.legend(fontsize=8)
+    share = result["args"].get("seed_share", 0.1)
+    fig.suptitle(f"{title}: a router retrained on its own decision log (start: {100 * share:g}% of the labels)",
+                 fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
 
 
 def table(result: dict) -> str:
-    lines = ["| epsilon | logged requests | explored | served router: held-out accuracy | its mean cost (USD) | "
-             "this retraining's router (published or not): accuracy | its cost |", "|---|---:|---:|---:|---:|---:|---:|"]
+    """Markdown: per point the served router and this retraining's own router; cost columns unless
+    every target costs alike; the task-averaged accuracy first where the rows have tasks."""
+    key, what = headline(result)
+    cols = [(key, what)] + ([("accuracy", "pooled accuracy")] if key != "accuracy" else [])
+    cols += [] if equal_costs(result) else [("cost", "mean cost (USD)")]
+
+    def cells(row: dict, prefix: str = "") -> list[str]:
+        return [f"{row[prefix + k]:.5f}" if k == "cost" else f"{100 * row[prefix + k]:.2f}%" for k, _ in cols]
+
+    head = ["epsilon", "logged requests", "explored", *(f"served router: {w}" for _, w in cols),
+            *(f"this retraining's router (published or not): {w}" for _, w in cols)]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for p in result["points"]:
-        lines.append(f"| {p['epsilon']:g} | {p['logged']} | {100 * p['explored_share']:.1f}% | {100 * p['accuracy']:.2f}% | "
-                     f"{p['cost']:.5f} | {100 * p['candidate_accuracy']:.2f}% | {p['candidate_cost']:.5f} |")
-    c = result["ceiling"]
-    lines.append(f"| trained on every train label (the shipped router) | | | {100 * c['accuracy']:.2f}% | {c['cost']:.5f} | | |")
-    b = c["best_single"]
-    lines.append(f"| best single ({b['name']}) | | | {100 * b['accuracy']:.2f}% | {b['cost']:.5f} | | |")
+        lines.append("| " + " | ".join([f"{p['epsilon']:g}", str(p["logged"]), f"{100 * p['explored_share']:.1f}%",
+                                        *cells(p), *cells(p, "candidate_")]) + " |")
+    pad = [""] * len(cols)
+    c, b = result["ceiling"], result["ceiling"]["best_single"]
+    lines.append("| " + " | ".join(["trained on every train label (the shipped router)", "", "", *cells(c), *pad]) + " |")
+    lines.append("| " + " | ".join([f"best single ({b['name']})", "", "", *cells(b), *pad]) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--work", default=str(ROOT / "runs" / "learning-loop"))
+    ap.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="routerbench")
+    ap.add_argument("--work", default=None, help="Work folder (default runs/learning-loop[-<benchmark>]); outside "
+                    "the repository for real runs: a Ray job's upload leaves runs/ out.")
     ap.add_argument("--replay", type=int, default=800, help="Replayed requests per epsilon.")
     ap.add_argument("--every", type=int, default=200, help="Retrain after this many requests.")
     ap.add_argument("--epsilon", type=float, nargs="+", default=[0.0, 0.2])
     ap.add_argument("--seed-share", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=None, help="RouterBench rows per file (a smoke run).")
-    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "learning_loop.json"))
-    ap.add_argument("--plot", default=str(ROOT / "bench" / "results" / "learning_loop.png"))
+    ap.add_argument("--limit", type=int, default=None, help="Benchmark rows per file (a smoke run).")
+    ap.add_argument("--json", default=None, help="Default bench/results/learning_loop[_<benchmark>].json.")
+    ap.add_argument("--plot", default=None, help="Default: the JSON's path with .png.")
     args = ap.parse_args()
+    suffix = "" if args.benchmark == "routerbench" else f"_{args.benchmark}"
+    args.work = args.work or str(ROOT / "runs" / f"learning-loop{suffix.replace('_', '-')}")
+    args.json = args.json or str(ROOT / "bench" / "results" / f"learning_loop{suffix}.json")
+    args.plot = args.plot or str(Path(args.json).with_suffix(".png"))
     from cluster.demo import start_cluster, stop_cluster
 
     work = Path(args.work)
@@ -296,19 +377,19 @@ def main() -> None:
     t0 = time.perf_counter()
     cfg, state = start_cluster(work)
     try:
-        data = prepare(work, args.limit)
+        data = prepare(work, args.benchmark, args.limit)
         rows = traffic(data["queries"], data["labels"], args.seed, args.seed_share, args.replay)
         points = []
         for eps in args.epsilon:
             curve = run_epsilon(eps, args, data, rows, Path(cfg.state_file))
             add_candidates(curve, work, data)
             points += curve
-        ceiling = held_out(str(CEILING), data, work / "held-ceiling")
+        top = held_out(str(ceiling(args.benchmark)), data, work / "held-ceiling")
     finally:
         stop_cluster(cfg)
     result = {"date": dt.date.today().isoformat(), "seconds": round(time.perf_counter() - t0),
               "args": vars(args), "seed_rows": len(rows["seed"]), "pool": len(rows["seed"]) + len(rows["replay"]),
-              "points": points, "ceiling": ceiling}
+              "points": points, "ceiling": top}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     plot(result, Path(args.plot))
     print(table(result))

@@ -38,7 +38,7 @@ from pydantic import Field, field_validator, model_validator
 
 from shared.config import StrictConfig
 from shared.errors import BadInput
-from shared.features import ADAPTED_POOLINGS, adapted_block_name, pool
+from shared.features import adapted_block_name, pool
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -157,14 +157,13 @@ class AdaptedTop(torch.nn.Module):
                  chunk: int = 32) -> dict[str, np.ndarray]:
         """:meth:`forward` in eval mode over numpy arrays, ``chunk`` rows at a time: ``{name: (n, D)}``
         float32 (the training side's and the serving side's features alike)."""
-        was = self.training
+        was, device = self.training, next(self.parameters()).device
         self.eval()
         try:
             parts: dict[str, list[np.ndarray]] = {name: [] for name in self.block_names}
             for i in range(0, len(states), chunk):
-                out = self(torch.as_tensor(np.asarray(states[i:i + chunk], dtype=np.float32)),
-                           torch.as_tensor(np.asarray(mask[i:i + chunk], dtype=bool)),
-                           torch.as_tensor(np.asarray(n_tokens[i:i + chunk], dtype=np.int64)))
+                out = self(*(torch.as_tensor(np.asarray(a[i:i + chunk], dtype=t)).to(device) for a, t in
+                             ((states, np.float32), (mask, bool), (n_tokens, np.int64))))
                 for name, value in out.items():
                     parts[name].append(value.float().cpu().numpy())
         finally:
@@ -175,10 +174,3 @@ class AdaptedTop(torch.nn.Module):
         """The trainable weights: the blocks' (and the final norm's, when adapted); rotary has none."""
         return [p for p in self.parameters() if p.requires_grad]
 
-
-def pooling_check(poolings: Sequence[str]) -> list[str]:
-    """``poolings`` when all are adapted poolings (``last``, ``mean``); ``BadInput`` otherwise."""
-    bad = [p for p in poolings if p not in ADAPTED_POOLINGS]
-    if bad or not poolings:
-        raise BadInput(f"adapted blocks pool by {ADAPTED_POOLINGS}; got {list(poolings)}")
-    return list(poolings)

@@ -11,7 +11,8 @@ The forward, for a prompt of ``n`` tokens whose window holds its last ``t <= W``
 (right-padded to ``W``; ``mask`` True on the ``t`` real rows):
 
 - positions ``n - t, ..., n - 1`` (the tokens' original positions; padded rows continue them and are never
-  read), turned into rotary ``(cos, sin)`` by the model's own rotary module;
+  read), turned into rotary ``(cos, sin)`` by the model's own rotary module (rotary attention reads only
+  relative positions, so the offset matters to rounding only; the original ones give the full forward's);
 - a causal mask over the window: row ``i`` attends to the real rows ``j <= i`` (additive ``0`` / ``-inf``
   mask ``(B, 1, W, W)``); tokens before the window are not seen, so with ``t = n`` the output equals the
   full model's;
@@ -137,7 +138,7 @@ class AdaptedTop(torch.nn.Module):
         mask = mask.bool()
         if not bool(mask[:, 0].all()):
             raise BadInput("every window needs at least one real state, the real ones first (right padding)")
-        x = states.to(dtype)
+        x = states.to(dtype).masked_fill(~mask.unsqueeze(-1), 0.0)  # padded rows: never NaN into a value product
         positions = window_positions(n_tokens, mask.sum(dim=1), x.shape[1])
         cos_sin = self.rotary(x, positions)
         attn = causal_window_mask(mask, dtype)

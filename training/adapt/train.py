@@ -128,7 +128,7 @@ def train_adapted(model: AdaptedRouter, tr: AdaptInputs, va: AdaptInputs, cfg: A
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total, seen = total + float(loss) * len(idx), seen + len(idx)
+                total, seen = total + float(loss.detach()) * len(idx), seen + len(idx)
                 if time.perf_counter() - said > cfg.log_every_s:
                     said = time.perf_counter()
                     log.info("%s: epoch %d/%d, step %d/%d, train loss %.5f, %.0f s", label, epoch + 1, cfg.max_epochs,

@@ -103,19 +103,26 @@ def adapt_from_capture(cfg: AdaptConfig) -> tuple[AdaptedFit, RoutingData, Adapt
 
 def run_adapt(cfg: AdaptConfig) -> dict[str, Any]:
     """Train and write the artifact; returns its metadata as a dict."""
+    start = time.perf_counter()
+    fit, data, windows, spec = adapt_from_capture(cfg)
+    return write_adapted(cfg, fit, data, windows, spec, time.perf_counter() - start)
+
+
+def write_adapted(cfg: AdaptConfig, fit: AdaptedFit, data: RoutingData, windows: AdaptInputs, spec: Any,
+                  seconds: float | None = None) -> dict[str, Any]:
+    """Write :func:`adapt_from_capture`'s result as an artifact at ``cfg.out`` (val metrics from the served
+    computation, :func:`training.adapt.model.predict_proba`); returns its metadata as a dict."""
     from shared.artifact import ArtifactMeta, PolicyDefaults, save_artifact
     from shared.trunk import Ensemble
     from training.router_meta import best_single_record, encoder_info, target_table, val_metrics
 
-    start = time.perf_counter()
-    fit, data, windows, spec = adapt_from_capture(cfg)
     va = np.flatnonzero(data.split == "val")
     P = predict_proba(fit.adapter, fit.transform, fit.trunk, windows.take(va),
                       {b: data.blocks[b][va] for b in cfg.frozen_blocks})
     r = fit.result
     metrics = {**val_metrics(P, data.Y[va], data.targets), "objective": cfg.train.objective.model_dump(),
                "adapt": {"val_loss": r.val_loss, "start_val_loss": r.start_val_loss, "history": r.history,
-                         "train_seconds": round(r.seconds, 1), "seconds": round(time.perf_counter() - start, 1)},
+                         "train_seconds": round(r.seconds, 1), "seconds": round(seconds or r.seconds, 1)},
                "n_train": int((data.split == "train").sum()), "n_val": int(len(va)),
                "features": {"n_components": cfg.n_components, "chosen_by": "adapt"},
                "best_single": best_single_record(data.where("train"))}

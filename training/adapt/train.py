@@ -41,7 +41,8 @@ class AdaptTrainConfig(StrictConfig):
                                                     "pretrained).")
     weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay of the trunk (none on the blocks).")
     batch_size: int = Field(32, gt=0, description="Rows per minibatch (each runs the blocks over its windows).")
-    max_epochs: int = Field(6, gt=0, description="Upper bound on end-to-end epochs.")
+    max_epochs: int = Field(6, ge=0, description="Upper bound on end-to-end epochs (0: the warm start only: the "
+                                                 "untrained blocks under a trained trunk).")
     evals_per_epoch: int = Field(2, gt=0, description="Validation evaluations per epoch (early-stopping checks).")
     patience: int = Field(2, gt=0, description="Evaluations without improvement before stopping.")
     min_delta: float = Field(1e-5, ge=0, description="Smallest validation-loss drop that counts as improvement.")

@@ -156,20 +156,27 @@ class AdaptedTop(torch.nn.Module):
     @torch.no_grad()
     def features(self, states: np.ndarray, mask: np.ndarray, n_tokens: np.ndarray,
                  chunk: int = 32) -> dict[str, np.ndarray]:
-        """:meth:`forward` in eval mode over numpy arrays, ``chunk`` rows at a time: ``{name: (n, D)}``
-        float32 (the training side's and the serving side's features alike)."""
+        """:meth:`forward` in eval mode over numpy arrays, ``chunk`` rows of similar length at a time, each
+        chunk's windows cut to its longest real one (the cut columns are padding: nothing changes):
+        ``{name: (n, D)}`` float32 in input order (the training side's and the serving side's features alike)."""
         was, device = self.training, next(self.parameters()).device
+        mask = np.asarray(mask, dtype=bool)
+        lengths = mask.sum(axis=1)
+        order = np.argsort(lengths, kind="stable")
+        out = {name: np.empty((len(mask), states.shape[2]), dtype=np.float32) for name in self.block_names}
         self.eval()
         try:
-            parts: dict[str, list[np.ndarray]] = {name: [] for name in self.block_names}
-            for i in range(0, len(states), chunk):
-                out = self(*(torch.as_tensor(np.asarray(a[i:i + chunk], dtype=t)).to(device) for a, t in
-                             ((states, np.float32), (mask, bool), (n_tokens, np.int64))))
-                for name, value in out.items():
-                    parts[name].append(value.float().cpu().numpy())
+            for i in range(0, len(order), chunk):
+                rows = order[i:i + chunk]
+                t = max(int(lengths[rows].max()), 1)
+                got = self(torch.as_tensor(np.asarray(states[rows][:, :t], dtype=np.float32)).to(device),
+                           torch.as_tensor(mask[rows][:, :t]).to(device),
+                           torch.as_tensor(np.asarray(n_tokens, dtype=np.int64)[rows]).to(device))
+                for name, value in got.items():
+                    out[name][rows] = value.float().cpu().numpy()
         finally:
             self.train(was)
-        return {name: np.concatenate(v, axis=0) for name, v in parts.items()}
+        return out
 
     def block_parameters(self) -> list[torch.nn.Parameter]:
         """The trainable weights: the blocks' (and the final norm's, when adapted); rotary has none."""

@@ -47,8 +47,11 @@ class AdaptInputs:
         return len(self.Y)
 
     def tensors(self, rows: np.ndarray | slice) -> tuple[torch.Tensor, ...]:
-        """``(states float32, mask bool, n_tokens long, dense float32)`` of ``rows``."""
-        return (torch.as_tensor(self.states[rows].astype(np.float32)), torch.as_tensor(self.mask[rows]),
+        """``(states float32, mask bool, n_tokens long, dense float32)`` of ``rows``, the windows cut to the
+        longest real one among them (right padding: the cut columns are padding only, so nothing changes)."""
+        mask = self.mask[rows]
+        t = max(int(mask.sum(axis=1).max()), 1) if len(mask) else self.mask.shape[1]
+        return (torch.as_tensor(self.states[rows][:, :t].astype(np.float32)), torch.as_tensor(mask[:, :t]),
                 torch.as_tensor(self.n_tokens[rows].astype(np.int64)),
                 torch.as_tensor(self.dense[rows].astype(np.float32)))
 

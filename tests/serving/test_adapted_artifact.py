@@ -77,6 +77,15 @@ def test_adapted_artifact_round_trip_through_the_replicas(ray_cluster, queries, 
     assert [b["name"] for b in meta["transform"]["blocks"]] == ["h12_last", "h13a12_last", "h13a12_mean"]
 
     uri = str(tmp_path / "router")
+    # evaluate reads the adapted blocks the way serving computes them, from the capture's token states
+    from training.evaluate.baselines import ArtifactRouter
+    from training.evaluate.run import load_data
+    evaluated = load_data(ArtifactRouter.load(uri), uri, act, labels)
+    rows = np.array([int(np.flatnonzero(evaluated.query_ids == q)[0]) for q in data.query_ids])
+    P = ArtifactRouter.load(uri).router.predict_proba({b: v[rows] for b, v in evaluated.blocks.items()})
+    np.testing.assert_allclose(P, predict_proba(fit.adapter, fit.transform, fit.trunk, windows,
+                                                {"h12_last": data.blocks["h12_last"]}), rtol=0, atol=1e-6)
+
     encoder = EncoderReplica(artifact=uri,
                              prefix_cache={"max_mb": 64, "min_tokens": 16, "min_seen": 1, "block_tokens": 16})
     head = RouterHeadReplica(artifact=uri)

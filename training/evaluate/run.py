@@ -163,7 +163,8 @@ def check_activations(artifact, artifact_uri: str, activations_uri: str) -> None
                 "or evaluate an artifact fitted on this encoder.")
     have = manifest.get("columns") or (encoder_columns(ident["layers"], ident["poolings"], ident.get("num_layers"))
                                        if ident.get("layers") and ident.get("poolings") else [])
-    adapted = set(meta.adapter.block_names()) if meta.adapter else set()  # computed from token states on load
+    adapter = getattr(meta, "adapter", None)  # its blocks are computed from token states on load
+    adapted = set(adapter.block_names()) if adapter else set()
     need = sorted(b for b in artifact.router.block_names if b not in adapted)
     missing = [c for c in need if c not in have] if have else []
     if missing:
@@ -197,10 +198,11 @@ def load_data(artifact, artifact_uri: str, activations: str, labels: str) -> Rou
 
     check_activations(artifact, artifact_uri, activations)
     meta = artifact.router.meta
-    adapted = set(meta.adapter.block_names()) if meta.adapter else set()
+    adapted = set(meta.adapter.block_names()) if getattr(meta, "adapter", None) else set()
     data = load_routing_data(activations, labels, artifact.router.target_names,
                              blocks=[b for b in artifact.router.block_names if b not in adapted] or None)
-    data.blocks.update(adapted_blocks(activations, artifact_uri, meta, list(data.query_ids), data.n_tokens))
+    if adapted:
+        data.blocks.update(adapted_blocks(activations, artifact_uri, meta, list(data.query_ids), data.n_tokens))
     check_data(artifact, data)
     return data
 

@@ -53,7 +53,7 @@ def test_end_to_end_beats_the_warm_started_frozen_trunk_and_keeps_the_best(tiny_
     fit_rows, stop_rows, held = np.arange(0, 160), np.arange(160, 200), np.arange(200, 240)
     spec = AdapterSpec(from_layer=1, n_blocks=1, window=12, poolings=["last", "mean"])
     cfg = AdaptTrainConfig(hidden=[32], dropout=[0.0], batch_size=16, max_epochs=12, evals_per_epoch=1, patience=12,
-                           lr=3e-3, block_lr=3e-3, warm_epochs=60, log_every_s=0.01)
+                           lr=3e-3, block_lr=3e-3, warm_epochs=60, log_every_s=0.01, min_delta=0.0)
     before = tiny_lm.model.layers[1].mlp.down_proj.weight.clone()
     with caplog.at_level(logging.INFO, logger="training.adapt.train"):
         fit = fit_adapted(tiny_lm, spec, rows, {}, fit_rows, stop_rows, n_components=8, cfg=cfg, label="toy")

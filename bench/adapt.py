@@ -65,33 +65,59 @@ def folds(Y: np.ndarray, groups: np.ndarray, n_folds: int, seed: int, share: flo
         yield perm[:cut], perm[cut:], held
 
 
-def adapted_rows(args, data, windows, frozen_raw, groups, jobs) -> list[tuple[str, np.ndarray, list[float]]]:
-    """``[(label, out-of-fold P (n, T), seconds per fold)]`` of each adapted job ``(label, AdaptTrainConfig)``."""
-    from shared.adapter import AdapterSpec
+def adapt_fold(encoder: str, spec, windows, frozen_raw, tr, es, held, n_components: int, cfg, label: str,
+               threads: int | None = None) -> tuple[np.ndarray, float, float, float]:
+    """One adaptation: ``(P of the held rows, seconds, start val loss, best val loss)`` (a Ray task with ``--workers``)."""
+    import torch
+
     from shared.models import load_causal_lm
     from shared.registry import load_registry
     from training.adapt.model import predict_proba
     from training.adapt.train import fit_adapted
 
-    lm = load_causal_lm(load_registry().encoder(args.encoder), device="cpu")
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    lm = load_causal_lm(load_registry().encoder(encoder), device="cpu")
+    fit = fit_adapted(lm.model, spec, windows, frozen_raw, tr, es, n_components, cfg, label=label)
+    P = predict_proba(fit.adapter, fit.transform, fit.trunk, windows.take(held), {b: x[held] for b, x in frozen_raw.items()})
+    return P, round(time.perf_counter() - start, 1), fit.result.start_val_loss, fit.result.val_loss
+
+
+def adapted_rows(args, data, windows, frozen_raw, groups, jobs) -> list[tuple[str, np.ndarray, list[float]]]:
+    """``[(label, out-of-fold P (n, T), seconds per fold)]`` of each adapted job ``(label, AdaptTrainConfig)``;
+    with ``--workers`` > 1 every (job, fold) is a Ray task of one CPU (one torch thread)."""
+    from shared.adapter import AdapterSpec
+
     spec = AdapterSpec(from_layer=args.from_layer, n_blocks=args.n_blocks, window=windows.mask.shape[1],
                        poolings=["last", "mean"])
-    out = []
-    for label, cfg in jobs:
-        P, seconds = np.full(data.Y.shape, np.nan), []
-        for k, (tr, es, held) in enumerate(folds(data.Y, groups, args.folds, args.seed)):
-            if k >= args.max_folds:
-                break
-            start = time.perf_counter()
-            fit = fit_adapted(lm.model, spec, windows, frozen_raw, tr, es, args.n_components, cfg,
-                              label=f"{label} fold {k + 1}")
-            P[held] = predict_proba(fit.adapter, fit.transform, fit.trunk, windows.take(held),
-                                    {b: x[held] for b, x in frozen_raw.items()})
-            seconds.append(round(time.perf_counter() - start, 1))
-            logging.info("%s fold %d: %.0f s, val loss %.5f -> %.5f", label, k + 1, seconds[-1],
-                         fit.result.start_val_loss, fit.result.val_loss)
-        out.append((label, P, seconds))
-    return out
+    work = [(label, cfg, k, split) for label, cfg in jobs
+            for k, split in enumerate(folds(data.Y, groups, args.folds, args.seed)) if k < args.max_folds]
+    if args.workers > 1:
+        import ray
+
+        from shared.ray_boot import ensure_ray
+
+        started = ensure_ray("local", num_cpus=args.workers, log_to_driver=True)
+        try:
+            task = ray.remote(num_cpus=1)(adapt_fold)
+            w_ref, f_ref = ray.put(windows), ray.put(frozen_raw)
+            results = ray.get([task.remote(args.encoder, spec, w_ref, f_ref, *split, args.n_components, cfg,
+                                           f"{label} fold {k + 1}", 1) for label, cfg, k, split in work])
+        finally:
+            if started:
+                ray.shutdown()
+    else:
+        results = [adapt_fold(args.encoder, spec, windows, frozen_raw, *split, args.n_components, cfg,
+                              f"{label} fold {k + 1}") for label, cfg, k, split in work]
+    out: dict[str, tuple[np.ndarray, list[float]]] = {}
+    for (label, _, k, split), (P, seconds, first, best) in zip(work, results):
+        logging.info("%s fold %d: %.0f s, val loss %.5f -> %.5f", label, k + 1, seconds, first, best)
+        Pl, secs = out.setdefault(label, (np.full(data.Y.shape, np.nan), []))
+        Pl[split[2]] = P
+        secs.append(seconds)
+    return [(label, *out[label]) for label, _ in jobs]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -185,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4, help="trunk learning rate (end to end)")
     p.add_argument("--block-lr", type=float, default=3e-5, help="adapted blocks' learning rate")
+    p.add_argument("--workers", type=int, default=1, help="adaptations in parallel (Ray tasks of one CPU each)")
     add_cv_args(p, "bench/results/adapt.json")
     return run_and_write(p.parse_args(argv), run, markdown)
 

@@ -221,7 +221,7 @@ def test_adapt_runs_on_a_tiny_capture_with_layer_12_token_states(routerbench_wor
     assert adapt.main(["--activations", acts, "--labels", w["labels"], "--queries", w["queries"],
                        "--artifact", str(RB_ARTIFACT), "--objectives", "bce", "sample_llm:1:0.1", "--untrained",
                        "--n-components", "4", "--folds", "2", "--max-folds", "1", "--seeds", "1", "--max-epochs", "3",
-                       "--epochs", "1", "--batch-size", "16", "--out", str(out)]) == 0
+                       "--epochs", "1", "--batch-size", "16", "--workers", "2", "--out", str(out)]) == 0
     doc = read_checked(adapt, out)
     assert [r["row"] for r in doc["rows"]] == ["frozen h12_last+h12_mean", "untrained blocks", "adapted, bce",
                                                "adapted, sample_llm x1 t0.1 top3 bottom3"]

@@ -72,7 +72,7 @@ RESULTS = {"capture_throughput": ["capture_throughput.json", "capture_throughput
            "next_token_signal": ["next_token_smollm2.json", "next_token_qwen_sample600.json"],
            "prefix_cache": ["prefix_cache_latency.json", "prefix_cache_latency_2026-12-02.json"],
            "routing_headroom": ["routing_headroom.json"], "serve_load": ["serve_load.json", "serve_load_64tok.json"],
-           "learning_loop": ["learning_loop.json"], "adapt": ["adapt_routerdc.json"]}  # run: tests/test_bench_learning_loop.py (system)
+           "learning_loop": ["learning_loop.json"], "adapt": ["adapt_routerdc.json", "adapt_routerdc_lr1e-5.json"]}  # run: tests/test_bench_learning_loop.py (system)
 
 
 @pytest.mark.parametrize("name", sorted(RESULTS))

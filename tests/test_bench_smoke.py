@@ -64,7 +64,8 @@ def test_missing_fields_names_what_a_table_would_miss():
     assert missing_fields(doc, spec) == ["off.p50_ms", "load[1].rps", "by_task.b.n", "by_task.a.top1", "n"]
 
 
-RESULTS = {"capture_throughput": ["capture_throughput.json", "capture_throughput_routerbench.json"],
+RESULTS = {"adapt": ["adapt_routerdc.json", "adapt_routerdc_lr1e-5.json"],
+           "capture_throughput": ["capture_throughput.json", "capture_throughput_routerbench.json"],
            "encoder_combination": ["encoder_combination.json"], "fit_workers": ["fit_workers.json"],
            "objectives": ["objectives_routerdc.json", "objectives_routerbench.json"],
            "pooling": ["pooling_routerdc.json", "pooling_routerbench.json", "pooling_routerbench_q4.json",
@@ -72,7 +73,7 @@ RESULTS = {"capture_throughput": ["capture_throughput.json", "capture_throughput
            "next_token_signal": ["next_token_smollm2.json", "next_token_qwen_sample600.json"],
            "prefix_cache": ["prefix_cache_latency.json", "prefix_cache_latency_2026-12-02.json"],
            "routing_headroom": ["routing_headroom.json"], "serve_load": ["serve_load.json", "serve_load_64tok.json"],
-           "learning_loop": ["learning_loop.json"], "adapt": ["adapt_routerdc.json", "adapt_routerdc_lr1e-5.json"]}  # run: tests/test_bench_learning_loop.py (system)
+           "learning_loop": ["learning_loop.json"]}  # run: tests/test_bench_learning_loop.py (system)
 
 
 @pytest.mark.parametrize("name", sorted(RESULTS))

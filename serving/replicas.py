@@ -1,8 +1,10 @@
 """Bodies of the encoder and router-head deployments (plain classes; ``build_app`` wraps them).
 
 :class:`EncoderReplica` loads the artifact's encoder and runs the prompt's prefill only,
-up to the deepest layer the artifact reads (``shared.encoder.Encoder``); with
-``prefix_cache.max_mb`` set, a shared prefix runs once (:mod:`serving.prefix_cache`).
+up to the deepest layer the artifact reads (``shared.encoder.Encoder``), then, for an artifact with an
+adapter (``meta.adapter``), the adapted blocks over the last states of the adapter's layer
+(:mod:`shared.adapter`); with ``prefix_cache.max_mb`` set, a shared prefix of the frozen part runs once
+(:mod:`serving.prefix_cache`).
 :class:`RouterHeadReplica` applies the artifact's transforms, SharedTrunkNet ensemble and
 routing rule (a ``shared.policy.Policy``: tolerance, value or one added since). Both reload a new artifact
 on a user-config change (``reconfigure``) and keep the old one when the new one fails to load.
@@ -22,7 +24,7 @@ from serving.messages import (
 )
 from serving.prefix_cache import PrefixCache, system_prompt_ids
 from serving.schemas import RouteDecision
-from shared.artifact import ArtifactError, load_artifact, read_meta
+from shared.artifact import ArtifactError, load_adapter, load_artifact, read_meta
 from shared.registry import load_registry
 from shared.policy import Policy
 
@@ -77,11 +79,12 @@ class EncoderReplica:
             loaded = self.encoder.loaded  # same weights: only the layers change
         else:
             loaded = load_causal_lm(spec, device=self.device)
-        self.encoder = Encoder(loaded, meta.layers, meta.poolings, max_tokens=self.max_prompt_tokens)
+        self.encoder = Encoder(loaded, meta.layers, meta.poolings, max_tokens=self.max_prompt_tokens,
+                               adapter=load_adapter(artifact, loaded.model, meta))
         self.cache = self.new_cache(self.encoder)  # the layers may have changed: a new artifact starts empty
         self.artifact, self.name = artifact, spec.name
-        log.info("encoder %s ready: layers %s (depth %d of %d)", spec.name, meta.layers, self.encoder.depth,
-                 self.encoder.num_layers)
+        log.info("encoder %s ready: layers %s (depth %d of %d)%s", spec.name, meta.layers, self.encoder.depth,
+                 self.encoder.num_layers, f", adapted blocks {meta.adapter.block_names()}" if meta.adapter else "")
 
     def new_cache(self, encoder: Any) -> PrefixCache | None:
         c = self.cache_config

@@ -5,6 +5,8 @@ Layout of an artifact directory (local path or ``s3://bucket/prefix``)::
     meta.json               ArtifactMeta (written last: a partial upload has none)
     transform.safetensors   FeatureTransform arrays, "b{i}.{mean,scale,pca_mean,components}"
     weights.safetensors     ensemble member weights, "m{i}.{state_dict key}"
+    adapter.safetensors     only with ``meta.adapter``: the adapted encoder blocks (shared.adapter), their
+                            AdaptedTop state_dict; the Encoder replica runs them
 
 ``meta.files`` holds the sha256 of both safetensors files, checked on load.
 :func:`load_artifact` returns a :class:`Router` that needs only numpy, torch and
@@ -12,7 +14,9 @@ safetensors (no scikit-learn, no Ray, nothing from ``training``), and refuses an
 artifact with an unknown ``schema_version`` or built for another encoder
 (:class:`ArtifactError`). Schema 2 added the value policy to the operating point; schema 1
 artifacts (tolerance only) still load. The operating point names any registered policy
-(:mod:`shared.policy`).
+(:mod:`shared.policy`). Schema 3 added the optional adapter (``meta.adapter``, an
+:class:`shared.adapter.AdapterSpec`, and ``adapter.safetensors``); schema 1 and 2 artifacts have none and
+still load.
 """
 
 from __future__ import annotations
@@ -28,15 +32,17 @@ import safetensors.torch
 from pydantic import Field, SerializerFunctionWrapHandler, ValidationError, model_serializer, model_validator
 
 from shared import storage
+from shared.adapter import AdapterSpec
 from shared.config import StrictConfig
 from shared.errors import MissingArtifact
-from shared.features import parse_block
+from shared.features import adapted_from, parse_block
 from shared.policy import Policy, policy_names
 from shared.trunk import Ensemble, FeatureTransform, SharedTrunkNet
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: before the value policy; its meta validates unchanged
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: before the value policy, 2: before the adapter; their metas validate unchanged
 META_FILE, TRANSFORM_FILE, WEIGHTS_FILE = "meta.json", "transform.safetensors", "weights.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
 
 
 class ArtifactError(MissingArtifact):
@@ -134,7 +140,8 @@ class ArtifactMeta(StrictConfig):
 
     schema_version: int = SCHEMA_VERSION
     encoder: EncoderInfo
-    layers: list[int] = Field(description="Encoder layers used, as transformers hidden_states indices.")
+    layers: list[int] = Field(description="Frozen encoder layers whose pooled blocks are read, as transformers "
+                                          "hidden_states indices (an adapter's from_layer is in meta.adapter).")
     layer_indexing: Literal["hidden_states"] = Field(
         "hidden_states", description="Index i is hidden_states[i]; 0 is the embedding output."
     )
@@ -147,6 +154,9 @@ class ArtifactMeta(StrictConfig):
     policy: PolicyDefaults = Field(default_factory=PolicyDefaults)
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     files: dict[str, str] = Field(default_factory=dict, description="sha256 per file; filled by save_artifact.")
+    adapter: AdapterSpec | None = Field(None, description="Adapted encoder blocks (adapter.safetensors) whose "
+                                                          "h<to>a<from>_<pooling> blocks the transform reads; None: "
+                                                          "the frozen encoder only.")
 
     @property
     def poolings(self) -> list[str]:
@@ -155,8 +165,11 @@ class ArtifactMeta(StrictConfig):
 
     @model_validator(mode="after")
     def _block_names(self) -> "ArtifactMeta":
+        adapted = set(self.adapter.block_names()) if self.adapter else set()
         for block in self.transform.blocks if self.transform else []:
             parse_block(block.name)
+            if adapted_from(block.name) is not None and block.name not in adapted:
+                raise ValueError(f"block {block.name} is an adapted block, but the adapter makes {sorted(adapted)}")
         return self
 
     @model_validator(mode="after")
@@ -186,7 +199,7 @@ def copy_artifact(src: str, dst: str) -> ArtifactMeta:
     if storage.exists(meta_path(dst)):
         fs, path = storage.filesystem(meta_path(dst))
         fs.delete_file(path)
-    for name in (TRANSFORM_FILE, WEIGHTS_FILE, META_FILE):
+    for name in (TRANSFORM_FILE, WEIGHTS_FILE) + ((ADAPTER_FILE,) if read_meta(src).adapter else ()) + (META_FILE,):
         storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
     return load_artifact(dst).meta  # checksums match: the copy is usable
 
@@ -195,9 +208,11 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_artifact(uri: str, meta: ArtifactMeta, transform: FeatureTransform, ensemble: Ensemble) -> ArtifactMeta:
+def save_artifact(uri: str, meta: ArtifactMeta, transform: FeatureTransform, ensemble: Ensemble,
+                  adapter: Any = None) -> ArtifactMeta:
     """Write the artifact directory at ``uri`` (local or ``s3://``); returns the meta as
-    written (transform/trunk specs and file checksums filled in from the objects)."""
+    written (transform/trunk specs and file checksums filled in from the objects). ``adapter``: a
+    :class:`shared.adapter.AdaptedTop` (its spec becomes ``meta.adapter``, its weights ``adapter.safetensors``)."""
     members = list(ensemble.members)
     first = members[0]
     if first.n_targets != len(meta.targets):
@@ -212,7 +227,11 @@ def save_artifact(uri: str, meta: ArtifactMeta, transform: FeatureTransform, ens
         TRANSFORM_FILE: safetensors.numpy.save(transform.to_arrays()),
         WEIGHTS_FILE: safetensors.torch.save(weights),
     }
+    if adapter is not None:
+        blobs[ADAPTER_FILE] = safetensors.torch.save({k: v.detach().cpu().contiguous()
+                                                      for k, v in adapter.state_dict().items()})
     final = meta.model_copy(update={
+        "adapter": adapter.spec if adapter is not None else None,
         "schema_version": SCHEMA_VERSION,
         "transform": TransformSpec(blocks=[BlockSpec(**b) for b in transform.spec()]),
         "trunk": TrunkSpec(**first.spec(), n_members=len(members)),
@@ -316,6 +335,27 @@ def load_artifact(uri: str, expected_encoder: str | EncoderInfo | Mapping | None
         net.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
         members.append(net.eval())
     return Router(meta, transform, Ensemble(members).eval())
+
+
+def load_adapter(uri: str, model: Any, meta: ArtifactMeta | None = None) -> Any:
+    """The artifact's adapted blocks, a :class:`shared.adapter.AdaptedTop` built on ``model`` (the loaded causal
+    LM of the artifact's encoder: its config and block class) with the weights of ``adapter.safetensors``
+    (sha256 checked); None when the artifact has no adapter."""
+    from shared.adapter import AdaptedTop
+
+    meta = meta or read_meta(uri)
+    if meta.adapter is None:
+        return None
+    data = _read(uri, ADAPTER_FILE)
+    if meta.files.get(ADAPTER_FILE) != _sha256(data):
+        raise ArtifactError(f"router artifact at {uri}: {ADAPTER_FILE} does not match its sha256 in {META_FILE}")
+    top = AdaptedTop.from_model(model, meta.adapter)
+    try:
+        top.load_state_dict(safetensors.torch.load(data))
+    except RuntimeError as exc:
+        raise ArtifactError(f"router artifact at {uri}: {ADAPTER_FILE} does not fit the blocks of "
+                            f"{meta.encoder.name}: {exc}") from exc
+    return top.eval()
 
 
 class Router:

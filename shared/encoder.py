@@ -34,6 +34,13 @@ hidden states of its last ``token_window`` real tokens at each token layer (the 
 A prefix-shared prompt returns only its suffix's (last ``token_window``) states and refers to
 its prefix (``Encoded.prefix_keys``), whose last ``token_window`` states are returned once per
 prefix (``Encoded.prefixes``); :func:`shared.pooling.assemble_window` rebuilds the window.
+
+Adapted blocks (``adapter``, a :class:`shared.adapter.AdaptedTop`): the encoder keeps the last ``window``
+states of the adapter's ``from_layer`` (as token states, fp16, exactly as a capture stores them), runs the
+adapter over each prompt's window and adds its blocks (``h{L+k}a{L}_{pooling}``) to the features; the token
+states themselves are not returned. A prefix-shared prompt (here or in the serving prefix cache) assembles
+its window from the prefix's states and its suffix's, so the frozen part still runs its prefix once.
+``layers`` may then be empty (only adapted blocks).
 """
 
 from __future__ import annotations
@@ -87,13 +94,20 @@ class Encoder:
     def __init__(self, loaded: Any, layers: Sequence[int] | str, poolings: Sequence[str] = ("last",),
                  max_tokens: int = 2048, batch_size: int = 8, max_batch_tokens: int | None = None,
                  padding_side: str = "right", min_shared_prefix: int | None = None,
-                 token_layers: Sequence[int] = (), token_window: int = 256):
+                 token_layers: Sequence[int] = (), token_window: int = 256, adapter: Any = None):
         if padding_side not in ("left", "right"):
             raise BadInput(f"padding_side must be left or right, got {padding_side!r}")
         self.loaded, self.tokenizer, self.device = loaded, loaded.tokenizer, loaded.device
         self.num_layers, self.hidden_size = loaded.num_layers, loaded.hidden_size
-        self.layers = resolve_layers(layers, self.num_layers, loaded.spec.name)
-        self._columns = encoder_columns(self.layers, poolings, self.num_layers)
+        self.adapter = adapter
+        if adapter is not None:
+            if token_layers:
+                raise BadInput("an encoder with an adapter returns adapted blocks, not token states: drop token_layers")
+            token_layers, token_window = [adapter.spec.from_layer], adapter.spec.window
+        self.emit_tokens = adapter is None and bool(token_layers)
+        self.layers = resolve_layers(layers, self.num_layers, loaded.spec.name) if layers or adapter is None else []
+        self._columns = encoder_columns(self.layers, poolings, self.num_layers) + (adapter.block_names if adapter
+                                                                                    else [])
         self.next_token = "next" in poolings
         self.poolings = hidden_poolings(poolings)  # what the forward pools; 'next' is derived from h{L}_last
         self.head = loaded.model.get_output_embeddings() if self.next_token else None
@@ -143,8 +157,25 @@ class Encoder:
 
     @property
     def params_used(self) -> int:
-        """Parameters a prefill touches: embeddings + the first ``depth`` blocks (+ final norm)."""
-        return sum(p.numel() for p in self.base.parameters())
+        """Parameters a prefill touches: embeddings + the first ``depth`` blocks (+ final norm) + the adapter's."""
+        extra = sum(p.numel() for p in self.adapter.parameters()) if self.adapter is not None else 0
+        return sum(p.numel() for p in self.base.parameters()) + extra
+
+    def with_adapter(self, feats: dict[str, Any], n_tokens: Any) -> dict[str, Any]:
+        """``feats`` with the adapter's blocks added and the token states (and prefix state) it read taken
+        out; ``n_tokens`` ``(B,)`` the prompts' lengths (the windows' positions end at ``n - 1``)."""
+        if self.adapter is None:
+            return feats
+        import torch
+
+        from shared.pooling import assemble_window, pad_windows
+
+        layer, window = self.adapter.spec.from_layer, self.adapter.spec.window
+        own, state = feats.pop(TOKENS), feats.pop(PREFIX, None)
+        prefix = state.tokens[layer].numpy() if state is not None else None
+        states, mask = pad_windows([assemble_window(row[layer].numpy(), prefix, window) for row in own], window)
+        out = self.adapter.features(states, mask, np.asarray(n_tokens.cpu() if hasattr(n_tokens, "cpu") else n_tokens))
+        return {**feats, **{name: torch.from_numpy(value) for name, value in out.items()}}
 
     # ------------------------------------------------------------------ tokenizing
     def render(self, messages: list[dict[str, str]]) -> str:
@@ -174,7 +205,7 @@ class Encoder:
             feats = {block_name(layer, p): pool(states[layer], mask, p) for layer in self.layers for p in self.poolings}
             if self.token_layers:
                 feats[TOKENS] = window_states(states, mask, self.token_layers, self.token_window)
-        return self.with_next_token(feats)
+        return self.with_adapter(self.with_next_token(feats), mask.sum(dim=1))
 
     def _run(self, input_ids: Any, mask: Any, position_ids: Any, cache: Any = None) -> dict[int, Any]:
         """Forward the truncated base model; ``{layer index: (B, T, D)}`` captured by temporary hooks.
@@ -258,7 +289,7 @@ class Encoder:
         stats = {"forward_passes": passes, "padding_waste": 1.0 - sum(lengths) / width if width else 0.0,
                  "tokens": float(sum(lengths)), "computed_tokens": float(computed.sum()),
                  "prefix_groups": len(groups)}
-        token_part = (tokens, keys, prefixes) if self.token_layers else (None, None, None)
+        token_part = (tokens, keys, prefixes) if self.emit_tokens else (None, None, None)
         return (out, padded, computed, stats, *token_part)
 
     def encode(self, conversations: Sequence[list[dict[str, str]]]) -> Encoded:

@@ -16,6 +16,11 @@ layer ``L`` (``h{L}_next``): how sure the encoder is of the first token of its o
 ``attn`` (:data:`ATTN`) names a block that is not captured as a vector: ``h{layer}_attn`` is pooled by a
 learned attention over the per-token states of layer ``layer`` (:mod:`shared.pooling`), trained with the
 router; capture keeps those states with ``token_layers``.
+
+Adapted blocks (:mod:`shared.adapter`): ``h{to}a{from}_{pooling}`` (e.g. ``h14a12_last``) is the output of
+``to - from`` decoder blocks *fine-tuned* on the routing labels, run over the last states of layer ``from``
+of the frozen encoder, pooled by ``last`` or ``mean`` over that window (:func:`adapted_block_name`,
+:func:`adapted_from`). :func:`parse_block` reads it as ``(to, pooling)``; it is never a frozen layer's block.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from shared.errors import BadInput
 POOLINGS = ("last", "mean", "next")
 ATTN = "attn"  # a learned pooling over the per-token states of a layer (shared.pooling), not a captured column
 NEXT_TOKEN_DIMS = 3  # width of a ``next`` block: top-1 probability, top-1 minus top-2, entropy
-BLOCK_RE = re.compile(r"^h(\d+)_(" + "|".join(POOLINGS + (ATTN,)) + r")$")
+BLOCK_RE = re.compile(r"^h(\d+)(?:a(\d+))?_(" + "|".join(POOLINGS + (ATTN,)) + r")$")
+ADAPTED_POOLINGS = ("last", "mean")  # what an adapted block may pool over its window
 
 
 def check_poolings(poolings: Sequence[str]) -> list[str]:
@@ -73,9 +79,26 @@ def block_width(name: str, hidden_size: int) -> int:
 def parse_block(name: str) -> tuple[int, str]:
     """``'h12_last'`` -> ``(12, 'last')``; ``ValueError`` for anything else."""
     m = BLOCK_RE.match(name)
-    if not m:
-        raise BadInput(f"not a feature block name: {name!r} (expected h<layer>_<{'|'.join(POOLINGS + (ATTN,))}>)")
-    return int(m.group(1)), m.group(2)
+    if not m or (m.group(2) is not None and m.group(3) not in ADAPTED_POOLINGS):
+        raise BadInput(f"not a feature block name: {name!r} (expected h<layer>_<{'|'.join(POOLINGS + (ATTN,))}>, "
+                       f"or h<to>a<from>_<{'|'.join(ADAPTED_POOLINGS)}> for an adapted block)")
+    return int(m.group(1)), m.group(3)
+
+
+def adapted_block_name(to_layer: int, from_layer: int, pooling: str) -> str:
+    """The block of adapted blocks ``from_layer + 1 .. to_layer`` pooled by ``pooling``:
+    ``(14, 12, 'last')`` -> ``'h14a12_last'``."""
+    if pooling not in ADAPTED_POOLINGS or not 0 <= int(from_layer) < int(to_layer):
+        raise BadInput(f"an adapted block needs 0 <= from_layer < to_layer and a pooling in {ADAPTED_POOLINGS}; "
+                       f"got from {from_layer}, to {to_layer}, pooling {pooling!r}")
+    return f"h{int(to_layer)}a{int(from_layer)}_{pooling}"
+
+
+def adapted_from(name: str) -> int | None:
+    """The frozen layer an adapted block starts from (``'h14a12_last'`` -> 12); None for any other block."""
+    parse_block(name)
+    m = BLOCK_RE.match(name)
+    return int(m.group(2)) if m.group(2) is not None else None
 
 
 def block_columns(names: Iterable[str]) -> list[str]:

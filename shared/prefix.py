@@ -181,7 +181,7 @@ def forward_suffixes(encoder: Any, state: PrefixState, suffixes: Sequence[Sequen
                 out[block_name(layer, pooling)] = value
         if encoder.token_layers:
             out[TOKENS], out[PREFIX] = window_states(states, smask, encoder.token_layers, encoder.token_window), state
-    return encoder.with_next_token(out)
+    return encoder.with_adapter(encoder.with_next_token(out), p + smask.sum(dim=1))
 
 
 def encode_suffixes(encoder: Any, state: PrefixState, ids: Sequence[Sequence[int]], members: Sequence[int],

@@ -64,7 +64,8 @@ def test_missing_fields_names_what_a_table_would_miss():
     assert missing_fields(doc, spec) == ["off.p50_ms", "load[1].rps", "by_task.b.n", "by_task.a.top1", "n"]
 
 
-RESULTS = {"capture_throughput": ["capture_throughput.json", "capture_throughput_routerbench.json"],
+RESULTS = {"adapt": ["adapt_routerdc.json", "adapt_routerdc_lr1e-5.json"],
+           "capture_throughput": ["capture_throughput.json", "capture_throughput_routerbench.json"],
            "encoder_combination": ["encoder_combination.json"], "fit_workers": ["fit_workers.json"],
            "objectives": ["objectives_routerdc.json", "objectives_routerbench.json"],
            "pooling": ["pooling_routerdc.json", "pooling_routerbench.json", "pooling_routerbench_q4.json",
@@ -196,6 +197,37 @@ def test_pooling_runs_on_a_tiny_capture_with_token_states(routerbench_work, tmp_
     assert [r["blocks"] for r in doc["rows"]] == ["h18_last", "h18_attn", "h18_attn+h18_last"]
     assert set(doc["rows"][1]["within_task_auc_by_task"]) == set(TASKS) == set(doc["tasks"])
     assert pooling.markdown(doc).count("\n") == 1 + 3 + 1
+
+
+@pytest.mark.slow  # loads SmolLM2's block 13
+def test_adapt_runs_on_a_tiny_capture_with_layer_12_token_states(routerbench_work, tmp_path):
+    """The tiny capture's rows with random SmolLM2-wide layer-12 token states and frozen h12 blocks."""
+    from shared import storage
+    from training.capture.output import rows_to_table
+    from training.shards import check_manifest, read_shards, shard_path
+
+    adapt, w = bench("adapt"), routerbench_work
+    table, rng = read_shards(w["activations"]), np.random.default_rng(2)
+    rows = []
+    for i, qid in enumerate(table.column("query_id").to_pylist()):
+        t = int(rng.integers(3, 9))
+        states = rng.normal(size=(t, 576)).astype(np.float16)
+        rows.append({"query_id": qid, "split": table.column("split")[i].as_py(), "n_tokens": t + 20, "truncated": False,
+                     "h12_last": states[-1].astype(np.float32), "h12_mean": states.mean(0).astype(np.float32),
+                     "t12": states.tobytes(), "n_states": t, "prefix_key": ""})
+    acts = str(tmp_path / "tokens")
+    check_manifest(acts, {"hidden_size": 576, "token_layers": [12], "token_window": 8})
+    storage.write_parquet(rows_to_table(rows, ["h12_last", "h12_mean"], [12]), shard_path(acts, 0))
+    out = tmp_path / "adapt.json"
+    assert adapt.main(["--activations", acts, "--labels", w["labels"], "--queries", w["queries"],
+                       "--artifact", str(RB_ARTIFACT), "--objectives", "bce", "sample_llm:1:0.1", "--untrained",
+                       "--n-components", "4", "--folds", "2", "--max-folds", "1", "--seeds", "1", "--max-epochs", "3",
+                       "--epochs", "1", "--batch-size", "16", "--workers", "2", "--out", str(out)]) == 0
+    doc = read_checked(adapt, out)
+    assert [r["row"] for r in doc["rows"]] == ["frozen h12_last+h12_mean", "untrained blocks", "adapted, bce",
+                                               "adapted, sample_llm x1 t0.1 top3 bottom3"]
+    assert 0 < doc["n_scored"] < doc["n_rows"] and set(doc["tasks"]) == set(TASKS)
+    assert adapt.markdown(doc).count("\n") == 1 + 4 + 1
 
 
 def test_next_token_signal_samples_and_scores_a_tiny_capture(routerbench_work, tmp_path):

@@ -76,7 +76,7 @@ def allowed(src: str, dst: str) -> bool:
 
 
 def test_training_has_stage_folders():
-    assert STAGES == ["capture", "data", "evaluate", "fit", "label"]
+    assert STAGES == ["adapt", "capture", "data", "evaluate", "fit", "label"]
 
 
 def test_every_import_goes_downward():

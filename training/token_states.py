@@ -51,3 +51,28 @@ def read_token_windows(out: str, layer: int, window: int | None = None,
         windows.append(assemble_window(own, prefixes.get(key) if key else None, window))
     states, mask = pad_windows(windows, window)
     return [ids[i] for i in rows], states, mask
+
+
+def adapted_blocks(out: str, artifact_uri: str, meta, query_ids: list[str], n_tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """An adapted artifact's blocks (``h{L+k}a{L}_{pooling}``, :mod:`shared.adapter`) for captured rows: its adapter
+    over each row's window of layer ``L`` read from the capture at ``out`` (``query_ids`` in that order, prompt
+    lengths ``n_tokens``), as the Encoder replica computes them. ``{block: (n, D)}`` float32; {} without an
+    adapter. Refuses a capture without layer ``L``'s token states or with a shorter window than the adapter's."""
+    from shared import storage
+    from shared.artifact import load_adapter
+    from shared.models import load_causal_lm
+    from shared.registry import load_registry
+
+    spec = meta.adapter
+    if spec is None:
+        return {}
+    identity = storage.read_json(storage.join(out, "manifest.json"))["identity"]
+    if spec.from_layer not in identity.get("token_layers", []) or identity.get("token_window", 0) < spec.window:
+        raise BadInput(f"the artifact's adapter reads the last {spec.window} states of layer {spec.from_layer}; {out} "
+                       f"keeps token_layers {identity.get('token_layers', [])}, token_window "
+                       f"{identity.get('token_window')}: capture with token_layers=[{spec.from_layer}] "
+                       f"token_window={spec.window}")
+    _, states, mask = read_token_windows(out, spec.from_layer, spec.window, list(query_ids))
+    adapter = load_adapter(artifact_uri, load_causal_lm(load_registry().encoder(meta.encoder.name), device="cpu").model,
+                           meta)
+    return adapter.features(states, mask, np.asarray(n_tokens))

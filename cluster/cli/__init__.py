@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("training.fit.probe", "Layer probes: Fisher J, d_eff and linear-probe AUC per layer."),
     "tune": ("training.fit.tune", "Choose the trunk's blocks and PCA size by cross-validation on train + val."),
     "fit": ("training.fit.run", "Fit SharedTrunkNet on Ray Train and write a router artifact."),
+    "adapt": ("training.adapt.run", "Fine-tune the encoder's top blocks on the routing labels -> a router artifact."),
     "evaluate": ("training.evaluate.run", "Evaluate a router artifact against oracle and baselines."),
     "serve": ("serving.app", "Run the Ray Serve routing application."),
     "cluster": ("cluster.local", "Start, stop and check a private local Ray head (start|stop|status)."),

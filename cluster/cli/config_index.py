@@ -27,6 +27,7 @@ CONFIG_SCHEMAS: dict[str, str] = {
     "capture-ref.yaml": "training.capture.run:CaptureConfig",
     "probe.yaml": "training.fit.probe:ProbeConfig",
     "fit.yaml": "training.fit.run:FitConfig",
+    "adapt-routerdc.yaml": "training.adapt.run:AdaptConfig",
     "tune.yaml": "training.fit.tune:TuneConfig",
     "serve-k8s.yaml": "serving.config:ServeConfig",
     "pipeline-small.yaml": "cluster.pipeline.config:PipelineConfig",

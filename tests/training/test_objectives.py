@@ -42,7 +42,7 @@ def test_ranking_losses_read_only_the_order_inside_a_query_and_skip_missing_labe
 
 
 def test_objective_registry_and_config():
-    assert set(OBJECTIVES) == {"bce", "pairwise", "listwise", "residual"}
+    assert set(OBJECTIVES) == {"bce", "pairwise", "listwise", "residual", "sample_llm"}
     s, y = torch.randn(5, 3), torch.rand(5, 3)
     assert objective()(s, y).item() == pytest.approx(masked_bce_loss(s, y).item())
     both = objective(ObjectiveConfig(kind="pairwise", weight=2.0))(s, y)

@@ -163,7 +163,9 @@ def check_activations(artifact, artifact_uri: str, activations_uri: str) -> None
                 "or evaluate an artifact fitted on this encoder.")
     have = manifest.get("columns") or (encoder_columns(ident["layers"], ident["poolings"], ident.get("num_layers"))
                                        if ident.get("layers") and ident.get("poolings") else [])
-    need = sorted(artifact.router.block_names)
+    adapter = getattr(meta, "adapter", None)  # its blocks are computed from token states on load
+    adapted = set(adapter.block_names()) if adapter else set()
+    need = sorted(b for b in artifact.router.block_names if b not in adapted)
     missing = [c for c in need if c not in have] if have else []
     if missing:
         raise BadInput(f"the artifact {artifact_uri} reads layers/poolings {need} (hidden_states index 0 = "
@@ -192,9 +194,15 @@ def load_data(artifact, artifact_uri: str, activations: str, labels: str) -> Rou
     """Activations (checked against the artifact first) joined with every target's labels."""
     from training.dataset import load_routing_data
 
+    from training.token_states import adapted_blocks
+
     check_activations(artifact, artifact_uri, activations)
+    meta = artifact.router.meta
+    adapted = set(meta.adapter.block_names()) if getattr(meta, "adapter", None) else set()
     data = load_routing_data(activations, labels, artifact.router.target_names,
-                             blocks=artifact.router.block_names)
+                             blocks=[b for b in artifact.router.block_names if b not in adapted] or None)
+    if adapted:
+        data.blocks.update(adapted_blocks(activations, artifact_uri, meta, list(data.query_ids), data.n_tokens))
     check_data(artifact, data)
     return data
 

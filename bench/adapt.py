@@ -187,14 +187,9 @@ def markdown(doc: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from bench.objectives import add_cv_args, run_and_write
+    from bench.objectives import add_cv_args, cv_parser, run_and_write
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--activations", required=True, help="a capture with the frozen blocks and token_layers=[L]")
-    p.add_argument("--labels", required=True)
-    p.add_argument("--queries", required=True, help="query table: task and group_id")
-    p.add_argument("--artifact", required=True, help="whose targets, in its order")
+    p = cv_parser(__doc__.split("\n")[0], "a capture with the frozen blocks and token_layers=[L]")
     p.add_argument("--encoder", default="smollm2-135m", help="the capture's encoder (registry name)")
     p.add_argument("--from-layer", type=int, default=12)
     p.add_argument("--n-blocks", type=int, default=1)

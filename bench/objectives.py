@@ -125,18 +125,25 @@ def markdown(doc: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--activations", required=True)
-    p.add_argument("--labels", required=True)
-    p.add_argument("--queries", required=True, help="query table: task and group_id")
-    p.add_argument("--artifact", required=True, help="whose targets, in its order")
+    p = cv_parser(__doc__.split("\n")[0], "a capture with the blocks")
     p.add_argument("--blocks", nargs="+", required=True, help="block sets, each comma-separated")
     p.add_argument("--objectives", nargs="+", default=["bce", "pairwise:1", "listwise:5:0.05", "residual:5"],
                    help="kind[:weight[:temperature]] each")
     p.add_argument("--n-components", type=int, default=64, help="PCA components per block")
     add_cv_args(p, "bench/results/objectives.json")
     return run_and_write(p.parse_args(argv), run, markdown)
+
+
+def cv_parser(description: str, activations_help: str) -> argparse.ArgumentParser:
+    """The parser of a cross-validated bench (logging set up): the capture, labels, query table and the
+    artifact whose targets it scores; the bench adds its own flags and :func:`add_cv_args`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--activations", required=True, help=activations_help)
+    p.add_argument("--labels", required=True)
+    p.add_argument("--queries", required=True, help="query table: task and group_id")
+    p.add_argument("--artifact", required=True, help="whose targets, in its order")
+    return p
 
 
 def add_cv_args(p: argparse.ArgumentParser, out: str) -> None:

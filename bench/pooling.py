@@ -107,14 +107,9 @@ def markdown(doc: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from bench.objectives import add_cv_args, run_and_write
+    from bench.objectives import add_cv_args, cv_parser, run_and_write
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--activations", required=True, help="a capture with the vector blocks and token_layers")
-    p.add_argument("--labels", required=True)
-    p.add_argument("--queries", required=True, help="query table: task and group_id")
-    p.add_argument("--artifact", required=True, help="whose targets, in its order")
+    p = cv_parser(__doc__.split("\n")[0], "a capture with the vector blocks and token_layers")
     p.add_argument("--blocks", nargs="+", required=True, help="block sets, each comma-separated (h<l>_attn allowed)")
     p.add_argument("--n-components", type=int, default=64, help="PCA components per vector block")
     p.add_argument("--token-components", type=int, default=64, help="PCA components per token (attn blocks)")

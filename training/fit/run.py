@@ -24,7 +24,7 @@ from shared.features import is_attn, parse_block
 from training.dataset import RoutingData, RoutingDataConfig, load_routing_data
 from training.fit.train_ray import TrainRunConfig
 from training.objectives import ObjectiveConfig
-from training.router_meta import best_single_record, encoder_info, target_table, val_metrics  # noqa: F401 (here since fit)
+from training.router_meta import best_single_record, encoder_info, target_table, val_metrics
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ def test_always_cheapest_and_always_best_come_from_the_artifact_on_an_all_test_t
 
     from shared.artifact import copy_artifact
     from training.evaluate.baselines import AlwaysBest
-    from training.fit.run import best_single_record
+    from training.router_meta import best_single_record
 
     data, cfg, _ = evaluated
     train = data.where("train")

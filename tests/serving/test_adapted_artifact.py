@@ -1,7 +1,7 @@
 """An adapted artifact's round trip: a real Ray capture of layer-12 token states of real prompts, ``adapt``
 trains one adapted block and a trunk for a few steps and writes the artifact, and the real Encoder and
 router-head replicas serve it (prefix cache on): the served probabilities are the training side's for the same
-prompt. The replica then reloads the committed reference artifact (schema 2, no adapter) in place."""
+prompt, and so are evaluate's on a fresh ``capture artifact=`` of the same queries. The replica then reloads the committed reference artifact (schema 2, no adapter) in place."""
 
 import asyncio
 
@@ -77,10 +77,17 @@ def test_adapted_artifact_round_trip_through_the_replicas(ray_cluster, queries, 
     assert [b["name"] for b in meta["transform"]["blocks"]] == ["h12_last", "h13a12_last", "h13a12_mean"]
 
     uri = str(tmp_path / "router")
-    # evaluate reads the adapted blocks the way serving computes them, from the capture's token states
+    # the held-out check's capture: `capture artifact=` (no token_layers given) keeps the adapter's token states,
+    # and evaluate reads the adapted blocks from them the way serving computes them
     from training.evaluate.baselines import ArtifactRouter
     from training.evaluate.run import load_data
-    evaluated = load_data(ArtifactRouter.load(uri), uri, act, labels)
+    checked = str(tmp_path / "checked")
+    run_capture(load_config(CaptureConfig, None, [
+        f"queries={queries}", f"out={checked}", f"artifact={uri}", "dtype=float32", "shard_size=8",
+        "bucket_window=8", "batch_size=4", "progress=false"]))
+    identity = storage.read_json(storage.join(checked, "manifest.json"))["identity"]
+    assert identity["token_layers"] == [12] and identity["token_window"] == 32
+    evaluated = load_data(ArtifactRouter.load(uri), uri, checked, labels)
     rows = np.array([int(np.flatnonzero(evaluated.query_ids == q)[0]) for q in data.query_ids])
     P = ArtifactRouter.load(uri).router.predict_proba({b: v[rows] for b, v in evaluated.blocks.items()})
     np.testing.assert_allclose(P, predict_proba(fit.adapter, fit.transform, fit.trunk, windows,

@@ -270,17 +270,18 @@ def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool, on_batch
 
 
 def for_artifact(cfg: CaptureConfig) -> CaptureConfig:
-    """``cfg`` with the encoder, layers and poolings of ``cfg.artifact`` (unchanged without one).
-
-    The artifact wins: what it reads is what a check of it needs. A config value it replaces
-    (e.g. ``layers`` of ``configs/capture.yaml``) is named in a warning, never dropped silently.
-    """
+    """``cfg`` with the encoder, layers and poolings of ``cfg.artifact`` (unchanged without one), and the token
+    states an adapter reads (layer ``from_layer``, at least ``window`` tokens). The artifact wins: what it reads is
+    what a check of it needs; a config value it replaces is named in a warning, never dropped silently."""
     from shared.artifact import read_meta
 
     if not cfg.artifact:
         return cfg
     meta = read_meta(cfg.artifact)
     wanted = {"encoder": meta.encoder.name, "layers": sorted(meta.layers), "poolings": meta.poolings}
+    if meta.adapter is not None:  # its blocks are computed from layer L's last states (training/token_states.py)
+        wanted["token_layers"] = sorted(set(cfg.token_layers) | {meta.adapter.from_layer})
+        wanted["token_window"] = max(cfg.token_window, meta.adapter.window) if cfg.token_layers else meta.adapter.window
     replaced = {k: getattr(cfg, k) for k in wanted if getattr(cfg, k) != wanted[k]}
     if replaced:
         log.warning("capture: artifact %s reads %s; replacing the config's %s", cfg.artifact, wanted, replaced)

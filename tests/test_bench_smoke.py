@@ -266,6 +266,17 @@ def test_prefix_cache_runs_on_a_short_system_prompt(tmp_path):
     assert "**" in prefix.report(doc)
 
 
+@pytest.mark.slow
+def test_decision_latency_times_two_artifacts_side_by_side(tmp_path):
+    latency = bench("decision_latency")
+    out = tmp_path / "latency.json"
+    assert latency.main([f"reference={ROOT / 'data' / 'router'}", str(RB_ARTIFACT), "--n", "2", "--json", str(out)]) == 0
+    doc = read_checked(latency, out)
+    assert [r["label"] for r in doc["rows"]] == ["reference", "router"] and doc["rows"][0]["p50_ratio"] == 1.0
+    assert doc["rows"][1]["depth"] > doc["rows"][0]["depth"] and doc["rows"][1]["adapted_blocks"] == 0
+    assert latency.markdown(doc).count("\n") == 3 + 2
+
+
 def test_capture_throughput_reads_routerbench_prompts_as_a_query_table(tmp_path):
     """``--routerbench`` only changes where the queries come from (the capture that follows is the one
     the next test runs): a seeded sample, in file order, one user message each."""

@@ -55,16 +55,6 @@ def per_task(Y: np.ndarray, P: np.ndarray, tasks: np.ndarray) -> tuple[dict[str,
     return within, pair
 
 
-def folds(Y: np.ndarray, groups: np.ndarray, n_folds: int, seed: int, share: float = 0.15):
-    """Per fold, as :func:`training.fit.tune.fold_predictions` splits: ``(train rows, early-stop rows, held)``."""
-    from sklearn.model_selection import GroupKFold
-
-    for k, (fit_idx, held) in enumerate(GroupKFold(n_splits=n_folds).split(Y, groups=groups)):
-        perm = np.random.default_rng(seed + k).permutation(fit_idx)
-        cut = max(1, int(round((1 - share) * len(perm))))
-        yield perm[:cut], perm[cut:], held
-
-
 def adapt_fold(encoder: str, spec, windows, frozen_raw, tr, es, held, n_components: int, cfg, label: str,
                threads: int | None = None) -> tuple[np.ndarray, float, float, float]:
     """One adaptation: ``(P of the held rows, seconds, start val loss, best val loss)`` (a Ray task with ``--workers``)."""
@@ -72,28 +62,27 @@ def adapt_fold(encoder: str, spec, windows, frozen_raw, tr, es, held, n_componen
 
     from shared.models import load_causal_lm
     from shared.registry import load_registry
-    from training.adapt.model import predict_proba
-    from training.adapt.train import fit_adapted
+    from training.adapt.choose import adapt_fold as one_fold
 
     if threads:
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     lm = load_causal_lm(load_registry().encoder(encoder), device="cpu")
-    fit = fit_adapted(lm.model, spec, windows, frozen_raw, tr, es, n_components, cfg, label=label)
-    P = predict_proba(fit.adapter, fit.transform, fit.trunk, windows.take(held), {b: x[held] for b, x in frozen_raw.items()})
-    return P, round(time.perf_counter() - start, 1), fit.result.start_val_loss, fit.result.val_loss
+    P, result = one_fold(lm.model, spec, windows, frozen_raw, tr, es, held, n_components, cfg, label)
+    return P, round(time.perf_counter() - start, 1), result.start_val_loss, result.val_loss
 
 
 def adapted_rows(args, data, windows, frozen_raw, groups, jobs) -> list[tuple[str, np.ndarray, list[float]]]:
     """``[(label, out-of-fold P (n, T), seconds per fold)]`` of each adapted job ``(label, AdaptTrainConfig)``;
     with ``--workers`` > 1 every (job, fold) is a Ray task of one CPU (one torch thread)."""
     from shared.adapter import AdapterSpec
+    from training.cv import split_folds
 
     spec = AdapterSpec(from_layer=args.from_layer, n_blocks=args.n_blocks, window=windows.mask.shape[1],
                        poolings=["last", "mean"])
     work = [(label, cfg, k, split) for label, cfg in jobs
-            for k, split in enumerate(folds(data.Y, groups, args.folds, args.seed)) if k < args.max_folds]
+            for k, split in enumerate(split_folds(len(data.Y), groups, args.folds, args.seed)) if k < args.max_folds]
     if args.workers > 1:
         import ray
 
@@ -126,7 +115,8 @@ def run(args: argparse.Namespace) -> dict:
     from training.adapt.train import AdaptTrainConfig
     from training.dataset import load_routing_data
     from training.evaluate.routing_metrics import equal_costs
-    from training.fit.tune import fold_groups, fold_predictions
+    from training.cv import fold_groups
+    from training.fit.tune import fold_predictions
     from training.loop import TrunkConfig
     from training.semantic_text import read_queries
     from training.token_states import read_token_windows

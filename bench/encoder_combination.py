@@ -80,7 +80,8 @@ def load(args: argparse.Namespace):
     """``(sources, Y, tasks, groups, targets)`` over train + val rows that every capture holds;
     ``sources``: ``{name: {block: (n, d)}}``."""
     from training.dataset import load_routing_data
-    from training.fit.tune import fold_groups, minilm_block
+    from training.cv import fold_groups
+    from training.fit.tune import minilm_block
     from training.semantic_text import read_queries
 
     specs = [parse_capture(s) for s in args.capture]

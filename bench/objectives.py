@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
     from shared.progress import Progress
     from training.dataset import load_routing_data
     from training.evaluate.routing_metrics import equal_costs
-    from training.fit.tune import fold_groups
+    from training.cv import fold_groups
     from training.loop import TrunkConfig
     from training.semantic_text import read_queries
 

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> dict:
     from shared.features import is_attn, parse_block
     from training.dataset import load_routing_data
     from training.evaluate.routing_metrics import equal_costs
-    from training.fit.tune import fold_groups, fold_predictions
+    from training.cv import fold_groups
+    from training.fit.tune import fold_predictions
     from training.loop import TrunkConfig
     from training.pooled import PoolConfig
     from training.semantic_text import read_queries

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from shared import storage
 from shared.config import StrictConfig
 from cluster.pipeline.publish import PublishConfig
+from training.adapt.run import AdaptConfig
 from training.capture.run import CaptureConfig
 from training.data.build import DataConfig
 from training.data.import_config import ImportConfig
@@ -52,10 +53,27 @@ def wiring(raw: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, di
         wired["judge"] = common
     if raw.get("tune") is not None:
         wired["fit"]["tune_report"] = storage.join(work, "tune", "tune.json")
+    if raw.get("adapt") is not None:
+        wired["adapt"] = {"activations": acts, "labels": labels, "targets": targets,
+                          "out": storage.join(work, "router-adapted"), "registry": raw.get("registry"),
+                          "tune_report": storage.join(work, "tune", "tune.json"), "cv_out": storage.join(work, "adapt")}
     defaults = {"label": {"progress": False}, "capture": {"progress": False},
                 "fit": {"probe_report": storage.join(work, "probe", "probe.json"),
                         "train": {"storage_path": storage.join(work, "ray-train")}}}
     return wired, defaults
+
+
+def check_adapt(raw: dict[str, Any]) -> None:
+    """An adapt section needs tune's report to compete with and the capture's token states of its layer."""
+    adapt = raw.get("adapt")
+    if adapt is None:
+        return
+    if raw.get("tune") is None:
+        raise ValueError("adapt competes with tune's choice on tune's folds: add a `tune` section")
+    layer, kept = (adapt or {}).get("from_layer"), (raw.get("capture") or {}).get("token_layers") or []
+    if layer is not None and layer not in kept:
+        raise ValueError(f"adapt.from_layer={layer} reads that layer's token states: set capture.token_layers "
+                         f"to include {layer} (now {kept}) and capture.token_window to at least adapt.window")
 
 
 class PipelineConfig(StrictConfig):
@@ -81,6 +99,10 @@ class PipelineConfig(StrictConfig):
     tune: TuneConfig | None = Field(None, description="Choose the blocks and PCA size by cross-validation "
                                     "(paths and targets are wired); fit then uses its choice. None: no tune stage.")
     fit: FitConfig = Field(default_factory=dict, description="Router fit (paths and targets are wired).")
+    adapt: AdaptConfig | None = Field(
+        None, description="An adapted encoder as one more candidate (needs `tune`, and capture.token_layers with "
+        "adapt.from_layer): cross-validated on tune's folds and score after fit; when it beats tune's choice its "
+        "artifact (work_dir/router-adapted) is evaluated and published instead of fit's. None: no adapt stage.")
     evaluate: EvalConfig = Field(default_factory=dict, description="Evaluation (paths are wired).")
     publish: PublishConfig = Field(default_factory=PublishConfig, description="Where and when to publish.")
 
@@ -100,12 +122,13 @@ class PipelineConfig(StrictConfig):
             raise ValueError("work_dir must be a local directory (publish.uri may be s3://)")
         if raw.get("tune") is not None and (raw.get("fit") or {}).get("blocks"):
             raise ValueError("fit.blocks is set, so the tune stage's choice would be ignored: remove one of them")
+        check_adapt(raw)
         wired, defaults = wiring(raw)
         judged = (raw.get("judge") or {}).get("log")
         if judged and judged not in ((raw.get("data_import") or {}).get("inputs") or []):
             raise ValueError(f"judge.log {judged!r} is not among data_import.inputs: the verdicts would not be imported")
-        for stage in ("judge", "data", "data_import", "label", "capture", "probe", "tune", "fit", "evaluate"):
-            if stage in ("judge", "data", "data_import", "tune") and raw.get(stage) is None:
+        for stage in ("judge", "data", "data_import", "label", "capture", "probe", "tune", "fit", "adapt", "evaluate"):
+            if stage in ("judge", "data", "data_import", "tune", "adapt") and raw.get(stage) is None:
                 continue
             section = dict(raw.get(stage) or {})
             clash = sorted(k for k, v in wired.get(stage, {}).items() if k in section and section[k] != v)

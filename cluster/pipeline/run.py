@@ -4,7 +4,9 @@ Stages: **judge** (only with a ``judge`` section: logged answers without feedbac
 **data** (build the query table, import one with its labels, or use an existing one) -> **label** ->
 **capture** -> **probe** -> **tune** (only when the config has a ``tune`` section: the
 blocks and PCA size are then chosen by cross-validation, and fit uses that choice) ->
-**fit** -> **evaluate** -> **publish** (``cluster/pipeline/publish.py``).
+**fit** -> **adapt** (only with an ``adapt`` section: an adapted encoder cross-validated on tune's folds; when
+it beats tune's choice its artifact replaces fit's in evaluate and publish) -> **evaluate** -> **publish**
+(``cluster/pipeline/publish.py``).
 Each stage is the module's own ``run_*`` function, one row of the stage table :data:`STAGES`
 (its work, key and output); :class:`PipelineConfig` holds their
 configs and wires every path between them under ``work_dir`` (a local directory):
@@ -15,6 +17,7 @@ configs and wires every path between them under ``work_dir`` (a local directory)
                                ``data_import`` writes them: nothing is labelled)
     work_dir/probe/            probe       work_dir/tune/         tune
     work_dir/router/           fit (the artifact)
+    work_dir/adapt/            adapt (adapt.json)  work_dir/router-adapted/  its artifact, when chosen
     work_dir/eval/             evaluate    work_dir/stages/       what each stage did
 
 A wired key (e.g. ``label.out``) may not be set to anything else. Re-running the same
@@ -155,18 +158,34 @@ def stage_fit(cfg: PipelineConfig, results: dict) -> dict[str, Any]:
             "n_train": metrics["n_train"]}
 
 
+def stage_adapt(cfg: PipelineConfig, results: dict) -> dict[str, Any]:
+    """The adapted encoder against tune's choice on tune's folds; its artifact only when it wins."""
+    from training.adapt.run import run_adapt
+
+    out = run_adapt(cfg.adapt)
+    choice = out["choice"]
+    return {"chosen": choice["chosen"], "reason": choice["reason"], "artifact": cfg.adapt.out if out["chosen"] else None,
+            choice["choose_by"]: choice["adapted"][choice["choose_by"]]}
+
+
+def chosen_artifact(cfg: PipelineConfig, results: dict) -> str:
+    """The router the pipeline evaluates and publishes: the adapted one when the adapt stage chose it, else fit's."""
+    return (results.get("adapt") or {}).get("artifact") or cfg.fit.out
+
+
 def stage_evaluate(cfg: PipelineConfig, results: dict) -> dict[str, Any]:
     from training.evaluate.run import run_evaluation
     from cluster.pipeline.publish import artifact_test_metrics
 
-    report = run_evaluation(cfg.evaluate)
+    report = run_evaluation(cfg.evaluate.model_copy(update={"artifact": chosen_artifact(cfg, results)}))
     return {"metrics": artifact_test_metrics(report), "n": report.n.model_dump()}
 
 
 def stage_publish(cfg: PipelineConfig, results: dict) -> dict[str, Any]:
     from cluster.pipeline.publish import publish
 
-    result = publish(cfg.publish, cfg.fit.out, results["evaluate"]["metrics"], cfg.evaluate, cfg.work_dir)
+    result = publish(cfg.publish, chosen_artifact(cfg, results), results["evaluate"]["metrics"], cfg.evaluate,
+                     cfg.work_dir)
     if result["published"]:
         console.print(f"[green]published[/] {result['artifact']} ({result['reason']})")
     else:
@@ -196,8 +215,11 @@ STAGES = (
     Stage("fit", stage_fit, key=lambda cfg, keys: stage_key(cfg.fit.model_dump(mode="json"),
                                                           keys.get("tune", keys["probe"])),
           output=_fit_output),
+    Stage("adapt", stage_adapt, key=lambda cfg, keys: stage_key(cfg.adapt.model_dump(mode="json"), keys["tune"]),
+          output=lambda cfg: storage.join(cfg.adapt.cv_out, "adapt.json"), when=lambda cfg: cfg.adapt is not None),
     Stage("evaluate", stage_evaluate,
-          key=lambda cfg, keys: stage_key(cfg.evaluate.model_dump(mode="json"), keys["fit"]),
+          key=lambda cfg, keys: stage_key(cfg.evaluate.model_dump(mode="json"), keys["fit"],
+                                          *([keys["adapt"]] if "adapt" in keys else [])),
           output=lambda cfg: storage.join(cfg.evaluate.out, "report.json")),
     Stage("publish", stage_publish),
 )

@@ -11,17 +11,17 @@ from cluster.pipeline.state import Stage, run_stage, stage_key
 
 
 def test_one_table_names_every_stage_in_order():
-    assert [s.name for s in STAGES] == ["judge", "data", "label", "capture", "probe", "tune", "fit", "evaluate",
-                                        "publish"]
+    assert [s.name for s in STAGES] == ["judge", "data", "label", "capture", "probe", "tune", "fit", "adapt",
+                                        "evaluate", "publish"]
     recorded = {s.name for s in STAGES if s.output is not None}
-    assert recorded == {"data", "probe", "tune", "fit", "evaluate"}  # label and capture resume by their shards
+    assert recorded == {"data", "probe", "tune", "fit", "adapt", "evaluate"}  # label and capture resume by their shards
     assert all(s.key is not None for s in STAGES if s.name in recorded)
 
 
 def test_tune_and_judge_run_only_when_configured(tmp_path):
     cfg = pipeline_config(tmp_path, quick=True, reference_labels=None)
-    optional = {s.name: s for s in STAGES if s.name in ("tune", "judge")}
-    assert cfg.tune is None and cfg.judge is None and not any(s.when(cfg) for s in optional.values())
+    optional = {s.name: s for s in STAGES if s.name in ("tune", "judge", "adapt")}
+    assert cfg.tune is None and cfg.judge is None and cfg.adapt is None and not any(s.when(cfg) for s in optional.values())
     assert all(s.when(cfg) for s in STAGES if s.name not in optional)
 
 

@@ -78,3 +78,45 @@ def test_routerdc_pipeline_then_an_unseen_task(tmp_path, local_ray):
     assert test.routers["task-best"].accuracy == pytest.approx(
         test.references.single[recorded["task_best"]["default"]].accuracy)
     assert "task-best" in held.artifact_baselines and (fresh / "eval" / "report.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_adapt_stage_competes_with_tunes_choice_and_its_artifact_replaces_fits_only_when_chosen(
+        tmp_path, local_ray):
+    """Tune, then an adapted encoder cross-validated on tune's folds: with margin -1 it is chosen and its
+    artifact is evaluated and published; re-run with margin 1 (the earlier stages skipped), it is not, and
+    fit's artifact is evaluated again."""
+    from shared.artifact import read_meta
+
+    work, published = tmp_path / "work", tmp_path / "published"
+    overrides = [
+        f"work_dir={work}", f"data_import.inputs=[{slice_files(tmp_path / 'rows', SEEN, 0, 16)}]",
+        "capture.layers=[2,3]", "capture.token_layers=[2]", "capture.token_window=32", "capture.shard_size=32",
+        "capture.max_actors=1", "capture.max_tokens=512", "probe.folds=3", "probe.pca_dims=8", "probe.n_blocks=1",
+        "tune.minilm=false", "tune.folds=3", "tune.seeds=1", "tune.candidates=[{blocks: probe, n_components: 4}]",
+        f"tune.trunk={TINY_TRUNK}", "fit.train.seeds=1", "fit.train.keep=1", "fit.train.num_workers=1",
+        f"fit.train.trunk={TINY_TRUNK}", "evaluate.routers=[random]", "evaluate.bootstrap=20",
+        "evaluate.task_min_rows=5", f"publish.uri={published}",
+        "adapt={from_layer: 2, n_blocks: 1, window: 32, n_components: 4, margin: -1.0, train: {hidden: [16], "
+        "dropout: [0.0], batch_size: 8, max_epochs: 1, evals_per_epoch: 1, warm_epochs: 5, patience: 1}}"]
+    summary = run_pipeline(load_config(PipelineConfig, ROOT / "configs" / "pipeline-routerdc.yaml", overrides))
+    adapt = summary["stages"]["adapt"]
+    assert adapt["chosen"] and adapt["artifact"] == str(work / "router-adapted")
+    report = json.loads((work / "adapt" / "adapt.json").read_text())
+    tune = json.loads((work / "tune" / "tune.json").read_text())
+    assert report["tune_best"]["label"] == tune["best"]["label"] and report["n_rows"] == tune["n_rows"]
+    assert len(report["adapted"]["folds"]) == 3 and 0 <= report["adapted"]["pairwise_auc"] <= 1
+    assert report["adapted"]["blocks"] == ["h3a2_last", "h3a2_mean"]
+    assert json.loads((work / "eval" / "report.json").read_text())["artifact"] == str(work / "router-adapted")
+    assert read_meta(str(work / "router-adapted")).adapter.from_layer == 2
+    assert summary["stages"]["publish"]["published"]
+    assert read_meta(summary["stages"]["publish"]["artifact"]).adapter is not None
+
+    again = run_pipeline(load_config(PipelineConfig, ROOT / "configs" / "pipeline-routerdc.yaml",
+                                     [*overrides[:-1], overrides[-1].replace("margin: -1.0", "margin: 1.0")]))
+    stages = again["stages"]
+    assert all(stages[s].get("skipped") for s in ("data", "probe", "tune", "fit"))
+    assert not stages["adapt"]["chosen"] and stages["adapt"]["artifact"] is None
+    assert not stages["evaluate"].get("skipped")
+    assert json.loads((work / "eval" / "report.json").read_text())["artifact"] == str(work / "router")

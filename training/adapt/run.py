@@ -26,6 +26,7 @@ from pydantic import Field
 from shared.cli_utils import config_command, console, run_cli
 from shared.errors import BadInput
 from shared.features import parse_block
+from training.adapt.inputs import load_windows
 from training.adapt.model import AdaptInputs, predict_proba
 from training.adapt.train import AdaptedFit, AdaptTrainConfig, fit_adapted
 from training.dataset import RoutingData, RoutingDataConfig, load_routing_data
@@ -50,29 +51,14 @@ class AdaptConfig(RoutingDataConfig):
     n_components: int = Field(64, gt=0, description="PCA components per block (fitted on train only).")
     tolerance: float = Field(0.2, ge=0, le=1, description="Default routing tolerance stored in the artifact.")
     train: AdaptTrainConfig = Field(default_factory=AdaptTrainConfig, description="Training of blocks and trunk.")
-
-
-def load_windows(cfg: AdaptConfig, data: RoutingData) -> tuple[AdaptInputs, int]:
-    """``(rows, window)``: every row's window of layer ``from_layer`` (in ``data``'s order) with its prompt length
-    and labels (``dense`` empty); refuses a window over the capture's ``token_window``."""
-    from shared import storage
-    from training.token_states import read_token_windows
-
-    identity = storage.read_json(storage.join(cfg.activations, "manifest.json"))["identity"]
-    captured = identity.get("token_window")
-    if cfg.from_layer not in identity.get("token_layers", []):
-        raise BadInput(f"{cfg.activations} keeps no token states of layer {cfg.from_layer} (token_layers: "
-                       f"{identity.get('token_layers', [])}); capture with token_layers=[{cfg.from_layer}]")
-    window = cfg.window or captured
-    if window > captured:
-        raise BadInput(f"window={window} exceeds the capture's token_window={captured}: the served window would "
-                       "hold states the training never saw; lower window or capture a longer one")
-    if not len(data.n_tokens):
-        raise BadInput(f"{cfg.activations} has no n_tokens column: the windows' positions need each prompt's length")
-    _, states, mask = read_token_windows(cfg.activations, cfg.from_layer, window, list(data.query_ids))
-    n = len(data.query_ids)
-    return AdaptInputs(states, mask, np.asarray(data.n_tokens, dtype=np.int64), np.zeros((n, 0), np.float32),
-                       data.Y), window
+    tune_report: str | None = Field(None, description="tune.json of the same capture, labels and targets: first "
+                                    "cross-validate the adapted blocks on tune's folds and score (training/adapt/"
+                                    "choose.py); write the artifact only if they beat tune's choice. None: always.")
+    margin: float = Field(0.0, ge=-1, le=1, description="With tune_report: how far the adapted candidate's "
+                          "choose_by score must exceed tune's chosen candidate's; negative: it is chosen unless "
+                          "worse by more than that (e.g. to prefer it when it runs fewer layers).")
+    cv_out: str = Field("runs/adapt", description="With tune_report: where adapt.json (both rows and the "
+                                                  "decision) is written.")
 
 
 def adapt_from_capture(cfg: AdaptConfig) -> tuple[AdaptedFit, RoutingData, AdaptInputs, Any]:
@@ -102,10 +88,23 @@ def adapt_from_capture(cfg: AdaptConfig) -> tuple[AdaptedFit, RoutingData, Adapt
 
 
 def run_adapt(cfg: AdaptConfig) -> dict[str, Any]:
-    """Train and write the artifact; returns its metadata as a dict."""
+    """Train and write the artifact; returns its metadata as a dict. With ``tune_report``, the adapted candidate
+    is first cross-validated against tune's choice (:func:`training.adapt.choose.choose`): not chosen, nothing
+    is written and the result is ``{"chosen": False, "choice": report}``; chosen, the metadata gains
+    ``"chosen": True`` and ``"choice"``."""
+    from training.adapt.choose import choose
+
+    choice = choose(cfg) if cfg.tune_report else None
+    if choice is not None and not choice["chosen"]:
+        console.print(f"adapted encoder not chosen: {choice['reason']}; no artifact written "
+                      f"(report: {cfg.cv_out}/adapt.json)")
+        return {"chosen": False, "choice": choice}
+    if choice is not None:
+        console.print(f"adapted encoder chosen: {choice['reason']}")
     start = time.perf_counter()
     fit, data, windows, spec = adapt_from_capture(cfg)
-    return write_adapted(cfg, fit, data, windows, spec, time.perf_counter() - start)
+    meta = write_adapted(cfg, fit, data, windows, spec, time.perf_counter() - start)
+    return {**meta, "chosen": True, "choice": choice} if choice is not None else meta
 
 
 def write_adapted(cfg: AdaptConfig, fit: AdaptedFit, data: RoutingData, windows: AdaptInputs, spec: Any,

@@ -28,7 +28,6 @@ target).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
@@ -40,6 +39,7 @@ from shared.cli_utils import config_command, console, run_cli
 from shared.config import StrictConfig
 from shared.errors import BadInput
 from shared.features import is_attn
+from training.cv import fold_groups, row_tasks, score_folds, score_row, split_folds
 from training.loop import PropensityWeighting, TrunkConfig
 from training.dataset import RoutingData, RoutingDataConfig
 from training.fit.probe import choice_rows, save_figure
@@ -111,8 +111,6 @@ def fold_predictions(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.nd
     ``weights``: ``(n, T)`` loss weights per cell (:func:`training.loop.propensity_weights`; 0 = missing)
     for the members' BCE and early stopping; not with ``tokens``.
     """
-    from sklearn.model_selection import GroupKFold
-
     from shared.trunk import FeatureTransform
 
     from training.loop import build_ensemble, train_one
@@ -120,10 +118,7 @@ def fold_predictions(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.nd
     if tokens and weights is not None:
         raise BadInput("propensity weighting is not implemented for h<layer>_attn candidates (training/pooled.py)")
     W = (lambda rows: None) if weights is None else (lambda rows: weights[rows])  # noqa: E731
-    for k, (fit_idx, held) in enumerate(GroupKFold(n_splits=folds).split(Y, groups=groups)):
-        perm = np.random.default_rng(seed + k).permutation(fit_idx)
-        cut = max(1, int(round((1 - early_stop_share) * len(perm))))
-        tr, es = perm[:cut], perm[cut:]
+    for tr, es, held in split_folds(len(Y), groups, folds, seed, early_stop_share):
         if tokens:
             pool = pool or PoolConfig()
             inputs = fit_inputs(blocks, tokens, tr, n_components, pool, seed)
@@ -150,20 +145,8 @@ def cv_scores(blocks: dict[str, np.ndarray], Y: np.ndarray, groups: np.ndarray, 
     they are (:mod:`training.metrics`: a score ``y`` counts ``y`` right and ``1 - y`` wrong). ``tokens``, ``pool``:
     attn blocks, ``weights`` the members' loss weights, as :func:`fold_predictions` takes them (the scores
     are unweighted)."""
-    from training.metrics import brier, log_loss, masked_auc, pairwise_auc, within_group_auc
-
-    per_fold, pairwise = [], []
-    for held, P in fold_predictions(blocks, Y, groups, n_components, trunk, folds, seeds, early_stop_share, seed,
-                                    tokens, pool, weights):
-        Yh = Y[held]
-        within = within_group_auc(Yh, P, tasks[held]) if tasks is not None else np.full(Y.shape[1], np.nan)
-        per_fold.append((masked_auc(Yh, P), brier(Yh, P), log_loss(Yh, P), within))
-        pairwise.append(pairwise_auc(Yh, P))
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a target with no score in any fold -> nan
-        means = np.nanmean(np.asarray(per_fold, dtype=np.float64), axis=0)  # (4, T)
-    names = ("auc", "brier", "log_loss") + (("within_task_auc",) if tasks is not None else ())
-    return {**dict(zip(names, means)), "pairwise_auc": _nanmean(np.asarray(pairwise))}
+    return score_folds(Y, fold_predictions(blocks, Y, groups, n_components, trunk, folds, seeds, early_stop_share,
+                                           seed, tokens, pool, weights), tasks)
 
 
 def choose_candidate(rows: Sequence[dict[str, Any]], depth_tolerance: float = 0.0,
@@ -181,25 +164,6 @@ def choose_candidate(rows: Sequence[dict[str, Any]], depth_tolerance: float = 0.
     top = max(r[key] for r in rows)
     near = [r for r in rows if r[key] >= top - depth_tolerance]
     return min(near, key=lambda r: (max(parse_block(b)[0] for b in r["blocks"]), -r[key]))
-
-
-def fold_groups(data: RoutingData, queries: str | None) -> np.ndarray:
-    """``(n,)`` ``group_id`` per row from the query table (the query id where there is none)."""
-    if not queries:
-        return np.asarray(data.query_ids)
-    table = storage.read_parquet(queries, columns=["query_id", "group_id"])
-    gid = dict(zip(table.column("query_id").to_pylist(), table.column("group_id").to_pylist()))
-    return np.array([gid.get(q) or q for q in data.query_ids], dtype=object)
-
-
-def row_tasks(data: RoutingData, queries: str | None) -> np.ndarray | None:
-    """``(n,)`` each row's ``task`` from the query table; None without one, or with one task."""
-    if not queries:
-        return None
-    table = storage.read_parquet(queries, columns=["query_id", "task"])
-    task = dict(zip(table.column("query_id").to_pylist(), table.column("task").to_pylist()))
-    out = np.array([str(task.get(q)) for q in data.query_ids], dtype=object)
-    return out if len(set(out)) > 1 else None
 
 
 def candidate_blocks(cand: Candidate, cfg: TuneConfig) -> list[str]:
@@ -306,11 +270,10 @@ def run_tune(cfg: TuneConfig, data: RoutingData | None = None) -> dict[str, Any]
             attn = {b: tokens[b] for b in names if is_attn(b)}
             scores = cv_scores({b: blocks[b] for b in names if not is_attn(b)}, data.Y, groups, k, trunk, cfg.folds,
                                cfg.seeds, cfg.early_stop_share, cfg.seed, tasks, attn or None, cfg.pool, weights)
-            pairwise = scores.pop("pairwise_auc")
             rows.append({"label": label, "blocks": names, "n_components": k, "objective": obj.model_dump(),
-                         "pairwise_auc": pairwise, **{f"mean_{name}": _nanmean(v) for name, v in scores.items()},
-                         **{name: dict(zip(data.targets, map(float, v))) for name, v in scores.items()}})
-            progress.update(1, detail=f"{label}: mean AUC {rows[-1]['mean_auc']:.4f}, pairwise AUC {pairwise:.4f}")
+                         **score_row(scores, data.targets)})
+            progress.update(1, detail=f"{label}: mean AUC {rows[-1]['mean_auc']:.4f}, "
+                                      f"pairwise AUC {rows[-1]['pairwise_auc']:.4f}")
     best = choose_candidate(rows, cfg.depth_tolerance, cfg.choose_by)
     out = {"config": cfg.model_dump(mode="json"), "n_rows": int(len(data.query_ids)), "candidates": rows,
            "best": best}
@@ -321,13 +284,6 @@ def run_tune(cfg: TuneConfig, data: RoutingData | None = None) -> dict[str, Any]
     console.print(f"chosen by {cfg.choose_by} (depth tolerance {cfg.depth_tolerance}): {best['label']} "
                   f"({cfg.choose_by} {best[cfg.choose_by]:.4f}); report in {cfg.out}/tune.json")
     return out
-
-
-def _nanmean(values: np.ndarray) -> float:
-    """``np.nanmean`` of ``values``; nan, without a warning, when all are NaN."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(np.nanmean(values))
 
 
 def tune_table(rows: Sequence[dict[str, Any]]):

@@ -270,17 +270,20 @@ def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool, on_batch
 
 
 def for_artifact(cfg: CaptureConfig) -> CaptureConfig:
-    """``cfg`` with the encoder, layers and poolings of ``cfg.artifact`` (unchanged without one).
+    """``cfg`` with the encoder, layers and poolings of ``cfg.artifact`` (unchanged without one), and for an
+    artifact with attn blocks their token layers and window (:func:`training.token_states.attn_capture`).
 
     The artifact wins: what it reads is what a check of it needs. A config value it replaces
     (e.g. ``layers`` of ``configs/capture.yaml``) is named in a warning, never dropped silently.
     """
     from shared.artifact import read_meta
+    from training.token_states import attn_capture
 
     if not cfg.artifact:
         return cfg
     meta = read_meta(cfg.artifact)
     wanted = {"encoder": meta.encoder.name, "layers": sorted(meta.layers), "poolings": meta.poolings}
+    wanted.update(attn_capture(meta, wanted))  # an attn artifact's token layers and window
     replaced = {k: getattr(cfg, k) for k in wanted if getattr(cfg, k) != wanted[k]}
     if replaced:
         log.warning("capture: artifact %s reads %s; replacing the config's %s", cfg.artifact, wanted, replaced)

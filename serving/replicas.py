@@ -27,7 +27,7 @@ from serving.messages import (
 from serving.prefix_cache import PrefixCache, system_prompt_ids
 from serving.schemas import RouteDecision
 from shared.artifact import ArtifactError, load_adapter, load_artifact, read_meta
-from shared.pooled_head import TokenReducer
+from shared.pooled_artifact import token_reducer
 from shared.registry import load_registry
 from shared.policy import Policy
 
@@ -84,7 +84,7 @@ class EncoderReplica:
             loaded = load_causal_lm(spec, device=self.device)
         self.encoder = Encoder(loaded, meta.layers, meta.poolings, max_tokens=self.max_prompt_tokens,
                                adapter=load_adapter(artifact, loaded.model, meta),
-                               attn=TokenReducer.from_artifact(artifact, meta))
+                               attn=token_reducer(artifact, meta))
         self.cache = self.new_cache(self.encoder)  # the layers may have changed: a new artifact starts empty
         self.artifact, self.name = artifact, spec.name
         log.info("encoder %s ready: layers %s (depth %d of %d)%s", spec.name, meta.layers, self.encoder.depth,

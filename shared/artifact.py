@@ -14,7 +14,7 @@ Layout of an artifact directory (local path or ``s3://bucket/prefix``)::
 (:class:`ArtifactError`). Schema 2 added the value policy to the operating point (any registered policy,
 :mod:`shared.policy`), schema 3 the optional adapter (``meta.adapter``, an :class:`shared.adapter.AdapterSpec`,
 and ``adapter.safetensors``), schema 4 the optional learned token pooling (``meta.pooled``, ``h{layer}_attn``
-blocks and ``tokens.safetensors``: :mod:`shared.pooled_head`). Older artifacts lack them and still load.
+blocks and ``tokens.safetensors``: :mod:`shared.pooled_artifact`). Older artifacts lack them and still load.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from shared.adapter import AdapterSpec
 from shared.config import StrictConfig
 from shared.errors import MissingArtifact
 from shared.features import adapted_from, parse_block
+from shared.pooled_head import TOKENS_FILE, pooled_parts
 from shared.pooling import PooledSpec
 from shared.policy import Policy, policy_names
 from shared.trunk import Ensemble, FeatureTransform, SharedTrunkNet
@@ -157,7 +158,7 @@ class ArtifactMeta(StrictConfig):
                                                           "h<to>a<from>_<pooling> blocks the transform reads; None: "
                                                           "the frozen encoder only.")
     pooled: PooledSpec | None = Field(None, description="Learned token pooling (h<layer>_attn blocks; "
-                                                        "shared.pooled_head); None: none.")
+                                                        "shared.pooled_artifact); None: none.")
 
     @property
     def poolings(self) -> list[str]:
@@ -318,15 +319,14 @@ def load_artifact(uri: str, expected_encoder: str | EncoderInfo | Mapping | None
     _check_encoder(uri, meta.encoder, expected_encoder)
     if meta.transform is None or meta.trunk is None:
         raise ArtifactError(f"router artifact at {uri}: meta lacks the transform or trunk spec")
-    if meta.pooled is not None:
-        from shared.pooled_head import load_pooled
-        return load_pooled(uri, meta)
     arrays = {}
-    for name in (TRANSFORM_FILE, WEIGHTS_FILE):
+    for name in (TRANSFORM_FILE, WEIGHTS_FILE) + ((TOKENS_FILE,) if meta.pooled else ()):
         data = _read(uri, name)
         if meta.files.get(name) != _sha256(data):
             raise ArtifactError(f"router artifact at {uri}: {name} does not match its sha256 in {META_FILE}")
         arrays[name] = data
+    if meta.pooled is not None:  # attn blocks: a PooledTransform and PooledTrunkNet members (shared.pooled_head)
+        return Router(meta, *pooled_parts(meta, arrays, TRANSFORM_FILE, WEIGHTS_FILE))
     transform = FeatureTransform.from_arrays(
         [b.name for b in meta.transform.blocks], safetensors.numpy.load(arrays[TRANSFORM_FILE])
     )

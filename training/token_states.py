@@ -79,12 +79,12 @@ def adapted_blocks(out: str, artifact_uri: str, meta, query_ids: list[str], n_to
 
 
 def attn_blocks(out: str, artifact_uri: str, meta, query_ids: list[str]) -> dict[str, np.ndarray]:
-    """An attn artifact's blocks (``meta.pooled``, :mod:`shared.pooled_head`) for captured rows: each block's
+    """An attn artifact's blocks (``meta.pooled``, :mod:`shared.pooled_artifact`) for captured rows: each block's
     window of its layer read from the capture at ``out`` (``query_ids`` in that order) and reduced by the
     artifact's token transform, as the Encoder replica sends it. ``{block: (n, W, k)}`` float32, NaN-padded;
     {} without attn blocks. Refuses a capture without the layers' token states or with a shorter window."""
     from shared import storage
-    from shared.pooled_head import load_token_transforms
+    from shared.pooled_artifact import token_reducer
     from shared.pooling import reduce_window
 
     pooled = getattr(meta, "pooled", None)
@@ -96,7 +96,7 @@ def attn_blocks(out: str, artifact_uri: str, meta, query_ids: list[str]) -> dict
         raise BadInput(f"the artifact's attn blocks {pooled.names} read the last {pooled.window} states of layers "
                        f"{pooled.layers}; {out} keeps token_layers {kept}, token_window {window}: capture with "
                        f"token_layers={pooled.layers} token_window={pooled.window} (capture artifact=<uri> sets both)")
-    transforms = load_token_transforms(artifact_uri, meta)
+    transforms = token_reducer(artifact_uri, meta).transforms
     blocks = {}
     for spec, tt in zip(pooled.blocks, transforms):
         _, states, mask = read_token_windows(out, spec.layer, spec.window, list(query_ids))

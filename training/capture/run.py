@@ -1,10 +1,9 @@
 """``prefill-router capture``: the encoder's pooled prefill activations for every query (Ray Data).
 
-The query table streams through a pool of encoder actors (:class:`CaptureUDF`, a thin
-shell over :class:`shared.encoder.Encoder`); the driver collects the rows and writes
-each shard of ``shard_size`` consecutive queries once it is complete
-(:mod:`training.shards`): re-running skips finished shards, redoes partial ones and ends
-with exactly one row per query.
+The query table streams through a pool of encoder actors (:class:`CaptureUDF`, a thin shell over
+:class:`shared.encoder.Encoder`); the driver collects the rows and writes each shard of ``shard_size``
+consecutive queries once it is complete (:mod:`training.shards`): re-running skips finished shards, redoes
+partial ones and ends with exactly one row per query.
 
 Output under ``out`` (local path or ``s3://bucket/prefix``): ``shard-NNNNN.parquet`` with
 columns ``query_id``, ``split``, ``n_tokens``, ``truncated`` and one fixed-shape tensor
@@ -270,8 +269,7 @@ def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool, on_batch
 
 
 def for_artifact(cfg: CaptureConfig) -> CaptureConfig:
-    """``cfg`` with the encoder, layers and poolings of ``cfg.artifact`` (unchanged without one), and for an
-    artifact with attn blocks their token layers and window (:func:`training.token_states.attn_capture`).
+    """``cfg`` with the encoder, layers and poolings of ``cfg.artifact`` (unchanged without one).
 
     The artifact wins: what it reads is what a check of it needs. A config value it replaces
     (e.g. ``layers`` of ``configs/capture.yaml``) is named in a warning, never dropped silently.

@@ -1,5 +1,5 @@
 """``fit`` with ``h{layer}_attn`` blocks (learned token pooling, :mod:`shared.pooling`): a seed ensemble of
-:class:`shared.pooling.PooledTrunkNet` -> an attn artifact (:mod:`shared.pooled_head`).
+:class:`shared.pooling.PooledTrunkNet` -> an attn artifact (:mod:`shared.pooled_artifact`).
 
 The same recipe as tune's cross-validation (:mod:`training.pooled`) on fit's split: the frozen transforms
 (the vector blocks' standardise->PCA, each attn block's token standardise->PCA) fitted on the **train** rows
@@ -101,9 +101,9 @@ def fit_attn(cfg: Any, blocks: list[str], n_components: int, source: str, object
 
 
 def write_attn(cfg: Any, fit: AttnFit) -> dict[str, Any]:
-    """Write ``fit`` to ``cfg.out`` (:func:`shared.pooled_head.save_pooled_artifact`); the meta as written."""
+    """Write ``fit`` to ``cfg.out`` (:func:`shared.pooled_artifact.save_pooled_artifact`); the meta as written."""
     from shared.artifact import ArtifactMeta, PolicyDefaults
-    from shared.pooled_head import save_pooled_artifact
+    from shared.pooled_artifact import save_pooled_artifact
 
     vector, names = list(fit.transform.names), list(fit.tokens)
     meta = ArtifactMeta(encoder=encoder_info(cfg.activations) if cfg.activations else {"name": "unknown"},

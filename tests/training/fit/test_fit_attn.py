@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from shared.artifact import SCHEMA_VERSION, copy_artifact, load_artifact, read_meta
+from shared.artifact import SCHEMA_VERSION, copy_artifact, load_artifact
 from shared.errors import BadInput
-from shared.pooled_head import TOKENS_FILE, PooledRouter
+from shared.pooled_head import TOKENS_FILE, PooledTransform
 from shared.pooling import reduce_window
 from tests.training.fit.test_tune_attn import TARGETS, write_token_capture
 from training.fit.attn import fit_attn, write_attn
@@ -48,11 +48,11 @@ def test_fit_attn_writes_an_artifact_that_loads_to_the_trained_probabilities(cap
     assert meta["trunk"]["d_in"] == 4 + 2 * 8 and meta["trunk"]["n_members"] == 2
 
     router = load_artifact(cfg.out, expected_encoder="smollm2-135m")
-    assert isinstance(router, PooledRouter) and router.block_names == ["h1_last", "h1_attn"]
+    assert isinstance(router.transform, PooledTransform) and router.block_names == ["h1_last", "h1_attn"]
     expected = ensemble_proba(fit.kept, fit.inputs)
     states, mask = fit.tokens["h1_attn"]
     got = router.predict_proba({"h1_last": fit.data.blocks["h1_last"],
-                                "h1_attn": reduce_window(router_tokens(cfg.out), states, mask)})
+                                "h1_attn": reduce_window(router.transform.tokens[0], states, mask)})
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     # evaluate's reading of the capture: the same windows, the artifact's own token transform
     reduced = attn_blocks(capture["activations"], cfg.out, router.meta, list(fit.data.query_ids))
@@ -64,12 +64,6 @@ def test_fit_attn_writes_an_artifact_that_loads_to_the_trained_probabilities(cap
     (tmp_path / "router" / TOKENS_FILE).write_bytes(b"tampered")
     with pytest.raises(Exception, match="sha256"):
         load_artifact(cfg.out)
-
-
-def router_tokens(uri):
-    from shared.pooled_head import load_token_transforms
-
-    return load_token_transforms(uri, read_meta(uri))[0]
 
 
 def test_fit_attn_only_and_a_capture_without_the_layer_is_refused_clearly(capture, tmp_path):

@@ -81,7 +81,9 @@ class PrefixUse:
 @dataclass
 class EncodedPrompt:
     """Pooled prefill features of one prompt: ``features[column] -> (width,)`` float32 (the hidden
-    size; 3 for a ``next`` block).
+    size; 3 for a ``next`` block), or for an ``h{layer}_attn`` block ``(W, k)`` float32: the prompt's last
+    ``W`` token states of that layer already reduced by the block's token transform, NaN on padded rows (the
+    compact form, k of D dims per token: :mod:`shared.pooled_head`).
     ``prefix``: what the prefix cache did (None when the cache is off)."""
 
     features: dict[str, Any]

@@ -48,8 +48,9 @@ class CacheCounters:
 
 
 def state_bytes(state: PrefixState) -> int:
-    """Bytes held by a prefix's KV tensors (every cache layer) and its hidden-state sums."""
-    total = sum(t.nbytes for t in state.sums.values())
+    """Bytes held by a prefix's KV tensors (every cache layer), its hidden-state sums and its kept token
+    states (an adapter's or attn blocks' window)."""
+    total = sum(t.nbytes for t in state.sums.values()) + sum(t.nbytes for t in (state.tokens or {}).values())
     for layer in state.cache.layers:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if tensor is not None and hasattr(tensor, "nbytes"):
@@ -172,7 +173,7 @@ class PrefixCache:
 
         from shared.prefix import encode_suffixes
 
-        out = {c: np.empty((len(ids), self.encoder.width(c)), dtype=np.float32) for c in self.encoder.columns}
+        out = {c: np.empty((len(ids), *self.encoder.shape(c)), dtype=np.float32) for c in self.encoder.columns}
 
         def store(rows: list[int], feats: dict[str, Any], _padded: int) -> None:
             for col, tensor in feats.items():

@@ -4,7 +4,9 @@
 up to the deepest layer the artifact reads (``shared.encoder.Encoder``), then, for an artifact with an
 adapter (``meta.adapter``), the adapted blocks over the last states of the adapter's layer
 (:mod:`shared.adapter`); with ``prefix_cache.max_mb`` set, a shared prefix of the frozen part runs once
-(:mod:`serving.prefix_cache`).
+(:mod:`serving.prefix_cache`). For an artifact with attn blocks (``meta.pooled``) it also keeps the last
+window of states of each attn layer and sends each block's window reduced by its token transform
+(:class:`shared.pooled_head.TokenReducer`: ``(W, k)`` float32, NaN-padded) for the head to pool.
 :class:`RouterHeadReplica` applies the artifact's transforms, SharedTrunkNet ensemble and
 routing rule (a ``shared.policy.Policy``: tolerance, value or one added since). Both reload a new artifact
 on a user-config change (``reconfigure``) and keep the old one when the new one fails to load.
@@ -25,6 +27,7 @@ from serving.messages import (
 from serving.prefix_cache import PrefixCache, system_prompt_ids
 from serving.schemas import RouteDecision
 from shared.artifact import ArtifactError, load_adapter, load_artifact, read_meta
+from shared.pooled_artifact import token_reducer
 from shared.registry import load_registry
 from shared.policy import Policy
 
@@ -80,11 +83,13 @@ class EncoderReplica:
         else:
             loaded = load_causal_lm(spec, device=self.device)
         self.encoder = Encoder(loaded, meta.layers, meta.poolings, max_tokens=self.max_prompt_tokens,
-                               adapter=load_adapter(artifact, loaded.model, meta))
+                               adapter=load_adapter(artifact, loaded.model, meta),
+                               attn=token_reducer(artifact, meta))
         self.cache = self.new_cache(self.encoder)  # the layers may have changed: a new artifact starts empty
         self.artifact, self.name = artifact, spec.name
         log.info("encoder %s ready: layers %s (depth %d of %d)%s", spec.name, meta.layers, self.encoder.depth,
-                 self.encoder.num_layers, f", adapted blocks {meta.adapter.block_names()}" if meta.adapter else "")
+                 self.encoder.num_layers, f", adapted blocks {meta.adapter.block_names()}" if meta.adapter else
+                 f", attn blocks {meta.pooled.names}" if meta.pooled else "")
 
     def new_cache(self, encoder: Any) -> PrefixCache | None:
         c = self.cache_config

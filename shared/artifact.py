@@ -8,15 +8,13 @@ Layout of an artifact directory (local path or ``s3://bucket/prefix``)::
     adapter.safetensors     only with ``meta.adapter``: the adapted encoder blocks (shared.adapter), their
                             AdaptedTop state_dict; the Encoder replica runs them
 
-``meta.files`` holds the sha256 of both safetensors files, checked on load.
-:func:`load_artifact` returns a :class:`Router` that needs only numpy, torch and
-safetensors (no scikit-learn, no Ray, nothing from ``training``), and refuses an
-artifact with an unknown ``schema_version`` or built for another encoder
-(:class:`ArtifactError`). Schema 2 added the value policy to the operating point; schema 1
-artifacts (tolerance only) still load. The operating point names any registered policy
-(:mod:`shared.policy`). Schema 3 added the optional adapter (``meta.adapter``, an
-:class:`shared.adapter.AdapterSpec`, and ``adapter.safetensors``); schema 1 and 2 artifacts have none and
-still load.
+``meta.files`` holds the sha256 of every safetensors file, checked on load. :func:`load_artifact` returns a
+:class:`Router` that needs only numpy, torch and safetensors (no scikit-learn, no Ray, nothing from
+``training``), and refuses an artifact with an unknown ``schema_version`` or built for another encoder
+(:class:`ArtifactError`). Schema 2 added the value policy to the operating point (any registered policy,
+:mod:`shared.policy`), schema 3 the optional adapter (``meta.adapter``, an :class:`shared.adapter.AdapterSpec`,
+and ``adapter.safetensors``), schema 4 the optional learned token pooling (``meta.pooled``, ``h{layer}_attn``
+blocks and ``tokens.safetensors``: :mod:`shared.pooled_artifact`). Older artifacts lack them and still load.
 """
 
 from __future__ import annotations
@@ -36,11 +34,13 @@ from shared.adapter import AdapterSpec
 from shared.config import StrictConfig
 from shared.errors import MissingArtifact
 from shared.features import adapted_from, parse_block
+from shared.pooled_head import TOKENS_FILE, pooled_parts
+from shared.pooling import PooledSpec
 from shared.policy import Policy, policy_names
 from shared.trunk import Ensemble, FeatureTransform, SharedTrunkNet
 
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # 1: before the value policy, 2: before the adapter; their metas validate unchanged
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)  # 1: before the value policy, 2: the adapter, 3: the pooling; validate unchanged
 META_FILE, TRANSFORM_FILE, WEIGHTS_FILE = "meta.json", "transform.safetensors", "weights.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
 
@@ -71,7 +71,7 @@ class BlockSpec(StrictConfig):
 
 class TransformSpec(StrictConfig):
     kind: Literal["scaler_pca"] = "scaler_pca"
-    blocks: list[BlockSpec] = Field(min_length=1, description="Blocks in concatenation order.")
+    blocks: list[BlockSpec] = Field(description="Blocks in concatenation order (none: only attn blocks).")
 
 
 class TrunkSpec(StrictConfig):
@@ -157,6 +157,8 @@ class ArtifactMeta(StrictConfig):
     adapter: AdapterSpec | None = Field(None, description="Adapted encoder blocks (adapter.safetensors) whose "
                                                           "h<to>a<from>_<pooling> blocks the transform reads; None: "
                                                           "the frozen encoder only.")
+    pooled: PooledSpec | None = Field(None, description="Learned token pooling (h<layer>_attn blocks; "
+                                                        "shared.pooled_artifact); None: none.")
 
     @property
     def poolings(self) -> list[str]:
@@ -199,7 +201,7 @@ def copy_artifact(src: str, dst: str) -> ArtifactMeta:
     if storage.exists(meta_path(dst)):
         fs, path = storage.filesystem(meta_path(dst))
         fs.delete_file(path)
-    for name in (TRANSFORM_FILE, WEIGHTS_FILE) + ((ADAPTER_FILE,) if read_meta(src).adapter else ()) + (META_FILE,):
+    for name in [*read_meta(src).files, META_FILE]:  # every checksummed file, then the meta
         storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
     return load_artifact(dst).meta  # checksums match: the copy is usable
 
@@ -318,11 +320,13 @@ def load_artifact(uri: str, expected_encoder: str | EncoderInfo | Mapping | None
     if meta.transform is None or meta.trunk is None:
         raise ArtifactError(f"router artifact at {uri}: meta lacks the transform or trunk spec")
     arrays = {}
-    for name in (TRANSFORM_FILE, WEIGHTS_FILE):
+    for name in (TRANSFORM_FILE, WEIGHTS_FILE) + ((TOKENS_FILE,) if meta.pooled else ()):
         data = _read(uri, name)
         if meta.files.get(name) != _sha256(data):
             raise ArtifactError(f"router artifact at {uri}: {name} does not match its sha256 in {META_FILE}")
         arrays[name] = data
+    if meta.pooled is not None:  # attn blocks: a PooledTransform and PooledTrunkNet members (shared.pooled_head)
+        return Router(meta, *pooled_parts(meta, arrays, TRANSFORM_FILE, WEIGHTS_FILE))
     transform = FeatureTransform.from_arrays(
         [b.name for b in meta.transform.blocks], safetensors.numpy.load(arrays[TRANSFORM_FILE])
     )

@@ -41,6 +41,11 @@ adapter over each prompt's window and adds its blocks (``h{L+k}a{L}_{pooling}``)
 states themselves are not returned. A prefix-shared prompt (here or in the serving prefix cache) assembles
 its window from the prefix's states and its suffix's, so the frozen part still runs its prefix once.
 ``layers`` may then be empty (only adapted blocks).
+
+Attn blocks (``attn``, a :class:`shared.pooled_head.TokenReducer`): likewise the encoder keeps the last
+``window`` states of each attn layer, assembles each prompt's window (prefix-shared prompts too) and returns,
+per ``h{layer}_attn`` block, the window reduced by the block's frozen token transform, ``(W, k)`` float32 per
+prompt with NaN on padded rows (:func:`shared.pooling.reduce_window`); the router head pools it.
 """
 
 from __future__ import annotations
@@ -94,20 +99,24 @@ class Encoder:
     def __init__(self, loaded: Any, layers: Sequence[int] | str, poolings: Sequence[str] = ("last",),
                  max_tokens: int = 2048, batch_size: int = 8, max_batch_tokens: int | None = None,
                  padding_side: str = "right", min_shared_prefix: int | None = None,
-                 token_layers: Sequence[int] = (), token_window: int = 256, adapter: Any = None):
+                 token_layers: Sequence[int] = (), token_window: int = 256, adapter: Any = None, attn: Any = None):
         if padding_side not in ("left", "right"):
             raise BadInput(f"padding_side must be left or right, got {padding_side!r}")
         self.loaded, self.tokenizer, self.device = loaded, loaded.tokenizer, loaded.device
         self.num_layers, self.hidden_size = loaded.num_layers, loaded.hidden_size
-        self.adapter = adapter
+        self.adapter, self.attn = adapter, attn
+        if attn is not None:
+            if token_layers or adapter is not None:
+                raise BadInput("an encoder for attn blocks returns their reduced windows: drop token_layers/adapter")
+            token_layers, token_window = attn.layers, attn.window
         if adapter is not None:
             if token_layers:
                 raise BadInput("an encoder with an adapter returns adapted blocks, not token states: drop token_layers")
             token_layers, token_window = [adapter.spec.from_layer], adapter.spec.window
-        self.emit_tokens = adapter is None and bool(token_layers)
-        self.layers = resolve_layers(layers, self.num_layers, loaded.spec.name) if layers or adapter is None else []
-        self._columns = encoder_columns(self.layers, poolings, self.num_layers) + (adapter.block_names if adapter
-                                                                                    else [])
+        self.emit_tokens = adapter is None and attn is None and bool(token_layers)
+        derived = (adapter.block_names if adapter else []) + (attn.block_names if attn else [])
+        self.layers = resolve_layers(layers, self.num_layers, loaded.spec.name) if layers or not derived else []
+        self._columns = (encoder_columns(self.layers, poolings, self.num_layers) if self.layers else []) + derived
         self.next_token = "next" in poolings
         self.poolings = hidden_poolings(poolings)  # what the forward pools; 'next' is derived from h{L}_last
         self.head = loaded.model.get_output_embeddings() if self.next_token else None
@@ -140,6 +149,11 @@ class Encoder:
         """Features per row of ``column`` (:func:`shared.features.block_width`)."""
         return block_width(column, self.hidden_size)
 
+    def shape(self, column: str) -> tuple[int, ...]:
+        """One prompt's value of ``column``: ``(width,)``, or ``(W, k)`` for an attn block."""
+        return self.attn.shape(column) if self.attn is not None and column in self.attn.block_names \
+            else (self.width(column),)
+
     def with_next_token(self, feats: dict[str, Any]) -> dict[str, Any]:
         """``feats`` (``{column: (B, D) tensor}``) plus ``h{L}_next`` when asked for: the LM head over
         ``h{L}_last`` (final logit soft-capping applied where the model has it), summarised."""
@@ -163,7 +177,14 @@ class Encoder:
 
     def with_adapter(self, feats: dict[str, Any], n_tokens: Any) -> dict[str, Any]:
         """``feats`` with the adapter's blocks added and the token states (and prefix state) it read taken
-        out; ``n_tokens`` ``(B,)`` the prompts' lengths (the windows' positions end at ``n - 1``)."""
+        out; ``n_tokens`` ``(B,)`` the prompts' lengths (the windows' positions end at ``n - 1``).
+        With attn blocks instead, their reduced windows are added the same way (:class:`TokenReducer`)."""
+        if self.attn is not None:
+            import torch
+
+            own, state = feats.pop(TOKENS), feats.pop(PREFIX, None)
+            windows = self.attn.features(own, state.tokens if state is not None else None)
+            return {**feats, **{name: torch.from_numpy(value) for name, value in windows.items()}}
         if self.adapter is None:
             return feats
         import torch
@@ -262,7 +283,7 @@ class Encoder:
             raise BadInput("cannot encode an empty prompt (0 tokens)")
         lengths = [len(x) for x in ids]
         groups, singles = prefix_groups(ids, self.min_shared_prefix)
-        out = {c: np.empty((len(ids), self.width(c)), dtype=np.float32) for c in self.columns}
+        out = {c: np.empty((len(ids), *self.shape(c)), dtype=np.float32) for c in self.columns}
         padded = np.zeros(len(ids), dtype=np.int32)
         tokens: list[Any] = [None] * len(ids)
         keys, prefixes = [""] * len(ids), {}

@@ -26,7 +26,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
+from shared.config import StrictConfig
+from shared.features import is_attn, parse_block
 from shared.trunk import SharedTrunkNet
 
 
@@ -182,3 +185,63 @@ class PooledTrunkNet(torch.nn.Module):
         return {"d_dense": self.d_dense, "token_dims": self.token_dims, "n_targets": t["n_targets"],
                 "n_queries": self.n_queries, "hidden": t["hidden"], "dropout": t["dropout"], "window": self.window,
                 "pool_lr_scale": self.pool_lr_scale}
+
+
+# ------------------------------------------------------------------ in an artifact (shared.pooled_head)
+class AttnBlockSpec(StrictConfig):
+    """One ``h{layer}_attn`` block of an artifact: its window and its :class:`TokenTransform`'s sizes."""
+
+    name: str = Field(description="The block, h<layer>_attn (layer: a hidden_states index of the frozen encoder).")
+    window: int = Field(gt=0, description="Last prompt tokens whose layer states are pooled (right-padded to it).")
+    d_in: int = Field(gt=0, description="Width of a token state (the encoder's hidden size).")
+    d_out: int = Field(gt=0, description="TokenTransform components k per token.")
+
+    @model_validator(mode="after")
+    def _attn_name(self) -> "AttnBlockSpec":
+        if not is_attn(self.name):
+            raise ValueError(f"{self.name!r} is not an h<layer>_attn block")
+        return self
+
+    @property
+    def layer(self) -> int:
+        return parse_block(self.name)[0]
+
+
+class PooledSpec(StrictConfig):
+    """An artifact's learned token pooling (``meta.pooled``): its attn blocks and the
+    :class:`PooledTrunkNet` settings beyond ``meta.trunk`` (whose ``d_in`` is the trunk's input)."""
+
+    blocks: list[AttnBlockSpec] = Field(min_length=1, description="Attn blocks, in the network's input order.")
+    n_queries: int = Field(gt=0, description="Learned queries per attn block.")
+    position_window: int = Field(ge=0, description="PooledTrunkNet window: positions with a learned bias "
+                                                   "(0: content only).")
+    pool_lr_scale: float = Field(gt=0, description="The pooling's learning-rate scale it was trained with.")
+
+    @property
+    def names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({b.layer for b in self.blocks})
+
+    @property
+    def window(self) -> int:
+        """The longest window: how many last token states the encoder keeps."""
+        return max(b.window for b in self.blocks)
+
+
+def reduce_window(transform: TokenTransform, states: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """What an attn block's input travels as: ``(n, W, D)`` states and ``(n, W)`` mask -> ``(n, W, k)``
+    float32, :meth:`TokenTransform.apply` on the real tokens and NaN at padded positions (the mask, in-band)."""
+    z = transform.apply(states, mask)
+    z[~np.asarray(mask, bool)] = np.nan
+    return z
+
+
+def split_reduced(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`reduce_window`'s ``(n, W, k)`` -> ``(z (n, W, k) float32 with 0 at padded positions,
+    mask (n, W) bool)``, exactly the :class:`PooledTrunkNet` inputs :meth:`TokenTransform.apply` gives."""
+    z = np.asarray(z, dtype=np.float32)
+    mask = ~np.isnan(z).any(axis=-1)
+    return np.where(mask[..., None], z, np.float32(0.0)), mask

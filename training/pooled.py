@@ -12,7 +12,7 @@ Shapes: ``n`` rows, ``T`` targets; an attn block is ``(states (n, W, D) fp16, ma
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,23 +42,35 @@ class PoolConfig(StrictConfig):
                                                        "standardise->PCA is fitted on.")
 
 
+def fit_transforms(dense: Mapping[str, np.ndarray], tokens: Mapping[str, Tokens], fit_rows: np.ndarray,
+                   n_components: int, pool: PoolConfig, seed: int = 0) -> tuple[Any, list[TokenTransform]]:
+    """The frozen transforms, fitted on the rows ``fit_rows`` only: the vector blocks' per-block
+    standardise->PCA (a :class:`shared.trunk.FeatureTransform`, no blocks without ``dense``) and one
+    :class:`shared.pooling.TokenTransform` per attn block (on its real training tokens), in ``tokens`` order."""
+    from shared.trunk import FeatureTransform
+
+    ft = FeatureTransform.fit({b: x[fit_rows] for b, x in dense.items()}, n_components=n_components, seed=seed) \
+        if dense else FeatureTransform([], [])
+    return ft, [TokenTransform.fit(states[fit_rows][mask[fit_rows]], pool.n_components, seed, pool.fit_tokens)
+                for states, mask in tokens.values()]
+
+
+def apply_transforms(ft: Any, tts: Sequence[TokenTransform], dense: Mapping[str, np.ndarray],
+                     tokens: Mapping[str, Tokens]) -> tuple[np.ndarray, ...]:
+    """``(X (n, d_dense) float32, z_1 (n, W, k) float32, m_1 (n, W) bool, ...)``: :func:`fit_transforms`'
+    transforms applied to every row (``X`` is ``(n, 0)`` without vector blocks)."""
+    n = len(next(iter(tokens.values()))[1]) if tokens else len(next(iter(dense.values())))
+    out: list[np.ndarray] = [ft.transform(dense) if ft.names else np.zeros((n, 0), dtype=np.float32)]
+    for tt, (states, mask) in zip(tts, tokens.values()):
+        out += [tt.apply(states, mask), mask]
+    return tuple(out)
+
+
 def fit_inputs(dense: Mapping[str, np.ndarray], tokens: Mapping[str, Tokens], fit_rows: np.ndarray,
                n_components: int, pool: PoolConfig, seed: int = 0) -> tuple[np.ndarray, ...]:
     """``(X (n, d_dense) float32, z_1 (n, W, k) float32, m_1 (n, W) bool, ...)`` for all ``n`` rows, the
     transforms fitted on ``fit_rows`` only (``X`` is ``(n, 0)`` without vector blocks)."""
-    from shared.trunk import FeatureTransform
-
-    n = len(next(iter(tokens.values()))[1]) if tokens else len(next(iter(dense.values())))
-    if dense:
-        ft = FeatureTransform.fit({b: x[fit_rows] for b, x in dense.items()}, n_components=n_components, seed=seed)
-        X = ft.transform(dense)
-    else:
-        X = np.zeros((n, 0), dtype=np.float32)
-    out: list[np.ndarray] = [X]
-    for states, mask in tokens.values():
-        tt = TokenTransform.fit(states[fit_rows][mask[fit_rows]], pool.n_components, seed, pool.fit_tokens)
-        out += [tt.apply(states, mask), mask]
-    return tuple(out)
+    return apply_transforms(*fit_transforms(dense, tokens, fit_rows, n_components, pool, seed), dense, tokens)
 
 
 def train_pooled_one(train: tuple, val: tuple, seed: int, trunk: TrunkConfig, pool: PoolConfig) -> TrainResult:

@@ -76,3 +76,44 @@ def adapted_blocks(out: str, artifact_uri: str, meta, query_ids: list[str], n_to
     adapter = load_adapter(artifact_uri, load_causal_lm(load_registry().encoder(meta.encoder.name), device="cpu").model,
                            meta)
     return adapter.features(states, mask, np.asarray(n_tokens))
+
+
+def attn_blocks(out: str, artifact_uri: str, meta, query_ids: list[str]) -> dict[str, np.ndarray]:
+    """An attn artifact's blocks (``meta.pooled``, :mod:`shared.pooled_artifact`) for captured rows: each block's
+    window of its layer read from the capture at ``out`` (``query_ids`` in that order) and reduced by the
+    artifact's token transform, as the Encoder replica sends it. ``{block: (n, W, k)}`` float32, NaN-padded;
+    {} without attn blocks. Refuses a capture without the layers' token states or with a shorter window."""
+    from shared import storage
+    from shared.pooled_artifact import token_reducer
+    from shared.pooling import reduce_window
+
+    pooled = getattr(meta, "pooled", None)
+    if pooled is None:
+        return {}
+    identity = storage.read_json(storage.join(out, "manifest.json"))["identity"]
+    kept, window = identity.get("token_layers", []), identity.get("token_window", 0)
+    if any(layer not in kept for layer in pooled.layers) or window < pooled.window:
+        raise BadInput(f"the artifact's attn blocks {pooled.names} read the last {pooled.window} states of layers "
+                       f"{pooled.layers}; {out} keeps token_layers {kept}, token_window {window}: capture with "
+                       f"token_layers={pooled.layers} token_window={pooled.window} (capture artifact=<uri> sets both)")
+    transforms = token_reducer(artifact_uri, meta).transforms
+    blocks = {}
+    for spec, tt in zip(pooled.blocks, transforms):
+        _, states, mask = read_token_windows(out, spec.layer, spec.window, list(query_ids))
+        blocks[spec.name] = reduce_window(tt, states, mask)
+    return blocks
+
+
+def attn_capture(meta, wanted: dict) -> dict:
+    """What a capture for an attn artifact must add to ``wanted`` (the encoder, layers and poolings
+    ``capture artifact=<uri>`` takes from it): ``token_layers`` (``wanted``'s, plus the attn layers) and
+    ``token_window`` (at least the attn blocks'); an attn-only artifact still names one pooled column (``last``
+    at its first attn layer: capture writes vector columns). ``{}`` without attn blocks."""
+    pooled = getattr(meta, "pooled", None)
+    if pooled is None:
+        return {}
+    add = {"token_layers": sorted(set(wanted.get("token_layers", [])) | set(pooled.layers)),
+           "token_window": max(int(wanted.get("token_window", 0)), pooled.window)}
+    if not wanted.get("layers"):
+        add.update(layers=pooled.layers[:1], poolings=["last"])
+    return add

@@ -99,7 +99,7 @@ def _edit_meta(uri, **changes):
 def test_unknown_schema_version_is_refused(saved):
     uri = saved[0]
     _edit_meta(uri, schema_version=SCHEMA_VERSION + 1)
-    message = rf"schema_version={SCHEMA_VERSION + 1}.*reads only schema_version=1 or 2 or {SCHEMA_VERSION}"
+    message = rf"schema_version={SCHEMA_VERSION + 1}.*reads only schema_version=1 or 2 or 3 or {SCHEMA_VERSION}"
     with pytest.raises(ArtifactError, match=message):
         load_artifact(uri)
 

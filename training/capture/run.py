@@ -1,10 +1,9 @@
 """``prefill-router capture``: the encoder's pooled prefill activations for every query (Ray Data).
 
-The query table streams through a pool of encoder actors (:class:`CaptureUDF`, a thin
-shell over :class:`shared.encoder.Encoder`); the driver collects the rows and writes
-each shard of ``shard_size`` consecutive queries once it is complete
-(:mod:`training.shards`): re-running skips finished shards, redoes partial ones and ends
-with exactly one row per query.
+The query table streams through a pool of encoder actors (:class:`CaptureUDF`, a thin shell over
+:class:`shared.encoder.Encoder`); the driver collects the rows and writes each shard of ``shard_size``
+consecutive queries once it is complete (:mod:`training.shards`): re-running skips finished shards, redoes
+partial ones and ends with exactly one row per query.
 
 Output under ``out`` (local path or ``s3://bucket/prefix``): ``shard-NNNNN.parquet`` with
 columns ``query_id``, ``split``, ``n_tokens``, ``truncated`` and one fixed-shape tensor
@@ -271,17 +270,18 @@ def _stream(ds: Any, writer: TensorShardWriter, total: int, show: bool, on_batch
 
 def for_artifact(cfg: CaptureConfig) -> CaptureConfig:
     """``cfg`` with the encoder, layers and poolings of ``cfg.artifact`` (unchanged without one), and the token
-    states an adapter reads (layer ``from_layer``, at least ``window`` tokens). The artifact wins: what it reads is
-    what a check of it needs; a config value it replaces is named in a warning, never dropped silently."""
+    states its adapter or attn blocks read. The artifact wins: what it reads is what a check of it needs; a
+    config value it replaces is named in a warning, never dropped silently."""
     from shared.artifact import read_meta
+    from training.token_states import attn_capture
 
     if not cfg.artifact:
         return cfg
     meta = read_meta(cfg.artifact)
     wanted = {"encoder": meta.encoder.name, "layers": sorted(meta.layers), "poolings": meta.poolings}
     if meta.adapter is not None:  # its blocks are computed from layer L's last states (training/token_states.py)
-        wanted["token_layers"] = sorted(set(cfg.token_layers) | {meta.adapter.from_layer})
-        wanted["token_window"] = max(cfg.token_window, meta.adapter.window) if cfg.token_layers else meta.adapter.window
+        wanted.update(token_layers=[meta.adapter.from_layer], token_window=meta.adapter.window)
+    wanted.update(attn_capture(meta, wanted))  # an attn artifact's token layers and window
     replaced = {k: getattr(cfg, k) for k in wanted if getattr(cfg, k) != wanted[k]}
     if replaced:
         log.warning("capture: artifact %s reads %s; replacing the config's %s", cfg.artifact, wanted, replaced)

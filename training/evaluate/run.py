@@ -163,8 +163,7 @@ def check_activations(artifact, artifact_uri: str, activations_uri: str) -> None
                 "or evaluate an artifact fitted on this encoder.")
     have = manifest.get("columns") or (encoder_columns(ident["layers"], ident["poolings"], ident.get("num_layers"))
                                        if ident.get("layers") and ident.get("poolings") else [])
-    adapter = getattr(meta, "adapter", None)  # its blocks are computed from token states on load
-    adapted = set(adapter.block_names()) if adapter else set()
+    adapted = derived_blocks(meta)  # computed from token states on load
     need = sorted(b for b in artifact.router.block_names if b not in adapted)
     missing = [c for c in need if c not in have] if have else []
     if missing:
@@ -190,19 +189,29 @@ def check_data(artifact, data: RoutingData) -> None:
                              f"{b.name} has width {col.shape[1]}: another encoder?")
 
 
+def derived_blocks(meta) -> set[str]:
+    """The artifact's blocks that are not captured columns but computed from the capture's token states on
+    load: an adapter's (:func:`training.token_states.adapted_blocks`) and attn blocks
+    (:func:`training.token_states.attn_blocks`)."""
+    adapter, pooled = getattr(meta, "adapter", None), getattr(meta, "pooled", None)
+    return set(adapter.block_names() if adapter else []) | set(pooled.names if pooled else [])
+
+
 def load_data(artifact, artifact_uri: str, activations: str, labels: str) -> RoutingData:
     """Activations (checked against the artifact first) joined with every target's labels."""
     from training.dataset import load_routing_data
 
-    from training.token_states import adapted_blocks
+    from training.token_states import adapted_blocks, attn_blocks
 
     check_activations(artifact, artifact_uri, activations)
     meta = artifact.router.meta
-    adapted = set(meta.adapter.block_names()) if getattr(meta, "adapter", None) else set()
+    derived = derived_blocks(meta)
     data = load_routing_data(activations, labels, artifact.router.target_names,
-                             blocks=[b for b in artifact.router.block_names if b not in adapted] or None)
-    if adapted:
+                             blocks=[b for b in artifact.router.block_names if b not in derived] or None)
+    if derived:
+        data.blocks = {b: v for b, v in data.blocks.items() if b in artifact.router.block_names}
         data.blocks.update(adapted_blocks(activations, artifact_uri, meta, list(data.query_ids), data.n_tokens))
+        data.blocks.update(attn_blocks(activations, artifact_uri, meta, list(data.query_ids)))
     check_data(artifact, data)
     return data
 

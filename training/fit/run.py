@@ -5,6 +5,9 @@ split only; train a seed ensemble on Ray Train (``training/fit/train_ray.py``) w
 stopping on **val**; keep the ``keep`` members with the lowest validation loss; write the
 versioned artifact (``shared/artifact.py``) with the encoder's identity, the blocks, the
 target table (registry prices, median answer length on train) and validation metrics.
+
+With ``h{layer}_attn`` blocks among the chosen ones (learned token pooling), :mod:`training.fit.attn` fits
+and writes the artifact instead (PooledTrunkNet members on the capture's token states, trained in-process).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from shared.features import is_attn, parse_block
 from training.dataset import RoutingData, RoutingDataConfig, load_routing_data
 from training.fit.train_ray import TrainRunConfig
 from training.objectives import ObjectiveConfig
+from training.pooled import PoolConfig
 from training.router_meta import best_single_record, encoder_info, target_table, val_metrics
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,9 @@ class FitConfig(RoutingDataConfig):
     tolerance: float = Field(0.2, ge=0, le=1, description="Default routing tolerance stored in the artifact.")
     ray_address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one.")
     train: TrainRunConfig = Field(default_factory=TrainRunConfig, description="Ray Train settings.")
+    pool: PoolConfig | None = Field(None, description="How h<layer>_attn blocks pool the capture's token states; "
+                                                      "None: the tune report's pool settings when its blocks are "
+                                                      "used, else the defaults. Not read without attn blocks.")
 
 
 def chosen_features(cfg: FitConfig) -> tuple[list[str] | None, int, str]:
@@ -68,6 +75,18 @@ def chosen_objective(cfg: FitConfig) -> ObjectiveConfig:
         if best.get("objective"):
             return ObjectiveConfig.model_validate(best["objective"])
     return cfg.train.trunk.objective
+
+
+def chosen_pool(cfg: FitConfig) -> PoolConfig:
+    """The attn blocks' pooling: ``pool`` as set, else the tune report's (when its blocks are used, see
+    :func:`chosen_features`), else :class:`training.pooled.PoolConfig`'s defaults."""
+    if cfg.pool is not None:
+        return cfg.pool
+    if not cfg.blocks and cfg.tune_report:
+        pool = storage.read_json(cfg.tune_report).get("config", {}).get("pool")
+        if pool:
+            return PoolConfig.model_validate(pool)
+    return PoolConfig()
 
 
 def run_name(train: TrainRunConfig, Xtr: np.ndarray, Ytr: np.ndarray, Wtr: np.ndarray | None = None) -> str:
@@ -110,9 +129,8 @@ def fit_features(cfg: FitConfig, data: RoutingData | None = None) -> tuple[Routi
     blocks, n_components, source = chosen_features(cfg)
     attn = [b for b in blocks or [] if is_attn(b)]
     if attn:
-        raise BadInput(f"blocks {blocks} (from {source}) include learned token pooling {attn}: tune and "
-                       "bench/pooling.py cross-validate it, but the router artifact and serving do not carry it "
-                       "yet; set blocks=[...] without h<layer>_attn blocks, or leave attn candidates out of tune")
+        raise BadInput(f"blocks {blocks} (from {source}) include learned token pooling {attn}: they are not "
+                       "features of a fixed width; run_fit trains them (training.fit.attn)")
     data = data or load_routing_data(cfg.activations, cfg.labels, cfg.targets, blocks)
     tr, va = data.where("train"), data.where("val")
     if len(tr.query_ids) == 0 or len(va.query_ids) == 0:
@@ -122,11 +140,17 @@ def fit_features(cfg: FitConfig, data: RoutingData | None = None) -> tuple[Routi
 
 
 def run_fit(cfg: FitConfig, data: RoutingData | None = None) -> dict[str, Any]:
-    """Fit and write the artifact; returns its metadata as a dict."""
+    """Fit and write the artifact; returns its metadata as a dict. With attn blocks among the chosen ones:
+    :func:`training.fit.attn.run_attn_fit` (in-process, not Ray Train)."""
     from shared.artifact import ArtifactMeta, PolicyDefaults, save_artifact
     from training.loop import build_ensemble, select_ensemble
     from training.fit.train_ray import train_ensemble
 
+    blocks, n_components, source = chosen_features(cfg)
+    if any(is_attn(b) for b in blocks or []):
+        from training.fit.attn import run_attn_fit
+
+        return run_attn_fit(cfg, blocks, n_components, source, chosen_objective(cfg), chosen_pool(cfg), data)
     data, transform, Xtr, Xva = fit_features(cfg, data)
     tr, va = data.where("train"), data.where("val")
     ensure_ray(cfg.ray_address, log_to_driver=False)

@@ -1,5 +1,5 @@
 """tune scores an ``h{layer}_attn`` candidate on the same folds as the vector blocks, from a capture's token
-states; fit refuses attn blocks clearly (the artifact does not carry the pooling yet)."""
+states; fit's fixed-width feature path refuses attn blocks (run_fit trains them: test_fit_attn.py)."""
 
 import numpy as np
 import pyarrow as pa
@@ -58,11 +58,11 @@ def test_tune_scores_attn_pooling_on_the_same_folds_and_it_wins_where_one_token_
         run_tune(TuneConfig(**{**cfg.model_dump(), "candidates": [{"blocks": ["h2_attn"], "n_components": 8}]}))
 
 
-def test_fit_refuses_attn_blocks_clearly(tmp_path):
+def test_fit_features_leaves_attn_blocks_to_the_attn_fit(tmp_path):
     from training.fit.run import FitConfig, fit_features
 
     cfg = FitConfig(activations="a", labels="l", targets=["t"], blocks=["h12_attn", "h12_last"])
-    with pytest.raises(BadInput, match="h12_attn"):
+    with pytest.raises(BadInput, match=r"h12_attn.*training.fit.attn"):
         fit_features(cfg)
 
 

@@ -59,7 +59,8 @@ def row(label: str, uri: str, enc, seconds: list[float]) -> dict:
 
     meta, ms = read_meta(uri), np.array(seconds) * 1000
     adapter = meta.adapter
-    return {"label": label, "artifact": uri, "blocks": [b.name for b in meta.transform.blocks],
+    attn = meta.pooled.names if getattr(meta, "pooled", None) else []  # learned token pooling (schema 4)
+    return {"label": label, "artifact": uri, "blocks": [b.name for b in meta.transform.blocks] + attn,
             "depth": int(enc.encoder.depth), "adapted_blocks": adapter.n_blocks if adapter else 0,
             "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)), "mean_ms": float(ms.mean())}
 

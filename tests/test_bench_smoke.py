@@ -64,7 +64,8 @@ def test_missing_fields_names_what_a_table_would_miss():
     assert missing_fields(doc, spec) == ["off.p50_ms", "load[1].rps", "by_task.b.n", "by_task.a.top1", "n"]
 
 
-RESULTS = {"adapt": ["adapt_routerdc.json", "adapt_routerdc_lr1e-5.json"],
+RESULTS = {"adapt": ["adapt_routerdc.json", "adapt_routerdc_lr1e-5.json", "adapt_routerbench.json"],
+           "decision_latency": ["decision_latency.json"],
            "capture_throughput": ["capture_throughput.json", "capture_throughput_routerbench.json"],
            "encoder_combination": ["encoder_combination.json"], "fit_workers": ["fit_workers.json"],
            "objectives": ["objectives_routerdc.json", "objectives_routerbench.json"],

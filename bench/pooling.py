@@ -6,7 +6,8 @@ training folds only, an ensemble of ``--seeds`` members early-stopped on 15% of 
 never read). A set may name ``h{layer}_attn`` blocks: attention pooling (:mod:`shared.pooling`,
 ``--n-queries`` learned queries over the PCA-``--token-components`` states of the prompt's last
 ``--window`` tokens, read from a capture made with ``token_layers``) followed by SharedTrunkNet, trained
-end to end on the same masked soft-label BCE. Scored as :mod:`bench.objectives` scores its rows: mean
+end to end on the same masked soft-label BCE (or, with ``--objectives``, each objective of
+:mod:`training.objectives` in turn: one row per block set and objective). Scored as :mod:`bench.objectives` scores its rows: mean
 pooled AUC, mean within-task AUC, pairwise AUC, task-averaged accuracy of the argmax, savings at the best
 single target's accuracy; plus the within-task AUC per task.
 
@@ -48,7 +49,7 @@ def per_task_within(Y: np.ndarray, P: np.ndarray, tasks: np.ndarray) -> dict[str
 
 
 def run(args: argparse.Namespace) -> dict:
-    from bench.objectives import scores, task_means
+    from bench.objectives import parse_objective, scores, task_means
     from shared.features import is_attn, parse_block
     from training.dataset import load_routing_data
     from training.evaluate.routing_metrics import equal_costs
@@ -71,10 +72,10 @@ def run(args: argparse.Namespace) -> dict:
         logging.info("%s: %d rows, window %d, %.1f real tokens per row", b, len(ids), mask.shape[1], mask.sum(1).mean())
     pool = PoolConfig(n_components=args.token_components, n_queries=args.n_queries, window=args.window,
                       position_bias=args.position_bias, lr_scale=args.pool_lr_scale)
-    trunk = TrunkConfig(**({"max_epochs": args.max_epochs} if args.max_epochs else {}))
+    base = TrunkConfig(**({"max_epochs": args.max_epochs} if args.max_epochs else {}))
     rows, helds = [], None
-    for names in sets:
-        start = time.perf_counter()
+    for names, obj in [(names, parse_objective(o)) for names in sets for o in args.objectives]:
+        trunk, start = base.model_copy(update={"objective": obj}), time.perf_counter()
         P, helds = np.full(data.Y.shape, np.nan), []
         toks = {b: tokens[b] for b in names if is_attn(b)}
         for held, Ph in fold_predictions({b: data.blocks[b] for b in names if not is_attn(b)}, data.Y, groups,
@@ -82,10 +83,10 @@ def run(args: argparse.Namespace) -> dict:
                                          tokens=toks or None, pool=pool):
             P[held] = Ph
             helds.append(held)
-        rows.append({"blocks": "+".join(names), **scores(data.Y, C, P, tasks),
+        rows.append({"blocks": "+".join(names), "objective": obj.label(), **scores(data.Y, C, P, tasks),
                      "within_task_auc_by_task": per_task_within(data.Y, P, tasks),
                      "seconds": round(time.perf_counter() - start, 1)})
-        print(f"{rows[-1]['blocks']}: " + ", ".join(f"{f} {rows[-1][f]:.4f}" for f in FIELDS[:3]), flush=True)
+        print(f"{rows[-1]['blocks']} ({obj.label()}): " + ", ".join(f"{f} {rows[-1][f]:.4f}" for f in FIELDS[:3]), flush=True)
     reference = scores(data.Y, C, task_means(data.Y, tasks, helds), tasks)
     return {"rows": rows, "reference": reference, "n_rows": int(len(data.Y)), "equal_costs": equal_costs(C),
             "tasks": {str(t): int((tasks == t).sum()) for t in sorted(set(tasks))}}
@@ -93,15 +94,16 @@ def run(args: argparse.Namespace) -> dict:
 
 def markdown(doc: dict) -> str:
     tasks = list(doc["tasks"])
-    lines = ["| blocks | mean pooled AUC | mean within-task AUC | pairwise AUC | task-averaged accuracy (argmax) | "
+    lines = ["| blocks | objective | mean pooled AUC | mean within-task AUC | pairwise AUC | task-averaged accuracy (argmax) | "
              "savings at the best single's accuracy | " + " | ".join(f"within {t}" for t in tasks) + " |",
-             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(tasks)]
-    for r in doc["rows"] + [{"blocks": "task-aware reference", **doc["reference"], "within_task_auc_by_task": {}}]:
+             "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(tasks)]
+    for r in doc["rows"] + [{"blocks": "task-aware reference", "objective": "", **doc["reference"],
+                             "within_task_auc_by_task": {}}]:
         pooled, within, pair, acc, sav = (r[f] for f in FIELDS)
         saving = "— (equal prices)" if doc["equal_costs"] else "not reached" if not np.isfinite(sav) else f"{100 * sav:.1f}%"
         per = " | ".join(f"{r['within_task_auc_by_task'][t]:.3f}" if t in r["within_task_auc_by_task"] else "—"
                          for t in tasks)
-        lines.append(f"| {r['blocks']} | {pooled:.3f} | {within:.3f} | {pair:.3f} | {100 * acc:.2f}% | {saving} | {per} |")
+        lines.append(f"| {r['blocks']} | {r.get('objective', 'bce')} | {pooled:.3f} | {within:.3f} | {pair:.3f} | {100 * acc:.2f}% | {saving} | {per} |")
     return "\n".join(lines)
 
 
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--position-bias", action="store_true", help="learned bias per distance from the last token")
     p.add_argument("--pool-lr-scale", type=float, default=1.0, help="the pooling's learning rate over the trunk's")
     p.add_argument("--window", type=int, default=None, help="last tokens pooled (default: the capture's)")
+    p.add_argument("--objectives", nargs="+", default=["bce"], help="kind[:weight[:temperature]], each a row per "
+                                                                    "block set (bench/objectives.py)")
     add_cv_args(p, "bench/results/pooling.json")
     return run_and_write(p.parse_args(argv), run, markdown)
 

@@ -192,12 +192,13 @@ def test_pooling_runs_on_a_tiny_capture_with_token_states(routerbench_work, tmp_
     out = tmp_path / "pooling.json"
     assert pooling.main(["--activations", acts, "--labels", w["labels"], "--queries", w["queries"],
                          "--artifact", str(RB_ARTIFACT), "--blocks", "h18_last", "h18_attn", "h18_attn,h18_last",
-                         "--n-components", "4", "--token-components", "4", "--folds", "2", "--seeds", "1",
-                         "--max-epochs", "5", "--out", str(out)]) == 0
+                         "--objectives", "bce", "pairwise:1", "--n-components", "4", "--token-components", "4",
+                         "--folds", "2", "--seeds", "1", "--max-epochs", "5", "--out", str(out)]) == 0
     doc = read_checked(pooling, out)
-    assert [r["blocks"] for r in doc["rows"]] == ["h18_last", "h18_attn", "h18_attn+h18_last"]
-    assert set(doc["rows"][1]["within_task_auc_by_task"]) == set(TASKS) == set(doc["tasks"])
-    assert pooling.markdown(doc).count("\n") == 1 + 3 + 1
+    assert [(r["blocks"], r["objective"]) for r in doc["rows"]] == [
+        (b, o) for b in ("h18_last", "h18_attn", "h18_attn+h18_last") for o in ("bce", "pairwise x1")]
+    assert set(doc["rows"][2]["within_task_auc_by_task"]) == set(TASKS) == set(doc["tasks"])
+    assert pooling.markdown(doc).count("\n") == 1 + 6 + 1
 
 
 @pytest.mark.slow  # loads SmolLM2's block 13

@@ -74,6 +74,10 @@ def check_adapt(raw: dict[str, Any]) -> None:
     if layer is not None and layer not in kept:
         raise ValueError(f"adapt.from_layer={layer} reads that layer's token states: set capture.token_layers "
                          f"to include {layer} (now {kept}) and capture.token_window to at least adapt.window")
+    window = (adapt or {}).get("window")
+    captured = (raw.get("capture") or {}).get("token_window") or CaptureConfig.model_fields["token_window"].default
+    if window is not None and window > captured:
+        raise ValueError(f"adapt.window={window} exceeds capture.token_window={captured}: raise the capture's window")
 
 
 class PipelineConfig(StrictConfig):

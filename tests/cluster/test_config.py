@@ -124,3 +124,22 @@ def test_the_from_logs_pipeline_judges_first_and_only_a_log_it_imports(tmp_path)
                     [*base, f"judge={{log: {tmp_path / 'other'}, judge: smollm2-135m}}"])
     plain = load_config(PipelineConfig, CONFIG_DIR / "pipeline-from-logs.yaml", base)
     assert "judge" not in [s.name for s in STAGES if s.when(plain)]
+
+
+def test_the_adapt_stage_is_wired_and_refused_without_tune_or_the_token_states_it_reads(tmp_path):
+    from cluster.pipeline.config import PipelineConfig
+    from cluster.pipeline.run import STAGES
+
+    base = [f"work_dir={tmp_path}", "capture.token_layers=[12]", "capture.token_window=128"]
+    cfg = load_config(PipelineConfig, CONFIG_DIR / "pipeline-routerdc.yaml", [*base, "adapt={from_layer: 12}"])
+    assert [s.name for s in STAGES if s.when(cfg)][-4:] == ["fit", "adapt", "evaluate", "publish"]
+    assert cfg.adapt.tune_report == str(tmp_path / "tune" / "tune.json") and cfg.adapt.targets == cfg.targets
+    assert cfg.adapt.out == str(tmp_path / "router-adapted") and cfg.adapt.activations == cfg.capture.out
+    with pytest.raises(ConfigError, match="add a `tune` section"):
+        load_config(PipelineConfig, CONFIG_DIR / "pipeline-routerdc.yaml", [*base, "adapt={from_layer: 12}", "tune=null"])
+    with pytest.raises(ConfigError, match="capture.token_layers to include 9"):
+        load_config(PipelineConfig, CONFIG_DIR / "pipeline-routerdc.yaml", [*base, "adapt={from_layer: 9}"])
+    with pytest.raises(ConfigError, match="exceeds capture.token_window=128"):
+        load_config(PipelineConfig, CONFIG_DIR / "pipeline-routerdc.yaml", [*base, "adapt={from_layer: 12, window: 256}"])
+    with pytest.raises(ConfigError, match="set by the pipeline"):
+        load_config(PipelineConfig, CONFIG_DIR / "pipeline-routerdc.yaml", [*base, "adapt={from_layer: 12, out: x}"])

@@ -234,7 +234,7 @@ def save_artifact(uri: str, meta: ArtifactMeta, transform: FeatureTransform, ens
                                                       for k, v in adapter.state_dict().items()})
     final = meta.model_copy(update={
         "adapter": adapter.spec if adapter is not None else None,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": 3 if adapter is not None else 2,  # the lowest that describes it: older builds read it
         "transform": TransformSpec(blocks=[BlockSpec(**b) for b in transform.spec()]),
         "trunk": TrunkSpec(**first.spec(), n_members=len(members)),
         "files": {name: _sha256(data) for name, data in blobs.items()},
@@ -257,7 +257,7 @@ def update_meta(uri: str, policy: PolicyDefaults | None = None,
         meta["policy"] = PolicyDefaults.model_validate(policy).model_dump()
     if training_metrics is not None:
         meta["training_metrics"] = training_metrics
-    new = ArtifactMeta.model_validate({**meta, "schema_version": SCHEMA_VERSION})
+    new = ArtifactMeta.model_validate({**meta, "schema_version": max(meta["schema_version"], 2)})  # policy: 2+
     storage.write_bytes(storage.join(uri, META_FILE), (new.model_dump_json(indent=2) + "\n").encode())
     return new
 

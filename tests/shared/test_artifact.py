@@ -18,6 +18,7 @@ from shared.artifact import (
     PolicyDefaults,
     TargetInfo,
     load_artifact,
+    read_meta,
     save_artifact,
     update_policy,
 )
@@ -96,6 +97,10 @@ def _edit_meta(uri, **changes):
     path.write_text(json.dumps(raw))
 
 
+def test_a_plain_artifact_is_written_as_schema_2_so_older_servers_still_read_it(saved):
+    assert read_meta(saved[0]).schema_version == 2  # 3 (an adapter) and 4 (attn blocks) only when used
+
+
 def test_unknown_schema_version_is_refused(saved):
     uri = saved[0]
     _edit_meta(uri, schema_version=SCHEMA_VERSION + 1)
@@ -111,7 +116,7 @@ def test_value_operating_point_routes_and_schema_1_still_loads(saved):
     assert router.meta.policy.rule() == Policy.of("tolerance", 0.15)
     point = OperatingPoint(policy="value", value=0.02, target_accuracy=0.9, val_accuracy=0.91, val_cost=0.001)
     meta = update_policy(uri, router.meta.policy.model_copy(update={"operating_point": point}))
-    assert meta.schema_version == SCHEMA_VERSION and meta.policy.rule() == Policy.of("value", 0.02)
+    assert meta.schema_version == 2 and meta.policy.rule() == Policy.of("value", 0.02)  # the policy's schema
     router = load_artifact(uri)
     P, tokens = router.predict_proba(query), np.full(7, 1000.0)
     np.testing.assert_array_equal(router.route(P, tokens), route_by_value(P, router.costs(tokens), 0.02))

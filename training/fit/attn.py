@@ -106,7 +106,7 @@ def write_attn(cfg: Any, fit: AttnFit) -> dict[str, Any]:
     from shared.pooled_artifact import save_pooled_artifact
 
     vector, names = list(fit.transform.names), list(fit.tokens)
-    meta = ArtifactMeta(encoder=encoder_info(cfg.activations) if cfg.activations else {"name": "unknown"},
+    meta = ArtifactMeta(encoder=encoder_info(cfg.activations),
                         layers=sorted({parse_block(b)[0] for b in vector}),
                         pooling={b: parse_block(b)[1] for b in vector}, targets=target_table(fit.data, cfg.registry),
                         training_metrics=fit.metrics, policy=PolicyDefaults(tolerance=cfg.tolerance))

@@ -277,11 +277,16 @@ def test_failing_target_falls_back(app):
 
 
 def test_artifact_reload_in_place_and_bad_artifact_keeps_old(app):
+    from cluster.demo_chat import wait_ready
+
     c = app["client"]
     fresh = app["tmp"] / "router-v2"
     shutil.copytree(app["artifact"], fresh)
+    # an encoder replica an earlier test killed may still be starting on a loaded machine: ready first
+    wait_ready(str(c.base_url).rstrip("/"), 240)
     app["redeploy"](artifact=str(fresh))
-    assert c.post("/v1/route", json={"messages": MSG}).json()["artifact"] == str(fresh)
+    r = c.post("/v1/route", json={"messages": MSG})
+    assert r.status_code == 200 and r.json()["artifact"] == str(fresh), r.text
     broken = app["tmp"] / "router-broken"
     shutil.copytree(app["artifact"], broken)
     (broken / "weights.safetensors").write_bytes(b"corrupt")

@@ -41,8 +41,9 @@ def test_attn_artifact_round_trip_through_evaluate_capture_and_the_replicas(ray_
                           table.column("n_tokens").to_pylist())
     cfg = FitConfig(activations=act, labels=labels, targets=TARGETS, out=uri, blocks=["h12_last", "h12_attn"],
                     n_components=4, pool={"n_components": 8, "n_queries": 2, "window": 32},
-                    train={"seeds": 2, "keep": 2, "trunk": {"hidden": [16], "dropout": [0.0], "batch_size": 4,
-                                                            "max_epochs": 5, "patience": 5, "lr": 0.01}})
+                    train={"seeds": 2, "keep": 2, "num_workers": 1, "storage_path": str(tmp_path / "ray-train"),
+                           "trunk": {"hidden": [16], "dropout": [0.0], "batch_size": 4, "max_epochs": 5,
+                                     "patience": 5, "lr": 0.01}})
     fit = fit_attn(cfg, list(cfg.blocks), cfg.n_components, "config", chosen_objective(cfg), chosen_pool(cfg))
     meta = write_attn(cfg, fit)
     assert meta["pooled"]["blocks"][0]["name"] == "h12_attn" and meta["pooled"]["blocks"][0]["window"] == 32

@@ -277,16 +277,11 @@ def test_failing_target_falls_back(app):
 
 
 def test_artifact_reload_in_place_and_bad_artifact_keeps_old(app):
-    from cluster.demo_chat import wait_ready
-
-    c = app["client"]
-    fresh = app["tmp"] / "router-v2"
+    c, fresh = app["client"], app["tmp"] / "router-v2"
     shutil.copytree(app["artifact"], fresh)
-    # an encoder replica an earlier test killed may still be starting on a loaded machine: ready first
-    wait_ready(str(c.base_url).rstrip("/"), 240)
+    wait_ready(str(c.base_url).rstrip("/"), 240)  # an encoder an earlier test killed may still be starting
     app["redeploy"](artifact=str(fresh))
-    r = c.post("/v1/route", json={"messages": MSG})
-    assert r.status_code == 200 and r.json()["artifact"] == str(fresh), r.text
+    assert (r := c.post("/v1/route", json={"messages": MSG})).status_code == 200 and r.json()["artifact"] == str(fresh)
     broken = app["tmp"] / "router-broken"
     shutil.copytree(app["artifact"], broken)
     (broken / "weights.safetensors").write_bytes(b"corrupt")

@@ -7,7 +7,7 @@ versioned artifact (``shared/artifact.py``) with the encoder's identity, the blo
 target table (registry prices, median answer length on train) and validation metrics.
 
 With ``h{layer}_attn`` blocks among the chosen ones (learned token pooling), :mod:`training.fit.attn` fits
-and writes the artifact instead (PooledTrunkNet members on the capture's token states, trained in-process).
+and writes the artifact instead (PooledTrunkNet members on the capture's token states, trained on Ray Train as well).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from shared.ray_boot import ensure_ray
 from shared.reach import require_reachable
 from shared.features import is_attn, parse_block
 from training.dataset import RoutingData, RoutingDataConfig, load_routing_data
-from training.fit.train_ray import TrainRunConfig
+from training.fit.train_ray import TrainRunConfig, run_name
 from training.objectives import ObjectiveConfig
 from training.pooled import PoolConfig
 from training.router_meta import best_single_record, encoder_info, target_table, val_metrics
@@ -89,22 +89,6 @@ def chosen_pool(cfg: FitConfig) -> PoolConfig:
     return PoolConfig()
 
 
-def run_name(train: TrainRunConfig, Xtr: np.ndarray, Ytr: np.ndarray, Wtr: np.ndarray | None = None) -> str:
-    """``<train.name>-<hash of the features, labels, loss weights and training settings>`` (``train``:
-    the settings as run, the objective included; the propensity settings enter through the weights
-    ``Wtr``, so an unweighted run keeps its name): Ray Train resumes a run of the same name, so only a
-    run on identical inputs may share its checkpoint."""
-    import hashlib
-
-    h = hashlib.sha256(np.ascontiguousarray(Xtr, np.float32).tobytes())
-    h.update(np.nan_to_num(np.asarray(Ytr, np.float32), nan=-1).tobytes())
-    if Wtr is not None:
-        h.update(np.ascontiguousarray(Wtr, np.float32).tobytes())
-    h.update(train.model_dump_json(exclude={"name", "storage_path", "num_workers", "max_failures",
-                                            "propensity_weighting", "propensity_clip"}).encode())
-    return f"{train.name}-{h.hexdigest()[:10]}"
-
-
 def loss_weights(cfg: TrainRunConfig, tr: RoutingData, va: RoutingData) -> tuple[np.ndarray | None, ...]:
     """``(Wtr, Wva)``: the train and val cells' loss weights under ``cfg.propensity_weighting``
     (:func:`training.loop.propensity_weights`); ``(None, None)`` for ``none``. Refuses weighting on
@@ -141,7 +125,7 @@ def fit_features(cfg: FitConfig, data: RoutingData | None = None) -> tuple[Routi
 
 def run_fit(cfg: FitConfig, data: RoutingData | None = None) -> dict[str, Any]:
     """Fit and write the artifact; returns its metadata as a dict. With attn blocks among the chosen ones:
-    :func:`training.fit.attn.run_attn_fit` (in-process, not Ray Train)."""
+    :func:`training.fit.attn.run_attn_fit` (PooledTrunkNet members, on Ray Train as well)."""
     from shared.artifact import ArtifactMeta, PolicyDefaults, save_artifact
     from training.loop import build_ensemble, select_ensemble
     from training.fit.train_ray import train_ensemble

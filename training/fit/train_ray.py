@@ -101,13 +101,46 @@ def ensemble_loop(config: dict[str, Any]) -> None:
         idx = round_ * world + rank
         mine = None
         if idx < len(pending):
-            res = train_one(arrays["Xtr"], arrays["Ytr"], arrays.get("Wtr"), arrays["Xva"], arrays["Yva"],
-                            arrays.get("Wva"), seed=pending[idx], cfg=trunk)
-            mine = dataclasses.asdict(res)
+            mine = dataclasses.asdict(train_member(arrays, pending[idx], trunk, config.get("pool")))
         for member in _gather(mine):
             if member is not None:
                 done[member["seed"]] = member
         _report(done, rank, round_)
+
+
+def train_member(arrays: dict[str, Any], seed: int, trunk: TrunkConfig, pool: dict | None) -> TrainResult:
+    """One member on a worker: a SharedTrunkNet on ``Xtr``/``Xva`` (:func:`training.loop.train_one`), or with
+    ``pool`` a :class:`shared.pooling.PooledTrunkNet` on the inputs ``Itr``/``Iva`` ``(X, z_1, m_1, ...)``
+    (:func:`training.pooled.train_pooled_one`)."""
+    if pool is None:
+        return train_one(arrays["Xtr"], arrays["Ytr"], arrays.get("Wtr"), arrays["Xva"], arrays["Yva"],
+                         arrays.get("Wva"), seed=seed, cfg=trunk)
+    from training.pooled import PoolConfig, train_pooled_one
+
+    return train_pooled_one((tuple(arrays["Itr"]), arrays["Ytr"]), (tuple(arrays["Iva"]), arrays["Yva"]), seed,
+                            trunk, PoolConfig.model_validate(pool))
+
+
+def run_name(train: TrainRunConfig, Xtr: np.ndarray | tuple, Ytr: np.ndarray, Wtr: np.ndarray | None = None,
+             pool: Any = None) -> str:
+    """``<train.name>-<hash of the features, labels, loss weights and training settings>`` (``train``:
+    the settings as run, the objective included; the propensity settings enter through the weights
+    ``Wtr``, so an unweighted run keeps its name; ``Xtr`` a tuple for attn members' inputs, hashed with their
+    ``pool`` settings): Ray Train resumes a run of the same name, so only a run on identical inputs may share
+    its checkpoint."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for x in (Xtr if isinstance(Xtr, tuple) else (Xtr,)):
+        h.update(np.ascontiguousarray(x, np.float32).tobytes())
+    h.update(np.nan_to_num(np.asarray(Ytr, np.float32), nan=-1).tobytes())
+    if Wtr is not None:
+        h.update(np.ascontiguousarray(Wtr, np.float32).tobytes())
+    h.update(train.model_dump_json(exclude={"name", "storage_path", "num_workers", "max_failures",
+                                            "propensity_weighting", "propensity_clip"}).encode())
+    if pool is not None:
+        h.update(pool.model_dump_json().encode())
+    return f"{train.name}-{h.hexdigest()[:10]}"
 
 
 def _storage(path: str) -> tuple[str, Any]:
@@ -131,6 +164,25 @@ def train_ensemble(Xtr: np.ndarray, Ytr: np.ndarray, Xva: np.ndarray, Yva: np.nd
     ``(n, T)`` loss weights per cell (0 = missing; :func:`training.loop.propensity_weights`) or None.
     Needs ``ray.init`` to have been called (or a cluster address in ``RAY_ADDRESS``).
     """
+    arrays = {"Xtr": np.array(Xtr, np.float32), "Ytr": np.asarray(Ytr, np.float32),
+              "Xva": np.asarray(Xva, np.float32), "Yva": np.asarray(Yva, np.float32),
+              **{k: np.asarray(w, np.float32) for k, w in (("Wtr", Wtr), ("Wva", Wva)) if w is not None}}
+    return run_trainer(arrays, cfg)
+
+
+def train_pooled_ensemble(Itr: tuple, Ytr: np.ndarray, Iva: tuple, Yva: np.ndarray, cfg: TrainRunConfig,
+                          pool: Any) -> tuple[list[TrainResult], dict[str, Any]]:
+    """As :func:`train_ensemble`, for attn members (:class:`shared.pooling.PooledTrunkNet`, ``pool`` a
+    :class:`training.pooled.PoolConfig`): ``I*`` are their inputs ``(X (n, d), z_1 (n, W, k), m_1 (n, W), ...)``
+    as :func:`training.pooled.apply_transforms` gives them; no loss weights."""
+    arrays = {"Itr": list(Itr), "Ytr": np.asarray(Ytr, np.float32), "Iva": list(Iva),
+              "Yva": np.asarray(Yva, np.float32)}
+    return run_trainer(arrays, cfg, pool.model_dump())
+
+
+def run_trainer(arrays: dict[str, Any], cfg: TrainRunConfig,
+                pool: dict | None = None) -> tuple[list[TrainResult], dict[str, Any]]:
+    """The TorchTrainer run behind :func:`train_ensemble` and :func:`train_pooled_ensemble`."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -138,12 +190,9 @@ def train_ensemble(Xtr: np.ndarray, Ytr: np.ndarray, Xva: np.ndarray, Yva: np.nd
 
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() > 0
     storage_path, storage_fs = _storage(cfg.storage_path)
-    arrays = {"Xtr": np.array(Xtr, np.float32), "Ytr": np.asarray(Ytr, np.float32),
-              "Xva": np.asarray(Xva, np.float32), "Yva": np.asarray(Yva, np.float32),
-              **{k: np.asarray(w, np.float32) for k, w in (("Wtr", Wtr), ("Wva", Wva)) if w is not None}}
     trainer = TorchTrainer(
         ensemble_loop,
-        train_loop_config={"seeds": list(range(cfg.seeds)), "arrays": arrays,
+        train_loop_config={"seeds": list(range(cfg.seeds)), "arrays": arrays, "pool": pool,
                            "trunk": cfg.trunk.model_dump(), "threads": max(1, int(cfg.cpus_per_worker))},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),

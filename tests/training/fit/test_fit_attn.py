@@ -19,6 +19,19 @@ from training.pooled import ensemble_proba
 REAL = ["smollm2-135m", "gemma3-270m"]  # registry targets (prices) for the toy's two label columns
 
 
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    """The members train on Ray Train, as the vector fit's do."""
+    import ray
+
+    from shared.ray_boot import ensure_ray
+
+    started = ensure_ray("local", num_cpus=2, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
@@ -31,8 +44,9 @@ def capture(tmp_path_factory):
 def config(capture, out, **kw) -> FitConfig:
     return FitConfig(**{**capture, "out": str(out), "blocks": ["h1_attn", "h1_last"], "n_components": 4,
                         "pool": {"n_components": 8, "n_queries": 2},
-                        "train": {"seeds": 2, "keep": 2, "trunk": {"lr": 3e-3, "hidden": [32], "dropout": [0.1],
-                                                                   "patience": 20, "max_epochs": 150}}, **kw})
+                        "train": {"seeds": 2, "keep": 2, "num_workers": 2, "storage_path": str(out) + "-ray-train",
+                                  "trunk": {"lr": 3e-3, "hidden": [32], "dropout": [0.1], "patience": 20,
+                                            "max_epochs": 150}}, **kw})
 
 
 def test_fit_attn_writes_an_artifact_that_loads_to_the_trained_probabilities(capture, tmp_path):

@@ -11,9 +11,10 @@ Where the pooling runs. The Encoder replica keeps the last ``window`` states of 
 hit assembles them from the prefix's and the suffix's, :func:`shared.pooling.assemble_window`) and applies the
 block's frozen :class:`shared.pooling.TokenTransform` itself (:class:`TokenReducer`): what travels to the
 router head is ``(W, k)`` float32 per block (k = 64 by default, against the ``(W, D)`` states, D = 576 to 4096+),
-with NaN on padded rows (:func:`shared.pooling.reduce_window`). That is 4.5 to 32 times fewer bytes than the fp16
-states (D / k times fewer values, 4 bytes each against 2), and bit-identical to what training fed the network (training applies the same transform to the same
-fp16 states), where fp16 of the reduced values would not be. The head runs the learned attention and the trunk.
+with NaN on padded rows (:func:`shared.pooling.reduce_window`). That is 4.5 to 32 times fewer bytes than the
+fp16 states (D / k times fewer values, 4 bytes each against 2), and bit-identical to what training fed the
+network (training applies the same transform to the same fp16 states), where fp16 of the reduced values would
+not be. The head runs the learned attention and the trunk.
 Evaluate (:func:`training.token_states.attn_blocks`) reduces a capture's windows the same way.
 """
 

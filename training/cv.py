@@ -1,5 +1,5 @@
 """The cross-validation every choice on train + val shares: tune's candidates (:mod:`training.fit.tune`) and
-the adapted encoder (:mod:`training.adapt.cv`) are split into the same folds and scored the same way.
+the adapted encoder (:mod:`training.adapt.choose`) are split into the same folds and scored the same way.
 
 - :func:`split_folds`: GroupKFold over ``group_id``; in fold ``k`` the training folds are shuffled with seed
   ``seed + k`` and cut into ``1 - early_stop_share`` (train) and ``early_stop_share`` (early stopping);

@@ -23,16 +23,21 @@ def read_token_windows(out: str, layer: int, window: int | None = None,
                        query_ids: list[str] | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
     """``(query ids, states (n, W, D) fp16, mask (n, W) bool)`` of token layer ``layer`` over the finished
     shards (``query_ids``: those rows, in that order), each row's window reassembled from its own states and
-    its prefix's; ``window`` defaults to the capture's ``token_window`` (a smaller one keeps the last tokens)."""
+    its prefix's; ``window`` defaults to the capture's ``token_window`` (a smaller one keeps the last tokens).
+    Refuses a capture without that layer's token states or with a shorter window: every reader (tune, fit,
+    adapt, evaluate) checks here."""
     from shared import storage
     from shared.pooling import assemble_window, pad_windows
     from training.shards import read_shards
 
     manifest = storage.read_json(storage.join(out, "manifest.json"))["identity"]
-    if layer not in manifest.get("token_layers", []):
-        raise BadInput(f"{out} has no token states of layer {layer} (token_layers: "
-                       f"{manifest.get('token_layers', [])}); capture with token_layers=[{layer}]")
-    window, hidden = window or manifest["token_window"], manifest["hidden_size"]
+    kept, captured = manifest.get("token_layers", []), manifest.get("token_window", 0)
+    if layer not in kept or (window or 0) > captured:
+        raise BadInput(f"{out} keeps token states of layers {kept} over the last {captured} tokens; asked for layer "
+                       f"{layer} over {window or captured} (a longer window would hold states the capture never "
+                       f"kept): capture with token_layers=[{layer}] token_window={window or captured} (`capture "
+                       "artifact=<uri>` sets both for an artifact)")
+    window, hidden = window or captured, manifest["hidden_size"]
     col = token_column(layer)
     table = read_shards(out).select(["query_id", col, "n_states", "prefix_key"])
     ids = table.column("query_id").to_pylist()
@@ -58,7 +63,6 @@ def adapted_blocks(out: str, artifact_uri: str, meta, query_ids: list[str], n_to
     over each row's window of layer ``L`` read from the capture at ``out`` (``query_ids`` in that order, prompt
     lengths ``n_tokens``), as the Encoder replica computes them. ``{block: (n, D)}`` float32; {} without an
     adapter. Refuses a capture without layer ``L``'s token states or with a shorter window than the adapter's."""
-    from shared import storage
     from shared.artifact import load_adapter
     from shared.models import load_causal_lm
     from shared.registry import load_registry
@@ -66,12 +70,6 @@ def adapted_blocks(out: str, artifact_uri: str, meta, query_ids: list[str], n_to
     spec = meta.adapter
     if spec is None:
         return {}
-    identity = storage.read_json(storage.join(out, "manifest.json"))["identity"]
-    if spec.from_layer not in identity.get("token_layers", []) or identity.get("token_window", 0) < spec.window:
-        raise BadInput(f"the artifact's adapter reads the last {spec.window} states of layer {spec.from_layer}; {out} "
-                       f"keeps token_layers {identity.get('token_layers', [])}, token_window "
-                       f"{identity.get('token_window')}: capture with token_layers=[{spec.from_layer}] "
-                       f"token_window={spec.window}")
     _, states, mask = read_token_windows(out, spec.from_layer, spec.window, list(query_ids))
     adapter = load_adapter(artifact_uri, load_causal_lm(load_registry().encoder(meta.encoder.name), device="cpu").model,
                            meta)
@@ -83,19 +81,12 @@ def attn_blocks(out: str, artifact_uri: str, meta, query_ids: list[str]) -> dict
     window of its layer read from the capture at ``out`` (``query_ids`` in that order) and reduced by the
     artifact's token transform, as the Encoder replica sends it. ``{block: (n, W, k)}`` float32, NaN-padded;
     {} without attn blocks. Refuses a capture without the layers' token states or with a shorter window."""
-    from shared import storage
     from shared.pooled_artifact import token_reducer
     from shared.pooling import reduce_window
 
     pooled = getattr(meta, "pooled", None)
     if pooled is None:
         return {}
-    identity = storage.read_json(storage.join(out, "manifest.json"))["identity"]
-    kept, window = identity.get("token_layers", []), identity.get("token_window", 0)
-    if any(layer not in kept for layer in pooled.layers) or window < pooled.window:
-        raise BadInput(f"the artifact's attn blocks {pooled.names} read the last {pooled.window} states of layers "
-                       f"{pooled.layers}; {out} keeps token_layers {kept}, token_window {window}: capture with "
-                       f"token_layers={pooled.layers} token_window={pooled.window} (capture artifact=<uri> sets both)")
     transforms = token_reducer(artifact_uri, meta).transforms
     blocks = {}
     for spec, tt in zip(pooled.blocks, transforms):
@@ -104,16 +95,19 @@ def attn_blocks(out: str, artifact_uri: str, meta, query_ids: list[str]) -> dict
     return blocks
 
 
-def attn_capture(meta, wanted: dict) -> dict:
-    """What a capture for an attn artifact must add to ``wanted`` (the encoder, layers and poolings
-    ``capture artifact=<uri>`` takes from it): ``token_layers`` (``wanted``'s, plus the attn layers) and
-    ``token_window`` (at least the attn blocks'); an attn-only artifact still names one pooled column (``last``
-    at its first attn layer: capture writes vector columns). ``{}`` without attn blocks."""
-    pooled = getattr(meta, "pooled", None)
-    if pooled is None:
+def token_capture(meta, wanted: dict) -> dict:
+    """What ``capture artifact=<uri>`` must add to ``wanted`` (the encoder, layers and poolings it takes from the
+    artifact) for the blocks the artifact computes from token states: an adapter's layer ``L`` over its window,
+    attn blocks' layers over theirs. ``token_layers``: ``wanted``'s plus these; ``token_window``: the longest
+    asked for; an artifact without a captured vector block still names one (``last`` at the first such layer:
+    capture writes vector columns). ``{}`` when the artifact reads no token states."""
+    adapter, pooled = getattr(meta, "adapter", None), getattr(meta, "pooled", None)
+    needs = ([(adapter.from_layer, adapter.window)] if adapter else []) + \
+        ([(layer, pooled.window) for layer in pooled.layers] if pooled else [])
+    if not needs:
         return {}
-    add = {"token_layers": sorted(set(wanted.get("token_layers", [])) | set(pooled.layers)),
-           "token_window": max(int(wanted.get("token_window", 0)), pooled.window)}
+    add = {"token_layers": sorted(set(wanted.get("token_layers", [])) | {layer for layer, _ in needs}),
+           "token_window": max([int(wanted.get("token_window", 0))] + [w for _, w in needs])}
     if not wanted.get("layers"):
-        add.update(layers=pooled.layers[:1], poolings=["last"])
+        add.update(layers=[needs[0][0]], poolings=["last"])
     return add

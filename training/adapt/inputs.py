@@ -16,21 +16,11 @@ def load_windows(cfg: Any, data: RoutingData) -> tuple[AdaptInputs, int]:
     """``(rows, window)`` for an adapt config ``cfg`` (its ``activations``, ``from_layer`` and ``window``): every
     row's window of layer ``from_layer`` (in ``data``'s order) with its prompt length and labels (``dense``
     empty); refuses a capture without that layer's token states, or a window over its ``token_window``."""
-    from shared import storage
     from training.token_states import read_token_windows
 
-    identity = storage.read_json(storage.join(cfg.activations, "manifest.json"))["identity"]
-    captured = identity.get("token_window")
-    if cfg.from_layer not in identity.get("token_layers", []):
-        raise BadInput(f"{cfg.activations} keeps no token states of layer {cfg.from_layer} (token_layers: "
-                       f"{identity.get('token_layers', [])}); capture with token_layers=[{cfg.from_layer}]")
-    window = cfg.window or captured
-    if window > captured:
-        raise BadInput(f"window={window} exceeds the capture's token_window={captured}: the served window would "
-                       "hold states the training never saw; lower window or capture a longer one")
     if not len(data.n_tokens):
         raise BadInput(f"{cfg.activations} has no n_tokens column: the windows' positions need each prompt's length")
-    _, states, mask = read_token_windows(cfg.activations, cfg.from_layer, window, list(data.query_ids))
+    _, states, mask = read_token_windows(cfg.activations, cfg.from_layer, cfg.window, list(data.query_ids))
     n = len(data.query_ids)
     return AdaptInputs(states, mask, np.asarray(data.n_tokens, dtype=np.int64), np.zeros((n, 0), np.float32),
-                       data.Y), window
+                       data.Y), mask.shape[1]

@@ -273,15 +273,13 @@ def for_artifact(cfg: CaptureConfig) -> CaptureConfig:
     states its adapter or attn blocks read. The artifact wins: what it reads is what a check of it needs; a
     config value it replaces is named in a warning, never dropped silently."""
     from shared.artifact import read_meta
-    from training.token_states import attn_capture
+    from training.token_states import token_capture
 
     if not cfg.artifact:
         return cfg
     meta = read_meta(cfg.artifact)
     wanted = {"encoder": meta.encoder.name, "layers": sorted(meta.layers), "poolings": meta.poolings}
-    if meta.adapter is not None:  # its blocks are computed from layer L's last states (training/token_states.py)
-        wanted.update(token_layers=[meta.adapter.from_layer], token_window=meta.adapter.window)
-    wanted.update(attn_capture(meta, wanted))  # an attn artifact's token layers and window
+    wanted.update(token_capture(meta, wanted))  # an adapter's or attn blocks' token layers and window
     replaced = {k: getattr(cfg, k) for k in wanted if getattr(cfg, k) != wanted[k]}
     if replaced:
         log.warning("capture: artifact %s reads %s; replacing the config's %s", cfg.artifact, wanted, replaced)

@@ -18,7 +18,7 @@ from shared.pooling import assemble_window
 from training.capture.plan import encoder_plan
 from training.capture.run import CaptureConfig, run_capture
 from training.capture.tokens import plan_tokens
-from training.token_states import read_token_windows
+from training.token_states import read_token_windows, token_capture
 
 HEADER = "Answer with one letter. " + "Here is a worked example: the sky is blue, so the answer is B. " * 6
 CONVERSATIONS = [[{"role": "user", "content": HEADER + q}] for q in (
@@ -104,7 +104,22 @@ def test_ray_capture_keeps_token_windows_dedups_prefixes_and_resumes(ray_cluster
     np.testing.assert_array_equal(sub[1], states[0][mask[0]][-8:])
     with pytest.raises(BadInput, match="token_layers"):
         read_token_windows(out, 12)
+    with pytest.raises(BadInput, match=r"token_window=64"):  # a longer window than the capture kept
+        read_token_windows(out, 6, window=64)
     again = run_capture(load_config(CaptureConfig, None, args))
     assert again["shards_skipped"] == 3 and again["shards_written"] == 0
     with pytest.raises(BadInput, match="token_window"):
         run_capture(load_config(CaptureConfig, None, args + ["token_window=64"]))
+
+
+def test_capture_artifact_keeps_the_token_states_an_adapter_or_attn_blocks_read():
+    """``capture artifact=``: an adapter-only artifact (no captured vector block) still gets one pooled column."""
+    from types import SimpleNamespace as NS
+
+    adapter_only = NS(adapter=NS(from_layer=12, window=128), pooled=None)
+    assert token_capture(adapter_only, {"layers": [], "poolings": ["last", "mean"]}) == {
+        "token_layers": [12], "token_window": 128, "layers": [12], "poolings": ["last"]}
+    attn = NS(adapter=None, pooled=NS(layers=[9, 12], window=64))
+    assert token_capture(attn, {"layers": [9], "token_layers": [3], "token_window": 256}) == {
+        "token_layers": [3, 9, 12], "token_window": 256}
+    assert token_capture(NS(adapter=None, pooled=None), {"layers": [9]}) == {}

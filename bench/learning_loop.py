@@ -5,30 +5,23 @@
 
 For real, on a private local Ray head (``cluster.local``), through HTTP, Serve and Ray jobs:
 
-1. The benchmark is imported as its shipped router's pipeline imports it (RouterBench:
-   ``configs/import-routerbench.yaml``, 2,225 queries, 11 targets; RouterDC: the ``data_import`` of
-   ``configs/pipeline-routerdc.yaml``, 5,935 queries, 7 targets priced alike, soft scores; both split
-   0.7/0.1/0.2 with seed 0) and every prompt is captured once with the shipped router's encoder
-   layers and poolings (``data/<benchmark>/router``) into a *bank* that every retraining reuses
-   (``capture.reuse``): a retraining encodes nothing.
-2. The train and val rows, shuffled (``--seed``), are the traffic: the first ``--seed-share`` of
-   them are labelled in full (written as a log of their own: every target observed, with the
-   benchmark's label as feedback), the next ``--replay`` are replayed. The test rows are the
-   fixed held-out part, never logged.
-3. Per epsilon: the first router is fitted on the seed log (the from-logs pipeline, submitted as
-   a Ray job), then served as a decision service (``targets: []``) with a decision log and
-   ``exploration.epsilon``. Each replayed query is a ``POST /v1/route``; the feedback
-   (``POST /v1/feedback``) is the benchmark's label of the target the router named, what a
-   user of that target would report. Every ``--every`` requests, ``configs/pipeline-from-logs.yaml``
-   runs as a Ray job (``prefill-router submit run``) on the seed log plus the traffic log: import,
-   capture (copied from the bank), fit, evaluate off-policy on held logged rows, publish if the
-   gate passes (``dr_accuracy``), and reload the running app in place.
+1. The benchmark is imported as its shipped pipeline imports it (RouterBench: 2,225 queries, 11
+   targets; RouterDC: 5,935 queries, 7 targets priced alike, soft scores; split 0.7/0.1/0.2, seed 0),
+   and every prompt is captured once into a *bank* (:func:`bank_capture`) that every retraining
+   reuses (``capture.reuse``): a retraining encodes nothing.
+2. The train and val rows, shuffled (``--seed``), are the traffic: the first ``--seed-share`` are
+   labelled in full (a log of their own: every target observed, the benchmark's label as feedback),
+   the next ``--replay`` are replayed. The test rows are the held-out part, never logged.
+3. Per epsilon: the first router is fitted on the seed log, then served as a decision service
+   (``targets: []``) with a decision log and ``exploration.epsilon``. Each replayed query is a
+   ``POST /v1/route``; its feedback the benchmark's label of the named target. Every ``--every``
+   requests ``configs/pipeline-from-logs.yaml`` runs as a Ray job (``prefill-router submit run``) on
+   the seed and traffic logs: import, capture (from the bank), fit, evaluate off-policy on held
+   logged rows, publish if the gate passes (``dr_accuracy``), and reload the running app in place.
 4. After each retraining, the published router is scored on the held-out rows with their full
-   labels (``training.evaluate``): accuracy and mean cost at its operating point (and, where the rows
-   have tasks, RouterDC's task-averaged accuracy); beside it the router trained on every train label
-   (the shipped ``data/<benchmark>/router``: the ceiling) and the best single model, on the same rows.
-   With RouterDC the feedback is the soft score of the named model, and the headline is the
-   task-averaged accuracy (the targets cost alike).
+   labels: accuracy and mean cost at its operating point (RouterDC: the task-averaged accuracy, the
+   soft score of the named model as feedback); beside it the shipped ``data/<benchmark>/router``
+   (trained on every train label: the ceiling) and the best single model, on the same rows.
 
 Writes ``--json`` and a PNG (``--plot``), and prints a Markdown table (bench/README.md).
 """
@@ -48,11 +41,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # per benchmark: the import (a config file, and the section of it that is the ImportConfig), the shipped
-# router (the ceiling, and the encoder blocks every retraining uses), fit overrides, and its name on plots
+# router (the ceiling: its encoder is every retraining's), the frozen blocks every retraining fits (the shipped
+# router's when the curves in bench/README.md were measured), fit overrides, and its name on plots
 BENCHMARKS = {
     "routerbench": {"import": ("configs/import-routerbench.yaml", None), "ceiling": "data/routerbench/router",
-                    "fit": [], "title": "RouterBench", "headline": "accuracy"},
+                    "blocks": ["h18_last", "h21_last"], "fit": [], "title": "RouterBench", "headline": "accuracy"},
     "routerdc": {"import": ("configs/pipeline-routerdc.yaml", "data_import"), "ceiling": "data/routerdc/router",
+                 "blocks": ["h12_last", "h12_mean"],
                  "fit": ["fit.tolerance=0.0"], "title": "RouterDC",  # priced alike: argmax, as its shipped router
                  "headline": "task_averaged_accuracy"},  # RouterDC's metric
 }
@@ -63,8 +58,19 @@ TABLE_FIELDS = {"points": FIELDS, "ceiling": ("accuracy", "cost", "n", "best_sin
                                               "best_single.cost")}
 
 
-def ceiling(benchmark: str) -> Path:
-    return ROOT / BENCHMARKS[benchmark]["ceiling"]
+def bank_capture(benchmark: str) -> list[str]:
+    """Capture overrides of the bank: the ceiling's encoder, the layers and poolings of the retrainings' blocks
+    and of the ceiling's, and the token states the ceiling reads (attention pooling, an adapter), if any."""
+    from shared.artifact import read_meta
+    from shared.features import parse_block
+    from training.token_states import token_capture
+
+    meta = read_meta(str(ROOT / BENCHMARKS[benchmark]["ceiling"]))
+    blocks = [parse_block(b) for b in BENCHMARKS[benchmark]["blocks"]]
+    wanted = {"layers": sorted({b[0] for b in blocks} | set(meta.layers)),
+              "poolings": sorted({b[1] for b in blocks} | set(meta.poolings))}
+    wanted.update(token_capture(meta, wanted))
+    return [f"encoder={meta.encoder.name}", *(f"{k}={v}" for k, v in wanted.items())]
 
 
 def import_config(benchmark: str, data: Path, limit: int | None):
@@ -87,13 +93,12 @@ def prepare(work: Path, benchmark: str, limit: int | None = None) -> dict:
     from training.capture.run import CaptureConfig, run_capture
     from training.data.importer import run_import
 
-    data = work / benchmark
-    cfg = import_config(benchmark, data, limit)
+    cfg = import_config(benchmark, data := work / benchmark, limit)
     if not (data / "labels" / "import-manifest.json").is_file():
         run_import(cfg)
     bank = work / "bank"
     run_capture(load_config(CaptureConfig, None, [
-        f"queries={cfg.output}", f"out={bank}", f"artifact={ceiling(benchmark)}", "shard_size=256", "batch_size=8",
+        f"queries={cfg.output}", f"out={bank}", *bank_capture(benchmark), "shard_size=256", "batch_size=8",
         "max_batch_tokens=8192", "min_shared_prefix=64", "max_actors=2", "progress=false"]))
     return {"queries": cfg.output, "labels": cfg.labels, "bank": str(bank), "benchmark": benchmark}
 
@@ -140,13 +145,15 @@ def write_seed_log(uri: Path, seed_rows: list[dict], label: dict) -> None:
 def retrain(state_file: Path, run: Path, logs: list[Path], data: dict, serve_yaml: Path | None) -> dict:
     """The from-logs pipeline as a Ray job (``prefill-router submit run``); the published pointer after it."""
     from shared.artifact import read_meta
+    from shared.features import parse_block
 
-    meta = read_meta(str(ceiling(data["benchmark"])))
-    blocks, poolings = sorted(meta.pooling), sorted(set(meta.pooling.values()))
+    meta = read_meta(str(ROOT / BENCHMARKS[data["benchmark"]]["ceiling"]))
+    blocks = sorted(BENCHMARKS[data["benchmark"]]["blocks"])
+    layers, poolings = (sorted({parse_block(b)[i] for b in blocks}) for i in (0, 1))
     overrides = [
         f"work_dir={run}", f"targets=[{', '.join(t.name for t in meta.targets)}]",
         f"data_import.inputs=[{', '.join(map(str, logs))}]", f"capture.reuse=[{data['bank']}]",
-        f"capture.layers=[{', '.join(map(str, meta.layers))}]", f"capture.poolings=[{', '.join(poolings)}]",
+        f"capture.layers=[{', '.join(map(str, layers))}]", f"capture.poolings=[{', '.join(poolings)}]",
         f"fit.blocks=[{', '.join(blocks)}]", "fit.n_components=64", "fit.train.seeds=3", "fit.train.keep=3",
         *BENCHMARKS[data["benchmark"]]["fit"],
         "evaluate.routers=[]", f"publish.uri={run.parent / 'published'}/{{run_id}}",
@@ -177,8 +184,7 @@ def held_out(artifact: str, data: dict, out: Path) -> dict:
     if row.task_averaged_accuracy is not None:  # the rows have tasks: RouterDC's metric
         out["task_averaged_accuracy"] = float(row.task_averaged_accuracy)
     if BENCHMARKS[data["benchmark"]]["headline"] == "task_averaged_accuracy":  # the best single by that metric
-        name = refs.best_single_task_averaged.target
-        single = refs.single[name]
+        single = refs.single[name := refs.best_single_task_averaged.target]
         out["best_single"] = {"name": name, "accuracy": float(single.accuracy), "cost": float(single.cost),
                               "task_averaged_accuracy": float(single.task_averaged_accuracy)}
     return out
@@ -205,9 +211,7 @@ def replay(url: str, rows: list[dict], label: dict) -> dict[str, int]:
     sent = 0
     with httpx.Client(base_url=url, timeout=60) as client:
         for row in rows:
-            r = client.post("/v1/route", json={"messages": [dict(m) for m in row["messages"]]})
-            r.raise_for_status()
-            body = r.json()
+            body = client.post("/v1/route", json={"messages": [dict(m) for m in row["messages"]]}).raise_for_status().json()
             score = label.get(body["target"], {}).get(row["query_id"])
             if score is not None:  # RouterBench leaves a few cells unlabelled: no feedback then
                 client.post("/v1/feedback", json={"request_id": body["id"], "score": score}).raise_for_status()
@@ -218,8 +222,7 @@ def replay(url: str, rows: list[dict], label: dict) -> dict[str, int]:
 def explored_share(log: Path) -> float:
     from shared.decision_log import read_log
 
-    table = read_log(str(log), "decisions")
-    flags = [bool(x) for x in table.column("explored").to_pylist()]
+    flags = [bool(x) for x in read_log(str(log), "decisions").column("explored").to_pylist()]
     return sum(flags) / len(flags) if flags else 0.0
 
 
@@ -237,8 +240,7 @@ def run_epsilon(epsilon: float, args: argparse.Namespace, data: dict, rows: dict
     seed_log, log = Path(args.work) / "seed-log", home / "log"
     write_seed_log(seed_log, rows["seed"], rows["label"])
     first = retrain(state_file, home / "run-000", [seed_log], data, None)
-    port = free_port()
-    serve_yaml = serve_config(home / "serve.yaml", first["artifact"], log, epsilon, port, args.seed)
+    serve_yaml = serve_config(home / "serve.yaml", first["artifact"], log, epsilon, port := free_port(), args.seed)
     from ray import serve
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})  # a fresh Serve on this curve's port
@@ -322,9 +324,8 @@ def plot(result: dict, path: Path) -> None:
         acc.legend(fontsize=8, loc="lower center", ncol=2)
     else:
         acc.legend(fontsize=8)
-    share = result["args"].get("seed_share", 0.1)
-    fig.suptitle(f"{title}: a router retrained on its own decision log (start: {100 * share:g}% of the labels)",
-                 fontsize=11)
+    share = 100 * result["args"].get("seed_share", 0.1)
+    fig.suptitle(f"{title}: a router retrained on its own decision log (start: {share:g}% of the labels)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
 
@@ -372,9 +373,8 @@ def main() -> None:
     args.plot = args.plot or str(Path(args.json).with_suffix(".png"))
     from cluster.demo import start_cluster, stop_cluster
 
-    work = Path(args.work)
+    work, t0 = Path(args.work), time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     cfg, state = start_cluster(work)
     try:
         data = prepare(work, args.benchmark, args.limit)
@@ -384,7 +384,7 @@ def main() -> None:
             curve = run_epsilon(eps, args, data, rows, Path(cfg.state_file))
             add_candidates(curve, work, data)
             points += curve
-        top = held_out(str(ceiling(args.benchmark)), data, work / "held-ceiling")
+        top = held_out(str(ROOT / BENCHMARKS[args.benchmark]["ceiling"]), data, work / "held-ceiling")
     finally:
         stop_cluster(cfg)
     result = {"date": dt.date.today().isoformat(), "seconds": round(time.perf_counter() - t0),

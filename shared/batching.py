@@ -4,9 +4,25 @@ encoder (:mod:`shared.encoder`) and the prefix-shared path (:mod:`shared.prefix`
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable, Sequence
 
+log = logging.getLogger(__name__)
 TOKENS, PREFIX = "_tokens", "_prefix"  # reserved keys of a forward's feature dict (token states, prefix state)
+FP16_MAX = 65504.0  # float16's largest finite value
+_clip_logged = False
+
+
+def to_fp16(states: Any) -> Any:
+    """Torch ``states`` as float16, clipped to its finite range ``[-65504, 65504]``. Some encoders' residual
+    streams exceed it (Gemma-3-270M's reach 1e5 at a few tokens by layer 12): cast as they are, those values
+    become inf, and every PCA and loss over the token states turns NaN. The first clip is logged."""
+    global _clip_logged
+    if not _clip_logged and states.numel() and float(states.abs().amax()) > FP16_MAX:
+        _clip_logged = True
+        log.warning("encoder states exceed float16's range (max |x| %.3g): clipped to +-%g where stored as "
+                    "float16 (token states, capture's float16 blocks)", float(states.abs().amax()), FP16_MAX)
+    return states.clamp(-FP16_MAX, FP16_MAX).half()
 
 
 def pad_batch(batch: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[Any, Any]:
@@ -64,5 +80,5 @@ def window_states(states: dict[int, Any], mask: Any, layers: Sequence[int], wind
     out = []
     for row in range(mask.shape[0]):
         real = mask[row].bool().nonzero().flatten()[-window:]
-        out.append({layer: states[layer][row, real].half().cpu() for layer in layers})
+        out.append({layer: to_fp16(states[layer][row, real]).cpu() for layer in layers})
     return out

@@ -32,6 +32,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from shared.batching import to_fp16
+
 
 @dataclass(frozen=True)
 class PrefixGroup:
@@ -133,7 +135,7 @@ def run_prefix(encoder: Any, ids: Sequence[int]) -> PrefixState:
         states = encoder._run(input_ids, mask, positions, cache=cache)
         sums = {layer: states[layer][0].float().sum(dim=0) for layer in encoder.layers} \
             if "mean" in encoder.poolings else {}
-        tokens = {layer: states[layer][0, -encoder.token_window:].half().cpu() for layer in encoder.token_layers}
+        tokens = {layer: to_fp16(states[layer][0, -encoder.token_window:]).cpu() for layer in encoder.token_layers}
     return PrefixState(len(ids), cache, sums, prefix_key(ids) if tokens else "", tokens or None)
 
 

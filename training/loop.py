@@ -26,6 +26,7 @@ import torch
 from pydantic import Field
 
 from shared.config import StrictConfig
+from shared.errors import BadInput
 from shared.trunk import Ensemble, SharedTrunkNet, masked_bce_loss
 from training.objectives import ObjectiveConfig, objective
 
@@ -135,8 +136,11 @@ def early_stopping(make_net: Callable[[], torch.nn.Module], train: tuple, val: t
                 stale += 1
                 if stale >= patience:
                     break
-    if best_state is not None:
-        net.load_state_dict(best_state)
+    if best_state is None:
+        raise BadInput(f"the validation loss was never finite ({val_loss}) in {epoch + 1} epoch(s): the inputs hold "
+                       "NaN or inf (e.g. encoder states beyond float16's range in a capture made before they were "
+                       "clipped: capture again), or the learning rate diverges")
+    net.load_state_dict(best_state)
     return LoopResult(net.eval(), best, best_epoch, epoch + 1, best_state)
 
 

@@ -54,6 +54,11 @@ def read_token_windows(out: str, layer: int, window: int | None = None,
             at = p.column("layer").to_pylist().index(layer)
             prefixes[key] = np.frombuffer(p.column("states")[at].as_py(), dtype=np.float16).reshape(-1, hidden)
         windows.append(assemble_window(own, prefixes.get(key) if key else None, window))
+    bad = sum(not np.isfinite(w).all() for w in windows)
+    if bad:
+        raise BadInput(f"{out}: the layer-{layer} token states of {bad} of {len(windows)} rows hold inf or NaN (float16 "
+                       "overflow: the encoder's states passed 65504 in a capture made before they were clipped); "
+                       "capture again")
     states, mask = pad_windows(windows, window)
     return [ids[i] for i in rows], states, mask
 

@@ -60,6 +60,8 @@ def wiring(raw: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, di
     defaults = {"label": {"progress": False}, "capture": {"progress": False},
                 "fit": {"probe_report": storage.join(work, "probe", "probe.json"),
                         "train": {"storage_path": storage.join(work, "ray-train")}}}
+    if raw.get("adapt") is not None and "tolerance" in (raw.get("fit") or {}):
+        defaults["adapt"] = {"tolerance": raw["fit"]["tolerance"]}   # the adapted artifact routes as fit's would
     return wired, defaults
 
 
@@ -78,6 +80,21 @@ def check_adapt(raw: dict[str, Any]) -> None:
     captured = (raw.get("capture") or {}).get("token_window") or CaptureConfig.model_fields["token_window"].default
     if window is not None and window > captured:
         raise ValueError(f"adapt.window={window} exceeds capture.token_window={captured}: raise the capture's window")
+
+
+def uncaptured(blocks: list[str], capture: CaptureConfig) -> list[str]:
+    """The ``blocks`` (explicit tune candidates', adapt's frozen ones) that ``capture`` does not write: a vector
+    block whose layer or pooling it leaves out, an ``h{layer}_attn`` block whose layer's token states it keeps not."""
+    from shared.features import is_attn, parse_block
+
+    layers = None if capture.layers == "all" else set(capture.layers)
+    missing = []
+    for name in blocks:
+        layer, pooling = parse_block(name)
+        kept = layer in capture.token_layers if is_attn(name) else \
+            (layers is None or layer in layers) and pooling in capture.poolings
+        missing += [] if kept else [name]
+    return missing
 
 
 class PipelineConfig(StrictConfig):
@@ -144,3 +161,16 @@ class PipelineConfig(StrictConfig):
                     section.get(key, value)
             raw[stage] = {**section, **wired.get(stage, {})}
         return raw
+
+    @model_validator(mode="after")
+    def _captured(self) -> "PipelineConfig":
+        """Blocks named outright must be captured: found now, not after the capture has run."""
+        named = [b for c in (self.tune.candidates if self.tune else []) if c.blocks != "probe"
+                 for b in c.blocks if b != "minilm"] + (self.adapt.frozen_blocks if self.adapt else [])
+        missing = uncaptured(list(dict.fromkeys(named)), self.capture)
+        if missing:
+            raise ValueError(f"{missing} (named by tune.candidates or adapt.frozen_blocks) would not be captured: "
+                             f"capture.layers={self.capture.layers}, poolings={self.capture.poolings}, token_layers="
+                             f"{self.capture.token_layers}; add their layers (an h<layer>_attn block's to "
+                             "capture.token_layers) or drop those candidates")
+        return self

@@ -135,6 +135,12 @@ def test_the_adapt_stage_is_wired_and_refused_without_tune_or_the_token_states_i
     assert [s.name for s in STAGES if s.when(cfg)][-4:] == ["fit", "adapt", "evaluate", "publish"]
     assert cfg.adapt.tune_report == str(tmp_path / "tune" / "tune.json") and cfg.adapt.targets == cfg.targets
     assert cfg.adapt.out == str(tmp_path / "router-adapted") and cfg.adapt.activations == cfg.capture.out
+    # the adapted artifact routes with fit's tolerance unless the adapt section sets its own
+    rb = load_config(PipelineConfig, CONFIG_DIR / "pipeline-routerbench.yaml", [f"work_dir={tmp_path}"])
+    assert rb.fit.tolerance == 0.05 and rb.adapt.tolerance == 0.05
+    own = load_config(PipelineConfig, CONFIG_DIR / "pipeline-routerbench.yaml",
+                      [f"work_dir={tmp_path}", "fit.tolerance=0.1", "adapt.tolerance=0.3"])
+    assert own.fit.tolerance == 0.1 and own.adapt.tolerance == 0.3
     with pytest.raises(ConfigError, match="add a `tune` section"):
         load_config(PipelineConfig, CONFIG_DIR / "pipeline-routerdc.yaml", [*base, "adapt={from_layer: 12}", "tune=null"])
     with pytest.raises(ConfigError, match="capture.token_layers to include 9"):
@@ -143,3 +149,24 @@ def test_the_adapt_stage_is_wired_and_refused_without_tune_or_the_token_states_i
         load_config(PipelineConfig, CONFIG_DIR / "pipeline-routerdc.yaml", [*base, "adapt={from_layer: 12, window: 256}"])
     with pytest.raises(ConfigError, match="set by the pipeline"):
         load_config(PipelineConfig, CONFIG_DIR / "pipeline-routerdc.yaml", [*base, "adapt={from_layer: 12, out: x}"])
+
+
+def test_blocks_named_outright_must_be_captured_before_anything_runs(tmp_path):
+    """An encoder override whose layers leave out a tune candidate's block (or an attn block's token layer, or
+    adapt's frozen block) is refused by `pipeline check`, not after the capture."""
+    from cluster.pipeline.config import PipelineConfig
+
+    gemma = [f"work_dir={tmp_path}", "capture.encoder=gemma3-270m", "capture.layers=[2,4,6,8,10,12,14,16,18]"]
+    with pytest.raises(ConfigError, match=r"\['h21_last'\] .* would not be captured"):
+        load_config(PipelineConfig, CONFIG_DIR / "pipeline-routerbench.yaml", gemma)
+    with pytest.raises(ConfigError, match=r"\['h21_attn'\] .* would not be captured"):
+        load_config(PipelineConfig, CONFIG_DIR / "pipeline-routerbench.yaml",
+                    [f"work_dir={tmp_path}", "capture.token_layers=[]", "adapt=null"])
+    with pytest.raises(ConfigError, match=r"\['h18_last'\] .* would not be captured"):
+        load_config(PipelineConfig, CONFIG_DIR / "pipeline-routerbench.yaml",
+                    [f"work_dir={tmp_path}", "capture.layers=[21]", "tune.candidates=[{blocks: probe, n_components: 8}]"])
+    documented = load_config(PipelineConfig, CONFIG_DIR / "pipeline-routerbench.yaml", [
+        *gemma, "capture.token_layers=[]", "adapt=null",
+        "tune.candidates=[{blocks: probe, n_components: 64}, {blocks: [minilm], n_components: 8}]"])
+    assert documented.adapt is None and documented.capture.token_layers == []
+    assert load_config(PipelineConfig, CONFIG_DIR / "pipeline-routerdc.yaml", [*gemma, "adapt=null"]).adapt is None

@@ -16,6 +16,17 @@ from tests.procs import ROOT
 ARTIFACTS = sorted(p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "data").rglob("meta.json"))
 
 
+def random_features(meta, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """Random inputs of every block an artifact reads: ``(n, d_in)`` vectors and, for learned token pooling,
+    the Encoder's ``(n, W, k)`` reduced windows (NaN at a short prompt's padded positions)."""
+    features = {b.name: rng.normal(size=(n, b.d_in)).astype(np.float32) for b in meta.transform.blocks}
+    for b in meta.pooled.blocks if meta.pooled else ():
+        window = rng.normal(size=(n, b.window, b.d_out)).astype(np.float32)
+        window[:, : b.window // 2] = np.nan
+        features[b.name] = window
+    return features
+
+
 def test_the_shipped_routers_are_all_found():
     assert {"data/router", "data/routerbench/router", "data/routerbench-qwen/router"} <= set(ARTIFACTS)
 
@@ -36,29 +47,32 @@ def test_a_committed_artifact_loads_and_routes(path):
         target = registry.target(t.name)
         assert (t.price_in, t.price_out) == (target.price_input_per_m, target.price_output_per_m), t.name
 
-    rng = np.random.default_rng(0)
-    features = {b.name: rng.normal(size=(4, b.d_in)).astype(np.float32) for b in meta.transform.blocks}
+    features = random_features(meta, np.random.default_rng(0), 4)
+    assert sorted(features) == sorted(router.block_names)
     P = router.predict_proba(features)
     assert P.shape == (4, len(meta.targets)) and np.all((P >= 0) & (P <= 1))
     chosen = np.asarray(router.route(P, [200] * 4))
     assert chosen.shape[0] == 4 and np.all((chosen >= 0) & (chosen < len(meta.targets)))
 
 
-def test_the_routerbench_router_head_routes_by_its_value_operating_point():
-    """The shipped RouterBench artifact's operating point is the value policy chosen on val; the
-    serving RouterHead (no rule in the request) routes by it and orders fallbacks by net value."""
+def test_the_routerbench_router_head_routes_by_its_calibrated_operating_point():
+    """The shipped RouterBench artifact's operating point is the one calibrated on val (the tolerance policy,
+    the cheaper of the two there); the serving RouterHead (no rule in the request) routes by it: the cheapest
+    target within the tolerance of the best P(correct), the others within it as fallbacks, cheapest first."""
     from serving.messages import EncodedPrompt
     from serving.replicas import RouterHeadReplica
     from shared.policy import Policy
 
     head = RouterHeadReplica(artifact=str(ROOT / "data/routerbench/router"))
-    rule = head.router.meta.policy.rule()
-    assert rule.name == "value" and rule == Policy.of("value", head.router.meta.policy.operating_point.param)
-    rng = np.random.default_rng(1)
-    feats = {b.name: rng.normal(size=b.d_in).astype(np.float32) for b in head.router.meta.transform.blocks}
-    d = head.decide(EncodedPrompt(feats, 900, head.router.meta.encoder.name, "x"), None)
-    net = {t: rule.param * d.probabilities[t] - d.expected_cost[t] for t in d.eligible}
-    assert (d.policy, d.value, d.tolerance) == ("value", rule.param, None) and d.target == max(net, key=net.get)
-    assert list(net.values()) == sorted(net.values(), reverse=True) and len(d.eligible) == 11
-    assert head.decide(EncodedPrompt(feats, 900, head.router.meta.encoder.name, "x"), Policy.of("tolerance", 1.0)) \
-        .target == min(d.expected_cost, key=d.expected_cost.get)  # a request's own rule wins
+    meta, op = head.router.meta, head.router.meta.policy.operating_point
+    rule = meta.policy.rule()
+    assert op.policy == "tolerance" and rule == Policy.of("tolerance", op.param) and 0 < op.param < 1
+    feats = {b: x[0] for b, x in random_features(meta, np.random.default_rng(1), 1).items()}
+    d = head.decide(EncodedPrompt(feats, 900, meta.encoder.name, "x"), None)
+    best = max(d.probabilities.values())
+    near = [t for t, p in d.probabilities.items() if p >= best - rule.param - 1e-12]
+    assert (d.policy, d.tolerance, d.value) == ("tolerance", rule.param, None) and sorted(d.eligible) == sorted(near)
+    assert d.target == min(near, key=d.expected_cost.get)
+    assert [d.expected_cost[t] for t in d.eligible] == sorted(d.expected_cost[t] for t in d.eligible)
+    assert head.decide(EncodedPrompt(feats, 900, meta.encoder.name, "x"), Policy.of("tolerance", 0.0)) \
+        .target == max(d.probabilities, key=d.probabilities.get)  # a request's own rule wins

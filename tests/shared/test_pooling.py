@@ -124,3 +124,20 @@ def test_position_bias_can_express_last_token_pooling_and_the_pooling_gets_its_o
     trunk, pools = net.param_groups(1e-3)
     assert pools["lr"] == pytest.approx(3e-2) and trunk["lr"] == 1e-3
     assert {id(p) for p in pools["params"]} == {id(net.pools[0].queries), id(net.pools[0].bias)}
+
+
+
+def test_training_on_inputs_that_are_never_finite_stops_with_a_clear_error_not_a_crash():
+    """A NaN or inf input makes every loss NaN: early stopping never keeps a state; training says so and what to
+    do, instead of failing later on a missing state dict (as tune did on a Gemma capture with fp16 overflow)."""
+    from shared.errors import BadInput
+
+    states, mask, Y = toy(n=200)
+    pool = PoolConfig(n_components=4)
+    inputs = list(fit_inputs({}, {"h1_attn": (states, mask)}, np.arange(150), 4, pool))
+    inputs[1][mask.nonzero()[0][0], 0, 0] = np.inf
+    inputs = tuple(inputs)
+    cfg = TrunkConfig(max_epochs=3, patience=1, hidden=[8], dropout=[0.0])
+    with pytest.raises(BadInput, match="validation loss was never finite .* capture again"):
+        train_pooled_one((take(inputs, np.arange(150)), Y[:150]), (take(inputs, np.arange(150, 200)), Y[150:]), 0,
+                         cfg, pool)

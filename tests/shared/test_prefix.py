@@ -141,3 +141,17 @@ def test_shared_prefix_features_equal_full_forward_gemma(gemma):
     shared, full, columns = compare(gemma, [0, 9, 18], conversations(prefix))
     assert max_rel_diff(shared.features, full.features, columns) <= REL_TOL
     assert_differ_after_prefix(shared.features, full.features, columns)
+
+
+@pytest.mark.slow
+def test_gemma_token_states_beyond_float16_are_clipped_not_inf(gemma):
+    """Gemma-3-270M's first token reaches ~1e5 at layer 12, past float16's 65504: stored as fp16 it became inf in
+    a RouterDC capture (5,456 values) and every token PCA and loss over it NaN. Token states, own and a shared
+    prefix's, are finite and clipped at 65504; the float32 pooled blocks are not clipped."""
+    enc = Encoder(gemma, [12], ("last", "mean"), token_layers=[12], token_window=512, min_shared_prefix=32)
+    result = enc.encode(conversations())
+    states = [np.asarray(t[12], dtype=np.float32) for t in result.tokens]
+    states += [np.asarray(p[12], dtype=np.float32) for p in result.prefixes.values()]
+    assert result.prefixes and all(np.isfinite(s).all() for s in states)
+    assert max(float(np.abs(s).max()) for s in states) == 65504.0  # the clip was needed, and held
+    assert np.isfinite(result.features["h12_mean"]).all()

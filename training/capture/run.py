@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from shared.batching import FP16_MAX
 from shared.cli_utils import ConfigOption, Overrides
 from shared.config import StrictConfig
 from shared.errors import BadInput
@@ -140,7 +141,8 @@ class CaptureUDF:
         out = {k: batch[k] for k in ("query_id", "split", "_shard", "_row")}
         out.update(n_tokens=result.n_tokens, truncated=result.truncated, _padded=result.padded,
                    _computed=result.computed)
-        out.update({col: arr.astype(self.dtype) for col, arr in result.features.items()})
+        clip = FP16_MAX if self.dtype == np.float16 else np.inf  # float16 blocks: finite, as shared.batching.to_fp16
+        out.update({col: np.clip(arr, -clip, clip).astype(self.dtype) for col, arr in result.features.items()})
         if self.token_layers:
             from training.capture.tokens import udf_columns
 

@@ -106,6 +106,13 @@ def test_ray_capture_keeps_token_windows_dedups_prefixes_and_resumes(ray_cluster
         read_token_windows(out, 12)
     with pytest.raises(BadInput, match=r"token_window=64"):  # a longer window than the capture kept
         read_token_windows(out, 6, window=64)
+    shard = Path(out, "shard-00000.parquet")  # an inf, as float16 overflow wrote before states were clipped
+    table = pq.read_table(shard)
+    blobs = table.column("t6").to_pylist()
+    blobs[1] = np.concatenate([[np.float16(np.inf)], np.frombuffer(blobs[1], dtype=np.float16)[1:]]).tobytes()
+    pq.write_table(table.set_column(table.schema.get_field_index("t6"), "t6", pa.array(blobs, pa.binary())), shard)
+    with pytest.raises(BadInput, match="of 1 of 12 rows hold inf or NaN .* capture again"):
+        read_token_windows(out, 6)
     again = run_capture(load_config(CaptureConfig, None, args))
     assert again["shards_skipped"] == 3 and again["shards_written"] == 0
     with pytest.raises(BadInput, match="token_window"):

@@ -56,8 +56,9 @@ def test_operating_points_are_on_top_with_a_legend_entry_and_labels_apart(report
     fig = figure(report, "test")
     ax = fig.axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
-    point = lines["prefill-router operating point (value 0.09555)"]
-    sweep = lines["prefill-router (tolerance sweep)"]
+    points = [line for label, line in lines.items() if label.startswith("prefill-router operating point (")]
+    assert len(points) == 1, sorted(lines)
+    point, sweep = points[0], lines["prefill-router (tolerance sweep)"]
     assert point.get_zorder() > max(line.get_zorder() for line in ax.get_lines() if line is not point
                                     and "operating point" not in line.get_label())
     assert point.get_marker() == "D" and point.get_marker() != sweep.get_marker()

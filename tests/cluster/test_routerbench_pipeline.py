@@ -45,7 +45,7 @@ def test_routerbench_pipeline_then_a_held_out_check(tmp_path, caplog, local_ray)
     cfg = load_config(PipelineConfig, ROOT / "configs" / "pipeline-routerbench.yaml", [
         f"work_dir={work}", f"data_import.inputs=[{slice_files(tmp_path / 'rows', 0, 24)}]",
         "capture.layers=[2,3]", "capture.shard_size=64", "capture.max_actors=1", "capture.max_tokens=1024",
-        "probe.folds=3", "probe.pca_dims=8", "probe.n_blocks=1", "tune=null",
+        "probe.folds=3", "probe.pca_dims=8", "probe.n_blocks=1", "tune=null", "adapt=null", "capture.token_layers=[]",
         "fit.train.seeds=1", "fit.train.keep=1", "fit.train.num_workers=1", f"fit.train.trunk={TINY_TRUNK}",
         "evaluate.routers=[random,always-cheapest,always-best,task-best]", "evaluate.bootstrap=50"])
     summary = run_pipeline(cfg)

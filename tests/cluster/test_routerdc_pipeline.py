@@ -44,7 +44,7 @@ def test_routerdc_pipeline_then_an_unseen_task(tmp_path, local_ray):
     cfg = load_config(PipelineConfig, ROOT / "configs" / "pipeline-routerdc.yaml", [
         f"work_dir={work}", f"data_import.inputs=[{slice_files(tmp_path / 'rows', SEEN, 0, 16)}]",
         "capture.layers=[2,3]", "capture.shard_size=32", "capture.max_actors=1", "capture.max_tokens=512",
-        "probe.folds=3", "probe.pca_dims=8", "probe.n_blocks=1", "tune=null",
+        "probe.folds=3", "probe.pca_dims=8", "probe.n_blocks=1", "tune=null", "adapt=null", "capture.token_layers=[]",
         "fit.train.seeds=1", "fit.train.keep=1", "fit.train.num_workers=1", f"fit.train.trunk={TINY_TRUNK}",
         "evaluate.routers=[random,always-best,task-best]", "evaluate.bootstrap=50", "evaluate.task_min_rows=5"])
     summary = run_pipeline(cfg)

@@ -11,13 +11,27 @@ concatenated after per-block PCA and a SharedTrunkNet ensemble is trained exactl
 5 group folds of train + val; the test split is never read). Reported per combination,
 each the mean over folds: the mean pooled AUC over targets (tune's figure) and the mean
 within-task AUC (:func:`training.evaluate.uncertainty.within_group_auc`), over all
-targets and for the first one (GPT-4 on RouterBench).
+targets and for the first one (GPT-4 on RouterBench). With ``--decision`` (accuracy routing,
+RouterDC), also what the routing decision reads out of fold: the pairwise AUC
+(:func:`training.metrics.pairwise_auc`) and the task-averaged accuracy of sending each held-out
+query to its highest prediction, against the task-aware router (each task's best target on the
+fold's training rows) and the best single target, with 95% intervals stratified by task
+(:func:`training.evaluate.uncertainty.bootstrap_task_averaged`). ``--fold-by task`` holds out
+whole tasks instead (leave one task out with ``--folds`` = the number of tasks): the router then
+meets every held-out task unseen, and the task-aware router falls back to the best single target
+of the other tasks, as it does on an unseen task.
 
     .venv/bin/python bench/encoder_combination.py \\
         --capture smollm2=runs/pipeline-routerbench/activations:h18_last,h21_last \\
         --capture qwen=runs/qwen-routerbench/activations:h18_last,h21_last --minilm \\
         --labels runs/pipeline-routerbench/labels --queries runs/pipeline-routerbench/queries.parquet \\
         --out bench/results/encoder_combination.json
+
+    .venv/bin/python bench/encoder_combination.py --decision --n-components 64 \\
+        --capture smollm2=runs/pipeline-routerdc/activations:h12_last,h12_mean \\
+        --capture gemma=runs/pipeline-routerdc-gemma/activations:h2_last,h4_last --minilm \\
+        --labels runs/pipeline-routerdc/labels --queries runs/pipeline-routerdc/queries.parquet \\
+        --artifact data/routerdc/router --out bench/results/encoder_combination_routerdc.json
 
 Rows are the queries every capture holds. Prints a markdown table and writes the JSON.
 """
@@ -35,6 +49,8 @@ import numpy as np
 ROW_FIELDS = ("sources", "blocks", "n_components", "mean_pooled_auc", "mean_within_task_auc",
               "first_target_within_task_auc")
 TABLE_FIELDS = {"rows": ROW_FIELDS, "args": ("targets",)}  # what the table reads of the JSON
+# With --decision, each row's "decision" also holds these (the decision table reads them).
+DECISION_FIELDS = ("pairwise_auc", "task_averaged", "minus_task_aware", "minus_best_single")
 
 
 def parse_capture(spec: str) -> tuple[str, str, list[str]]:
@@ -76,6 +92,52 @@ def fold_scores(Y: np.ndarray, tasks: np.ndarray, folds) -> dict[str, np.ndarray
                 "within": np.nanmean(np.array(within, dtype=float), axis=0)}
 
 
+def out_of_fold(folds, shape: tuple[int, int]) -> np.ndarray:
+    """``(n, T)`` predictions assembled from ``folds`` (pairs ``(held, P)``; each row held out once)."""
+    P = np.full(shape, np.nan)
+    for held, P_f in folds:
+        P[held] = P_f
+    return P
+
+
+def task_aware_choice(Y: np.ndarray, tasks: np.ndarray, held_out: list[np.ndarray]) -> np.ndarray:
+    """``(n,)`` the task-aware router's target per row, out of fold: for each fold's ``held`` rows,
+    the target with the highest mean score over the other rows of the same task (NaN-skipping;
+    the best single target of the other rows for a task they lack)."""
+    import warnings
+
+    choice = np.zeros(len(Y), dtype=int)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a target never labelled in a task: nan
+        for held in held_out:
+            rest = np.setdiff1d(np.arange(len(Y)), held)
+            overall = np.nanmean(Y[rest], axis=0)
+            for g in np.unique(tasks[held]):
+                same = rest[tasks[rest] == g]
+                means = np.nanmean(Y[same], axis=0) if len(same) else overall
+                choice[held[tasks[held] == g]] = int(np.nanargmax(np.where(np.isnan(means), -np.inf, means)))
+    return choice
+
+
+def decision_scores(Y: np.ndarray, tasks: np.ndarray, folds: list, n_boot: int = 1000) -> dict:
+    """Out-of-fold decision figures of ``folds`` (pairs ``(held, P)``): the pairwise AUC over all rows, and the
+    task-averaged accuracy of ``argmax_t P`` per row (a missing prediction ranks last) with its stratified-bootstrap
+    differences from the task-aware router (:func:`task_aware_choice`) and the best single target (task-averaged,
+    chosen on all rows: a slight advantage to it). ``[value, low, high]`` for the accuracies."""
+    from training.evaluate.task_metrics import task_averaged_singles
+    from training.evaluate.uncertainty import bootstrap_task_averaged
+    from training.metrics import pairwise_auc
+
+    P = out_of_fold(folds, Y.shape)
+    rows = np.arange(len(Y))
+    ours = Y[rows, np.argmax(np.nan_to_num(P, nan=-np.inf), axis=1)]
+    aware = Y[rows, task_aware_choice(Y, tasks, [held for held, _ in folds])]
+    single = Y[:, int(np.nanargmax(task_averaged_singles(Y, tasks)))]
+    boot = bootstrap_task_averaged(ours, {"task-aware": aware, "best single": single}, tasks, n_boot=n_boot)
+    return {"pairwise_auc": pairwise_auc(Y, P), "task_averaged": boot["accuracy"],
+            "minus_task_aware": boot["minus"]["task-aware"], "minus_best_single": boot["minus"]["best single"]}
+
+
 def load(args: argparse.Namespace):
     """``(sources, Y, tasks, groups, targets)`` over train + val rows that every capture holds;
     ``sources``: ``{name: {block: (n, d)}}``."""
@@ -93,7 +155,8 @@ def load(args: argparse.Namespace):
     if args.minilm:
         sources["minilm"] = {"minilm": minilm_block(base, args.queries)}
     tasks = np.array(read_queries(args.queries, base.query_ids)["task"], dtype=object)
-    return sources, base.Y, tasks, fold_groups(base, args.queries), base.targets
+    groups = tasks if args.fold_by == "task" else fold_groups(base, args.queries)
+    return sources, base.Y, tasks, groups, base.targets
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -108,14 +171,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     for combo in track(combinations(list(sources)), description="cross-validating"):
         blocks = {f"{s}:{b}": x for s in combo for b, x in sources[s].items()}
         k = args.minilm_components if combo == ("minilm",) else args.n_components
-        auc = fold_scores(Y, tasks, fold_predictions(blocks, Y, groups, k, trunk, args.folds, args.seeds,
-                                                     seed=args.seed))
+        folds = list(fold_predictions(blocks, Y, groups, k, trunk, args.folds, args.seeds, seed=args.seed))
+        auc = fold_scores(Y, tasks, folds)
+        decision = {"decision": decision_scores(Y, tasks, folds)} if args.decision else {}
         out.append({"sources": list(combo), "blocks": list(blocks), "n_components": k, "n_rows": int(len(Y)),
                     "mean_pooled_auc": float(np.nanmean(auc["pooled"])),
                     "mean_within_task_auc": float(np.nanmean(auc["within"])),
                     "first_target_within_task_auc": float(auc["within"][0]),
                     "pooled": dict(zip(targets, map(float, auc["pooled"]))),
-                    "within": dict(zip(targets, map(float, auc["within"])))})
+                    "within": dict(zip(targets, map(float, auc["within"]))), **decision})
     return out
 
 
@@ -126,6 +190,21 @@ def markdown(rows: list[dict], first: str) -> str:
         sources, blocks, k, pooled, within, first_within = (r[f] for f in ROW_FIELDS)
         lines.append(f"| {' + '.join(sources)} | {', '.join(blocks)} | {k} | {pooled:.3f} | {within:.3f} | "
                      f"{first_within:.3f} |")
+    return "\n".join(lines) + (("\n\n" + decision_markdown(rows)) if all("decision" in r for r in rows) else "")
+
+
+def decision_markdown(rows: list[dict]) -> str:
+    """The ``--decision`` table: pairwise AUC and task-averaged accuracy (points) per combination."""
+    def cell(v: list[float], signed: bool = False) -> str:
+        f = "{:+.2f}" if signed else "{:.2f}"
+        return f"{f.format(100 * v[0])} [{f.format(100 * v[1])}, {f.format(100 * v[2])}]"
+
+    lines = ["| sources | pairwise AUC | task-averaged accuracy | minus task-aware | minus best single |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        d = r["decision"]
+        lines.append(f"| {' + '.join(r['sources'])} | {d['pairwise_auc']:.4f} | {cell(d['task_averaged'])} | "
+                     f"{cell(d['minus_task_aware'], True)} | {cell(d['minus_best_single'], True)} |")
     return "\n".join(lines)
 
 
@@ -135,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--capture", action="append", required=True, help="name=activations_uri:block[,block...]")
     p.add_argument("--minilm", action="store_true", help="also MiniLM's embedding, as the semantic baselines embed it")
+    p.add_argument("--decision", action="store_true",
+                   help="also the routing decision out of fold: pairwise AUC, task-averaged accuracy vs task-aware")
+    p.add_argument("--fold-by", choices=("group", "task"), default="group",
+                   help="group: tune's folds; task: each fold holds out whole tasks (--folds = the number of tasks: "
+                        "leave one task out), so every held-out query's task is one the router never saw")
     p.add_argument("--labels", required=True)
     p.add_argument("--queries", required=True, help="query table: task, group_id, and the texts for MiniLM")
     p.add_argument("--artifact", default="data/routerbench/router", help="whose targets, in its order (GPT-4 first)")

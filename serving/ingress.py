@@ -200,6 +200,8 @@ class RouterIngress:
         decision.overhead_ms = (time.perf_counter() - start) * 1000
         self.metrics.overhead.observe(decision.overhead_ms / 1000)
         self.metrics.decisions.labels(decision.target).inc()
+        if decision.novel:
+            self.metrics.novel.inc()
         return decision
 
     async def decide_or_degrade(self, messages: list[dict[str, str]],

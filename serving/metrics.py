@@ -25,6 +25,7 @@ class RouterMetrics:
     registry: CollectorRegistry
     requests: Counter
     decisions: Counter
+    novel: Counter
     fallbacks: Counter
     errors: Counter
     overhead: Histogram
@@ -43,6 +44,10 @@ class RouterMetrics:
                              ["endpoint", "status"], registry=reg),
             decisions=Counter("prefill_router_decisions", "Routing decisions by chosen target.", ["target"],
                               registry=reg),
+            novel=Counter("prefill_router_novel_decisions", "Decisions the novelty gate made by the targets' mean "
+                          "scores (prompts unlike the router's training ones; shared.novelty): a rising share of "
+                          "prefill_router_decisions says the traffic has drifted from what the router learnt.",
+                          registry=reg),
             fallbacks=Counter("prefill_router_fallbacks", "Requests moved to another target after a failure.",
                               ["failed_target", "next_target"], registry=reg),
             errors=Counter("prefill_router_errors", "Errors by kind.", ["kind"], registry=reg),

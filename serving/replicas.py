@@ -202,14 +202,15 @@ class RouterHeadReplica:
             raise ArtifactError(f"features come from encoder {encoded.encoder!r}, the artifact expects "
                                 f"{meta.encoder.name!r} (an artifact reload is in progress?)")
         feats = {k: np.asarray(v, dtype=np.float32)[None, :] for k, v in encoded.features.items()}
-        P = self.router.predict_proba(feats)[0][self.index]
+        P, novel = self.router.predict(feats)
+        P = P[0][self.index]
         costs = self.router.costs([encoded.n_tokens])[0][self.index]
         rule = meta.policy.rule() if rule is None else rule
         order = rule.candidates(P, costs)
         return RouteDecision(target=self.names[order[0]], probabilities=dict(zip(self.names, map(float, P))),
                              expected_cost=dict(zip(self.names, map(float, costs))),
                              eligible=[self.names[i] for i in order], **rule.fields(),
-                             prompt_tokens=int(encoded.n_tokens), artifact=self.artifact)
+                             prompt_tokens=int(encoded.n_tokens), artifact=self.artifact, novel=bool(novel[0]))
 
     def info(self) -> dict[str, Any]:
         """The loaded artifact (also the ingress's readiness check: it answers once one is loaded)."""

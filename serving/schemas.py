@@ -230,6 +230,9 @@ class RouteDecision(BaseModel):
     prompt_tokens: int = Field(description="Prompt length in encoder tokens.")
     overhead_ms: float = Field(0.0, description="Encoder + head time (ms).")
     artifact: str | None = Field(None, description="The router artifact that made the decision.")
+    novel: bool = Field(False, description="The prompt is unlike the router's training prompts: it was routed by "
+                        "the targets' mean scores, not by its own prediction (the artifact's novelty gate, "
+                        "shared.novelty).")
 
     @model_serializer(mode="wrap")
     def _params_after_policy(self, handler: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ Layout of an artifact directory (local path or ``s3://bucket/prefix``)::
 :mod:`shared.policy`), schema 3 the optional adapter (``meta.adapter``, an :class:`shared.adapter.AdapterSpec`,
 and ``adapter.safetensors``), schema 4 the optional learned token pooling (``meta.pooled``, ``h{layer}_attn``
 blocks and ``tokens.safetensors``: :mod:`shared.pooled_artifact`). Older artifacts lack them and still load.
+``meta.policy.novelty`` (optional, any schema): the novelty gate (:mod:`shared.novelty`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Literal, Mapping
 
-import numpy as np
 import safetensors.numpy
 import safetensors.torch
 from pydantic import Field, SerializerFunctionWrapHandler, ValidationError, model_serializer, model_validator
@@ -32,21 +32,19 @@ from pydantic import Field, SerializerFunctionWrapHandler, ValidationError, mode
 from shared import storage
 from shared.adapter import AdapterSpec
 from shared.config import StrictConfig
-from shared.errors import MissingArtifact
+from shared.errors import ArtifactError  # noqa: F401 (re-exported: callers import it from here)
 from shared.features import adapted_from, parse_block
 from shared.pooled_head import TOKENS_FILE, pooled_parts
 from shared.pooling import PooledSpec
+from shared.novelty import NoveltyGate
 from shared.policy import Policy, policy_names
+from shared.router import Router
 from shared.trunk import Ensemble, FeatureTransform, SharedTrunkNet
 
 SCHEMA_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)  # 1: before the value policy, 2: the adapter, 3: the pooling; validate unchanged
 META_FILE, TRANSFORM_FILE, WEIGHTS_FILE = "meta.json", "transform.safetensors", "weights.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
-
-
-class ArtifactError(MissingArtifact):
-    """An artifact cannot be used: missing, corrupt, unknown schema or wrong encoder."""
 
 
 class EncoderInfo(StrictConfig):
@@ -129,6 +127,8 @@ class OperatingPoint(StrictConfig):
 class PolicyDefaults(StrictConfig):
     tolerance: float = Field(0.20, ge=0, description="Default tolerance when no operating point is set.")
     operating_point: OperatingPoint | None = Field(None, description="Calibrated point; overrides tolerance.")
+    novelty: NoveltyGate | None = Field(None, description="Prompts unlike the training ones are routed by the "
+                                        "targets' mean scores (shared.novelty); None: no gate.")
 
     def rule(self) -> Policy:
         """The rule a request without its own routes by: the operating point's, else the tolerance."""
@@ -360,41 +360,3 @@ def load_adapter(uri: str, model: Any, meta: ArtifactMeta | None = None) -> Any:
         raise ArtifactError(f"router artifact at {uri}: {ADAPTER_FILE} does not fit the blocks of "
                             f"{meta.encoder.name}: {exc}") from exc
     return top.eval()
-
-
-class Router:
-    """A loaded artifact: features -> P(correct) per target -> chosen target."""
-
-    def __init__(self, meta: ArtifactMeta, transform: FeatureTransform, ensemble: Ensemble):
-        self.meta, self.transform, self.ensemble = meta, transform, ensemble
-
-    @property
-    def target_names(self) -> list[str]:
-        return [t.name for t in self.meta.targets]
-
-    @property
-    def block_names(self) -> list[str]:
-        return list(self.transform.names)
-
-    def predict_proba(self, features_by_block: Mapping[str, np.ndarray]) -> np.ndarray:
-        """``{block: (n, d_b)}`` raw activations -> ``(n, n_targets)`` mean ensemble sigmoid."""
-        try:
-            z = self.transform.transform(features_by_block)
-        except ValueError as exc:
-            raise ArtifactError(f"features do not match the artifact: {exc}") from exc
-        return self.ensemble.predict_proba(z)
-
-    def costs(self, input_tokens) -> np.ndarray:
-        """``(n, T)`` USD per query: ``(in_tokens * price_in + median_out * price_out) / 1e6``."""
-        tok = np.atleast_1d(np.asarray(input_tokens, dtype=np.float64))[:, None]
-        pin = np.array([t.price_in for t in self.meta.targets])
-        pout = np.array([t.price_out * t.median_output_tokens for t in self.meta.targets])
-        return (tok * pin + pout) / 1e6
-
-    def route(self, P: np.ndarray, input_tokens, rule: Policy | None = None) -> np.ndarray:
-        """Chosen target index per query (a :class:`shared.policy.Policy`) with the per-query
-        costs; ``rule=None`` uses the artifact's policy (``meta.policy.rule()``)."""
-        rule = self.meta.policy.rule() if rule is None else rule
-        P = np.asarray(P, dtype=np.float64)
-        tok = np.broadcast_to(np.asarray(input_tokens, dtype=np.float64), (P.shape[0],))
-        return rule.route(P, self.costs(tok))

@@ -38,6 +38,11 @@ class MissingArtifact(UserError, RuntimeError):
     """An artifact cannot be used: missing, corrupt, an unknown schema or the wrong encoder."""
 
 
+class ArtifactError(MissingArtifact):
+    """A router artifact cannot be used: missing, corrupt, unknown schema, wrong encoder, or features that do
+    not fit it (``shared.artifact``, ``shared.router``)."""
+
+
 class ClusterUnreachable(UserError, ConnectionError):
     """No Ray cluster answers (or it refused the request); the message says how to start or reach one."""
 

@@ -67,7 +67,9 @@ def test_missing_fields_names_what_a_table_would_miss():
 RESULTS = {"adapt": ["adapt_routerdc.json", "adapt_routerdc_lr1e-5.json", "adapt_routerbench.json"],
            "decision_latency": ["decision_latency.json"],
            "capture_throughput": ["capture_throughput.json", "capture_throughput_routerbench.json"],
-           "encoder_combination": ["encoder_combination.json"], "fit_workers": ["fit_workers.json"],
+           "encoder_combination": ["encoder_combination.json", "encoder_combination_routerdc.json",
+                                   "encoder_combination_routerdc_unseen.json"],
+           "novelty_gate": ["novelty_gate_routerdc.json", "novelty_gate_routerdc_attn.json"], "fit_workers": ["fit_workers.json"],
            "objectives": ["objectives_routerdc.json", "objectives_routerbench.json"],
            "pooling": ["pooling_routerdc.json", "pooling_routerbench.json", "pooling_routerbench_q4.json",
                        "pooling_routerbench_v2.json", "pooling_routerdc_v2.json", "pooling_routerbench_h12.json",
@@ -151,10 +153,25 @@ def test_encoder_combination_runs_on_a_tiny_capture(routerbench_work, tmp_path):
     assert combination.main(["--capture", f"a={w['activations']}:h18_last", "--capture",
                              f"b={w['activations']}:h21_last", "--labels", w["labels"], "--queries", w["queries"],
                              "--artifact", str(RB_ARTIFACT), "--n-components", "4", "--folds", "2", "--seeds", "1",
-                             "--max-epochs", "5", "--out", str(out)]) == 0
+                             "--max-epochs", "5", "--decision", "--fold-by", "task", "--out", str(out)]) == 0
     doc = read_checked(combination, out)
     assert [r["sources"] for r in doc["rows"]] == [["a"], ["b"], ["a", "b"]]
-    assert combination.markdown(doc["rows"], doc["args"]["targets"][0]).count("\n") == 1 + 3
+    assert all(set(r["decision"]) == set(combination.DECISION_FIELDS) for r in doc["rows"])
+    assert combination.markdown(doc["rows"], doc["args"]["targets"][0]).count("\n") == (1 + 3) + 2 + (1 + 3)
+
+
+def test_novelty_gate_runs_on_a_tiny_capture(routerbench_work, tmp_path):
+    gate = bench("novelty_gate")
+    w, out = routerbench_work, tmp_path / "novelty.json"
+    assert gate.main(["--activations", w["activations"], "--blocks", "h18_last", "--labels", w["labels"],
+                      "--queries", w["queries"], "--artifact", str(RB_ARTIFACT), "--n-components", "4", "--folds", "2",
+                      "--seeds", "1", "--max-epochs", "5", "--n-boot", "20", "--quantiles", "0.5", "0.9",
+                      "--out", str(out)]) == 0
+    doc = read_checked(gate, out)
+    assert [(r["folds"], r["quantile"]) for r in doc["rows"]] == [("group", 0.5), ("group", 0.9), ("task", 0.5),
+                                                                  ("task", 0.9)]
+    assert doc["rows"][0]["novel_share"] > doc["rows"][1]["novel_share"]
+    assert gate.markdown(doc["rows"]).count("\n") == 1 + 4
 
 
 def test_objectives_runs_on_a_tiny_capture(routerbench_work, tmp_path):

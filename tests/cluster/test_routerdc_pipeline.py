@@ -55,6 +55,9 @@ def test_routerdc_pipeline_then_an_unseen_task(tmp_path, local_ray):
     assert set(report["by_task"]) == {"mmlu", "gsm8k", "cmmlu", "arc_challenge"}
     md = (work / "eval" / "report.md").read_text()
     assert "-0.00%" not in md and "nan" not in md.lower().replace("nanochat", "")
+    # the shipped config's novelty gate: calibrated on val, written into the artifact, reported
+    assert router.meta.policy.novelty.quantile == cfg.evaluate.novelty_quantile == report["novelty"]["quantile"]
+    assert "Novelty gate" in md
 
     # the held-out check on a task the router never saw: every row is test
     fresh = tmp_path / "fresh"
@@ -78,6 +81,7 @@ def test_routerdc_pipeline_then_an_unseen_task(tmp_path, local_ray):
     assert test.routers["task-best"].accuracy == pytest.approx(
         test.references.single[recorded["task_best"]["default"]].accuracy)
     assert "task-best" in held.artifact_baselines and (fresh / "eval" / "report.json").is_file()
+    assert held.novelty["test_rows"] == 12 and held.novelty["threshold"] == report["novelty"]["threshold"]
 
 
 @pytest.mark.slow

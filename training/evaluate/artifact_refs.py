@@ -64,19 +64,21 @@ def from_artifact(artifact, data: RoutingData, skipped: dict[str, str], meta=Non
 
 
 def write_back(cfg, artifact, op, models) -> bool:
-    """Write a calibrated operating point (when configured; the returned bool) and a task-best
-    fitted on train rows into the artifact's ``meta.json``."""
+    """Write a calibrated operating point (when configured; the returned bool), the novelty gate evaluate
+    calibrated (``novelty_quantile``) and a task-best fitted on train rows into the artifact's ``meta.json``."""
     from shared.artifact import OperatingPoint, update_meta
 
     fitted = [m for m in models if m.name == "task-best" and m.choice and not m.from_artifact]
     written = cfg.write_operating_point and op.status == "calibrated"
-    if not (cfg.write_operating_point and (written or fitted)):
+    gated = cfg.novelty_quantile is not None and artifact.router.meta.policy.novelty is not None
+    if not (cfg.write_operating_point and (written or fitted or gated)):
         return False
     update: dict[str, Any] = {}
-    if written:
+    if written or gated:  # the in-memory policy carries the gate evaluate calibrated (run.set_gate)
         point = OperatingPoint(param=getattr(op, op.policy), **{k: getattr(op, k) for k in (
-            "policy", "target_cost", "target_accuracy", "val_accuracy", "val_cost")})
-        update["policy"] = artifact.router.meta.policy.model_copy(update={"operating_point": point})
+            "policy", "target_cost", "target_accuracy", "val_accuracy", "val_cost")}) if written else None
+        policy = artifact.router.meta.policy
+        update["policy"] = policy.model_copy(update={"operating_point": point}) if written else policy
     if fitted:
         update["training_metrics"] = {**artifact.router.meta.training_metrics,
                                       "task_best": fitted[0].record(artifact.router.target_names)}

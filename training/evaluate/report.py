@@ -126,7 +126,7 @@ def markdown(report: dict[str, Any]) -> str:
     beside the paper's numbers, the AUC margins and where the headroom is."""
     equal = equal_costs(report)
     parts = [
-        *intro_lines(report), *off_policy_lines(report),
+        *intro_lines(report), *novelty_lines(report), *off_policy_lines(report),
         "## Test split" + (" (observed cells only: replay, see the off-policy estimates)" if report.get("off_policy")
                            else ""), "", *subset_lines(report, "test"),
         *interval_lines(report), *task_interval_lines(report),
@@ -141,6 +141,17 @@ def markdown(report: dict[str, Any]) -> str:
         *headroom_lines(report.get("headroom_by_task") or [], report["targets"]),
     ]
     return "\n".join(parts)
+
+
+def novelty_lines(report: dict[str, Any]) -> list[str]:
+    """Markdown: the novelty gate (:mod:`shared.novelty`) and the test queries it routed by its prior."""
+    g = report.get("novelty")
+    if not g:
+        return []
+    return [f"Novelty gate: a prompt whose novelty exceeds {g['threshold']:.3g} (the {g['quantile']:.0%} quantile of "
+            f"{g['n_calibration']} val rows) is routed by {g['prior_source']} (best: {g['prior_target']}), not by "
+            f"its prediction: {g['test_novel']} of {g['test_rows']} test queries "
+            f"({g['test_novel'] / max(1, g['test_rows']):.1%}). Every figure below includes it.", ""]
 
 
 def subset_lines(report: dict[str, Any], subset: str) -> list[str]:

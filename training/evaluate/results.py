@@ -373,6 +373,7 @@ class EvalReport(Result):
     artifact_baselines: dict[str, str] | None = None  # baseline -> where its target came from (no train rows)
     semantic_text: dict[str, Any] | None = None
     operating_point_written: bool | None = None
+    novelty: dict[str, Any] | None = None  # training.evaluate.novelty_gate.gate_summary: the gate, test rows it took
     artifact: str | None = None
     config: dict[str, Any] | None = None
     paper: dict[str, float] | None = None

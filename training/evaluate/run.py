@@ -41,6 +41,7 @@ from training.evaluate.baselines import RouterModel
 from training.evaluate.off_policy_eval import OffPolicyConfig
 from training.dataset import RoutingData
 from training.evaluate.results import ChosenOperatingPoint, EvalReport, EvalRows, PublishedFigure, RowMeta
+from training.evaluate.novelty_gate import calibrate_gate, gate_summary
 from training.evaluate.scoring import PAPER_SAVINGS, evaluate_routers
 from training.semantic_text import SemanticTextConfig, read_queries, semantic_texts
 
@@ -96,6 +97,11 @@ class EvalConfig(StrictConfig):
     operating_point: OperatingPointConfig = Field(default_factory=OperatingPointConfig,
                                                   description="Routing-rule calibration on val.")
     write_operating_point: bool = Field(True, description="Write a calibrated operating point into the artifact.")
+    novelty_quantile: float | None = Field(
+        None, gt=0, lt=1, description="Calibrate the novelty gate (shared.novelty) on train + val at this quantile "
+        "of val's novelty, evaluate with it and write it into the artifact with the operating point: prompts "
+        "unlike the training ones are then routed by the targets' mean scores. null: the artifact's gate as it is "
+        "(none unless an earlier evaluate wrote one); a table without train and val rows always keeps it.")
     pauccc_interpolation: Literal["step", "linear"] = Field("linear", description="P-AUCCC curve between sweep points.")
     savings_threshold: float = Field(
         PAPER_SAVINGS, ge=0, lt=1, description="Report the best gap closed among operating points saving at least "
@@ -324,6 +330,12 @@ def baseline_inputs(cfg: EvalConfig, names: list[str], data: RoutingData,
     return texts, info, dict(zip(data.query_ids, zip(meta.source, meta.task)))
 
 
+def set_gate(router, gate) -> None:
+    """Give ``router`` (in memory) the novelty ``gate``; None leaves it as it is."""
+    if gate is not None:
+        router.meta = router.meta.model_copy(update={"policy": router.meta.policy.model_copy(update={"novelty": gate})})
+
+
 def run_evaluation(cfg: EvalConfig, data: RoutingData | None = None, texts: Sequence[str] | None = None,
                    embedder=None, tasks: Sequence[str] | None = None) -> EvalReport:
     """Load everything, evaluate, write the operating point and the report; returns the report.
@@ -344,6 +356,8 @@ def run_evaluation(cfg: EvalConfig, data: RoutingData | None = None, texts: Sequ
         log.warning("%s %s: %s", name, "from the artifact" if name in sources else "skipped", why)
     texts, text_info, task_of = baseline_inputs(cfg, names, data, meta)
     row_tasks = meta.task if meta is not None and any(meta.task) else None
+    if cfg.novelty_quantile is not None and not rows.all_rows_test:
+        set_gate(artifact.router, calibrate_gate(artifact.router, data, cfg.novelty_quantile, row_tasks))
     models = build_routers(cfg, names, embedder, task_of, preset)
     scores = evaluate_routers(artifact, models, data, texts, cfg, row_tasks)
     op = ChosenOperatingPoint.model_validate(scores["operating_point"])
@@ -351,6 +365,7 @@ def run_evaluation(cfg: EvalConfig, data: RoutingData | None = None, texts: Sequ
         **scores, "operating_point": op, "all_rows_test": rows.all_rows_test, "skipped_routers": skipped,
         "artifact_baselines": sources,
         "semantic_text": text_info, "operating_point_written": write_back(cfg, artifact, op, models),
+        "novelty": gate_summary(artifact.router, data),
         "artifact": cfg.artifact, "config": cfg.model_dump(mode="json"), "paper": PAPER,
         **({"published": cfg.published} if cfg.published else {})})
     write_outputs(report, cfg.out)

@@ -4,8 +4,9 @@ targets on average, not by its per-prompt prediction (pure functions and the art
 Why. A router trained on a few tasks transfers each task's specialist to prompts of a task it never saw:
 held out one task at a time on RouterDC's train + val rows, SmolLM2's router sends every GSM8K prompt to
 zephyr (35% right; MetaMath 82%, the strongest generalist 78%) and every HumanEval prompt to zephyr too
-(``bench/novelty_gate.py``). Such prompts lie where the router's inputs are unusual, which its own
-transforms measure without keeping any training row.
+(docs/routerdc.md, "Unseen tasks and the novelty gate": ``bench/encoder_combination.py --fold-by task``).
+Such prompts lie where the router's inputs are unusual, which its own transforms measure without keeping
+any training row.
 
 The score. The router's inputs are per block ``b`` a reduced vector ``z_b`` (``(k_b,)``: standardise -> PCA,
 :class:`shared.trunk.FeatureTransform`) or, for an attention-pooled block, a window of reduced token vectors

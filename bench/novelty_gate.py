@@ -91,9 +91,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     from training.dataset import load_routing_data
     from training.fit.tune import fold_predictions
     from training.loop import TrunkConfig
-    from training.semantic_text import read_queries
-
     from training.pooled import PoolConfig
+    from training.semantic_text import read_queries
     from training.token_states import read_token_windows
 
     data = load_routing_data(args.activations, args.labels, args.targets, args.blocks).where("train", "val")

@@ -72,18 +72,22 @@ def block_variances(blocks: Mapping[str, np.ndarray]) -> dict[str, list[float]]:
     return out
 
 
-def reduced_blocks(transform: Any, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def reduced_blocks(transform: Any, features: Mapping[str, np.ndarray],
+                   transformed: Any = None) -> dict[str, np.ndarray]:
     """What the router's network reads, per block: a :class:`shared.trunk.FeatureTransform`'s output split back
     into its blocks; for a :class:`shared.pooled_head.PooledTransform`, its vector blocks so, and each attn
-    block's reduced window as given (``(n, W, k)``)."""
-    dense = getattr(transform, "dense", transform)
+    block's reduced window as given (``(n, W, k)``). ``transformed``: ``transform.transform(features)`` when the
+    caller already has it (the router head does), so it is not computed twice."""
+    pooled = hasattr(transform, "dense")
+    dense = transform.dense if pooled else transform
     out: dict[str, np.ndarray] = {}
     if dense.names:
-        z, at = dense.transform(features), 0
+        z = transform.transform(features) if transformed is None else transformed
+        z, at = (z[0] if pooled else z), 0
         for name, block in zip(dense.names, dense.blocks):
             k = block.components.shape[0]
             out[name], at = z[:, at:at + k], at + k
-    for name in transform.spec.names if hasattr(transform, "dense") else []:
+    for name in transform.spec.names if pooled else []:
         out[name] = np.asarray(features[name])
     return out
 

@@ -36,7 +36,7 @@ class Router:
         gate = self.meta.policy.novelty
         try:
             z = self.transform.transform(features_by_block)
-            scores = novelty(reduced_blocks(self.transform, features_by_block), gate.variances) if gate else None
+            scores = novelty(reduced_blocks(self.transform, features_by_block, z), gate.variances) if gate else None
         except (ValueError, KeyError) as exc:
             raise ArtifactError(f"features do not match the artifact: {exc}") from exc
         return apply_gate(self.ensemble.predict_proba(z), scores, gate)
